@@ -1,0 +1,1 @@
+"""Mechanisms every compression technique shares: when (progress), which (layers), how much (accounting)."""

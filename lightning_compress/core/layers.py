@@ -1,0 +1,160 @@
+"""Which layers a technique acts on: selection by layer type and name pattern.
+
+Layers are identified by the qualified name of their module inside the LightningModule
+(``model.layer1.0.conv1``) and their weight by the qualified parameter name
+(``model.layer1.0.conv1.weight``). Callbacks keep names, never module objects, because other
+callbacks replace modules (QAT fusion, channel pruning); :func:`resolve_parameters` turns names
+back into the current tensors.
+
+The default rule, shared by pruning and quantization: every ``Conv`` and ``Linear`` layer except the
+first convolution (the stem, which sees raw pixels) and the last ``Linear`` (the classifier), both
+in module registration order.
+
+Patterns are shell-style globs (:mod:`fnmatch`) matched against the full module name, e.g.
+``"model.layer3.*"`` or ``"*.downsample.*"``.
+
+Example:
+    >>> import torch.nn as nn
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8, 2))
+    >>> select_layers(net)
+    ['1']
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+WEIGHTED_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+"""Layer types whose ``weight`` compression techniques act on by default."""
+
+
+def _as_patterns(patterns: str | Sequence[str] | None) -> list[str]:
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        return [patterns]
+    return list(patterns)
+
+
+def matches_any(name: str, patterns: Iterable[str]) -> bool:
+    """Whether ``name`` matches one of the glob ``patterns``.
+
+    Args:
+        name: A qualified module or parameter name.
+        patterns: Shell-style glob patterns.
+
+    Returns:
+        True if any pattern matches the whole name.
+
+    Example:
+        >>> matches_any("model.layer1.0.conv1", ["model.layer1.*"])
+        True
+    """
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def weighted_layers(
+    module: nn.Module, layer_types: tuple[type[nn.Module], ...] = WEIGHTED_LAYER_TYPES
+) -> list[str]:
+    """Names of all layers of ``layer_types`` that have a ``weight`` tensor, in registration order.
+
+    Args:
+        module: The model (or LightningModule) to scan.
+        layer_types: The layer classes to consider (subclasses included, e.g. QAT modules).
+
+    Returns:
+        Qualified module names.
+
+    Example:
+        >>> weighted_layers(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+        ['0']
+    """
+    return [
+        name
+        for name, layer in module.named_modules()
+        if isinstance(layer, layer_types) and isinstance(getattr(layer, "weight", None), torch.Tensor)
+    ]
+
+
+def select_layers(
+    module: nn.Module,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    layer_types: tuple[type[nn.Module], ...] = WEIGHTED_LAYER_TYPES,
+    argument_names: tuple[str, str] = ("include", "exclude"),
+) -> list[str]:
+    """Select layers by the default rule, or by ``include`` patterns, minus ``exclude`` patterns.
+
+    Without ``include``, the first convolution and the last ``Linear`` are left out (see module
+    docstring); with ``include``, exactly the matching layers are taken. Every pattern must match
+    at least one candidate layer, otherwise the error lists the candidates, so a typo fails before
+    training instead of silently selecting nothing.
+
+    Args:
+        module: The model (or LightningModule) to scan.
+        include: Glob patterns of layers to select; ``None`` applies the default rule.
+        exclude: Glob patterns of layers to leave out.
+        layer_types: The layer classes that are candidates.
+        argument_names: How the caller names ``include`` and ``exclude`` in its own API, for errors.
+
+    Returns:
+        Qualified module names of the selected layers, in registration order.
+
+    Raises:
+        ValueError: If a pattern matches no candidate layer, or nothing is selected.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8, 2))
+        >>> select_layers(net, include="*", exclude="3")
+        ['0', '1']
+    """
+    candidates = weighted_layers(module, layer_types)
+    include_patterns, exclude_patterns = _as_patterns(include), _as_patterns(exclude)
+    for patterns, argument in zip((include_patterns, exclude_patterns), argument_names):
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in candidates):
+                raise ValueError(
+                    f"{argument} pattern {pattern!r} matches no layer; candidate layers are: {candidates}"
+                )
+    if include_patterns:
+        selected = [name for name in candidates if matches_any(name, include_patterns)]
+    else:
+        selected = list(candidates)
+        first_conv = next((n for n in candidates if isinstance(module.get_submodule(n), nn.modules.conv._ConvNd)), None)
+        last_linear = next((n for n in reversed(candidates) if isinstance(module.get_submodule(n), nn.Linear)), None)
+        selected = [name for name in selected if name not in (first_conv, last_linear)]
+    selected = [name for name in selected if not matches_any(name, exclude_patterns)]
+    if not selected:
+        raise ValueError(
+            f"no layer selected by {argument_names[0]}={include!r}, {argument_names[1]}={exclude!r}; "
+            f"candidate layers are: {candidates}"
+        )
+    return selected
+
+
+def resolve_parameters(module: nn.Module, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Look up parameters by qualified name in the module's *current* tree.
+
+    Args:
+        module: The model (or LightningModule).
+        names: Qualified parameter names, e.g. ``"model.layer1.0.conv1.weight"``.
+
+    Returns:
+        A mapping from each name to its current parameter tensor.
+
+    Raises:
+        KeyError: If a name no longer exists (the module tree changed incompatibly).
+
+    Example:
+        >>> list(resolve_parameters(nn.Sequential(nn.Linear(2, 2)), ["0.weight"]))
+        ['0.weight']
+    """
+    params = dict(module.named_parameters())
+    missing = [name for name in names if name not in params]
+    if missing:
+        raise KeyError(f"parameters {missing} are not in the model any more; it has: {sorted(params)}")
+    return {name: params[name] for name in names}

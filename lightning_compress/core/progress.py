@@ -1,0 +1,177 @@
+"""When a compression step happens: positions in a run resolved to optimizer steps.
+
+Every callback states *when* it acts (``start``, ``end``, ``freeze_bn`` ...) as a position in the
+run and resolves it to an optimizer step once, at fit start. It then acts on ``trainer.global_step``,
+which a resumed run restores from its checkpoint, so schedules survive interruption.
+
+A position is one of:
+
+* a number in ``[0, 1]`` -- a fraction of the run's optimizer steps (``0.5`` is half-way);
+* ``"<n>ep"`` -- after ``n`` epochs, ``n`` may be fractional (``"2ep"``, ``"0.5ep"``);
+* ``"<n>steps"`` -- after ``n`` optimizer steps (``"300steps"``).
+
+Example:
+    >>> budget = StepBudget(total_steps=1000, steps_per_epoch=100)
+    >>> [budget.resolve(p, "start") for p in (0.25, "3ep", "40steps", 1.0)]
+    [250, 300, 40, 1000]
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Union
+
+import lightning.pytorch as pl
+
+Position = Union[float, int, str]
+"""A point in a training run: fraction in [0, 1], ``"<n>ep"`` or ``"<n>steps"``."""
+
+_POSITION_FORMS = "a fraction in [0, 1] (e.g. 0.5), '<n>ep' (e.g. '3ep') or '<n>steps' (e.g. '200steps')"
+_STRING_POSITION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ep|steps)\s*$")
+
+
+def validate_position(position: Position, name: str) -> Position:
+    """Check that ``position`` is a valid run position, without resolving it.
+
+    Callbacks call this in ``__init__`` so that a malformed position fails before training.
+
+    Args:
+        position: The position to check.
+        name: The argument name, used in the error message.
+
+    Returns:
+        ``position`` unchanged.
+
+    Raises:
+        ValueError: If ``position`` is not one of the accepted forms.
+
+    Example:
+        >>> validate_position("2ep", "start")
+        '2ep'
+    """
+    if isinstance(position, bool):
+        raise ValueError(f"{name} must be {_POSITION_FORMS}, got {position!r}")
+    if isinstance(position, (int, float)):
+        if not 0.0 <= float(position) <= 1.0:
+            raise ValueError(f"{name} must be {_POSITION_FORMS}, got {position!r}")
+        return position
+    if isinstance(position, str) and _STRING_POSITION.match(position):
+        return position
+    raise ValueError(f"{name} must be {_POSITION_FORMS}, got {position!r}")
+
+
+def position_order_key(position: Position) -> tuple[int, float] | None:
+    """A sort key for positions of the same kind, or ``None`` when kinds differ.
+
+    Lets ``__init__`` reject ``start >= end`` whenever both are in the same unit, before any
+    trainer exists; mixed units are checked again once resolved to steps.
+
+    Args:
+        position: A validated position.
+
+    Returns:
+        ``(kind, value)`` where kind is 0 for fractions, 1 for epochs, 2 for steps.
+
+    Example:
+        >>> position_order_key("3ep")
+        (1, 3.0)
+    """
+    if isinstance(position, (int, float)):
+        return (0, float(position))
+    match = _STRING_POSITION.match(position)
+    assert match is not None, "validate_position must be called first"
+    return (1 if match.group(2) == "ep" else 2, float(match.group(1)))
+
+
+def check_ordered(earlier: Position, later: Position, earlier_name: str, later_name: str) -> None:
+    """Raise if two positions in the same unit are not strictly increasing.
+
+    Args:
+        earlier: The position that must come first.
+        later: The position that must come after it.
+        earlier_name: Argument name of ``earlier`` for the message.
+        later_name: Argument name of ``later`` for the message.
+
+    Raises:
+        ValueError: If both use the same unit and ``earlier >= later``.
+
+    Example:
+        >>> check_ordered(0.1, 0.9, "start", "end")
+    """
+    key_a, key_b = position_order_key(earlier), position_order_key(later)
+    if key_a[0] == key_b[0] and key_a[1] >= key_b[1]:
+        raise ValueError(f"{earlier_name} must come before {later_name}, got {earlier_name}={earlier!r}, "
+                         f"{later_name}={later!r}")
+
+
+@dataclass(frozen=True)
+class StepBudget:
+    """The optimizer-step length of a run, used to resolve positions to steps.
+
+    Args:
+        total_steps: Optimizer steps in the whole run.
+        steps_per_epoch: Optimizer steps per epoch (after gradient accumulation).
+    """
+
+    total_steps: int
+    steps_per_epoch: float
+
+    def resolve(self, position: Position, name: str) -> int:
+        """Resolve a position to an optimizer step in ``[0, total_steps]``.
+
+        Args:
+            position: A position (see module docstring).
+            name: The argument name, used in error messages.
+
+        Returns:
+            The optimizer step at which the position is reached.
+
+        Example:
+            >>> StepBudget(100, 10).resolve("2.5ep", "end")
+            25
+        """
+        validate_position(position, name)
+        kind, value = position_order_key(position)
+        if kind == 0:
+            step = value * self.total_steps
+        elif kind == 1:
+            step = value * self.steps_per_epoch
+        else:
+            step = value
+        step = int(round(step))
+        if step > self.total_steps:
+            raise ValueError(f"{name}={position!r} resolves to optimizer step {step}, after the end of the "
+                             f"run ({self.total_steps} steps)")
+        return step
+
+
+def step_budget(trainer: pl.Trainer) -> StepBudget:
+    """Measure the optimizer-step length of the run a trainer is about to fit.
+
+    Uses ``trainer.estimated_stepping_batches``, so gradient accumulation, ``limit_train_batches``,
+    ``max_steps`` and multi-device sharding are all accounted for. Call it from ``setup`` (stage
+    ``"fit"``) or ``on_fit_start``.
+
+    Args:
+        trainer: The trainer, attached to a model and datamodule.
+
+    Returns:
+        The run's :class:`StepBudget`.
+
+    Raises:
+        ValueError: If the run has no finite length (no ``max_epochs`` or ``max_steps``).
+
+    Example:
+        >>> # inside a callback: budget = step_budget(trainer); start = budget.resolve(self.start, "start")
+    """
+    total = trainer.estimated_stepping_batches
+    if not math.isfinite(total):
+        raise ValueError("compression schedules need a finite run: set Trainer(max_epochs=...) or max_steps")
+    batches = trainer.num_training_batches
+    if math.isfinite(batches) and batches > 0:
+        per_epoch = max(1.0, math.ceil(batches / trainer.accumulate_grad_batches))
+    else:  # iterable dataset without a length: fall back to the whole run being one epoch
+        per_epoch = float(total)
+    return StepBudget(total_steps=int(total), steps_per_epoch=float(per_epoch))
