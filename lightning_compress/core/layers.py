@@ -158,3 +158,41 @@ def resolve_parameters(module: nn.Module, names: Iterable[str]) -> dict[str, tor
     if missing:
         raise KeyError(f"parameters {missing} are not in the model any more; it has: {sorted(params)}")
     return {name: params[name] for name in names}
+
+
+def find_network(pl_module: nn.Module, attribute: str | None = None) -> tuple[str, nn.Module]:
+    """Find the network inside a LightningModule that compression acts on as a whole.
+
+    Techniques that replace the network (QAT conversion) or hook its input/output (distillation)
+    need one submodule, not the LightningModule itself. With ``attribute`` given, that child is
+    used; otherwise the only direct child that contains weighted layers (``model`` for
+    :class:`~lightning_compress.ImageClassifier`, whatever a user named theirs).
+
+    Args:
+        pl_module: The LightningModule (or any module) holding the network.
+        attribute: Name of the child module holding the network; ``None`` to detect it.
+
+    Returns:
+        ``(attribute, network)``.
+
+    Raises:
+        ValueError: If ``attribute`` names no child module, or detection finds zero or several.
+
+    Example:
+        >>> holder = nn.Module(); holder.net = nn.Linear(2, 2)
+        >>> find_network(holder)[0]
+        'net'
+    """
+    if attribute is not None:
+        child = getattr(pl_module, attribute, None)
+        if not isinstance(child, nn.Module):
+            children = [name for name, _ in pl_module.named_children()]
+            raise ValueError(f"network attribute {attribute!r} is not a submodule; submodules are: {children}")
+        return attribute, child
+    found = [(name, child) for name, child in pl_module.named_children() if weighted_layers(child)]
+    if len(found) != 1:
+        raise ValueError(
+            "cannot tell which submodule is the network: submodules with Conv/Linear layers are "
+            f"{[name for name, _ in found]}; pass the attribute name explicitly (e.g. network='model')"
+        )
+    return found[0]
