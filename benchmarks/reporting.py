@@ -1,0 +1,43 @@
+"""What every benchmark writes: machine description and results files (JSON + markdown), atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_compress.core.files import write_text_atomic
+
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def machine_info() -> dict[str, Any]:
+    """Describe the machine and software the numbers were measured on."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def write_results(name: str, result: dict[str, Any], markdown: str, directory: Path = RESULTS_DIR) -> None:
+    """Write ``<directory>/<name>.json`` and ``.md`` atomically.
+
+    Args:
+        name: Base file name, e.g. ``"train_throughput"``.
+        result: JSON-serializable result, including its machine and settings.
+        markdown: The human-readable rendering.
+        directory: Where to write.
+    """
+    write_text_atomic(directory / f"{name}.json", json.dumps(result, indent=2) + "\n")
+    write_text_atomic(directory / f"{name}.md", markdown)
