@@ -1,0 +1,36 @@
+"""The weight initialisation shared by every zoo model."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def kaiming_init_(model: nn.Module) -> None:
+    """Initialise ``model`` in place: Kaiming-normal convolutions, unit BatchNorm, small Linear.
+
+    Convolutions get ``kaiming_normal_`` with ``mode="fan_out"`` for ReLU (He et al. 2015), which
+    keeps activations' scale through deep plain stacks; BatchNorm starts as the identity
+    (weight 1, bias 0); ``Linear`` weights are drawn from N(0, 0.01²) so the initial logits are
+    near zero (the torchvision convention); all biases start at zero.
+
+    Args:
+        model: The network to initialise.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4))
+        >>> kaiming_init_(net)
+        >>> bool((net[1].weight == 1).all()), bool((net[1].bias == 0).all())
+        (True, True)
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0.0, 0.01)
+        else:
+            continue
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
