@@ -180,6 +180,12 @@ class ImageClassifier(pl.LightningModule):
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         return torch.softmax(self(images), dim=1)
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Slim ``self.model`` to the architecture a channel-pruned checkpoint recorded, before its weights load."""
+        from lightning_compress.pruning.channel import restore_slimmed_architecture
+
+        restore_slimmed_architecture(self, checkpoint)
+
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         optimizer = torch.optim.SGD(

@@ -1,0 +1,273 @@
+"""How much: parameters, non-zeros, MACs, serialized size and latency of a model.
+
+Written once and used by every callback, the compression report and the benchmarks, so that "2x
+fewer MACs" means the same thing everywhere. Pure functions: no Lightning import, no side effects
+on the module (training mode and BatchNorm statistics are left as they were).
+
+* :func:`count_parameters` -- number of parameter elements.
+* :func:`count_nonzero` -- non-zero elements per parameter and in total (unstructured sparsity).
+* :func:`count_macs` / :func:`count_macs_per_module` -- multiply-accumulates of one forward pass,
+  counted by :class:`torch.utils.flop_counter.FlopCounterMode` (``MACs = FLOPs / 2``). Like every
+  MAC counter in the literature it counts convolutions and matrix products only; element-wise ops
+  (ReLU, BatchNorm in eval, residual adds) are not counted.
+* :func:`serialized_size` -- bytes of ``torch.save`` (a module is saved as its ``state_dict``).
+* :func:`measure_latency` -- median wall-clock seconds of a forward pass in inference mode.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> conv = nn.Conv2d(3, 8, 3, bias=False)
+    >>> count_parameters(conv), count_macs(conv, torch.randn(1, 3, 10, 10))
+    (216, 13824)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import statistics
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+Inputs = Any
+"""A tensor, or a tuple of positional arguments, passed to the module's ``forward``."""
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter elements, each shared parameter counted once.
+
+    Args:
+        module: The model.
+        trainable_only: Count only parameters with ``requires_grad``.
+
+    Returns:
+        The number of elements.
+
+    Example:
+        >>> count_parameters(nn.Linear(4, 3))
+        15
+    """
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+@dataclass(frozen=True)
+class Count:
+    """Non-zero and total elements of one tensor or of a whole model.
+
+    Attributes:
+        nonzero: Elements that are not exactly zero.
+        total: All elements.
+    """
+
+    nonzero: int
+    total: int
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of zero elements (0 for an empty count).
+
+        Example:
+            >>> Count(nonzero=1, total=4).sparsity
+            0.75
+        """
+        return 1.0 - self.nonzero / self.total if self.total else 0.0
+
+
+@dataclass(frozen=True)
+class NonzeroCounts:
+    """Result of :func:`count_nonzero`.
+
+    Attributes:
+        total: Count over all parameters.
+        per_parameter: Count of each parameter, by qualified name (``"layer1.0.conv1.weight"``).
+    """
+
+    total: Count
+    per_parameter: dict[str, Count]
+
+
+def count_nonzero(module: nn.Module) -> NonzeroCounts:
+    """Count the non-zero elements of every parameter and of the whole model.
+
+    Args:
+        module: The model.
+
+    Returns:
+        Per-parameter and total counts.
+
+    Example:
+        >>> layer = nn.Linear(2, 2)
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+        >>> counts = count_nonzero(layer)
+        >>> counts.per_parameter["weight"], counts.total.total
+        (Count(nonzero=1, total=4), 6)
+    """
+    per_parameter = {
+        name: Count(nonzero=int(torch.count_nonzero(p.detach())), total=p.numel())
+        for name, p in module.named_parameters()
+    }
+    total = Count(
+        nonzero=sum(c.nonzero for c in per_parameter.values()),
+        total=sum(c.total for c in per_parameter.values()),
+    )
+    return NonzeroCounts(total=total, per_parameter=per_parameter)
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Put ``module`` in eval mode (no BatchNorm statistics update), then restore every submodule's mode.
+
+    Args:
+        module: The model.
+
+    Returns:
+        A context manager.
+
+    Example:
+        >>> net = nn.Sequential(nn.BatchNorm1d(2))
+        >>> with eval_mode(net):
+        ...     net.training
+        False
+        >>> net.training
+        True
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _call(module: nn.Module, example_input: Inputs) -> Any:
+    if isinstance(example_input, tuple):
+        return module(*example_input)
+    return module(example_input)
+
+
+def _flop_counts(module: nn.Module, example_input: Inputs) -> FlopCounterMode:
+    counter = FlopCounterMode(display=False, depth=None)
+    with eval_mode(module), torch.no_grad(), counter:
+        _call(module, example_input)
+    return counter
+
+
+def count_macs(module: nn.Module, example_input: Inputs) -> int:
+    """Multiply-accumulates of one forward pass on ``example_input`` (``FLOPs / 2``).
+
+    The forward runs in eval mode without gradients; the batch size of ``example_input`` scales
+    the result, so pass a batch of one for the per-image figure.
+
+    Args:
+        module: The model.
+        example_input: A tensor, or a tuple of positional arguments of ``forward``.
+
+    Returns:
+        The number of MACs.
+
+    Example:
+        >>> # Conv2d: Cout * Cin * k * k * Hout * Wout = 8 * 3 * 3 * 3 * 8 * 8
+        >>> count_macs(nn.Conv2d(3, 8, 3, bias=False), torch.randn(1, 3, 10, 10))
+        13824
+    """
+    return _flop_counts(module, example_input).get_total_flops() // 2
+
+
+def count_macs_per_module(module: nn.Module, example_input: Inputs) -> dict[str, int]:
+    """MACs of one forward pass broken down by qualified submodule name.
+
+    Every module that performs counted operations appears, containers included (their value is the
+    sum over their children); the root module is ``""``, so ``result[""] == count_macs(...)``
+    whenever all counted work happens inside modules.
+
+    Args:
+        module: The model.
+        example_input: A tensor, or a tuple of positional arguments of ``forward``.
+
+    Returns:
+        A mapping ``module name -> MACs``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.Flatten(), nn.Linear(8 * 8 * 8, 2))
+        >>> sorted(count_macs_per_module(net, torch.randn(1, 3, 10, 10)).items())
+        [('', 14848), ('0', 13824), ('2', 1024)]
+    """
+    counts = _flop_counts(module, example_input).get_flop_counts()
+    root = type(module).__name__
+    result: dict[str, int] = {}
+    for key, per_op in counts.items():
+        if key == "Global":
+            continue
+        name = "" if key == root else key[len(root) + 1:] if key.startswith(root + ".") else key
+        result[name] = sum(per_op.values()) // 2
+    return result
+
+
+def serialized_size(obj: Any) -> int:
+    """Bytes that ``torch.save`` writes for ``obj``; a module is saved as its ``state_dict``.
+
+    Args:
+        obj: A module, a state dict, a tensor or anything ``torch.save`` accepts.
+
+    Returns:
+        The size in bytes.
+
+    Example:
+        >>> small, large = serialized_size(nn.Linear(4, 4)), serialized_size(nn.Linear(64, 64))
+        >>> small < large
+        True
+    """
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getbuffer().nbytes
+
+
+def measure_latency(module: nn.Module, example_input: Inputs, repeats: int = 20, warmup: int = 3) -> float:
+    """Median wall-clock seconds of one forward pass, in eval and inference mode.
+
+    The median is robust to the occasional slow run on a shared machine. To compare two models,
+    call this for each in alternation in the same process, so both see the same machine load.
+    CUDA work is synchronized before each clock reading.
+
+    Args:
+        module: The model.
+        example_input: A tensor, or a tuple of positional arguments of ``forward``.
+        repeats: Timed forward passes (>= 1).
+        warmup: Untimed forward passes first (>= 0).
+
+    Returns:
+        The median latency in seconds.
+
+    Raises:
+        ValueError: If ``repeats < 1`` or ``warmup < 0``.
+
+    Example:
+        >>> measure_latency(nn.Linear(4, 4), torch.randn(1, 4), repeats=3, warmup=1) > 0
+        True
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    times = []
+    with eval_mode(module), torch.inference_mode():
+        for _ in range(warmup):
+            _call(module, example_input)
+        for _ in range(repeats):
+            sync()
+            begin = time.perf_counter()
+            _call(module, example_input)
+            sync()
+            times.append(time.perf_counter() - begin)
+    return statistics.median(times)

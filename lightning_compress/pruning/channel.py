@@ -1,0 +1,305 @@
+"""ChannelPruning: structured pruning that physically removes channels while training.
+
+Unstructured sparsity leaves dense kernels as slow as before; removing whole filters makes every
+layer narrower, so the model that leaves ``fit`` has fewer MACs and runs faster on any hardware.
+Coupled layers (residual adds, depthwise convs, concatenations, BatchNorm, the next layer's inputs)
+are found by torch-pruning's dependency graph (:mod:`lightning_compress.pruning.slimming`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from lightning_compress.core.accounting import count_macs
+from lightning_compress.core.layers import find_network, select_layers, weighted_layers
+from lightning_compress.core.progress import Position, check_ordered, step_budget, validate_position
+from lightning_compress.pruning.importance import ImportanceLike, resolve_importance
+from lightning_compress.pruning.schedules import ScheduleLike, resolve_schedule
+from lightning_compress.pruning.slimming import (
+    History,
+    check_prunable,
+    group_channels,
+    prunable_groups,
+    remove_channels,
+    replay_history,
+    trace_dependencies,
+)
+
+ARCHITECTURE_KEY = "slimmed_architecture"
+"""Top-level checkpoint key holding what :func:`restore_slimmed_architecture` needs."""
+
+_MAX_MACS_ROUNDS = 20
+
+
+def restore_slimmed_architecture(pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
+    """Slim ``pl_module``'s network to the architecture recorded in a channel-pruned checkpoint.
+
+    Call it from the LightningModule's ``on_load_checkpoint`` (``ImageClassifier`` does), so that
+    ``load_from_checkpoint`` and ``Trainer.fit(ckpt_path=...)`` find parameters of the saved shapes.
+    Checkpoints without a record are left alone.
+
+    Args:
+        pl_module: The freshly constructed (dense) LightningModule.
+        checkpoint: The loaded checkpoint dictionary.
+
+    Example:
+        >>> # class MyModule(pl.LightningModule):
+        >>> #     def on_load_checkpoint(self, checkpoint):
+        >>> #         restore_slimmed_architecture(self, checkpoint)
+    """
+    record = checkpoint.get(ARCHITECTURE_KEY)
+    if not record or not record["history"]:
+        return
+    network = getattr(pl_module, record["network"])
+    parameter = next(network.parameters())
+    example = torch.zeros(record["input_shape"], dtype=parameter.dtype, device=parameter.device)
+    replay_history(network, example, record["history"])
+
+
+def _example_from_batch(batch: Any) -> torch.Tensor:
+    """A single-sample input from a training batch: the batch itself or its first element."""
+    inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if not isinstance(inputs, torch.Tensor):
+        raise ValueError("ChannelPruning traces the network on the first training batch, which must be a tensor "
+                         f"or a tuple/list whose first element is the input tensor; got {type(inputs).__name__}")
+    return inputs[:1].detach()
+
+
+class ChannelPruning(Callback):
+    """Gradually remove whole channels during training, until a channel or MACs target is reached.
+
+    Between ``start`` and ``end`` the callback removes channels every ``update_every``; the amount
+    follows ``schedule`` (one of :mod:`lightning_compress.pruning.schedules`), and training goes on
+    between removals, so the network recovers (fine-tunes) as it shrinks. Channels are removed from
+    every coupled group by the same fraction; within a group the ``importance`` criterion picks
+    the least important channels. Removal happens at the start of a training batch, identically on
+    every rank (rank 0 decides, the choice is broadcast).
+
+    After each removal the optimizers keep their identity: slimmed parameters replace the old ones in
+    their param groups, momentum/Adam state is sliced to the kept channels, and LR schedulers go on
+    with the same step count. Under DDP the model is re-wrapped. Logs ``channels/<layer>`` (channels
+    kept in each group, by root layer) and ``macs/ratio`` (current MACs / dense MACs).
+
+    Checkpoints carry the pruning history under ``checkpoint["slimmed_architecture"]``; a module
+    whose ``on_load_checkpoint`` calls :func:`restore_slimmed_architecture` (``ImageClassifier``
+    does) loads back and resumes. Checkpoints saved with ``save_weights_only=True`` lack the record.
+
+    Args:
+        channel_ratio: Fraction of the channels of each prunable group removed by ``end``, in (0, 1).
+        kept_macs_ratio: Fraction of the dense model's MACs *kept* at ``end``, in (0, 1); ``0.5``
+            means 2x fewer MACs. Give exactly one of ``channel_ratio`` and ``kept_macs_ratio``.
+        importance: ``"l1"``, ``"l2"``, ``"bn_scale"``, ``"taylor"`` or a criterion object
+            (see :mod:`lightning_compress.pruning.importance`).
+        schedule: How the removed amount grows from 0 at ``start`` to the target at ``end``: a name
+            from :data:`~lightning_compress.pruning.schedules.SCHEDULES` or a callable. For
+            ``kept_macs_ratio`` the scheduled amount is the fraction of MACs removed.
+        start: When the first channels are removed (a run position, see :mod:`~lightning_compress.core.progress`).
+        end: When the target is reached; must leave at least one step of fine-tuning after it.
+        update_every: Interval between removals, as a run position (``"1ep"``, ``"50steps"``, ``0.05``).
+        ignore: Glob patterns of layers (qualified names in the LightningModule, e.g.
+            ``"model.layer3.*"``) whose output channels are left alone. The classifier (the last
+            ``Linear``) is always left alone.
+        network: Attribute of the LightningModule holding the network; ``None`` finds it.
+
+    Example:
+        >>> pruning = ChannelPruning(kept_macs_ratio=0.5, importance="l2", start=0.0, end=0.6, update_every="1ep")
+        >>> pruning.target
+        ('kept_macs_ratio', 0.5)
+    """
+
+    def __init__(
+        self,
+        channel_ratio: float | None = None,
+        kept_macs_ratio: float | None = None,
+        importance: ImportanceLike = "l1",
+        schedule: ScheduleLike = "cubic",
+        start: Position = 0.0,
+        end: Position = 0.5,
+        update_every: Position = "1ep",
+        ignore: str | Sequence[str] | None = None,
+        network: str | None = None,
+    ) -> None:
+        if (channel_ratio is None) == (kept_macs_ratio is None):
+            raise ValueError("give exactly one of channel_ratio (fraction of channels removed) and "
+                             f"kept_macs_ratio (fraction of MACs kept), got channel_ratio={channel_ratio!r}, "
+                             f"kept_macs_ratio={kept_macs_ratio!r}")
+        name, value = ("channel_ratio", channel_ratio) if channel_ratio is not None else ("kept_macs_ratio", kept_macs_ratio)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+            raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
+        self.target = (name, float(value))
+        self._importance = resolve_importance(importance)
+        self._schedule = resolve_schedule(schedule)
+        self.start = validate_position(start, "start")
+        self.end = validate_position(end, "end")
+        check_ordered(start, end, "start", "end")
+        self.update_every = validate_position(update_every, "update_every")
+        self.ignore = ignore
+        self.network = network
+        # resolved in setup / on the first batch
+        self._steps: tuple[int, int, int] | None = None
+        self._network_attr: str | None = None
+        self._ignored: list[str] = []
+        self._graph = None
+        # state that survives a restart
+        self._input_shape: list[int] | None = None
+        self._dense_macs: int | None = None
+        self._original_channels: dict[str, int] = {}
+        self._removed_fraction = 0.0
+        self._last_update_step = -1
+        self._history: History = []
+
+    # ----------------------------------------------------------------------------------- set-up
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._network_attr, network = find_network(pl_module, self.network)
+        prefix = self._network_attr + "."
+        kept = select_layers(pl_module, include="*", exclude=self.ignore, argument_names=("include", "ignore"))
+        layers = weighted_layers(pl_module)
+        head = next((n for n in reversed(layers) if isinstance(pl_module.get_submodule(n), nn.Linear)), None)
+        self._ignored = [n[len(prefix):] for n in layers if n.startswith(prefix) and (n not in kept or n == head)]
+        budget = step_budget(trainer)
+        start, end = budget.resolve(self.start, "start"), budget.resolve(self.end, "end")
+        every = budget.resolve(self.update_every, "update_every")
+        if start >= end:
+            raise ValueError(f"start={self.start!r} (step {start}) must come before end={self.end!r} (step {end})")
+        if end >= budget.total_steps:
+            raise ValueError(f"end={self.end!r} resolves to step {end}, but the run has {budget.total_steps} steps: "
+                             "leave at least one step of fine-tuning after the last removal")
+        if every < 1:
+            raise ValueError(f"update_every={self.update_every!r} resolves to 0 optimizer steps; use at least '1steps'")
+        self._steps = (start, end, every)
+        self._check_quantization_order(trainer, budget, end)
+
+    def _check_quantization_order(self, trainer: pl.Trainer, budget: Any, end: int) -> None:
+        for callback in trainer.callbacks:
+            if type(callback).__name__ != "QuantizationAwareTraining":
+                continue
+            qat_start = budget.resolve(getattr(callback, "start", 0.0), "QuantizationAwareTraining.start")
+            if qat_start <= end:
+                raise ValueError(
+                    f"ChannelPruning removes channels until step {end} (end={self.end!r}), but "
+                    f"QuantizationAwareTraining prepares fake quantization at step {qat_start} "
+                    f"(start={callback.start!r}): channel pruning must finish before QAT starts; "
+                    "set ChannelPruning(end=...) earlier or QuantizationAwareTraining(start=...) later"
+                )
+
+    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        """Trace the network on the first batch (checking it can be slimmed) and record the dense state."""
+        network = pl_module.get_submodule(self._network_attr)
+        example = _example_from_batch(batch)
+        if self._input_shape is None:
+            self._input_shape = list(example.shape)
+            check_prunable(network, example, self._ignored)
+            self._dense_macs = count_macs(network, example)
+        self._graph = trace_dependencies(network, example)
+        groups = self._groups(network)
+        if not self._original_channels:
+            self._original_channels = {name: group_channels(group) for name, group in groups.items()}
+            rank_zero_info(f"ChannelPruning: {len(groups)} coupled channel groups, "
+                           f"{sum(self._original_channels.values())} channels, target {self.target[0]}={self.target[1]}")
+
+    def _groups(self, network: nn.Module) -> dict[str, Any]:
+        return prunable_groups(self._graph, [network.get_submodule(name) for name in self._ignored])
+
+    # ----------------------------------------------------------------------------------- training
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._steps is None:
+            return
+        if self._graph is None:
+            self._attach(trainer, pl_module, batch)
+        start, end, every = self._steps
+        step = trainer.global_step
+        due = step >= start and (step >= end or (step - start) % every == 0)
+        if not due or self._last_update_step >= min(step, end) or self._last_update_step >= end:
+            return
+        progress = (min(step, end) - start) / (end - start)
+        self._last_update_step = step
+        network = pl_module.get_submodule(self._network_attr)
+        example = torch.zeros(self._input_shape, dtype=next(network.parameters()).dtype, device=pl_module.device)
+        name, final = self.target
+        if name == "channel_ratio":
+            self._slim_to(trainer, network, self._schedule(progress, 0.0, final))
+        else:
+            kept_macs = 1.0 - self._schedule(progress, 0.0, 1.0 - final)
+            self._slim_to_macs(trainer, network, example, kept_macs)
+        self._log(pl_module, network, example)
+
+    def _slim_to(self, trainer: pl.Trainer, network: nn.Module, removed_fraction: float) -> bool:
+        """Remove channels until each group has lost ``removed_fraction`` of its original channels."""
+        plan: dict[str, list[int]] = {}
+        if trainer.is_global_zero:
+            for root, group in self._groups(network).items():
+                original = self._original_channels[root]
+                keep = max(1, original - round(removed_fraction * original))
+                excess = group_channels(group) - keep
+                if excess > 0:
+                    scores = self._importance(group)
+                    plan[root] = torch.argsort(scores.float(), stable=True)[:excess].tolist()
+        plan = trainer.strategy.broadcast(plan, src=0)
+        self._removed_fraction = max(self._removed_fraction, removed_fraction)
+        if not plan:
+            return False
+        remove_channels(self._graph, plan, trainer.optimizers)
+        self._history = self._history + [list(entry) for entry in self._graph.pruning_history()[-len(plan):]]
+        if isinstance(trainer.strategy, DDPStrategy):  # DDP holds the old parameters: wrap the slimmed model
+            trainer.strategy.model = trainer.lightning_module
+            trainer.strategy.configure_ddp()
+        return True
+
+    def _slim_to_macs(self, trainer: pl.Trainer, network: nn.Module, example: torch.Tensor, kept_macs: float) -> None:
+        """Raise the removed channel fraction until at most ``kept_macs`` of the dense MACs remain.
+
+        MACs fall roughly with the square of the kept channel fraction, so each round moves the
+        fraction by the square root of the remaining gap; MACs fall more slowly than that model
+        (stem inputs and the head do not shrink), so rounds approach the target from above.
+        """
+        for _ in range(_MAX_MACS_ROUNDS):
+            ratio = count_macs(network, example) / self._dense_macs
+            if ratio <= kept_macs * 1.005:
+                return
+            kept_channels = (1.0 - self._removed_fraction) * math.sqrt(kept_macs / ratio)
+            fraction = max(1.0 - kept_channels, self._removed_fraction + 0.5 / max(self._original_channels.values()))
+            self._slim_to(trainer, network, min(fraction, 1.0))
+
+    def _log(self, pl_module: pl.LightningModule, network: nn.Module, example: torch.Tensor) -> None:
+        groups = self._groups(network)
+        for root, group in groups.items():
+            pl_module.log(f"channels/{self._network_attr}.{root}", float(group_channels(group)))
+        pl_module.log("macs/ratio", count_macs(network, example) / self._dense_macs)
+
+    # ----------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "input_shape": self._input_shape,
+            "dense_macs": self._dense_macs,
+            "original_channels": dict(self._original_channels),
+            "removed_fraction": self._removed_fraction,
+            "last_update_step": self._last_update_step,
+            "history": [list(entry) for entry in self._history],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._input_shape = state_dict["input_shape"]
+        self._dense_macs = state_dict["dense_macs"]
+        self._original_channels = dict(state_dict["original_channels"])
+        self._removed_fraction = state_dict["removed_fraction"]
+        self._last_update_step = state_dict["last_update_step"]
+        self._history = [list(entry) for entry in state_dict["history"]]
+        self._graph = None  # traced again on the (already slimmed) network at the next batch
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[ARCHITECTURE_KEY] = {
+            "network": self._network_attr,
+            "input_shape": self._input_shape,
+            "history": [list(entry) for entry in self._history],
+        }

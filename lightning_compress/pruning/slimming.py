@@ -1,0 +1,285 @@
+"""Physically removing channels: the one seam over torch-pruning's dependency graph.
+
+torch-pruning (DepGraph, Fang et al., 2023) traces a network with autograd and finds which layers
+must lose the same channels together: a conv, its BatchNorm, the next layer's inputs, every branch
+of a residual add, both sides of a depthwise conv, the slices of a concatenation. This module wraps
+it so that :class:`~lightning_compress.pruning.ChannelPruning` never touches its internals:
+
+* :func:`trace_dependencies` -- build the graph, naming the module where tracing fails;
+* :func:`prunable_groups` -- the coupled groups, keyed by the qualified name of their root layer;
+* :func:`check_prunable` -- remove one channel of every group from a copy and run it, before training;
+* :func:`remove_channels` -- remove channels, carrying optimizer state over to the slimmed tensors;
+* :func:`replay_history` -- re-slim a freshly built network to a recorded architecture.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 3))
+    >>> graph = trace_dependencies(net, torch.randn(1, 3, 8, 8))
+    >>> groups = prunable_groups(graph, ignored=[net[2]])
+    >>> list(groups)
+    ['0']
+    >>> remove_channels(graph, {"0": [0, 1, 2]})
+    >>> net[0].out_channels, net[1].num_features, net[2].in_channels
+    (5, 5, 5)
+    >>> graph.pruning_history()
+    [['0', True, [0, 1, 2]]]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from lightning_compress.core.accounting import eval_mode
+
+History = list[list[Any]]
+"""torch-pruning's pruning history: ``[root module name, is output-channel pruning, indices]`` per removal."""
+
+_EXACT_INDEX_LIMIT = 2**24
+"""Largest element count whose flat indices a float32 tensor holds exactly."""
+
+
+def _call(network: nn.Module, example_input: Any) -> Any:
+    return network(*example_input) if isinstance(example_input, tuple) else network(example_input)
+
+
+@contextlib.contextmanager
+def _innermost_module(network: nn.Module) -> Iterator[list[str]]:
+    """Track the stack of modules running their forward, to name the one where an error happened."""
+    stack: list[str] = []
+
+    def enter(name: str) -> Any:
+        return lambda module, args: stack.append(name)  # append returns None: the input is unchanged
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:
+        stack.pop()
+
+    handles = []
+    for name, module in network.named_modules():
+        handles.append(module.register_forward_pre_hook(enter(name)))
+        handles.append(module.register_forward_hook(leave))
+    try:
+        yield stack
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def trace_dependencies(network: nn.Module, example_input: Any) -> tp.DependencyGraph:
+    """Trace ``network`` on ``example_input`` and build its channel dependency graph.
+
+    The trace runs in eval mode (BatchNorm statistics are not updated) with gradients enabled.
+
+    Args:
+        network: The network whose channels will be removed.
+        example_input: A tensor, or a tuple of positional arguments of ``forward`` (batch of one is enough).
+
+    Returns:
+        The dependency graph.
+
+    Raises:
+        ValueError: If tracing fails; the message names the module (and its type) that was running.
+
+    Example:
+        >>> len(trace_dependencies(nn.Linear(3, 2), torch.randn(1, 3)).module2node) > 0
+        True
+    """
+    with _innermost_module(network) as stack, eval_mode(network), torch.enable_grad():
+        try:
+            return tp.DependencyGraph().build_dependency(
+                network, example_inputs=example_input, forward_fn=lambda m, x: _call(m, x), verbose=False
+            )
+        except Exception as error:  # noqa: BLE001 -- any failure of the trace is reported the same way
+            where = stack[-1] if stack else ""
+            kind = type(network.get_submodule(where)).__name__
+            raise ValueError(
+                f"channel pruning cannot trace the network: {type(error).__name__}: {error} "
+                f"(in module {where or '<network>'!r} of type {kind})"
+            ) from error
+
+
+def prunable_groups(graph: tp.DependencyGraph, ignored: Iterable[nn.Module]) -> dict[str, tp.Group]:
+    """The coupled channel groups of the graph whose output channels may be removed.
+
+    A group is left out when one of the layers whose *output* channels it removes is in ``ignored``
+    (the classifier head, user-excluded layers).
+
+    Args:
+        graph: A graph from :func:`trace_dependencies`.
+        ignored: Modules whose output channels must stay.
+
+    Returns:
+        ``{root layer name (relative to the traced network): group over all current channels}``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> list(prunable_groups(trace_dependencies(net, torch.randn(1, 3)), ignored=[net[2]]))
+        ['0']
+    """
+    names = {module: name for name, module in graph.model.named_modules()}
+    groups = graph.get_all_groups(ignored_layers=list(ignored), root_module_types=(nn.modules.conv._ConvNd, nn.Linear))
+    return {names[group[0].dep.target.module]: group for group in groups}
+
+
+def group_channels(group: tp.Group) -> int:
+    """Number of channels of a group's root layer.
+
+    Args:
+        group: A group from :func:`prunable_groups`.
+
+    Returns:
+        The channel count.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+        >>> group_channels(prunable_groups(trace_dependencies(net, torch.randn(1, 3)), [net[1]])["0"])
+        4
+    """
+    return len(group[0].idxs)
+
+
+def check_prunable(network: nn.Module, example_input: Any, ignored_names: Sequence[str]) -> list[str]:
+    """Remove one channel from every group of a *copy* of ``network`` and run it, to fail before training.
+
+    Args:
+        network: The network (left unchanged).
+        example_input: As for :func:`trace_dependencies`.
+        ignored_names: Names (relative to ``network``) of modules whose output channels must stay.
+
+    Returns:
+        The root names of the prunable groups.
+
+    Raises:
+        ValueError: If tracing fails, no group can be pruned, or the slimmed copy fails to run
+            (the message names the group whose removal broke it).
+
+    Example:
+        >>> check_prunable(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), torch.randn(1, 3), ["1"])
+        ['0']
+    """
+    clone = copy.deepcopy(network)
+    graph = trace_dependencies(clone, example_input)
+    groups = prunable_groups(graph, [clone.get_submodule(name) for name in ignored_names])
+    if not groups:
+        raise ValueError(f"no channel of the network can be removed: every coupled group contains one of "
+                         f"the left-alone layers {list(ignored_names)}")
+    for name, group in groups.items():
+        if group_channels(group) < 2:
+            continue
+        remove_channels(graph, {name: [0]})
+        try:
+            with eval_mode(clone), torch.no_grad():
+                _call(clone, example_input)
+        except Exception as error:  # noqa: BLE001 -- report any failure of the slimmed network
+            raise ValueError(
+                f"channel pruning cannot slim the network: removing a channel of {name!r} "
+                f"({type(clone.get_submodule(name)).__name__}) and its coupled layers breaks the forward "
+                f"pass with {type(error).__name__}: {error}. An operation hard-codes a channel count "
+                "(e.g. a fixed reshape); leave the layer alone with ignore=[...] or rewrite the operation."
+            ) from error
+    return list(groups)
+
+
+@contextlib.contextmanager
+def _tracking_indices(network: nn.Module) -> Iterator[dict[str, tuple[nn.Parameter, torch.Tensor | None]]]:
+    """While active, each parameter's ``.grad`` holds its flat element indices.
+
+    torch-pruning slices ``.grad`` together with the weight, so after a removal the new parameter's
+    ``.grad`` says which old elements survived. On exit the real gradients are restored (sliced).
+    """
+    before: dict[str, tuple[nn.Parameter, torch.Tensor | None]] = {}
+    for name, param in network.named_parameters():
+        before[name] = (param, param.grad)
+        exact = param.numel() <= _EXACT_INDEX_LIMIT and param.dtype in (torch.float32, torch.float64)
+        param.grad = torch.arange(param.numel(), device=param.device, dtype=param.dtype).view_as(param) if exact else None
+    yield before
+
+
+def remove_channels(
+    graph: tp.DependencyGraph,
+    plan: Mapping[str, Sequence[int]],
+    optimizers: Sequence[torch.optim.Optimizer] = (),
+) -> None:
+    """Remove the planned channels of each group and carry optimizer state over, in place.
+
+    Every optimizer keeps its identity (so LR schedulers and the trainer keep working): each
+    slimmed parameter replaces the old one in its param group, and per-element state (SGD momentum,
+    Adam moments) is sliced to the surviving elements. Scalar state (Adam's ``step``) is kept.
+
+    Args:
+        graph: The dependency graph of the network.
+        plan: ``{root layer name: channel indices to remove}`` (current indices of the root layer).
+        optimizers: Optimizers holding the network's parameters.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+        >>> sgd = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        >>> net(torch.randn(2, 3)).sum().backward(); sgd.step()
+        >>> remove_channels(trace_dependencies(net, torch.randn(1, 3)), {"0": [1]}, [sgd])
+        >>> [tuple(p.shape) for p in sgd.param_groups[0]["params"]]
+        [(3, 3), (3,), (2, 3), (2,)]
+        >>> sgd.state[net[0].weight]["momentum_buffer"].shape
+        torch.Size([3, 3])
+    """
+    network = graph.model
+    with _tracking_indices(network) as before:
+        for name, idxs in plan.items():
+            if len(idxs):
+                root = network.get_submodule(name)
+                pruner = graph.get_pruner_of_module(root)
+                graph.get_pruning_group(root, pruner.prune_out_channels, sorted(int(i) for i in idxs)).prune()
+        after = dict(network.named_parameters())
+        replaced: dict[nn.Parameter, tuple[nn.Parameter, torch.Tensor | None]] = {}
+        for name, (old, grad) in before.items():
+            new = after[name]
+            if new is old:
+                old.grad = grad
+                continue
+            kept = new.grad.flatten().long() if new.grad is not None else None
+            new.grad = grad.flatten()[kept].view_as(new) if grad is not None and kept is not None else None
+            replaced[old] = (new, kept)
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["params"] = [replaced.get(p, (p, None))[0] for p in group["params"]]
+        for old, (new, kept) in replaced.items():
+            if old not in optimizer.state:
+                continue
+            state = optimizer.state.pop(old)
+            if kept is None:  # too large to track exactly: the state starts afresh for this tensor
+                continue
+            optimizer.state[new] = {
+                key: value.flatten()[kept].view_as(new)
+                if isinstance(value, torch.Tensor) and value.shape == old.shape else value
+                for key, value in state.items()
+            }
+
+
+def replay_history(network: nn.Module, example_input: Any, history: History) -> tp.DependencyGraph:
+    """Slim a freshly built ``network`` to the architecture a recorded pruning history produced.
+
+    The weights of the result are meaningless until a state dict of the slimmed model is loaded.
+
+    Args:
+        network: The network, as constructed (dense).
+        example_input: As for :func:`trace_dependencies`.
+        history: ``graph.pruning_history()`` of the run that slimmed it.
+
+    Returns:
+        The dependency graph of the slimmed network (its history is ``history``).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+        >>> _ = replay_history(net, torch.randn(1, 3), [["0", True, [0, 2]]])
+        >>> net[0].out_features, net[1].in_features
+        (2, 2)
+    """
+    graph = trace_dependencies(network, example_input)
+    graph.load_pruning_history([list(entry) for entry in history])
+    return graph
