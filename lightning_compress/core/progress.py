@@ -169,6 +169,10 @@ def step_budget(trainer: pl.Trainer) -> StepBudget:
     total = trainer.estimated_stepping_batches
     if not math.isfinite(total):
         raise ValueError("compression schedules need a finite run: set Trainer(max_epochs=...) or max_steps")
+    if not math.isfinite(trainer.num_training_batches):
+        # With ``max_steps`` Lightning answers ``estimated_stepping_batches`` without loading the
+        # train dataloader; epochs still need its length. ``setup_data`` is idempotent.
+        trainer.fit_loop.setup_data()
     batches = trainer.num_training_batches
     if math.isfinite(batches) and batches > 0:
         per_epoch = max(1.0, math.ceil(batches / trainer.accumulate_grad_batches))
