@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -43,9 +44,21 @@ class CompressionCLI(LightningCLI):
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of the ``lightning-compress`` console script.
 
+    ``report``, ``export``, ``sensitivity`` and ``predict --model FILE IMAGES...`` go to
+    :mod:`lightning_compress.commands` (plain argparse commands on files); everything else, including
+    ``predict`` without ``--model``, is LightningCLI.
+
     Args:
         args: Command-line arguments; ``None`` reads ``sys.argv``.
     """
+    from lightning_compress import commands
+
+    argv = list(sys.argv[1:] if args is None else args)
+    if commands.is_command(argv):
+        status = commands.run(argv)
+        if status:
+            raise SystemExit(status)
+        return
     CompressionCLI(
         ImageClassifier,
         CIFARDataModule,

@@ -1,0 +1,58 @@
+"""The ``report``, ``export``, ``predict`` and ``sensitivity`` subcommands of ``lightning-compress``.
+
+They work on files (checkpoints, exported models, images), not on a training run, so they are plain
+argparse commands dispatched by :func:`lightning_compress.cli.main` before LightningCLI sees the
+arguments. Each ``run(argv)`` returns the process exit status; errors a user can fix print one line
+naming the file and what was expected, and return 2.
+
+Example:
+    >>> run(["report", "--help"])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+COMMANDS = ("report", "export", "predict", "sensitivity")
+
+
+def is_command(argv: Sequence[str]) -> bool:
+    """Whether ``argv`` asks for one of :data:`COMMANDS` (``predict`` only in its ``--model`` form).
+
+    ``lightning-compress predict --config ...`` stays LightningCLI's ``predict`` (a datamodule run).
+
+    Args:
+        argv: Command-line arguments without the program name.
+
+    Returns:
+        True to dispatch to :func:`run`.
+
+    Example:
+        >>> is_command(["predict", "--model", "export/", "cat.png"]), is_command(["predict", "--config", "r.yaml"])
+        (True, False)
+    """
+    if not argv or argv[0] not in COMMANDS:
+        return False
+    if argv[0] == "predict":
+        return any(a == "--model" or a.startswith("--model=") for a in argv[1:]) or list(argv[1:]) in (["-h"], ["--help"])
+    return True
+
+
+def run(argv: Sequence[str]) -> int:
+    """Run one subcommand.
+
+    Args:
+        argv: ``[command, *arguments]``.
+
+    Returns:
+        The exit status.
+    """
+    from lightning_compress.commands import export, predict, report, sensitivity
+
+    module = {"report": report, "export": export, "predict": predict, "sensitivity": sensitivity}[argv[0]]
+    try:
+        return module.main(list(argv[1:]))
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"lightning-compress {argv[0]}: error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,434 @@
+"""CompressionReport: what compression gained and what it cost, as a table, JSON and in TensorBoard.
+
+The numbers come from :mod:`lightning_compress.core.accounting` (parameters, non-zeros, MACs by
+``torch.utils.flop_counter``, latency) and from :mod:`lightning_compress.export` (the size of the
+packed artifact), so the report, the benchmarks and the callbacks agree on every definition.
+
+* :func:`summarize` -- the report as a JSON-serializable dict (per-layer rows, totals, sizes,
+  latency, accuracy).
+* :func:`render_markdown`, :func:`sparsity_figure` -- its renderings.
+* :class:`CompressionReport` -- the callback: summarizes at fit end, writes markdown + JSON + PNG
+  atomically, logs scalars (any logger) and the table and bar chart (TensorBoard).
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    >>> summary = summarize(net, torch.randn(1, 3, 8, 8), latency_batch_sizes=())
+    >>> [row["name"] for row in summary["layers"]], summary["totals"]["params"]
+    (['0', '2'], 402)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from lightning_compress.core.accounting import (
+    count_macs_per_module,
+    count_nonzero,
+    count_parameters,
+    measure_latency,
+    serialized_size,
+)
+from lightning_compress.core.files import atomic_path, write_text_atomic
+from lightning_compress.core.layers import find_network
+from lightning_compress.export import VALUE_FORMATS, pack_state_dict
+
+
+def is_int8(network: nn.Module) -> bool:
+    """Whether ``network`` holds converted int8 modules (``torch.ao.nn.quantized``).
+
+    Args:
+        network: Any module.
+
+    Returns:
+        True for an int8 network.
+
+    Example:
+        >>> is_int8(nn.Linear(2, 2))
+        False
+    """
+    return any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in network.modules())
+
+
+def _int8_layer_names(network: nn.Module | None) -> set[str]:
+    if network is None:
+        return set()
+    return {name for name, m in network.named_modules()
+            if type(m).__module__.startswith("torch.ao.nn.quantized") and hasattr(m, "weight")}
+
+
+def layer_rows(network: nn.Module, example_input: torch.Tensor, int8_network: nn.Module | None = None,
+               prefix: str = "") -> list[dict[str, Any]]:
+    """One row per weighted layer (every module with a float ``weight`` of >= 2 dims).
+
+    Args:
+        network: A float network (fp32, possibly sparse or QAT-prepared).
+        example_input: One input batch for counting MACs (batch size 1 gives per-image MACs).
+        int8_network: The network's int8 conversion, if any: its quantized layers count 8 bits.
+        prefix: Prepended to layer names (``"model."``: named as in the LightningModule).
+
+    Returns:
+        Rows with ``name``, ``type``, ``shape``, ``params``, ``nonzero``, ``sparsity``, ``bits``, ``macs``.
+
+    Example:
+        >>> rows = layer_rows(nn.Sequential(nn.Linear(4, 2)), torch.randn(1, 4))
+        >>> rows[0]["params"], rows[0]["macs"], rows[0]["bits"]
+        (10, 8, 32)
+    """
+    macs = count_macs_per_module(network, example_input)
+    int8_names = _int8_layer_names(int8_network)
+    rows = []
+    for name, module in network.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.dim() < 2:
+            continue
+        counts = count_nonzero(module)
+        own = [c for key, c in counts.per_parameter.items() if "." not in key]
+        params, nonzero = sum(c.total for c in own), sum(c.nonzero for c in own)
+        quantized = hasattr(module, "weight_fake_quant") or name in int8_names
+        rows.append({
+            "name": prefix + name, "type": type(module).__name__, "shape": list(weight.shape), "params": params,
+            "nonzero": nonzero, "sparsity": 1.0 - nonzero / params if params else 0.0,
+            "bits": 8 if quantized else 32, "macs": macs.get(name, 0),
+        })
+    return rows
+
+
+def _float_state(network: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.float() if v.is_floating_point() else v for k, v in network.state_dict().items()}
+
+
+def summarize(
+    network: nn.Module,
+    example_input: torch.Tensor,
+    dense_network: nn.Module | None = None,
+    int8_network: nn.Module | None = None,
+    accuracy: Mapping[str, Any] | None = None,
+    values: str = "int8",
+    latency_batch_sizes: Sequence[int] = (1, 64),
+    latency_repeats: int = 10,
+    prefix: str = "",
+) -> dict[str, Any]:
+    """The compression report of ``network`` as a JSON-serializable dict.
+
+    Sizes: ``fp32_bytes`` is ``torch.save`` of the network's state dict in fp32 (the weights of a
+    checkpoint, without optimizer state); ``packed_bytes`` the packed artifact
+    (:func:`lightning_compress.export.pack_state_dict`). Latency: median CPU seconds of
+    ``dense_network`` (the uncompressed fp32 model; default: ``network`` itself) against the compressed
+    model (``int8_network`` if given, else ``network``), measured in alternation in this process.
+
+    Args:
+        network: The compressed float network (sparse, channel-pruned or QAT-prepared).
+        example_input: One input of batch size 1 (shape ``(1, C, H, W)``).
+        dense_network: The uncompressed fp32 network, for the latency baseline.
+        int8_network: The int8 conversion of ``network``, if any.
+        accuracy: E.g. ``{"metric": "val/acc", "before": 0.1, "after": 0.9}``; ``None`` if unknown.
+        values: Packed value format, ``"int8"`` or ``"fp16"``.
+        latency_batch_sizes: Batch sizes to time; empty skips latency.
+        latency_repeats: Timed forward passes per model and batch size.
+        prefix: Prepended to layer names (``"model."``: named as in the LightningModule).
+
+    Returns:
+        ``{"layers", "totals", "sizes", "latency", "accuracy"}``.
+
+    Raises:
+        ValueError: On an unknown ``values`` or ``latency_repeats < 1``.
+
+    Example:
+        >>> summary = summarize(nn.Sequential(nn.Linear(4, 2)), torch.randn(1, 4), latency_repeats=2)
+        >>> sorted(summary["latency"]["batches"])
+        ['1', '64']
+    """
+    if values not in VALUE_FORMATS:
+        raise ValueError(f"values must be one of {list(VALUE_FORMATS)}, got {values!r}")
+    if latency_repeats < 1:
+        raise ValueError(f"latency_repeats must be >= 1, got {latency_repeats}")
+    network = network.cpu()
+    example_input = example_input[:1].cpu()
+    rows = layer_rows(network, example_input, int8_network, prefix)
+    counts = count_nonzero(network)
+    macs_all = count_macs_per_module(network, example_input).get("", 0)
+    state = _float_state(network)
+    fp32_bytes, packed_bytes = serialized_size(state), len(pack_state_dict(state, values=values))
+    totals = {
+        "params": count_parameters(network), "nonzero": counts.total.nonzero, "sparsity": counts.total.sparsity,
+        "layer_params": sum(r["params"] for r in rows), "layer_nonzero": sum(r["nonzero"] for r in rows),
+        "macs": macs_all,
+    }
+    totals["layer_sparsity"] = 1.0 - totals["layer_nonzero"] / max(totals["layer_params"], 1)
+    compressed = int8_network if int8_network is not None else network
+    dense = dense_network if dense_network is not None else network
+    latency: dict[str, Any] = {
+        "compressed_model": "int8" if int8_network is not None else "float (no int8 model)",
+        "repeats": latency_repeats, "threads": torch.get_num_threads(), "batches": {},
+    }
+    for batch in latency_batch_sizes:
+        images = example_input.expand(batch, *example_input.shape[1:]).contiguous()
+        dense_s, compressed_s = [], []
+        for _ in range(2):  # alternate so both models see the same machine load
+            dense_s.append(measure_latency(dense, images, repeats=latency_repeats, warmup=1))
+            compressed_s.append(measure_latency(compressed, images, repeats=latency_repeats, warmup=1))
+        dense_ms, compressed_ms = 1e3 * min(dense_s), 1e3 * min(compressed_s)
+        latency["batches"][str(batch)] = {"dense_ms": dense_ms, "compressed_ms": compressed_ms,
+                                          "speedup": dense_ms / compressed_ms}
+    return {
+        "layers": rows,
+        "totals": totals,
+        "sizes": {"fp32_bytes": fp32_bytes, "packed_bytes": packed_bytes, "packed_values": values,
+                  "ratio": fp32_bytes / packed_bytes},
+        "latency": latency,
+        "accuracy": dict(accuracy) if accuracy else None,
+    }
+
+
+def render_markdown(summary: Mapping[str, Any]) -> str:
+    """Render :func:`summarize`'s dict as markdown tables.
+
+    Args:
+        summary: The report.
+
+    Returns:
+        Markdown text.
+
+    Example:
+        >>> text = render_markdown(summarize(nn.Sequential(nn.Linear(4, 2)), torch.randn(1, 4), latency_batch_sizes=()))
+        >>> text.splitlines()[0]
+        '# Compression report'
+    """
+    lines = ["# Compression report", "", "| layer | type | shape | params | non-zeros | sparsity | bits | MACs |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in summary["layers"]:
+        shape = "x".join(map(str, r["shape"]))
+        lines.append(f"| {r['name']} | {r['type']} | {shape} | {r['params']:,} | {r['nonzero']:,} | "
+                     f"{r['sparsity']:.1%} | {r['bits']} | {r['macs']:,} |")
+    t = summary["totals"]
+    lines.append(f"| **layers** | | | {t['layer_params']:,} | {t['layer_nonzero']:,} | {t['layer_sparsity']:.1%} "
+                 f"| | {t['macs']:,} |")
+    lines.append(f"| **all parameters** | | | {t['params']:,} | {t['nonzero']:,} | {t['sparsity']:.1%} | | |")
+    s = summary["sizes"]
+    lines += ["", "| size | bytes |", "|---|---:|", f"| fp32 weights (torch.save) | {s['fp32_bytes']:,} |",
+              f"| packed ({s['packed_values']} non-zeros + bitmask, lzma) | {s['packed_bytes']:,} |",
+              f"| **compression ratio** | **{s['ratio']:.1f}x** |"]
+    if "checkpoint_bytes" in s:
+        lines.append(f"| checkpoint file (with optimizer state) | {s['checkpoint_bytes']:,} |")
+    lat = summary["latency"]
+    if lat["batches"]:
+        lines += ["", f"CPU latency, median of {lat['repeats']} runs, {lat['threads']} thread(s); compressed model: "
+                  f"{lat['compressed_model']}", "", "| batch | dense fp32 (ms) | compressed (ms) | speed-up |",
+                  "|---:|---:|---:|---:|"]
+        for batch, m in lat["batches"].items():
+            lines.append(f"| {batch} | {m['dense_ms']:.2f} | {m['compressed_ms']:.2f} | {m['speedup']:.2f}x |")
+    acc = summary.get("accuracy")
+    if acc:
+        fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+        lines += ["", f"| {acc['metric']} | before | after |", "|---|---:|---:|",
+                  f"| {acc.get('source', '')} | {fmt(acc.get('before'))} | {fmt(acc.get('after'))} |"]
+    return "\n".join(lines) + "\n"
+
+
+def sparsity_figure(summary: Mapping[str, Any]) -> Any:
+    """A matplotlib bar chart of per-layer sparsity (Agg backend; needs the ``plot`` extra).
+
+    Args:
+        summary: The report.
+
+    Returns:
+        The ``matplotlib.figure.Figure``.
+
+    Example:
+        >>> fig = sparsity_figure({"layers": [{"name": "fc", "sparsity": 0.5, "bits": 8}]})
+        >>> fig.axes[0].get_ylabel()
+        'sparsity'
+    """
+    from matplotlib.figure import Figure
+
+    rows = summary["layers"]
+    fig = Figure(figsize=(max(4.0, 0.35 * len(rows) + 1.5), 3.5), layout="constrained")
+    ax = fig.add_subplot()
+    ax.bar(range(len(rows)), [r["sparsity"] for r in rows],
+           color=["tab:orange" if r["bits"] == 8 else "tab:blue" for r in rows])
+    ax.set_xticks(range(len(rows)), [r["name"] for r in rows], rotation=90, fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("sparsity")
+    ax.set_title("per-layer sparsity (orange: int8)")
+    return fig
+
+
+def write_report(summary: Mapping[str, Any], directory: str | os.PathLike[str], name: str = "compression_report"
+                 ) -> dict[str, Path]:
+    """Write ``<name>.md``, ``<name>.json`` and ``<name>.png`` (if matplotlib is installed) atomically.
+
+    Args:
+        summary: The report.
+        directory: Where to write.
+        name: Base file name.
+
+    Returns:
+        The written paths by extension.
+
+    Example:
+        >>> # write_report(summary, "reports/")
+    """
+    directory = Path(directory)
+    paths = {"md": directory / f"{name}.md", "json": directory / f"{name}.json"}
+    write_text_atomic(paths["md"], render_markdown(summary))
+    write_text_atomic(paths["json"], json.dumps(summary, indent=2) + "\n")
+    try:
+        figure = sparsity_figure(summary)
+    except ImportError:
+        return paths
+    paths["png"] = directory / f"{name}.png"
+    with atomic_path(paths["png"]) as tmp:
+        figure.savefig(tmp, format="png", dpi=100)
+    return paths
+
+
+class CompressionReport(Callback):
+    """At fit end, report per-layer sparsity, bits and MACs, sizes, latency and accuracy.
+
+    The report compares the network as it leaves ``fit`` -- pruned, channel-slimmed, int8-converted
+    by the other callbacks -- with the dense fp32 network it started from. The float view (per-layer
+    rows, packed size) is taken at ``on_train_end``, before quantization callbacks convert at fit end;
+    latency and the int8 bit widths come from the final network. The callback moves itself to the end
+    of the callback list in ``setup`` so it sees the other callbacks' fit-end work.
+
+    Accuracy "before" is ``metric`` at the first validation after training started, "after" its last
+    value (``None`` without validation). Outputs: ``compression_report.{md,json,png}`` in ``dirpath``;
+    scalars ``sparsity/report_layers``, ``macs/report_total``, ``compression/size_ratio``,
+    ``compression/packed_bytes``, ``compression/latency_speedup_b<N>`` on every logger; the markdown
+    table (``compression/report``) and bar chart (``compression/layer_sparsity``) on TensorBoard.
+
+    Args:
+        dirpath: Output folder; default: the trainer's ``log_dir`` (or ``default_root_dir``).
+        values: Packed value format: ``"int8"`` or ``"fp16"``.
+        metric: Logged accuracy metric to report before/after.
+        latency_batch_sizes: Batch sizes to time (empty: no latency).
+        latency_repeats: Timed forward passes per model and batch size.
+        network: Attribute of the LightningModule holding the network; ``None`` detects it.
+
+    Raises:
+        ValueError: On an invalid argument.
+
+    Example:
+        >>> report = CompressionReport(latency_repeats=5)
+        >>> trainer = pl.Trainer(callbacks=[report], logger=False, enable_checkpointing=False)
+    """
+
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        values: str = "int8",
+        metric: str = "val/acc",
+        latency_batch_sizes: Sequence[int] = (1, 64),
+        latency_repeats: int = 10,
+        network: str | None = None,
+    ) -> None:
+        if values not in VALUE_FORMATS:
+            raise ValueError(f"values must be one of {list(VALUE_FORMATS)}, got {values!r}")
+        if isinstance(latency_repeats, bool) or not isinstance(latency_repeats, int) or latency_repeats < 1:
+            raise ValueError(f"latency_repeats must be an integer >= 1, got {latency_repeats!r}")
+        if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in latency_batch_sizes):
+            raise ValueError(f"latency_batch_sizes must be integers >= 1, got {latency_batch_sizes!r}")
+        self.dirpath = dirpath
+        self.values = values
+        self.metric = metric
+        self.latency_batch_sizes = tuple(latency_batch_sizes)
+        self.latency_repeats = latency_repeats
+        self.network = network
+        self._attribute: str | None = None
+        self._dense: nn.Module | None = None
+        self._example: torch.Tensor | None = None
+        self._float_view: nn.Module | None = None
+        self._accuracy: dict[str, float | None] = {"before": None, "after": None}
+        self.summary: dict[str, Any] | None = None
+        """The last report (also written to files)."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Find the network; run last, after the other callbacks' fit-end conversions."""
+        if stage != "fit":
+            return
+        self._attribute, _ = find_network(pl_module, self.network)
+        # a new list: Lightning is iterating over the current one right now
+        trainer.callbacks = [cb for cb in trainer.callbacks if cb is not self] + [self]
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Keep a CPU copy of the dense network as the latency baseline."""
+        self._dense = copy.deepcopy(getattr(pl_module, self._attribute)).cpu().eval()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        """Remember one input sample, for MACs and latency."""
+        if self._example is None:
+            images = batch[0] if isinstance(batch, (tuple, list)) else batch
+            if isinstance(images, torch.Tensor):
+                self._example = images[:1].detach().cpu().float()
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Record the accuracy metric (first and latest value)."""
+        value = trainer.callback_metrics.get(self.metric)
+        if trainer.sanity_checking or value is None:
+            return
+        if self._accuracy["before"] is None:
+            self._accuracy["before"] = float(value)
+        self._accuracy["after"] = float(value)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Take the float view of the trained network, before fit-end conversions."""
+        self._float_view = copy.deepcopy(getattr(pl_module, self._attribute)).cpu().eval()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Summarize, write the files, log to the loggers."""
+        if self._float_view is None or self._example is None or not trainer.is_global_zero:
+            return
+        final = getattr(pl_module, self._attribute)
+        accuracy = None
+        if self._accuracy["after"] is not None:
+            accuracy = {"metric": self.metric, "source": "first validation -> last validation", **self._accuracy}
+        self.summary = summarize(
+            self._float_view, self._example, dense_network=self._dense,
+            int8_network=final if is_int8(final) else None, accuracy=accuracy, values=self.values,
+            latency_batch_sizes=self.latency_batch_sizes, latency_repeats=self.latency_repeats,
+            prefix=f"{self._attribute}.",
+        )
+        directory = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)
+        paths = write_report(self.summary, directory)
+        self._log(trainer)
+        rank_zero_info(f"CompressionReport written to {paths['md']}\n{render_markdown(self.summary)}")
+        self._float_view = self._dense = None
+
+    def _log(self, trainer: pl.Trainer) -> None:
+        s = self.summary
+        scalars = {"sparsity/report_layers": s["totals"]["layer_sparsity"], "macs/report_total": s["totals"]["macs"],
+                   "compression/size_ratio": s["sizes"]["ratio"], "compression/packed_bytes": s["sizes"]["packed_bytes"]}
+        for batch, m in s["latency"]["batches"].items():
+            scalars[f"compression/latency_speedup_b{batch}"] = m["speedup"]
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=trainer.global_step)
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_text("compression/report", render_markdown(s), trainer.global_step)
+                try:
+                    logger.experiment.add_figure("compression/layer_sparsity", sparsity_figure(s), trainer.global_step)
+                except ImportError:
+                    pass
+                logger.experiment.flush()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The accuracy seen so far (so a resumed run still reports "before")."""
+        return {"accuracy": dict(self._accuracy), "metric": self.metric}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the accuracy seen so far."""
+        self._accuracy = dict(state_dict["accuracy"])

@@ -1,0 +1,150 @@
+"""The report / export / predict / sensitivity commands on real checkpoints written by a real Trainer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from lightning_compress.cli import main
+from lightning_compress.commands import is_command
+from lightning_compress.module import ImageClassifier
+from lightning_compress.pruning import MagnitudePruning
+from tests.test_cli import write_image_folder
+from tests.toy import random_loader
+
+
+def trainer(tmp_path: Path, callbacks=(), logger=False, steps: int = 2) -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=logger, callbacks=list(callbacks),
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=tmp_path, limit_val_batches=1, num_sanity_val_steps=0)
+
+
+def write_checkpoint(tmp_path: Path, sparsity: float = 0.0, callbacks=(), num_classes: int = 4) -> Path:
+    """Fit resnet20 two steps on 16x16 random images, zero the smallest weights, save a real checkpoint."""
+    model = ImageClassifier("resnet20", num_classes=num_classes)
+    fit = trainer(tmp_path, callbacks)
+    fit.fit(model, random_loader(32, batch_size=16, num_classes=num_classes),
+            random_loader(16, batch_size=16, num_classes=num_classes))
+    if sparsity:
+        with torch.no_grad():
+            for name, p in model.model.named_parameters():
+                if p.dim() == 4 and name != "conv1.weight":
+                    p.mul_(p.abs() > p.abs().flatten().kthvalue(int(sparsity * p.numel())).values)
+    path = tmp_path / "model.ckpt"
+    fit.save_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt"), sparsity=0.8)
+
+
+def test_dispatch_keeps_lightningcli_predict():
+    assert is_command(["report", "x.ckpt"]) and is_command(["predict", "--model=m.onnx", "a.png"])
+    assert not is_command(["predict", "--config", "recipe.yaml"]) and not is_command(["fit"])
+
+
+def test_report_command_writes_markdown_and_json(checkpoint, tmp_path, capsys):
+    main(["report", str(checkpoint), "--out", str(tmp_path), "--latency-repeats", "1", "--batch-sizes", "1"])
+    summary = json.loads((tmp_path / "compression_report.json").read_text())
+    assert summary["sizes"]["checkpoint_bytes"] == checkpoint.stat().st_size
+    assert summary["sizes"]["ratio"] > 3  # 80 % sparse body convs, int8 values
+    assert 0.7 < summary["totals"]["layer_sparsity"] < 0.85
+    assert "compression ratio" in capsys.readouterr().out
+    assert (tmp_path / "compression_report.png").stat().st_size > 0
+
+
+def test_export_then_predict(checkpoint, tmp_path, capsys):
+    out = tmp_path / "export"
+    main(["export", str(checkpoint), "--to", str(out), "--classes", "a,b,c,d"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["checks"]["onnx_fp32_top1_agreement"] >= 0.99
+    assert {"packed", "onnx_fp32"} <= set(manifest["files"]) and "int8" in manifest["skipped"]
+    assert not list(tmp_path.glob(".export*")), "temporary directory left behind"
+
+    Image.new("RGB", (50, 70), (200, 10, 10)).save(tmp_path / "big.png")
+    Image.new("L", (8, 8), 128).save(tmp_path / "gray.jpg")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    capsys.readouterr()
+    for model in (out, out / "weights.lcpk", out / "model_fp32.onnx"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["predict", "--model", str(model), str(tmp_path / "big.png"), str(tmp_path / "broken.png"),
+                  str(tmp_path / "gray.jpg"), "--top-k", "2"])
+        assert exit_info.value.code == 1
+        captured = capsys.readouterr()
+        lines = captured.out.splitlines()
+        assert [line.split(":")[0] for line in lines] == [str(tmp_path / "big.png"), str(tmp_path / "gray.jpg")]
+        probs = [float(part.split()[1]) for part in lines[0].split(": ")[1].split(", ")]
+        assert len(probs) == 2 and probs[0] >= probs[1] and 0 < sum(probs) <= 1.0001
+        assert "broken.png" in captured.err and "1 of 3 images" in captured.err
+    packed = capsys.readouterr()
+    assert packed.err == ""
+
+
+def test_export_refuses_a_non_empty_directory_without_overwrite(checkpoint, tmp_path, capsys):
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(checkpoint), "--to", str(out)])
+    assert exit_info.value.code == 2 and "not empty" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    main(["export", str(checkpoint), "--to", str(out), "--overwrite", "--values", "fp16"])
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model_fp32.onnx", "weights.lcpk"]
+
+
+@pytest.mark.parametrize("content, expected", [
+    (None, "does not exist"),
+    (b"garbage", "not a readable checkpoint"),
+    ("plain_state_dict", "not a Lightning checkpoint"),
+])
+def test_bad_checkpoints_give_clear_errors(tmp_path, capsys, content, expected):
+    path = tmp_path / "bad.ckpt"
+    if content == "plain_state_dict":
+        torch.save({"weight": torch.zeros(2)}, path)
+    elif content is not None:
+        path.write_bytes(content)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and expected in err and "bad.ckpt" in err
+
+
+def test_foreign_lightning_checkpoint_says_what_was_expected(tmp_path, capsys):
+    from tests.toy import UserClassifier
+
+    fit = trainer(tmp_path)
+    fit.fit(UserClassifier(), random_loader(16))
+    fit.save_checkpoint(tmp_path / "user.ckpt")
+    with pytest.raises(SystemExit):
+        main(["export", str(tmp_path / "user.ckpt"), "--to", str(tmp_path / "out")])
+    assert "was not written by ImageClassifier" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_sensitivity_targets_are_accepted_by_magnitude_pruning(tmp_path):
+    write_image_folder(tmp_path / "tree", classes=10, per_class=3)
+    ckpt = write_checkpoint(tmp_path, num_classes=10)
+    main(["sensitivity", str(ckpt), "--data-root", str(tmp_path / "tree"), "--cache-dir", str(tmp_path / "cache"),
+          "--val-size", "8", "--batch-size", "8", "--batches", "1", "--sparsities", "0.5", "0.9",
+          "--include", "model.layer3.*", "--out", str(tmp_path / "sens")])
+    rows = (tmp_path / "sens" / "sensitivity.csv").read_text().splitlines()
+    assert rows[0] == "layer,sparsity,accuracy,drop" and len(rows) == 1 + 7 * 3  # 7 convs x (dense, 0.5, 0.9)
+    assert (tmp_path / "sens" / "sensitivity.png").stat().st_size > 0
+    arguments = yaml.safe_load((tmp_path / "sens" / "pruning_targets.yaml").read_text())
+    assert len(arguments["final_sparsity"]) == 7
+    assert all(v in (0.0, 0.5, 0.9) for v in arguments["final_sparsity"].values())
+    pruning = MagnitudePruning(**arguments, schedule="constant", end=1.0)
+    model = ImageClassifier("resnet20", num_classes=10)
+    run = trainer(tmp_path, [pruning], steps=1)
+    run.fit(model, random_loader(16, batch_size=16, num_classes=10))
+    for layer, target in arguments["final_sparsity"].items():
+        weight = model.get_submodule(layer).weight
+        assert float((weight == 0).float().mean()) == pytest.approx(target, abs=0.01)

@@ -1,0 +1,71 @@
+"""CompressionReport on a user's LightningModule with real pruning, a real Trainer and TensorBoard files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_compress.pruning import MagnitudePruning
+from lightning_compress.report import CompressionReport, render_markdown, summarize
+from tests.events import read_scalars
+from tests.test_commands import trainer
+from tests.toy import ToyConvNet, UserClassifier, random_loader
+
+
+def test_arguments_are_validated():
+    with pytest.raises(ValueError, match="values must be one of"):
+        CompressionReport(values="int4")
+    with pytest.raises(ValueError, match="latency_repeats"):
+        CompressionReport(latency_repeats=0)
+
+
+def test_summary_counts_layers_sizes_and_latency():
+    net = ToyConvNet()
+    with torch.no_grad():
+        net.conv2.weight.mul_(torch.arange(net.conv2.weight.numel()).view_as(net.conv2.weight) % 4 == 0)
+    summary = summarize(net, torch.randn(1, 3, 16, 16), latency_batch_sizes=(1, 4), latency_repeats=2)
+    rows = {r["name"]: r for r in summary["layers"]}
+    assert list(rows) == ["stem", "conv1", "conv2", "fc"]
+    assert rows["conv2"]["sparsity"] == pytest.approx(0.75) and rows["conv2"]["bits"] == 32
+    assert rows["conv2"]["macs"] == 16 * 16 * 9 * 8 * 8  # Cout * Cin * k * k * Hout * Wout
+    assert summary["totals"]["macs"] == sum(r["macs"] for r in rows.values())
+    assert summary["sizes"]["ratio"] == summary["sizes"]["fp32_bytes"] / summary["sizes"]["packed_bytes"] > 1
+    assert set(summary["latency"]["batches"]) == {"1", "4"}
+    assert "| conv2 | Conv2d | 16x16x3x3 | 2,304 | 576 | 75.0% | 32 |" in render_markdown(summary)
+
+
+def test_callback_reports_a_pruned_user_module_to_files_and_tensorboard(tmp_path):
+    report = CompressionReport(dirpath=str(tmp_path / "report"), latency_batch_sizes=(1,), latency_repeats=2)
+    pruning = MagnitudePruning(final_sparsity=0.75, scope="layerwise", schedule="constant", end=1.0)
+    logger = TensorBoardLogger(tmp_path / "tb", name="", version="")
+    run = trainer(tmp_path, [report, pruning], logger=logger, steps=3)  # report listed first: still runs last
+    run.fit(UserClassifier(), random_loader(48), random_loader(16))
+    summary = json.loads((tmp_path / "report" / "compression_report.json").read_text())
+    rows = {r["name"]: r for r in summary["layers"]}
+    assert rows["net.conv1"]["sparsity"] == pytest.approx(0.75, abs=0.01)  # MagnitudePruning's default layers
+    assert rows["net.stem"]["sparsity"] == 0.0
+    assert summary["accuracy"] is None  # UserClassifier logs no val/acc
+    assert (tmp_path / "report" / "compression_report.md").read_text().startswith("# Compression report")
+    scalars = read_scalars(tmp_path / "tb")
+    assert scalars["compression/size_ratio"][-1][1] == pytest.approx(summary["sizes"]["ratio"], rel=1e-5)
+    assert "compression/latency_speedup_b1" in scalars and "sparsity/report_layers" in scalars
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    assert "compression/layer_sparsity" in events.Tags()["images"]
+    assert "compression/report/text_summary" in events.Tags()["tensors"]
+
+
+def test_callback_records_accuracy_before_and_after(tmp_path):
+    from lightning_compress.module import ImageClassifier
+
+    report = CompressionReport(dirpath=str(tmp_path), latency_batch_sizes=())
+    run = trainer(tmp_path, [report], steps=4)
+    run.limit_val_batches, run.val_check_interval = 1, 2
+    run.fit(ImageClassifier("resnet20", num_classes=4), random_loader(64), random_loader(16))
+    accuracy = report.summary["accuracy"]
+    assert accuracy["metric"] == "val/acc" and 0 <= accuracy["before"] <= 1 and 0 <= accuracy["after"] <= 1
+    assert report.state_dict()["accuracy"] == {"before": accuracy["before"], "after": accuracy["after"]}
