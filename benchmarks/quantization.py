@@ -1,0 +1,184 @@
+"""fp32 eager vs int8 (FX, x86 engine) on CPU: latency ratio, serialized size ratio, and accuracy.
+
+Latency: for each model and batch size, fp32 and int8 calls are interleaved in one process
+(fp32, int8, fp32, int8, ...) after warm-up, and the ratio of medians is reported, so load from
+other processes on a shared machine hits both sides alike. The int8 model for latency/size is a
+static-PTQ conversion calibrated on random data: same kernels and size as a QAT-converted one.
+
+Size: bytes of ``torch.save(state_dict)`` for fp32 vs the int8 model's (packed int8 weights).
+
+Accuracy (``--accuracy-epochs N``, off by default): on the shared CIFAR-10 copy, fp32 trained N
+epochs; PTQ of that fp32 model calibrated on 32 training batches; QAT trained N epochs from scratch
+(same budget) and converted; all three evaluated on the test set on CPU.
+
+Run:  python benchmarks/quantization.py --quick            (small repeat counts)
+      python benchmarks/quantization.py --accuracy-epochs 30 --models resnet20 mobilenetv2
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lightning_compress.quantization import PostTrainingQuantization, QuantizationAwareTraining, quantize_static
+
+RESULTS = Path(__file__).parent / "results"
+MODELS = ("resnet20", "resnet56", "mobilenetv2", "resnet18")
+
+
+def _state_bytes(model: torch.nn.Module) -> int:
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell()
+
+
+def _interleaved_latency(fp32, int8, x: torch.Tensor, repeats: int, warmup: int) -> tuple[float, float]:
+    with torch.no_grad():
+        for _ in range(warmup):
+            fp32(x), int8(x)
+        fp32_times, int8_times = [], []
+        for _ in range(repeats):
+            for model, times in ((fp32, fp32_times), (int8, int8_times)):
+                start = time.perf_counter()
+                model(x)
+                times.append(time.perf_counter() - start)
+    return statistics.median(fp32_times), statistics.median(int8_times)
+
+
+def latency_and_size(models, batches, repeats, warmup) -> list[dict]:
+    from lightning_compress.models import create_model
+
+    rows = []
+    for name in models:
+        torch.manual_seed(0)
+        fp32 = create_model(name, num_classes=10).eval()
+        calibration = [(torch.randn(16, 3, 32, 32),) for _ in range(4)]
+        int8 = quantize_static(fp32, calibration, engine="x86")
+        size_ratio = _state_bytes(int8) / _state_bytes(fp32)
+        for batch in batches:
+            x = torch.randn(batch, 3, 32, 32)
+            reps = max(3, repeats // batch) if batch > 1 else repeats
+            t_fp32, t_int8 = _interleaved_latency(fp32, int8, x, reps, warmup)
+            rows.append({
+                "model": name, "batch": batch, "repeats": reps, "fp32_ms": 1e3 * t_fp32, "int8_ms": 1e3 * t_int8,
+                "speedup": t_fp32 / t_int8, "fp32_bytes": _state_bytes(fp32), "int8_bytes": _state_bytes(int8),
+                "size_ratio": size_ratio,
+            })
+            print(f"{name:12s} batch {batch:3d}: fp32 {1e3 * t_fp32:8.2f} ms  int8 {1e3 * t_int8:8.2f} ms  "
+                  f"speed-up {t_fp32 / t_int8:5.2f}x  size ratio {size_ratio:.3f}", flush=True)
+    return rows
+
+
+def accuracy(models, epochs: int, limit_train_batches: float, data_root: str) -> list[dict]:
+    import lightning.pytorch as pl
+
+    from lightning_compress.data import CIFARDataModule
+    from lightning_compress.module import ImageClassifier
+
+    def trainer(callbacks):
+        return pl.Trainer(
+            accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, limit_train_batches=limit_train_batches,
+            num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks,
+        )
+
+    rows = []
+    for name in models:
+        results = {}
+        for variant in ("fp32", "qat"):
+            pl.seed_everything(0)
+            data = CIFARDataModule(root=data_root, download=False)
+            model = ImageClassifier(name)
+            callbacks = [QuantizationAwareTraining(network="model")] if variant == "qat" else []
+            fit_trainer = trainer(callbacks)
+            fit_trainer.fit(model, data)
+            results[variant] = fit_trainer.test(model, data, verbose=False)[0]["test/acc"]
+            if variant == "fp32":  # PTQ of this same fp32 model
+                ptq = PostTrainingQuantization(calibration_batches=32, network="model")
+                ptq.on_fit_end(fit_trainer, model)
+                results["ptq"] = trainer([]).test(model, data, verbose=False)[0]["test/acc"]
+        row = {"model": name, "epochs": epochs, "limit_train_batches": limit_train_batches, **results}
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def _markdown(report: dict) -> str:
+    lines = [
+        "# Quantization benchmark: fp32 eager vs int8 (FX, x86 engine), CPU",
+        "",
+        f"Machine: {report['machine']['platform']}, {report['machine']['cpu_count']} CPUs (shared with other "
+        f"jobs while measured), torch {report['machine']['torch']}, {report['settings']['threads']} torch thread(s).",
+        f"Settings: {json.dumps(report['settings'])}.",
+        "Latency: fp32 and int8 calls interleaved in one process, ratio of medians. Size: torch.save(state_dict).",
+        "",
+        "Issue targets: speed-up >= 2x at batch 1 and >= 3x at batch 64 for the ResNets; size ratio <= 0.27.",
+        "",
+        "| model | batch | fp32 ms | int8 ms | speed-up | size ratio (int8/fp32) | targets met |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in report["latency"]:
+        speed_target = (2.0 if row["batch"] == 1 else 3.0) if row["model"].startswith("resnet") else None
+        met = row["size_ratio"] <= 0.27 and (speed_target is None or row["speedup"] >= speed_target)
+        lines.append(f"| {row['model']} | {row['batch']} | {row['fp32_ms']:.2f} | {row['int8_ms']:.2f} | "
+                     f"{row['speedup']:.2f}x | {row['size_ratio']:.3f} | {'yes' if met else 'no'} |")
+    if report["accuracy"]:
+        lines += ["", "| model | epochs | fp32 acc | PTQ acc | QAT acc |", "|---|---:|---:|---:|---:|"]
+        for row in report["accuracy"]:
+            lines.append(f"| {row['model']} | {row['epochs']} | {row['fp32']:.4f} | {row['ptq']:.4f} | {row['qat']:.4f} |")
+    else:
+        lines += ["", "Accuracy section not run (needs `--accuracy-epochs N`)."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 64])
+    parser.add_argument("--repeats", type=int, default=200, help="timed calls per side at batch 1")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="repeats=30, warmup=2")
+    parser.add_argument("--accuracy-epochs", type=int, default=0, help="0 skips the accuracy section")
+    parser.add_argument("--limit-train-batches", type=float, default=1.0)
+    parser.add_argument("--data-root", default="/work/shared/data/cifar10-jpeg.tar.gz")
+    parser.add_argument("--out", default=str(RESULTS / "quantization"))
+    args = parser.parse_args()
+    if args.quick:
+        args.repeats, args.warmup = 30, 2
+    torch.set_num_threads(args.threads)
+    torch.backends.quantized.engine = "x86"
+    settings = {key: value for key, value in vars(args).items() if key not in ("out", "data_root")}
+    report = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+                    "torch": torch.__version__},
+        "settings": settings,
+        "latency": latency_and_size(args.models, args.batches, args.repeats, args.warmup),
+        "accuracy": accuracy(args.models, args.accuracy_epochs, args.limit_train_batches, args.data_root)
+        if args.accuracy_epochs else [],
+    }
+    out = Path(args.out)
+    _write_atomic(out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
+    _write_atomic(out.with_suffix(".md"), _markdown(report))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""Post-training quantization: static (calibrated) and dynamic int8, as functions and as a callback.
+
+Static PTQ observes activation ranges on a few batches and converts; no training. It is the cheap
+baseline QAT is measured against (MobileNetV2's depthwise layers are its known weak spot). Dynamic
+quantization needs no data at all and only changes ``nn.Linear`` (and RNN) layers: the choice for
+Linear-heavy models. Both share :mod:`lightning_compress.quantization.backend` with QAT.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch import fx, nn
+
+from lightning_compress.core.layers import find_network
+from lightning_compress.quantization import backend
+from lightning_compress.quantization.qat import QuantizationAwareTraining
+
+
+def quantize_static(
+    network: nn.Module,
+    batches: Iterable[tuple],
+    engine: str = "x86",
+    skip: str | Sequence[str] | None = None,
+) -> fx.GraphModule:
+    """Static int8 post-training quantization: calibrate on ``batches``, then convert.
+
+    ``network`` is left unchanged (a copy is quantized).
+
+    Args:
+        network: The fp32 network.
+        batches: Iterable of positional-input tuples, e.g. ``[(images,), ...]`` (a few dozen suffice).
+        engine: ``"x86"`` or ``"qnnpack"``.
+        skip: Glob patterns of module names (relative to ``network``) kept in fp32.
+
+    Returns:
+        The int8 network (CPU, eval mode).
+
+    Raises:
+        ValueError: On an unknown engine, an untraceable network, or no calibration batch.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+        >>> int8 = quantize_static(net, [(torch.randn(4, 3, 8, 8),)])
+        >>> int8(torch.randn(1, 3, 8, 8)).shape
+        torch.Size([1, 2])
+    """
+    skip_names = backend.resolve_skip(network, [skip] if isinstance(skip, str) else list(skip or []))
+    return _calibrate_and_convert(network, batches, engine, skip_names)
+
+
+def _calibrate_and_convert(
+    network: nn.Module, batches: Iterable[tuple], engine: str, skip_names: Sequence[str]
+) -> fx.GraphModule:
+    backend.check_engine(engine)
+    prepared = backend.prepare(copy.deepcopy(network).cpu(), engine, mode="static", skip=skip_names)
+    if backend.calibrate(prepared, batches) == 0:
+        raise ValueError("static quantization needs at least one calibration batch, got none")
+    return backend.convert(prepared, engine)
+
+
+def quantize_dynamic(
+    network: nn.Module, engine: str = "x86", skip: str | Sequence[str] | None = None
+) -> fx.GraphModule:
+    """Dynamic int8 quantization of ``nn.Linear`` layers: weights int8 per-channel, activations
+    quantized on the fly per batch; no calibration data. ``network`` is left unchanged.
+
+    Args:
+        network: The fp32 network.
+        engine: ``"x86"`` or ``"qnnpack"``.
+        skip: Glob patterns of module names (relative to ``network``) kept in fp32.
+
+    Returns:
+        The quantized network (CPU, eval mode).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> type(quantize_dynamic(net).get_submodule("2")).__name__
+        'Linear'
+    """
+    backend.check_engine(engine)
+    skip_names = backend.resolve_skip(network, [skip] if isinstance(skip, str) else list(skip or []))
+    prepared = backend.prepare(copy.deepcopy(network).cpu(), engine, mode="dynamic", skip=skip_names)
+    return backend.convert(prepared, engine)
+
+
+class PostTrainingQuantization(Callback):
+    """Static int8 quantization at fit end, calibrated on the first training batches.
+
+    After ``fit`` the network is replaced by its int8 version (CPU), so ``trainer.test()`` /
+    ``trainer.predict()`` (with a CPU trainer) run the int8 model. Calibration feeds the network what
+    :meth:`network_inputs` extracts from a batch: the first element of a ``(inputs, targets)`` batch;
+    override it for other batch layouts.
+
+    Args:
+        calibration_batches: Number of training batches to calibrate on (>= 1).
+        engine: ``"x86"`` or ``"qnnpack"``.
+        skip: Glob patterns of module names (as in the LightningModule, e.g. ``"model.head"``) kept in fp32.
+        network: Attribute of the LightningModule holding the network; ``None`` detects it.
+
+    Raises:
+        ValueError: On an unknown engine or ``calibration_batches < 1``.
+
+    Example:
+        >>> ptq = PostTrainingQuantization(calibration_batches=16)
+        >>> # pl.Trainer(callbacks=[ptq]).fit(model)  # model's network is int8 afterwards
+    """
+
+    def __init__(
+        self,
+        calibration_batches: int = 32,
+        engine: str = "x86",
+        skip: str | Sequence[str] | None = None,
+        network: str | None = None,
+    ) -> None:
+        if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
+            raise ValueError(f"calibration_batches must be an int >= 1, got {calibration_batches!r}")
+        self.calibration_batches = calibration_batches
+        self.engine = backend.check_engine(engine)
+        self.skip = [skip] if isinstance(skip, str) else list(skip or [])
+        self.network = network
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Check, before training, that the network can be quantized and no QAT callback competes."""
+        if stage != "fit":
+            return
+        if any(isinstance(cb, QuantizationAwareTraining) for cb in trainer.callbacks):
+            raise ValueError(
+                "PostTrainingQuantization and QuantizationAwareTraining both quantize at fit end; use one"
+            )
+        attribute, net = find_network(pl_module, self.network)
+        skip_names = backend.resolve_skip(net, self.skip, attribute + ".")
+        backend.check_traceable(net, skip_names, attribute + ".")
+
+    def network_inputs(self, batch: Any) -> tuple:
+        """The network's positional inputs in a training batch (override for other layouts).
+
+        Args:
+            batch: A batch from the training dataloader.
+
+        Returns:
+            A tuple of positional inputs for the network.
+
+        Example:
+            >>> PostTrainingQuantization().network_inputs((torch.zeros(2, 3), torch.zeros(2)))[0].shape
+            torch.Size([2, 3])
+        """
+        if isinstance(batch, torch.Tensor):
+            return (batch,)
+        if isinstance(batch, (tuple, list)) and batch:
+            return (batch[0],)
+        raise ValueError(
+            f"cannot tell the network input in a {type(batch).__name__} batch; subclass "
+            "PostTrainingQuantization and override network_inputs(batch)"
+        )
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Calibrate on the first ``calibration_batches`` training batches, convert, put in place."""
+        attribute, net = find_network(pl_module, self.network)
+        batches = (
+            tuple(t.cpu() for t in self.network_inputs(batch))
+            for batch in itertools.islice(trainer.train_dataloader, self.calibration_batches)
+        )
+        skip_names = backend.resolve_skip(net, self.skip, attribute + ".")
+        int8 = _calibrate_and_convert(net, batches, self.engine, skip_names)
+        setattr(pl_module, attribute, int8)
+        rank_zero_info(
+            f"PostTrainingQuantization: {attribute!r} calibrated on up to {self.calibration_batches} batches and "
+            f"converted to int8 ({self.engine})"
+        )
