@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from PIL import Image
@@ -15,9 +16,19 @@ from lightning_compress.module import ImageClassifier
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 
 
+@pytest.fixture
+def teacher_checkpoint(tmp_path):
+    """The checkpoint recipes/resnet56_teacher.yaml writes, which the distillation recipes read."""
+    path = tmp_path / "checkpoints" / "resnet56_teacher" / "best.ckpt"
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, max_steps=0)
+    trainer.strategy.connect(ImageClassifier("resnet56"))
+    trainer.save_checkpoint(path)
+    return path
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
-def test_recipe_parses_and_instantiates(recipe, tmp_path, monkeypatch):
-    monkeypatch.chdir(Path(__file__).parents[1])  # recipes use paths relative to the repository root
+def test_recipe_parses_and_instantiates(recipe, tmp_path, monkeypatch, teacher_checkpoint):
+    monkeypatch.chdir(tmp_path)  # recipes use paths relative to the working directory
     cli = CompressionCLI(
         ImageClassifier, CIFARDataModule, run=False,
         args=["--config", str(recipe), f"--trainer.default_root_dir={tmp_path}"],
@@ -25,6 +36,7 @@ def test_recipe_parses_and_instantiates(recipe, tmp_path, monkeypatch):
     assert isinstance(cli.model, ImageClassifier)
     assert cli.model.hparams.num_classes == cli.datamodule.num_classes
     assert cli.trainer.max_epochs or cli.trainer.max_steps
+    assert cli.datamodule.hparams.root == "../shared/data/cifar10-jpeg.tar.gz"  # the offline CIFAR-10 copy
 
 
 def write_image_folder(root: Path, classes: int = 10, per_class: int = 4) -> None:

@@ -5,7 +5,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 
-import lightning_compress
 from lightning_compress.cli import CompressionCLI
 from lightning_compress.data import CIFARDataModule
 from lightning_compress.distillation import KnowledgeDistillation
@@ -16,8 +15,6 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 @pytest.mark.parametrize("recipe", ["resnet20_kd.yaml", "mobilenetv2_kd.yaml"])
 def test_kd_recipe_builds_callback_from_teacher_recipe_path(recipe, tmp_path, monkeypatch):
-    # the package root re-exports KnowledgeDistillation (done by the lead); make the test independent of it
-    monkeypatch.setattr(lightning_compress, "KnowledgeDistillation", KnowledgeDistillation, raising=False)
     monkeypatch.chdir(tmp_path)
     teacher_path = tmp_path / "checkpoints" / "resnet56_teacher" / "best.ckpt"  # resnet56_teacher.yaml's output
     teacher_path.parent.mkdir(parents=True)
