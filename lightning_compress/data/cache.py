@@ -1,0 +1,136 @@
+"""The on-disk cache: archives extracted once and decoded arrays saved once, both atomically.
+
+Everything is first written under a temporary name in the destination folder and then renamed
+into place, so a crash, a full disk or a corrupt archive never leaves a half-written entry that a
+later run would mistake for a complete one. Entries are keyed by a fingerprint of their source
+(path, size and modification time), so a changed source gets a new entry.
+
+Example:
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> save_atomic({"x": torch.arange(3)}, folder / "a.pt")
+    >>> torch.load(folder / "a.pt")["x"].tolist(), sorted(p.name for p in folder.iterdir())
+    ([0, 1, 2], ['a.pt'])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tarfile
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CACHE_ENV = "LIGHTNING_COMPRESS_CACHE"
+"""Environment variable that overrides the default cache folder."""
+
+
+def default_cache_dir() -> Path:
+    """The cache folder: ``$LIGHTNING_COMPRESS_CACHE`` or ``~/.cache/lightning_compress``.
+
+    Returns:
+        The folder (not created).
+
+    Example:
+        >>> isinstance(default_cache_dir(), Path)
+        True
+    """
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lightning_compress")
+
+
+def fingerprint(paths: list[Path], *extra: object) -> str:
+    """A short hash of files' resolved paths, sizes and modification times, plus ``extra`` values.
+
+    Args:
+        paths: Files whose identity and version key the cache entry.
+        *extra: Settings that change the cached content (e.g. ``resize``).
+
+    Returns:
+        16 hexadecimal digits.
+
+    Example:
+        >>> len(fingerprint([], "resize=False"))
+        16
+    """
+    digest = hashlib.sha256(repr(extra).encode())
+    for path in paths:
+        stat = os.stat(path)
+        digest.update(f"{Path(path).resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file next to ``path``, then rename it to ``path``.
+
+    Args:
+        obj: What to save.
+        path: Destination; its folder is created if needed.
+
+    Example:
+        >>> import tempfile
+        >>> save_atomic([1, 2], Path(tempfile.mkdtemp()) / "sub" / "list.pt")
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def extract_archive(archive: Path, destination: Path) -> Path:
+    """Extract a tar archive (any compression) to ``destination``, once and atomically.
+
+    The archive is extracted into a temporary sibling folder that is renamed to ``destination``
+    only when extraction finished; if ``destination`` exists already it is returned as is.
+
+    Args:
+        archive: The ``.tar``/``.tar.gz``/``.tgz``/``.tar.bz2``/``.tar.xz`` file.
+        destination: The folder to create.
+
+    Returns:
+        ``destination``.
+
+    Raises:
+        ValueError: If the archive is corrupt or truncated (the message names it); nothing is left
+            in the cache then.
+
+    Example:
+        >>> extract_archive(Path("/nonexistent.tar"), Path("/tmp/x"))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: cannot extract archive /nonexistent.tar: ...
+    """
+    if destination.is_dir():
+        return destination
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp"))
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            # The "data" filter refuses absolute paths, links out of the tree and device files.
+            tar.extractall(tmp, filter="data")
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(
+            f"cannot extract archive {archive}: it is corrupt or truncated ({type(exc).__name__}: {exc}); "
+            f"nothing was kept in the cache {destination.parent}"
+        ) from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        os.replace(tmp, destination)
+    except OSError:
+        # Another process finished the same extraction first: keep its copy.
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not destination.is_dir():
+            raise
+    return destination
