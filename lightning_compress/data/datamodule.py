@@ -29,6 +29,8 @@ class TensorImageDataset(Dataset):
     Args:
         images: ``N x C x H x W`` images.
         labels: ``N`` labels.
+        with_indices: Add each sample's index as a third element, ``(images, labels, indices)``
+            (what sample-keyed caches such as the distillation logit cache need).
 
     Example:
         >>> ds = TensorImageDataset(torch.zeros(5, 3, 32, 32, dtype=torch.uint8), torch.arange(5))
@@ -37,24 +39,27 @@ class TensorImageDataset(Dataset):
         (torch.Size([2, 3, 32, 32]), [4, 1], 5)
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, with_indices: bool = False) -> None:
         if len(images) != len(labels):
             raise ValueError(
                 f"images and labels must have the same length, got {len(images)} and {len(labels)}"
             )
         self.images = images
         self.labels = labels
+        self.with_indices = with_indices
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> Batch:
-        return self.images[index], self.labels[index]
+        sample = self.images[index], self.labels[index]
+        return (*sample, index) if self.with_indices else sample
 
     def __getitems__(self, indices: list[int]) -> Batch:
         """Fetch a whole batch; the DataLoader calls this instead of ``__getitem__`` per index."""
         index = torch.as_tensor(indices, dtype=torch.long)
-        return self.images.index_select(0, index), self.labels.index_select(0, index)
+        batch = self.images.index_select(0, index), self.labels.index_select(0, index)
+        return (*batch, index) if self.with_indices else batch
 
 
 def keep_batch(batch: Batch) -> Batch:
@@ -107,6 +112,9 @@ class CIFARDataModule(pl.LightningDataModule):
         resize: Resize images that are not 32x32 (bicubic) instead of raising an error.
         augment: Random crop and flip for training batches.
         eval_batch_size: Batch size for validation, test and predict; default ``batch_size``.
+        with_indices: Training batches become ``(images, labels, indices)``, each row's index in the
+            training split, for sample-keyed caches (``KnowledgeDistillation(cache_logits=True)``,
+            which needs ``augment=False``). ``ImageClassifier`` ignores the extra element.
 
     Example:
         >>> dm = CIFARDataModule("data/", dataset="cifar100", download=False)
@@ -131,6 +139,7 @@ class CIFARDataModule(pl.LightningDataModule):
         resize: bool = False,
         augment: bool = True,
         eval_batch_size: int | None = None,
+        with_indices: bool = False,
     ) -> None:
         super().__init__()
         if dataset not in SPECS:
@@ -143,7 +152,8 @@ class CIFARDataModule(pl.LightningDataModule):
         _check_int("num_workers", num_workers, 0)
         if eval_batch_size is not None:
             _check_int("eval_batch_size", eval_batch_size, 1)
-        for name, flag in (("download", download), ("resize", resize), ("augment", augment)):
+        for name, flag in (("download", download), ("resize", resize), ("augment", augment),
+                           ("with_indices", with_indices)):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be True or False, got {flag!r}")
         self.save_hyperparameters()
@@ -194,13 +204,15 @@ class CIFARDataModule(pl.LightningDataModule):
             raise ValueError(f"val_size must be smaller than the {n_train} training images, got {val_size}")
         order = torch.randperm(n_train, generator=torch.Generator().manual_seed(self.hparams.seed))
         val_idx, train_idx = order[:val_size].sort().values, order[val_size:].sort().values
-        self.train_set = TensorImageDataset(arrays.train_images[train_idx], arrays.train_labels[train_idx])
+        self.train_set = TensorImageDataset(
+            arrays.train_images[train_idx], arrays.train_labels[train_idx], with_indices=self.hparams.with_indices
+        )
         self.val_set = TensorImageDataset(arrays.train_images[val_idx], arrays.train_labels[val_idx])
         self.test_set = TensorImageDataset(arrays.test_images, arrays.test_labels)
         self.classes = arrays.classes
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled uint8 training batches ``(images, labels)``."""
+        """Shuffled uint8 training batches ``(images, labels)``, or ``(images, labels, indices)``."""
         return self._loader(self.train_set, self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader | list:
@@ -233,9 +245,9 @@ class CIFARDataModule(pl.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         """Augment (while training) and normalize a batch that is already on the device."""
-        images, labels = batch
+        images, *rest = batch
         training = self.trainer is not None and self.trainer.training
-        return self.transform(images, train=training), labels
+        return (self.transform(images, train=training), *rest)
 
     def _loader(self, dataset: TensorImageDataset | None, batch_size: int, shuffle: bool) -> DataLoader:
         if dataset is None:

@@ -164,9 +164,10 @@ class KnowledgeDistillation(pl.Callback):
     reused in later epochs. Only correct when a sample's input is the same every epoch (no random
     augmentation, or one seeded per sample); the first cache hit of each fit is checked against a
     fresh teacher forward and a mismatch raises. Samples are identified by index: wrap the training
-    dataset in :class:`IndexedDataset` (or return ``(..., index)`` yourself); the callback removes
-    the index before the module's ``training_step`` sees the batch. Each DDP rank caches the samples
-    it sees; a sample first seen on a rank is computed there.
+    dataset in :class:`IndexedDataset`, use ``CIFARDataModule(with_indices=True, augment=False)``, or
+    return ``(..., index)`` yourself; the callback removes the index before the module's
+    ``training_step`` sees the batch. Each DDP rank caches the samples it sees; a sample first seen
+    on a rank is computed there.
 
     Logs ``distill/kd_loss``, ``distill/task_loss``, ``distill/agreement`` (teacher–student top-1
     agreement) and ``distill/alpha`` every training step.
@@ -333,7 +334,8 @@ class KnowledgeDistillation(pl.Callback):
                 and last.unique().numel() == last.numel()):
             raise ValueError(
                 "cache_logits=True needs training batches whose last element is the sample indices (distinct "
-                "integers); wrap the training dataset in lightning_compress.distillation.IndexedDataset(dataset)"
+                "integers); wrap the training dataset in lightning_compress.distillation.IndexedDataset(dataset) or "
+                "use CIFARDataModule(with_indices=True, augment=False)"
             )
         rest = batch[:-1]
         stripped = rest[0] if len(rest) == 1 else type(batch)(rest)

@@ -160,3 +160,30 @@ def test_worker_processes_deliver_the_same_batches(pickles):
     assert len(with_workers) == len(without) == 2
     for (x1, y1), (x2, y2) in zip(with_workers, without):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+
+def test_with_indices_adds_the_training_sample_index(pickles):
+    dm = make(pickles, with_indices=True, augment=False, batch_size=8)
+    images, labels, indices = next(iter(dm.train_dataloader()))
+    torch.testing.assert_close(images, dm.train_set.images[indices])
+    torch.testing.assert_close(labels, dm.train_set.labels[indices])
+    transformed = dm.on_after_batch_transfer((images, labels, indices), 0)
+    assert len(transformed) == 3 and transformed[2] is indices and transformed[0].dtype == torch.float32
+    assert len(next(iter(dm.val_dataloader()))) == 2  # evaluation batches stay (images, labels)
+
+
+def test_kd_logit_cache_works_with_the_datamodule(pickles):
+    from lightning_compress import ImageClassifier, KnowledgeDistillation
+
+    teacher = ImageClassifier("resnet20", num_classes=10).model
+    kd = KnowledgeDistillation(teacher=teacher, cache_logits=True)
+    calls = []
+    teacher.register_forward_hook(lambda *args: calls.append(1))
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[kd],
+                         limit_val_batches=0)
+    dm = make(pickles, with_indices=True, augment=False, batch_size=16)
+    trainer.fit(ImageClassifier("resnet20", num_classes=10), dm)
+    steps_per_epoch = trainer.global_step // 2
+    assert len(calls) == steps_per_epoch + 1  # first epoch fills the cache; one check forward in epoch 2
