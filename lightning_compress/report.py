@@ -389,9 +389,16 @@ class CompressionReport(Callback):
         """Take the float view of the trained network, before fit-end conversions."""
         self._float_view = copy.deepcopy(getattr(pl_module, self._attribute)).cpu().eval()
 
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Summarize, write the files, log to the loggers."""
-        if self._float_view is None or self._example is None or not trainer.is_global_zero:
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """After a completed fit: summarize, write the files, log to the loggers.
+
+        Runs in ``teardown`` rather than ``on_fit_end`` because conversions happen there
+        (``QuantizationAwareTraining`` puts the int8 model in place in its own ``teardown``); being
+        the last callback, this one sees the network exactly as it leaves ``fit``.
+        """
+        if stage != "fit" or trainer.interrupted or self._float_view is None or self._example is None:
+            return
+        if not trainer.is_global_zero:
             return
         final = getattr(pl_module, self._attribute)
         accuracy = None

@@ -69,3 +69,20 @@ def test_callback_records_accuracy_before_and_after(tmp_path):
     accuracy = report.summary["accuracy"]
     assert accuracy["metric"] == "val/acc" and 0 <= accuracy["before"] <= 1 and 0 <= accuracy["after"] <= 1
     assert report.state_dict()["accuracy"] == {"before": accuracy["before"], "after": accuracy["after"]}
+
+
+@pytest.mark.parametrize("report_first", [True, False])
+def test_report_sees_the_int8_model_that_qat_puts_in_place(tmp_path, report_first):
+    from lightning_compress.quantization import QuantizationAwareTraining
+    from lightning_compress.report import is_int8
+
+    report = CompressionReport(dirpath=str(tmp_path), latency_batch_sizes=(2,), latency_repeats=1)
+    qat = QuantizationAwareTraining()
+    pruning = MagnitudePruning(final_sparsity=0.5, start=0.0, end=0.5, update_every=1)
+    callbacks = [report, pruning, qat] if report_first else [pruning, qat, report]
+    module = UserClassifier()
+    trainer(tmp_path, callbacks, steps=4).fit(module, random_loader(64))
+    assert is_int8(module.net)
+    summary = report.summary
+    assert summary["latency"]["compressed_model"] == "int8"  # timed the int8 model, not the fake-quant one
+    assert summary["totals"]["layer_sparsity"] > 0.3
