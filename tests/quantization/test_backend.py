@@ -59,10 +59,10 @@ def test_fx_qat_flow_still_converts_every_layer(engine, make):
     params = {id(p) for p in net.parameters()}
     prepared = backend.prepare(net, engine, mode="qat")
     assert {id(p) for p in prepared.parameters()} == params  # optimizer keeps training the real weights
-    prepared(torch.randn(4, 3, 16, 16))
+    prepared(torch.randn(4, 3, 32, 32))  # 32x32: VGG pools five times
     fused = [m for m in prepared.modules() if isinstance(m, torch.ao.nn.intrinsic.qat.ConvBn2d)]
     assert fused, "Conv-BN was not fused for QAT"
-    x = torch.randn(4, 3, 16, 16)
+    x = torch.randn(4, 3, 32, 32)
     prepared.eval()
     with torch.no_grad():
         fake = prepared(x)
