@@ -1,26 +1,17 @@
-"""KnowledgeDistillation in one Trainer with the other techniques, and under DDP.
-
-The pruning and QAT callbacks are written in parallel; their tests skip (saying why) until they import.
-"""
+"""KnowledgeDistillation in one Trainer with the other techniques, and under DDP."""
 
 import lightning.pytorch as pl
 import pytest
 import torch
 
 from lightning_compress.distillation import KnowledgeDistillation
+from lightning_compress.pruning import MagnitudePruning
+from lightning_compress.quantization import QuantizationAwareTraining
 from tests.distillation.test_callback import Recorder, _trainer
 from tests.toy import ToyConvNet, UserClassifier, random_loader
 
 
-def _import_or_skip(module: str, name: str):
-    try:
-        return getattr(__import__(module, fromlist=[name]), name)
-    except (ImportError, AttributeError) as err:
-        pytest.skip(f"{module}.{name} is not available yet ({err}); the lead re-runs this test once it lands")
-
-
 def test_with_magnitude_pruning():
-    MagnitudePruning = _import_or_skip("lightning_compress.pruning", "MagnitudePruning")
     student, rec = UserClassifier(), Recorder()
     pruning = MagnitudePruning(final_sparsity=0.5, start=0.0, end=0.5, update_every=1)
     _trainer([KnowledgeDistillation(ToyConvNet(), alpha=0.5), pruning, rec], max_steps=4).fit(
@@ -33,7 +24,6 @@ def test_with_magnitude_pruning():
 
 @pytest.mark.parametrize("kd_first", [True, False])
 def test_with_quantization_aware_training(kd_first):
-    QuantizationAwareTraining = _import_or_skip("lightning_compress.quantization", "QuantizationAwareTraining")
     student, rec = UserClassifier(), Recorder()
     original = student.net
     kd, qat = KnowledgeDistillation(ToyConvNet(), alpha=0.5), QuantizationAwareTraining()

@@ -7,8 +7,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from lightning_compress.core.accounting import count_macs
+from lightning_compress.distillation import KnowledgeDistillation
 from lightning_compress.module import ImageClassifier
 from lightning_compress.pruning.channel import ARCHITECTURE_KEY, ChannelPruning
+from lightning_compress.quantization import QuantizationAwareTraining
 from tests.toy import ToyConvNet, UserClassifier, random_loader
 
 
@@ -148,20 +150,16 @@ def test_checkpoint_loads_back_and_resumes_fit(tmp_path):
 
 
 def test_quantization_aware_training_must_start_after_the_last_removal():
-    quantization = pytest.importorskip("lightning_compress.quantization", reason="QAT not available")
-    if not hasattr(quantization, "QuantizationAwareTraining"):
-        pytest.skip("lightning_compress.quantization.QuantizationAwareTraining is not implemented yet")
-    qat = quantization.QuantizationAwareTraining(start=0.25)
+    qat = QuantizationAwareTraining(start=0.25)
     pruning = ChannelPruning(channel_ratio=0.5, start=0.0, end=0.5, update_every="1steps")
     with pytest.raises(ValueError, match="ChannelPruning.*QuantizationAwareTraining"):
         _trainer([qat, pruning]).fit(UserClassifier(), random_loader())
 
 
 def test_composes_with_knowledge_distillation():
-    distillation = pytest.importorskip("lightning_compress.distillation", reason="distillation not available")
     model = UserClassifier()
     pruning = ChannelPruning(channel_ratio=0.5, start=0.0, end="2steps", update_every="1steps")
-    trainer = _trainer([distillation.KnowledgeDistillation(ToyConvNet(), alpha=0.5), pruning], max_steps=4)
+    trainer = _trainer([KnowledgeDistillation(ToyConvNet(), alpha=0.5), pruning], max_steps=4)
     trainer.fit(model, random_loader())
     assert model.net.conv1.out_channels == 8
     assert torch.isfinite(trainer.callback_metrics["train_loss"])

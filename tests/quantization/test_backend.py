@@ -9,6 +9,7 @@ import torch.ao.nn.quantized as nnq
 import torchvision
 from torch import nn
 
+from lightning_compress.models import create_model
 from lightning_compress.quantization import backend
 from tests.toy import ToyConvNet
 
@@ -32,8 +33,7 @@ class WithBranchy(nn.Module):
 
 
 def _zoo(name):
-    models = pytest.importorskip("lightning_compress.models", reason="model zoo not importable")
-    return lambda: models.create_model(name, num_classes=10)
+    return lambda: create_model(name, num_classes=10)
 
 
 _SLOW = pytest.mark.slow

@@ -7,6 +7,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lightning_compress.pruning import MagnitudePruning
 from lightning_compress.quantization import QuantizationAwareTraining, backend
 from tests.toy import UserClassifier, random_loader
 
@@ -200,13 +201,8 @@ def test_hand_pruned_weights_stay_zero_through_qat_training_and_int8(make_traine
 
 @pytest.mark.parametrize("qat_first", [True, False], ids=["qat-listed-first", "pruning-listed-first"])
 def test_with_magnitude_pruning(make_trainer, qat_first):
-    pruning = pytest.importorskip(
-        "lightning_compress.pruning", reason="lightning_compress.pruning not importable yet (another issue)"
-    )
-    if not hasattr(pruning, "MagnitudePruning"):
-        pytest.skip("lightning_compress.pruning.MagnitudePruning does not exist yet (another issue)")
     model = UserClassifier()
-    callbacks = [pruning.MagnitudePruning(final_sparsity=0.5), QuantizationAwareTraining()]
+    callbacks = [MagnitudePruning(final_sparsity=0.5), QuantizationAwareTraining()]
     trainer = make_trainer(callbacks[::-1] if qat_first else callbacks, max_steps=8, max_epochs=None)
     trainer.fit(model, random_loader())
     int_weights = [model.net.get_submodule(name).weight().int_repr() for name in ("conv1", "conv2")]
