@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_compress.core.accounting import count_macs, count_parameters, measure_latency
 from lightning_compress.module import ImageClassifier
 from lightning_compress.pruning.channel import ChannelPruning
-from reporting import machine_info, write_results
+from reporting import SHARED_CIFAR10, machine_info, write_results
 
 
 def _trainer(callbacks: list, **kw) -> pl.Trainer:
@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["resnet56", "mobilenetv2"])
     parser.add_argument("--kept-macs", type=float, default=0.5, help="fraction of dense MACs kept (0.5 = 2x fewer)")
     parser.add_argument("--epochs", type=int, default=0, help="training budget per model; 0 skips accuracy")
-    parser.add_argument("--data", default="/work/shared/data/cifar10-jpeg.tar.gz")
+    parser.add_argument("--data", default=SHARED_CIFAR10)
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     parser.add_argument("--repeats", type=int, default=5, help="timed forwards per round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved dense/pruned rounds")
@@ -103,13 +103,14 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
     settings = {k: v for k, v in vars(args).items()}
-    result = {"machine": machine_info(), "settings": settings, "results": rows}
+    machine = machine_info()
+    result = {"machine": machine, "settings": settings, "results": rows}
     lines = [
         "# Channel pruning: dense vs slimmed (ChannelPruning, L2 importance)", "",
-        f"Machine: {machine_info()}", "",
+        f"Machine: {machine}", "",
         f"Settings: {settings}. Latency = median over {args.rounds} interleaved rounds of the median of "
-        f"{args.repeats} forwards, torch threads = {args.threads}. The CPUs are shared with other jobs: "
-        "absolute times are noisy, the dense/pruned ratios (measured side by side) are the result.", "",
+        f"{args.repeats} forwards, torch threads = {args.threads}. Absolute times depend on the "
+        "machine's load (see load_average_1_5_15); the dense/pruned ratios, measured side by side, are the result.", "",
         "| model | params dense -> pruned | MACs dense -> pruned (reduction) | batch | dense ms | pruned ms | speed-up |",
         "|---|---|---|---|---|---|---|",
     ]

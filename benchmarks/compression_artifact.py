@@ -20,7 +20,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from benchmarks.reporting import machine_info, write_results
+from reporting import machine_info, write_results
 from lightning_compress.core.accounting import count_nonzero, serialized_size
 from lightning_compress.core.layers import select_layers
 from lightning_compress.export import pack_state_dict, unpack_state_dict

@@ -1,6 +1,6 @@
 """Images/s of ``CIFARDataModule``'s augmented training iterator vs iterating pre-made float tensors.
 
-On the real CIFAR-10 archive (``/work/shared/data/cifar10-jpeg.tar.gz``, layout (c)) this measures:
+On the real CIFAR-10 archive (``../shared/data/cifar10-jpeg.tar.gz``, layout (c)) this measures:
 
 * the one-time cost: extracting + decoding the archive into a cache (cold), and loading that cache
   in a later run (warm);
@@ -37,9 +37,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress.data import CIFARDataModule
-from reporting import machine_info, write_results
+from reporting import SHARED_CIFAR10, machine_info, write_results
 
-DEFAULT_ARCHIVE = "/work/shared/data/cifar10-jpeg.tar.gz"
+DEFAULT_ARCHIVE = SHARED_CIFAR10
 TARGET_IMAGES_PER_S = 20_000
 
 
@@ -158,7 +158,6 @@ def main() -> None:
         **machine_info(),
         "loadavg_1_5_15_before": [round(v, 2) for v in load_before],
         "loadavg_1_5_15_after": [round(v, 2) for v in os.getloadavg()],
-        "note": "shared machine: other engineers were using the same 2 CPU cores during the run",
     }
     result = {
         "benchmark": "data_throughput",
@@ -196,10 +195,9 @@ def main() -> None:
     cold = "cold: extract + decode + write cache" if not was_cached else "cache was already warm"
     markdown = f"""# Data throughput (CIFARDataModule, CIFAR-10 archive)
 
-Measured on a **shared machine**: other engineers were using the same 2 CPU cores during the run
-(load average 1/5/15 min before: {machine['loadavg_1_5_15_before']},
-after: {machine['loadavg_1_5_15_after']}),
-so absolute numbers are pessimistic and noisy; the ratios are measured side by side in one process.
+System load average (1/5/15 min) before: {machine['loadavg_1_5_15_before']},
+after: {machine['loadavg_1_5_15_after']} (on 2 cores, values well above 1 mean other processes competed
+with the benchmark); the ratios are measured side by side in one process.
 Machine: {machine['platform']}, {machine['cpu_count']} CPUs, torch {machine['torch']}.
 Settings: batch size {args.batch_size}, num_workers 0, {args.rounds} interleaved rounds of {args.seconds:g} s
 per iterator and thread count{' (--quick)' if args.quick else ''}; medians in images/s.

@@ -17,7 +17,7 @@ then resnet20 and mobilenetv2 students alone and with KD at the same budget on C
 
 Run:
     python benchmarks/distillation.py --steps 3 --rounds 3          # overhead only (quick)
-    python benchmarks/distillation.py --accuracy-epochs 30 --data /work/shared/data/cifar10-jpeg.tar.gz
+    python benchmarks/distillation.py --accuracy-epochs 30 --data ../shared/data/cifar10-jpeg.tar.gz
 Writes ``benchmarks/results/distillation.{json,md}`` (or ``--results-dir``).
 """
 
@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_compress.distillation import IndexedDataset, KnowledgeDistillation
 from lightning_compress.models import create_model
 from lightning_compress.module import ImageClassifier
-from reporting import RESULTS_DIR, machine_info, write_results
+from reporting import RESULTS_DIR, SHARED_CIFAR10, machine_info, write_results
 
 WRAPPER_TARGET_PCT = 2.0
 CACHE_TARGET_RATIO = 1.05
@@ -233,7 +233,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--accuracy-epochs", type=int, default=0, help="run the accuracy section (0: skip)")
-    parser.add_argument("--data", default="/work/shared/data/cifar10-jpeg.tar.gz")
+    parser.add_argument("--data", default=SHARED_CIFAR10)
     parser.add_argument("--teacher-checkpoint", default=None, help="a trained resnet56 ImageClassifier checkpoint")
     parser.add_argument("--limit-batches", type=int, default=0, help="limit train/test batches (smoke runs)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
@@ -244,8 +244,8 @@ def main() -> None:
         "machine": machine_info(),
         "settings": {"batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds,
                      "threads": args.threads, "teacher": "resnet56", "student": "resnet20", "device": "cpu"},
-        "note": ("CPU timings on a machine whose 2 cores are shared with other jobs: wall times are inflated "
-                 "and noisy, so ratios use per-thread CPU time; the per-round medians show the remaining noise."),
+        "note": ("ratios use per-thread CPU time, which other processes on the machine do not inflate "
+                 "(see machine.load_average_1_5_15); the per-round medians show the remaining noise."),
         "overhead": measure_overhead(args.batch_size, args.steps, args.rounds),
         "accuracy": measure_accuracy(args) if args.accuracy_epochs > 0 else None,
     }

@@ -28,9 +28,9 @@ from lightning_compress.core.layers import select_layers
 from lightning_compress.data import CIFARDataModule
 from lightning_compress.module import ImageClassifier
 from lightning_compress.pruning import MagnitudePruning
-from reporting import RESULTS_DIR, machine_info, write_results
+from reporting import RESULTS_DIR, SHARED_CIFAR10, machine_info, write_results
 
-DEFAULT_DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz")
+DEFAULT_DATA = SHARED_CIFAR10
 
 
 def position(text: str) -> float | str:

@@ -235,8 +235,8 @@ def to_markdown(result: dict[str, object]) -> str:
     lines += ["", "Targets (issue 3): MagnitudePruning <= 1.02x no-callback and no slower than ModelPruning; "
               "ResNet-56 global mask update <= 30 ms."]
     if result["settings"]["quick"]:
-        lines += ["", "**Quick mode** (shared CPU, few steps): step-time ratios carry large noise "
-                  "from other processes on the machine; they are not evidence either way."]
+        lines += ["", f"**Quick mode** (few steps; load average {result['machine']['load_average_1_5_15']}): "
+                  "step-time ratios carry noise larger than the overhead measured; they are not evidence either way."]
     return "\n".join(lines) + "\n"
 
 

@@ -18,27 +18,17 @@ Run:  python benchmarks/quantization.py --quick            (small repeat counts)
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import os
-import platform
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
+from reporting import SHARED_CIFAR10, machine_info, write_results
+from lightning_compress.core.accounting import serialized_size
 from lightning_compress.quantization import PostTrainingQuantization, QuantizationAwareTraining, quantize_static
 
-RESULTS = Path(__file__).parent / "results"
 MODELS = ("resnet20", "resnet56", "mobilenetv2", "resnet18")
-
-
-def _state_bytes(model: torch.nn.Module) -> int:
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    return buffer.tell()
 
 
 def _interleaved_latency(fp32, int8, x: torch.Tensor, repeats: int, warmup: int) -> tuple[float, float]:
@@ -63,14 +53,14 @@ def latency_and_size(models, batches, repeats, warmup) -> list[dict]:
         fp32 = create_model(name, num_classes=10).eval()
         calibration = [(torch.randn(16, 3, 32, 32),) for _ in range(4)]
         int8 = quantize_static(fp32, calibration, engine="x86")
-        size_ratio = _state_bytes(int8) / _state_bytes(fp32)
+        size_ratio = serialized_size(int8) / serialized_size(fp32)
         for batch in batches:
             x = torch.randn(batch, 3, 32, 32)
             reps = max(3, repeats // batch) if batch > 1 else repeats
             t_fp32, t_int8 = _interleaved_latency(fp32, int8, x, reps, warmup)
             rows.append({
                 "model": name, "batch": batch, "repeats": reps, "fp32_ms": 1e3 * t_fp32, "int8_ms": 1e3 * t_int8,
-                "speedup": t_fp32 / t_int8, "fp32_bytes": _state_bytes(fp32), "int8_bytes": _state_bytes(int8),
+                "speedup": t_fp32 / t_int8, "fp32_bytes": serialized_size(fp32), "int8_bytes": serialized_size(int8),
                 "size_ratio": size_ratio,
             })
             print(f"{name:12s} batch {batch:3d}: fp32 {1e3 * t_fp32:8.2f} ms  int8 {1e3 * t_int8:8.2f} ms  "
@@ -112,20 +102,13 @@ def accuracy(models, epochs: int, limit_train_batches: float, data_root: str) ->
     return rows
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def _markdown(report: dict) -> str:
     lines = [
         "# Quantization benchmark: fp32 eager vs int8 (FX, x86 engine), CPU",
         "",
-        f"Machine: {report['machine']['platform']}, {report['machine']['cpu_count']} CPUs (shared with other "
-        f"jobs while measured), torch {report['machine']['torch']}, {report['settings']['threads']} torch thread(s).",
+        f"Machine: {report['machine']['platform']}, {report['machine']['cpu_count']} CPUs (load average "
+        f"{report['machine']['load_average_1_5_15']}), torch {report['machine']['torch']}, "
+        f"{report['settings']['threads']} torch thread(s).",
         f"Settings: {json.dumps(report['settings'])}.",
         "Latency: fp32 and int8 calls interleaved in one process, ratio of medians. Size: torch.save(state_dict).",
         "",
@@ -158,26 +141,21 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="repeats=30, warmup=2")
     parser.add_argument("--accuracy-epochs", type=int, default=0, help="0 skips the accuracy section")
     parser.add_argument("--limit-train-batches", type=float, default=1.0)
-    parser.add_argument("--data-root", default="/work/shared/data/cifar10-jpeg.tar.gz")
-    parser.add_argument("--out", default=str(RESULTS / "quantization"))
+    parser.add_argument("--data-root", default=SHARED_CIFAR10)
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.warmup = 30, 2
     torch.set_num_threads(args.threads)
     torch.backends.quantized.engine = "x86"
-    settings = {key: value for key, value in vars(args).items() if key not in ("out", "data_root")}
+    settings = {key: value for key, value in vars(args).items() if key != "data_root"}
     report = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
-                    "torch": torch.__version__},
+        "machine": machine_info(),
         "settings": settings,
         "latency": latency_and_size(args.models, args.batches, args.repeats, args.warmup),
         "accuracy": accuracy(args.models, args.accuracy_epochs, args.limit_train_batches, args.data_root)
         if args.accuracy_epochs else [],
     }
-    out = Path(args.out)
-    _write_atomic(out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
-    _write_atomic(out.with_suffix(".md"), _markdown(report))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    write_results("quantization", report, _markdown(report))
 
 
 if __name__ == "__main__":

@@ -13,10 +13,16 @@ import torch
 from lightning_compress.core.files import write_text_atomic
 
 RESULTS_DIR = Path(__file__).parent / "results"
+SHARED_CIFAR10 = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz")
+"""The offline CIFAR-10 copy beside the repository (ImageFolder tree in a tar.gz)."""
 
 
 def machine_info() -> dict[str, Any]:
-    """Describe the machine and software the numbers were measured on."""
+    """Describe the machine and software the numbers were measured on, and how busy it was.
+
+    ``load_average_1_5_15`` is the system load when called: on a 2-core machine a value well above 1
+    means other processes competed with the benchmark.
+    """
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
@@ -24,6 +30,7 @@ def machine_info() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "load_average_1_5_15": [round(value, 2) for value in os.getloadavg()],
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
