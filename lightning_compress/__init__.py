@@ -11,8 +11,7 @@ from lightning_compress.data import CIFARDataModule
 from lightning_compress.distillation import KnowledgeDistillation
 from lightning_compress.models import create_model, list_models
 from lightning_compress.module import ImageClassifier
-from lightning_compress.pruning import MagnitudePruning
-from lightning_compress.pruning.channel import ChannelPruning
+from lightning_compress.pruning import ChannelPruning, MagnitudePruning
 from lightning_compress.quantization import PostTrainingQuantization, QuantizationAwareTraining
 from lightning_compress.report import CompressionReport
 

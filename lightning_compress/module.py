@@ -22,6 +22,7 @@ from torch import nn
 
 from lightning_compress.core.progress import Position, step_budget, validate_position
 from lightning_compress.models import create_model
+from lightning_compress.pruning.channel import restore_slimmed_architecture
 
 LRSchedule = Literal["cosine", "onecycle", "constant"]
 _LR_SCHEDULES = ("cosine", "onecycle", "constant")
@@ -182,8 +183,6 @@ class ImageClassifier(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Slim ``self.model`` to the architecture a channel-pruned checkpoint recorded, before its weights load."""
-        from lightning_compress.pruning.channel import restore_slimmed_architecture
-
         restore_slimmed_architecture(self, checkpoint)
 
     def configure_optimizers(self) -> dict[str, Any]:

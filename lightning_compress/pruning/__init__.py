@@ -1,5 +1,6 @@
 """Pruning: schedules and masks (pure math) and the callbacks that apply them during training."""
 
+from lightning_compress.pruning.channel import ChannelPruning, restore_slimmed_architecture
 from lightning_compress.pruning.magnitude import MagnitudePruning
 from lightning_compress.pruning.schedules import (
     SCHEDULES,
@@ -12,10 +13,12 @@ from lightning_compress.pruning.schedules import (
 
 __all__ = [
     "SCHEDULES",
+    "ChannelPruning",
     "MagnitudePruning",
     "constant_sparsity",
     "cubic_sparsity",
     "exponential_sparsity",
     "linear_sparsity",
     "resolve_schedule",
+    "restore_slimmed_architecture",
 ]

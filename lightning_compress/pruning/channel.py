@@ -33,6 +33,7 @@ from lightning_compress.pruning.slimming import (
     replay_history,
     trace_dependencies,
 )
+from lightning_compress.quantization.qat import QuantizationAwareTraining
 
 ARCHITECTURE_KEY = "slimmed_architecture"
 """Top-level checkpoint key holding what :func:`restore_slimmed_architecture` needs."""
@@ -182,7 +183,7 @@ class ChannelPruning(Callback):
 
     def _check_quantization_order(self, trainer: pl.Trainer, budget: Any, end: int) -> None:
         for callback in trainer.callbacks:
-            if type(callback).__name__ != "QuantizationAwareTraining":
+            if not isinstance(callback, QuantizationAwareTraining):
                 continue
             qat_start = budget.resolve(getattr(callback, "start", 0.0), "QuantizationAwareTraining.start")
             if qat_start <= end:
