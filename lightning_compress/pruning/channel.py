@@ -44,9 +44,10 @@ _MAX_MACS_ROUNDS = 20
 def restore_slimmed_architecture(pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
     """Slim ``pl_module``'s network to the architecture recorded in a channel-pruned checkpoint.
 
-    Call it from the LightningModule's ``on_load_checkpoint`` (``ImageClassifier`` does), so that
-    ``load_from_checkpoint`` and ``Trainer.fit(ckpt_path=...)`` find parameters of the saved shapes.
-    Checkpoints without a record are left alone.
+    Call it from the LightningModule's ``on_load_checkpoint`` (``ImageClassifier`` does) so that
+    ``load_from_checkpoint`` finds parameters of the saved shapes; a ``ChannelPruning`` callback
+    calls it itself when a fit resumes from a checkpoint. Checkpoints without a record, and
+    networks that already have the saved shapes, are left alone (calling it twice is harmless).
 
     Args:
         pl_module: The freshly constructed (dense) LightningModule.
@@ -61,6 +62,11 @@ def restore_slimmed_architecture(pl_module: nn.Module, checkpoint: dict[str, Any
     if not record or not record["history"]:
         return
     network = getattr(pl_module, record["network"])
+    prefix = record["network"] + "."
+    saved = checkpoint.get("state_dict", {})
+    if all(key not in saved or saved[key].shape == tensor.shape
+           for key, tensor in ((prefix + name, t) for name, t in network.state_dict().items())):
+        return
     parameter = next(network.parameters())
     example = torch.zeros(record["input_shape"], dtype=parameter.dtype, device=parameter.device)
     replay_history(network, example, record["history"])
@@ -91,8 +97,10 @@ class ChannelPruning(Callback):
     kept in each group, by root layer) and ``macs/ratio`` (current MACs / dense MACs).
 
     Checkpoints carry the pruning history under ``checkpoint["slimmed_architecture"]``; a module
-    whose ``on_load_checkpoint`` calls :func:`restore_slimmed_architecture` (``ImageClassifier``
-    does) loads back and resumes. Checkpoints saved with ``save_weights_only=True`` lack the record.
+    resumes with ``Trainer.fit(ckpt_path=...)`` while this callback is in the Trainer; to load one
+    without it (``load_from_checkpoint``), the module's ``on_load_checkpoint`` calls
+    :func:`restore_slimmed_architecture` (``ImageClassifier`` does). Checkpoints saved with
+    ``save_weights_only=True`` lack the record.
 
     Args:
         channel_ratio: Fraction of the channels of each prunable group removed by ``end``, in (0, 1).
@@ -148,6 +156,7 @@ class ChannelPruning(Callback):
         # resolved in setup / on the first batch
         self._steps: tuple[int, int, int] | None = None
         self._network_attr: str | None = None
+        self._wrapped_module: pl.LightningModule | None = None
         self._ignored: list[str] = []
         self._graph = None
         # state that survives a restart
@@ -180,6 +189,28 @@ class ChannelPruning(Callback):
             raise ValueError(f"update_every={self.update_every!r} resolves to 0 optimizer steps; use at least '1steps'")
         self._steps = (start, end, every)
         self._check_quantization_order(trainer, budget, end)
+        self._restore_on_resume(pl_module)
+
+    def _restore_on_resume(self, pl_module: pl.LightningModule) -> None:
+        """Slim the network before a resumed fit loads its weights, whatever the LightningModule.
+
+        Lightning restores the model's weights before any callback state, right after the module's
+        own ``on_load_checkpoint``, so the callback runs :func:`restore_slimmed_architecture` first in
+        that hook (wrapped on the instance for the duration of the fit; removed in ``teardown``).
+        """
+        original = pl_module.on_load_checkpoint
+
+        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+            restore_slimmed_architecture(pl_module, checkpoint)
+            original(checkpoint)
+
+        pl_module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
+        self._wrapped_module = pl_module
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._wrapped_module is not None:
+            self._wrapped_module.__dict__.pop("on_load_checkpoint", None)
+            self._wrapped_module = None
 
     def _check_quantization_order(self, trainer: pl.Trainer, budget: Any, end: int) -> None:
         for callback in trainer.callbacks:

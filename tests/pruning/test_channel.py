@@ -163,3 +163,23 @@ def test_composes_with_knowledge_distillation():
     trainer.fit(model, random_loader())
     assert model.net.conv1.out_channels == 8
     assert torch.isfinite(trainer.callback_metrics["train_loss"])
+
+
+def test_user_module_resumes_a_channel_pruned_fit(tmp_path):
+    """No on_load_checkpoint of its own: the callback slims the network before the weights load."""
+    def run(ckpt_path=None):
+        model = UserClassifier()
+        pruning = ChannelPruning(channel_ratio=0.5, start=0.0, end="4steps", update_every="2steps")
+        trainer = _trainer([pruning, ModelCheckpoint(dirpath=tmp_path, save_last=True)], tmp_path=tmp_path,
+                           max_epochs=3 if ckpt_path else 2)
+        trainer.fit(model, random_loader(), ckpt_path=ckpt_path)
+        return model, trainer
+
+    first, _ = run()
+    resumed, trainer = run(ckpt_path=tmp_path / "last.ckpt")
+    assert trainer.global_step == 12
+    assert resumed.net.conv1.out_channels == first.net.conv1.out_channels == 8
+    assert "on_load_checkpoint" not in vars(resumed)  # the wrapper is gone after fit
+    # loading without the callback needs the module's own hook: the dense class does not fit the weights
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        UserClassifier.load_from_checkpoint(tmp_path / "last.ckpt")
