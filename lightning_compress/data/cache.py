@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from lightning_compress.core.files import atomic_path
+
 CACHE_ENV = "LIGHTNING_COMPRESS_CACHE"
 """Environment variable that overrides the default cache folder."""
 
@@ -75,15 +77,8 @@ def save_atomic(obj: Any, path: Path) -> None:
         >>> import tempfile
         >>> save_atomic([1, 2], Path(tempfile.mkdtemp()) / "sub" / "list.pt")
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def extract_archive(archive: Path, destination: Path) -> Path:

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -53,6 +52,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
+from lightning_compress.core.files import atomic_path
 from lightning_compress.core.layers import matches_any
 
 ENGINES: tuple[str, ...] = ("x86", "qnnpack")
@@ -468,19 +468,11 @@ def save_quantized(
     """
     check_engine(engine)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with _routed_warnings():
         with torch.no_grad():
             scripted = torch.jit.trace(model.cpu().eval(), tuple(example_inputs))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        with _routed_warnings():
-            torch.jit.save(scripted, tmp, _extra_files={_ENGINE_FILE: engine})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp, _routed_warnings():
+        torch.jit.save(scripted, str(tmp), _extra_files={_ENGINE_FILE: engine})
     return path
 
 
