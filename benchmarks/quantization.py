@@ -18,6 +18,7 @@ Run:  python benchmarks/quantization.py --quick            (small repeat counts)
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -26,7 +27,7 @@ import torch
 
 from reporting import SHARED_CIFAR10, machine_info, write_results
 from lightning_compress.core.accounting import serialized_size
-from lightning_compress.quantization import PostTrainingQuantization, QuantizationAwareTraining, quantize_static
+from lightning_compress.quantization import QuantizationAwareTraining, quantize_static
 
 MODELS = ("resnet20", "resnet56", "mobilenetv2", "resnet18")
 
@@ -92,9 +93,10 @@ def accuracy(models, epochs: int, limit_train_batches: float, data_root: str) ->
             fit_trainer = trainer(callbacks)
             fit_trainer.fit(model, data)
             results[variant] = fit_trainer.test(model, data, verbose=False)[0]["test/acc"]
-            if variant == "fp32":  # PTQ of this same fp32 model
-                ptq = PostTrainingQuantization(calibration_batches=32, network="model")
-                ptq.on_fit_end(fit_trainer, model)
+            if variant == "fp32":  # PTQ of this same fp32 model, calibrated on 32 normalized training batches
+                calibration = [(data.transform(images, train=False),)
+                               for images, _ in itertools.islice(data.train_dataloader(), 32)]
+                model.model = quantize_static(model.model, calibration)
                 results["ptq"] = trainer([]).test(model, data, verbose=False)[0]["test/acc"]
         row = {"model": name, "epochs": epochs, "limit_train_batches": limit_train_batches, **results}
         print(row, flush=True)
@@ -142,12 +144,13 @@ def main() -> None:
     parser.add_argument("--accuracy-epochs", type=int, default=0, help="0 skips the accuracy section")
     parser.add_argument("--limit-train-batches", type=float, default=1.0)
     parser.add_argument("--data-root", default=SHARED_CIFAR10)
+    parser.add_argument("--name", default="quantization", help="results file name in benchmarks/results/")
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.warmup = 30, 2
     torch.set_num_threads(args.threads)
     torch.backends.quantized.engine = "x86"
-    settings = {key: value for key, value in vars(args).items() if key != "data_root"}
+    settings = {key: value for key, value in vars(args).items() if key not in ("data_root", "name")}
     report = {
         "machine": machine_info(),
         "settings": settings,
@@ -155,7 +158,7 @@ def main() -> None:
         "accuracy": accuracy(args.models, args.accuracy_epochs, args.limit_train_batches, args.data_root)
         if args.accuracy_epochs else [],
     }
-    write_results("quantization", report, _markdown(report))
+    write_results(args.name, report, _markdown(report))
 
 
 if __name__ == "__main__":
