@@ -1,41 +1,27 @@
 """ChannelPruning under DDP: two CPU processes (gloo) remove the same channels and keep training in sync."""
 
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
 import torch
 
-SCRIPT = textwrap.dedent(
-    """
-    import sys
-    import lightning.pytorch as pl
-    import torch
-    sys.path.insert(0, {root!r})
-    from tests.toy import UserClassifier, random_loader
-    from lightning_compress import ChannelPruning
+from tests.ddp import run_two_ranks
 
-    torch.set_num_threads(1)
-    pl.seed_everything(0)
-    pruning = ChannelPruning(channel_ratio=0.5, start=0.0, end=0.5, update_every="2steps")
-    model = UserClassifier()
-    trainer = pl.Trainer(strategy="ddp", devices=2, accelerator="cpu", max_epochs=2,
-                         callbacks=[pruning], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(model, random_loader(n=64, batch_size=8, shuffle=True))
-    torch.save(model.state_dict(), f"{out}/rank{{trainer.global_rank}}.pt")
-    """
-)
+BODY = """
+from tests.toy import UserClassifier, random_loader
+from lightning_compress import ChannelPruning
+
+pruning = ChannelPruning(channel_ratio=0.5, start=0.0, end=0.5, update_every="2steps")
+model = UserClassifier()
+trainer = pl.Trainer(strategy="ddp", devices=2, accelerator="cpu", max_epochs=2,
+                     callbacks=[pruning], logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False)
+trainer.fit(model, random_loader(n=64, batch_size=8, shuffle=True))
+save(model.state_dict(), trainer)
+"""
 
 
 @pytest.mark.slow
 def test_ddp_ranks_remove_the_same_channels_and_stay_in_sync(tmp_path):
-    script = tmp_path / "ddp_channels.py"
-    script.write_text(SCRIPT.format(root=str(Path(__file__).resolve().parents[2]), out=str(tmp_path)))
-    subprocess.run([sys.executable, str(script)], check=True, cwd=tmp_path, timeout=300)
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    rank0, rank1 = run_two_ranks(tmp_path, BODY)
     assert rank0["net.conv1.weight"].shape[0] == 8  # half of conv1's 16 filters removed
     for name, tensor in rank0.items():
         assert tensor.shape == rank1[name].shape, name

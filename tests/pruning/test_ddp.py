@@ -1,10 +1,5 @@
 """MagnitudePruning under DDP: two CPU processes (gloo) must end with identical masks and weights."""
 
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -12,43 +7,32 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from lightning_compress.pruning import MagnitudePruning
 from lightning_compress.pruning.masks import pack_mask, unpack_mask
+from tests.ddp import run_two_ranks
 from tests.toy import UserClassifier, random_loader
 
-SCRIPT = textwrap.dedent(
-    """
-    import sys
-    import lightning.pytorch as pl
-    import torch
-    sys.path.insert(0, {root!r})
-    from tests.toy import UserClassifier, random_loader
-    from lightning_compress.pruning import MagnitudePruning
+BODY = """
+from tests.toy import UserClassifier, random_loader
+from lightning_compress.pruning import MagnitudePruning
 
-    torch.set_num_threads(1)
-    pl.seed_everything(0)
-    pruning = MagnitudePruning(final_sparsity=0.75, end=0.5, update_every=2)
-    seen = []
+pruning = MagnitudePruning(final_sparsity=0.75, end=0.5, update_every=2)
+seen = []
 
-    class Record(pl.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            seen.append({{n: m.clone() for n, m in pruning.masks.items()}})
+class Record(pl.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        seen.append({n: m.clone() for n, m in pruning.masks.items()})
 
-    model = UserClassifier()
-    trainer = pl.Trainer(strategy="ddp", devices=2, accelerator="cpu", max_epochs=2,
-                         callbacks=[pruning, Record()], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(model, random_loader(n=64, batch_size=8, shuffle=True))
-    torch.save({{"masks": seen, "weights": model.state_dict()}}, f"{out}/rank{{trainer.global_rank}}.pt")
-    """
-)
+model = UserClassifier()
+trainer = pl.Trainer(strategy="ddp", devices=2, accelerator="cpu", max_epochs=2,
+                     callbacks=[pruning, Record()], logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False)
+trainer.fit(model, random_loader(n=64, batch_size=8, shuffle=True))
+save({"masks": seen, "weights": model.state_dict()}, trainer)
+"""
 
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_have_identical_masks(tmp_path):
-    script = tmp_path / "ddp_pruning.py"
-    root = str(Path(__file__).resolve().parents[2])
-    script.write_text(SCRIPT.format(root=root, out=str(tmp_path)))
-    subprocess.run([sys.executable, str(script)], check=True, cwd=tmp_path, timeout=300)
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    rank0, rank1 = run_two_ranks(tmp_path, BODY)
     # 64 samples / 2 ranks / batch 8 = 4 steps per epoch, 2 epochs
     assert len(rank0["masks"]) == len(rank1["masks"]) == 8
     for masks0, masks1 in zip(rank0["masks"], rank1["masks"]):

@@ -1,0 +1,37 @@
+"""Run a training script as two CPU DDP processes (gloo) and read back what each rank saved."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_PREAMBLE = """
+import sys
+sys.path.insert(0, {root!r})
+import lightning.pytorch as pl
+import torch
+torch.set_num_threads(1)
+pl.seed_everything(0)
+"""
+
+
+def run_two_ranks(tmp_path: Path, body: str) -> tuple[Any, Any]:
+    """Run ``body`` under ``python`` (it launches ``Trainer(strategy="ddp", devices=2)`` itself).
+
+    ``body`` must end by calling ``save(obj, trainer)``, which writes ``obj`` for the current rank.
+
+    Returns:
+        What rank 0 and rank 1 saved.
+    """
+    script = tmp_path / "two_ranks.py"
+    save = f"def save(obj, trainer):\n    torch.save(obj, f'{tmp_path}/rank{{trainer.global_rank}}.pt')\n"
+    script.write_text(_PREAMBLE.format(root=str(ROOT)) + save + textwrap.dedent(body))
+    subprocess.run([sys.executable, str(script)], check=True, cwd=tmp_path, timeout=300)
+    return tuple(torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1))
