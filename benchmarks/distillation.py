@@ -1,12 +1,22 @@
 """Cost of KnowledgeDistillation per training step, and (optionally) what it buys in accuracy.
 
 Overhead (always run, CPU): full Lightning training steps of ``ImageClassifier("resnet20")`` on a
-synthetic CIFAR-shaped batch, in three modes — no KD, online KD from a ``resnet56`` teacher, KD
-from the warm teacher-logit cache — plus the bare teacher forward on the same batch. The modes are
-interleaved round by round in one process (the order rotates each round) and each mode's median
-step time is reported, as CPU time of the (single-threaded) step, immune to other jobs on shared
-cores; wall time is reported beside it. The wrapper's own cost is ``KD step − student step − teacher forward``; the cached KD step,
+synthetic CIFAR-shaped batch, in four modes — no KD; the student plus a bare frozen-teacher forward
+run at the point of the step where KD runs it (after the student's forward, before backward) but
+used for nothing; online KD from a ``resnet56`` teacher; KD from the warm teacher-logit cache —
+plus the bare teacher forward in a hot loop. The modes are interleaved round by round in one
+process (the order rotates each round) and each mode's median step time is reported, as CPU time
+of the (single-threaded) step, immune to other jobs on shared cores; wall time is reported beside
+it. The wrapper's own cost (capture hook, loss mixing, KL and its backward, agreement, logging) is
+``KD step − (student + teacher in the step)``: both sides pay for the same teacher forward in the
+same place, so the teacher's cold-cache slowdown inside a step cancels out. The cached KD step,
 which does all of the wrapper's work but no teacher forward, bounds it a second way.
+
+Step-time differences of a few percent are within this machine's run-to-run noise, so the
+wrapper's own work is also timed directly, in the loop (``TimedKnowledgeDistillation``): the CPU
+time of the wrapped ``training_step`` minus the module's own ``training_step`` and the teacher
+forward inside it, plus the backward of the distillation term (timed separately on logits of the
+same shape, as it runs inside autograd's backward).
 Step time is measured from ``on_train_batch_start`` to ``on_train_batch_end`` (forward, loss,
 backward, optimizer step); the first step of every fit is dropped (warm-up, and the cache's one-off
 consistency check).
@@ -66,6 +76,68 @@ class StepTimer(pl.Callback):
         self.seconds.append((end[0] - self._start[0], end[1] - self._start[1]))
 
 
+class TimedKnowledgeDistillation(KnowledgeDistillation):
+    """KnowledgeDistillation that records, per step, the CPU time of its wrapper's own forward-side
+    work: the wrapped step minus the module's ``training_step`` and the teacher forward."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.own_seconds: list[float] = []
+        self._teacher_seconds = 0.0
+
+    def _teacher_logits(self, *args: Any) -> torch.Tensor:
+        start = time.thread_time()
+        logits = super()._teacher_logits(*args)
+        self._teacher_seconds += time.thread_time() - start
+        return logits
+
+    def _distilled_step(self, pl_module: pl.LightningModule, original: Any, args: Any, kwargs: Any) -> Any:
+        inner = [0.0]
+
+        def timed_original(*a: Any, **k: Any) -> Any:
+            start = time.thread_time()
+            out = original(*a, **k)
+            inner[0] += time.thread_time() - start
+            return out
+
+        self._teacher_seconds = 0.0
+        start = time.thread_time()
+        out = super()._distilled_step(pl_module, timed_original, args, kwargs)
+        self.own_seconds.append(time.thread_time() - start - inner[0] - self._teacher_seconds)
+        return out
+
+
+def kd_term_backward_seconds(batch_size: int, classes: int, repeats: int = 200) -> float:
+    """Median CPU seconds of the distillation term's backward on ``(batch_size, classes)`` logits."""
+    from lightning_compress.distillation.losses import distillation_loss
+
+    teacher = torch.randn(batch_size, classes)
+    samples = []
+    for _ in range(repeats):
+        student = torch.randn(batch_size, classes, requires_grad=True)
+        loss = 0.9 * distillation_loss(student, teacher, 4.0)
+        start = time.thread_time()
+        loss.backward()
+        samples.append(time.thread_time() - start)
+    return statistics.median(samples)
+
+
+class TeacherInStep(pl.Callback):
+    """Runs the frozen teacher on the batch's inputs after the student's forward, before backward --
+    where :class:`KnowledgeDistillation` runs it -- and discards the logits: the reference that the
+    wrapper's own cost is measured against."""
+
+    def __init__(self, kd: KnowledgeDistillation) -> None:
+        self.teacher = kd.teacher
+        self._images: torch.Tensor | None = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._images = batch[0]
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        self.teacher(self._images)
+
+
 def _trainer(callbacks: list[pl.Callback], accelerator: str = "cpu", **kwargs: Any) -> pl.Trainer:
     return pl.Trainer(accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -101,12 +173,13 @@ def measure_overhead(batch_size: int, steps: int, rounds: int) -> dict[str, Any]
     indexed = DataLoader(IndexedDataset(TensorDataset(images, labels)), batch_size=batch_size)
     student = ImageClassifier("resnet20", num_classes=10, lr_schedule="constant")
     teacher = create_model("resnet56", num_classes=10)
-    online = KnowledgeDistillation(teacher, temperature=4.0, alpha=0.9)
+    online = TimedKnowledgeDistillation(teacher, temperature=4.0, alpha=0.9)
     cached = KnowledgeDistillation(teacher, temperature=4.0, alpha=0.9, cache_logits=True)
     fit_step_times(student, [cached], indexed, steps)  # fills the cache (one epoch)
 
     modes = {
         "student": lambda: fit_step_times(student, [], plain, steps),
+        "student_plus_teacher": lambda: fit_step_times(student, [TeacherInStep(online)], plain, steps),
         "kd_online": lambda: fit_step_times(student, [online], plain, steps),
         "kd_cached": lambda: fit_step_times(student, [cached], indexed, steps),
         "teacher_forward": lambda: teacher_times(online, images[:batch_size], steps),
@@ -123,15 +196,25 @@ def measure_overhead(batch_size: int, steps: int, rounds: int) -> dict[str, Any]
 
     ms = {name: 1000 * statistics.median(cpu for cpu, _ in values) for name, values in samples.items()}
     wall = {name: round(1000 * statistics.median(w for _, w in values), 1) for name, values in samples.items()}
-    wrapper_ms = ms["kd_online"] - ms["student"] - ms["teacher_forward"]
+    own_forward_ms = 1000 * statistics.median(online.own_seconds[1:])  # the first holds the shape check
+    own_backward_ms = 1000 * kd_term_backward_seconds(batch_size, 10)
+    own_ms = own_forward_ms + own_backward_ms
+    wrapper_ms = ms["kd_online"] - ms["student_plus_teacher"]
+    in_step_teacher_ms = ms["student_plus_teacher"] - ms["student"]
+    paired = [100 * (kd / ref - 1) for kd, ref in zip(round_medians["kd_online"], round_medians["student_plus_teacher"])]
     return {
         "median_step_cpu_ms": {k: round(v, 1) for k, v in ms.items()},
         "median_step_wall_ms": wall,
         "round_median_step_cpu_ms": round_medians,
         "kd_online_over_student": round(ms["kd_online"] / ms["student"], 3),
         "teacher_forward_over_student": round(ms["teacher_forward"] / ms["student"], 3),
+        "teacher_in_step_ms": round(in_step_teacher_ms, 1),
+        "wrapper_own_forward_ms": round(own_forward_ms, 3),
+        "wrapper_kd_backward_ms": round(own_backward_ms, 3),
+        "wrapper_own_pct_of_student_plus_teacher": round(100 * own_ms / ms["student_plus_teacher"], 3),
         "wrapper_ms": round(wrapper_ms, 1),
-        "wrapper_pct_of_student_plus_teacher": round(100 * wrapper_ms / (ms["student"] + ms["teacher_forward"]), 2),
+        "wrapper_pct_of_student_plus_teacher": round(100 * wrapper_ms / ms["student_plus_teacher"], 2),
+        "wrapper_pct_per_round": [round(p, 2) for p in paired],
         "kd_cached_over_student": round(ms["kd_cached"] / ms["student"], 3),
         "wrapper_without_teacher_pct": round(100 * (ms["kd_cached"] / ms["student"] - 1), 2),
         "cache_saves_pct_of_kd_step": round(100 * (1 - ms["kd_cached"] / ms["kd_online"]), 1),
@@ -196,16 +279,22 @@ def to_markdown(result: dict[str, Any]) -> str:
         "| mode | CPU ms / step | × student | wall ms / step |",
         "|---|---|---|---|",
     ]
-    for name in ("student", "kd_online", "kd_cached", "teacher_forward"):
+    for name in ("student", "student_plus_teacher", "kd_online", "kd_cached", "teacher_forward"):
         lines.append(f"| {name} | {ms[name]} | {ms[name] / ms['student']:.3f} | {wall[name]} |")
-    wrapper_ok = o["wrapper_pct_of_student_plus_teacher"] <= WRAPPER_TARGET_PCT
+    wrapper_ok = o["wrapper_own_pct_of_student_plus_teacher"] <= WRAPPER_TARGET_PCT
     cache_ok = o["kd_cached_over_student"] <= CACHE_TARGET_RATIO
     lines += [
         "",
-        f"- Wrapper's own cost (KD − student − teacher forward): {o['wrapper_ms']} ms = "
-        f"{o['wrapper_pct_of_student_plus_teacher']} % of student step + teacher forward "
-        f"(target ≤ {WRAPPER_TARGET_PCT} %: {'met' if wrapper_ok else 'NOT met'}). This difference also holds "
-        "the teacher forward running slower inside a step (caches cold after the student) than in a hot loop.",
+        f"- Wrapper's own work, timed in the loop: {o['wrapper_own_forward_ms']} ms per step (capture hook, "
+        f"loss mixing, KL, agreement, logging) + {o['wrapper_kd_backward_ms']} ms (backward of the KD term) = "
+        f"{o['wrapper_own_pct_of_student_plus_teacher']} % of the student + teacher step "
+        f"(target ≤ {WRAPPER_TARGET_PCT} %: {'met' if wrapper_ok else 'NOT met'}).",
+        f"- The same cost as a step-time difference (KD step − student step with a bare teacher forward at the "
+        f"same point): {o['wrapper_ms']} ms = {o['wrapper_pct_of_student_plus_teacher']} %; per round "
+        f"{o['wrapper_pct_per_round']} % -- the spread across rounds is this machine's noise, larger than the "
+        "cost being measured.",
+        f"- The teacher forward costs {o['teacher_in_step_ms']} ms inside a step vs {ms['teacher_forward']} ms "
+        "in a hot loop (caches are cold after the student's forward).",
         f"- All wrapper work without the teacher (the cached step: hook, KL + its backward, agreement, logging) "
         f"vs no KD: {o['wrapper_without_teacher_pct']:+} %.",
         f"- Logit cache: {o['kd_cached_over_student']}× the no-KD step (target ≤ {CACHE_TARGET_RATIO}×: "
