@@ -81,6 +81,28 @@ def _example_from_batch(batch: Any) -> torch.Tensor:
     return inputs[:1].detach()
 
 
+def kept_channels(original: int, removed_fraction: float, round_to: int = 1) -> int:
+    """How many of a group's ``original`` channels remain once ``removed_fraction`` of them are removed.
+
+    Args:
+        original: The group's channel count in the dense network.
+        removed_fraction: Fraction to remove, in [0, 1].
+        round_to: Round the kept count to the nearest multiple of this, keeping at least
+            ``round_to`` (a group narrower than ``round_to`` keeps all of its channels).
+
+    Returns:
+        The kept channel count, at least 1 and at most ``original``.
+
+    Example:
+        >>> kept_channels(16, 0.3), kept_channels(16, 0.3, round_to=8), kept_channels(6, 0.5, round_to=8)
+        (11, 8, 6)
+    """
+    keep = max(1, original - round(removed_fraction * original))
+    if round_to > 1:
+        keep = min(original, max(round_to, round_to * round(keep / round_to)))
+    return keep
+
+
 class ChannelPruning(Callback):
     """Gradually remove whole channels during training, until a channel or MACs target is reached.
 
@@ -88,7 +110,9 @@ class ChannelPruning(Callback):
     follows ``schedule`` (one of :mod:`lightning_compress.pruning.schedules`), and training goes on
     between removals, so the network recovers (fine-tunes) as it shrinks. Channels are removed from
     every coupled group by the same fraction; within a group the ``importance`` criterion picks
-    the least important channels. Removal happens at the start of a training batch, identically on
+    the least important channels. With ``round_to=8`` every group keeps a multiple of 8 channels:
+    CPU (oneDNN) and GPU (tensor-core) convolution kernels work on channel blocks of 8 or 16, so a
+    layer cut from 16 to 11 channels runs as slowly as one with 16. Removal happens at the start of a training batch, identically on
     every rank (rank 0 decides, the choice is broadcast).
 
     After each removal the optimizers keep their identity: slimmed parameters replace the old ones in
@@ -118,6 +142,9 @@ class ChannelPruning(Callback):
             ``"model.layer3.*"``) whose output channels are left alone. The classifier (the last
             ``Linear``) is always left alone.
         network: Attribute of the LightningModule holding the network; ``None`` finds it.
+        round_to: Channel counts kept in each group are rounded to the nearest multiple of this
+            (at least ``round_to``; groups with fewer channels are left whole). ``1`` keeps exact
+            fractions; ``8`` (or ``16`` for AVX-512 CPUs) turns fewer MACs into lower latency.
 
     Example:
         >>> pruning = ChannelPruning(kept_macs_ratio=0.5, importance="l2", start=0.0, end=0.6, update_every="1ep")
@@ -136,6 +163,7 @@ class ChannelPruning(Callback):
         update_every: Position = "1ep",
         ignore: str | Sequence[str] | None = None,
         network: str | None = None,
+        round_to: int = 1,
     ) -> None:
         if (channel_ratio is None) == (kept_macs_ratio is None):
             raise ValueError("give exactly one of channel_ratio (fraction of channels removed) and "
@@ -145,6 +173,9 @@ class ChannelPruning(Callback):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
             raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
         self.target = (name, float(value))
+        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+            raise ValueError(f"round_to must be an integer >= 1, got {round_to!r}")
+        self.round_to = round_to
         self._importance = resolve_importance(importance)
         self._schedule = resolve_schedule(schedule)
         self.start = validate_position(start, "start")
@@ -271,8 +302,7 @@ class ChannelPruning(Callback):
         plan: dict[str, list[int]] = {}
         if trainer.is_global_zero:
             for root, group in self._groups(network).items():
-                original = self._original_channels[root]
-                keep = max(1, original - round(removed_fraction * original))
+                keep = kept_channels(self._original_channels[root], removed_fraction, self.round_to)
                 excess = group_channels(group) - keep
                 if excess > 0:
                     scores = self._importance(group)
@@ -299,8 +329,8 @@ class ChannelPruning(Callback):
             ratio = count_macs(network, example) / self._dense_macs
             if ratio <= kept_macs * 1.005:
                 return
-            kept_channels = (1.0 - self._removed_fraction) * math.sqrt(kept_macs / ratio)
-            fraction = max(1.0 - kept_channels, self._removed_fraction + 0.5 / max(self._original_channels.values()))
+            kept = (1.0 - self._removed_fraction) * math.sqrt(kept_macs / ratio)
+            fraction = max(1.0 - kept, self._removed_fraction + 0.5 / max(self._original_channels.values()))
             self._slim_to(trainer, network, min(fraction, 1.0))
 
     def _log(self, pl_module: pl.LightningModule, network: nn.Module, example: torch.Tensor) -> None:

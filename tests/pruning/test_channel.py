@@ -42,6 +42,8 @@ class _Recorder(pl.Callback):
     (dict(channel_ratio=0.5, schedule="steep"), "schedule must be one of"),
     (dict(channel_ratio=0.5, start=0.6, end=0.5), "start must come before end"),
     (dict(channel_ratio=0.5, update_every="often"), "update_every must be"),
+    (dict(channel_ratio=0.5, round_to=0), "round_to must be an integer >= 1"),
+    (dict(channel_ratio=0.5, round_to=8.0), "round_to must be an integer >= 1"),
 ])
 def test_bad_arguments_fail_in_init(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -115,6 +117,17 @@ def test_kept_macs_ratio_reaches_the_target_on_a_residual_zoo_model():
     _trainer([pruning], max_epochs=1).fit(model, data)
     ratio = count_macs(model.model, torch.randn(1, 3, 32, 32)) / dense
     assert 0.45 <= ratio <= 0.5 * 1.005
+
+
+def test_round_to_keeps_channel_counts_in_blocks_and_still_reaches_the_macs_target():
+    model = ImageClassifier("resnet20", num_classes=4, lr=0.05)
+    pruning = ChannelPruning(kept_macs_ratio=0.5, start=0.0, end="2steps", update_every="1steps", round_to=8)
+    dense = count_macs(ImageClassifier("resnet20", num_classes=4).model, torch.randn(1, 3, 32, 32))
+    _trainer([pruning], max_epochs=1).fit(model, random_loader(n=24, batch_size=8, size=32))
+    widths = {m.out_channels for m in model.model.modules() if isinstance(m, nn.Conv2d)}
+    assert widths and all(w % 8 == 0 for w in widths), widths
+    assert widths != {16, 32, 64}  # something was removed
+    assert count_macs(model.model, torch.randn(1, 3, 32, 32)) / dense <= 0.5 * 1.005
 
 
 def _fit_and_checkpoint(tmp_path, importance="l1"):
