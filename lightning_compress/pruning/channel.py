@@ -112,8 +112,8 @@ class ChannelPruning(Callback):
     every coupled group by the same fraction; within a group the ``importance`` criterion picks
     the least important channels. With ``round_to=8`` every group keeps a multiple of 8 channels:
     CPU (oneDNN) and GPU (tensor-core) convolution kernels work on channel blocks of 8 or 16, so a
-    layer cut from 16 to 11 channels runs as slowly as one with 16. Removal happens at the start of a training batch, identically on
-    every rank (rank 0 decides, the choice is broadcast).
+    layer cut from 16 to 11 channels runs as slowly as one with 16. Removal happens at the start of
+    a training batch, identically on every rank (rank 0 decides, the choice is broadcast).
 
     After each removal the optimizers keep their identity: slimmed parameters replace the old ones in
     their param groups, momentum/Adam state is sliced to the kept channels, and LR schedulers go on
