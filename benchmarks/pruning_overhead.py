@@ -13,10 +13,20 @@ Each run has two epochs of ``--steps`` batches. Epoch 0 is warm-up: ``MagnitudeP
 during it (window ``[0, 1ep]``, so its masks are at 90 % and enforced in epoch 1) and
 ``ModelPruning`` prunes at its end (its forward pre-hooks are active in epoch 1). The time between
 consecutive ``on_train_batch_end`` calls of epoch 1 is recorded (the whole loop iteration: data,
-forward, backward, optimizer, every callback hook), skipping the epoch boundary. Reported: median
-and mean per round; ratios are taken per round and the median ratio is reported. Because step
+forward, backward, optimizer, every callback hook), skipping the epoch boundary, as CPU time of the
+single-threaded step (immune to other processes on the machine). The order of the configurations
+rotates each round. Reported: median and mean per round; ratios are taken per round and the median
+ratio is reported. Because step
 times on a shared machine vary by more than the overhead being measured, the time spent inside
 ``MagnitudePruning``'s per-step hooks is also measured directly, in the loop.
+
+Step-time differences of a few percent between the configurations come mostly from the model's own
+memory-bound ops (ReLU, residual add, convolution outputs), whose cost depends on where glibc's
+allocator places the activation buffers: blocks above its mmap threshold are returned to the OS
+and page-faulted in again at every step, and which blocks cross it shifts with any extra tensor a
+configuration allocates. ``--reuse-memory`` raises glibc's mmap and trim thresholds (``mallopt``;
+what jemalloc/tcmalloc do by design) so that every configuration reuses the same warm heap; the
+results file records which allocator behaviour was measured.
 
 Part 2 -- mask-update time: one global mask computation (``global_magnitude_masks`` at 90 % over the
 default-selected layers) on ResNet-20 and ResNet-56, median of ``--repeats`` calls, plus the per-step
@@ -25,12 +35,14 @@ cost of enforcing the masks (weights after the step and gradients before it).
 Run:
     python benchmarks/pruning_overhead.py                 # full: 120 steps/epoch x 3 rounds
     python benchmarks/pruning_overhead.py --quick         # 6 steps/epoch x 3 rounds (shared CPUs)
+    python benchmarks/pruning_overhead.py --steps 40 --reuse-memory --name pruning_overhead_reuse_memory
 Writes ``benchmarks/results/pruning_overhead.{json,md}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import statistics
 import time
@@ -51,8 +63,20 @@ from reporting import machine_info, write_results
 CONFIGS = ("none", "magnitude", "model_pruning")
 
 
+def reuse_heap_memory() -> None:
+    """Keep freed activation buffers in glibc's heap instead of unmapping them (Linux/glibc only)."""
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    ok = (libc.mallopt(m_mmap_threshold, 32 * 2**20)  # glibc's maximum: 8 MiB activations stay on the heap
+          and libc.mallopt(m_trim_threshold, 2**31 - 1) and libc.mallopt(m_top_pad, 256 * 2**20))
+    if not ok:
+        raise RuntimeError("mallopt refused the settings")
+
+
 class StepTimer(Callback):
-    """Seconds between consecutive ``on_train_batch_end`` calls within epoch ``timed_epoch``."""
+    """CPU seconds of this thread between consecutive ``on_train_batch_end`` calls within epoch
+    ``timed_epoch``. With one torch thread the whole CPU step (autograd's backward included) runs on
+    the calling thread, so its CPU time is unaffected by other processes competing for the cores."""
 
     def __init__(self, timed_epoch: int = 1) -> None:
         self.timed_epoch = timed_epoch
@@ -63,7 +87,7 @@ class StepTimer(Callback):
         self._last = None  # never time across an epoch boundary
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        now = time.perf_counter()
+        now = time.thread_time()
         if trainer.current_epoch == self.timed_epoch and self._last is not None:
             self.seconds.append(now - self._last)
         self._last = now
@@ -130,7 +154,7 @@ def step_time(steps: int, rounds: int, batch_size: int) -> dict[str, object]:
     per_round: list[dict[str, dict[str, float]]] = []
     for round_index in range(rounds):
         row = {}
-        for config in CONFIGS:
+        for config in CONFIGS[round_index % 3:] + CONFIGS[:round_index % 3]:  # rotate who runs first
             seconds, hook_ms = time_config(config, loader, steps)
             row[config] = {"median_ms": 1000 * statistics.median(seconds),
                            "mean_ms": 1000 * statistics.fmean(seconds), "steps": len(seconds)}
@@ -250,7 +274,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1 keeps timings stable on shared machines)")
     parser.add_argument("--quick", action="store_true", help="6 steps x 3 rounds, 10 repeats (shared CPUs)")
+    parser.add_argument("--reuse-memory", action="store_true",
+                        help="raise glibc's mmap/trim thresholds so activation buffers are reused (see above)")
+    parser.add_argument("--name", default="pruning_overhead", help="results file name in benchmarks/results/")
     args = parser.parse_args()
+    if args.reuse_memory:
+        reuse_heap_memory()
     torch.set_num_threads(args.threads)
     if args.quick:
         args.steps, args.rounds, args.repeats = 6, 3, 10
@@ -260,6 +289,8 @@ def main() -> None:
         "machine": machine_info(),
         "settings": {"steps_per_epoch": args.steps, "rounds": args.rounds, "batch_size": args.batch_size,
                      "repeats": args.repeats, "quick": args.quick, "threads": args.threads,
+                     "allocator": "glibc, mmap threshold 32 MiB, no trim (--reuse-memory)" if args.reuse_memory
+                     else "glibc defaults",
                      "device": "cpu", "model": "resnet20",
                      "data": "synthetic CIFAR-shaped tensors"},
         "mask_update": [mask_update_time(name, args.repeats) for name in ("resnet20", "resnet56")],
@@ -267,7 +298,7 @@ def main() -> None:
     print(json.dumps(result["mask_update"]), flush=True)
     result["step_time"] = step_time(args.steps, args.rounds, args.batch_size)
     print(json.dumps(result["step_time"]["ratios_of_medians"]), flush=True)
-    write_results("pruning_overhead", result, to_markdown(result))
+    write_results(args.name, result, to_markdown(result))
 
 
 if __name__ == "__main__":
