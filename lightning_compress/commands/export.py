@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from lightning_compress.commands.checkpoint import load_checkpoint
+from lightning_compress.quantization.backend import ENGINES
 from lightning_compress.export import FILES, check_export_directory, export_artifacts, int8_from_qat
 
 
@@ -30,7 +31,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--to", required=True, dest="directory", help="export directory (new or empty)")
     parser.add_argument("--overwrite", action="store_true", help="replace the content of a non-empty directory")
     parser.add_argument("--values", choices=["int8", "fp16"], default="int8", help="packed value format")
-    parser.add_argument("--engine", choices=["x86", "qnnpack"], default="x86", help="int8 engine of a QAT checkpoint")
+    parser.add_argument("--engine", choices=ENGINES, default="x86", help="int8 engine of a QAT checkpoint")
     parser.add_argument("--classes", default=None, help="comma-separated class names, in label order")
     parser.add_argument("--check-images", type=int, default=64, help="random images for the onnxruntime check")
     parser.add_argument("--min-agreement", type=float, default=0.99, help="minimal ONNX-vs-torch top-1 agreement")

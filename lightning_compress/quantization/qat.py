@@ -46,7 +46,8 @@ class QuantizationAwareTraining(Callback):
         start: When to start QAT (a fraction of the run, ``"<n>ep"`` or ``"<n>steps"``); default: at once.
         freeze_observers: When to stop updating quantization ranges; ``None`` keeps them updating.
         freeze_bn: When to freeze batch-norm statistics of fused Conv-BN layers; ``None`` never.
-        engine: int8 CPU engine, ``"x86"`` or ``"qnnpack"`` (ARM).
+        engine: int8 CPU engine: ``"x86"``, ``"onednn"`` (x86, batched throughput) or ``"qnnpack"``
+            (ARM); see :data:`~lightning_compress.quantization.backend.ENGINES`.
         skip: Glob patterns of module names (as in the LightningModule, e.g. ``"model.head.*"``) kept
             in fp32 and not traced: the way out for modules that cannot be quantized or traced.
         network: Attribute of the LightningModule holding the network; ``None`` detects it.

@@ -93,7 +93,7 @@ def test_int8_matches_the_fake_quant_simulation(engine):
 
 
 def test_unknown_engine_lists_engines():
-    with pytest.raises(ValueError, match=r"engine must be one of \['x86', 'qnnpack'\], got 'fbgemm2'"):
+    with pytest.raises(ValueError, match=r"engine must be one of \['x86', 'onednn', 'qnnpack'\], got 'fbgemm2'"):
         backend.check_engine("fbgemm2")
 
 
@@ -148,15 +148,18 @@ def test_zeroed_weights_stay_exactly_zero_in_fake_quant_and_int8():
     assert (int_weights[~mask] != 0).float().mean() > 0.9
 
 
-def test_save_and_load_round_trip_is_exact(tmp_path):
-    prepared = backend.prepare(ToyConvNet(), "qnnpack", mode="qat")
+@pytest.mark.parametrize("engine", ["qnnpack", "onednn"])
+def test_save_and_load_round_trip_is_exact(tmp_path, engine):
+    if engine not in torch.backends.quantized.supported_engines:
+        pytest.skip(f"this torch build has no {engine} engine")
+    prepared = backend.prepare(ToyConvNet(), engine, mode="qat")
     prepared(torch.randn(8, 3, 16, 16))
-    int8 = backend.convert(prepared, "qnnpack")
-    path = backend.save_quantized(int8, tmp_path / "sub" / "int8.pt", (torch.randn(1, 3, 16, 16),), "qnnpack")
+    int8 = backend.convert(prepared, engine)
+    path = backend.save_quantized(int8, tmp_path / "sub" / "int8.pt", (torch.randn(1, 3, 16, 16),), engine)
     assert os.listdir(tmp_path / "sub") == ["int8.pt"]  # written via a temp file, nothing left behind
     torch.backends.quantized.engine = "x86"
     loaded = backend.load_quantized(path)
-    assert torch.backends.quantized.engine == "qnnpack"  # restored from the file
+    assert torch.backends.quantized.engine == engine  # restored from the file
     x = torch.randn(5, 3, 16, 16)
     assert torch.equal(loaded(x), int8(x))
     torch.backends.quantized.engine = "x86"
