@@ -40,13 +40,13 @@ def _trainer(callbacks: list, **kw) -> pl.Trainer:
 
 
 def slim(name: str, kept_macs: float, epochs: int, data: pl.LightningDataModule | None,
-         round_to: int = 1) -> ImageClassifier:
+         round_to: int = 1, limit_train_batches: float = 1.0) -> ImageClassifier:
     """A model slimmed to ``kept_macs`` of the dense MACs by ChannelPruning (trained if ``epochs``)."""
     model = ImageClassifier(name, num_classes=10, lr=0.05)
     if epochs:
-        pruning = ChannelPruning(kept_macs_ratio=kept_macs, importance="l2", start=0.0, end=0.5, update_every="1ep",
+        pruning = ChannelPruning(kept_macs_ratio=kept_macs, importance="l2", start=0.0, end=0.5, update_every=0.05,
                                  round_to=round_to)
-        _trainer([pruning], max_epochs=epochs).fit(model, datamodule=data)
+        _trainer([pruning], max_epochs=epochs, limit_train_batches=limit_train_batches).fit(model, datamodule=data)
     else:
         pruning = ChannelPruning(kept_macs_ratio=kept_macs, importance="l2", start=0.0, end="3steps",
                                  update_every="1steps", schedule="linear", round_to=round_to)
@@ -66,8 +66,9 @@ def latency(dense: torch.nn.Module, pruned: torch.nn.Module, batch: int, repeats
     return {"batch": batch, "dense_ms": dense_s * 1e3, "pruned_ms": pruned_s * 1e3, "speedup": dense_s / pruned_s}
 
 
-def accuracy(model: ImageClassifier, epochs: int, data: pl.LightningDataModule, train: bool) -> float:
-    trainer = _trainer([], max_epochs=epochs)
+def accuracy(model: ImageClassifier, epochs: int, data: pl.LightningDataModule, train: bool,
+             limit_train_batches: float = 1.0) -> float:
+    trainer = _trainer([], max_epochs=epochs, limit_train_batches=limit_train_batches)
     if train:
         trainer.fit(model, datamodule=data)
     return float(trainer.test(model, datamodule=data, verbose=False)[0]["test/acc"])
@@ -80,6 +81,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=0, help="training budget per model; 0 skips accuracy")
     parser.add_argument("--data", default=SHARED_CIFAR10)
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 64])
+    parser.add_argument("--limit-train-batches", type=float, default=1.0, help="fraction of each training epoch")
+    parser.add_argument("--name", default="channel_pruning", help="results file name in benchmarks/results/")
     parser.add_argument("--round-to", nargs="+", type=int, default=[1, 8], help="ChannelPruning(round_to=...) values")
     parser.add_argument("--repeats", type=int, default=5, help="timed forwards per round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved dense/pruned rounds")
@@ -96,7 +99,7 @@ def main() -> None:
     dense_acc: dict[str, float] = {}
     for name, round_to in ((name, r) for name in args.models for r in args.round_to):
         dense = ImageClassifier(name, num_classes=10, lr=0.05)
-        pruned = slim(name, args.kept_macs, args.epochs, data, round_to)
+        pruned = slim(name, args.kept_macs, args.epochs, data, round_to, args.limit_train_batches)
         example = torch.randn(1, 3, 32, 32)
         row = {
             "model": name,
@@ -109,7 +112,8 @@ def main() -> None:
         row["macs_reduction"] = row["macs"]["dense"] / row["macs"]["pruned"]
         if args.epochs:
             if name not in dense_acc:  # one dense baseline per model, whatever the round_to values
-                dense_acc[name] = accuracy(dense, args.epochs, data, train=True)
+                dense_acc[name] = accuracy(dense, args.epochs, data, train=True,
+                                          limit_train_batches=args.limit_train_batches)
             row["test_acc"] = {"dense": dense_acc[name], "pruned": accuracy(pruned, args.epochs, data, train=False)}
         rows.append(row)
         print(row, flush=True)
@@ -143,7 +147,7 @@ def main() -> None:
     else:
         lines += ["", "Accuracy not measured in this run (`--epochs 0`): the pruned architectures were reached "
                   "in a 4-step fit on random data."]
-    write_results("channel_pruning", result, "\n".join(lines) + "\n")
+    write_results(args.name, result, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
