@@ -16,15 +16,14 @@ consecutive ``on_train_batch_end`` calls of epoch 1 is recorded (the whole loop 
 forward, backward, optimizer, every callback hook), skipping the epoch boundary, as CPU time of the
 single-threaded step (immune to other processes on the machine). The order of the configurations
 rotates each round. Reported: median and mean per round; ratios are taken per round and the median
-ratio is reported. Because step
-times on a shared machine vary by more than the overhead being measured, the time spent inside
-``MagnitudePruning``'s per-step hooks is also measured directly, in the loop.
+ratio is reported. Because step times vary by more than the overhead being measured, the time
+spent inside ``MagnitudePruning``'s per-step hooks is also measured directly, in the loop.
 
-Step-time differences of a few percent between the configurations come mostly from the model's own
-memory-bound ops (ReLU, residual add, convolution outputs), whose cost depends on where glibc's
-allocator places the activation buffers: blocks above its mmap threshold are returned to the OS
-and page-faulted in again at every step, and which blocks cross it shifts with any extra tensor a
-configuration allocates. ``--reuse-memory`` raises glibc's mmap and trim thresholds (``mallopt``;
+In a ``torch.profiler`` comparison of the three configurations, their step-time differences of a
+few percent sat in the model's own ops (ReLU, residual add, convolution), not in the callbacks.
+Those ops' cost depends on where glibc's allocator places the activation buffers: blocks above its
+mmap threshold are returned to the OS and page-faulted in again at every step, and which blocks
+cross it shifts with any extra tensor a configuration allocates. ``--reuse-memory`` raises glibc's mmap and trim thresholds (``mallopt``;
 what jemalloc/tcmalloc do by design) so that every configuration reuses the same warm heap; the
 results file records which allocator behaviour was measured.
 
