@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import torch
 
 from lightning_compress.commands.checkpoint import load_checkpoint
-from lightning_compress.quantization.backend import ENGINES
 from lightning_compress.export import FILES, check_export_directory, export_artifacts, int8_from_qat
+from lightning_compress.quantization.backend import ENGINES
 
 
 def main(argv: Sequence[str]) -> int:
