@@ -27,8 +27,8 @@ Numerics: weights int8 symmetric per-channel (zero-point 0, so pruned zeros stay
 activations 8-bit per-tensor affine (``quint8``). On ``x86`` the activation range is 0..127
 (torch's ``reduce_range`` for this engine): without VNNI fbgemm's u8 x s8 kernels accumulate pairs
 in int16 and a full range can saturate. ``onednn`` and ``qnnpack`` use the full 0..255, as torch's
-own default configurations for them do (on a ResNet-20, onednn's int8 top-1 agreed with fp32 on
-99.6 % of random inputs, fbgemm's with its reduced range on 95 %). Weights use -127..127, which QNNPACK requires and keeps the
+own default configurations for them do (``tests/quantization/test_qat.py`` checks the onednn int8
+model's predictions against its fake-quantized self). Weights use -127..127, which QNNPACK requires and keeps the
 grid symmetric.
 
 Example:
