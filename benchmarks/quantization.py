@@ -1,14 +1,19 @@
-"""fp32 eager vs int8 (FX; x86 and onednn engines) on CPU: latency ratio, serialized size ratio, accuracy.
+"""fp32 vs int8 (FX; x86 and onednn engines) on CPU: latency ratio, serialized size ratio, accuracy.
 
-Latency: for each model and batch size, fp32 and int8 calls are interleaved in one process
-(fp32, int8, fp32, int8, ...) after warm-up, and the ratio of medians is reported, so load from
-other processes on a shared machine hits both sides alike. The int8 model for latency/size is a
-static-PTQ conversion calibrated on random data: same kernels and size as a QAT-converted one.
+Latency: for each model and batch size, four variants are called in turn in one process after
+warm-up (fp32 eager, fp32 TorchScript traced + frozen, int8 eager, int8 artifact written by
+``save_quantized`` and read back by ``load_quantized``), and ratios of medians are reported, so
+load from other processes on a shared machine hits all alike. The headline speed-up is fp32 eager
+vs the int8 artifact (what a deployment runs; checked to compute exactly what the int8 model
+does); fp32 TorchScript vs the int8 artifact compares the two compiled the same way. The int8
+model for latency/size is a static-PTQ conversion calibrated on random data: same kernels and
+size as a QAT-converted one.
 
 Engines (``--engines``): ``x86`` runs fbgemm's int8 kernels, ``onednn`` oneDNN's; each int8 model
 is converted for its engine and timed with that engine selected.
 
-Size: bytes of ``torch.save(state_dict)`` for fp32 vs the int8 model's (packed int8 weights).
+Size: bytes of ``torch.save(state_dict)`` for fp32 vs the int8 model's (packed int8 weights), and
+of the int8 TorchScript artifact vs the fp32 TorchScript file.
 
 Accuracy (``--accuracy-epochs N``, off by default): on the shared CIFAR-10 copy, fp32 trained N
 epochs; PTQ of that fp32 model calibrated on 32 training batches (for each engine); QAT runs of the same N epochs, one
@@ -27,28 +32,56 @@ import argparse
 import itertools
 import json
 import statistics
+import tempfile
 import time
+import warnings
+from pathlib import Path
 
 import torch
 
 from reporting import SHARED_CIFAR10, machine_info, write_results
 from lightning_compress.core.accounting import serialized_size
-from lightning_compress.quantization import QuantizationAwareTraining, quantize_static
+from lightning_compress.quantization import (
+    QuantizationAwareTraining,
+    load_quantized,
+    quantize_static,
+    save_quantized,
+)
 
 MODELS = ("resnet20", "resnet56", "mobilenetv2", "resnet18")
 
 
-def _interleaved_latency(fp32, int8, x: torch.Tensor, repeats: int, warmup: int) -> tuple[float, float]:
+VARIANTS = ("fp32", "fp32_ts", "int8", "int8_ts")
+"""Timed side by side: fp32 eager, fp32 TorchScript (traced + frozen: Conv-BN folded), int8 eager
+(the FX ``GraphModule`` that ``convert`` returns) and the int8 artifact (``save_quantized`` file loaded
+back with ``load_quantized``: what a deployment runs)."""
+
+
+def _interleaved_latency(models: dict, x: torch.Tensor, repeats: int, warmup: int) -> dict[str, float]:
     with torch.no_grad():
         for _ in range(warmup):
-            fp32(x), int8(x)
-        fp32_times, int8_times = [], []
+            for model in models.values():
+                model(x)
+        times = {name: [] for name in models}
         for _ in range(repeats):
-            for model, times in ((fp32, fp32_times), (int8, int8_times)):
+            for name, model in models.items():
                 start = time.perf_counter()
                 model(x)
-                times.append(time.perf_counter() - start)
-    return statistics.median(fp32_times), statistics.median(int8_times)
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _deployed(fp32, int8, engine: str, workdir: Path) -> tuple[dict, dict]:
+    """fp32 TorchScript (frozen) and the int8 artifact round-tripped through its file; their file sizes."""
+    example = (torch.randn(1, 3, 32, 32),)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
+        fp32_ts = torch.jit.freeze(torch.jit.trace(fp32, example).eval())
+        torch.jit.save(fp32_ts, str(workdir / "fp32_ts.pt"))
+    save_quantized(int8, workdir / "int8_ts.pt", example, engine)
+    int8_ts = load_quantized(workdir / "int8_ts.pt")
+    sizes = {name: (workdir / f"{name}.pt").stat().st_size for name in ("fp32_ts", "int8_ts")}
+    return {"fp32_ts": fp32_ts, "int8_ts": int8_ts}, sizes
 
 
 def latency_and_size(models, batches, repeats, warmup, engines) -> list[dict]:
@@ -60,18 +93,34 @@ def latency_and_size(models, batches, repeats, warmup, engines) -> list[dict]:
         fp32 = create_model(name, num_classes=10).eval()
         calibration = [(torch.randn(16, 3, 32, 32),) for _ in range(4)]
         int8 = quantize_static(fp32, calibration, engine=engine)  # also selects the engine's kernels
-        size_ratio = serialized_size(int8) / serialized_size(fp32)
+        with tempfile.TemporaryDirectory() as workdir:
+            scripted, file_bytes = _deployed(fp32, int8, engine, Path(workdir))
+        variants = {"fp32": fp32, "fp32_ts": scripted["fp32_ts"], "int8": int8, "int8_ts": scripted["int8_ts"]}
+        state_bytes = {"fp32": serialized_size(fp32), "int8": serialized_size(int8)}
         for batch in batches:
             x = torch.randn(batch, 3, 32, 32)
-            reps = max(3, repeats // batch) if batch > 1 else repeats
-            t_fp32, t_int8 = _interleaved_latency(fp32, int8, x, reps, warmup)
-            rows.append({
-                "model": name, "engine": engine, "batch": batch, "repeats": reps, "fp32_ms": 1e3 * t_fp32,
-                "int8_ms": 1e3 * t_int8, "speedup": t_fp32 / t_int8, "fp32_bytes": serialized_size(fp32),
-                "int8_bytes": serialized_size(int8), "size_ratio": size_ratio,
-            })
-            print(f"{name:12s} {engine:7s} batch {batch:3d}: fp32 {1e3 * t_fp32:8.2f} ms  int8 {1e3 * t_int8:8.2f} ms  "
-                  f"speed-up {t_fp32 / t_int8:5.2f}x  size ratio {size_ratio:.3f}", flush=True)
+            with torch.no_grad():  # the artifact (traced at batch 1) must compute what the eager int8 model does
+                if not torch.equal(scripted["int8_ts"](x), int8(x)):
+                    raise RuntimeError(f"{name}: the loaded int8 artifact disagrees with the int8 model at batch {batch}")
+            reps = max(5, repeats // 8) if batch > 1 else repeats
+            seconds = _interleaved_latency(variants, x, reps, warmup)
+            row = {
+                "model": name, "engine": engine, "batch": batch, "repeats": reps,
+                **{f"{variant}_ms": 1e3 * seconds[variant] for variant in VARIANTS},
+                "speedup": seconds["fp32"] / seconds["int8_ts"],
+                "speedup_eager": seconds["fp32"] / seconds["int8"],
+                "speedup_torchscript": seconds["fp32_ts"] / seconds["int8_ts"],
+                "fp32_bytes": state_bytes["fp32"], "int8_bytes": state_bytes["int8"],
+                "size_ratio": state_bytes["int8"] / state_bytes["fp32"],
+                "fp32_ts_bytes": file_bytes["fp32_ts"], "int8_ts_bytes": file_bytes["int8_ts"],
+                "artifact_size_ratio": file_bytes["int8_ts"] / file_bytes["fp32_ts"],
+            }
+            rows.append(row)
+            print(f"{name:12s} {engine:7s} batch {batch:3d}: "
+                  + "  ".join(f"{v} {row[v + '_ms']:8.2f} ms" for v in VARIANTS)
+                  + f"  speed-up {row['speedup']:5.2f}x (eager {row['speedup_eager']:.2f}x, "
+                  f"TorchScript {row['speedup_torchscript']:.2f}x)  size ratio {row['size_ratio']:.3f} "
+                  f"(artifact {row['artifact_size_ratio']:.3f})", flush=True)
     return rows
 
 
@@ -123,25 +172,33 @@ def accuracy(models, epochs: int, limit_train_batches: float, data_root: str,
 
 def _markdown(report: dict) -> str:
     lines = [
-        "# Quantization benchmark: fp32 eager vs int8 (FX; x86 / onednn engines), CPU",
+        "# Quantization benchmark: fp32 vs int8 (FX; x86 / onednn engines), CPU",
         "",
         f"Machine: {report['machine']['platform']}, {report['machine']['cpu_count']} CPUs (load average "
         f"{report['machine']['load_average_1_5_15']}), torch {report['machine']['torch']}, "
         f"{report['settings']['threads']} torch thread(s).",
         f"Settings: {json.dumps(report['settings'])}.",
-        "Latency: fp32 and int8 calls interleaved in one process, ratio of medians. Size: torch.save(state_dict).",
+        "Latency: fp32 eager, fp32 TorchScript (traced + frozen), int8 eager (FX GraphModule) and the int8 "
+        "artifact (`save_quantized` file loaded back) called in turn in one process; medians. "
+        "**speed-up** = fp32 eager / int8 artifact (the issue's measure); *eager* = fp32 eager / int8 eager; "
+        "*TS* = fp32 TorchScript / int8 artifact (both compiled the same way).",
+        "Size: `torch.save(state_dict)` bytes, int8/fp32; *artifact*: the int8 TorchScript file / the fp32 one.",
         "",
         "Issue targets: speed-up >= 2x at batch 1 and >= 3x at batch 64 for the ResNets; size ratio <= 0.27.",
         "",
-        "| model | engine | batch | fp32 ms | int8 ms | speed-up | speed target | size ratio (int8/fp32) | size target |",
-        "|---|---|---:|---:|---:|---:|---|---:|---|",
+        "| model | engine | batch | fp32 ms | fp32 TS ms | int8 eager ms | int8 artifact ms | speed-up | target | "
+        "eager | TS | size ratio | size target | artifact size ratio |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---:|",
     ]
     for row in report["latency"]:
         speed_target = (2.0 if row["batch"] == 1 else 3.0) if row["model"].startswith("resnet") else None
         speed = "-" if speed_target is None else f"{'met' if row['speedup'] >= speed_target else 'not met'} (>= {speed_target:g}x)"
         size = "met" if row["size_ratio"] <= 0.27 else "not met"
-        lines.append(f"| {row['model']} | {row['engine']} | {row['batch']} | {row['fp32_ms']:.2f} | {row['int8_ms']:.2f} | "
-                     f"{row['speedup']:.2f}x | {speed} | {row['size_ratio']:.3f} | {size} |")
+        lines.append(f"| {row['model']} | {row['engine']} | {row['batch']} | {row['fp32_ms']:.2f} | "
+                     f"{row['fp32_ts_ms']:.2f} | {row['int8_ms']:.2f} | {row['int8_ts_ms']:.2f} | "
+                     f"{row['speedup']:.2f}x | {speed} | {row['speedup_eager']:.2f}x | "
+                     f"{row['speedup_torchscript']:.2f}x | {row['size_ratio']:.3f} | {size} | "
+                     f"{row['artifact_size_ratio']:.3f} |")
     if report["accuracy"]:
         lines += ["", "Test accuracy (int8 for PTQ and QAT; `qat@s`: QAT from run position s, same epochs); "
                   "drop = fp32 minus int8, in points (issue target for QAT: <= 0.5).", "",
@@ -160,7 +217,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 64])
-    parser.add_argument("--repeats", type=int, default=200, help="timed calls per side at batch 1")
+    parser.add_argument("--repeats", type=int, default=200,
+                        help="timed calls per variant at batch 1 (an eighth of it, at least 5, at larger batches)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--engines", nargs="+", default=["x86", "onednn"], help="int8 engines timed against fp32")

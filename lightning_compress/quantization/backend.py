@@ -24,12 +24,14 @@ Its deprecation warnings are filtered *only around the calls made from this modu
 whole flow so an upgrade that breaks or removes it fails the test suite, not a user's run.
 
 Numerics: weights int8 symmetric per-channel (zero-point 0, so pruned zeros stay exactly zero),
-activations 8-bit per-tensor affine (``quint8``). On ``x86`` the activation range is 0..127
-(torch's ``reduce_range`` for this engine): without VNNI fbgemm's u8 x s8 kernels accumulate pairs
-in int16 and a full range can saturate. ``onednn`` and ``qnnpack`` use the full 0..255, as torch's
-own default configurations for them do (``tests/quantization/test_qat.py`` checks the onednn int8
-model's predictions against its fake-quantized self). Weights use -127..127, which QNNPACK requires and keeps the
-grid symmetric.
+activations 8-bit per-tensor affine (``quint8``). On the x86 engines (``x86`` and ``onednn``) the
+activation range is 0..127 (torch's ``reduce_range``): without VNNI (AVX2, AVX-512 before Cascade
+Lake) both fbgemm and oneDNN multiply u8 x s8 with ``vpmaddubsw``, which sums pairs of products in
+int16 and saturates for large activations (measured here on AVX2: a 16-term dot product of 255s and
+127s comes out as 262136 instead of 518160 on both engines with the full range). The model may run
+on a CPU other than the one that trained it, so the safe range is used on every x86 CPU (torch's own
+``onednn`` default keeps the full range and warns on non-VNNI CPUs). ``qnnpack`` (ARM) uses the full
+0..255. Weights use -127..127, which QNNPACK requires and keeps the grid symmetric.
 
 Example:
     >>> import torch
@@ -61,15 +63,16 @@ ENGINES: tuple[str, ...] = ("x86", "onednn", "qnnpack")
 """CPU int8 engines: ``x86`` (fbgemm kernels; servers and desktops, best at small batches),
 ``onednn`` (oneDNN kernels on x86; best for batched throughput) and ``qnnpack`` (ARM, mobile).
 
-Measured on a 2-core AVX2 CPU (no VNNI), 1 thread (``benchmarks/results/quantization.md``): int8
-ResNet-20 is 1.6x faster than fp32 at batch 1 and 2.0x at batch 64 on ``x86``, 1.4x and 4.4x on
-``onednn``; ResNet-56 1.8x / 2.4x and 1.5x / 3.6x."""
+Measured on a 2-core AVX2 CPU (no VNNI), 1 thread, as files written by :func:`save_quantized`
+(``benchmarks/results/quantization.md``): int8 ResNet-20 is 4.0x faster than fp32 eager at batch 1
+and 2.5x at batch 64 on ``x86``, 3.5x and 5.0x on ``onednn``; ResNet-56 4.2x / 2.5x and 3.7x / 4.0x."""
 
 _TORCH_AO_WARNINGS = (
     r"torch\.ao\.quantization is deprecated",
     r"Please use quant_min and quant_max",
     r"torch\.quantize_per_tensor, torch\.quantize_per_channel and other quantized tensor creation",
     r"`torch\.jit\.\w+` is deprecated",
+    r"Default qconfig of oneDNN backend with reduce_range of false",  # ours reduces it (module docstring)
 )
 _ENGINE_FILE = "quantized_engine"
 
@@ -131,7 +134,7 @@ def check_engine(engine: str) -> str:
 
 
 def _qconfig(engine: str, qat: bool) -> QConfig:
-    act_max = 127 if engine == "x86" else 255
+    act_max = 255 if engine == "qnnpack" else 127  # see the module docstring: int16 pair sums on x86
     if qat:
         activation = FusedMovingAvgObsFakeQuantize.with_args(
             observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=act_max, dtype=torch.quint8,
@@ -459,7 +462,10 @@ def save_quantized(
 
     TorchScript round-trips the packed int8 weights exactly; ``torch.export`` does not serialize
     the quantized modules' packed parameters in torch 2.14. The model is *traced* (FX already made its
-    graph straight-line; scripting fails on FX code generated from annotated ``forward`` methods).
+    graph straight-line; scripting fails on FX code generated from annotated ``forward`` methods) and
+    *frozen* (weights inlined as constants, submodules dropped; numerics untouched): the file is about
+    20 % smaller than the traced module's, and running it skips eager mode's per-module Python calls,
+    which at batch 1 cost as much as the int8 kernels themselves (``benchmarks/results/quantization.md``).
 
     Args:
         model: An int8 model from :func:`convert`.
@@ -477,7 +483,8 @@ def save_quantized(
     path = Path(path)
     with _routed_warnings():
         with torch.no_grad():
-            scripted = torch.jit.trace(model.cpu().eval(), tuple(example_inputs))
+            traced = torch.jit.trace(model.cpu().eval(), tuple(example_inputs))
+            scripted = torch.jit.freeze(traced, optimize_numerics=False)
     with atomic_path(path) as tmp, _routed_warnings():
         torch.jit.save(scripted, str(tmp), _extra_files={_ENGINE_FILE: engine})
     return path

@@ -162,6 +162,7 @@ def test_save_and_load_round_trip_is_exact(tmp_path, engine):
     assert torch.backends.quantized.engine == engine  # restored from the file
     x = torch.randn(5, 3, 16, 16)
     assert torch.equal(loaded(x), int8(x))
+    assert not list(loaded.children())  # frozen: weights inlined, no per-module calls at run time
     torch.backends.quantized.engine = "x86"
 
 
@@ -193,3 +194,25 @@ def test_torch_ao_deprecation_warnings_are_filtered_locally_only():
         backend.convert(prepared)
     assert not [w for w in caught if "torch.ao.quantization is deprecated" in str(w.message)]
     assert warnings.filters == filters_before
+
+
+@pytest.mark.parametrize("engine", ["x86", "onednn"])
+def test_x86_engines_do_not_saturate_on_large_activations(engine):
+    """Worst case for u8 x s8 kernels without VNNI: maximal activations times maximal weights.
+
+    Full-range (0..255) activations make pairs of products overflow int16 on AVX2 CPUs (the int8
+    result comes out about half the true value); the reduced range keeps every pair in range. On a
+    VNNI CPU both ranges are exact, so there this checks plain conversion accuracy.
+    """
+    net = nn.Sequential(nn.Conv2d(3, 16, 1), nn.ReLU(), nn.Conv2d(16, 4, 1))
+    with torch.no_grad():
+        for conv in (net[0], net[2]):
+            conv.weight.fill_(1.0)
+            conv.bias.zero_()
+    x = torch.rand(8, 3, 4, 4) + 1.0  # every activation of the hidden layer near its observed maximum
+    prepared = backend.prepare(net, engine, mode="static")
+    backend.calibrate(prepared, [(x,)])
+    int8 = backend.convert(prepared, engine)
+    expected = net(x)
+    assert ((int8(x) - expected).abs().max() / expected.abs().max()).item() < 0.05
+    torch.backends.quantized.engine = "x86"
