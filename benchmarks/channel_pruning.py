@@ -11,12 +11,13 @@ layer becomes 11 wide), ``8`` keeps multiples of 8 -- the channel block of oneDN
 kernels, which pad 11 channels back to 16 and so gain nothing from removing them.
 
 With ``--epochs N`` both the dense and the pruned model are trained for N epochs on CIFAR-10
-(``--data``) with the same budget, and test accuracy is reported too.
+(``--data``; ``--val-size`` training images held out for validation, batches of ``--batch-size``) with
+the same budget, and test accuracy is reported too.
 
 Run:
     python benchmarks/channel_pruning.py --repeats 5 --rounds 3           # structure + latency only
     python benchmarks/channel_pruning.py --epochs 30 --models resnet56    # + accuracy (long)
-Writes ``benchmarks/results/channel_pruning.{json,md}``.
+Writes ``benchmarks/results/channel_pruning.{json,md}`` (or ``--results-dir``/``--name``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_compress.core.accounting import count_macs, count_parameters, measure_latency
 from lightning_compress.module import ImageClassifier
 from lightning_compress.pruning.channel import ChannelPruning
-from reporting import SHARED_CIFAR10, machine_info, write_results
+from reporting import SHARED_CIFAR10, add_output_arguments, machine_info, write_results
 
 
 def _trainer(callbacks: list, **kw) -> pl.Trainer:
@@ -80,13 +81,15 @@ def main() -> None:
     parser.add_argument("--kept-macs", type=float, default=0.5, help="fraction of dense MACs kept (0.5 = 2x fewer)")
     parser.add_argument("--epochs", type=int, default=0, help="training budget per model; 0 skips accuracy")
     parser.add_argument("--data", default=SHARED_CIFAR10)
+    parser.add_argument("--val-size", type=int, default=5000, help="training images held out for validation")
+    parser.add_argument("--batch-size", type=int, default=128, help="training batch size with --epochs")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     parser.add_argument("--limit-train-batches", type=float, default=1.0, help="fraction of each training epoch")
-    parser.add_argument("--name", default="channel_pruning", help="results file name in benchmarks/results/")
     parser.add_argument("--round-to", nargs="+", type=int, default=[1, 8], help="ChannelPruning(round_to=...) values")
     parser.add_argument("--repeats", type=int, default=5, help="timed forwards per round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved dense/pruned rounds")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    add_output_arguments(parser, "channel_pruning")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -94,7 +97,8 @@ def main() -> None:
     if args.epochs:
         from lightning_compress.data import CIFARDataModule
 
-        data = CIFARDataModule(root=args.data, download=False)
+        data = CIFARDataModule(root=args.data, download=False, batch_size=args.batch_size,
+                               val_size=args.val_size)
     rows = []
     dense_acc: dict[str, float] = {}
     for name, round_to in ((name, r) for name in args.models for r in args.round_to):
@@ -117,7 +121,7 @@ def main() -> None:
             row["test_acc"] = {"dense": dense_acc[name], "pruned": accuracy(pruned, args.epochs, data, train=False)}
         rows.append(row)
         print(row, flush=True)
-    settings = {k: v for k, v in vars(args).items()}
+    settings = {k: v for k, v in vars(args).items() if k != "results_dir"}
     machine = machine_info()
     result = {"machine": machine, "settings": settings, "results": rows}
     lines = [
@@ -147,7 +151,7 @@ def main() -> None:
     else:
         lines += ["", "Accuracy not measured in this run (`--epochs 0`): the pruned architectures were reached "
                   "in a 4-step fit on random data."]
-    write_results(args.name, result, "\n".join(lines) + "\n")
+    write_results(args.name, result, "\n".join(lines) + "\n", directory=args.results_dir)
 
 
 if __name__ == "__main__":

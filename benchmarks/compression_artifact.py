@@ -7,6 +7,7 @@ baseline is ``torch.save`` of the network's state dict (weights only, the smalle
 a full Lightning checkpoint (with optimizer state) is measured too.
 
 Usage: ``python benchmarks/compression_artifact.py [--sparsity 0.9] [--model resnet20]``.
+Writes ``benchmarks/results/compression_artifact.{json,md}`` (or ``--results-dir``/``--name``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from reporting import machine_info, write_results
+from reporting import add_output_arguments, machine_info, write_results
 from lightning_compress.core.accounting import count_nonzero, serialized_size
 from lightning_compress.core.layers import select_layers
 from lightning_compress.export import pack_state_dict, unpack_state_dict
@@ -32,6 +33,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--sparsity", type=float, default=0.9)
+    add_output_arguments(parser, "compression_artifact")
     args = parser.parse_args()
     torch.manual_seed(0)
     classifier = ImageClassifier(args.model, num_classes=10)
@@ -88,7 +90,7 @@ def main() -> None:
               f"(target >= 10x: {'met' if headline['ratio_vs_fp32_weights'] >= 10 else 'NOT met'}).", "",
               f"Machine: {result['machine']}", ""]
     markdown = "\n".join(lines)
-    write_results("compression_artifact", result, markdown)
+    write_results(args.name, result, markdown, directory=args.results_dir)
     print(markdown)
 
 

@@ -18,7 +18,7 @@ The four iterators are measured in interleaved rounds in one process; medians ar
 Run:
     python benchmarks/data_throughput.py --quick        # 2 rounds of 2 s each
     python benchmarks/data_throughput.py --seconds 10 --rounds 3
-Writes ``benchmarks/results/data_throughput.{json,md}``.
+Writes ``benchmarks/results/data_throughput.{json,md}`` (or ``--results-dir``/``--name``).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress.data import CIFARDataModule
-from reporting import SHARED_CIFAR10, machine_info, write_results
+from reporting import SHARED_CIFAR10, add_output_arguments, machine_info, write_results
 
 DEFAULT_ARCHIVE = SHARED_CIFAR10
 TARGET_IMAGES_PER_S = 20_000
@@ -69,7 +69,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="time per iterator per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--baseline-images", type=int, default=10_000, help="images in the float tensor")
+    parser.add_argument("--val-size", type=int, default=5000, help="training images held out for validation")
     parser.add_argument("--quick", action="store_true", help="2 rounds of 2 s (the budget this was run with)")
+    add_output_arguments(parser, "data_throughput")
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.rounds = 2.0, 2
@@ -80,7 +82,8 @@ def main() -> None:
 
     def datamodule() -> CIFARDataModule:
         dm = CIFARDataModule(
-            args.archive, batch_size=args.batch_size, cache_dir=str(cache_dir), download=False
+            args.archive, batch_size=args.batch_size, val_size=args.val_size, cache_dir=str(cache_dir),
+            download=False,
         )
         dm.prepare_data()
         dm.setup("fit")
@@ -219,7 +222,7 @@ per iterator and thread count{' (--quick)' if args.quick else ''}; medians in im
 - Train-split mean/std measured on this JPEG copy: {measured_mean} / {measured_std};
   normalization uses {list(dm.mean)} / {list(dm.std)}.
 """
-    write_results("data_throughput", result, markdown)
+    write_results(args.name, result, markdown, directory=args.results_dir)
     print(markdown)
 
 

@@ -22,13 +22,13 @@ backward, optimizer step); the first step of every fit is dropped (warm-up, and 
 consistency check).
 
 Accuracy (``--accuracy-epochs N``): trains a resnet56 teacher (or loads ``--teacher-checkpoint``),
-then resnet20 and mobilenetv2 students alone and with KD at the same budget on CIFAR-10 from
+then the ``--students`` (resnet20 and mobilenetv2) alone and with KD at the same budget on CIFAR-10 from
 ``--data`` via ``CIFARDataModule(download=False)``; reports test accuracy.
 
 Run:
     python benchmarks/distillation.py --steps 3 --rounds 3          # overhead only (quick)
     python benchmarks/distillation.py --accuracy-epochs 30 --data ../shared/data/cifar10-jpeg.tar.gz
-Writes ``benchmarks/results/distillation.{json,md}`` (or ``--results-dir``).
+Writes ``benchmarks/results/distillation.{json,md}`` (or ``--results-dir``/``--name``).
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -47,7 +46,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_compress.distillation import IndexedDataset, KnowledgeDistillation
 from lightning_compress.models import create_model
 from lightning_compress.module import ImageClassifier
-from reporting import RESULTS_DIR, SHARED_CIFAR10, machine_info, write_results
+from reporting import SHARED_CIFAR10, add_output_arguments, machine_info, write_results
 
 WRAPPER_TARGET_PCT = 2.0
 CACHE_TARGET_RATIO = 1.05
@@ -250,7 +249,7 @@ def measure_accuracy(args: argparse.Namespace) -> dict[str, Any]:
         teacher, acc, seconds = train_and_test("resnet56", [])
         rows.append({"model": "resnet56 (teacher)", "kd": False, "test_acc": acc, "fit_s": seconds})
         print(json.dumps(rows[-1]), flush=True)
-    for student in ("resnet20", "mobilenetv2"):
+    for student in args.students:
         for use_kd in (False, True):
             callbacks = [KnowledgeDistillation(teacher, temperature=4.0, alpha=0.9)] if use_kd else []
             _, acc, seconds = train_and_test(student, callbacks)
@@ -323,9 +322,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--accuracy-epochs", type=int, default=0, help="run the accuracy section (0: skip)")
     parser.add_argument("--data", default=SHARED_CIFAR10)
+    parser.add_argument("--students", nargs="+", default=["resnet20", "mobilenetv2"],
+                        help="students trained alone and with KD in the accuracy section")
     parser.add_argument("--teacher-checkpoint", default=None, help="a trained resnet56 ImageClassifier checkpoint")
     parser.add_argument("--limit-batches", type=int, default=0, help="limit train/test batches (smoke runs)")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    add_output_arguments(parser, "distillation")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -339,7 +340,7 @@ def main() -> None:
         "accuracy": measure_accuracy(args) if args.accuracy_epochs > 0 else None,
     }
     print(json.dumps(result["overhead"]), flush=True)
-    write_results("distillation", result, to_markdown(result), directory=args.results_dir)
+    write_results(args.name, result, to_markdown(result), directory=args.results_dir)
 
 
 if __name__ == "__main__":

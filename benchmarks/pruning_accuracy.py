@@ -9,7 +9,7 @@ accuracy is measured on the 10,000 test images (or ``--limit-test-batches`` of t
 Run:
     python benchmarks/pruning_accuracy.py --epochs 30                  # full budget (GPU recommended)
     python benchmarks/pruning_accuracy.py --quick                      # 1 epoch x 30 batches, CPU smoke
-Writes ``benchmarks/results/pruning_accuracy.{json,md,png}``.
+Writes ``benchmarks/results/pruning_accuracy.{json,md,png}`` (or ``--results-dir``/``--name``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from lightning_compress.core.layers import select_layers
 from lightning_compress.data import CIFARDataModule
 from lightning_compress.module import ImageClassifier
 from lightning_compress.pruning import MagnitudePruning
-from reporting import RESULTS_DIR, SHARED_CIFAR10, machine_info, write_results
+from reporting import SHARED_CIFAR10, add_output_arguments, machine_info, write_results
 
 DEFAULT_DATA = SHARED_CIFAR10
 
@@ -93,8 +93,8 @@ def plot(rows: list[dict[str, object]], path: Path, budget: str) -> None:
     plt.close(fig)
 
 
-def to_markdown(result: dict[str, object]) -> str:
-    """Render the result table with machine, settings and budget."""
+def to_markdown(result: dict[str, object], figure: str) -> str:
+    """Render the result table with machine, settings and budget; ``figure`` is the plot's file name."""
     lines = [
         "# Accuracy vs sparsity (ResNet-20, CIFAR-10)",
         "",
@@ -111,7 +111,7 @@ def to_markdown(result: dict[str, object]) -> str:
         lines.append(f"| {r['method']} | {r['target_sparsity']:.0%} | {r['achieved_sparsity']:.2%} | "
                      f"{r['test_acc']} | "
                      f"{r['test_acc'] - dense:+.2f} | {r['train_seconds']} |")
-    lines += ["", "![accuracy vs sparsity](pruning_accuracy.png)", "",
+    lines += ["", f"![accuracy vs sparsity]({figure})", "",
               "Target at a full budget (GPU): 90 % sparse within 1.5 points of dense."]
     return "\n".join(lines) + "\n"
 
@@ -134,6 +134,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
                         help="CPU smoke run: 1 epoch of 30 batches, update every 3 steps, full test set")
+    add_output_arguments(parser, "pruning_accuracy")
     args = parser.parse_args()
     if args.quick:
         # the whole test set even here: it is ordered by class, so a part of it is biased
@@ -153,9 +154,11 @@ def main() -> None:
               f"test on {'all' if args.limit_test_batches == 1.0 else args.limit_test_batches} test batches")
     if args.quick:
         budget += " -- QUICK smoke run: accuracies are far from converged and only show the pipeline works"
-    result = {"budget": budget, "machine": machine_info(), "settings": vars(args), "rows": rows}
-    plot(rows, RESULTS_DIR / "pruning_accuracy.png", budget.split(" -- ")[0])
-    write_results("pruning_accuracy", result, to_markdown(result))
+    settings = {key: value for key, value in vars(args).items() if key != "results_dir"}
+    result = {"budget": budget, "machine": machine_info(), "settings": settings, "rows": rows}
+    figure = f"{args.name}.png"
+    plot(rows, args.results_dir / figure, budget.split(" -- ")[0])
+    write_results(args.name, result, to_markdown(result, figure), directory=args.results_dir)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Step-time overhead of MagnitudePruning vs no callback vs Lightning's ModelPruning; mask-update time.
 
 Part 1 -- step time. ``ImageClassifier("resnet20")`` is trained by a real ``Trainer`` on synthetic
-CIFAR-shaped batches (batch 128, CPU) in three configurations, interleaved round by round in one
-process so that machine load hits all three alike:
+CIFAR-shaped batches (``--batch-size``, 128 by default; CPU) in three configurations, interleaved
+round by round in one process so that machine load hits all three alike:
 
 * ``none``: no pruning callback;
 * ``magnitude``: ``MagnitudePruning(final_sparsity=0.9, scope="global", update_every=100)``;
@@ -35,7 +35,7 @@ Run:
     python benchmarks/pruning_overhead.py                 # full: 120 steps/epoch x 3 rounds
     python benchmarks/pruning_overhead.py --quick         # 6 steps/epoch x 3 rounds (shared CPUs)
     python benchmarks/pruning_overhead.py --steps 40 --reuse-memory --name pruning_overhead_reuse_memory
-Writes ``benchmarks/results/pruning_overhead.{json,md}``.
+Writes ``benchmarks/results/pruning_overhead.{json,md}`` (or ``--results-dir``/``--name``).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from lightning_compress.models import create_model
 from lightning_compress.module import ImageClassifier
 from lightning_compress.pruning import MagnitudePruning
 from lightning_compress.pruning.masks import global_magnitude_masks
-from reporting import machine_info, write_results
+from reporting import add_output_arguments, machine_info, write_results
 
 CONFIGS = ("none", "magnitude", "model_pruning")
 
@@ -225,7 +225,8 @@ def to_markdown(result: dict[str, object]) -> str:
         f"Machine: {result['machine']}",
         f"Settings: {result['settings']}",
         "",
-        "## Training step time, ResNet-20, batch 128, CPU (interleaved; median over rounds)",
+        f"## Training step time, ResNet-20, batch {result['settings']['batch_size']}, CPU (interleaved; "
+        "median over rounds)",
         "",
         "| configuration | median step (ms) | mean step (ms) | median ratio vs none |",
         "|---|---:|---:|---:|",
@@ -275,7 +276,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="6 steps x 3 rounds, 10 repeats (shared CPUs)")
     parser.add_argument("--reuse-memory", action="store_true",
                         help="raise glibc's mmap/trim thresholds so activation buffers are reused (see above)")
-    parser.add_argument("--name", default="pruning_overhead", help="results file name in benchmarks/results/")
+    add_output_arguments(parser, "pruning_overhead")
     args = parser.parse_args()
     if args.reuse_memory:
         reuse_heap_memory()
@@ -297,7 +298,7 @@ def main() -> None:
     print(json.dumps(result["mask_update"]), flush=True)
     result["step_time"] = step_time(args.steps, args.rounds, args.batch_size)
     print(json.dumps(result["step_time"]["ratios_of_medians"]), flush=True)
-    write_results(args.name, result, to_markdown(result))
+    write_results(args.name, result, to_markdown(result), directory=args.results_dir)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ is converted for its engine and timed with that engine selected.
 Size: bytes of ``torch.save(state_dict)`` for fp32 vs the int8 model's (packed int8 weights), and
 of the int8 TorchScript artifact vs the fp32 TorchScript file.
 
-Accuracy (``--accuracy-epochs N``, off by default): on the shared CIFAR-10 copy, fp32 trained N
-epochs; PTQ of that fp32 model calibrated on 32 training batches (for each engine); QAT runs of the same N epochs, one
+Accuracy (``--accuracy-epochs N``, off by default): on the shared CIFAR-10 copy (``--data-root``;
+its training split less ``--val-size`` held-out images), fp32 trained N epochs; PTQ of that fp32
+model calibrated on 32 training batches (for each engine); QAT runs of the same N epochs, one
 per ``--qat-starts`` position: ``0`` fake-quantizes from the first step, ``0.75`` trains fp32 for
 three quarters of the run and fine-tunes with QAT for the last quarter (observers frozen at 0.95,
 BN at 0.9); each is converted to int8; all are evaluated on the test set on CPU.
@@ -24,6 +25,7 @@ BN at 0.9); each is converted to int8; all are evaluated on the test set on CPU.
 Run:  python benchmarks/quantization.py --quick            (small repeat counts)
       python benchmarks/quantization.py --accuracy-epochs 30 --models resnet20 mobilenetv2
       python benchmarks/quantization.py --quick --models resnet20 --accuracy-epochs 2 --qat-starts 0 0.75
+Writes ``benchmarks/results/quantization.{json,md}`` (or ``--results-dir``/``--name``).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from reporting import SHARED_CIFAR10, machine_info, write_results
+from reporting import SHARED_CIFAR10, add_output_arguments, machine_info, write_results
 from lightning_compress.core.accounting import serialized_size
 from lightning_compress.quantization import (
     QuantizationAwareTraining,
@@ -132,7 +134,7 @@ def qat_callback(start: float) -> QuantizationAwareTraining:
                                      freeze_observers=start + 0.8 * (1 - start))
 
 
-def accuracy(models, epochs: int, limit_train_batches: float, data_root: str,
+def accuracy(models, epochs: int, limit_train_batches: float, data_root: str, val_size: int,
              qat_starts: list[float], engines: list[str]) -> list[dict]:
     import lightning.pytorch as pl
 
@@ -151,7 +153,7 @@ def accuracy(models, epochs: int, limit_train_batches: float, data_root: str,
         results = {}
         for variant in ("fp32", *(f"qat@{start:g}" for start in qat_starts)):
             pl.seed_everything(0)
-            data = CIFARDataModule(root=data_root, download=False)
+            data = CIFARDataModule(root=data_root, download=False, val_size=val_size)
             model = ImageClassifier(name)
             callbacks = [qat_callback(float(variant[4:]))] if variant != "fp32" else []
             fit_trainer = trainer(callbacks)
@@ -228,20 +230,23 @@ def main() -> None:
     parser.add_argument("--qat-starts", nargs="+", type=float, default=[0.0, 0.75],
                         help="QAT start positions (fractions of the run) compared in the accuracy section")
     parser.add_argument("--data-root", default=SHARED_CIFAR10)
-    parser.add_argument("--name", default="quantization", help="results file name in benchmarks/results/")
+    parser.add_argument("--val-size", type=int, default=5000,
+                        help="training images held out of training (no validation runs on them)")
+    add_output_arguments(parser, "quantization")
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.warmup = 30, 2
     torch.set_num_threads(args.threads)
-    settings = {key: value for key, value in vars(args).items() if key not in ("data_root", "name")}
+    settings = {key: value for key, value in vars(args).items()
+                if key not in ("data_root", "name", "results_dir")}
     report = {
         "machine": machine_info(),
         "settings": settings,
         "latency": latency_and_size(args.models, args.batches, args.repeats, args.warmup, args.engines),
         "accuracy": accuracy(args.models, args.accuracy_epochs, args.limit_train_batches, args.data_root,
-                             args.qat_starts, args.engines) if args.accuracy_epochs else [],
+                             args.val_size, args.qat_starts, args.engines) if args.accuracy_epochs else [],
     }
-    write_results(args.name, report, _markdown(report))
+    write_results(args.name, report, _markdown(report), directory=args.results_dir)
 
 
 if __name__ == "__main__":

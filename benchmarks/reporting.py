@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -36,6 +37,21 @@ def machine_info() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    """Add ``--name`` and ``--results-dir``: where :func:`write_results` puts a benchmark's files.
+
+    Every benchmark takes both, so a run can write elsewhere than the committed results (a test, a
+    variant such as ``--name pruning_overhead_reuse_memory``) without overwriting them.
+
+    Args:
+        parser: The benchmark's parser; ``args.name`` and ``args.results_dir`` (a ``Path``) are added.
+        name: Default base name of the results files, e.g. ``"train_throughput"``.
+    """
+    parser.add_argument("--name", default=name, help="base name of the results files (default: %(default)s)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
+                        help="folder of the results files (default: benchmarks/results)")
 
 
 def write_results(name: str, result: dict[str, Any], markdown: str, directory: Path = RESULTS_DIR) -> None:

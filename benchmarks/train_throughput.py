@@ -7,7 +7,7 @@ are interleaved round by round in the same process so their ratio is fair.
 Run:
     python benchmarks/train_throughput.py                   # all models, CPU (+ GPU if available)
     python benchmarks/train_throughput.py --models resnet20 --steps 5 --rounds 2
-Writes ``benchmarks/results/train_throughput.{json,md}``.
+Writes ``benchmarks/results/train_throughput.{json,md}`` (or ``--results-dir``/``--name``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lightning_compress.models import create_model, list_models
-from reporting import machine_info, write_results
+from reporting import add_output_arguments, machine_info, write_results
 
 
 def time_training_steps(model: nn.Module, batch: torch.Tensor, labels: torch.Tensor, steps: int) -> float:
@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10, help="timed training steps per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
+    add_output_arguments(parser, "train_throughput")
     args = parser.parse_args()
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -103,7 +104,7 @@ def main() -> None:
         "settings": {"batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds},
         "rows": rows,
     }
-    write_results("train_throughput", result, to_markdown(result))
+    write_results(args.name, result, to_markdown(result), directory=args.results_dir)
 
 
 if __name__ == "__main__":

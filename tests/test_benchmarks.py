@@ -1,0 +1,229 @@
+"""Every script in ``benchmarks/`` runs end to end at its smallest settings and writes its results files.
+
+Each script is run as the README runs it (``python benchmarks/<script>.py ...``, its own process) with
+``--results-dir`` pointing into ``tmp_path``; scripts that read CIFAR-10 get a tiny JPEG archive in the
+layout of the shared copy (:mod:`tests.data.cifar_fakes`). The checks read the JSON and markdown the
+script wrote, and that the files of the same names in ``benchmarks/results/`` (the committed
+measurements) were left alone. Most of each run is the new process importing torch and Lightning
+(about 8-10 s on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.data.cifar_fakes import write_image_tree, write_tarball
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+RESULTS = BENCHMARKS / "results"
+TIMEOUT_S = 300  # bounded, but far above the ~10-30 s each run takes on 2 busy cores
+
+
+@dataclass(frozen=True)
+class Case:
+    """How one benchmark runs small and what its results must hold.
+
+    Args:
+        args: Command-line arguments; ``{data}`` stands for the fake CIFAR-10 archive.
+        check: Asserts on the written JSON (parsed) and markdown.
+        name: ``--name`` to pass (the results files' base name); None: the script's default, its own name.
+        extra_files: Other files the run must write into the results folder.
+    """
+
+    args: tuple[str, ...]
+    check: Callable[[dict[str, Any], str], None]
+    name: str | None = None
+    extra_files: tuple[str, ...] = ()
+
+
+def check_channel_pruning(result: dict[str, Any], markdown: str) -> None:
+    (row,) = result["results"]
+    assert (row["model"], row["round_to"], row["latency"][0]["batch"]) == ("resnet20", 8, 1)
+    assert row["macs"]["pruned"] < 0.6 * row["macs"]["dense"]  # --kept-macs 0.5, met from below
+    assert row["params"]["pruned"] < row["params"]["dense"]
+    assert all(0.0 <= acc <= 1.0 for acc in row["test_acc"].values())
+    assert result["settings"]["epochs"] == 2 and "results_dir" not in result["settings"]
+    assert f"| resnet20 | 8 | {row['params']['dense']:,} -> {row['params']['pruned']:,} | " in markdown
+    assert "| model | round_to | epochs | dense test acc | pruned test acc |" in markdown
+
+
+def check_compression_artifact(result: dict[str, Any], markdown: str) -> None:
+    assert result["settings"]["model"] == "resnet20"
+    assert result["overall_sparsity"] > 0.8
+    assert set(result["packed"]) == {"int8+lzma", "int8+zlib", "fp16+lzma", "fp16+zlib"}
+    assert result["packed"]["int8+lzma"]["bytes"] < result["fp32_state_dict_bytes"] / 5
+    assert markdown.startswith("# Packed artifact size: resnet20, 90% sparse + int8")
+    assert "| int8+lzma | " in markdown and "**Result: " in markdown
+
+
+def check_data_throughput(result: dict[str, Any], markdown: str) -> None:
+    assert result["settings"]["splits"] == {"train": 26, "val": 4, "test": 20}  # 30 fake train images - 4
+    assert result["settings"]["baseline_images"] == 8
+    assert set(result["images_per_s_median"]) == {
+        f"{name}@1t" for name in ("datamodule", "datamodule_loader_only", "float_tensor_batches",
+                                  "float_tensor_dataloader")
+    }
+    assert all(rate > 0 for rate in result["images_per_s_median"].values())
+    assert result["setup_s"]["first_was_cold"] is True
+    assert "| iterator | 1 thread |" in markdown and "| `datamodule` | " in markdown
+    assert "Splits: 26 train / 4 val / 20 test." in markdown
+
+
+def check_distillation(result: dict[str, Any], markdown: str) -> None:
+    steps = result["overhead"]["median_step_cpu_ms"]
+    assert set(steps) == {"student", "student_plus_teacher", "kd_online", "kd_cached", "teacher_forward"}
+    assert all(ms > 0 for ms in steps.values())
+    assert result["settings"]["steps"] == 1
+    rows = result["accuracy"]["rows"]
+    assert [(r["model"], r["kd"]) for r in rows] == [
+        ("resnet56 (teacher)", False), ("resnet20", False), ("resnet20", True)
+    ]
+    assert all(0 <= r["test_acc"] <= 100 for r in rows)
+    assert "## Overhead (CPU, teacher resnet56, student resnet20, median step time)" in markdown
+    assert "| kd_cached | " in markdown and "| resnet20 | True | " in markdown
+
+
+def check_pruning_accuracy(result: dict[str, Any], markdown: str) -> None:
+    dense, pruned = result["rows"]
+    assert (dense["method"], pruned["method"]) == ("dense", "GMP")
+    assert dense["achieved_sparsity"] == 0 and pruned["achieved_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert dense["optimizer_steps"] == 4  # --quick: 1 epoch, 30 fake images in batches of 8
+    assert "QUICK smoke run" in result["budget"]
+    assert result["settings"]["quick"] and "results_dir" not in result["settings"]
+    assert "| GMP | 50% | 50.00% | " in markdown
+    assert "![accuracy vs sparsity](pruning_accuracy_smoke.png)" in markdown  # the figure follows --name
+
+
+def check_pruning_overhead(result: dict[str, Any], markdown: str) -> None:
+    summary = result["step_time"]["summary"]
+    assert set(summary) == {"none", "magnitude", "model_pruning"}
+    assert all(config["median_ms"] > 0 for config in summary.values())
+    assert [row["model"] for row in result["mask_update"]] == ["resnet20", "resnet56"]
+    assert result["settings"]["batch_size"] == 2
+    assert "## Training step time, ResNet-20, batch 2, CPU" in markdown
+    assert "| resnet56 | 56 | " in markdown
+
+
+def check_quantization(result: dict[str, Any], markdown: str) -> None:
+    (row,) = result["latency"]
+    assert (row["model"], row["engine"], row["batch"]) == ("resnet20", "x86", 1)
+    assert row["repeats"] == 30  # --quick
+    assert row["int8_bytes"] < row["fp32_bytes"] / 3
+    assert result["settings"]["engines"] == ["x86"] and "results_dir" not in result["settings"]
+    (accuracy,) = result["accuracy"]
+    assert set(accuracy["results"]) == {"fp32", "ptq (x86)", "qat@0"}
+    assert all(0.0 <= acc <= 1.0 for acc in accuracy["results"].values())
+    assert "| resnet20 | x86 | 1 | " in markdown and "| resnet20 | 1 | qat@0 | " in markdown
+
+
+def check_quickstart_time(result: dict[str, Any], markdown: str) -> None:
+    command = "lightning-compress fit --config recipes/quickstart.yaml --data.root="
+    assert result["command"].startswith(command)  # the arguments after `--` are recorded
+    assert result["wall_seconds"] > 0
+    assert 0.0 <= result["test_acc_int8"] <= 1.0  # parsed from the command's output
+    assert markdown.startswith("# Quickstart wall time") and "test accuracy of the int8" in markdown
+
+
+def check_train_throughput(result: dict[str, Any], markdown: str) -> None:
+    cpu = [row for row in result["rows"] if row["device"] == "cpu"]
+    assert [(row["model"], row["batch_size"]) for row in cpu] == [("resnet20", 2)]
+    assert cpu[0]["contiguous_img_per_s"] > 0 and cpu[0]["channels_last_img_per_s"] > 0
+    assert result["settings"] == {"batch_size": 2, "steps": 1, "rounds": 1}
+    assert "| resnet20 | cpu | 2 | " in markdown
+
+
+CASES = {
+    "channel_pruning": Case(
+        ("--models", "resnet20", "--round-to", "8", "--batches", "1", "--repeats", "1", "--rounds", "1",
+         "--threads", "1", "--epochs", "2", "--batch-size", "2", "--val-size", "10", "--data", "{data}"),
+        check_channel_pruning,
+    ),
+    "compression_artifact": Case((), check_compression_artifact),
+    "data_throughput": Case(
+        ("--archive", "{data}", "--val-size", "4", "--batch-size", "4", "--threads", "1", "--seconds", "0.01",
+         "--rounds", "1", "--baseline-images", "8"),
+        check_data_throughput,
+    ),
+    "distillation": Case(
+        ("--batch-size", "2", "--steps", "1", "--rounds", "1", "--accuracy-epochs", "1", "--limit-batches",
+         "1", "--students", "resnet20", "--data", "{data}"),
+        check_distillation,
+    ),
+    "pruning_accuracy": Case(
+        ("--quick", "--sparsities", "0.5", "--batch-size", "8", "--data", "{data}"),
+        check_pruning_accuracy, name="pruning_accuracy_smoke", extra_files=("pruning_accuracy_smoke.png",),
+    ),
+    "pruning_overhead": Case(
+        ("--steps", "2", "--rounds", "1", "--repeats", "1", "--batch-size", "2"), check_pruning_overhead
+    ),
+    "quantization": Case(
+        ("--quick", "--models", "resnet20", "--batches", "1", "--engines", "x86", "--accuracy-epochs", "1",
+         "--qat-starts", "0", "--val-size", "0", "--data-root", "{data}"),
+        check_quantization,
+    ),
+    "quickstart_time": Case(
+        ("--", "--data.root={data}", "--data.val_size=4", "--data.batch_size=4"), check_quickstart_time
+    ),
+    "train_throughput": Case(
+        ("--models", "resnet20", "--batch-size", "2", "--steps", "1", "--rounds", "1"), check_train_throughput
+    ),
+}
+SLOW = {"quickstart_time"}  # runs the lightning-compress command in a process of its own: ~30 s
+
+
+@pytest.fixture(scope="module")
+def cifar_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 30-train / 20-test image CIFAR-10 ``.tar.gz`` of JPEGs, laid out like the shared copy."""
+    root = tmp_path_factory.mktemp("cifar")
+    write_image_tree(root / "tree", n_train=3, n_test=2, fmt="jpg")
+    return write_tarball(root / "tree", root / "cifar10-jpeg.tar.gz")
+
+
+def committed_versions(names: list[str]) -> dict[str, tuple[int, int] | None]:
+    """Modification time and size of each named file in ``benchmarks/results/`` (None where absent)."""
+    paths = [RESULTS / name for name in names]
+    return {path.name: (path.stat().st_mtime_ns, path.stat().st_size) if path.exists() else None
+            for path in paths}
+
+
+def test_every_benchmark_script_has_a_case():
+    scripts = {path.stem for path in BENCHMARKS.glob("*.py")} - {"reporting"}
+    assert scripts == set(CASES)
+
+
+@pytest.mark.parametrize(
+    "script", [pytest.param(s, marks=[pytest.mark.slow] if s in SLOW else []) for s in CASES]
+)
+def test_benchmark_writes_its_results(script, tmp_path, cifar_archive):
+    case = CASES[script]
+    name = case.name or script
+    out = tmp_path / "results"
+    out.mkdir()
+    args = [arg.replace("{data}", str(cifar_archive)) for arg in case.args]
+    if case.name:
+        args = ["--name", case.name, *args]
+    # one torch thread: 2 OpenMP threads spin against other processes on a busy 2-core machine
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LIGHTNING_COMPRESS_CACHE": str(tmp_path / "cache")}
+    files = [f"{name}.json", f"{name}.md", *case.extra_files]
+    before = committed_versions(files)
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARKS / f"{script}.py"), "--results-dir", str(out), *args],
+        cwd=BENCHMARKS.parent, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
+    )
+    assert completed.returncode == 0, f"{script} failed:\n{(completed.stdout + completed.stderr)[-6000:]}"
+    assert sorted(p.name for p in out.iterdir()) == sorted(files)
+    assert committed_versions(files) == before, "a committed file in benchmarks/results/ was overwritten"
+    result = json.loads((out / f"{name}.json").read_text())
+    assert result["machine"]["cpu_count"] == os.cpu_count()
+    case.check(result, (out / f"{name}.md").read_text())
+    for extra in case.extra_files:
+        assert (out / extra).read_bytes().startswith(b"\x89PNG")
