@@ -13,23 +13,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path``, else delete it.
 
-    The temporary file lives in the destination directory, so the final ``os.replace`` is an atomic
-    rename on the same filesystem. Parent directories are created.
+    The temporary file has the final file's name inside a hidden temporary directory in the
+    destination directory: the final ``os.replace`` is an atomic rename on the same filesystem, and
+    writers that record the file name inside the file (``torch.save`` and ``torch.jit.save`` name
+    their archive's root folder after it) record the final one. Parent directories are created.
 
     Args:
         path: The final destination.
@@ -42,15 +39,13 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
+    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    tmp = staging / final.name
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp creates 0600; give the file the usual mode
         os.replace(tmp, final)
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
