@@ -37,7 +37,7 @@ def quantize_static(
     Args:
         network: The fp32 network.
         batches: Iterable of positional-input tuples, e.g. ``[(images,), ...]`` (a few dozen suffice).
-        engine: ``"x86"``, ``"onednn"`` or ``"qnnpack"`` (see :data:`~lightning_compress.quantization.backend.ENGINES`).
+        engine: One of :data:`~lightning_compress.quantization.backend.ENGINES`.
         skip: Glob patterns of module names (relative to ``network``) kept in fp32.
 
     Returns:
@@ -74,7 +74,7 @@ def quantize_dynamic(
 
     Args:
         network: The fp32 network.
-        engine: ``"x86"``, ``"onednn"`` or ``"qnnpack"`` (see :data:`~lightning_compress.quantization.backend.ENGINES`).
+        engine: One of :data:`~lightning_compress.quantization.backend.ENGINES`.
         skip: Glob patterns of module names (relative to ``network``) kept in fp32.
 
     Returns:
@@ -101,7 +101,7 @@ class PostTrainingQuantization(Callback):
 
     Args:
         calibration_batches: Number of training batches to calibrate on (>= 1).
-        engine: ``"x86"``, ``"onednn"`` or ``"qnnpack"`` (see :data:`~lightning_compress.quantization.backend.ENGINES`).
+        engine: One of :data:`~lightning_compress.quantization.backend.ENGINES`.
         skip: Glob patterns of module names (as in the LightningModule, e.g. ``"model.head"``) kept in fp32.
         network: Attribute of the LightningModule holding the network; ``None`` detects it.
 
