@@ -122,6 +122,9 @@ def check_quantization(result: dict[str, Any], markdown: str) -> None:
     (accuracy,) = result["accuracy"]
     assert set(accuracy["results"]) == {"fp32", "ptq (x86)", "qat@0"}
     assert all(0.0 <= acc <= 1.0 for acc in accuracy["results"].values())
+    assert set(accuracy["sizes"]) == {"ptq (x86)", "qat@0"}
+    for sizes in (row, *accuracy["sizes"].values()):  # deflated int8 artifact vs fp32 files
+        assert 0.2 < sizes["deployed_size_ratio"] < 0.3 and 0.2 < sizes["artifact_size_ratio"] < 0.3
     assert "| resnet20 | x86 | 1 | " in markdown and "| resnet20 | 1 | qat@0 | " in markdown
 
 

@@ -12,9 +12,11 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,3 +62,25 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     """
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def write_zip_deflated(archive: bytes, path: str | os.PathLike[str]) -> None:
+    """Write the zip ``archive`` to ``path`` atomically, every record deflated.
+
+    Record names, order and times are kept, so readers that look records up by name (``torch.load``,
+    ``torch.jit.load``, LibTorch) read the result as they read the original, which ``torch.save`` and
+    ``torch.jit.save`` write uncompressed.
+
+    Args:
+        archive: The bytes of a zip archive.
+        path: The destination file.
+
+    Example:
+        >>> # buffer = io.BytesIO(); torch.jit.save(module, buffer)
+        >>> # write_zip_deflated(buffer.getvalue(), "model.pt")
+    """
+    with atomic_path(path) as tmp, zipfile.ZipFile(io.BytesIO(archive)) as source, \
+            zipfile.ZipFile(tmp, "w") as target:
+        for record in source.infolist():
+            target.writestr(zipfile.ZipInfo(record.filename, record.date_time), source.read(record),
+                            compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)

@@ -2,6 +2,7 @@
 
 import os
 import warnings
+import zipfile
 
 import pytest
 import torch
@@ -148,6 +149,7 @@ def test_zeroed_weights_stay_exactly_zero_in_fake_quant_and_int8():
     assert (int_weights[~mask] != 0).float().mean() > 0.9
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit")
 @pytest.mark.parametrize("engine", ["qnnpack", "onednn"])
 def test_save_and_load_round_trip_is_exact(tmp_path, engine):
     if engine not in torch.backends.quantized.supported_engines:
@@ -163,6 +165,9 @@ def test_save_and_load_round_trip_is_exact(tmp_path, engine):
     x = torch.randn(5, 3, 16, 16)
     assert torch.equal(loaded(x), int8(x))
     assert not list(loaded.children())  # frozen: weights inlined, no per-module calls at run time
+    with zipfile.ZipFile(path) as archive:
+        assert {record.compress_type for record in archive.infolist()} == {zipfile.ZIP_DEFLATED}
+    assert torch.equal(torch.jit.load(str(path))(x), int8(x))  # plain torch reads the deflated archive
     torch.backends.quantized.engine = "x86"
 
 
