@@ -15,8 +15,8 @@ is converted for its engine and timed with that engine selected.
 Size: the int8 artifact (the ``save_quantized`` file: frozen TorchScript, deflated) vs the fp32
 model's ``torch.save(state_dict)`` file (the headline ratio), vs an fp32 TorchScript file written
 the same way (traced, frozen, deflated), and ``torch.save(state_dict)`` of both models. The
-latency section's models have random weights (the worst case for deflate); the accuracy section
-also reports the sizes of the trained models.
+latency section's models have random weights; the accuracy section also reports the sizes of the
+trained models.
 
 Accuracy (``--accuracy-epochs N``, off by default): on the shared CIFAR-10 copy (``--data-root``;
 its training split less ``--val-size`` held-out images), fp32 trained N epochs; PTQ of that fp32
@@ -228,7 +228,7 @@ def _markdown(report: dict) -> str:
         "Size: **size ratio** = int8 artifact (`save_quantized` file: frozen TorchScript, deflated) / the fp32 "
         "model's `torch.save(state_dict)` file (the issue's measure); *vs TS* = int8 artifact / fp32 TorchScript "
         "written the same way (frozen, deflated); *state_dicts* = `torch.save(state_dict)` int8 / fp32. "
-        "Weights here are random (kaiming init), which deflate worst; trained models' sizes are in the accuracy table.",
+        "Weights here are random (kaiming init); trained models' sizes are in the accuracy table (if run).",
         "",
         "Issue targets: speed-up >= 2x at batch 1 and >= 3x at batch 64 for the ResNets; size ratio <= 0.27.",
         "",
