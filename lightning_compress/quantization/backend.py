@@ -472,7 +472,8 @@ def save_quantized(
     aligned); plain ``torch.jit.load`` and LibTorch read it as is. For ResNet-20 the file as
     ``torch.jit.save`` writes it is 16 % larger than the int8 weights (per-channel float64 scales and
     int64 zero-points, per-record headers and padding, debug info); deflated, 2 %: 0.246 of the fp32
-    ``state_dict`` file for ResNet-20 trained 10 epochs (``benchmarks/results/quantization_accuracy_resnet20.md``).
+    ``state_dict`` file for ResNet-20 trained 10 epochs
+    (``benchmarks/results/quantization_accuracy_resnet20.md``).
 
     Args:
         model: An int8 model from :func:`convert`.
