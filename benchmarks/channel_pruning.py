@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_compress.core.accounting import count_macs, count_parameters, measure_latency
 from lightning_compress.module import ImageClassifier
 from lightning_compress.pruning.channel import ChannelPruning
-from reporting import SHARED_CIFAR10, add_output_arguments, machine_info, write_results
+from reporting import SHARED_CIFAR10, add_output_arguments, machine_info, run_settings, write_results
 
 
 def _trainer(callbacks: list, **kw) -> pl.Trainer:
@@ -121,7 +121,7 @@ def main() -> None:
             row["test_acc"] = {"dense": dense_acc[name], "pruned": accuracy(pruned, args.epochs, data, train=False)}
         rows.append(row)
         print(row, flush=True)
-    settings = {k: v for k, v in vars(args).items() if k != "results_dir"}
+    settings = run_settings(args)
     machine = machine_info()
     result = {"machine": machine, "settings": settings, "results": rows}
     lines = [

@@ -28,7 +28,7 @@ from lightning_compress.core.layers import select_layers
 from lightning_compress.data import CIFARDataModule
 from lightning_compress.module import ImageClassifier
 from lightning_compress.pruning import MagnitudePruning
-from reporting import SHARED_CIFAR10, add_output_arguments, machine_info, write_results
+from reporting import SHARED_CIFAR10, add_output_arguments, machine_info, run_settings, write_results
 
 DEFAULT_DATA = SHARED_CIFAR10
 
@@ -154,7 +154,7 @@ def main() -> None:
               f"test on {'all' if args.limit_test_batches == 1.0 else args.limit_test_batches} test batches")
     if args.quick:
         budget += " -- QUICK smoke run: accuracies are far from converged and only show the pipeline works"
-    settings = {key: value for key, value in vars(args).items() if key != "results_dir"}
+    settings = run_settings(args)
     result = {"budget": budget, "machine": machine_info(), "settings": settings, "rows": rows}
     figure = f"{args.name}.png"
     plot(rows, args.results_dir / figure, budget.split(" -- ")[0])

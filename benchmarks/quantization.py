@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from reporting import SHARED_CIFAR10, add_output_arguments, machine_info, write_results
+from reporting import SHARED_CIFAR10, add_output_arguments, machine_info, run_settings, write_results
 from lightning_compress.core.accounting import serialized_size
 from lightning_compress.core.files import write_zip_deflated
 from lightning_compress.quantization import (
@@ -284,8 +284,7 @@ def main() -> None:
     if args.quick:
         args.repeats, args.warmup = 30, 2
     torch.set_num_threads(args.threads)
-    settings = {key: value for key, value in vars(args).items()
-                if key not in ("data_root", "name", "results_dir")}
+    settings = run_settings(args, omit=("data_root", "name"))
     report = {
         "machine": machine_info(),
         "settings": settings,

@@ -54,6 +54,23 @@ def add_output_arguments(parser: argparse.ArgumentParser, name: str) -> None:
                         help="folder of the results files (default: benchmarks/results)")
 
 
+def run_settings(args: argparse.Namespace, omit: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The parsed arguments to record with a result, less where the files go and the ``omit`` ones.
+
+    Args:
+        args: The benchmark's parsed arguments (from a parser given :func:`add_output_arguments`).
+        omit: Further argument names left out (e.g. a local data path).
+
+    Returns:
+        ``vars(args)`` without ``results_dir`` and ``omit``.
+
+    Example:
+        >>> run_settings(argparse.Namespace(epochs=2, data="x.tar.gz", results_dir=RESULTS_DIR), omit=("data",))
+        {'epochs': 2}
+    """
+    return {key: value for key, value in vars(args).items() if key not in ("results_dir", *omit)}
+
+
 def write_results(name: str, result: dict[str, Any], markdown: str, directory: Path = RESULTS_DIR) -> None:
     """Write ``<directory>/<name>.json`` and ``.md`` atomically.
 
