@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_compress.core.architecture import ArchitectureRecord, replay_onto_network
 from lightning_compress.core.files import atomic_path, write_text_atomic
 from lightning_compress.models import create_model
 from lightning_compress.pruning.masks import pack_mask, unpack_mask
@@ -275,9 +276,9 @@ def read_packed(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], 
 def build_network(metadata: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
     """Rebuild a zoo network from artifact/checkpoint metadata and (optionally) load its weights.
 
-    ``metadata`` holds ``model`` (a zoo name), ``num_classes``, ``model_kwargs``, optionally
-    ``architecture`` (the channel-pruning record of a slimmed network) and ``quantization``
-    (``{"engine": ...}`` when the weights are a quantization-aware-training state with fake-quant buffers).
+    ``metadata`` holds ``model`` (a zoo name), ``num_classes``, ``model_kwargs`` and optionally
+    ``architecture``: the checkpoint's architecture records (channel slimming, QAT preparation, ...; see
+    :mod:`lightning_compress.core.architecture`), replayed before the weights load.
 
     Args:
         metadata: The description above.
@@ -291,17 +292,9 @@ def build_network(metadata: Mapping[str, Any], state_dict: Mapping[str, torch.Te
         >>> type(net).__name__
         'ResNet'
     """
-    from lightning_compress.pruning.channel import restore_slimmed_architecture
-    from lightning_compress.quantization import backend
-
     network = create_model(metadata["model"], num_classes=metadata["num_classes"], **metadata.get("model_kwargs", {}))
-    if metadata.get("architecture"):
-        holder = nn.Module()
-        holder.add_module(metadata["architecture"]["network"], network)
-        restore_slimmed_architecture(holder, {"slimmed_architecture": metadata["architecture"]})
-        network = getattr(holder, metadata["architecture"]["network"])
-    if metadata.get("quantization"):
-        network = backend.prepare(network, metadata["quantization"]["engine"], mode="qat")
+    records = [ArchitectureRecord.from_dict(record) for record in metadata.get("architecture") or []]
+    network = replay_onto_network(network, records)
     if state_dict is not None:
         network.load_state_dict(state_dict)
     return network.eval()

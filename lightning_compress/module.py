@@ -20,9 +20,9 @@ import torch
 import torchmetrics
 from torch import nn
 
+from lightning_compress.core.architecture import RestoresArchitecture
 from lightning_compress.core.progress import Position, step_budget, validate_position
 from lightning_compress.models import create_model
-from lightning_compress.pruning.channel import restore_slimmed_architecture
 
 LRSchedule = Literal["cosine", "onecycle", "constant"]
 _LR_SCHEDULES = ("cosine", "onecycle", "constant")
@@ -74,12 +74,14 @@ def split_weight_decay(module: nn.Module, weight_decay: float) -> list[dict[str,
     return [group for group in groups if group["params"]]
 
 
-class ImageClassifier(pl.LightningModule):
+class ImageClassifier(RestoresArchitecture, pl.LightningModule):
     """Image classification with SGD, a warm-up + cosine/one-cycle schedule and accuracy metrics.
 
     Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``val/acc_top5``, ``test/loss``,
     ``test/acc``, ``test/acc_top5``. ``predict_step`` returns class probabilities. The network is
-    ``self.model``.
+    ``self.model``. Compressed checkpoints (channel-pruned, quantization-aware, factorized) load back
+    without the callbacks: :class:`~lightning_compress.core.architecture.RestoresArchitecture` replays
+    their architecture records before the weights load.
 
     Args:
         model: A zoo name (see :func:`lightning_compress.models.list_models`) or any ``nn.Module``
@@ -180,10 +182,6 @@ class ImageClassifier(pl.LightningModule):
         """Class probabilities; ``batch`` is images or a tuple whose first element is images."""
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         return torch.softmax(self(images), dim=1)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Slim ``self.model`` to the architecture a channel-pruned checkpoint recorded, before its weights load."""
-        restore_slimmed_architecture(self, checkpoint)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

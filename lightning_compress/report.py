@@ -43,7 +43,10 @@ from lightning_compress.core.accounting import (
     serialized_size,
 )
 from lightning_compress.core.files import atomic_path, write_text_atomic
+from lightning_compress.core.composition import Declaration, Effect, check_composition
+from lightning_compress.core.inputs import capture_network_input, first_sample
 from lightning_compress.core.layers import find_network
+from lightning_compress.core.progress import StepWindow, step_budget
 from lightning_compress.export import VALUE_FORMATS, pack_state_dict
 
 
@@ -361,8 +364,20 @@ class CompressionReport(Callback):
         if stage != "fit":
             return
         self._attribute, _ = find_network(pl_module, self.network)
+        check_composition(trainer)
         # a new list: Lightning is iterating over the current one right now
         trainer.callbacks = [cb for cb in trainer.callbacks if cb is not self] + [self]
+
+    def compression_declaration(self, trainer: pl.Trainer) -> Declaration:
+        """Reports at the end of fit.
+
+        Args:
+            trainer: The trainer about to fit.
+
+        Returns:
+            The declaration :func:`~lightning_compress.core.composition.check_composition` reads.
+        """
+        return Declaration(type(self).__name__, Effect.REPORTS, StepWindow(step_budget(trainer).total_steps))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Keep a CPU copy of the dense network as the latency baseline."""
@@ -370,11 +385,12 @@ class CompressionReport(Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        """Remember one input sample, for MACs and latency."""
+        """Remember one input sample of the network (captured from ``training_step``), for MACs and latency."""
         if self._example is None:
-            images = batch[0] if isinstance(batch, (tuple, list)) else batch
-            if isinstance(images, torch.Tensor):
-                self._example = images[:1].detach().cpu().float()
+            network = getattr(pl_module, self._attribute)
+            inputs = first_sample(capture_network_input(pl_module, network, batch, batch_idx))
+            if len(inputs) == 1 and isinstance(inputs[0], torch.Tensor):
+                self._example = inputs[0].detach().cpu().float()
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Record the accuracy metric (first and latest value)."""

@@ -19,15 +19,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_compress.core.architecture import checkpoint_records
 from lightning_compress.data.readers import SPECS
 from lightning_compress.export import build_network
+from lightning_compress.quantization.qat import RECORD_KIND as QAT_RECORD_KIND
 
 NETWORK = "model"
 """Attribute of ImageClassifier holding the network: checkpoint keys start with ``model.``."""
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 _EXPECTED = ("a Lightning checkpoint of lightning_compress.ImageClassifier (a .ckpt written by Trainer/ModelCheckpoint "
              "or `lightning-compress fit`, with 'state_dict' and 'hyper_parameters' naming a zoo model)")
-_FAKE_QUANT_KEYS = ("weight_fake_quant.", "activation_post_process_")
 
 
 @dataclass
@@ -57,7 +58,7 @@ def load_checkpoint(path: str | os.PathLike[str], engine: str = "x86", classes: 
 
     Args:
         path: The checkpoint.
-        engine: int8 engine assumed for a QAT checkpoint.
+        engine: int8 engine for a QAT checkpoint that does not record one.
         classes: Class names, in label order.
 
     Returns:
@@ -82,7 +83,11 @@ def load_checkpoint(path: str | os.PathLike[str], engine: str = "x86", classes: 
                          f"{sorted(hparams)}); expected {_EXPECTED}")
     prefix = NETWORK + "."
     state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    quantized = any(marker in k for k in state for marker in _FAKE_QUANT_KEYS)
+    try:
+        records = checkpoint_records(checkpoint)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
+    qat = next((r for r in records if r.kind == QAT_RECORD_KIND), None)
     dataset = (checkpoint.get("datamodule_hyper_parameters") or {}).get("dataset", "cifar10")
     spec = SPECS.get(dataset, SPECS["cifar10"])
     num_classes = hparams["num_classes"]
@@ -92,8 +97,8 @@ def load_checkpoint(path: str | os.PathLike[str], engine: str = "x86", classes: 
         classes = list(CIFAR10_CLASSES) if num_classes == 10 else [str(i) for i in range(num_classes)]
     metadata = {
         "model": hparams["model"], "num_classes": num_classes, "model_kwargs": hparams.get("model_kwargs") or {},
-        "architecture": checkpoint.get("slimmed_architecture"),
-        "quantization": {"engine": engine} if quantized else None,
+        "architecture": [record.to_dict() for record in records],
+        "quantization": {"engine": qat.payload["engine"] if qat else engine} if qat else None,
         "classes": classes, "mean": list(spec.mean), "std": list(spec.std), "input_size": [32, 32],
     }
     try:

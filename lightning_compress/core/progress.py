@@ -179,3 +179,126 @@ def step_budget(trainer: pl.Trainer) -> StepBudget:
     else:  # iterable dataset without a length: fall back to the whole run being one epoch
         per_epoch = float(total)
     return StepBudget(total_steps=int(total), steps_per_epoch=float(per_epoch))
+
+
+Interval = Union[int, float, str]
+"""How often something happens: an ``int`` is optimizer steps (``100``); otherwise a position-like
+length: a fraction of the run (``0.05``), ``"<n>ep"`` or ``"<n>steps"``."""
+
+_INTERVAL_FORMS = ("an integer number of optimizer steps >= 1 (e.g. 100), a fraction of the run in (0, 1] "
+                   "(e.g. 0.05), '<n>ep' (e.g. '1ep') or '<n>steps' (e.g. '50steps')")
+
+
+def validate_interval(interval: Interval, name: str = "update_every") -> Interval:
+    """Check that ``interval`` is a valid interval between updates, without resolving it.
+
+    An ``int`` means optimizer steps (so ``update_every=1`` is every step, not the whole run);
+    a ``float`` is a fraction of the run; strings are as for positions.
+
+    Args:
+        interval: The interval to check.
+        name: The argument name, used in the error message.
+
+    Returns:
+        ``interval`` unchanged.
+
+    Raises:
+        ValueError: If ``interval`` is none of the accepted forms.
+
+    Example:
+        >>> validate_interval(100), validate_interval("1ep")
+        (100, '1ep')
+    """
+    if isinstance(interval, bool):
+        raise ValueError(f"{name} must be {_INTERVAL_FORMS}, got {interval!r}")
+    if isinstance(interval, int):
+        if interval < 1:
+            raise ValueError(f"{name} must be {_INTERVAL_FORMS}, got {interval!r}")
+        return interval
+    if isinstance(interval, float) and not 0.0 < interval <= 1.0:
+        raise ValueError(f"{name} must be {_INTERVAL_FORMS}, got {interval!r}")
+    if isinstance(interval, float) or (isinstance(interval, str) and _STRING_POSITION.match(interval)):
+        return interval
+    raise ValueError(f"{name} must be {_INTERVAL_FORMS}, got {interval!r}")
+
+
+@dataclass(frozen=True)
+class StepWindow:
+    """Where a callback acts, in optimizer steps: from ``start`` to ``end`` (inclusive), every ``every``.
+
+    ``end`` is ``None`` for a technique that stays active until fit ends (QAT, distillation).
+
+    Example:
+        >>> window = StepWindow(10, 50, 20)
+        >>> [s for s in range(60) if window.is_update_step(s)]
+        [10, 30, 50]
+    """
+
+    start: int
+    end: int | None = None
+    every: int = 1
+
+    def is_update_step(self, step: int) -> bool:
+        """Whether ``step`` is one of the window's update steps (``start``, every ``every``, and ``end``).
+
+        Args:
+            step: An optimizer step.
+
+        Returns:
+            True on an update step.
+        """
+        if step < self.start or (self.end is not None and step > self.end):
+            return False
+        return (step - self.start) % self.every == 0 or step == self.end
+
+    def overlaps(self, other: StepWindow) -> bool:
+        """Whether two windows share a step (an open ``end`` reaches the end of the run).
+
+        Args:
+            other: Another window.
+
+        Returns:
+            True if they overlap.
+
+        Example:
+            >>> StepWindow(0, 10).overlaps(StepWindow(10, None)), StepWindow(0, 9).overlaps(StepWindow(10, 20))
+            (True, False)
+        """
+        self_end = self.end if self.end is not None else math.inf
+        other_end = other.end if other.end is not None else math.inf
+        return self.start <= other_end and other.start <= self_end
+
+
+def resolve_window(budget: StepBudget, start: Position, end: Position | None = None,
+                   every: Interval = 1, names: tuple[str, str, str] = ("start", "end", "update_every")
+                   ) -> StepWindow:
+    """Resolve a callback's ``start``/``end``/``update_every`` to a :class:`StepWindow` once.
+
+    Args:
+        budget: The run's step budget.
+        start: Where the window opens (a position).
+        end: Where it closes (a position), or ``None`` for "until fit ends".
+        every: Interval between updates (see :data:`Interval`).
+        names: The callback's argument names for ``start``, ``end`` and ``every``, for errors.
+
+    Returns:
+        The window in optimizer steps.
+
+    Raises:
+        ValueError: If ``end`` does not come after ``start`` or ``every`` resolves to 0 steps.
+
+    Example:
+        >>> resolve_window(StepBudget(1000, 100), 0.1, "5ep", "50steps")
+        StepWindow(start=100, end=500, every=50)
+    """
+    start_step = budget.resolve(start, names[0])
+    end_step = None if end is None else budget.resolve(end, names[1])
+    if end_step is not None and start_step >= end_step:
+        raise ValueError(f"{names[0]}={start!r} (step {start_step}) must come before {names[1]}={end!r} "
+                         f"(step {end_step}) in this run of {budget.total_steps} optimizer steps")
+    validate_interval(every, names[2])
+    every_steps = every if isinstance(every, int) else budget.resolve(every, names[2])
+    if every_steps < 1:
+        raise ValueError(f"{names[2]}={every!r} resolves to 0 optimizer steps in this run; use at least 1 "
+                         "(an int means optimizer steps)")
+    return StepWindow(start_step, end_step, every_steps)

@@ -21,8 +21,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import Dataset
 
+from lightning_compress.core.composition import Declaration, Effect, check_composition
 from lightning_compress.core.layers import find_network
-from lightning_compress.core.progress import step_budget
+from lightning_compress.core.progress import StepWindow, step_budget
 from lightning_compress.distillation.losses import (
     ALPHA_SCHEDULES,
     AlphaSchedule,
@@ -258,15 +259,24 @@ class KnowledgeDistillation(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        others = [cb for cb in trainer.callbacks if isinstance(cb, KnowledgeDistillation) and cb is not self]
-        if others:
-            raise ValueError("only one KnowledgeDistillation callback per Trainer: each would wrap training_step")
         if not pl_module.automatic_optimization:
             raise ValueError(
                 "KnowledgeDistillation needs automatic optimization: with manual optimization the module "
                 "calls backward itself, so the distillation term cannot be added to its loss"
             )
         self._network_name, _ = find_network(pl_module, self.network)
+        check_composition(trainer)
+
+    def compression_declaration(self, trainer: pl.Trainer) -> Declaration:
+        """Changes the loss throughout the fit.
+
+        Args:
+            trainer: The trainer about to fit.
+
+        Returns:
+            The declaration :func:`~lightning_compress.core.composition.check_composition` reads.
+        """
+        return Declaration(type(self).__name__, Effect.LOSS, StepWindow(0))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._total_steps = max(1, step_budget(trainer).total_steps) if self.final_alpha is not None else 1

@@ -31,6 +31,8 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from lightning_compress.core.architecture import RestoresArchitecture, checkpoint_records, replay_onto_network
+
 TeacherPrecision = Literal["32", "bf16", "16"]
 _PRECISIONS: dict[str, torch.dtype] = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
 DEFAULT_TEACHER_CLASS = "lightning_compress.module.ImageClassifier"
@@ -147,6 +149,7 @@ def load_teacher(
         network = create_model(
             teacher, num_classes=hparams.get("num_classes", 10), **(hparams.get("model_kwargs") or {})
         )
+        network = replay_onto_network(network, checkpoint_records(state))
         load_state_dict_by_prefix(network, state.get("state_dict", state), repr(checkpoint))
         return network
 
@@ -161,6 +164,8 @@ def load_teacher(
         )
     _check_file(teacher, "teacher")
     cls = _import_class(teacher_class or DEFAULT_TEACHER_CLASS)
+    if not issubclass(cls, RestoresArchitecture):  # compressed checkpoints of any class load back
+        cls = type(cls.__name__, (RestoresArchitecture, cls), {"__module__": cls.__module__})
     try:
         return cls.load_from_checkpoint(teacher, map_location="cpu")
     except Exception as err:  # corrupt file, or hyperparameters the class does not accept

@@ -1,6 +1,6 @@
 """Pruning: schedules and masks (pure math) and the callbacks that apply them during training."""
 
-from lightning_compress.pruning.channel import ChannelPruning, restore_slimmed_architecture
+from lightning_compress.pruning.channel import ChannelPruning
 from lightning_compress.pruning.magnitude import MagnitudePruning
 from lightning_compress.pruning.schedules import (
     SCHEDULES,
@@ -20,5 +20,4 @@ __all__ = [
     "exponential_sparsity",
     "linear_sparsity",
     "resolve_schedule",
-    "restore_slimmed_architecture",
 ]

@@ -9,7 +9,7 @@ are found by torch-pruning's dependency graph (:mod:`lightning_compress.pruning.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -20,12 +20,31 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_compress.core.accounting import count_macs
+from lightning_compress.core.architecture import (
+    ArchitectureRecord,
+    append_record,
+    install_restore_hook,
+    register_replay,
+    remove_restore_hook,
+    write_records,
+)
+from lightning_compress.core.composition import Declaration, Effect, check_composition
+from lightning_compress.core.guards import check_finite
+from lightning_compress.core.inputs import capture_network_input, first_sample
 from lightning_compress.core.layers import find_network, select_layers, weighted_layers
-from lightning_compress.core.progress import Position, check_ordered, step_budget, validate_position
+from lightning_compress.core.progress import (
+    Interval,
+    Position,
+    StepWindow,
+    check_ordered,
+    resolve_window,
+    step_budget,
+    validate_interval,
+    validate_position,
+)
 from lightning_compress.pruning.importance import ImportanceLike, resolve_importance
 from lightning_compress.pruning.schedules import ScheduleLike, resolve_schedule
 from lightning_compress.pruning.slimming import (
-    History,
     check_prunable,
     group_channels,
     prunable_groups,
@@ -33,52 +52,28 @@ from lightning_compress.pruning.slimming import (
     replay_history,
     trace_dependencies,
 )
-from lightning_compress.quantization.qat import QuantizationAwareTraining
 
-ARCHITECTURE_KEY = "slimmed_architecture"
-"""Top-level checkpoint key holding what :func:`restore_slimmed_architecture` needs."""
+RECORD_KIND = "channel_slimming"
+"""Architecture-record kind of a channel removal (see :mod:`lightning_compress.core.architecture`)."""
 
 _MAX_MACS_ROUNDS = 20
 
 
-def restore_slimmed_architecture(pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
-    """Slim ``pl_module``'s network to the architecture recorded in a channel-pruned checkpoint.
-
-    Call it from the LightningModule's ``on_load_checkpoint`` (``ImageClassifier`` does) so that
-    ``load_from_checkpoint`` finds parameters of the saved shapes; a ``ChannelPruning`` callback
-    calls it itself when a fit resumes from a checkpoint. Checkpoints without a record, and
-    networks that already have the saved shapes, are left alone (calling it twice is harmless).
+@register_replay(RECORD_KIND, version=1)
+def replay_slimming(network: nn.Module, payload: Mapping[str, Any]) -> nn.Module:
+    """Re-slim a freshly built network by one recorded removal (the replay of a ``channel_slimming`` record).
 
     Args:
-        pl_module: The freshly constructed (dense) LightningModule.
-        checkpoint: The loaded checkpoint dictionary.
+        network: The network before this removal.
+        payload: ``{"input_shape": [...], "history": [...]}`` as :class:`ChannelPruning` records it.
 
-    Example:
-        >>> # class MyModule(pl.LightningModule):
-        >>> #     def on_load_checkpoint(self, checkpoint):
-        >>> #         restore_slimmed_architecture(self, checkpoint)
+    Returns:
+        The same network, slimmed in place.
     """
-    record = checkpoint.get(ARCHITECTURE_KEY)
-    if not record or not record["history"]:
-        return
-    network = getattr(pl_module, record["network"])
-    prefix = record["network"] + "."
-    saved = checkpoint.get("state_dict", {})
-    if all(key not in saved or saved[key].shape == tensor.shape
-           for key, tensor in ((prefix + name, t) for name, t in network.state_dict().items())):
-        return
     parameter = next(network.parameters())
-    example = torch.zeros(record["input_shape"], dtype=parameter.dtype, device=parameter.device)
-    replay_history(network, example, record["history"])
-
-
-def _example_from_batch(batch: Any) -> torch.Tensor:
-    """A single-sample input from a training batch: the batch itself or its first element."""
-    inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-    if not isinstance(inputs, torch.Tensor):
-        raise ValueError("ChannelPruning traces the network on the first training batch, which must be a tensor "
-                         f"or a tuple/list whose first element is the input tensor; got {type(inputs).__name__}")
-    return inputs[:1].detach()
+    example = torch.zeros(payload["input_shape"], dtype=parameter.dtype, device=parameter.device)
+    replay_history(network, example, payload["history"])
+    return network
 
 
 def kept_channels(original: int, removed_fraction: float, round_to: int = 1) -> int:
@@ -120,11 +115,14 @@ class ChannelPruning(Callback):
     with the same step count. Under DDP the model is re-wrapped. Logs ``channels/<layer>`` (channels
     kept in each group, by root layer) and ``macs/ratio`` (current MACs / dense MACs).
 
-    Checkpoints carry the pruning history under ``checkpoint["slimmed_architecture"]``; a module
-    resumes with ``Trainer.fit(ckpt_path=...)`` while this callback is in the Trainer; to load one
-    without it (``load_from_checkpoint``), the module's ``on_load_checkpoint`` calls
-    :func:`restore_slimmed_architecture` (``ImageClassifier`` does). Checkpoints saved with
-    ``save_weights_only=True`` lack the record.
+    Each removal appends a ``channel_slimming`` architecture record
+    (:mod:`lightning_compress.core.architecture`) that every checkpoint carries: a fit resumed with
+    ``ckpt_path=...`` rebuilds the slimmed shapes before the weights load, on any LightningModule while
+    this callback is in the Trainer, and without it for modules that inherit
+    :class:`~lightning_compress.core.architecture.RestoresArchitecture` (``ImageClassifier`` does).
+    Checkpoints saved with ``save_weights_only=True`` lack the records. The first batch's network
+    input is captured with a forward pre-hook (:mod:`lightning_compress.core.inputs`), so batches of
+    any structure (tuples, dicts, custom objects) work.
 
     Args:
         channel_ratio: Fraction of the channels of each prunable group removed by ``end``, in (0, 1).
@@ -137,7 +135,8 @@ class ChannelPruning(Callback):
             ``kept_macs_ratio`` the scheduled amount is the fraction of MACs removed.
         start: When the first channels are removed (a run position, see :mod:`~lightning_compress.core.progress`).
         end: When the target is reached; must leave at least one step of fine-tuning after it.
-        update_every: Interval between removals, as a run position (``"1ep"``, ``"50steps"``, ``0.05``).
+        update_every: Interval between removals: an int of optimizer steps, ``"1ep"``, ``"50steps"`` or a
+            fraction of the run (``0.05``).
         ignore: Glob patterns of layers (qualified names in the LightningModule, e.g.
             ``"model.layer3.*"``) whose output channels are left alone. The classifier (the last
             ``Linear``) is always left alone.
@@ -160,7 +159,7 @@ class ChannelPruning(Callback):
         schedule: ScheduleLike = "cubic",
         start: Position = 0.0,
         end: Position = 0.5,
-        update_every: Position = "1ep",
+        update_every: Interval = "1ep",
         ignore: str | Sequence[str] | None = None,
         network: str | None = None,
         round_to: int = 1,
@@ -181,7 +180,7 @@ class ChannelPruning(Callback):
         self.start = validate_position(start, "start")
         self.end = validate_position(end, "end")
         check_ordered(start, end, "start", "end")
-        self.update_every = validate_position(update_every, "update_every")
+        self.update_every = validate_interval(update_every, "update_every")
         self.ignore = ignore
         self.network = network
         # resolved in setup / on the first batch
@@ -196,10 +195,31 @@ class ChannelPruning(Callback):
         self._original_channels: dict[str, int] = {}
         self._removed_fraction = 0.0
         self._last_update_step = -1
-        self._history: History = []
 
     # ----------------------------------------------------------------------------------- set-up
+    def _window(self, trainer: pl.Trainer) -> StepWindow:
+        budget = step_budget(trainer)
+        window = resolve_window(budget, self.start, self.end, self.update_every)
+        if window.end >= budget.total_steps:
+            raise ValueError(f"end={self.end!r} resolves to step {window.end}, but the run has {budget.total_steps} "
+                             "steps: leave at least one step of fine-tuning after the last removal")
+        return window
+
+    def compression_declaration(self, trainer: pl.Trainer) -> Declaration:
+        """Changes the architecture over its window; channel counts stay multiples of ``round_to``.
+
+        Args:
+            trainer: The trainer about to fit.
+
+        Returns:
+            The declaration :func:`~lightning_compress.core.composition.check_composition` reads.
+        """
+        return Declaration(type(self).__name__, Effect.ARCHITECTURE, self._window(trainer),
+                           {"channel_multiple": self.round_to})
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Select the layers, resolve the window, check the composition, arm the architecture restore."""
+        install_restore_hook(pl_module)
         if stage != "fit":
             return
         self._network_attr, network = find_network(pl_module, self.network)
@@ -208,96 +228,64 @@ class ChannelPruning(Callback):
         layers = weighted_layers(pl_module)
         head = next((n for n in reversed(layers) if isinstance(pl_module.get_submodule(n), nn.Linear)), None)
         self._ignored = [n[len(prefix):] for n in layers if n.startswith(prefix) and (n not in kept or n == head)]
-        budget = step_budget(trainer)
-        start, end = budget.resolve(self.start, "start"), budget.resolve(self.end, "end")
-        every = budget.resolve(self.update_every, "update_every")
-        if start >= end:
-            raise ValueError(f"start={self.start!r} (step {start}) must come before end={self.end!r} (step {end})")
-        if end >= budget.total_steps:
-            raise ValueError(f"end={self.end!r} resolves to step {end}, but the run has {budget.total_steps} steps: "
-                             "leave at least one step of fine-tuning after the last removal")
-        if every < 1:
-            raise ValueError(f"update_every={self.update_every!r} resolves to 0 optimizer steps; use at least '1steps'")
-        self._steps = (start, end, every)
-        self._check_quantization_order(trainer, budget, end)
-        self._restore_on_resume(pl_module)
-
-    def _restore_on_resume(self, pl_module: pl.LightningModule) -> None:
-        """Slim the network before a resumed fit loads its weights, whatever the LightningModule.
-
-        Lightning restores the model's weights before any callback state, right after the module's
-        own ``on_load_checkpoint``, so the callback runs :func:`restore_slimmed_architecture` first in
-        that hook (wrapped on the instance for the duration of the fit; removed in ``teardown``).
-        """
-        original = pl_module.on_load_checkpoint
-
-        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
-            restore_slimmed_architecture(pl_module, checkpoint)
-            original(checkpoint)
-
-        pl_module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
-        self._wrapped_module = pl_module
+        self._steps = self._window(trainer)
+        check_composition(trainer)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._wrapped_module is not None:
-            self._wrapped_module.__dict__.pop("on_load_checkpoint", None)
-            self._wrapped_module = None
+        """Remove the architecture restore installed in ``setup``."""
+        remove_restore_hook(pl_module)
 
-    def _check_quantization_order(self, trainer: pl.Trainer, budget: Any, end: int) -> None:
-        for callback in trainer.callbacks:
-            if not isinstance(callback, QuantizationAwareTraining):
-                continue
-            qat_start = budget.resolve(getattr(callback, "start", 0.0), "QuantizationAwareTraining.start")
-            if qat_start <= end:
-                raise ValueError(
-                    f"ChannelPruning removes channels until step {end} (end={self.end!r}), but "
-                    f"QuantizationAwareTraining prepares fake quantization at step {qat_start} "
-                    f"(start={callback.start!r}): channel pruning must finish before QAT starts; "
-                    "set ChannelPruning(end=...) earlier or QuantizationAwareTraining(start=...) later"
-                )
-
-    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
-        """Trace the network on the first batch (checking it can be slimmed) and record the dense state."""
+    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        """Trace the network on the first batch's real input (checking it can be slimmed); record the dense state."""
         network = pl_module.get_submodule(self._network_attr)
-        example = _example_from_batch(batch)
         if self._input_shape is None:
-            self._input_shape = list(example.shape)
-            check_prunable(network, example, self._ignored)
-            self._dense_macs = count_macs(network, example)
-        self._graph = trace_dependencies(network, example)
+            example = first_sample(capture_network_input(pl_module, network, batch, batch_idx))
+            if len(example) != 1 or not isinstance(example[0], torch.Tensor):
+                raise ValueError(f"ChannelPruning traces a network called with one tensor; {self._network_attr!r} "
+                                 f"is called with {len(example)} arguments")
+            self._input_shape = list(example[0].shape)
+            check_prunable(network, example[0], self._ignored)
+            self._dense_macs = count_macs(network, example[0])
+        self._graph = trace_dependencies(network, self._example(network))
         groups = self._groups(network)
         if not self._original_channels:
             self._original_channels = {name: group_channels(group) for name, group in groups.items()}
             rank_zero_info(f"ChannelPruning: {len(groups)} coupled channel groups, "
                            f"{sum(self._original_channels.values())} channels, target {self.target[0]}={self.target[1]}")
 
+    def _example(self, network: nn.Module) -> torch.Tensor:
+        parameter = next(network.parameters())
+        return torch.zeros(self._input_shape, dtype=parameter.dtype, device=parameter.device)
+
     def _groups(self, network: nn.Module) -> dict[str, Any]:
         return prunable_groups(self._graph, [network.get_submodule(name) for name in self._ignored])
 
     # ----------------------------------------------------------------------------------- training
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        """Remove channels when an update is due (the first batch traces the network)."""
         if self._steps is None:
             return
         if self._graph is None:
-            self._attach(trainer, pl_module, batch)
-        start, end, every = self._steps
-        step = trainer.global_step
-        due = step >= start and (step >= end or (step - start) % every == 0)
-        if not due or self._last_update_step >= min(step, end) or self._last_update_step >= end:
+            self._attach(trainer, pl_module, batch, batch_idx)
+        window, step = self._steps, trainer.global_step
+        due = window.is_update_step(step) or (step > window.end and self._last_update_step < window.end)
+        if not due or self._last_update_step >= min(step, window.end):
             return
-        progress = (min(step, end) - start) / (end - start)
+        progress = (min(step, window.end) - window.start) / (window.end - window.start)
         self._last_update_step = step
         network = pl_module.get_submodule(self._network_attr)
-        example = torch.zeros(self._input_shape, dtype=next(network.parameters()).dtype, device=pl_module.device)
+        example = self._example(network)
         name, final = self.target
         if name == "channel_ratio":
-            self._slim_to(trainer, network, self._schedule(progress, 0.0, final))
+            self._slim_to(trainer, pl_module, network, self._schedule(progress, 0.0, final))
         else:
             kept_macs = 1.0 - self._schedule(progress, 0.0, 1.0 - final)
-            self._slim_to_macs(trainer, network, example, kept_macs)
+            self._slim_to_macs(trainer, pl_module, network, example, kept_macs)
+        check_finite(dict(network.named_parameters()), step, type(self).__name__)
         self._log(pl_module, network, example)
 
-    def _slim_to(self, trainer: pl.Trainer, network: nn.Module, removed_fraction: float) -> bool:
+    def _slim_to(self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module,
+                 removed_fraction: float) -> bool:
         """Remove channels until each group has lost ``removed_fraction`` of its original channels."""
         plan: dict[str, list[int]] = {}
         if trainer.is_global_zero:
@@ -312,13 +300,16 @@ class ChannelPruning(Callback):
         if not plan:
             return False
         remove_channels(self._graph, plan, trainer.optimizers)
-        self._history = self._history + [list(entry) for entry in self._graph.pruning_history()[-len(plan):]]
+        removal = [list(entry) for entry in self._graph.pruning_history()[-len(plan):]]
+        append_record(pl_module, ArchitectureRecord(
+            RECORD_KIND, self._network_attr, {"input_shape": list(self._input_shape), "history": removal}))
         if isinstance(trainer.strategy, DDPStrategy):  # DDP holds the old parameters: wrap the slimmed model
             trainer.strategy.model = trainer.lightning_module
             trainer.strategy.configure_ddp()
         return True
 
-    def _slim_to_macs(self, trainer: pl.Trainer, network: nn.Module, example: torch.Tensor, kept_macs: float) -> None:
+    def _slim_to_macs(self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module,
+                      example: torch.Tensor, kept_macs: float) -> None:
         """Raise the removed channel fraction until at most ``kept_macs`` of the dense MACs remain.
 
         MACs fall roughly with the square of the kept channel fraction, so each round moves the
@@ -331,7 +322,7 @@ class ChannelPruning(Callback):
                 return
             kept = (1.0 - self._removed_fraction) * math.sqrt(kept_macs / ratio)
             fraction = max(1.0 - kept, self._removed_fraction + 0.5 / max(self._original_channels.values()))
-            self._slim_to(trainer, network, min(fraction, 1.0))
+            self._slim_to(trainer, pl_module, network, min(fraction, 1.0))
 
     def _log(self, pl_module: pl.LightningModule, network: nn.Module, example: torch.Tensor) -> None:
         groups = self._groups(network)
@@ -347,7 +338,6 @@ class ChannelPruning(Callback):
             "original_channels": dict(self._original_channels),
             "removed_fraction": self._removed_fraction,
             "last_update_step": self._last_update_step,
-            "history": [list(entry) for entry in self._history],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -356,12 +346,8 @@ class ChannelPruning(Callback):
         self._original_channels = dict(state_dict["original_channels"])
         self._removed_fraction = state_dict["removed_fraction"]
         self._last_update_step = state_dict["last_update_step"]
-        self._history = [list(entry) for entry in state_dict["history"]]
         self._graph = None  # traced again on the (already slimmed) network at the next batch
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        checkpoint[ARCHITECTURE_KEY] = {
-            "network": self._network_attr,
-            "input_shape": self._input_shape,
-            "history": [list(entry) for entry in self._history],
-        }
+        """Write the architecture records (the slimmed shapes) into the checkpoint."""
+        write_records(pl_module, checkpoint)

@@ -31,8 +31,20 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from lightning_compress.core.architecture import write_records
+from lightning_compress.core.composition import Declaration, Effect, check_composition
+from lightning_compress.core.guards import check_finite, step_loss
 from lightning_compress.core.layers import matches_any, resolve_parameters, select_layers
-from lightning_compress.core.progress import Position, check_ordered, step_budget, validate_position
+from lightning_compress.core.progress import (
+    Interval,
+    Position,
+    StepWindow,
+    check_ordered,
+    resolve_window,
+    step_budget,
+    validate_interval,
+    validate_position,
+)
 from lightning_compress.pruning.masks import (
     channel_masks,
     check_nm_compatible,
@@ -97,7 +109,8 @@ class MagnitudePruning(Callback):
             (one-shot at ``start``) or a callable ``(progress, initial, final) -> sparsity``.
         start: When pruning begins: a fraction of the run, ``"<n>ep"`` or ``"<n>steps"``.
         end: When the final sparsity is reached, same forms; must come after ``start``.
-        update_every: Optimizer steps between mask updates.
+        update_every: Interval between mask updates: an int of optimizer steps, ``"<n>steps"``,
+            ``"<n>ep"`` or a fraction of the run.
         scope: ``"global"`` (one magnitude threshold across all pruned layers) or ``"layerwise"``.
         pattern: ``"unstructured"``, ``"N:M"`` (keep N of every M consecutive input weights, e.g.
             ``"2:4"``) or ``"channel"`` (whole output filters, ranked by ``channel_norm``).
@@ -123,7 +136,7 @@ class MagnitudePruning(Callback):
         schedule: ScheduleLike = "cubic",
         start: Position = 0.0,
         end: Position = 0.75,
-        update_every: int = 100,
+        update_every: Interval = 100,
         scope: str = "global",
         pattern: str = "unstructured",
         channel_norm: str = "l1",
@@ -166,9 +179,7 @@ class MagnitudePruning(Callback):
         self.start = validate_position(start, "start")
         self.end = validate_position(end, "end")
         check_ordered(self.start, self.end, "start", "end")
-        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every <= 0:
-            raise ValueError(f"update_every must be a positive integer (optimizer steps), "
-                             f"got {update_every!r}")
+        validate_interval(update_every, "update_every")
         if histogram_every is not None and (
             isinstance(histogram_every, bool) or not isinstance(histogram_every, int) or histogram_every <= 0
         ):
@@ -188,7 +199,7 @@ class MagnitudePruning(Callback):
         self._names: list[str] = []  # their weights' qualified parameter names
         self._paths: list[list[str]] = []
         self._final_per_name: dict[str, float] = {}
-        self._start_step = self._end_step = 0
+        self._window = StepWindow(0, 0)
         self._factors: dict[str, Tensor] = {}  # mask per parameter name, 1/0 in the weight's dtype
         self._last_update_step: int | None = None
         self._stepped: int | None = None
@@ -222,6 +233,20 @@ class MagnitudePruning(Callback):
         if self._nm is not None:
             for layer, name in zip(self._layers, self._names):
                 check_nm_compatible(pl_module.get_parameter(name).shape, self._nm[1], layer)
+        self._window = resolve_window(step_budget(trainer), self.start, self.end, self.update_every)
+        check_composition(trainer)
+
+    def compression_declaration(self, trainer: pl.Trainer) -> Declaration:
+        """Masks weights from ``start`` on (masks stay enforced until fit end).
+
+        Args:
+            trainer: The trainer about to fit.
+
+        Returns:
+            The declaration :func:`~lightning_compress.core.composition.check_composition` reads.
+        """
+        window = resolve_window(step_budget(trainer), self.start, self.end, self.update_every)
+        return Declaration(type(self).__name__, Effect.MASKS, window, {"nm": self._nm, "layers": list(self._layers)})
 
     def _assign_finals(self) -> dict[str, float]:
         patterns = list(self._finals_by_pattern)
@@ -239,20 +264,13 @@ class MagnitudePruning(Callback):
         return finals
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Resolve ``start``/``end`` to optimizer steps; detect overlapping pruning callbacks."""
+        """Detect pruning callbacks that overlap this one."""
         for other in trainer.callbacks:
             if other is not self and isinstance(other, MagnitudePruning):
                 shared = sorted(set(other._layers) & set(self._layers))
                 if shared:
                     raise ValueError(f"two MagnitudePruning callbacks prune the same layers {shared}; give "
                                      "them disjoint include/exclude patterns")
-        budget = step_budget(trainer)
-        self._start_step = budget.resolve(self.start, "start")
-        self._end_step = budget.resolve(self.end, "end")
-        if self._start_step >= self._end_step:
-            raise ValueError(f"start={self.start!r} (step {self._start_step}) must come before "
-                             f"end={self.end!r} (step {self._end_step}) in this run of "
-                             f"{budget.total_steps} optimizer steps")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Install masks restored from a checkpoint and make sure the weights obey them."""
@@ -275,6 +293,7 @@ class MagnitudePruning(Callback):
         if not self._factors:
             return
         params = self._resolve(pl_module)
+        self._follow_shapes(params)
         pairs = [(p.grad, self._factor_for(name, p.grad)) for name, p in zip(self._names, params)
                  if p.grad is not None]
         if pairs:
@@ -288,8 +307,12 @@ class MagnitudePruning(Callback):
         if step == self._stepped:  # accumulating gradients: no optimizer step happened
             return
         self._stepped = step
+        if step >= self._window.start:
+            check_finite({"loss": step_loss(outputs)}, step, type(self).__name__)
         if self._factors:
-            self._enforce(self._resolve(pl_module))
+            params = self._resolve(pl_module)
+            self._follow_shapes(params)
+            self._enforce(params)
         updated = self._maybe_update(trainer, pl_module)
         if not self._factors:
             return
@@ -314,6 +337,10 @@ class MagnitudePruning(Callback):
         self._stats = {}
 
     # ------------------------------------------------------------------ checkpointing
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Write the module's architecture records, so that a masked, reshaped network reloads."""
+        write_records(pl_module, checkpoint)
+
     def state_dict(self) -> dict[str, Any]:
         """Masks packed to 1 bit per weight, with their shapes, and the step of the last update."""
         return {
@@ -365,6 +392,17 @@ class MagnitudePruning(Callback):
             resolve_parameters(pl_module, self._names)  # raises, naming the missing parameters
             raise
 
+    def _follow_shapes(self, params: list[Tensor]) -> None:
+        """Cut masks to weights that an architecture change (channel removal) made smaller.
+
+        Pruned weights are exact zeros (masks are enforced after every optimizer step), so the mask of
+        the surviving rows and columns is read back from the surviving weights themselves.
+        """
+        for name, param in zip(self._names, params):
+            factor = self._factors.get(name)
+            if factor is not None and factor.shape != param.shape:
+                self._factors[name] = (param.detach() != 0).to(param)
+
     def _factor_for(self, name: str, like: Tensor) -> Tensor:
         factor = self._factors[name]
         if factor.dtype != like.dtype or factor.device != like.device:
@@ -377,9 +415,7 @@ class MagnitudePruning(Callback):
             torch._foreach_mul_(params, [self._factor_for(n, p) for n, p in zip(self._names, params)])
 
     def _is_update_step(self, step: int) -> bool:
-        if not self._start_step <= step <= self._end_step:
-            return False
-        return (step - self._start_step) % self.update_every == 0 or step == self._end_step
+        return self._window.is_update_step(step)
 
     def _maybe_update(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         step = trainer.global_step
@@ -387,7 +423,7 @@ class MagnitudePruning(Callback):
             return False
         params = self._resolve(pl_module)
         weights = dict(zip(self._names, params))
-        progress = (step - self._start_step) / (self._end_step - self._start_step)
+        progress = (step - self._window.start) / (self._window.end - self._window.start)
         masks = self._compute_masks(weights, progress)
         if trainer.world_size > 1:  # every rank takes rank 0's masks: identical by construction
             packed = trainer.strategy.broadcast({n: pack_mask(m) for n, m in masks.items()}, src=0)
@@ -395,6 +431,7 @@ class MagnitudePruning(Callback):
         self._factors = {n: masks[n].to(weights[n]) for n in self._names}
         self._last_update_step = step
         self._enforce(params)
+        check_finite(weights, step, type(self).__name__)
         self._stats = self._measure(params)
         self._log(pl_module)
         return True

@@ -296,7 +296,23 @@ def prepare(network: nn.Module, engine: str = "x86", mode: str = "qat", skip: Se
             "FX preparation no longer keeps the network's Parameter objects (torch "
             f"{torch.__version__}); optimizers and pruning masks would train stale tensors"
         )
+    for module in prepared.modules():
+        if isinstance(module, (ObserverBase, FakeQuantizeBase)):
+            module.register_forward_pre_hook(_observe_in_float32)
     return prepared
+
+
+def _observe_in_float32(module: nn.Module, args: tuple) -> tuple | None:
+    """Feed observers and fake-quantization fp32 under mixed precision.
+
+    Under ``bf16-mixed``/``16-mixed`` autocast a conv returns bf16/fp16, while the observers' ranges
+    and the fused fake-quant kernel are fp32 ("expected scalar type Float but found BFloat16"). The
+    quantization grid survives the cast back: 8-bit codes times a scale are exact in bf16 (8
+    significant bits) and fp16.
+    """
+    if args and isinstance(args[0], torch.Tensor) and args[0].dtype in (torch.bfloat16, torch.float16):
+        return (args[0].float(), *args[1:])
+    return None
 
 
 def is_prepared(module: nn.Module) -> bool:

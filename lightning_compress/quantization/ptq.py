@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -19,9 +19,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import fx, nn
 
+from lightning_compress.core.composition import Declaration, Effect, check_composition
+from lightning_compress.core.inputs import capture_network_input
 from lightning_compress.core.layers import find_network
+from lightning_compress.core.progress import StepWindow, step_budget
 from lightning_compress.quantization import backend
-from lightning_compress.quantization.qat import QuantizationAwareTraining
 
 
 def quantize_static(
@@ -95,9 +97,10 @@ class PostTrainingQuantization(Callback):
     """Static int8 quantization at fit end, calibrated on the first training batches.
 
     After ``fit`` the network is replaced by its int8 version (CPU), so ``trainer.test()`` /
-    ``trainer.predict()`` (with a CPU trainer) run the int8 model. Calibration feeds the network what
-    :meth:`network_inputs` extracts from a batch: the first element of a ``(inputs, targets)`` batch;
-    override it for other batch layouts.
+    ``trainer.predict()`` (with a CPU trainer) run the int8 model. Calibration feeds the network the
+    inputs it really receives: each batch goes through the module's batch-transfer hooks and its
+    ``training_step``, whose call into the network is captured by a forward pre-hook
+    (:mod:`lightning_compress.core.inputs`), so batches of any structure work.
 
     Args:
         calibration_batches: Number of training batches to calibrate on (>= 1).
@@ -127,47 +130,37 @@ class PostTrainingQuantization(Callback):
         self.skip = [skip] if isinstance(skip, str) else list(skip or [])
         self.network = network
 
+    def compression_declaration(self, trainer: pl.Trainer) -> Declaration:
+        """Quantizes at the end of fit.
+
+        Args:
+            trainer: The trainer about to fit.
+
+        Returns:
+            The declaration :func:`~lightning_compress.core.composition.check_composition` reads.
+        """
+        return Declaration(type(self).__name__, Effect.QUANTIZES, StepWindow(step_budget(trainer).total_steps))
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Check, before training, that the network can be quantized and no QAT callback competes."""
+        """Check, before training, that the network can be quantized and composes with the other callbacks."""
         if stage != "fit":
             return
-        if any(isinstance(cb, QuantizationAwareTraining) for cb in trainer.callbacks):
-            raise ValueError(
-                "PostTrainingQuantization and QuantizationAwareTraining both quantize at fit end; use one"
-            )
         attribute, net = find_network(pl_module, self.network)
         skip_names = backend.resolve_skip(net, self.skip, attribute + ".")
         backend.check_traceable(net, skip_names, attribute + ".")
+        check_composition(trainer)
 
-    def network_inputs(self, batch: Any) -> tuple:
-        """The network's positional inputs in a training batch (override for other layouts).
-
-        Args:
-            batch: A batch from the training dataloader.
-
-        Returns:
-            A tuple of positional inputs for the network.
-
-        Example:
-            >>> PostTrainingQuantization().network_inputs((torch.zeros(2, 3), torch.zeros(2)))[0].shape
-            torch.Size([2, 3])
-        """
-        if isinstance(batch, torch.Tensor):
-            return (batch,)
-        if isinstance(batch, (tuple, list)) and batch:
-            return (batch[0],)
-        raise ValueError(
-            f"cannot tell the network input in a {type(batch).__name__} batch; subclass "
-            "PostTrainingQuantization and override network_inputs(batch)"
-        )
+    def _calibration_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module
+                            ) -> Iterator[tuple]:
+        for index, batch in enumerate(itertools.islice(trainer.train_dataloader, self.calibration_batches)):
+            batch = pl_module._apply_batch_transfer_handler(batch)
+            yield tuple(t.cpu() if isinstance(t, torch.Tensor) else t
+                        for t in capture_network_input(pl_module, network, batch, index))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Calibrate on the first ``calibration_batches`` training batches, convert, put in place."""
         attribute, net = find_network(pl_module, self.network)
-        batches = (
-            tuple(t.cpu() for t in self.network_inputs(batch))
-            for batch in itertools.islice(trainer.train_dataloader, self.calibration_batches)
-        )
+        batches = self._calibration_inputs(trainer, pl_module, net)
         skip_names = backend.resolve_skip(net, self.skip, attribute + ".")
         int8 = _calibrate_and_convert(net, batches, self.engine, skip_names)
         setattr(pl_module, attribute, int8)

@@ -4,16 +4,15 @@ The callback only orchestrates *when*: it prepares the network at ``start``, fre
 batch-norm statistics at their positions, logs quantization health under ``quant/``, and converts
 at fit end. *How* lives in :mod:`lightning_compress.quantization.backend`.
 
-Resuming: a checkpoint written during QAT holds the fake-quant buffers in the model's ``state_dict``.
-Lightning loads the model weights *before* it restores callback state, so the callback registers a
-``load_state_dict`` pre-hook on the LightningModule in ``setup``: when the incoming state dict
-contains fake-quantization entries for the network and the network is still fp32, it prepares the
-network first, then the weights, observer ranges and scales load exactly.
+Resuming and reloading: preparation appends a ``quantization_aware_training`` architecture record
+(:mod:`lightning_compress.core.architecture`); every loader replays it -- prepares a fresh network the
+same way -- before the checkpoint's weights, observer ranges and scales load, with or without this
+callback in the Trainer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -22,11 +21,36 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lightning_compress.core.architecture import (
+    ArchitectureRecord,
+    append_record,
+    install_restore_hook,
+    register_replay,
+    remove_restore_hook,
+    write_records,
+)
+from lightning_compress.core.composition import Declaration, Effect, check_composition
+from lightning_compress.core.guards import check_finite, step_loss
 from lightning_compress.core.layers import find_network
-from lightning_compress.core.progress import Position, check_ordered, step_budget, validate_position
+from lightning_compress.core.progress import Position, StepWindow, check_ordered, step_budget, validate_position
 from lightning_compress.quantization import backend
 
-_FAKE_QUANT_KEYS = ("weight_fake_quant.", "activation_post_process_")
+RECORD_KIND = "quantization_aware_training"
+"""Architecture-record kind of QAT preparation (see :mod:`lightning_compress.core.architecture`)."""
+
+
+@register_replay(RECORD_KIND, version=1)
+def replay_preparation(network: nn.Module, payload: Mapping[str, Any]) -> nn.Module:
+    """Prepare a fresh fp32 network for QAT as a recorded run did (the replay of a QAT record).
+
+    Args:
+        network: The fp32 network.
+        payload: ``{"engine": ..., "skip": [...]}`` as :class:`QuantizationAwareTraining` records it.
+
+    Returns:
+        The fake-quantized network (train mode, as preparation leaves it).
+    """
+    return backend.prepare(network, payload["engine"], mode="qat", skip=payload["skip"])
 
 
 class QuantizationAwareTraining(Callback):
@@ -98,13 +122,13 @@ class QuantizationAwareTraining(Callback):
         self._attribute: str | None = None
         self._skip_names: list[str] = []
         self._steps: dict[str, int | None] = {}
-        self._hook = None
         self._last_logged_step = -1
         self._fit_completed = False
 
     # ----------------------------------------------------------------------------------------- setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Find the network, check it can be traced, resolve positions, arm the resume hook."""
+        """Find the network, check it can be traced, resolve positions, check the composition."""
+        install_restore_hook(pl_module)
         # once found, keep the name: an int8 network has no float Conv/Linear for detection to see
         self._attribute, net = find_network(pl_module, self._attribute or self.network)
         if stage == "fit" and self._stage == "int8":
@@ -127,15 +151,19 @@ class QuantizationAwareTraining(Callback):
                         f"{name}={getattr(self, name)!r} (step {self._steps[name]}) must come after "
                         f"start={self.start!r} (step {self._steps['start']})"
                     )
-        if self._hook is None:
-            self._hook = pl_module.register_load_state_dict_pre_hook(self._prepare_before_loading)
+            check_composition(trainer)
 
+    def compression_declaration(self, trainer: pl.Trainer) -> Declaration:
+        """Quantizes from ``start`` to the end of fit.
 
-    def _prepare_before_loading(self, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-        network_prefix = f"{prefix}{self._attribute}."
-        resumes_qat = any(k.startswith(network_prefix) and any(m in k for m in _FAKE_QUANT_KEYS) for k in state_dict)
-        if resumes_qat and not backend.is_prepared(getattr(module, self._attribute)):
-            self._prepare(module)
+        Args:
+            trainer: The trainer about to fit.
+
+        Returns:
+            The declaration :func:`~lightning_compress.core.composition.check_composition` reads.
+        """
+        return Declaration(type(self).__name__, Effect.QUANTIZES,
+                           StepWindow(step_budget(trainer).resolve(self.start, "start")))
 
     def _prepare(self, pl_module: pl.LightningModule) -> None:
         net = getattr(pl_module, self._attribute)
@@ -143,6 +171,8 @@ class QuantizationAwareTraining(Callback):
         prepared = backend.prepare(net, self.engine, mode="qat", skip=self._skip_names)
         prepared.train(was_training)
         setattr(pl_module, self._attribute, prepared)
+        append_record(pl_module, ArchitectureRecord(
+            RECORD_KIND, self._attribute, {"engine": self.engine, "skip": list(self._skip_names)}))
         self._stage = "qat"
 
     # -------------------------------------------------------------------------------------- training
@@ -179,8 +209,11 @@ class QuantizationAwareTraining(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Log per-layer weight quantization error and activation scales every ``log_every_n_steps``."""
+        """Stop on a non-finite loss; log per-layer weight quantization error and activation scales every
+        ``log_every_n_steps``."""
         step = trainer.global_step
+        if self._stage == "qat":
+            check_finite({"loss": step_loss(outputs)}, step, type(self).__name__)
         if self._stage != "qat" or step % self.log_every_n_steps or step == self._last_logged_step:
             return
         self._last_logged_step = step
@@ -202,9 +235,7 @@ class QuantizationAwareTraining(Callback):
         whatever the callback order, so callbacks that finish their work at fit end (``MagnitudePruning``
         leaves plain zeros in the weights) still see the trained network, as the composition contract says.
         """
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        remove_restore_hook(pl_module)
         if stage != "fit" or not self._fit_completed or not self.convert_on_fit_end:
             return
         self._fit_completed = False
@@ -265,6 +296,10 @@ class QuantizationAwareTraining(Callback):
         self._check_cpu(pl_module)
 
     # ------------------------------------------------------------------------------------ checkpoint
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Write the architecture records (the QAT preparation) into the checkpoint."""
+        write_records(pl_module, checkpoint)
+
     def state_dict(self) -> dict[str, Any]:
         """The QAT stage and what has been frozen."""
         return {"stage": self._stage, "observers_frozen": self._observers_frozen, "bn_frozen": self._bn_frozen}

@@ -205,7 +205,7 @@ def test_contract_violations_fail_clearly():
         _trainer([KnowledgeDistillation(ToyConvNet(), network="backbone")], max_steps=1).fit(
             UserClassifier(), random_loader(16))
 
-    with pytest.raises(ValueError, match="only one KnowledgeDistillation"):
+    with pytest.raises(ValueError, match="KnowledgeDistillation and KnowledgeDistillation each changes the loss"):
         _trainer([KnowledgeDistillation(ToyConvNet()), KnowledgeDistillation(ToyConvNet())], max_steps=1).fit(
             UserClassifier(), random_loader(16))
 

@@ -9,7 +9,8 @@ from torch import nn
 from lightning_compress.core.accounting import count_macs
 from lightning_compress.distillation import KnowledgeDistillation
 from lightning_compress.module import ImageClassifier
-from lightning_compress.pruning.channel import ARCHITECTURE_KEY, ChannelPruning
+from lightning_compress.core.architecture import ARCHITECTURE_KEY
+from lightning_compress.pruning.channel import ChannelPruning
 from lightning_compress.quantization import QuantizationAwareTraining
 from tests.toy import ToyConvNet, UserClassifier, random_loader
 
@@ -142,9 +143,11 @@ def _fit_and_checkpoint(tmp_path, importance="l1"):
 def test_checkpoint_loads_back_and_resumes_fit(tmp_path):
     model, trainer, path = _fit_and_checkpoint(tmp_path, importance="taylor")
     assert model.model.conv1.out_channels == 8
-    record = torch.load(path, weights_only=False)[ARCHITECTURE_KEY]
-    assert record["network"] == "model" and record["input_shape"] == [1, 3, 16, 16]
-    assert [entry[0] for entry in record["history"]][:3] == ["conv2", "conv1", "stem"]
+    records = torch.load(path, weights_only=False)[ARCHITECTURE_KEY]
+    assert {r["kind"] for r in records} == {"channel_slimming"} and len(records) >= 2
+    assert all(r["network"] == "model" and r["payload"]["input_shape"] == [1, 3, 16, 16] for r in records)
+    history = [entry for r in records for entry in r["payload"]["history"]]
+    assert [entry[0] for entry in history][:3] == ["conv2", "conv1", "stem"]
 
     # load_from_checkpoint: a fresh dense module is slimmed before the weights load (strict)
     loaded = ImageClassifier.load_from_checkpoint(path, model=ToyConvNet(num_classes=4))
@@ -159,7 +162,8 @@ def test_checkpoint_loads_back_and_resumes_fit(tmp_path):
     trainer.fit(resumed_model, random_loader(), ckpt_path=path)
     assert trainer.global_step == 12
     assert resumed_model.model.conv1.out_channels == 8 and resumed_model.model.stem.out_channels == 4
-    assert pruning.state_dict()["history"] == record["history"]
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)[ARCHITECTURE_KEY]
+    assert saved == records  # nothing pruned twice, the records carried over
 
 
 def test_quantization_aware_training_must_start_after_the_last_removal():

@@ -65,8 +65,9 @@ class GradientProbe(Callback):
         (dict(final_sparsity=0.5, start=0.5, end=0.5), "start must come before end"),
         (dict(final_sparsity=0.5, start="3ep", end="2ep"), "start must come before end"),
         (dict(final_sparsity=0.5, end=1.5), "end must be"),
-        (dict(final_sparsity=0.5, update_every=0), "update_every must be a positive integer"),
-        (dict(final_sparsity=0.5, update_every=2.5), "update_every must be a positive integer"),
+        (dict(final_sparsity=0.5, update_every=0), "update_every must be an integer number of optimizer steps"),
+        (dict(final_sparsity=0.5, update_every=2.5), r"update_every must be .* got 2.5"),
+        (dict(final_sparsity=0.5, update_every="often"), r"update_every must be .*'<n>ep'"),
         (dict(pattern="4:2"), "pattern must be"),
         (dict(pattern="2.5:4"), "pattern must be"),
         (dict(pattern="0:4"), "pattern must be"),
@@ -174,7 +175,7 @@ def test_positions_in_optimizer_steps_under_gradient_accumulation():
 
     trainer = make_trainer([pruning, UpdateSpy()], accumulate_grad_batches=2)  # 2 optimizer steps per epoch
     trainer.fit(model, random_loader())
-    assert (pruning._start_step, pruning._end_step) == (2, 4)
+    assert (pruning._window.start, pruning._window.end) == (2, 4)
     done = sorted({(u, t) for _, u, t in updates if u is not None})
     assert done == [(2, 0.0), (3, pytest.approx(0.3)), (4, pytest.approx(0.6))]
     assert sum(int((model.get_parameter(n) == 0).sum()) for n in PRUNED) == round(0.6 * 3456)

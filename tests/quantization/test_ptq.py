@@ -54,6 +54,6 @@ def test_bad_arguments(kwargs, message):
 
 def test_conflicts_with_qat_before_training(make_trainer):
     trainer = make_trainer([PostTrainingQuantization(), QuantizationAwareTraining()], max_steps=2)
-    with pytest.raises(ValueError, match="both quantize at fit end"):
+    with pytest.raises(ValueError, match="(PostTrainingQuantization|QuantizationAwareTraining) and (PostTrainingQuantization|QuantizationAwareTraining) each quantizes"):
         trainer.fit(UserClassifier(), random_loader())
     assert trainer.global_step == 0
