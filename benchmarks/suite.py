@@ -1,0 +1,484 @@
+"""One benchmark suite: every technique side by side on CIFAR-10, same seed and budget, row by row.
+
+Each row is a function building its callbacks from the public API of ``lightning_compress``; the suite
+trains ResNet-20 with them (ResNet-56 for the teacher), tests on the 10,000 test images and measures
+the trained network (``suite_measure.py``): params, non-zeros, MACs, packed and deployed artifact
+size, onnxruntime CPU latency at batch 1. Rows:
+
+    dense, gmp50, gmp90, nm24, channel50, qat, teacher, kd, kd_cached, kd_alpha05, lowrank, pipeline
+
+Budgets (``--budget``):
+
+* ``smoke``: a few batches of one epoch on whatever ``--data`` holds (the tests pass a tiny generated
+  archive); seconds per row, numbers meaningless.
+* ``cpu``: 10 epochs (ResNet-56 teacher: 10 too), batch 128, bf16 autocast when the CPU has native
+  bf16 (avx512_bf16 / AMX), else fp32 at 5 epochs; about 150 minutes for the table on a 2-core EPYC.
+* ``gpu``: one CUDA GPU, data kept on the device, bf16, 30 epochs, batch 256 (about 6 minutes of
+  H200 time for the table).
+
+Results are written as they come: one JSON line per row appended to
+``<results-dir>/suite_<budget>.jsonl``, then ``RESULTS.md`` (+ ``suite.png``) regenerated atomically
+from every budget's file, so a stopped run keeps what it measured. A row already recorded with the same
+config and the same code version (hash of the package sources the row uses) is skipped, so the table
+can be completed over several runs; ``--force`` re-measures.
+
+Run:  python benchmarks/suite.py --budget cpu                      (every row)
+      python benchmarks/suite.py --budget cpu --only dense,gmp90     (a subset)
+      python benchmarks/suite.py --budget smoke --data tiny.tar.gz --results-dir /tmp/x
+      python benchmarks/suite.py --report                            (re-render RESULTS.md only)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reporting import RESULTS_DIR, SHARED_CIFAR10, cpu_description, machine_info
+from suite_report import write_report
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "lightning_compress"
+BASE_SOURCES = ("module.py", "data", "models", "core")
+"""Package sources every row's result depends on (relative to ``lightning_compress/``)."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much training one row gets; every row of a block shares it.
+
+    Attributes:
+        name: ``smoke``, ``cpu`` or ``gpu``.
+        epochs: Student epochs.
+        teacher_epochs: ResNet-56 teacher epochs.
+        batch_size: Training batch size.
+        precision: Lightning precision of training (testing is always fp32 / int8 on the CPU).
+        accelerator: ``cpu`` or ``gpu``.
+        val_size: Training images held out (not trained on; validation itself is not run).
+        limit_train_batches: Batches per epoch (``None``: all).
+        limit_test_batches: Test batches (``None``: all 10,000 images).
+        latency_repeats: Timed runs per latency.
+        data_on_device: Keep the whole dataset on the GPU (no host-to-device copies).
+        lr: Peak learning rate (scaled with the batch size).
+    """
+
+    name: str
+    epochs: int
+    teacher_epochs: int
+    batch_size: int = 128
+    precision: str = "bf16-mixed"
+    accelerator: str = "cpu"
+    val_size: int = 5000
+    limit_train_batches: int | None = None
+    limit_test_batches: int | None = None
+    latency_repeats: int = 200
+    data_on_device: bool = False
+    lr: float = 0.1
+
+
+def resolve_budget(name: str, cpu: dict[str, Any] | None = None) -> tuple[Budget, str]:
+    """The budget called ``name`` on this machine, and a sentence on how it was chosen."""
+    cpu = cpu or cpu_description()
+    if name == "smoke":
+        return Budget("smoke", epochs=1, teacher_epochs=1, batch_size=16, precision="32-true", val_size=0,
+                      limit_train_batches=3, limit_test_batches=2, latency_repeats=5), "a few batches, numbers meaningless"
+    if name == "cpu":
+        if cpu["bf16"]:
+            return Budget("cpu", epochs=10, teacher_epochs=10), "bf16 autocast: the CPU has native bf16"
+        return (Budget("cpu", epochs=5, teacher_epochs=5, precision="32-true"),
+                "fp32 at 5 epochs: no native bf16 on this CPU (autocast would emulate it, slower than fp32)")
+    if name == "gpu":
+        return (Budget("gpu", epochs=30, teacher_epochs=30, batch_size=256, accelerator="gpu", lr=0.2,
+                       data_on_device=True, latency_repeats=300), "one CUDA GPU, data on the device")
+    raise ValueError(f"budget must be one of smoke, cpu, gpu, got {name!r}")
+
+
+# --------------------------------------------------------------------------------------- rows
+@dataclass
+class Plan:
+    """What a row trains: the network, its callbacks, data options, and how it deploys.
+
+    Attributes:
+        model: Zoo name of the trained network.
+        callbacks: Compression callbacks for the Trainer.
+        data: Extra ``CIFARDataModule`` arguments (e.g. ``with_indices`` for the logit cache).
+        qat: The row's ``QuantizationAwareTraining`` callback (it is converted to int8 by the suite).
+        precision: Overrides the budget's training precision (with the reason in ``notes``).
+        notes: Said in the table.
+    """
+
+    model: str = "resnet20"
+    callbacks: list[Any] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+    qat: Any = None
+    precision: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+class Skip(Exception):
+    """A row that cannot run with this code version; the message is recorded as the reason."""
+
+
+@dataclass
+class Context:
+    """What a row function can use: the budget, total optimizer steps, and the teacher checkpoint."""
+
+    budget: Budget
+    steps: int
+    teacher_path: Callable[[], str]
+
+    def every(self, updates: int) -> int:
+        """Optimizer steps between updates so that a schedule acts about ``updates`` times in the run."""
+        return max(1, self.steps // updates)
+
+
+def _gmp(sparsity: float) -> Callable[[Context], Plan]:
+    def row(ctx: Context) -> Plan:
+        return Plan(callbacks=[_lc().MagnitudePruning(final_sparsity=sparsity, start=0.05, end=0.6,
+                                                      update_every=ctx.every(40))])
+    row.__doc__ = f"Gradual magnitude pruning (cubic, global, unstructured) to {sparsity:.0%} between 5 % and 60 %."
+    return row
+
+
+def nm24(ctx: Context) -> Plan:
+    """2:4 semi-structured magnitude pruning, reached gradually between 5 % and 60 % of the run."""
+    return Plan(callbacks=[_lc().MagnitudePruning(pattern="2:4", start=0.05, end=0.6, update_every=ctx.every(40))])
+
+
+def _channel(ctx: Context, end: float = 0.5) -> Any:
+    return _lc().ChannelPruning(kept_macs_ratio=0.5, round_to=8, start=0.0, end=end, update_every=ctx.every(20))
+
+
+def channel50(ctx: Context) -> Plan:
+    """Channel pruning to half the MACs (L1, widths multiples of 8), about 10 removals until 50 % of the run."""
+    return Plan(callbacks=[_channel(ctx)])
+
+
+def _qat(start: float = 0.75) -> Any:
+    return _lc().QuantizationAwareTraining(start=start, freeze_bn=start + 0.6 * (1 - start),
+                                           freeze_observers=start + 0.8 * (1 - start), convert_on_fit_end=False)
+
+
+def qat(ctx: Context) -> Plan:
+    """QAT as fine-tuning: fp32 for 75 % of the run, then fake-quantized; int8 accuracy of the converted net."""
+    callback = _qat()
+    return Plan(callbacks=[callback], qat=callback)
+
+
+def teacher(ctx: Context) -> Plan:
+    """The dense ResNet-56 teacher of the KD rows (trained here at the block's teacher budget)."""
+    return Plan(model="resnet56")
+
+
+def _kd(ctx: Context, alpha: float = 0.9, cache: bool = False) -> Any:
+    return _lc().KnowledgeDistillation(teacher=ctx.teacher_path(), temperature=4.0, alpha=alpha, cache_logits=cache)
+
+
+def kd(ctx: Context) -> Plan:
+    """Distillation from the ResNet-56 teacher, T=4, alpha=0.9 (the shipped recipe's setting)."""
+    return Plan(callbacks=[_kd(ctx)])
+
+
+def kd_alpha05(ctx: Context) -> Plan:
+    """Distillation as ``kd`` with alpha=0.5: is 0.9 too much teacher for a short run?"""
+    return Plan(callbacks=[_kd(ctx, alpha=0.5)])
+
+
+def kd_cached(ctx: Context) -> Plan:
+    """Distillation with the teacher-logit cache (needs deterministic inputs: no augmentation)."""
+    return Plan(callbacks=[_kd(ctx, cache=True)], data={"with_indices": True, "augment": False},
+                notes=["no augmentation (the logit cache needs deterministic inputs)"])
+
+
+def lowrank(ctx: Context) -> Plan:
+    """Low-rank factorization to half the MACs at 30 % of the run (``LowRankFactorization``)."""
+    import inspect
+
+    try:
+        from lightning_compress import LowRankFactorization
+    except ImportError:
+        try:
+            from lightning_compress.factorization import LowRankFactorization
+        except ImportError as err:
+            raise Skip(f"not available in this code version (LowRankFactorization: {err})") from err
+    wanted = {"kept_macs_ratio": 0.5, "round_to": 8, "start": 0.3}
+    accepted = inspect.signature(LowRankFactorization).parameters
+    return Plan(callbacks=[LowRankFactorization(**{k: v for k, v in wanted.items() if k in accepted})],
+                notes=[f"arguments {sorted(k for k in wanted if k in accepted)}"])
+
+
+def pipeline(ctx: Context) -> Plan:
+    """Channel pruning to half the MACs (until 40 %) + magnitude pruning to 50 % (45-70 %) + KD + QAT (75 %)."""
+    callback = _qat()
+    return Plan(callbacks=[_channel(ctx, end=0.4),
+                           _lc().MagnitudePruning(final_sparsity=0.5, start=0.45, end=0.7, update_every=ctx.every(40)),
+                           _kd(ctx), callback], qat=callback)
+
+
+def dense(ctx: Context) -> Plan:
+    """The dense ResNet-20: the reference of every row."""
+    return Plan()
+
+
+ROWS: dict[str, tuple[Callable[[Context], Plan], tuple[str, ...]]] = {
+    "dense": (dense, ()),
+    "gmp50": (_gmp(0.5), ("pruning",)),
+    "gmp90": (_gmp(0.9), ("pruning",)),
+    "nm24": (nm24, ("pruning",)),
+    "teacher": (teacher, ()),
+    "kd": (kd, ("distillation",)),
+    "kd_alpha05": (kd_alpha05, ("distillation",)),
+    "kd_cached": (kd_cached, ("distillation",)),
+    "channel50": (channel50, ("pruning",)),
+    "qat": (qat, ("quantization", "export.py")),
+    "lowrank": (lowrank, ("factorization",)),
+    "pipeline": (pipeline, ("pruning", "distillation", "quantization", "export.py")),
+}
+"""Row name -> (plan function, package sources beyond :data:`BASE_SOURCES` its result depends on)."""
+ROW_VERSION = 1
+"""Bump when the suite's own way of training or measuring a row changes (invalidates recorded rows)."""
+
+
+def _lc() -> Any:
+    import lightning_compress
+
+    return lightning_compress
+
+
+def code_version(sources: tuple[str, ...]) -> str:
+    """Short hash of the package files a row depends on (every ``.py`` under each source path)."""
+    digest = hashlib.sha256()
+    for source in (*BASE_SOURCES, *sources):
+        path = PACKAGE / source
+        files = sorted(path.rglob("*.py")) if path.is_dir() else [path] if path.exists() else []
+        for file in files:
+            digest.update(str(file.relative_to(PACKAGE)).encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------------- training
+class DeviceBatches:
+    """Shuffled batches indexed straight out of tensors that live on the GPU (no loader, no copies)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool,
+                 with_indices: bool = False) -> None:
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+        self.shuffle, self.with_indices = shuffle, with_indices
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def __iter__(self):
+        n, device = len(self.labels), self.labels.device
+        order = torch.randperm(n, device=device) if self.shuffle else torch.arange(n, device=device)
+        for start in range(0, n, self.batch_size):
+            index = order[start:start + self.batch_size]
+            batch = (self.images[index], self.labels[index])
+            yield (*batch, index) if self.with_indices else batch
+
+
+def datamodule(data: str, budget: Budget, **kwargs: Any) -> Any:
+    """``CIFARDataModule`` for the budget; for ``data_on_device`` its training split is moved to the GPU."""
+    from lightning_compress import CIFARDataModule
+
+    class OnDevice(CIFARDataModule):
+        def train_dataloader(self):  # noqa: D102 - same contract as the parent's
+            train = self.train_set
+            device = torch.device("cuda", torch.cuda.current_device())
+            if train.images.device != device:
+                train.images, train.labels = train.images.to(device), train.labels.to(device)
+            return DeviceBatches(train.images, train.labels, self.batch_size, shuffle=True,
+                                 with_indices=self.hparams.with_indices)
+
+    cls = OnDevice if budget.data_on_device else CIFARDataModule
+    return cls(root=data, download=False, batch_size=budget.batch_size, val_size=budget.val_size,
+               eval_batch_size=256, **kwargs)
+
+
+def _trainer(budget: Budget, callbacks: list[Any], precision: str | None = None, fit: bool = True) -> Any:
+    import lightning.pytorch as pl
+
+    common = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                  num_sanity_val_steps=0, limit_val_batches=0, devices=1, callbacks=callbacks)
+    if not fit:  # every row is tested the same way: fp32 (or int8) on the CPU
+        return pl.Trainer(accelerator="cpu", precision="32-true", limit_test_batches=budget.limit_test_batches, **common)
+    return pl.Trainer(accelerator=budget.accelerator, precision=precision or budget.precision,
+                      max_epochs=budget.epochs, limit_train_batches=budget.limit_train_batches, **common)
+
+
+def _steps(budget: Budget, epochs: int) -> int:
+    per_epoch = math.ceil((50000 - budget.val_size) / budget.batch_size)
+    if budget.limit_train_batches is not None:
+        per_epoch = min(per_epoch, budget.limit_train_batches)
+    return per_epoch * epochs
+
+
+def _test_acc(module: Any, data: Any, budget: Budget) -> float:
+    return round(100 * _trainer(budget, [], fit=False).test(module, datamodule=data, verbose=False)[0]["test/acc"], 2)
+
+
+def _autocast_test_acc(module: Any, data: Any, budget: Budget) -> float:
+    """Test accuracy with the network run under bf16 autocast on the CPU (how a KD teacher runs)."""
+    import lightning.pytorch as pl
+
+    trainer = pl.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_test_batches=budget.limit_test_batches, devices=1)
+    return round(100 * trainer.test(module, datamodule=data, verbose=False)[0]["test/acc"], 2)
+
+
+class Suite:
+    """Runs rows of one budget, records each as a JSON line and re-renders the report after each."""
+
+    def __init__(self, budget: Budget, budget_reason: str, data: str, results_dir: Path, work_dir: Path,
+                 force: bool = False) -> None:
+        self.budget, self.budget_reason, self.data = budget, budget_reason, data
+        self.results_dir, self.work_dir, self.force = results_dir, work_dir, force
+        self.jsonl = results_dir / f"suite_{budget.name}.jsonl"
+        self.machine = {**machine_info(), "cpu": cpu_description()}
+
+    def config(self, row: str) -> dict[str, Any]:
+        """Everything a row's result depends on besides the code: recorded, and compared on rerun."""
+        data = self.data if self.budget.name == "smoke" else Path(self.data).name
+        return {"row": row, "budget": asdict(self.budget), "row_version": ROW_VERSION, "seed": 0, "data": data}
+
+    def recorded(self) -> list[dict[str, Any]]:
+        if not self.jsonl.exists():
+            return []
+        return [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+
+    def _is_recorded(self, row: str) -> dict[str, Any] | None:
+        version, config = code_version(ROWS[row][1]), self.config(row)
+        for record in reversed(self.recorded()):
+            if record["config"] == config and record["code_version"] == version and record["status"] != "failed":
+                return record
+        return None
+
+    def _append(self, record: dict[str, Any]) -> None:
+        self.results_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        write_report(self.results_dir)
+
+    def teacher_file(self) -> Path:
+        """Where the ResNet-56 teacher of this budget and code version is (or will be) saved."""
+        return self.work_dir / f"teacher_{self.budget.name}_{code_version(ROWS['teacher'][1])}.ckpt"
+
+    def teacher_path(self) -> str:
+        """Checkpoint of the suite's ResNet-56 teacher for this budget and code, trained on first need."""
+        if not self.teacher_file().exists():
+            record = self.run_row("teacher", force=True)
+            if record["status"] != "ok":
+                raise RuntimeError(f"the teacher could not be trained: {record.get('reason')}")
+        return str(self.teacher_file())
+
+    def run_row(self, row: str, force: bool = False) -> dict[str, Any]:
+        import lightning.pytorch as pl
+
+        from lightning_compress import ImageClassifier
+
+        previous = None if (force or self.force) else self._is_recorded(row)
+        if previous is not None and (row != "teacher" or self.teacher_file().exists()):
+            print(f"[suite] {row}: recorded for this code and config, kept", flush=True)
+            return previous
+        budget = self.budget
+        epochs = budget.teacher_epochs if row == "teacher" else budget.epochs
+        ctx = Context(budget=replace(budget, epochs=epochs), steps=_steps(budget, epochs), teacher_path=self.teacher_path)
+        record: dict[str, Any] = {"row": row, "config": self.config(row), "code_version": code_version(ROWS[row][1]),
+                                  "budget_reason": self.budget_reason, "machine": self.machine,
+                                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        print(f"[suite] {row}: start ({budget.name}, {epochs} epochs)", flush=True)
+        try:
+            plan = ROWS[row][0](ctx)
+        except Skip as reason:
+            record.update(status="skipped", reason=str(reason))
+            self._append(record)
+            print(f"[suite] {row}: skipped: {reason}", flush=True)
+            return record
+        except Exception as err:  # e.g. the teacher could not be trained
+            plan = err
+        try:
+            if isinstance(plan, Exception):
+                raise plan
+            pl.seed_everything(0, workers=True)
+            module = ImageClassifier(plan.model, lr=budget.lr, warmup="1ep", channels_last=True)
+            data = datamodule(self.data, budget, **plan.data)
+            trainer = _trainer(replace(budget, epochs=epochs), plan.callbacks, plan.precision)
+            start = time.perf_counter()
+            trainer.fit(module, datamodule=data)
+            fit_s = time.perf_counter() - start
+            record["precision"] = plan.precision or budget.precision
+            int8 = None
+            if plan.qat is not None:
+                from lightning_compress.export import int8_from_qat
+
+                int8 = int8_from_qat(module.model.cpu(), plan.qat.engine)
+            network = module.model
+            measured_on = module.model
+            if int8 is not None:
+                module.model = int8
+            top1 = _test_acc(module, data, budget)
+            module.model = measured_on
+            from suite_measure import measure_network
+
+            measured = measure_network(network, int8, getattr(plan.qat, "engine", "x86"), budget.latency_repeats)
+            measured["notes"] = plan.notes + measured["notes"]
+            record.update(status="ok", top1=top1, fit_s=round(fit_s, 1), epochs=epochs, **measured)
+            if row == "teacher":
+                record["top1_bf16_autocast"] = _autocast_test_acc(module, data, budget)
+                self.work_dir.mkdir(parents=True, exist_ok=True)
+                trainer.save_checkpoint(self.teacher_file())
+            record["wall_s"] = round(time.perf_counter() - start, 1)
+            record["load_average_1_5_15"] = [round(v, 2) for v in os.getloadavg()]
+        except Exception as err:  # recorded, so the table says what broke; other rows go on
+            record.update(status="failed", reason=f"{type(err).__name__}: {err}"[:500])
+            traceback.print_exc()
+        self._append(record)
+        print(f"[suite] {row}: {json.dumps({k: record.get(k) for k in ('status', 'top1', 'fit_s', 'reason')})}",
+              flush=True)
+        return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget", choices=("smoke", "cpu", "gpu"), default="cpu")
+    parser.add_argument("--only", default=None, help="comma-separated rows (default: all, in table order)")
+    parser.add_argument("--data", default=SHARED_CIFAR10, help="CIFAR-10 in any layout CIFARDataModule reads")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--work-dir", type=Path, default=REPO / "runs" / "suite", help="teacher checkpoints")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--force", action="store_true", help="re-measure rows already recorded")
+    parser.add_argument("--report", action="store_true", help="only re-render RESULTS.md from the recorded rows")
+    args = parser.parse_args(argv)
+    if args.report:
+        write_report(args.results_dir)
+        return 0
+    rows = list(ROWS) if args.only is None else [r.strip() for r in args.only.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; rows are {list(ROWS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    budget, reason = resolve_budget(args.budget)
+    if budget.accelerator == "gpu" and not torch.cuda.is_available():
+        parser.error("--budget gpu needs a CUDA device")
+    suite = Suite(budget, reason, args.data, args.results_dir, args.work_dir, args.force)
+    failed = [row for row in rows if suite.run_row(row)["status"] == "failed"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""RESULTS.md and suite.png from the suite's recorded rows (``suite_<budget>.jsonl``), with the issue's targets.
+
+The markdown is regenerated from the JSON lines after every row, atomically; hand-written analysis
+lives in ``suite_notes.md`` beside it and is included verbatim.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lightning_compress.core.files import atomic_path, write_text_atomic
+
+BUDGET_ORDER = ("gpu", "cpu", "smoke")
+TARGETS = "GMP 90 % within 2 points of dense; channel pruning at half the MACs within 1.5; QAT within 0.3; " \
+          "KD above the student trained alone; full pipeline >= 10x smaller and >= 3x faster than dense within 3 points"
+
+
+def load_rows(results_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """Every budget's recorded rows: the latest record per row, in the suite's row order."""
+    from suite import ROWS
+
+    blocks: dict[str, list[dict[str, Any]]] = {}
+    for budget in BUDGET_ORDER:
+        path = results_dir / f"suite_{budget}.jsonl"
+        if not path.exists():
+            continue
+        latest: dict[str, dict[str, Any]] = {}
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                latest[record["row"]] = record
+        blocks[budget] = [latest[row] for row in ROWS if row in latest]
+    return blocks
+
+
+def _current(record: dict[str, Any]) -> bool:
+    from suite import ROWS, code_version
+
+    return record["row"] in ROWS and code_version(ROWS[record["row"]][1]) == record["code_version"]
+
+
+def _kb(value: int | None) -> str:
+    return "-" if value is None else f"{value / 1e3:,.0f}"
+
+
+def _describe(row: str) -> str:
+    from suite import ROWS
+
+    doc = (ROWS[row][0].__doc__ or "").strip()
+    return doc.split("\n")[0].rstrip(".") if row in ROWS else row
+
+
+def _machine(record: dict[str, Any]) -> str:
+    m = record["machine"]
+    cpu = m.get("cpu", {})
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    return (f"{cpu.get('model', m.get('processor'))} ({m.get('cpu_count')} CPUs; {' '.join(cpu.get('flags', []))})"
+            f"{gpu}, torch {m.get('torch')}")
+
+
+def _latency(record: dict[str, Any]) -> tuple[str, str]:
+    lat = record.get("latency_ms", {})
+    fp32 = f"{lat['ort_fp32']:.3f}" if "ort_fp32" in lat else "-"
+    if "ort_int8" in lat:
+        return fp32, f"{lat['ort_int8']:.3f} (ORT)"
+    if "torchscript_int8" in lat:
+        return fp32, f"{lat['torchscript_int8']:.3f} (TorchScript¹)"
+    return fp32, "-"
+
+
+def render_block(budget: str, rows: list[dict[str, Any]]) -> list[str]:
+    """One markdown table for one budget."""
+    ok = {r["row"]: r for r in rows if r["status"] == "ok"}
+    dense = ok.get("dense")
+    b = rows[0]["config"]["budget"]
+    lines = [f"## Budget `{budget}`", "",
+             f"Seed 0, batch {b['batch_size']}, {b['epochs']} epochs (teacher {b['teacher_epochs']}), "
+             f"training precision {b['precision']} on {b['accelerator']}"
+             + (", data on the device" if b.get("data_on_device") else "")
+             + (f", {b['limit_train_batches']} batches/epoch" if b.get("limit_train_batches") else "")
+             + f"; {rows[0].get('budget_reason', '')}. Tested on the CPU "
+             + ("(all 10,000 test images)" if not b.get("limit_test_batches") else f"({b['limit_test_batches']} test batches)")
+             + ", int8 rows with the converted int8 network.",
+             f"Machine: {_machine(rows[0])}.", "",
+             "| row | what | top-1 % | Δ vs dense | params | non-zeros | MMACs | deployed artifact kB | "
+             "packed kB | ORT fp32 ms | int8 ms | fit s | wall s | code |",
+             "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        code = r["code_version"] + ("" if _current(r) else " (older code)")
+        if r["status"] != "ok":
+            lines.append(f"| {r['row']} | {_describe(r['row'])} | {r['status']}: {r.get('reason', '')} "
+                         "| | | | | | | | | | | " + code + " |")
+            continue
+        delta = "-" if dense is None or r["row"] == "dense" else f"{r['top1'] - dense['top1']:+.2f}"
+        fp32, int8 = _latency(r)
+        art = r.get("artifact", {})
+        what = _describe(r["row"]) + "".join(f"; {n}" for n in r.get("notes", []) if not n.startswith("int8 ONNX"))
+        lines.append(f"| {r['row']} | {what} | {r['top1']:.2f} | {delta} | {r['params']:,} | {r['nonzero']:,} | "
+                     f"{r['macs'] / 1e6:.1f} | {art.get('kind', '-')} {_kb(art.get('bytes'))} | "
+                     f"{_kb(r.get('packed_bytes'))} | {fp32} | {int8} | {r['fit_s']:.0f} | {r['wall_s']:.0f} | {code} |")
+    teacher = ok.get("teacher")
+    if teacher and "top1_bf16_autocast" in teacher:
+        lines += ["", f"Teacher (ResNet-56) test top-1: {teacher['top1']:.2f} % in fp32, "
+                  f"{teacher['top1_bf16_autocast']:.2f} % under bf16 autocast (how it runs inside a bf16 student step)."]
+    notes = sorted({n for r in rows for n in r.get("notes", []) if n.startswith("int8 ONNX")})
+    if notes:
+        lines += ["", "¹ " + " / ".join(notes)]
+    lines += ["", *targets(ok)]
+    return lines
+
+
+def targets(ok: dict[str, dict[str, Any]]) -> list[str]:
+    """The issue's relative targets, met or not, from this block's rows."""
+    dense = ok.get("dense")
+    if dense is None:
+        return ["Targets: not evaluated (no dense row yet)."]
+
+    def drop(row: str) -> float | None:
+        return None if row not in ok else dense["top1"] - ok[row]["top1"]
+
+    out = ["Targets (" + TARGETS + "):", ""]
+    for row, limit, label in (("gmp90", 2.0, "GMP 90 %"), ("channel50", 1.5, "channel pruning, half the MACs"),
+                              ("qat", 0.3, "QAT int8")):
+        d = drop(row)
+        out.append(f"- {label}: " + ("not measured" if d is None else
+                                     f"{d:+.2f} points below dense (limit {limit}): {'met' if d <= limit else 'NOT met'}"))
+    for row in ("kd", "kd_alpha05", "kd_cached"):
+        d = drop(row)
+        if d is not None:
+            out.append(f"- {row} vs student alone: {-d:+.2f} points: {'met' if d < 0 else 'NOT met'}")
+    pipe = ok.get("pipeline")
+    if pipe is None:
+        out.append("- full pipeline: not measured")
+    else:
+        smaller = dense["artifact"]["bytes"] / pipe["artifact"]["bytes"]
+        packed = dense["artifact"]["bytes"] / pipe["packed_bytes"]
+        lat = pipe["latency_ms"]
+        int8_ms = lat.get("ort_int8", lat.get("torchscript_int8"))
+        faster = dense["latency_ms"]["ort_fp32"] / int8_ms if int8_ms else None
+        d = drop("pipeline")
+        met = smaller >= 10 and faster is not None and faster >= 3 and d <= 3
+        out.append(f"- full pipeline: deployed artifact {smaller:.1f}x smaller than dense's fp32 ONNX (packed "
+                   f"weights {packed:.1f}x), int8 {'-' if faster is None else f'{faster:.2f}x'} faster than dense on "
+                   f"onnxruntime fp32 (batch 1, 1 thread), {d:+.2f} points below dense: {'met' if met else 'NOT met'}")
+    return out
+
+
+def plot(blocks: dict[str, list[dict[str, Any]]], path: Path) -> bool:
+    """Accuracy vs compressed size (deployed artifact, and packed weights), one colour per budget."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for i, (budget, rows) in enumerate(blocks.items()):
+        ok = [r for r in rows if r["status"] == "ok" and r["row"] != "teacher"]
+        if not ok:
+            continue
+        colour = f"C{i}"
+        ax.scatter([r["artifact"]["bytes"] / 1e3 for r in ok], [r["top1"] for r in ok], color=colour,
+                   label=f"{budget}: deployed artifact")
+        ax.scatter([r["packed_bytes"] / 1e3 for r in ok], [r["top1"] for r in ok], facecolors="none",
+                   edgecolors=colour, label=f"{budget}: packed weights (int8 + bitmask, lzma)")
+        for r in ok:
+            ax.annotate(r["row"], (r["artifact"]["bytes"] / 1e3, r["top1"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("compressed size (kB, log)")
+    ax.set_ylabel("CIFAR-10 test top-1 (%)")
+    ax.set_title("lightning-compress suite: accuracy vs size (ResNet-20 rows)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return True
+
+
+def write_report(results_dir: Path) -> Path:
+    """Regenerate ``RESULTS.md`` (and ``suite.png``) in ``results_dir`` from every budget's rows."""
+    blocks = {budget: rows for budget, rows in load_rows(results_dir).items() if rows}
+    lines = ["# Results: every technique side by side (benchmarks/suite.py)", "",
+             "Generated by `python benchmarks/suite.py` from `suite_<budget>.jsonl` after every row; one block per "
+             "budget, every row of a block on the shared CIFAR-10 copy with the same seed and budget. "
+             "Δ is in points against the block's dense ResNet-20. *Deployed artifact*: the file a deployment "
+             "runs (fp32 ONNX; int8 rows: int8 ONNX, else the int8 TorchScript file). *Packed*: the weights as "
+             "bitmask of non-zeros + int8 values, lzma (`export.write_packed`), where sparsity shows. Latency: "
+             "median at batch 1, one thread. *fit s*: training; *wall s*: training + test + measurements. "
+             "*code*: hash of the package sources the row depends on; a rerun re-measures rows whose code changed.", ""]
+    if blocks and plot(blocks, results_dir / "suite.png"):
+        lines += ["![accuracy vs compressed size](suite.png)", ""]
+    for budget, rows in blocks.items():
+        lines += [*render_block(budget, rows), ""]
+    notes = results_dir / "suite_notes.md"
+    if notes.exists():
+        lines += [notes.read_text().rstrip(), ""]
+    path = results_dir / "RESULTS.md"
+    write_text_atomic(path, "\n".join(lines))
+    return path
