@@ -296,7 +296,7 @@ def datamodule(data: str, budget: Budget, **kwargs: Any) -> Any:
     class OnDevice(CIFARDataModule):
         def train_dataloader(self):  # noqa: D102 - same contract as the parent's
             train = self.train_set
-            device = torch.device("cuda", torch.cuda.current_device())
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
             if train.images.device != device:
                 train.images, train.labels = train.images.to(device), train.labels.to(device)
             return DeviceBatches(train.images, train.labels, self.batch_size, shuffle=True,
@@ -435,8 +435,8 @@ class Suite:
             from suite_measure import measure_network
 
             measured = measure_network(network, int8, getattr(plan.qat, "engine", "x86"), budget.latency_repeats)
-            measured["notes"] = plan.notes + measured["notes"]
-            record.update(status="ok", top1=top1, fit_s=round(fit_s, 1), epochs=epochs, **measured)
+            measured["measure_notes"] = measured.pop("notes")
+            record.update(status="ok", top1=top1, fit_s=round(fit_s, 1), epochs=epochs, notes=plan.notes, **measured)
             if row == "teacher":
                 record["top1_bf16_autocast"] = _autocast_test_acc(module, data, budget)
                 self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -461,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=REPO / "runs" / "suite", help="teacher checkpoints")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--force", action="store_true", help="re-measure rows already recorded")
+    parser.add_argument("--data-on-device", action="store_true",
+                        help="index training batches out of tensors on the device (the gpu budget's data path; "
+                             "on a CPU: the same code path, for the dry run)")
     parser.add_argument("--report", action="store_true", help="only re-render RESULTS.md from the recorded rows")
     args = parser.parse_args(argv)
     if args.report:
@@ -473,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     budget, reason = resolve_budget(args.budget)
+    if args.data_on_device:
+        budget = replace(budget, data_on_device=True)
     if budget.accelerator == "gpu" and not torch.cuda.is_available():
         parser.error("--budget gpu needs a CUDA device")
     suite = Suite(budget, reason, args.data, args.results_dir, args.work_dir, args.force)

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The whole GPU check on a machine with one CUDA GPU (sized for an H200), in under 8 minutes with installs:
+#   1. a venv (unless one is active): torch==2.14.1 torchvision==0.29.1, then the package with [test];
+#   2. pytest -m gpu (the tests that need a CUDA device);
+#   3. benchmarks/suite.py at the gpu budget (data kept on the GPU), stopped at the deadline: rows are
+#      recorded one by one, so what finished is kept and a rerun completes the table.
+# Results: benchmarks/results/ (suite_gpu.jsonl, RESULTS.md, suite.png), or $OUT/ when OUT is set; the
+# pytest log and the suite log go beside them (device_pytest.log, device_suite.log).
+#
+# Usage: benchmarks/device.sh [--dry-run] [--only ROW,ROW] [--deadline SECONDS]
+#   --dry-run   on a CPU: no GPU needed, the suite at the smoke budget (data still indexed "on the device",
+#               i.e. the same code path on the CPU); the install is skipped when a venv is already active.
+#   --only      rows of the suite (default: all, the most informative first).
+# Environment: CIFAR10 (the data; default ../shared/data/cifar10-jpeg.tar.gz or shared/data/...), OUT.
+set -euo pipefail
+started=$SECONDS
+cd "$(dirname "$0")/.."
+
+dry_run=0
+deadline=480
+rows="dense,gmp90,qat,teacher,kd,channel50,pipeline,gmp50,nm24,kd_alpha05,kd_cached,lowrank"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) dry_run=1 ;;
+    --only) rows="$2"; shift ;;
+    --deadline) deadline="$2"; shift ;;
+    *) echo "device.sh: unknown argument $1 (use --dry-run, --only ROWS, --deadline SECONDS)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+results="${OUT:-benchmarks/results}"
+mkdir -p "$results"
+data="${CIFAR10:-}"
+if [ -z "$data" ]; then
+  for candidate in ../shared/data/cifar10-jpeg.tar.gz shared/data/cifar10-jpeg.tar.gz; do
+    if [ -e "$candidate" ]; then data="$candidate"; break; fi
+  done
+fi
+if [ -z "$data" ]; then
+  echo "device.sh: no CIFAR-10 found; set CIFAR10=<path> (any layout CIFARDataModule reads)" >&2
+  exit 2
+fi
+say() { echo "[device.sh $((SECONDS - started))s] $*"; }
+
+if [ -z "${VIRTUAL_ENV:-}" ]; then
+  say "installing into .venv-device"
+  # --system-site-packages: a machine that has torch preinstalled (and no index) still gets a working venv
+  python3 -m venv --system-site-packages .venv-device
+  # shellcheck disable=SC1091
+  . .venv-device/bin/activate
+  python -m pip install -q --upgrade pip || true
+  python -m pip install -q torch==2.14.1 torchvision==0.29.1
+  python -m pip install -q -e '.[test]'
+else
+  say "using the active venv $VIRTUAL_ENV (no install)"
+fi
+python - <<'EOF'
+import torch
+print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}"
+      + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""))
+EOF
+
+if [ "$dry_run" = 1 ]; then
+  budget=smoke
+  suite_args=(--budget smoke --data-on-device)
+else
+  budget=gpu
+  suite_args=(--budget gpu)
+  python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'device.sh: no CUDA device (use --dry-run on a CPU)')"
+fi
+
+say "pytest -m gpu"
+pytest_status=0
+python -m pytest -m gpu -q -p no:cacheprovider > "$results/device_pytest.log" 2>&1 || pytest_status=$?
+tail -n 3 "$results/device_pytest.log"
+# exit 5: no test selected (nothing marked gpu); anything else non-zero is a failure, reported at the end
+
+left=$((deadline - (SECONDS - started) - 10))
+if [ "$left" -lt 30 ]; then
+  say "no time left for the suite (deadline ${deadline}s)"; exit 1
+fi
+say "suite at the $budget budget, rows $rows, at most ${left}s"
+suite_status=0
+timeout --signal=TERM --kill-after=10 "$left" \
+  python benchmarks/suite.py "${suite_args[@]}" --only "$rows" --data "$data" --results-dir "$results" \
+  --work-dir "$results/.suite_work" > "$results/device_suite.log" 2>&1 || suite_status=$?
+grep '^\[suite\]' "$results/device_suite.log" || true
+python benchmarks/suite.py --report --results-dir "$results"
+rm -rf "$results/.suite_work"
+say "done: pytest exit $pytest_status, suite exit $suite_status (124: stopped at the deadline), results in $results"
+if [ "$pytest_status" != 0 ] && [ "$pytest_status" != 5 ]; then exit 1; fi
+if [ "$suite_status" != 0 ] && [ "$suite_status" != 124 ]; then exit 1; fi
+exit 0
