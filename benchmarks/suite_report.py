@@ -19,7 +19,7 @@ TARGETS = "GMP 90 % within 2 points of dense; channel pruning at half the MACs w
 
 def load_rows(results_dir: Path) -> dict[str, list[dict[str, Any]]]:
     """Every budget's recorded rows: the latest record per row, in the suite's row order."""
-    from suite import ROWS
+    from suite_rows import ROWS
 
     blocks: dict[str, list[dict[str, Any]]] = {}
     for budget in BUDGET_ORDER:
@@ -36,7 +36,7 @@ def load_rows(results_dir: Path) -> dict[str, list[dict[str, Any]]]:
 
 
 def _current(record: dict[str, Any]) -> bool:
-    from suite import ROWS, code_version
+    from suite_rows import ROWS, code_version
 
     return record["row"] in ROWS and code_version(ROWS[record["row"]][1]) == record["code_version"]
 
@@ -46,7 +46,7 @@ def _kb(value: int | None) -> str:
 
 
 def _describe(row: str) -> str:
-    from suite import ROWS
+    from suite_rows import ROWS
 
     doc = (ROWS[row][0].__doc__ or "").strip()
     return doc.split("\n")[0].rstrip(".") if row in ROWS else row

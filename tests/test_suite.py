@@ -26,8 +26,9 @@ RESNET20_MACS = 40_813_184  # per 32x32 image, convolutions and the classifier
 TIMEOUT_S = 300
 
 sys.path.insert(0, str(BENCHMARKS))
-import suite  # noqa: E402  (benchmarks/ is not a package)
-import suite_report  # noqa: E402
+import suite  # (benchmarks/ is not a package: imported from its folder, as the scripts import each other)
+import suite_report
+import suite_rows
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def test_suite_smoke_rows(tmp_path: Path, cifar_archive: Path) -> None:
     completed = subprocess.run(
         [sys.executable, "benchmarks/suite.py", "--budget", "smoke", "--only", "dense,gmp90,qat,lowrank",
          "--data", str(cifar_archive), "--results-dir", str(out), "--work-dir", str(tmp_path / "work")],
-        cwd=BENCHMARKS.parent, env=_env(tmp_path), capture_output=True, text=True, timeout=TIMEOUT_S,
+        cwd=BENCHMARKS.parent, env=_env(tmp_path), capture_output=True, text=True, timeout=TIMEOUT_S, check=False,
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     rows = _records(out / "suite_smoke.jsonl")
@@ -86,7 +87,7 @@ def test_suite_smoke_rows(tmp_path: Path, cifar_archive: Path) -> None:
 
 
 def test_recorded_row_is_kept_and_changed_code_is_rerun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    budget, _ = suite.resolve_budget("smoke")
+    budget, _ = suite_rows.resolve_budget("smoke")
     runner = suite.Suite(budget, "test", "data.tar.gz", tmp_path, tmp_path / "work")
     record = {"row": "dense", "config": runner.config("dense"), "code_version": suite.code_version(()),
               "status": "ok", "top1": 12.5}
@@ -103,24 +104,25 @@ def test_code_version_follows_the_row_sources(tmp_path: Path, monkeypatch: pytes
     for name in ("module.py", "pruning/magnitude.py", "quantization/qat.py"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("x = 1\n")
-    monkeypatch.setattr(suite, "PACKAGE", tmp_path)
-    pruning, quantization = suite.code_version(("pruning",)), suite.code_version(("quantization",))
+    monkeypatch.setattr(suite_rows, "PACKAGE", tmp_path)
+    version = suite_rows.code_version
+    pruning, quantization = version(("pruning",)), version(("quantization",))
     (tmp_path / "quantization/qat.py").write_text("x = 2\n")
-    assert suite.code_version(("pruning",)) == pruning
-    assert suite.code_version(("quantization",)) != quantization
+    assert version(("pruning",)) == pruning
+    assert version(("quantization",)) != quantization
     (tmp_path / "module.py").write_text("x = 3\n")  # a base source: every row changes
-    assert suite.code_version(("pruning",)) != pruning
+    assert version(("pruning",)) != pruning
 
 
 def test_budgets_follow_the_cpu() -> None:
-    with_bf16, _ = suite.resolve_budget("cpu", {"model": "x", "flags": ["avx512_bf16"], "bf16": True})
-    without, reason = suite.resolve_budget("cpu", {"model": "x", "flags": ["avx2"], "bf16": False})
+    with_bf16, _ = suite_rows.resolve_budget("cpu", {"model": "x", "flags": ["avx512_bf16"], "bf16": True})
+    without, reason = suite_rows.resolve_budget("cpu", {"model": "x", "flags": ["avx2"], "bf16": False})
     assert (with_bf16.precision, with_bf16.epochs) == ("bf16-mixed", 10)
     assert (without.precision, without.epochs) == ("32-true", 5) and "no native bf16" in reason
-    gpu, _ = suite.resolve_budget("gpu")
+    gpu, _ = suite_rows.resolve_budget("gpu")
     assert gpu.accelerator == "gpu" and gpu.data_on_device
     with pytest.raises(ValueError, match="budget must be one of smoke, cpu, gpu, got 'tpu'"):
-        suite.resolve_budget("tpu")
+        suite_rows.resolve_budget("tpu")
 
 
 def test_device_batches_cover_the_split_once_per_epoch() -> None:
@@ -159,7 +161,7 @@ def test_device_sh_dry_run(tmp_path: Path, cifar_archive: Path) -> None:
            "VIRTUAL_ENV": os.environ.get("VIRTUAL_ENV") or sys.prefix,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     completed = subprocess.run(["bash", "benchmarks/device.sh", "--dry-run", "--only", "dense,qat,kd_cached"],
-                               cwd=BENCHMARKS.parent, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+                               cwd=BENCHMARKS.parent, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     assert "no install" in completed.stdout and "suite at the smoke budget" in completed.stdout
     rows = _records(out / "suite_smoke.jsonl")
