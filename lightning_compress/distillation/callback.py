@@ -32,7 +32,7 @@ from lightning_compress.distillation.losses import (
     scheduled_alpha,
     top1_agreement,
 )
-from lightning_compress.distillation.teacher import FrozenTeacher, TeacherPrecision, load_teacher
+from lightning_compress.distillation.teacher import SELF, FrozenTeacher, TeacherPrecision, copy_network, load_teacher
 
 
 class IndexedDataset(Dataset):
@@ -157,9 +157,15 @@ class KnowledgeDistillation(pl.Callback):
     follows it: the wrapper checks the network's identity every step and re-hooks.
 
     The teacher is frozen (eval, no grad, optional bf16), moved to the student's device, and is not
-    a submodule of the LightningModule: it is never saved in the student's checkpoint. Under DDP
+    a submodule of the LightningModule: it is never saved in the student's weights. Under DDP
     every rank runs its own copy of the teacher on its own shard of the batch; there is nothing to
     synchronise (the KD term is part of each rank's loss, whose gradients DDP already averages).
+
+    **Self-distillation** (``teacher="self"``): the teacher is a frozen copy of the student network
+    as it was at fit start, before any compression callback acted on it -- the natural teacher for
+    pruning, factorization and quantization-aware fine-tuning of a trained network. Its weights are
+    saved in this callback's checkpoint state, so a run resumed with ``ckpt_path`` distils from the
+    same dense teacher even though the student network it restores is already compressed.
 
     **Logit cache** (``cache_logits=True``): the teacher's logits are computed once per sample and
     reused in later epochs. Only correct when a sample's input is the same every epoch (no random
@@ -174,8 +180,8 @@ class KnowledgeDistillation(pl.Callback):
     agreement) and ``distill/alpha`` every training step.
 
     Args:
-        teacher: An ``nn.Module``, the path of a Lightning checkpoint, or a zoo model name (with
-            ``checkpoint``); see :func:`~lightning_compress.distillation.teacher.load_teacher`.
+        teacher: ``"self"`` (see above), an ``nn.Module``, the path of a Lightning checkpoint, or a zoo
+            model name (with ``checkpoint``); see :func:`~lightning_compress.distillation.teacher.load_teacher`.
         checkpoint: Weights of a zoo-name teacher (Lightning checkpoint or plain state dict).
         teacher_class: LightningModule class path a checkpoint-path teacher is rebuilt with
             (default ``lightning_compress.module.ImageClassifier``).
@@ -230,7 +236,15 @@ class KnowledgeDistillation(pl.Callback):
         self.alpha_schedule = alpha_schedule
         self.network = network
         self.cache_logits = cache_logits
-        self.teacher = FrozenTeacher(load_teacher(teacher, checkpoint, teacher_class), teacher_precision)
+        self.teacher_precision = teacher_precision
+        self.is_self_teacher = isinstance(teacher, str) and teacher == SELF
+        if self.is_self_teacher and (checkpoint is not None or teacher_class is not None):
+            raise ValueError(f"teacher={SELF!r} copies the student network at fit start: checkpoint and "
+                             f"teacher_class do not apply, got checkpoint={checkpoint!r}, teacher_class={teacher_class!r}")
+        self.teacher: FrozenTeacher | None = None if self.is_self_teacher else FrozenTeacher(
+            load_teacher(teacher, checkpoint, teacher_class), teacher_precision)
+        self._self_structure: nn.Module | None = None  # the network as set up, before a checkpoint restores it
+        self._saved_self_teacher: dict[str, torch.Tensor] | None = None
         self.cache = TeacherLogitCache()
         self._total_steps = 1
         self._network_name: str | None = None
@@ -264,7 +278,9 @@ class KnowledgeDistillation(pl.Callback):
                 "KnowledgeDistillation needs automatic optimization: with manual optimization the module "
                 "calls backward itself, so the distillation term cannot be added to its loss"
             )
-        self._network_name, _ = find_network(pl_module, self.network)
+        self._network_name, network = find_network(pl_module, self.network)
+        if self.is_self_teacher:
+            self._self_structure = copy_network(network)
         check_composition(trainer)
 
     def compression_declaration(self, trainer: pl.Trainer) -> Declaration:
@@ -280,6 +296,8 @@ class KnowledgeDistillation(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._total_steps = max(1, step_budget(trainer).total_steps) if self.final_alpha is not None else 1
+        if self.is_self_teacher:
+            self._take_self_teacher(pl_module)
         self.teacher.to(pl_module.device)
         self._checked_shapes = False
         self._checked_cache = False
@@ -290,6 +308,34 @@ class KnowledgeDistillation(pl.Callback):
             + (f"->{self.final_alpha} ({self.alpha_schedule})" if self.final_alpha is not None else "")
             + (", teacher logits cached by sample index" if self.cache_logits else "")
         )
+
+    def _take_self_teacher(self, pl_module: pl.LightningModule) -> None:
+        """Freeze a copy of the network as it is now (fit start), or the one a resumed checkpoint saved."""
+        if self._saved_self_teacher is not None:  # resumed: the network is restored compressed, the teacher dense
+            network = self._self_structure
+            network.load_state_dict(self._saved_self_teacher)
+        else:
+            network = copy_network(getattr(pl_module, self._network_name))
+        _CaptureHook.remove_all(network)
+        self.teacher = FrozenTeacher(network, self.teacher_precision)
+        self._self_structure, self._saved_self_teacher = None, None
+
+    @property
+    def state_key(self) -> str:
+        """Only a ``"self"`` teacher has state; other instances get distinct keys so that two of them in a
+        Trainer reach the composition check (one loss changer per run) instead of Lightning's key check."""
+        return self._generate_state_key(teacher=SELF) if self.is_self_teacher else self._generate_state_key(id=id(self))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The weights of a ``"self"`` teacher (other teachers are not saved)."""
+        if not self.is_self_teacher or self.teacher is None:
+            return {}
+        return {"self_teacher": {k: v.detach().cpu() for k, v in self.teacher.module.state_dict().items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep a ``"self"`` teacher's weights until fit start, when they load into the set-up network's copy."""
+        if self.is_self_teacher and "self_teacher" in state_dict:
+            self._saved_self_teacher = state_dict["self_teacher"]
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._unwrap()

@@ -1,6 +1,8 @@
 """Getting a teacher (a module, a LightningModule checkpoint, or a zoo name + checkpoint) and freezing it.
 
-Three ways to name a teacher, resolved by :func:`load_teacher`:
+Four ways to name a teacher. ``"self"`` (:data:`SELF`) is the student's own network as it was at
+fit start, before any compression, taken by the callback with :func:`copy_network`. The other three
+are resolved by :func:`load_teacher`:
 
 * an ``nn.Module`` (a plain network or a LightningModule), used as given;
 * the path of a Lightning checkpoint, rebuilt from its saved hyperparameters by
@@ -22,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import importlib
 import os
 from collections.abc import Mapping
@@ -36,6 +39,8 @@ from lightning_compress.core.architecture import RestoresArchitecture, checkpoin
 TeacherPrecision = Literal["32", "bf16", "16"]
 _PRECISIONS: dict[str, torch.dtype] = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
 DEFAULT_TEACHER_CLASS = "lightning_compress.module.ImageClassifier"
+SELF = "self"
+"""``teacher=SELF``: the student network itself, copied at fit start before any compression acts on it."""
 
 
 def _import_class(class_path: str) -> type:
@@ -97,6 +102,24 @@ def load_state_dict_by_prefix(
         f"the weights in {source} do not fit the teacher network {type(network).__name__}: it expects keys like "
         f"{sorted(wanted)[:3]}, the checkpoint has {sorted(state_dict)[:3]} (tried prefixes {prefixes})"
     )
+
+
+def copy_network(network: nn.Module) -> nn.Module:
+    """An independent copy of ``network`` (its own parameters and buffers), to serve as a ``"self"`` teacher.
+
+    Args:
+        network: The student network, before any compression.
+
+    Returns:
+        The copy, on the same device; :class:`FrozenTeacher` then freezes it.
+
+    Example:
+        >>> net = nn.Linear(2, 2)
+        >>> twin = copy_network(net)
+        >>> twin.weight is net.weight, bool(torch.equal(twin.weight, net.weight))
+        (False, True)
+    """
+    return copy.deepcopy(network)
 
 
 def load_teacher(

@@ -1,0 +1,11 @@
+"""Low-rank factorization: layers replaced by thinner low-rank / depthwise-separable blocks during fit.
+
+``decompositions`` holds the tensor math, ``blocks`` builds the replacement modules and counts their
+MACs, ``allocation`` chooses ranks, ``callback`` holds :class:`LowRankFactorization`.
+"""
+
+from lightning_compress.factorization.blocks import factorize_layer
+from lightning_compress.factorization.callback import LowRankFactorization
+from lightning_compress.factorization.decompositions import decompose, full_rank, truncation_errors
+
+__all__ = ["LowRankFactorization", "decompose", "factorize_layer", "full_rank", "truncation_errors"]

@@ -1,0 +1,405 @@
+"""LowRankFactorization: replace layers by low-rank / depthwise-separable blocks at a point of the run.
+
+The callback only orchestrates: *which* layers (:mod:`lightning_compress.core.layers`), *when* (a run
+position, :mod:`lightning_compress.core.progress`), which rank each layer gets
+(:mod:`~lightning_compress.factorization.allocation`), the swap itself
+(:mod:`~lightning_compress.factorization.blocks`), the optimizer
+(:mod:`lightning_compress.core.optimizers`), the architecture record, what to log and what to save.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from lightning_compress.core.accounting import count_macs, eval_mode
+from lightning_compress.core.architecture import (
+    ArchitectureRecord,
+    append_record,
+    install_restore_hook,
+    register_replay,
+    remove_restore_hook,
+    write_records,
+)
+from lightning_compress.core.composition import Declaration, Effect, check_composition
+from lightning_compress.core.guards import check_finite
+from lightning_compress.core.inputs import capture_network_input, first_sample
+from lightning_compress.core.layers import find_network, matches_any, select_layers
+from lightning_compress.core.optimizers import replace_parameters
+from lightning_compress.core.progress import Position, StepWindow, step_budget, validate_position
+from lightning_compress.factorization.allocation import (
+    LayerOptions,
+    Option,
+    allocate_by_energy,
+    allocate_by_macs,
+    candidate_ranks,
+)
+from lightning_compress.factorization.blocks import (
+    FACTORIZABLE_TYPES,
+    KXK_METHODS,
+    Geometry,
+    block_macs,
+    factorize_layer,
+    factorized_structure,
+    is_factorizable,
+    layer_method,
+    max_rank,
+)
+from lightning_compress.factorization.decompositions import truncation_errors
+
+RECORD_KIND = "low_rank_factorization"
+"""Architecture-record kind of a factorization (see :mod:`lightning_compress.core.architecture`)."""
+
+
+@register_replay(RECORD_KIND, version=1)
+def replay_factorization(network: nn.Module, payload: Mapping[str, Any]) -> nn.Module:
+    """Swap a fresh network's layers for factorized blocks of the recorded ranks (weights load afterwards).
+
+    Args:
+        network: The network before the factorization.
+        payload: ``{"layers": [{"name": ..., "method": ..., "rank": ...}, ...]}`` as
+            :class:`LowRankFactorization` records it (names relative to the network).
+
+    Returns:
+        The same network, changed in place.
+    """
+    for entry in payload["layers"]:
+        layer = network.get_submodule(entry["name"])
+        network.set_submodule(entry["name"], factorized_structure(layer, entry["method"], int(entry["rank"])))
+    return network
+
+
+def _check_ranks(ranks: Any) -> int | dict[str, int] | None:
+    def valid(rank: Any) -> bool:
+        return not isinstance(rank, bool) and isinstance(rank, int) and rank >= 1
+
+    if ranks is None or valid(ranks):
+        return ranks
+    if isinstance(ranks, Mapping) and ranks and all(isinstance(k, str) and valid(v) for k, v in ranks.items()):
+        return dict(ranks)
+    raise ValueError(f"ranks must be an integer >= 1 (every layer) or a non-empty {{layer glob: integer >= 1}} "
+                     f"mapping, got {ranks!r}")
+
+
+class LowRankFactorization(Callback):
+    """Replace Conv2d/Linear layers by cheaper factorized blocks, initialized from their weights, then fine-tune.
+
+    At ``start`` (default: fit start -- factorize a trained network, fine-tune for the rest of the run)
+    every selected layer is replaced in place by an ``nn.Sequential`` of thinner layers: ``Linear`` and
+    1x1 convolutions by a truncated SVD (two layers), kxk convolutions by ``method``:
+
+    * ``"tucker2"`` -- 1x1 to ``min(r, C_in)`` channels, kxk core to ``min(r, C_out)``, 1x1 to ``C_out``
+      (Kim et al. 2016); exact at ``r = max(C_in, C_out)``;
+    * ``"spatial"`` -- a ``k x 1`` convolution to ``r`` channels, then ``1 x k`` (spatial SVD); exact at
+      ``r = min(C_in·k, C_out·k)``;
+    * ``"depthwise_separable"`` -- a depthwise kxk with depth multiplier ``r``, then a pointwise 1x1 (a
+      rank-``r`` SVD of each input channel's filters); exact at ``r = min(C_out, k²)``.
+
+    Grouped convolutions are left alone. A rank per layer comes from one of three targets:
+    ``kept_macs_ratio`` (global allocation: the ranks are lowered greedily where that costs the least
+    relative reconstruction error ``‖W − Ŵ‖²/‖W‖²`` per MAC saved, until the network keeps that fraction
+    of its MACs at fit start), ``energy`` (per layer, the smallest rank keeping that fraction of
+    ``‖W‖²``), or ``ranks`` given per layer. With the first two, ranks are multiples of ``round_to``
+    (except depth multipliers, whose ``C_in·r`` channels are multiples whenever ``C_in`` is), and a layer
+    that no rank makes cheaper stays dense.
+
+    The optimizers keep their identity: each new parameter joins the param group of the weight (or bias)
+    it replaces, the replaced parameter's momentum is dropped, and LR schedulers continue. Under DDP rank
+    0 chooses the ranks and the model is re-wrapped. The swap appends a ``low_rank_factorization``
+    architecture record (:mod:`lightning_compress.core.architecture`) that every checkpoint carries, so
+    ``ImageClassifier.load_from_checkpoint``, ``fit(ckpt_path=...)`` with or without this callback, the
+    commands and distillation teachers rebuild the factorized network before its weights load.
+
+    Composes with QAT (the factor layers are ordinary Conv2d/Linear and quantize), ``MagnitudePruning``
+    (which must start masking after the factorization step: the dense weights no longer exist) and
+    ``KnowledgeDistillation`` (``teacher="self"`` distils from the network as it was before).
+
+    Logs ``factorization/<layer>/rank`` for every factorized layer and ``macs/ratio`` (MACs after / at
+    fit start) at the factorization step.
+
+    Args:
+        kept_macs_ratio: Fraction of the network's MACs (at fit start) kept, in (0, 1); ``0.5`` means 2x fewer.
+        ranks: One rank for every selected layer, or ``{layer glob: rank}`` (each selected layer must
+            match a key; the first match wins); each rank at most the layer's full rank.
+        energy: Fraction of each weight's squared norm kept, in (0, 1]. Give exactly one of
+            ``kept_macs_ratio``, ``ranks`` and ``energy``.
+        method: Decomposition of kxk convolutions: ``"tucker2"``, ``"spatial"`` or ``"depthwise_separable"``.
+        start: When to factorize (a fraction of the run, ``"<n>ep"`` or ``"<n>steps"``); must leave at
+            least one step of fine-tuning.
+        round_to: Ranks chosen by ``kept_macs_ratio``/``energy`` are multiples of this (at most the full
+            rank); 8 or 16 keep factor widths in the channel blocks of CPU/GPU convolution kernels.
+        include: Glob patterns of layer names (in the LightningModule, e.g. ``"model.layer3.*"``) to
+            factorize; default: every Conv2d/Linear but the first convolution and the last Linear.
+        exclude: Glob patterns of layer names to leave dense.
+        network: Attribute of the LightningModule holding the network; ``None`` finds it.
+
+    Raises:
+        ValueError: For an argument outside its allowed values (in ``__init__``); for patterns that
+            match nothing or a rank above a layer's full rank (in ``setup``); for a ``kept_macs_ratio``
+            the smallest ranks cannot reach (on the first batch, before any optimizer step).
+
+    Example:
+        >>> factorization = LowRankFactorization(kept_macs_ratio=0.5, method="tucker2", round_to=8)
+        >>> factorization.target
+        ('kept_macs_ratio', 0.5)
+        >>> # trainer = pl.Trainer(callbacks=[factorization]); trainer.fit(trained_model, data)
+    """
+
+    def __init__(
+        self,
+        kept_macs_ratio: float | None = None,
+        ranks: int | Mapping[str, int] | None = None,
+        energy: float | None = None,
+        method: str = "tucker2",
+        start: Position = 0.0,
+        round_to: int = 1,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        network: str | None = None,
+    ) -> None:
+        given = {k: v for k, v in (("kept_macs_ratio", kept_macs_ratio), ("ranks", ranks), ("energy", energy))
+                 if v is not None}
+        if len(given) != 1:
+            raise ValueError("give exactly one of kept_macs_ratio (fraction of MACs kept), ranks (per layer) and "
+                             f"energy (fraction of each weight's squared norm kept), got {given or 'none'}")
+        if kept_macs_ratio is not None and (isinstance(kept_macs_ratio, bool) or not isinstance(
+                kept_macs_ratio, (int, float)) or not 0.0 < kept_macs_ratio < 1.0):
+            raise ValueError(f"kept_macs_ratio must be a number in (0, 1), got {kept_macs_ratio!r}")
+        if energy is not None and (isinstance(energy, bool) or not isinstance(energy, (int, float))
+                                   or not 0.0 < energy <= 1.0):
+            raise ValueError(f"energy must be a number in (0, 1], got {energy!r}")
+        self.ranks = _check_ranks(ranks)
+        name = next(iter(given))
+        self.target = (name, self.ranks if name == "ranks" else float(given[name]))
+        if method not in KXK_METHODS:
+            raise ValueError(f"method must be one of {KXK_METHODS}, got {method!r}")
+        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+            raise ValueError(f"round_to must be an integer >= 1, got {round_to!r}")
+        self.method = method
+        self.start = validate_position(start, "start")
+        self.round_to = round_to
+        self.include = include
+        self.exclude = exclude
+        self.network = network
+        # resolved in setup / on the first batch
+        self._network_attr: str | None = None
+        self._layers: list[str] = []  # relative to the network
+        self._step: int | None = None
+        self._example: tuple[Any, ...] | None = None
+        # state that survives a restart
+        self._dense_macs: int | None = None
+        self._factorized: dict[str, tuple[str, int]] = {}
+        self._done = False
+
+    # ----------------------------------------------------------------------------------- set-up
+    def _start_step(self, trainer: pl.Trainer) -> int:
+        budget = step_budget(trainer)
+        step = budget.resolve(self.start, "start")
+        if step >= budget.total_steps:
+            raise ValueError(f"start={self.start!r} resolves to step {step}, but the run has {budget.total_steps} "
+                             "steps: leave at least one step of fine-tuning after the factorization")
+        return step
+
+    def compression_declaration(self, trainer: pl.Trainer) -> Declaration:
+        """Replaces layers at one step; factor widths are multiples of ``round_to``.
+
+        Args:
+            trainer: The trainer about to fit.
+
+        Returns:
+            The declaration :func:`~lightning_compress.core.composition.check_composition` reads.
+        """
+        step = self._start_step(trainer)
+        return Declaration(type(self).__name__, Effect.ARCHITECTURE, StepWindow(step, step),
+                           {"replaces_layers": True, "channel_multiple": self.round_to})
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Select the layers, check explicit ranks, resolve ``start``, check the composition."""
+        install_restore_hook(pl_module)
+        if stage != "fit":
+            return
+        self._network_attr, network = find_network(pl_module, self.network)
+        prefix = self._network_attr + "."
+        selected = select_layers(pl_module, self.include, self.exclude, layer_types=FACTORIZABLE_TYPES)
+        outside = [name for name in selected if not name.startswith(prefix)]
+        if outside:
+            raise ValueError(f"include selects layers {outside} outside the network {self._network_attr!r}; "
+                             "LowRankFactorization acts on one network (pass network=... or narrow include)")
+        grouped = [name for name in selected if not is_factorizable(pl_module.get_submodule(name))]
+        if grouped:
+            rank_zero_info(f"LowRankFactorization: grouped convolutions left alone: {grouped}")
+        self._layers = [name[len(prefix):] for name in selected if name not in grouped]
+        if not self._layers:
+            raise ValueError(f"no factorizable layer (Linear or ungrouped Conv2d) selected by include={self.include!r}, "
+                             f"exclude={self.exclude!r}; selected layers were {selected}")
+        if self.ranks is not None:
+            self._given_ranks(network)
+        self._step = self._start_step(trainer)
+        check_composition(trainer)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Remove the architecture restore installed in ``setup``."""
+        remove_restore_hook(pl_module)
+
+    def _method(self, layer: nn.Module) -> str:
+        return layer_method(layer, self.method)
+
+    def _given_ranks(self, network: nn.Module) -> dict[str, tuple[str, int]]:
+        """``{layer: (method, rank)}`` from ``ranks``, each checked against the layer's full rank."""
+        patterns = [] if isinstance(self.ranks, int) else list(self.ranks)
+        qualified = {name: f"{self._network_attr}.{name}" for name in self._layers}
+        for pattern in patterns:
+            if not any(matches_any(q, [pattern]) for q in qualified.values()):
+                raise ValueError(f"ranks key {pattern!r} matches no selected layer; selected layers are "
+                                 f"{list(qualified.values())}")
+        plan = {}
+        for name, full_name in qualified.items():
+            if isinstance(self.ranks, int):
+                rank = self.ranks
+            else:
+                key = next((p for p in patterns if matches_any(full_name, [p])), None)
+                if key is None:
+                    raise ValueError(f"layer {full_name!r} matches no ranks key {patterns}; add a '*' key or "
+                                     "exclude the layer")
+                rank = self.ranks[key]
+            layer = network.get_submodule(name)
+            method, limit = self._method(layer), max_rank(layer, self._method(layer))
+            if rank > limit:
+                raise ValueError(f"ranks: rank {rank} for layer {full_name!r} is larger than possible: {method} of "
+                                 f"{layer} allows ranks 1..{limit}")
+            plan[name] = (method, rank)
+        return plan
+
+    # ----------------------------------------------------------------------------------- planning
+    def _geometries(self, network: nn.Module) -> dict[str, Geometry]:
+        """Each selected layer's input/output sizes on one sample of the real input."""
+        found: dict[str, list[Geometry]] = {name: [] for name in self._layers}
+
+        def recorder(name: str) -> Any:
+            def record(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+                x = inputs[0]
+                if isinstance(module, nn.Linear):
+                    rows = x.numel() // x.shape[-1]
+                    found[name].append(Geometry((rows, 1), (rows, 1)))
+                else:
+                    found[name].append(Geometry(tuple(x.shape[-2:]), tuple(output.shape[-2:])))
+            return record
+
+        handles = [network.get_submodule(n).register_forward_hook(recorder(n)) for n in self._layers]
+        try:
+            with eval_mode(network), torch.no_grad():
+                network(*self._example)
+        finally:
+            for handle in handles:
+                handle.remove()
+        wrong = {name: len(calls) for name, calls in found.items() if len(calls) != 1}
+        if wrong:
+            raise ValueError(f"LowRankFactorization factorizes layers called once per forward pass; calls: {wrong}; "
+                             "leave them out with exclude=[...]")
+        return {name: calls[0] for name, calls in found.items()}
+
+    def _options(self, network: nn.Module) -> tuple[list[LayerOptions], int]:
+        """Every selected layer's allowed ranks (MACs, error), and the MACs of the rest of the network."""
+        geometries = self._geometries(network)
+        layers = []
+        for name in self._layers:
+            layer = network.get_submodule(name)
+            method = self._method(layer)
+            errors = truncation_errors(method, layer.weight)
+            step = 1 if method == "depthwise_separable" else self.round_to
+            options = [Option(r, block_macs(layer, method, r, geometries[name]), float(errors[r - 1]))
+                       for r in candidate_ranks(len(errors), step)]
+            layers.append(LayerOptions(name, block_macs(layer, None, None, geometries[name]), options))
+        fixed = count_macs(network, self._example) - sum(layer.dense_macs for layer in layers)
+        return layers, fixed
+
+    def _plan(self, network: nn.Module) -> dict[str, tuple[str, int]]:
+        """``{layer: (method, rank)}`` for the layers to factorize now."""
+        if self.ranks is not None:
+            return self._given_ranks(network)
+        layers, fixed = self._options(network)
+        if self.target[0] == "energy":
+            ranks = allocate_by_energy(layers, self.target[1])
+        else:
+            try:
+                ranks = allocate_by_macs(layers, fixed, self.target[1] * self._dense_macs)
+            except ValueError as error:
+                raise ValueError(f"kept_macs_ratio={self.target[1]}: {error} of {self._dense_macs} at fit start; "
+                                 "factorize more layers (include=...), use a smaller round_to, or another method"
+                                 ) from error
+        return {name: (self._method(network.get_submodule(name)), rank) for name, rank in ranks.items()}
+
+    # ----------------------------------------------------------------------------------- training
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        """On the first batch, measure the network (and check the target); at ``start``, factorize."""
+        if self._done or self._step is None:
+            return
+        network = pl_module.get_submodule(self._network_attr)
+        if self._example is None:
+            self._example = first_sample(capture_network_input(pl_module, network, batch, batch_idx))
+            if self._dense_macs is None:
+                self._dense_macs = count_macs(network, self._example)
+            if self.target[0] == "kept_macs_ratio" and trainer.global_step < self._step:
+                self._plan(network)  # fails now, not at start, when the target is unreachable
+        if trainer.global_step >= self._step:
+            self._factorize(trainer, pl_module, network)
+
+    def _factorize(self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module) -> None:
+        plan = self._plan(network) if trainer.is_global_zero else {}
+        plan = trainer.strategy.broadcast(plan, src=0)
+        self._done = True
+        if not plan:
+            rank_zero_warn(f"LowRankFactorization: no layer is cheaper factorized at target {self.target}; "
+                           "the network stays as it is")
+            return
+        replacements: dict[torch.Tensor, list[torch.Tensor]] = {}
+        for name, (method, rank) in plan.items():
+            layer = network.get_submodule(name)
+            block = factorize_layer(layer, method, rank)
+            replacements[layer.weight] = [module.weight for module in block]
+            if layer.bias is not None:
+                replacements[layer.bias] = [block[-1].bias]
+            network.set_submodule(name, block)
+        replace_parameters(trainer.optimizers, replacements)
+        if isinstance(trainer.strategy, DDPStrategy):  # DDP holds the old parameters: wrap the new model
+            trainer.strategy.model = trainer.lightning_module
+            trainer.strategy.configure_ddp()
+        self._factorized = dict(plan)
+        append_record(pl_module, ArchitectureRecord(RECORD_KIND, self._network_attr, {
+            "layers": [{"name": name, "method": method, "rank": rank} for name, (method, rank) in plan.items()]}))
+        check_finite({f"{self._network_attr}.{name}": network.get_submodule(name)[0].weight for name in plan},
+                     trainer.global_step, type(self).__name__)
+        for name, (_, rank) in plan.items():
+            pl_module.log(f"factorization/{self._network_attr}.{name}/rank", float(rank))
+        ratio = count_macs(network, self._example) / self._dense_macs
+        pl_module.log("macs/ratio", ratio)
+        rank_zero_info(f"LowRankFactorization: {len(plan)} layers factorized ({self.method} for kxk) at step "
+                       f"{trainer.global_step}, MACs {ratio:.3f} of fit start")
+
+    # ----------------------------------------------------------------------------------- state
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Write the architecture records (the factorized shapes) into the checkpoint."""
+        write_records(pl_module, checkpoint)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Whether the factorization happened, its ranks, and the MACs at fit start."""
+        return {"done": self._done, "dense_macs": self._dense_macs,
+                "factorized": {name: [method, rank] for name, (method, rank) in self._factorized.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the state (the network itself was rebuilt from the architecture record before its weights loaded)."""
+        self._done = state_dict["done"]
+        self._dense_macs = state_dict["dense_macs"]
+        self._factorized = {name: (method, int(rank)) for name, (method, rank) in state_dict["factorized"].items()}
+
+    @property
+    def factorized(self) -> dict[str, tuple[str, int]]:
+        """``{layer name (relative to the network): (method, rank)}`` of the layers factorized so far."""
+        return dict(self._factorized)
