@@ -9,6 +9,7 @@ distilled:
 
 from lightning_compress.data import CIFARDataModule
 from lightning_compress.distillation import KnowledgeDistillation
+from lightning_compress.factorization import LowRankFactorization
 from lightning_compress.models import create_model, list_models
 from lightning_compress.module import ImageClassifier
 from lightning_compress.pruning import ChannelPruning, MagnitudePruning
@@ -23,6 +24,7 @@ __all__ = [
     "CompressionReport",
     "ImageClassifier",
     "KnowledgeDistillation",
+    "LowRankFactorization",
     "MagnitudePruning",
     "PostTrainingQuantization",
     "QuantizationAwareTraining",
