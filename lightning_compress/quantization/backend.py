@@ -47,6 +47,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import os
 import warnings
@@ -60,13 +61,20 @@ from torch import fx, nn
 from lightning_compress.core.files import write_zip_deflated
 from lightning_compress.core.layers import matches_any
 
-ENGINES: tuple[str, ...] = ("x86", "onednn", "qnnpack")
-"""CPU int8 engines: ``x86`` (fbgemm kernels; servers and desktops, best at small batches),
-``onednn`` (oneDNN kernels on x86; best for batched throughput) and ``qnnpack`` (ARM, mobile).
-
-Measured on a 2-core AVX2 CPU (no VNNI), 1 thread, as files written by :func:`save_quantized`
-(``benchmarks/results/quantization.md``): int8 ResNet-20 is 4.3x faster than fp32 eager at batch 1
-and 2.3x at batch 64 on ``x86``, 4.0x and 4.4x on ``onednn``; ResNet-56 4.3x / 2.4x and 3.8x / 4.1x."""
+TORCH_ENGINES: tuple[str, ...] = ("x86", "onednn", "qnnpack")
+"""torch int8 engines (quantized tensors, deprecated by torch): ``x86`` (fbgemm kernels), ``onednn``
+(oneDNN kernels on x86; batched throughput) and ``qnnpack`` (ARM, mobile). Measured on a 2-core AVX2 CPU
+(no VNNI), 1 thread, as files written by :func:`save_quantized` (``benchmarks/results/quantization.md``):
+int8 ResNet-20 4.3x faster than fp32 eager at batch 1 and 2.3x at batch 64 on ``x86``, 4.0x / 4.4x on
+``onednn``."""
+ONNX_ENGINES: tuple[str, ...] = ("onnxruntime", "onnxruntime_symmetric")
+"""Engines whose int8 model is the deployable QDQ ONNX run by onnxruntime (needs the ``[export]`` extra).
+``onnxruntime``: activations uint8 affine over the full 0..255 (onnxruntime's U8S8 kernels);
+``onnxruntime_symmetric``: activations int8 symmetric (zero-point 0, -128..127), the QDQ form TensorRT's
+explicit quantization reads (int8 only, zero-points 0, per-channel weights on axis 0). Both train with
+exactly the numerics of the file (:func:`qdq_network`)."""
+ENGINES: tuple[str, ...] = TORCH_ENGINES + ONNX_ENGINES
+"""Every int8 engine (see :data:`TORCH_ENGINES` and :data:`ONNX_ENGINES`)."""
 
 _TORCH_AO_WARNINGS = (
     r"torch\.ao\.quantization is deprecated",
@@ -88,8 +96,11 @@ def _routed_warnings() -> Iterator[None]:
 
 
 with _routed_warnings():
+    import torch.ao.nn.intrinsic as nni
+    import torch.ao.nn.intrinsic.qat as nniqat
     from torch.ao.nn.intrinsic.qat import freeze_bn_stats
     from torch.ao.quantization import (
+        FakeQuantize,
         FakeQuantizeBase,
         FusedMovingAvgObsFakeQuantize,
         HistogramObserver,
@@ -104,6 +115,7 @@ with _routed_warnings():
         get_default_qat_qconfig_mapping,
         get_default_qconfig_mapping,
     )
+    from torch.ao.quantization.backend_config import BackendConfig, DTypeConfig, get_native_backend_config
     from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
 
@@ -126,6 +138,11 @@ def check_engine(engine: str) -> str:
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
+    if engine in ONNX_ENGINES:
+        from lightning_compress.export.onnx import require_onnx
+
+        require_onnx(f"engine={engine!r}")
+        return engine
     if engine not in torch.backends.quantized.supported_engines:
         raise ValueError(
             f"engine {engine!r} is not available in this torch build; available: "
@@ -134,13 +151,41 @@ def check_engine(engine: str) -> str:
     return engine
 
 
+def _activation_format(engine: str) -> dict:
+    if engine == "onnxruntime_symmetric":
+        return {"quant_min": -128, "quant_max": 127, "dtype": torch.qint8, "qscheme": torch.per_tensor_symmetric}
+    full = engine in ("qnnpack", "onnxruntime")  # x86 engines: 0..127, int16 pair sums (module docstring)
+    return {"quant_min": 0, "quant_max": 255 if full else 127, "dtype": torch.quint8,
+            "qscheme": torch.per_tensor_affine}
+
+
+def _backend_config(engine: str) -> BackendConfig | None:
+    """torch's native patterns, plus int8-activation variants for ``onnxruntime_symmetric`` (None: the default).
+
+    torch's x86 backend config accepts only ``quint8`` activations; FX would leave qint8-observed values
+    unquantized. Every pattern that takes quint8 in and out (without fixed ranges) also takes qint8 here.
+    """
+    if engine != "onnxruntime_symmetric":
+        return None
+    config = BackendConfig("onnxruntime_symmetric")
+    for pattern in get_native_backend_config().configs:
+        symmetric = [
+            DTypeConfig(input_dtype=torch.qint8, output_dtype=torch.qint8, weight_dtype=dtype.weight_dtype,
+                        bias_dtype=dtype.bias_dtype, is_dynamic=dtype.is_dynamic)
+            for dtype in pattern.dtype_configs
+            if dtype.input_dtype == torch.quint8 and dtype.output_dtype == torch.quint8
+            and dtype.input_dtype_with_constraints.quant_min_lower_bound is None
+        ]
+        config.set_backend_pattern_config(pattern.set_dtype_configs(list(pattern.dtype_configs) + symmetric))
+    return config
+
+
 def _qconfig(engine: str, qat: bool) -> QConfig:
-    act_max = 255 if engine == "qnnpack" else 127  # see the module docstring: int16 pair sums on x86
     if qat:
-        activation = FusedMovingAvgObsFakeQuantize.with_args(
-            observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=act_max, dtype=torch.quint8,
-            qscheme=torch.per_tensor_affine,
-        )
+        # the fused kernel keeps non-negative ranges affine (zero-point -128 after a ReLU) even when asked
+        # for symmetric; the plain FakeQuantize's observer keeps zero-point 0, which TensorRT requires
+        fake_quantize = FakeQuantize if engine == "onnxruntime_symmetric" else FusedMovingAvgObsFakeQuantize
+        activation = fake_quantize.with_args(observer=MovingAverageMinMaxObserver, **_activation_format(engine))
         # averaging_constant=1: weights are known exactly at every step, so their range is the current
         # one (torch's default averages with 0.01 and clips weights that grew since: ~8% error early on)
         weight = FusedMovingAvgObsFakeQuantize.with_args(
@@ -148,9 +193,7 @@ def _qconfig(engine: str, qat: bool) -> QConfig:
             dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
         )
     else:
-        activation = HistogramObserver.with_args(
-            quant_min=0, quant_max=act_max, dtype=torch.quint8, qscheme=torch.per_tensor_affine
-        )
+        activation = HistogramObserver.with_args(**_activation_format(engine))
         weight = PerChannelMinMaxObserver.with_args(
             quant_min=-127, quant_max=127, dtype=torch.qint8, qscheme=torch.per_channel_symmetric
         )
@@ -246,7 +289,7 @@ def _qconfig_mapping(engine: str, mode: str) -> QConfigMapping:
         return QConfigMapping().set_global(QConfig(activation=default_dynamic_quant_observer, weight=weight))
     # engine defaults first: they carry the fixed-range qconfigs of sigmoid/tanh/softmax...
     defaults = get_default_qat_qconfig_mapping if mode == "qat" else get_default_qconfig_mapping
-    return defaults(engine).set_global(_qconfig(engine, qat=mode == "qat"))
+    return defaults(engine if engine in TORCH_ENGINES else "x86").set_global(_qconfig(engine, qat=mode == "qat"))
 
 
 def prepare(network: nn.Module, engine: str = "x86", mode: str = "qat", skip: Sequence[str] = ()) -> fx.GraphModule:
@@ -290,7 +333,7 @@ def prepare(network: nn.Module, engine: str = "x86", mode: str = "qat", skip: Se
             mapping.set_module_name(name, None)
         custom = PrepareCustomConfig().set_non_traceable_module_names(list(skip))
         prepare_fn = prepare_qat_fx if mode == "qat" else prepare_fx
-        prepared = prepare_fn(network, mapping, (), prepare_custom_config=custom)
+        prepared = prepare_fn(network, mapping, (), prepare_custom_config=custom, backend_config=_backend_config(engine))
     if mode == "qat" and {id(p) for p in prepared.parameters()} != before:  # eval-mode prepare folds BN
         raise RuntimeError(
             "FX preparation no longer keeps the network's Parameter objects (torch "
@@ -379,21 +422,27 @@ def freeze_bn(prepared: nn.Module) -> None:
     prepared.apply(freeze_bn_stats)
 
 
-def convert(prepared: nn.Module, engine: str = "x86") -> fx.GraphModule:
+def convert(prepared: nn.Module, engine: str = "x86", example_inputs: tuple | None = None) -> nn.Module:
     """Convert a prepared module to a real int8 model for ``engine`` (CPU only), in eval mode.
 
-    Sets ``torch.backends.quantized.engine`` (process-wide, as torch requires for int8 kernels).
-    The module is converted on CPU; ``prepared`` itself is moved there.
+    For :data:`TORCH_ENGINES` this is torch's FX conversion to quantized modules, and sets
+    ``torch.backends.quantized.engine`` (process-wide, as torch requires for int8 kernels). For
+    :data:`ONNX_ENGINES` the result is the QDQ ONNX model built from the learned quantization parameters
+    (:func:`qdq_network`), run by onnxruntime inside an ``nn.Module``
+    (:class:`~lightning_compress.export.onnx.OnnxRuntimeNetwork`): the file a deployment ships.
+    ``prepared`` itself is moved to CPU and left prepared.
 
     Args:
         prepared: A module from :func:`prepare` (calibrated or QAT-trained).
         engine: One of :data:`ENGINES`.
+        example_inputs: Positional inputs to export with; required for :data:`ONNX_ENGINES`.
 
     Returns:
-        The int8 ``GraphModule``.
+        The int8 model.
 
     Raises:
-        ValueError: If ``prepared`` was never prepared, or on an unknown engine.
+        ValueError: If ``prepared`` was never prepared, on an unknown engine, or without
+            ``example_inputs`` for an ONNX engine.
 
     Example:
         >>> convert(nn.Linear(2, 2))
@@ -407,9 +456,243 @@ def convert(prepared: nn.Module, engine: str = "x86") -> fx.GraphModule:
             "convert needs a prepared model (from prepare / QuantizationAwareTraining / calibration); "
             f"{type(prepared).__name__} was never prepared"
         )
+    if engine in ONNX_ENGINES:
+        if example_inputs is None:
+            raise ValueError(f"engine {engine!r} exports the network to ONNX: pass example_inputs")
+        from lightning_compress.export.onnx import OnnxRuntimeNetwork, qdq_onnx_bytes
+
+        return OnnxRuntimeNetwork(qdq_onnx_bytes(qdq_network(prepared.cpu()), tuple(example_inputs)))
     torch.backends.quantized.engine = engine
     with _routed_warnings():
         return convert_fx(prepared.cpu().eval())
+
+
+class ConversionError(RuntimeError):
+    """The converted int8 model cannot run, or computes something else than the fake-quant model."""
+
+
+def check_conversion(reference: nn.Module, int8: nn.Module, inputs: tuple, prefix: str = "",
+                     min_agreement: float = 0.9, tolerance: float = 0.05) -> None:
+    """Run the int8 model on one batch and compare it with the fake-quant model it was converted from.
+
+    Args:
+        reference: The fake-quant model (:func:`frozen_copy` of a QAT model, :func:`qdq_network` of a
+            calibrated one).
+        int8: The converted model.
+        inputs: One batch of positional inputs (CPU), e.g. a calibration batch.
+        prefix: How the caller names the network (``"model."``), for the message.
+        min_agreement: Near-tie-tolerant top-1 agreement below which the conversion counts as wrong.
+        tolerance: Near-tie tolerance (see :func:`lightning_compress.export.comparison.parity`).
+
+    Raises:
+        ConversionError: Naming the module that fails to run and the ``skip`` pattern that keeps it in
+            fp32, or saying how far the outputs are apart.
+
+    Example:
+        >>> prepared = prepare(nn.Sequential(nn.Linear(4, 2)), mode="static")
+        >>> _ = calibrate(prepared, [(torch.randn(8, 4),)])
+        >>> check_conversion(qdq_network(prepared), convert(prepared), (torch.randn(8, 4),))
+    """
+    from lightning_compress.export.comparison import parity
+
+    with torch.no_grad(), _routed_warnings():
+        try:
+            logits = _locating(int8)(*inputs)
+        except _ModuleFailed as failed:
+            name = prefix + failed.module
+            raise ConversionError(
+                f"the int8 model fails on a calibration batch in module {name!r} ({failed.__cause__}); keep it in "
+                f"fp32 with skip=[{name!r}]"
+            ) from failed.__cause__
+        except Exception as err:  # onnxruntime and the int8 kernels raise their own types
+            raise ConversionError(
+                f"the int8 model fails on a calibration batch ({type(err).__name__}: {err}); keep the failing "
+                f"module in fp32 with skip=['{prefix}<module>']"
+            ) from err
+        expected = reference.eval()(*inputs)
+    if not isinstance(logits, torch.Tensor) or logits.shape != expected.shape:
+        return  # not a logits tensor: only "it runs" is checked
+    flat = (expected.reshape(len(expected), -1), logits.reshape(len(logits), -1).float())
+    result = parity(*flat, tolerance=tolerance) if flat[0].shape[1] > 1 else None
+    if not torch.isfinite(flat[1]).all() or (result is not None and result.agreement < min_agreement):
+        raise ConversionError(
+            f"the int8 model computes something else than the fake-quant model on a calibration batch "
+            f"(agreement {result.agreement if result else float('nan'):.1%}, max logit error "
+            f"{result.max_logit_error if result else float('nan'):.3g} of the logit range); keep the layers "
+            f"that differ in fp32 with skip=['{prefix}<module>']"
+        )
+
+
+class _ModuleFailed(Exception):
+    def __init__(self, module: str) -> None:
+        super().__init__(module)
+        self.module = module
+
+
+def _locating(model: nn.Module):
+    """``model`` as a callable that names the submodule at fault when an FX graph module raises."""
+    if not isinstance(model, fx.GraphModule):
+        return model
+
+    class Locating(fx.Interpreter):
+        def run_node(self, node: fx.Node):
+            try:
+                return super().run_node(node)
+            except Exception as err:  # whatever the kernel raised
+                if node.op != "call_module":
+                    raise
+                raise _ModuleFailed(str(node.target)) from err
+
+    return lambda *args: Locating(model).run(*args)
+
+
+_RELU_MODULES = (nni.ConvReLU1d, nni.ConvReLU2d, nni.ConvReLU3d, nni.LinearReLU, nniqat.ConvBnReLU1d,
+                 nniqat.ConvBnReLU2d, nniqat.ConvBnReLU3d, nniqat.ConvReLU1d, nniqat.ConvReLU2d, nniqat.ConvReLU3d,
+                 nniqat.LinearReLU)
+
+
+def frozen_copy(prepared: fx.GraphModule) -> fx.GraphModule:
+    """A copy of a QAT-prepared module whose quantization parameters no longer move, in eval mode.
+
+    Each weight fake-quantizer first observes its current (BN-folded) weight, as torch's conversion does,
+    then every observer is disabled: the copy computes exactly the fake-quant numerics that
+    :func:`qdq_network` and the converted models are built from, and running it (a parity check, say)
+    changes no scale. For a statically prepared (observer-only) module use :func:`qdq_network`.
+
+    Args:
+        prepared: A module from :func:`prepare` with ``mode="qat"``.
+
+    Returns:
+        The frozen copy, on CPU.
+
+    Example:
+        >>> prepared = prepare(nn.Sequential(nn.Linear(4, 2)))
+        >>> frozen = frozen_copy(prepared)
+        >>> frozen.training
+        False
+    """
+    with _routed_warnings():
+        model = copy.deepcopy(prepared).cpu().eval()
+        with torch.no_grad():
+            for module in model.modules():
+                if hasattr(module, "weight_fake_quant"):
+                    module.weight_fake_quant(_folded(module)[0])
+        model.apply(disable_observer)
+    return model
+
+
+def _weighted_layer(module: nn.Module) -> nn.Module | None:
+    """The Conv/Linear of a module (itself, or the first of a fused float ``nni`` sequence), or None."""
+    layers = (nn.modules.conv._ConvNd, nn.Linear)
+    if isinstance(module, layers):
+        return module
+    first = module[0] if isinstance(module, nn.Sequential) and len(module) else None
+    return first if isinstance(first, layers) else None
+
+
+def _folded(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Weight and bias of a (QAT or float) weighted module with its BatchNorm folded in, as QAT folds it."""
+    conv = _weighted_layer(module)
+    weight, bias = conv.weight.detach(), None if conv.bias is None else conv.bias.detach()
+    bn = getattr(module, "bn", None)
+    if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        factor = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)  # _ConvBnNd's scale_factor
+        weight = weight * factor.reshape([-1] + [1] * (weight.dim() - 1))
+        bias = (torch.zeros_like(bn.running_mean) if bias is None else bias) - bn.running_mean
+        bias = bias * factor + bn.bias.detach()
+    return weight, bias
+
+
+def _activation_qdq(module: nn.Module) -> nn.Module | None:
+    """The QDQ replacement of an activation observer / fake-quantizer (None: the value stays float)."""
+    from lightning_compress.export.qdq import QuantizeDequantize
+
+    dtype = {torch.quint8: torch.uint8, torch.qint8: torch.int8}.get(getattr(module, "dtype", None))
+    if dtype is None:
+        return None
+    if isinstance(module, FakeQuantizeBase):
+        scale, zero_point = module.scale, module.zero_point
+    else:
+        scale, zero_point = module.calculate_qparams()
+    return QuantizeDequantize(float(scale.flatten()[0]), int(zero_point.flatten()[0]), dtype)
+
+
+def _weighted_qdq(module: nn.Module) -> nn.Module | None:
+    """The QDQ replacement of a QAT or calibrated Conv/Linear (None: not quantized, stays as it is)."""
+    from lightning_compress.export.qdq import DequantizedWeight, QDQConv, QDQLinear, quantize_weight
+
+    fake_quant = getattr(module, "weight_fake_quant", None)
+    qconfig = getattr(module, "qconfig", None)
+    conv = _weighted_layer(module)
+    if (fake_quant is None and qconfig is None) or conv is None:
+        return None
+    weight, bias = _folded(module)
+    if fake_quant is None:  # static: the weight observer runs now, as torch's conversion runs it
+        fake_quant = qconfig.weight()
+        fake_quant(weight)
+        scale, zero_point = fake_quant.calculate_qparams()
+    else:
+        scale, zero_point = fake_quant.scale, fake_quant.zero_point
+    if scale.numel() != weight.shape[0]:
+        raise ValueError(f"{type(module).__name__}: expected one weight scale per output channel, got "
+                         f"{scale.numel()} for {weight.shape[0]} channels")
+    codes = quantize_weight(weight, scale, zero_point, fake_quant.quant_min, fake_quant.quant_max)
+    dequantized = DequantizedWeight(codes, scale, zero_point)
+    relu = isinstance(module, _RELU_MODULES)
+    if isinstance(conv, nn.modules.conv._ConvNd):
+        return QDQConv(conv, dequantized, bias, relu)
+    return QDQLinear(dequantized, bias, relu)
+
+
+def qdq_network(prepared: fx.GraphModule) -> fx.GraphModule:
+    """The QDQ form of a QAT-trained or PTQ-calibrated network, with its learned quantization parameters.
+
+    Every activation fake-quantizer / observer becomes a
+    :class:`~lightning_compress.export.qdq.QuantizeDequantize` with its scale and zero-point; every
+    quantized Conv/Linear (BN folded in, as QAT folds it) becomes a convolution/linear over int8 weight
+    codes computed with its weight fake-quantizer's per-channel scales. Modules kept in fp32 (``skip``)
+    stay as they are. The result is a plain fp32 network that exports to a QDQ ONNX model
+    (:func:`lightning_compress.export.onnx.qdq_onnx_bytes`) computing exactly what it computes.
+
+    Numerics versus the QAT model: identical weights; activations identical for :data:`ONNX_ENGINES` and
+    ``qnnpack``, whose ranges are a full 8-bit type. The x86 engines train activations on 0..127, which
+    ONNX cannot express: their QDQ form keeps the scale and zero-point and saturates at 255 instead of
+    127, so values above the trained range are not clipped (measured by the export's parity check).
+
+    Args:
+        prepared: A module from :func:`prepare` (``"qat"`` or calibrated ``"static"``); left unchanged.
+
+    Returns:
+        The QDQ-form network (CPU, eval mode).
+
+    Example:
+        >>> prepared = prepare(nn.Sequential(nn.Linear(4, 2)), mode="static")
+        >>> _ = calibrate(prepared, [(torch.randn(8, 4),)])
+        >>> sorted({type(m).__name__ for m in qdq_network(prepared).modules()} - {"GraphModule"})
+        ['DequantizedWeight', 'QDQLinear', 'QuantizeDequantize']
+    """
+    model = frozen_copy(prepared)
+    replaced: dict[str, nn.Module | None] = {}
+    for node in list(model.graph.nodes):
+        if node.op != "call_module":
+            continue
+        if node.target not in replaced:
+            module = model.get_submodule(node.target)
+            if isinstance(module, (ObserverBase, FakeQuantizeBase)):
+                replaced[node.target] = _activation_qdq(module)
+            else:
+                replaced[node.target] = _weighted_qdq(module) or module
+                if replaced[node.target] is module:
+                    continue
+            if replaced[node.target] is not None:
+                model.set_submodule(node.target, replaced[node.target])
+        if replaced[node.target] is None:  # a float value: the observer disappears
+            node.replace_all_uses_with(node.args[0])
+            model.graph.erase_node(node)
+    model.graph.lint()
+    model.recompile()
+    model.delete_all_unused_submodules()
+    return model.eval()
 
 
 def weight_quantization_errors(prepared: nn.Module) -> dict[str, float]:

@@ -16,7 +16,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import fx, nn
 
 from lightning_compress.core.composition import Declaration, Effect, check_composition
@@ -31,7 +31,7 @@ def quantize_static(
     batches: Iterable[tuple],
     engine: str = "x86",
     skip: str | Sequence[str] | None = None,
-) -> fx.GraphModule:
+) -> nn.Module:
     """Static int8 post-training quantization: calibrate on ``batches``, then convert.
 
     ``network`` is left unchanged (a copy is quantized).
@@ -43,10 +43,13 @@ def quantize_static(
         skip: Glob patterns of module names (relative to ``network``) kept in fp32.
 
     Returns:
-        The int8 network (CPU, eval mode).
+        The int8 network (CPU, eval mode); for the ONNX engines an
+        :class:`~lightning_compress.export.onnx.OnnxRuntimeNetwork` running the QDQ ONNX model.
 
     Raises:
         ValueError: On an unknown engine, an untraceable network, or no calibration batch.
+        ConversionError: If the int8 model fails on the first calibration batch or computes something
+            else than the fake-quant model (the message names the module and the ``skip`` pattern).
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
@@ -59,13 +62,25 @@ def quantize_static(
 
 
 def _calibrate_and_convert(
-    network: nn.Module, batches: Iterable[tuple], engine: str, skip_names: Sequence[str]
-) -> fx.GraphModule:
+    network: nn.Module, batches: Iterable[tuple], engine: str, skip_names: Sequence[str], prefix: str = ""
+) -> nn.Module:
+    """Calibrate a copy, convert it, and check the int8 model on the first batch against the fake-quant model."""
     backend.check_engine(engine)
     prepared = backend.prepare(copy.deepcopy(network).cpu(), engine, mode="static", skip=skip_names)
-    if backend.calibrate(prepared, batches) == 0:
+    seen: list[tuple] = []
+
+    def remembering() -> Iterator[tuple]:
+        for inputs in batches:
+            if not seen:
+                seen.append(inputs)
+            yield inputs
+
+    if backend.calibrate(prepared, remembering()) == 0:
         raise ValueError("static quantization needs at least one calibration batch, got none")
-    return backend.convert(prepared, engine)
+    reference = backend.qdq_network(prepared)
+    int8 = backend.convert(prepared, engine, seen[0])
+    backend.check_conversion(reference, int8, seen[0], prefix)
+    return int8
 
 
 def quantize_dynamic(
@@ -158,13 +173,22 @@ class PostTrainingQuantization(Callback):
                         for t in capture_network_input(pl_module, network, batch, index))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Calibrate on the first ``calibration_batches`` training batches, convert, put in place."""
+        """Calibrate on the first ``calibration_batches`` training batches, convert, check, put in place.
+
+        If the int8 model fails its check on the first calibration batch, a warning names the module and
+        the ``skip`` pattern, and the fp32 network stays in place.
+        """
         attribute, net = find_network(pl_module, self.network)
         batches = self._calibration_inputs(trainer, pl_module, net)
         skip_names = backend.resolve_skip(net, self.skip, attribute + ".")
-        int8 = _calibrate_and_convert(net, batches, self.engine, skip_names)
+        try:
+            int8 = _calibrate_and_convert(net, batches, self.engine, skip_names, attribute + ".")
+        except (backend.ConversionError, RuntimeError) as err:
+            rank_zero_warn(f"PostTrainingQuantization: int8 conversion ({self.engine}) failed, {attribute!r} stays "
+                           f"fp32: {err}")
+            return
         setattr(pl_module, attribute, int8)
         rank_zero_info(
-            f"PostTrainingQuantization: {attribute!r} calibrated on up to {self.calibration_batches} batches and "
-            f"converted to int8 ({self.engine})"
+            f"PostTrainingQuantization: {attribute!r} calibrated on up to {self.calibration_batches} batches, "
+            f"converted to int8 ({self.engine}) and checked"
         )

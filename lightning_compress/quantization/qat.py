@@ -12,6 +12,7 @@ callback in the Trainer.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,6 +32,7 @@ from lightning_compress.core.architecture import (
 )
 from lightning_compress.core.composition import Declaration, Effect, check_composition
 from lightning_compress.core.guards import check_finite, step_loss
+from lightning_compress.core.inputs import capture_network_input
 from lightning_compress.core.layers import find_network
 from lightning_compress.core.progress import Position, StepWindow, check_ordered, step_budget, validate_position
 from lightning_compress.quantization import backend
@@ -70,8 +72,10 @@ class QuantizationAwareTraining(Callback):
         start: When to start QAT (a fraction of the run, ``"<n>ep"`` or ``"<n>steps"``); default: at once.
         freeze_observers: When to stop updating quantization ranges; ``None`` keeps them updating.
         freeze_bn: When to freeze batch-norm statistics of fused Conv-BN layers; ``None`` never.
-        engine: int8 CPU engine: ``"x86"``, ``"onednn"`` (x86, batched throughput) or ``"qnnpack"``
-            (ARM); see :data:`~lightning_compress.quantization.backend.ENGINES`.
+        engine: int8 engine: ``"onnxruntime"`` / ``"onnxruntime_symmetric"`` (the int8 QDQ ONNX model, run
+            by onnxruntime: ``trainer.test()`` measures the file a deployment ships; symmetric activations
+            make it TensorRT-compatible), or torch's ``"x86"``, ``"onednn"``, ``"qnnpack"``; see
+            :data:`~lightning_compress.quantization.backend.ENGINES` and the backend's docstring.
         skip: Glob patterns of module names (as in the LightningModule, e.g. ``"model.head.*"``) kept
             in fp32 and not traced: the way out for modules that cannot be quantized or traced.
         network: Attribute of the LightningModule holding the network; ``None`` detects it.
@@ -245,39 +249,66 @@ class QuantizationAwareTraining(Callback):
                 f"step {trainer.global_step}); the network stays fp32"
             )
             return
-        self.convert(pl_module)
+        self.convert(pl_module, self._calibration_inputs(trainer, pl_module))
 
-    def convert(self, pl_module: pl.LightningModule) -> nn.Module:
-        """Convert the fake-quantized network to int8 (CPU) and put it in place on ``pl_module``.
+    def _calibration_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple | None:
+        """The network's input on the first training batch (CPU), or None without a train loader."""
+        loader = trainer.train_dataloader
+        if loader is None:
+            return None
+        batch = pl_module._apply_batch_transfer_handler(next(iter(loader)))
+        net = getattr(pl_module, self._attribute)
+        return tuple(t.cpu() if isinstance(t, torch.Tensor) else t for t in capture_network_input(pl_module, net, batch))
+
+    def convert(self, pl_module: pl.LightningModule, example_inputs: tuple | None = None) -> nn.Module:
+        """Convert the fake-quantized network to int8 (CPU), check it, and put it in place on ``pl_module``.
+
+        Right after conversion the int8 model runs ``example_inputs`` (a calibration batch) and is compared
+        with the fake-quant model (:func:`~lightning_compress.quantization.backend.check_conversion`). If it
+        fails, a warning names the module and the ``skip`` pattern that avoids it, and the fake-quant
+        network stays in place: nothing is lost.
 
         Args:
             pl_module: The LightningModule trained with this callback.
+            example_inputs: One batch of the network's positional inputs; required by the ONNX engines
+                (the export traces it) and by the check (without it the check is skipped).
 
         Returns:
-            The int8 network.
+            The network now in place: the int8 model, or the fake-quant one if conversion failed.
 
         Raises:
             ValueError: If the network was never prepared for QAT.
 
         Example:
             >>> # qat = QuantizationAwareTraining(convert_on_fit_end=False); trainer.fit(model)
-            >>> # int8_net = qat.convert(model)
+            >>> # int8_net = qat.convert(model, (images,))
         """
         attribute, net = find_network(pl_module, self._attribute or self.network)
+        if not backend.is_prepared(net):
+            backend.convert(net, self.engine, example_inputs)  # raises its "never prepared" error
         device = next(net.parameters(), torch.empty(0)).device
-        int8 = backend.convert(net, self.engine)
+        prefix = attribute + "."
+        try:
+            reference = backend.frozen_copy(net)
+            int8 = backend.convert(copy.deepcopy(reference), self.engine, example_inputs)
+            if example_inputs is not None:
+                backend.check_conversion(reference, int8, example_inputs, prefix)
+        except (backend.ConversionError, RuntimeError) as err:
+            rank_zero_warn(f"QuantizationAwareTraining: int8 conversion ({self.engine}) failed, {attribute!r} stays "
+                           f"fake-quantized: {err}")
+            return net
         setattr(pl_module, attribute, int8)
         self._stage = "int8"
-        if device.type != "cpu":
+        if device.type != "cpu" and self.engine in backend.TORCH_ENGINES:
             rank_zero_warn(
                 f"int8 kernels run on CPU only: the converted network {attribute!r} was moved from {device} to "
                 "CPU; evaluate it with Trainer(accelerator='cpu')"
             )
-        rank_zero_info(f"QuantizationAwareTraining: {attribute!r} converted to int8 ({self.engine})")
+        rank_zero_info(f"QuantizationAwareTraining: {attribute!r} converted to int8 ({self.engine}) and checked")
         return int8
 
     def _check_cpu(self, pl_module: pl.LightningModule) -> None:
-        if self._stage == "int8" and pl_module.device.type != "cpu":
+        if self._stage == "int8" and self.engine in backend.TORCH_ENGINES and pl_module.device.type != "cpu":
             raise RuntimeError(
                 f"the network is int8 (converted by QuantizationAwareTraining) and int8 kernels run on CPU only, "
                 f"but this trainer runs on {pl_module.device}; use Trainer(accelerator='cpu') to test or predict"

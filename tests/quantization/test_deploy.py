@@ -1,0 +1,140 @@
+"""The int8 QDQ ONNX model: built from the learned quantization parameters, run by onnxruntime, checked."""
+
+from __future__ import annotations
+
+import onnxruntime
+import pytest
+import torch
+from torch import nn
+
+from lightning_compress.export.comparison import parity
+from lightning_compress.export.onnx import OnnxRuntimeNetwork, qdq_onnx_bytes, quantization_summary
+from lightning_compress.quantization import QuantizationAwareTraining, backend
+from lightning_compress.quantization.ptq import PostTrainingQuantization, quantize_static
+from tests.toy import ToyConvNet, UserClassifier, random_images, random_loader
+
+
+def trained_qat(engine: str, steps: int = 60) -> nn.Module:
+    """ToyConvNet trained with fake-quantization on the learnable random images: predictions vary by input."""
+    torch.manual_seed(0)
+    prepared = backend.prepare(ToyConvNet(), engine, mode="qat")
+    optimizer = torch.optim.SGD(prepared.parameters(), lr=0.05, momentum=0.9)
+    data = random_images(256)
+    for step in range(steps):
+        x, y = data.tensors[0][step % 8 * 32:][:32], data.tensors[1][step % 8 * 32:][:32]
+        nn.functional.cross_entropy(prepared(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return prepared
+
+
+@pytest.fixture(scope="module", params=["onnxruntime", "onnxruntime_symmetric"])
+def qat_model(request):
+    return request.param, trained_qat(request.param)
+
+
+def test_qdq_onnx_computes_what_the_fake_quant_model_computes(qat_model):
+    engine, prepared = qat_model
+    images, labels = random_images(256, seed=1).tensors
+    reference = backend.frozen_copy(prepared)
+    with torch.no_grad():
+        expected = reference(images)
+    assert len(set(expected.argmax(1).tolist())) >= 3, "the model must predict by input, not one class"
+    onnx_model = OnnxRuntimeNetwork(qdq_onnx_bytes(backend.qdq_network(prepared), images[:1]), threads=1)
+    result = parity(expected, onnx_model(images), labels, tolerance=0.0)
+    assert result.top1_agreement == 1.0  # same numerics: not even a near-tie flips
+    assert result.max_logit_error < 0.02  # float rounding at a quantization boundary, at most a step
+    assert result.accuracy == result.reference_accuracy > 0.6
+    with torch.no_grad():  # the frozen copy's scales did not move while it ran
+        assert torch.equal(reference(images), expected)
+
+
+def test_symmetric_engine_writes_the_qdq_structure_tensorrt_reads(qat_model):
+    engine, prepared = qat_model
+    summary = quantization_summary(qdq_onnx_bytes(backend.qdq_network(prepared), torch.randn(1, 3, 16, 16)))
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm"} <= summary["ops"]
+    assert len(summary["weights"]) == 4 and all(w == ("int8", 0, True) for w in summary["weights"])
+    points = set(summary["activation_zero_points"])
+    if engine == "onnxruntime_symmetric":  # TensorRT: int8 activations, zero-point 0 everywhere
+        assert points == {("int8", 0)}
+    else:  # onnxruntime's U8S8: uint8 activations, affine
+        assert {dtype for dtype, _ in points} == {"uint8"} and len(points) > 1
+
+
+def test_onnxruntime_runs_the_qdq_model_with_int8_kernels(qat_model, tmp_path):
+    _, prepared = qat_model
+    blob = qdq_onnx_bytes(backend.qdq_network(prepared), torch.randn(1, 3, 16, 16))
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    onnxruntime.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+    assert "QLinearConv" in ops and "Conv" not in ops  # every convolution fused into an int8 kernel
+
+
+def test_onnx_network_survives_deepcopy_and_state_dict():
+    import copy
+
+    net = OnnxRuntimeNetwork(qdq_onnx_bytes(backend.qdq_network(trained_qat("onnxruntime", 2)), torch.randn(1, 3, 16, 16)))
+    x = torch.randn(4, 3, 16, 16)
+    assert torch.equal(copy.deepcopy(net)(x), net(x))
+    other = OnnxRuntimeNetwork(qdq_onnx_bytes(backend.qdq_network(trained_qat("onnxruntime", 1)), x[:1]))
+    other.load_state_dict(net.state_dict())
+    assert torch.equal(other(x), net(x))
+
+
+def test_qat_with_the_onnxruntime_engine_tests_the_shipped_model(make_trainer):
+    module = UserClassifier()
+    qat = QuantizationAwareTraining(engine="onnxruntime")
+    make_trainer([qat], max_steps=12, max_epochs=None).fit(module, random_loader(192, shuffle=True))
+    assert isinstance(module.net, OnnxRuntimeNetwork)
+    result = make_trainer([qat]).test(module, random_loader(64, seed=3), verbose=False)
+    assert result[0]["test_acc"] > 0.5
+
+
+class _RankLoser(nn.Module):
+    """Runs in fake-quant, fails once converted (like channels_last kernels on rank-3 input)."""
+
+    def forward(self, x):
+        if not x.is_floating_point() or (hasattr(x, "is_quantized") and x.is_quantized):
+            raise RuntimeError("required rank 4 tensor to use channels_last format")
+        return x
+
+
+class _Fragile(UserClassifier):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+def test_a_failing_conversion_names_the_module_and_keeps_the_fake_quant_model(make_trainer):
+    module = _Fragile()
+    qat = QuantizationAwareTraining(engine="x86")
+    with pytest.MonkeyPatch.context() as patch:  # the int8 Linear raises as a kernel without support would
+        import torch.ao.nn.quantized as nnq
+
+        def broken(self, x):
+            raise RuntimeError("required rank 4 tensor to use channels_last format")
+
+        patch.setattr(nnq.Linear, "forward", broken)
+        with pytest.warns(UserWarning, match=r"fails on a calibration batch in module 'net.4'.*skip=\['net.4'\]"):
+            make_trainer([qat], max_steps=2, max_epochs=None).fit(module, random_loader(64))
+    assert backend.is_prepared(module.net)  # the fake-quant model stayed: nothing is lost
+    assert make_trainer([qat]).test(module, random_loader(16), verbose=False)[0]["test_acc"] >= 0
+
+
+@pytest.mark.parametrize("engine", ["x86", "onnxruntime"])
+def test_ptq_checks_its_conversion(engine):
+    net = ToyConvNet().eval()
+    images = random_images(64).tensors[0]
+    int8 = quantize_static(net, [(images[i:i + 16],) for i in range(0, 64, 16)], engine=engine)
+    with torch.no_grad():
+        assert parity(net(images), int8(images), tolerance=0.05).agreement > 0.9
+
+
+def test_ptq_callback_with_onnxruntime_puts_the_onnx_model_in_place(make_trainer):
+    module = UserClassifier()
+    make_trainer([PostTrainingQuantization(calibration_batches=2, engine="onnxruntime")], max_steps=4,
+                 max_epochs=None).fit(module, random_loader(64))
+    assert isinstance(module.net, OnnxRuntimeNetwork)
