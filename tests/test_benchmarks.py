@@ -56,6 +56,17 @@ def check_channel_pruning(result: dict[str, Any], markdown: str) -> None:
     assert "| model | round_to | epochs | dense test acc | pruned test acc |" in markdown
 
 
+def check_factorization(result: dict[str, Any], markdown: str) -> None:
+    rows = result["results"]
+    assert [(r["variant"], r["kept_macs_target"]) for r in rows] == [("dense", None), ("tucker2", 0.5), ("channel", 0.5)]
+    dense, tucker2, channel = rows
+    assert dense["macs_ratio"] == 1.0 and tucker2["macs_ratio"] <= 0.5 and channel["macs_ratio"] <= 0.55
+    assert tucker2["params"] < dense["params"] and tucker2["ranks"] and channel["ranks"] is None
+    assert all(set(r["latency_ms"]) == {"eager_b1", "onnx_b1"} and 0.0 <= r["test_acc"] <= 1.0 for r in rows)
+    assert result["settings"]["finetune_steps"] == 2
+    assert "| resnet20 | tucker2 | 2x fewer | " in markdown and "- **resnet20, 2x fewer MACs** -- fastest" in markdown
+
+
 def check_compression_artifact(result: dict[str, Any], markdown: str) -> None:
     assert result["settings"]["model"] == "resnet20"
     assert result["overall_sparsity"] > 0.8
@@ -151,6 +162,12 @@ CASES = {
         check_channel_pruning,
     ),
     "compression_artifact": Case((), check_compression_artifact),
+    "factorization": Case(
+        ("--models", "resnet20", "--kept-macs", "0.5", "--methods", "tucker2", "--batch-size", "2", "--val-size",
+         "4", "--pretrain-steps", "1", "--finetune-steps", "2", "--test-batches", "1", "--batches", "1",
+         "--repeats", "1", "--rounds", "1", "--threads", "1", "--data", "{data}"),
+        check_factorization,
+    ),
     "data_throughput": Case(
         ("--archive", "{data}", "--val-size", "4", "--batch-size", "4", "--threads", "1", "--seconds", "0.01",
          "--rounds", "1", "--baseline-images", "8"),
@@ -180,7 +197,7 @@ CASES = {
         ("--models", "resnet20", "--batch-size", "2", "--steps", "1", "--rounds", "1"), check_train_throughput
     ),
 }
-SLOW = {"quickstart_time"}  # runs the lightning-compress command in a process of its own: ~30 s
+SLOW = {"quickstart_time", "factorization"}  # ~30 s: the lightning-compress command in its own process; 3 ONNX exports
 
 
 @pytest.fixture(scope="module")
