@@ -47,11 +47,11 @@ from lightning_compress.core.composition import Declaration, Effect, check_compo
 from lightning_compress.core.inputs import capture_network_input, first_sample
 from lightning_compress.core.layers import find_network
 from lightning_compress.core.progress import StepWindow, step_budget
-from lightning_compress.export import VALUE_FORMATS, pack_state_dict
+from lightning_compress.export import VALUE_FORMATS, OnnxRuntimeNetwork, pack_state_dict
 
 
 def is_int8(network: nn.Module) -> bool:
-    """Whether ``network`` holds converted int8 modules (``torch.ao.nn.quantized``).
+    """Whether ``network`` holds converted int8 modules (``torch.ao.nn.quantized``) or is an int8 ONNX model.
 
     Args:
         network: Any module.
@@ -63,7 +63,8 @@ def is_int8(network: nn.Module) -> bool:
         >>> is_int8(nn.Linear(2, 2))
         False
     """
-    return any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in network.modules())
+    return any(type(m).__module__.startswith("torch.ao.nn.quantized") or isinstance(m, OnnxRuntimeNetwork)
+               for m in network.modules())
 
 
 def _int8_layer_names(network: nn.Module | None) -> set[str]:

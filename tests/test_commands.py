@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -25,11 +26,12 @@ def trainer(tmp_path: Path, callbacks=(), logger=False, steps: int = 2) -> pl.Tr
                       default_root_dir=tmp_path, limit_val_batches=1, num_sanity_val_steps=0)
 
 
-def write_checkpoint(tmp_path: Path, sparsity: float = 0.0, callbacks=(), num_classes: int = 4) -> Path:
-    """Fit resnet20 two steps on 16x16 random images, zero the smallest weights, save a real checkpoint."""
-    model = ImageClassifier("resnet20", num_classes=num_classes)
-    fit = trainer(tmp_path, callbacks)
-    fit.fit(model, random_loader(32, batch_size=16, num_classes=num_classes),
+def write_checkpoint(tmp_path: Path, sparsity: float = 0.0, callbacks=(), num_classes: int = 4, steps: int = 2) -> Path:
+    """Fit resnet20 ``steps`` steps on 16x16 learnable random images, zero the smallest weights, save a real
+    checkpoint (at 40 steps its predictions vary with the input)."""
+    model = ImageClassifier("resnet20", num_classes=num_classes, lr=0.05)
+    fit = trainer(tmp_path, callbacks, steps=steps)
+    fit.fit(model, random_loader(256, batch_size=16, shuffle=True, num_classes=num_classes),
             random_loader(16, batch_size=16, num_classes=num_classes))
     if sparsity:
         with torch.no_grad():
@@ -43,7 +45,7 @@ def write_checkpoint(tmp_path: Path, sparsity: float = 0.0, callbacks=(), num_cl
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    return write_checkpoint(tmp_path_factory.mktemp("ckpt"), sparsity=0.8)
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt"), sparsity=0.5, steps=40)
 
 
 def test_dispatch_keeps_lightningcli_predict():
@@ -55,37 +57,72 @@ def test_report_command_writes_markdown_and_json(checkpoint, tmp_path, capsys):
     main(["report", str(checkpoint), "--out", str(tmp_path), "--latency-repeats", "1", "--batch-sizes", "1"])
     summary = json.loads((tmp_path / "compression_report.json").read_text())
     assert summary["sizes"]["checkpoint_bytes"] == checkpoint.stat().st_size
-    assert summary["sizes"]["ratio"] > 3  # 80 % sparse body convs, int8 values
-    assert 0.7 < summary["totals"]["layer_sparsity"] < 0.85
+    assert summary["sizes"]["ratio"] > 3  # 50 % sparse body convs, int8 values
+    assert 0.4 < summary["totals"]["layer_sparsity"] < 0.55
     assert "compression ratio" in capsys.readouterr().out
     assert (tmp_path / "compression_report.png").stat().st_size > 0
 
 
+def write_check_images(folder: Path, n: int = 24) -> list[Path]:
+    """Images whose red level spans the range the models learned the classes from."""
+    folder.mkdir()
+    paths = []
+    for i in range(n):
+        path = folder / f"{i:02d}.png"
+        Image.new("RGB", (16, 16), (int(255 * i / (n - 1)), 100 + i, 128)).save(path)
+        paths.append(path)
+    return paths
+
+
 def test_export_then_predict(checkpoint, tmp_path, capsys):
+    from lightning_compress.commands.checkpoint import load_checkpoint
+    from lightning_compress.commands.predict import read_image
+
     out = tmp_path / "export"
-    main(["export", str(checkpoint), "--to", str(out), "--classes", "a,b,c,d"])
+    images = write_check_images(tmp_path / "check")
+    main(["export", str(checkpoint), "--to", str(out), "--classes", "a,b,c,d", "--check-images", str(tmp_path / "check")])
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["checks"]["onnx_fp32_top1_agreement"] >= 0.99
-    assert {"packed", "onnx_fp32"} <= set(manifest["files"]) and "int8" in manifest["skipped"]
+    assert manifest["check"] == {**manifest["check"], "images": 24, "labels": False}
+    assert {name for name, e in manifest["artifacts"].items() if e["status"] == "written"} == {"packed", "onnx_fp32"}
+    assert manifest["artifacts"]["onnx_int8"]["status"] == "skipped"
+    assert manifest["artifacts"]["onnx_fp32"]["parity"]["top1_agreement"] == 1.0
     assert not list(tmp_path.glob(".export*")), "temporary directory left behind"
 
-    Image.new("RGB", (50, 70), (200, 10, 10)).save(tmp_path / "big.png")
-    Image.new("L", (8, 8), 128).save(tmp_path / "gray.jpg")
-    (tmp_path / "broken.png").write_bytes(b"not a png")
+    loaded = load_checkpoint(checkpoint, classes=list("abcd"))
+    meta = loaded.metadata
+    with torch.no_grad():
+        expected = loaded.network(torch.stack([read_image(p, meta["input_size"], meta["mean"], meta["std"])
+                                               for p in images])).argmax(1)
+    assert len(set(expected.tolist())) >= 2, "the check must not be agreement on one constant class"
     capsys.readouterr()
     for model in (out, out / "weights.lcpk", out / "model_fp32.onnx"):
+        main(["predict", "--model", str(model), *map(str, images), "--top-k", "1"])
+        predicted = [line.split(": ")[1].split()[0] for line in capsys.readouterr().out.splitlines()]
+        assert predicted == ["abcd"[i] for i in expected.tolist()]  # the artifact classifies as the network does
+
+    Image.new("RGB", (50, 70), (200, 10, 10)).save(tmp_path / "big.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--model", str(out), str(tmp_path / "big.png"), str(tmp_path / "broken.png"), "--top-k", "2"])
+    assert exit_info.value.code == 1
+    captured = capsys.readouterr()
+    probs = [float(part.split()[1]) for part in captured.out.splitlines()[0].split(": ")[1].split(", ")]
+    assert len(probs) == 2 and probs[0] >= probs[1] and 0 < sum(probs) <= 1.0001
+    assert "broken.png" in captured.err and "1 of 2 images" in captured.err
+
+
+def test_export_only_and_a_missing_extra(checkpoint, tmp_path, capsys, monkeypatch):
+    main(["export", str(checkpoint), "--to", str(tmp_path / "packed"), "--only", "packed"])
+    assert sorted(p.name for p in (tmp_path / "packed").iterdir()) == ["manifest.json", "weights.lcpk"]
+    (tmp_path / "model.onnx").write_bytes(b"onnx")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if the [export] extra were not installed
+    for argv in (["export", str(checkpoint), "--to", str(tmp_path / "onnx")],
+                 ["predict", "--model", str(tmp_path / "model.onnx"), "x.png"]):
         with pytest.raises(SystemExit) as exit_info:
-            main(["predict", "--model", str(model), str(tmp_path / "big.png"), str(tmp_path / "broken.png"),
-                  str(tmp_path / "gray.jpg"), "--top-k", "2"])
-        assert exit_info.value.code == 1
-        captured = capsys.readouterr()
-        lines = captured.out.splitlines()
-        assert [line.split(":")[0] for line in lines] == [str(tmp_path / "big.png"), str(tmp_path / "gray.jpg")]
-        probs = [float(part.split()[1]) for part in lines[0].split(": ")[1].split(", ")]
-        assert len(probs) == 2 and probs[0] >= probs[1] and 0 < sum(probs) <= 1.0001
-        assert "broken.png" in captured.err and "1 of 3 images" in captured.err
-    packed = capsys.readouterr()
-    assert packed.err == ""
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "pip install 'lightning-compress[export]'" in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 def test_export_refuses_a_non_empty_directory_without_overwrite(checkpoint, tmp_path, capsys):
@@ -98,6 +135,17 @@ def test_export_refuses_a_non_empty_directory_without_overwrite(checkpoint, tmp_
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     main(["export", str(checkpoint), "--to", str(out), "--overwrite", "--values", "fp16"])
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model_fp32.onnx", "weights.lcpk"]
+
+
+@pytest.mark.parametrize("command", [["report"], ["export", "--to", "OUT"], ["sensitivity", "--data-root", "ROOT"]])
+def test_every_command_turns_a_bad_checkpoint_into_one_line_and_exit_2(tmp_path, capsys, command):
+    path = tmp_path / "bad.ckpt"
+    path.write_bytes(b"garbage")
+    argv = [part.replace("OUT", str(tmp_path / "out")).replace("ROOT", str(tmp_path)) for part in command]
+    with pytest.raises(SystemExit) as exit_info:
+        main([argv[0], str(path), *argv[1:]])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "not a readable checkpoint" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("content, expected", [

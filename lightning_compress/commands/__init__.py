@@ -2,8 +2,9 @@
 
 They work on files (checkpoints, exported models, images), not on a training run, so they are plain
 argparse commands dispatched by :func:`lightning_compress.cli.main` before LightningCLI sees the
-arguments. Each ``run(argv)`` returns the process exit status; errors a user can fix print one line
-naming the file and what was expected, and return 2.
+arguments. Each ``run(argv)`` returns the process exit status; errors a user can fix (a missing file,
+an unreadable checkpoint, a bad directory, a missing optional dependency -- with the pip command that
+installs it) print one line naming the file and what was expected, and return 2: never a traceback.
 
 Example:
     >>> run(["report", "--help"])  # doctest: +SKIP
@@ -48,11 +49,14 @@ def run(argv: Sequence[str]) -> int:
     Returns:
         The exit status.
     """
-    from lightning_compress.commands import export, predict, report, sensitivity
-
-    module = {"report": report, "export": export, "predict": predict, "sensitivity": sensitivity}[argv[0]]
     try:
+        from lightning_compress.commands import export, predict, report, sensitivity
+
+        module = {"report": report, "export": export, "predict": predict, "sensitivity": sensitivity}[argv[0]]
         return module.main(list(argv[1:]))
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"lightning-compress {argv[0]}: error: {err}", file=sys.stderr)
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, ValueError, ImportError) as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        if isinstance(err, ImportError) and "pip install" not in message:
+            message += f" (pip install 'lightning-compress[export]' installs the optional dependencies)"
+        print(f"lightning-compress {argv[0]}: error: {message}", file=sys.stderr)
         return 2

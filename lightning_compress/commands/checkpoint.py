@@ -49,8 +49,7 @@ class LoadedCheckpoint:
     checkpoint: dict[str, Any]
 
 
-def load_checkpoint(path: str | os.PathLike[str], engine: str = "x86", classes: list[str] | None = None
-                    ) -> LoadedCheckpoint:
+def load_checkpoint(path: str | os.PathLike[str], classes: list[str] | None = None) -> LoadedCheckpoint:
     """Load an ImageClassifier checkpoint (fp32, sparse, channel-pruned or QAT).
 
     Normalization comes from the datamodule's ``dataset`` recorded in the checkpoint (CIFAR-10 when
@@ -58,7 +57,6 @@ def load_checkpoint(path: str | os.PathLike[str], engine: str = "x86", classes: 
 
     Args:
         path: The checkpoint.
-        engine: int8 engine for a QAT checkpoint that does not record one.
         classes: Class names, in label order.
 
     Returns:
@@ -98,7 +96,7 @@ def load_checkpoint(path: str | os.PathLike[str], engine: str = "x86", classes: 
     metadata = {
         "model": hparams["model"], "num_classes": num_classes, "model_kwargs": hparams.get("model_kwargs") or {},
         "architecture": [record.to_dict() for record in records],
-        "quantization": {"engine": qat.payload["engine"] if qat else engine} if qat else None,
+        "quantization": {"engine": qat.payload["engine"]} if qat else None,
         "classes": classes, "mean": list(spec.mean), "std": list(spec.std), "input_size": [32, 32],
     }
     try:

@@ -1,53 +1,124 @@
-"""``lightning-compress export CHECKPOINT --to DIR``: write every deployable artifact of a checkpoint."""
+"""``lightning-compress export CHECKPOINT --to DIR``: write every deployable artifact of a checkpoint, each checked."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from lightning_compress.commands.checkpoint import load_checkpoint
-from lightning_compress.export import FILES, check_export_directory, export_artifacts, int8_from_qat
-from lightning_compress.quantization.backend import ENGINES
+from lightning_compress.commands.predict import IMAGE_SUFFIXES, read_image
+from lightning_compress.export import ARTIFACTS, FILES, check_export_directory, export_artifacts
+from lightning_compress.export.artifacts import DEFAULT_ARTIFACTS, check_artifacts
+from lightning_compress.export.onnx import require_onnx
+
+
+def check_images(metadata: dict[str, Any], checkpoint: dict[str, Any], data_root: str | None, images_dir: str | None,
+                 count: int, cache_dir: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+    """Real images to check the artifacts on: the datamodule's test split, an image folder, or random noise.
+
+    Args:
+        metadata: The checkpoint's metadata (input size, normalization).
+        checkpoint: The raw checkpoint (its recorded datamodule root and dataset).
+        data_root: ``--data-root``; else the root the checkpoint recorded, if it exists here.
+        images_dir: ``--check-images``: a folder of image files (no labels).
+        count: At most this many images.
+        cache_dir: CIFARDataModule cache folder.
+
+    Returns:
+        ``(images, labels or None, description of the source)``.
+
+    Raises:
+        ValueError: If ``images_dir`` holds no image, or ``count < 1``.
+    """
+    if count < 1:
+        raise ValueError(f"--check-count must be >= 1, got {count}")
+    recorded = checkpoint.get("datamodule_hyper_parameters") or {}
+    root = data_root or (recorded.get("root") if recorded.get("root") and Path(recorded["root"]).exists() else None)
+    if images_dir is None and root is not None:
+        from lightning_compress.data import CIFARDataModule
+
+        data = CIFARDataModule(root, dataset=recorded.get("dataset", "cifar10"), download=False,
+                               batch_size=min(count, 1000), val_size=0, cache_dir=cache_dir)
+        data.setup("test")
+        images, labels = [], []
+        for x, y in data.test_dataloader():
+            images.append(data.transform(x, train=False).float().cpu())
+            labels.append(y)
+            if sum(len(t) for t in labels) >= count:
+                break
+        return torch.cat(images)[:count], torch.cat(labels)[:count], f"test split of {root}"
+    if images_dir is not None:
+        folder = Path(images_dir)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--check-images {folder} is not a directory")
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:count]
+        if not files:
+            raise ValueError(f"--check-images {folder} holds no image file ({', '.join(IMAGE_SUFFIXES)})")
+        images = torch.stack([read_image(f, metadata["input_size"], metadata["mean"], metadata["std"]) for f in files])
+        return images, None, f"images in {folder}"
+    generator = torch.Generator().manual_seed(0)
+    return (torch.randn(min(count, 256), 3, *metadata["input_size"], generator=generator), None,
+            "random (no data root recorded or given, no --check-images): agreement on noise")
 
 
 def main(argv: Sequence[str]) -> int:
-    """Export packed weights, ONNX (verified with onnxruntime) and, for QAT checkpoints, the int8 model.
+    """Export packed weights, the fp32 ONNX model (fp32 checkpoints) and the int8 QDQ ONNX model (QAT checkpoints).
 
     Args:
         argv: Command-line arguments after ``export``.
 
     Returns:
-        The exit status.
+        0 if every selected artifact was written or does not apply, 1 if one failed (the others are
+        still written; the manifest says why).
     """
     parser = argparse.ArgumentParser(
         prog="lightning-compress export",
         description=f"Write {FILES['packed']} (packed sparse weights), {FILES['onnx_fp32']} (fp32 checkpoints), "
-                    f"{FILES['int8']} and {FILES['onnx_int8']} (QAT checkpoints) and manifest.json into DIR. "
-                    "ONNX models are checked with onnxruntime (top-1 agreement >= --min-agreement on random images). "
-                    "Nothing is written unless every artifact succeeds.")
+                    f"{FILES['onnx_int8']} (QAT checkpoints: the int8 QDQ model, built from the learned quantization "
+                    "parameters) and manifest.json into DIR. Each model is checked against the checkpoint's network "
+                    "on real images (the datamodule's test split, or --check-images); one that fails is left out "
+                    "and the others are written; manifest.json says which and why.")
     parser.add_argument("checkpoint", help="ImageClassifier checkpoint (.ckpt)")
     parser.add_argument("--to", required=True, dest="directory", help="export directory (new or empty)")
     parser.add_argument("--overwrite", action="store_true", help="replace the content of a non-empty directory")
+    parser.add_argument("--only", nargs="+", choices=ARTIFACTS, default=None,
+                        help=f"artifacts to write (default: {' '.join(DEFAULT_ARTIFACTS)})")
     parser.add_argument("--values", choices=["int8", "fp16"], default="int8", help="packed value format")
-    parser.add_argument("--engine", choices=ENGINES, default="x86", help="int8 engine of a QAT checkpoint")
     parser.add_argument("--classes", default=None, help="comma-separated class names, in label order")
-    parser.add_argument("--check-images", type=int, default=64, help="random images for the onnxruntime check")
-    parser.add_argument("--min-agreement", type=float, default=0.99, help="minimal ONNX-vs-torch top-1 agreement")
+    parser.add_argument("--data-root", default=None, help="CIFARDataModule root for the check (default: recorded)")
+    parser.add_argument("--cache-dir", default=None, help="CIFARDataModule cache folder")
+    parser.add_argument("--check-images", default=None, help="folder of image files to check on (no data root)")
+    parser.add_argument("--check-count", type=int, default=1000, help="images to check on (default: %(default)s)")
+    parser.add_argument("--min-agreement", type=float, default=0.95,
+                        help="near-tie tolerant agreement below which an artifact is refused")
+    parser.add_argument("--tolerance", type=float, default=0.05, help="near-tie tolerance (fraction of logit range)")
     args = parser.parse_args(argv)
+    selected = check_artifacts(args.only)
+    if any(name.startswith("onnx") for name in selected):
+        require_onnx("export of ONNX models")
     check_export_directory(args.directory, args.overwrite)  # fail before loading anything
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
-    loaded = load_checkpoint(args.checkpoint, engine=args.engine, classes=classes)
-    meta = loaded.metadata
-    images = torch.randn(args.check_images, 3, *meta["input_size"], generator=torch.Generator().manual_seed(0))
-    int8 = int8_from_qat(loaded.network, args.engine) if meta["quantization"] else None
-    result = export_artifacts(loaded.network, meta, args.directory, images, int8_network=int8, values=args.values,
-                              overwrite=args.overwrite, min_agreement=args.min_agreement)
-    for key, entry in result.manifest["files"].items():
-        print(f"{result.directory / entry['name']}: {entry['bytes']:,} bytes")
-    for key, agreement in result.manifest["checks"].items():
-        print(f"check {key}: {agreement:.1%}")
-    for key, reason in result.manifest["skipped"].items():
-        print(f"skipped {key}: {reason}")
-    return 0
+    loaded = load_checkpoint(args.checkpoint, classes=classes)
+    images, labels, source = check_images(loaded.metadata, loaded.checkpoint, args.data_root, args.check_images,
+                                          args.check_count, args.cache_dir)
+    result = export_artifacts(loaded.network, loaded.metadata, args.directory, images, labels, source,
+                              only=selected, values=args.values, overwrite=args.overwrite,
+                              min_agreement=args.min_agreement, tolerance=args.tolerance)
+    print(f"checked on {len(images)} {source}")
+    for name, entry in result.manifest["artifacts"].items():
+        line = f"{name}: {entry['status']}"
+        if entry["status"] == "written":
+            line += f" {result.directory / entry['file']} ({entry['bytes']:,} bytes)"
+        check = entry.get("parity")
+        if check:
+            line += f", agreement {check['agreement']:.1%} (top-1 {check['top1_agreement']:.1%})"
+            if check["accuracy"] is not None:
+                line += f", accuracy {check['accuracy']:.2%} (model {check['reference_accuracy']:.2%})"
+        if "reason" in entry:
+            line += f": {entry['reason']}"
+        print(line)
+    return 1 if result.failed() else 0

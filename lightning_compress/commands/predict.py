@@ -13,6 +13,9 @@ from PIL import Image, UnidentifiedImageError
 
 from lightning_compress.export import load_artifact
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+"""Image file types that ``export --check-images`` picks up from a folder."""
+
 
 def read_image(path: str | Path, size: Sequence[int], mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """An image file of any size and mode as a normalized ``(3, H, W)`` tensor of the model's input size.

@@ -9,7 +9,7 @@ import torch
 
 from lightning_compress.commands.checkpoint import NETWORK, load_checkpoint
 from lightning_compress.export import build_network, int8_from_qat
-from lightning_compress.quantization.backend import ENGINES
+from lightning_compress.quantization.backend import TORCH_ENGINES
 from lightning_compress.report import render_markdown, summarize, write_report
 
 
@@ -29,11 +29,12 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("checkpoint", help="ImageClassifier checkpoint (.ckpt)")
     parser.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
     parser.add_argument("--values", choices=["int8", "fp16"], default="int8", help="packed value format")
-    parser.add_argument("--engine", choices=ENGINES, default="x86", help="int8 engine of a QAT checkpoint")
+    parser.add_argument("--engine", choices=TORCH_ENGINES, default="x86",
+                        help="torch int8 engine to time a QAT checkpoint's int8 model with")
     parser.add_argument("--latency-repeats", type=int, default=10, help="timed runs per model and batch size")
     parser.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 64], help="latency batch sizes")
     args = parser.parse_args(argv)
-    loaded = load_checkpoint(args.checkpoint, engine=args.engine)
+    loaded = load_checkpoint(args.checkpoint)
     meta = loaded.metadata
     dense = build_network({k: meta[k] for k in ("model", "num_classes", "model_kwargs")})
     int8 = int8_from_qat(loaded.network, args.engine) if meta["quantization"] else None
