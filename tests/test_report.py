@@ -35,6 +35,8 @@ def test_summary_counts_layers_sizes_and_latency():
     assert summary["totals"]["macs"] == sum(r["macs"] for r in rows.values())
     assert summary["sizes"]["ratio"] == summary["sizes"]["fp32_bytes"] / summary["sizes"]["packed_bytes"] > 1
     assert set(summary["latency"]["batches"]) == {"1", "4"}
+    for timing in summary["latency"]["batches"].values():  # the speed-up is dense over compressed, as timed
+        assert timing["dense_ms"] > 0 and timing["speedup"] == pytest.approx(timing["dense_ms"] / timing["compressed_ms"])
     assert "| conv2 | Conv2d | 16x16x3x3 | 2,304 | 576 | 75.0% | 32 |" in render_markdown(summary)
 
 
@@ -62,12 +64,23 @@ def test_callback_reports_a_pruned_user_module_to_files_and_tensorboard(tmp_path
 def test_callback_records_accuracy_before_and_after(tmp_path):
     from lightning_compress.module import ImageClassifier
 
-    report = CompressionReport(dirpath=str(tmp_path), latency_batch_sizes=())
-    run = trainer(tmp_path, [report], steps=4)
-    run.limit_val_batches, run.val_check_interval = 1, 2
-    run.fit(ImageClassifier("resnet20", num_classes=4), random_loader(64), random_loader(16))
+    from lightning.pytorch.callbacks import Callback
+
+    class Seen(Callback):
+        values: list[float] = []
+
+        def on_validation_end(self, trainer, pl_module):
+            self.values.append(float(trainer.callback_metrics["val/acc"]))
+
+    report, seen = CompressionReport(dirpath=str(tmp_path), latency_batch_sizes=()), Seen()
+    run = trainer(tmp_path, [report, seen], steps=12)
+    run.limit_val_batches, run.val_check_interval = 1, 6
+    run.fit(ImageClassifier("resnet20", num_classes=4, lr=0.05), random_loader(192, shuffle=True),
+            random_loader(64, batch_size=64, seed=1))
     accuracy = report.summary["accuracy"]
-    assert accuracy["metric"] == "val/acc" and 0 <= accuracy["before"] <= 1 and 0 <= accuracy["after"] <= 1
+    assert len(seen.values) == 2 and seen.values[0] != seen.values[1], "before and after must differ to be told apart"
+    assert accuracy["metric"] == "val/acc"
+    assert (accuracy["before"], accuracy["after"]) == pytest.approx((seen.values[0], seen.values[-1]))
     assert report.state_dict()["accuracy"] == {"before": accuracy["before"], "after": accuracy["after"]}
 
 

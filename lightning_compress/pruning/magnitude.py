@@ -34,7 +34,7 @@ from torch import Tensor
 from lightning_compress.core.architecture import write_records
 from lightning_compress.core.composition import Declaration, Effect, check_composition
 from lightning_compress.core.guards import check_finite, step_loss
-from lightning_compress.core.layers import matches_any, resolve_parameters, select_layers
+from lightning_compress.core.layers import matches_any, resolve_parameters, select_weights, weight_label
 from lightning_compress.core.progress import (
     Interval,
     Position,
@@ -115,9 +115,11 @@ class MagnitudePruning(Callback):
         pattern: ``"unstructured"``, ``"N:M"`` (keep N of every M consecutive input weights, e.g.
             ``"2:4"``) or ``"channel"`` (whole output filters, ranked by ``channel_norm``).
         channel_norm: ``"l1"`` or ``"l2"``, the filter norm for ``pattern="channel"``.
-        include: Glob patterns of module names to prune; default: every Conv/Linear except the
-            first conv and the last Linear (see :func:`lightning_compress.core.layers.select_layers`).
-        exclude: Glob patterns of module names to leave dense.
+        include: Glob patterns of module names to prune (or parameter names, for weight matrices that
+            are not a layer's ``weight``, e.g. ``"*.in_proj_weight"``); default: every Conv/Linear
+            weight and attention projection except the first conv and the last Linear (see
+            :func:`lightning_compress.core.layers.select_weights`).
+        exclude: Glob patterns of module (or parameter) names to leave dense.
         histogram_every: Optimizer steps between weight histograms (TensorBoard only); ``None``: off.
 
     Raises:
@@ -226,8 +228,8 @@ class MagnitudePruning(Callback):
         if any(isinstance(cb, ModelPruning) for cb in trainer.callbacks):
             raise ValueError("MagnitudePruning cannot be combined with Lightning's ModelPruning: both "
                              "prune the same weights; use one of them")
-        self._layers = select_layers(pl_module, self.include, self.exclude)
-        self._names = [f"{layer}.weight" for layer in self._layers]
+        self._names = select_weights(pl_module, self.include, self.exclude)
+        self._layers = [weight_label(name) for name in self._names]
         self._paths = [name.split(".") for name in self._names]
         self._final_per_name = self._assign_finals()
         if self._nm is not None:

@@ -7,7 +7,8 @@ it so that :class:`~lightning_compress.pruning.ChannelPruning` never touches its
 
 * :func:`trace_dependencies` -- build the graph, naming the module where tracing fails;
 * :func:`prunable_groups` -- the coupled groups, keyed by the qualified name of their root layer;
-* :func:`check_prunable` -- remove one channel of every group from a copy and run it, before training;
+* :func:`check_prunable` -- refuse channel shuffles (:func:`channel_splits`), remove one channel of every
+  group from a copy and run it, before training;
 * :func:`remove_channels` -- remove channels, carrying optimizer state over to the slimmed tensors;
 * :func:`replay_history` -- re-slim a freshly built network to a recorded architecture.
 
@@ -36,6 +37,7 @@ from typing import Any
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from lightning_compress.core.accounting import eval_mode
 
@@ -145,6 +147,57 @@ def group_channels(group: tp.Group) -> int:
     return len(group[0].idxs)
 
 
+_RESHAPES = (torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.unflatten, torch.unflatten)
+
+
+class _ChannelSplitWatch(TorchFunctionMode):
+    """Record reshapes that split the channel dim of an ``(N, C, H, W)`` tensor into ``(N, G, C/G, H, W)``."""
+
+    def __init__(self, stack: list[str]) -> None:
+        super().__init__()
+        self.stack = stack
+        self.found: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        source = args[0] if args else None
+        if (func in _RESHAPES and isinstance(source, torch.Tensor) and isinstance(out, torch.Tensor)
+                and source.dim() == 4 and out.dim() == 5 and out.shape[0] == source.shape[0]
+                and min(out.shape[1], out.shape[2]) > 1 and out.shape[1] * out.shape[2] == source.shape[1]):
+            self.found.setdefault(self.stack[-1] if self.stack else "", (tuple(source.shape), tuple(out.shape)))
+        return out
+
+
+def channel_splits(network: nn.Module, example_input: Any) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Modules whose forward splits the channel dimension into groups, as a channel shuffle does.
+
+    ShuffleNet's ``channel_shuffle`` views ``(N, C, H, W)`` as ``(N, G, C/G, H, W)``, transposes the
+    two group dims and flattens them back: channel ``i`` of the result is a different channel of the
+    input. torch-pruning's dependency graph cannot follow that permutation (it fails to trace, or
+    would remove mismatched channels), so such networks are refused before training.
+
+    Args:
+        network: The network (run once in eval mode, without gradients).
+        example_input: As for :func:`trace_dependencies`.
+
+    Returns:
+        ``{module name (relative to network, "" for its own forward): (input shape, grouped shape)}``.
+
+    Example:
+        >>> class Shuffle(nn.Module):
+        ...     def forward(self, x):
+        ...         n, c, h, w = x.shape
+        ...         return x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        >>> channel_splits(nn.Sequential(nn.Conv2d(3, 4, 1), Shuffle()), torch.randn(1, 3, 2, 2))
+        {'1': ((1, 4, 2, 2), (1, 2, 2, 2, 2))}
+    """
+    with _innermost_module(network) as stack, eval_mode(network), torch.no_grad():
+        watch = _ChannelSplitWatch(stack)
+        with watch:
+            _call(network, example_input)
+    return watch.found
+
+
 def check_prunable(network: nn.Module, example_input: Any, ignored_names: Sequence[str]) -> list[str]:
     """Remove one channel from every group of a *copy* of ``network`` and run it, to fail before training.
 
@@ -157,13 +210,25 @@ def check_prunable(network: nn.Module, example_input: Any, ignored_names: Sequen
         The root names of the prunable groups.
 
     Raises:
-        ValueError: If tracing fails, no group can be pruned, or the slimmed copy fails to run
-            (the message names the group whose removal broke it).
+        ValueError: If the network shuffles channels between groups (:func:`channel_splits`), tracing
+            fails, no group can be pruned, or the slimmed copy fails to run (the message names the
+            group whose removal broke it).
 
     Example:
         >>> check_prunable(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), torch.randn(1, 3), ["1"])
         ['0']
     """
+    splits = channel_splits(network, example_input)
+    if splits:
+        name, (source, grouped) = next(iter(splits.items()))
+        raise ValueError(
+            f"channel pruning cannot slim this network: module {name or '<network>'!r} "
+            f"({type(network.get_submodule(name)).__name__}) views its {source} activation as {grouped}, "
+            f"a channel shuffle between groups ({len(splits)} module(s) do: {list(splits)[:3]}), which moves "
+            "channels across coupled layers in a way the dependency graph cannot follow. Channel-shuffle "
+            "networks (ShuffleNet) cannot be channel-pruned; use MagnitudePruning(pattern='channel') to zero "
+            "whole filters instead."
+        )
     clone = copy.deepcopy(network)
     graph = trace_dependencies(clone, example_input)
     groups = prunable_groups(graph, [clone.get_submodule(name) for name in ignored_names])

@@ -464,7 +464,7 @@ def convert(prepared: nn.Module, engine: str = "x86", example_inputs: tuple | No
         return OnnxRuntimeNetwork(qdq_onnx_bytes(qdq_network(prepared.cpu()), tuple(example_inputs)))
     torch.backends.quantized.engine = engine
     with _routed_warnings():
-        return convert_fx(prepared.cpu().eval())
+        return _keepdim_means(convert_fx(prepared.cpu().eval()))
 
 
 class ConversionError(RuntimeError):
@@ -693,6 +693,41 @@ def qdq_network(prepared: fx.GraphModule) -> fx.GraphModule:
     model.recompile()
     model.delete_all_unused_submodules()
     return model.eval()
+
+
+def _keepdim_means(int8: fx.GraphModule) -> fx.GraphModule:
+    """Rewrite ``x.mean(dims)`` as ``x.mean(dims, keepdim=True).squeeze(dims)`` in a converted model.
+
+    torch's quantized ``mean`` that drops the reduced dims fails on a channels_last 4-D input whose
+    reduced dims are 1x1 ("required rank 4 tensor to use channels_last format"): a global average
+    pool written as ``x.mean([2, 3])`` after the last conv, as in torchvision's ShuffleNetV2 at 32x32
+    inputs. Keeping the dims and squeezing them gives the same values, quantized or not.
+
+    Args:
+        int8: A model from ``convert_fx``; rewritten in place.
+
+    Returns:
+        ``int8``.
+    """
+    graph, changed = int8.graph, False
+    for node in list(graph.nodes):
+        if not ((node.op == "call_method" and node.target == "mean")
+                or (node.op == "call_function" and node.target is torch.mean)):
+            continue
+        kwargs = dict(node.kwargs)
+        dims = node.args[1] if len(node.args) > 1 else kwargs.pop("dim", None)
+        keepdim = node.args[2] if len(node.args) > 2 else kwargs.pop("keepdim", False)
+        if keepdim or not isinstance(dims, (int, list, tuple)):
+            continue
+        node.args, node.kwargs = (node.args[0], dims), {**kwargs, "keepdim": True}
+        with graph.inserting_after(node):
+            squeezed = graph.call_function(torch.squeeze, (node, tuple(dims) if isinstance(dims, (list, tuple)) else dims))
+        node.replace_all_uses_with(squeezed, delete_user_cb=lambda user: user is not squeezed)
+        changed = True
+    if changed:
+        graph.lint()
+        int8.recompile()
+    return int8
 
 
 def weight_quantization_errors(prepared: nn.Module) -> dict[str, float]:
