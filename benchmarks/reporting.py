@@ -33,6 +33,7 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "load_average_1_5_15": [round(value, 2) for value in os.getloadavg()],
+        "cpu": cpu_description(),  # model and ISA flags: machines differ between runs
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)

@@ -89,6 +89,16 @@ def check_data_throughput(result: dict[str, Any], markdown: str) -> None:
     assert "Splits: 26 train / 4 val / 20 test." in markdown
 
 
+def check_deploy_latency(result: dict[str, Any], markdown: str) -> None:
+    (row,) = result["rows"]
+    assert (row["model"], row["threads"], row["batch"], row["repeats"]) == ("resnet20", 1, 1, 5)
+    assert set(row["ms"]) == {"torch_fp32", "ort_fp32", "torch_int8_x86", "ort_quantize_static", "ours_qdq"}
+    assert all(ms > 0 for ms in row["ms"].values())
+    assert row["bytes"]["ours_qdq"] < row["bytes"]["ort_fp32"] / 2  # int8 weights in the file
+    assert set(result["machine"]["cpu"]) == {"model", "flags", "bf16"}
+    assert "| resnet20 | 1 | 1 | " in markdown and "ours vs `quantize_static`" in markdown
+
+
 def check_distillation(result: dict[str, Any], markdown: str) -> None:
     steps = result["overhead"]["median_step_cpu_ms"]
     assert set(steps) == {"student", "student_plus_teacher", "kd_online", "kd_cached", "teacher_forward"}
@@ -172,6 +182,10 @@ CASES = {
         ("--archive", "{data}", "--val-size", "4", "--batch-size", "4", "--threads", "1", "--seconds", "0.01",
          "--rounds", "1", "--baseline-images", "8"),
         check_data_throughput,
+    ),
+    "deploy_latency": Case(
+        ("--models", "resnet20", "--batches", "1", "--threads", "1", "--repeats", "1", "--calibration-batches", "1"),
+        check_deploy_latency,
     ),
     "distillation": Case(
         ("--batch-size", "2", "--steps", "1", "--rounds", "1", "--accuracy-epochs", "1", "--limit-batches",
