@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_compress.core.accounting import count_macs, count_parameters, measure_latency
 from lightning_compress.module import ImageClassifier
 from lightning_compress.pruning.channel import ChannelPruning
-from reporting import SHARED_CIFAR10, add_output_arguments, machine_info, run_settings, write_results
+from reporting import SHARED_CIFAR10, add_output_arguments, cpu_description, machine_info, run_settings, write_results
 
 
 def _trainer(callbacks: list, **kw) -> pl.Trainer:
@@ -122,10 +122,12 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
     settings = run_settings(args)
-    machine = machine_info()
+    machine = {**machine_info(), "cpu": cpu_description()}
     result = {"machine": machine, "settings": settings, "results": rows}
     lines = [
         "# Channel pruning: dense vs slimmed (ChannelPruning, L2 importance)", "",
+        f"CPU: {machine['cpu']['model']}, ISA flags {machine['cpu']['flags']}; torch's CPU kernels use "
+        f"{machine['cpu_capability']}.", "",
         f"Machine: {machine}", "",
         f"Settings: {settings}. Latency = median over {args.rounds} interleaved rounds of the median of "
         f"{args.repeats} forwards, torch threads = {args.threads}. Absolute times depend on the "

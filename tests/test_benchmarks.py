@@ -113,6 +113,16 @@ def check_distillation(result: dict[str, Any], markdown: str) -> None:
     assert "| kd_cached | " in markdown and "| resnet20 | True | " in markdown
 
 
+
+def check_model_coverage(result: dict[str, Any], markdown: str) -> None:
+    assert [(r["model"], r["technique"], r["status"]) for r in result["results"]] == [
+        ("zoo:resnet20", "magnitude", "works"), ("zoo:resnet20", "channel", "works")
+    ]
+    assert result["results"][0]["numbers"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert result["results"][1]["numbers"]["macs_ratio"] <= 0.61
+    assert result["settings"]["steps"] == 3 and result["machine"]["cpu"]["model"]
+    assert "2 cells: 2 work, 0 refused up front" in markdown and "| zoo:resnet20 | works: 50% of " in markdown
+
 def check_pruning_accuracy(result: dict[str, Any], markdown: str) -> None:
     dense, pruned = result["rows"]
     assert (dense["method"], pruned["method"]) == ("dense", "GMP")
@@ -191,6 +201,11 @@ CASES = {
         ("--batch-size", "2", "--steps", "1", "--rounds", "1", "--accuracy-epochs", "1", "--limit-batches",
          "1", "--students", "resnet20", "--data", "{data}"),
         check_distillation,
+    ),
+    "model_coverage": Case(
+        ("--models", "zoo:resnet20", "--techniques", "magnitude", "channel", "--steps", "3", "--batch", "2",
+         "--rounds", "1", "--threads", "1"),
+        check_model_coverage,
     ),
     "pruning_accuracy": Case(
         ("--quick", "--sparsities", "0.5", "--batch-size", "8", "--data", "{data}"),

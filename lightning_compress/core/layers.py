@@ -10,7 +10,15 @@ The default rule, shared by pruning and quantization: every ``Conv`` and ``Linea
 first convolution (the stem, which sees raw pixels) and the last ``Linear`` (the classifier), both
 in module registration order.
 
-Patterns are shell-style globs (:mod:`fnmatch`) matched against the full module name, e.g.
+Weight matrices that are not a layer's ``weight`` -- the attention projections of
+``nn.MultiheadAttention`` (``in_proj_weight``, or ``q_proj_weight``/``k_proj_weight``/``v_proj_weight``
+when keys and values have their own sizes), see :data:`WEIGHT_MATRICES` -- are candidates of
+:func:`select_weights`, which selects by parameter and applies the same rule. Each weight has a
+*label*, the name patterns are matched against: its layer's name for a ``weight``
+(``model.layer1.0.conv1``), the parameter's own name otherwise
+(``model.encoder.layers.0.self_attn.in_proj_weight``).
+
+Patterns are shell-style globs (:mod:`fnmatch`) matched against the full module name (or label), e.g.
 ``"model.layer3.*"`` or ``"*.downsample.*"``.
 
 Example:
@@ -18,6 +26,8 @@ Example:
     >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8, 2))
     >>> select_layers(net)
     ['1']
+    >>> select_weights(nn.Sequential(nn.MultiheadAttention(8, 2), nn.Linear(8, 8), nn.Linear(8, 2)))
+    ['0.in_proj_weight', '0.out_proj.weight', '1.weight']
 """
 
 from __future__ import annotations
@@ -30,6 +40,14 @@ from torch import nn
 
 WEIGHTED_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 """Layer types whose ``weight`` compression techniques act on by default."""
+
+WEIGHT_MATRICES: dict[type[nn.Module], tuple[str, ...]] = {
+    nn.MultiheadAttention: ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"),
+}
+"""Weight matrices held as parameters other than ``weight``, by module type: candidates of :func:`select_weights`.
+``nn.MultiheadAttention`` registers ``in_proj_weight`` when queries, keys and values share one size
+and the three ``*_proj_weight`` otherwise (the absent ones are ``None``); its output projection is an
+``nn.Linear`` and a candidate anyway."""
 
 
 def _as_patterns(patterns: str | Sequence[str] | None) -> list[str]:
@@ -113,6 +131,17 @@ def select_layers(
         ['0', '1']
     """
     candidates = weighted_layers(module, layer_types)
+    return _apply_rule({name: module.get_submodule(name) for name in candidates}, include, exclude, argument_names)
+
+
+def _apply_rule(
+    owners: dict[str, nn.Module],
+    include: str | Sequence[str] | None,
+    exclude: str | Sequence[str] | None,
+    argument_names: tuple[str, str],
+) -> list[str]:
+    """The default rule or ``include``, minus ``exclude``, over candidate labels mapped to their modules."""
+    candidates = list(owners)
     include_patterns, exclude_patterns = _as_patterns(include), _as_patterns(exclude)
     for patterns, argument in zip((include_patterns, exclude_patterns), argument_names):
         for pattern in patterns:
@@ -123,10 +152,9 @@ def select_layers(
     if include_patterns:
         selected = [name for name in candidates if matches_any(name, include_patterns)]
     else:
-        selected = list(candidates)
-        first_conv = next((n for n in candidates if isinstance(module.get_submodule(n), nn.modules.conv._ConvNd)), None)
-        last_linear = next((n for n in reversed(candidates) if isinstance(module.get_submodule(n), nn.Linear)), None)
-        selected = [name for name in selected if name not in (first_conv, last_linear)]
+        first_conv = next((n for n in candidates if isinstance(owners[n], nn.modules.conv._ConvNd)), None)
+        last_linear = next((n for n in reversed(candidates) if isinstance(owners[n], nn.Linear)), None)
+        selected = [name for name in candidates if name not in (first_conv, last_linear)]
     selected = [name for name in selected if not matches_any(name, exclude_patterns)]
     if not selected:
         raise ValueError(
@@ -134,6 +162,86 @@ def select_layers(
             f"candidate layers are: {candidates}"
         )
     return selected
+
+
+def weight_label(parameter_name: str) -> str:
+    """The name a weight is matched by patterns and reported under: its layer's name for a ``weight``.
+
+    Args:
+        parameter_name: A qualified parameter name.
+
+    Returns:
+        ``parameter_name`` without a final ``.weight``; any other parameter keeps its full name.
+
+    Example:
+        >>> weight_label("model.fc.weight"), weight_label("model.attn.in_proj_weight")
+        ('model.fc', 'model.attn.in_proj_weight')
+    """
+    return parameter_name[: -len(".weight")] if parameter_name.endswith(".weight") else parameter_name
+
+
+def weight_parameters(
+    module: nn.Module, layer_types: tuple[type[nn.Module], ...] = WEIGHTED_LAYER_TYPES
+) -> list[str]:
+    """Qualified names of every weight matrix: the ``weight`` of each layer of ``layer_types`` and the
+    :data:`WEIGHT_MATRICES` of other modules, in module registration order.
+
+    Args:
+        module: The model (or LightningModule) to scan.
+        layer_types: The layer classes whose ``weight`` is a candidate.
+
+    Returns:
+        Qualified parameter names.
+
+    Example:
+        >>> weight_parameters(nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 1, kdim=2, vdim=2)))
+        ['0.weight', '1.q_proj_weight', '1.k_proj_weight', '1.v_proj_weight', '1.out_proj.weight']
+    """
+    names = []
+    for name, layer in module.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(layer, layer_types) and isinstance(getattr(layer, "weight", None), torch.Tensor):
+            names.append(prefix + "weight")
+        for owner_type, attributes in WEIGHT_MATRICES.items():
+            if isinstance(layer, owner_type):
+                names += [prefix + a for a in attributes if isinstance(getattr(layer, a, None), torch.Tensor)]
+    return names
+
+
+def select_weights(
+    module: nn.Module,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    argument_names: tuple[str, str] = ("include", "exclude"),
+) -> list[str]:
+    """Select weight matrices by parameter: the rule of :func:`select_layers` over :func:`weight_parameters`.
+
+    Patterns match each weight's label (:func:`weight_label`): ``"model.layer1.*"`` selects the
+    layers under ``model.layer1``, ``"*.in_proj_weight"`` the attention input projections. Without
+    ``include``, every candidate but the first convolution's and the last ``Linear``'s weight is taken.
+
+    Args:
+        module: The model (or LightningModule) to scan.
+        include: Glob patterns of labels to select; ``None`` applies the default rule.
+        exclude: Glob patterns of labels to leave out.
+        argument_names: How the caller names ``include`` and ``exclude`` in its own API, for errors.
+
+    Returns:
+        Qualified parameter names of the selected weights, in registration order.
+
+    Raises:
+        ValueError: If a pattern matches no candidate, or nothing is selected (the message lists the labels).
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.MultiheadAttention(8, 2), nn.Linear(8, 2))
+        >>> select_weights(net)
+        ['2.in_proj_weight', '2.out_proj.weight']
+        >>> select_weights(net, exclude="*.in_proj_weight")
+        ['2.out_proj.weight']
+    """
+    parameters = {weight_label(name): name for name in weight_parameters(module)}
+    owners = {label: module.get_submodule(name.rpartition(".")[0]) for label, name in parameters.items()}
+    return [parameters[label] for label in _apply_rule(owners, include, exclude, argument_names)]
 
 
 def resolve_parameters(module: nn.Module, names: Iterable[str]) -> dict[str, torch.Tensor]:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from lightning_compress.core.layers import find_network, resolve_parameters, select_layers
+from lightning_compress.core.layers import (
+    find_network,
+    resolve_parameters,
+    select_layers,
+    select_weights,
+    weight_label,
+    weight_parameters,
+)
 from lightning_compress.models import create_model
 from tests.toy import ToyConvNet, UserClassifier
 
@@ -63,3 +70,36 @@ def test_find_network():
     two.a, two.b = nn.Linear(2, 2), nn.Linear(2, 2)
     with pytest.raises(ValueError, match=r"cannot tell which submodule is the network: .*\['a', 'b'\]"):
         find_network(two)
+
+
+class _Attention(nn.Module):
+    """A stem conv, one self-attention (shared q/k/v size), one cross-attention (own k/v sizes), a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3)
+        self.attn = nn.MultiheadAttention(8, 2)
+        self.cross = nn.MultiheadAttention(8, 2, kdim=4, vdim=4)
+        self.head = nn.Linear(8, 2)
+
+
+def test_attention_projections_are_weights_selected_by_default():
+    names = select_weights(_Attention())
+    assert names == ["attn.in_proj_weight", "attn.out_proj.weight", "cross.q_proj_weight", "cross.k_proj_weight",
+                     "cross.v_proj_weight", "cross.out_proj.weight"]  # not stem.weight, not head.weight
+    assert [weight_label(name) for name in names][:2] == ["attn.in_proj_weight", "attn.out_proj"]
+    assert select_layers(_Attention()) == ["attn.out_proj", "cross.out_proj"]  # layers only: no projections
+
+
+def test_weight_patterns_match_labels():
+    assert select_weights(_Attention(), include="*_proj_weight", exclude="cross.*") == ["attn.in_proj_weight"]
+    assert select_weights(_Attention(), include=["stem", "head"]) == ["stem.weight", "head.weight"]
+    with pytest.raises(ValueError, match=r"exclude pattern 'attn' matches no layer; candidate layers are: "
+                                         r"\['stem', 'attn.in_proj_weight', 'attn.out_proj', "):
+        select_weights(_Attention(), exclude="attn")
+
+
+def test_weight_parameters_follow_registration_order_and_skip_absent_matrices():
+    net = nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 1))
+    assert weight_parameters(net) == ["0.weight", "1.in_proj_weight", "1.out_proj.weight"]
+    assert net[1].q_proj_weight is None  # registered as None when q/k/v share a size: not a candidate

@@ -79,11 +79,34 @@ def test_bad_setups_fail_before_any_training_step():
     assert trainer.global_step == 0
 
 
+
+def test_channel_shuffle_is_refused_before_any_training_step_naming_the_module():
+    class ShuffleBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):  # torchvision's shufflenetv2.channel_shuffle with 2 groups
+            n, c, h, w = x.shape
+            return self.conv(x).view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+
+    class Shuffled(UserClassifier):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ShuffleBlock(), nn.AdaptiveAvgPool2d(1),
+                                     nn.Flatten(), nn.Linear(8, 4))
+
+    trainer = _trainer([ChannelPruning(channel_ratio=0.5, end="2steps", update_every="1steps")])
+    with pytest.raises(ValueError, match=r"module '1' \(ShuffleBlock\) views its \(1, 8, 16, 16\) activation as "
+                                         r"\(1, 2, 4, 16, 16\), a channel shuffle.*MagnitudePruning\(pattern='channel'\)"):
+        trainer.fit(Shuffled(), random_loader())
+    assert trainer.global_step == 0
+
 def test_user_module_is_slimmed_on_schedule_with_optimizer_and_scheduler_carried_over():
     model = UserClassifier()
     recorder = _Recorder()
     pruning = ChannelPruning(channel_ratio=0.5, schedule="linear", start=0.0, end="4steps", update_every="2steps",
-                             ignore="net.stem")
+                             ignore="net.stem", round_to=1)  # exact widths on request
 
     def configure_optimizers():
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -112,7 +135,8 @@ def test_user_module_is_slimmed_on_schedule_with_optimizer_and_scheduler_carried
 
 def test_kept_macs_ratio_reaches_the_target_on_a_residual_zoo_model():
     model = ImageClassifier("resnet20", num_classes=4, lr=0.05)
-    pruning = ChannelPruning(kept_macs_ratio=0.5, importance="bn_scale", start=0.0, end="2steps", update_every="1steps")
+    pruning = ChannelPruning(kept_macs_ratio=0.5, importance="bn_scale", start=0.0, end="2steps", update_every="1steps",
+                             round_to=1)
     data = random_loader(n=24, batch_size=8, size=32)
     dense = count_macs(ImageClassifier("resnet20", num_classes=4).model, torch.randn(1, 3, 32, 32))
     _trainer([pruning], max_epochs=1).fit(model, data)
@@ -120,9 +144,10 @@ def test_kept_macs_ratio_reaches_the_target_on_a_residual_zoo_model():
     assert 0.45 <= ratio <= 0.5 * 1.005
 
 
-def test_round_to_keeps_channel_counts_in_blocks_and_still_reaches_the_macs_target():
+def test_default_round_to_keeps_channel_counts_in_blocks_of_8_and_still_reaches_the_macs_target():
     model = ImageClassifier("resnet20", num_classes=4, lr=0.05)
-    pruning = ChannelPruning(kept_macs_ratio=0.5, start=0.0, end="2steps", update_every="1steps", round_to=8)
+    pruning = ChannelPruning(kept_macs_ratio=0.5, start=0.0, end="2steps", update_every="1steps")
+    assert pruning.round_to == 8
     dense = count_macs(ImageClassifier("resnet20", num_classes=4).model, torch.randn(1, 3, 32, 32))
     _trainer([pruning], max_epochs=1).fit(model, random_loader(n=24, batch_size=8, size=32))
     widths = {m.out_channels for m in model.model.modules() if isinstance(m, nn.Conv2d)}
@@ -133,7 +158,8 @@ def test_round_to_keeps_channel_counts_in_blocks_and_still_reaches_the_macs_targ
 
 def _fit_and_checkpoint(tmp_path, importance="l1"):
     model = ImageClassifier(ToyConvNet(num_classes=4), num_classes=4, lr=0.05, lr_schedule="constant")
-    pruning = ChannelPruning(channel_ratio=0.5, importance=importance, start=0.0, end="4steps", update_every="2steps")
+    pruning = ChannelPruning(channel_ratio=0.5, importance=importance, start=0.0, end="4steps", update_every="2steps",
+                             round_to=1)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     trainer = _trainer([pruning, checkpoint], tmp_path=tmp_path, max_epochs=2)
     trainer.fit(model, random_loader())
@@ -157,7 +183,7 @@ def test_checkpoint_loads_back_and_resumes_fit(tmp_path):
 
     # resume fit: same architecture, steps continue, nothing pruned twice
     resumed_model = ImageClassifier(ToyConvNet(num_classes=4), num_classes=4, lr=0.05, lr_schedule="constant")
-    pruning = ChannelPruning(channel_ratio=0.5, start=0.0, end="4steps", update_every="2steps")
+    pruning = ChannelPruning(channel_ratio=0.5, start=0.0, end="4steps", update_every="2steps", round_to=1)
     trainer = _trainer([pruning], tmp_path=tmp_path, max_epochs=3)
     trainer.fit(resumed_model, random_loader(), ckpt_path=path)
     assert trainer.global_step == 12
