@@ -173,6 +173,9 @@ def summarize(
         "macs": macs_all,
     }
     totals["layer_sparsity"] = 1.0 - totals["layer_nonzero"] / max(totals["layer_params"], 1)
+    if dense_network is not None:
+        totals["dense_macs"] = count_macs_per_module(dense_network.cpu(), example_input).get("", 0)
+        totals["macs_ratio"] = totals["macs"] / max(totals["dense_macs"], 1)
     compressed = int8_network if int8_network is not None else network
     dense = dense_network if dense_network is not None else network
     latency: dict[str, Any] = {
@@ -222,6 +225,12 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
     lines.append(f"| **layers** | | | {t['layer_params']:,} | {t['layer_nonzero']:,} | {t['layer_sparsity']:.1%} "
                  f"| | {t['macs']:,} |")
     lines.append(f"| **all parameters** | | | {t['params']:,} | {t['nonzero']:,} | {t['sparsity']:.1%} | | |")
+    if "macs_ratio" in t:
+        lines += ["", f"MACs: {t['macs']:,} of the dense network's {t['dense_macs']:,} ({t['macs_ratio']:.1%})"]
+    if summary.get("techniques"):
+        lines += ["", "| technique | effect | optimizer steps |", "|---|---|---|"]
+        lines += [f"| {d['callback']} | {d['effect']} | {d['start']}..{d['end'] if d['end'] is not None else 'fit end'} |"
+                  for d in summary["techniques"]]
     s = summary["sizes"]
     lines += ["", "| size | bytes |", "|---|---:|", f"| fp32 weights (torch.save) | {s['fp32_bytes']:,} |",
               f"| packed ({s['packed_values']} non-zeros + bitmask, lzma) | {s['packed_bytes']:,} |",
@@ -352,6 +361,7 @@ class CompressionReport(Callback):
         self.latency_batch_sizes = tuple(latency_batch_sizes)
         self.latency_repeats = latency_repeats
         self.network = network
+        self._declarations: list[Declaration] = []
         self._attribute: str | None = None
         self._dense: nn.Module | None = None
         self._example: torch.Tensor | None = None
@@ -365,7 +375,7 @@ class CompressionReport(Callback):
         if stage != "fit":
             return
         self._attribute, _ = find_network(pl_module, self.network)
-        check_composition(trainer)
+        self._declarations = [d for d in check_composition(trainer) if d.effect is not Effect.REPORTS]
         # a new list: Lightning is iterating over the current one right now
         trainer.callbacks = [cb for cb in trainer.callbacks if cb is not self] + [self]
 
@@ -427,6 +437,8 @@ class CompressionReport(Callback):
             latency_batch_sizes=self.latency_batch_sizes, latency_repeats=self.latency_repeats,
             prefix=f"{self._attribute}.",
         )
+        self.summary["techniques"] = [{"callback": d.callback, "effect": d.effect.value, "start": d.window.start,
+                                       "end": d.window.end} for d in self._declarations]
         directory = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)
         paths = write_report(self.summary, directory)
         self._log(trainer)

@@ -155,8 +155,15 @@ def _call(module: nn.Module, example_input: Inputs) -> Any:
 
 def _flop_counts(module: nn.Module, example_input: Inputs) -> FlopCounterMode:
     counter = FlopCounterMode(display=False, depth=None)
-    with eval_mode(module), torch.no_grad(), counter:
-        _call(module, example_input)
+    # observers (quantization ranges) update even in eval mode: counting must leave every buffer as it was
+    buffers = [(buffer, buffer.clone()) for buffer in module.buffers()]
+    try:
+        with eval_mode(module), torch.no_grad(), counter:
+            _call(module, example_input)
+    finally:
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
     return counter
 
 

@@ -131,7 +131,7 @@ def check_declarations(found: Sequence[Declaration]) -> None:
             nm, multiple = masker.details.get("nm"), changer.details.get("channel_multiple")
             if nm is not None and multiple is not None and multiple % nm[1]:
                 raise ValueError(
-                    f"{masker.callback} keeps an {nm[0]}:{nm[1]} pattern along input channels, but {changer.callback} "
+                    f"{masker.callback} keeps a {nm[0]}:{nm[1]} pattern along input channels, but {changer.callback} "
                     f"keeps channel counts multiples of {multiple} only: set {changer.callback}(round_to=...) to a "
                     f"multiple of {nm[1]}")
             if changer.details.get("replaces_layers") and masker.window.start <= changer_end:

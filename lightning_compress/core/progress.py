@@ -166,6 +166,7 @@ def step_budget(trainer: pl.Trainer) -> StepBudget:
     Example:
         >>> # inside a callback: budget = step_budget(trainer); start = budget.resolve(self.start, "start")
     """
+    loader_was_built = getattr(trainer.fit_loop, "_combined_loader", None) is not None
     total = trainer.estimated_stepping_batches
     if not math.isfinite(total):
         raise ValueError("compression schedules need a finite run: set Trainer(max_epochs=...) or max_steps")
@@ -174,6 +175,11 @@ def step_budget(trainer: pl.Trainer) -> StepBudget:
         # train dataloader; epochs still need its length. ``setup_data`` is idempotent.
         trainer.fit_loop.setup_data()
     batches = trainer.num_training_batches
+    if not loader_was_built and hasattr(trainer.fit_loop, "_combined_loader"):
+        # Lightning hands a resumed run's dataloader state (mid-epoch position) to the loader it builds
+        # after the checkpoint is restored; a loader built this early would never receive it. Measured,
+        # let it be built again at the usual time.
+        trainer.fit_loop._combined_loader = None
     if math.isfinite(batches) and batches > 0:
         per_epoch = max(1.0, math.ceil(batches / trainer.accumulate_grad_batches))
     else:  # iterable dataset without a length: fall back to the whole run being one epoch

@@ -102,3 +102,13 @@ def test_measure_latency_is_positive_and_validates_arguments():
         measure_latency(nn.Linear(4, 4), torch.randn(1, 4), repeats=0)
     with pytest.raises(ValueError, match="warmup"):
         measure_latency(nn.Linear(4, 4), torch.randn(1, 4), warmup=-1)
+
+
+def test_counting_macs_leaves_quantization_observers_untouched():
+    from lightning_compress.quantization import backend
+
+    prepared = backend.prepare(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), "x86")
+    prepared(torch.randn(2, 3, 8, 8))
+    before = {k: v.clone() for k, v in prepared.state_dict().items()}
+    count_macs(prepared, torch.randn(1, 3, 8, 8) * 100)
+    assert all(torch.equal(before[k], v) for k, v in prepared.state_dict().items())

@@ -1,0 +1,76 @@
+"""One run of the whole set of callbacks on the dict-batch module, for the resume test (a subprocess).
+
+Usage: ``python resume_run.py OUT_DIR [--kill-at STEP] [--resume]``. With ``--kill-at`` the process kills
+itself with SIGKILL when that optimizer step starts (after ``ModelCheckpoint`` saved the previous one);
+with ``--resume`` it continues from ``OUT_DIR/last.ckpt`` (``fit(ckpt_path=...)``). At the end it saves the network's weights as
+they leave training (before the fit-end int8 conversion) to ``OUT_DIR/final.pt``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from lightning_compress import (  # noqa: E402
+    ChannelPruning,
+    KnowledgeDistillation,
+    MagnitudePruning,
+    QuantizationAwareTraining,
+)
+from tests.composition.modules import DictBatchModule, dict_loader  # noqa: E402
+from tests.toy import ToyConvNet  # noqa: E402
+
+STEPS = 16
+
+
+class KillAt(pl.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SaveTrained(pl.Callback):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save({k: v.clone() for k, v in pl_module.backbone.state_dict().items()}, self.path)
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    kill_at = int(sys.argv[sys.argv.index("--kill-at") + 1]) if "--kill-at" in sys.argv else None
+    resume = "--resume" in sys.argv
+    torch.set_num_threads(1)
+    pl.seed_everything(0)
+    teacher = ToyConvNet(num_classes=4)
+    callbacks = [
+        QuantizationAwareTraining(start="9steps", freeze_bn="13steps"),
+        KnowledgeDistillation(teacher, alpha=0.5),
+        MagnitudePruning(final_sparsity=0.6, start="2steps", end="8steps", update_every=2),
+        ChannelPruning(channel_ratio=0.5, start=0.0, end="6steps", update_every=2),
+        ModelCheckpoint(dirpath=out, save_last=True, every_n_train_steps=1, save_top_k=0),
+        SaveTrained(out / "final.pt"),
+    ]
+    if kill_at is not None:
+        callbacks.append(KillAt(kill_at))
+    trainer = pl.Trainer(max_steps=STEPS, accelerator="cpu", callbacks=callbacks, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, deterministic=True)
+    trainer.fit(DictBatchModule(), dict_loader(n=80, batch_size=16),
+                ckpt_path=str(out / "last.ckpt") if resume else None)
+
+
+if __name__ == "__main__":
+    main()

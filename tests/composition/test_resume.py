@@ -1,0 +1,39 @@
+"""Exact resume of the whole set of callbacks: killed with SIGKILL inside the compression windows, resumed with
+``fit(ckpt_path=...)`` from the last step checkpoint, the run ends with weights bitwise equal to the uninterrupted run.
+
+The run (``resume_run.py``) chains ChannelPruning (steps 0-6), MagnitudePruning (2-8), QAT (from 9, BN frozen
+at 13) and KnowledgeDistillation on a user's dict-batch module, with a dataloader that resumes mid-epoch.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).with_name("resume_run.py")
+
+
+def run(out: Path, *args: str) -> int:
+    return subprocess.run([sys.executable, str(SCRIPT), str(out), *args], capture_output=True, timeout=300,
+                          cwd=out).returncode
+
+
+@pytest.mark.slow
+def test_killed_twice_inside_the_windows_ends_bitwise_equal(tmp_path):
+    full, interrupted = tmp_path / "full", tmp_path / "interrupted"
+    full.mkdir(), interrupted.mkdir()
+    assert run(full) == 0
+    # killed while channels are being removed and masks grow (step 3), then while fake-quantized (step 11)
+    assert run(interrupted, "--kill-at", "3") == -signal.SIGKILL
+    assert run(interrupted, "--resume", "--kill-at", "11") == -signal.SIGKILL
+    assert not (interrupted / "final.pt").exists()
+    assert run(interrupted, "--resume") == 0
+    expected, got = torch.load(full / "final.pt"), torch.load(interrupted / "final.pt")
+    assert expected.keys() == got.keys()
+    assert [key for key in expected if not torch.equal(expected[key], got[key])] == []
+    assert any("weight_fake_quant" in key for key in got)  # the run really ended quantization-aware
