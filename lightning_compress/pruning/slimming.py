@@ -44,9 +44,6 @@ from lightning_compress.core.accounting import eval_mode
 History = list[list[Any]]
 """torch-pruning's pruning history: ``[root module name, is output-channel pruning, indices]`` per removal."""
 
-_EXACT_INDEX_LIMIT = 2**24
-"""Largest element count whose flat indices a float32 tensor holds exactly."""
-
 
 def _call(network: nn.Module, example_input: Any) -> Any:
     return network(*example_input) if isinstance(example_input, tuple) else network(example_input)
@@ -253,17 +250,21 @@ def check_prunable(network: nn.Module, example_input: Any, ignored_names: Sequen
 
 
 @contextlib.contextmanager
-def _tracking_indices(network: nn.Module) -> Iterator[dict[str, tuple[nn.Parameter, torch.Tensor | None]]]:
-    """While active, each parameter's ``.grad`` holds its flat element indices.
+def _tracking_indices(network: nn.Module) -> Iterator[dict[str, tuple[nn.Parameter, torch.Tensor | None, torch.dtype]]]:
+    """While active, each parameter is float64 and its ``.grad`` holds its flat element indices.
 
     torch-pruning slices ``.grad`` together with the weight, so after a removal the new parameter's
-    ``.grad`` says which old elements survived. On exit the real gradients are restored (sliced).
+    ``.grad`` says which old elements survived. float64 holds every index below 2**53 exactly, whatever
+    the parameter's own dtype (bf16 under ``precision="bf16-true"``, fp16) and size; the round trip
+    bf16/fp16/fp32 -> float64 -> original dtype is lossless. On exit :func:`remove_channels` restores
+    dtypes and the real gradients (sliced).
     """
-    before: dict[str, tuple[nn.Parameter, torch.Tensor | None]] = {}
+    before: dict[str, tuple[nn.Parameter, torch.Tensor | None, torch.dtype]] = {}
     for name, param in network.named_parameters():
-        before[name] = (param, param.grad)
-        exact = param.numel() <= _EXACT_INDEX_LIMIT and param.dtype in (torch.float32, torch.float64)
-        param.grad = torch.arange(param.numel(), device=param.device, dtype=param.dtype).view_as(param) if exact else None
+        before[name] = (param, param.grad, param.dtype)
+        param.grad = None
+        param.data = param.data.double()
+        param.grad = torch.arange(param.numel(), device=param.device, dtype=torch.float64).view_as(param)
     yield before
 
 
@@ -301,14 +302,17 @@ def remove_channels(
                 pruner = graph.get_pruner_of_module(root)
                 graph.get_pruning_group(root, pruner.prune_out_channels, sorted(int(i) for i in idxs)).prune()
         after = dict(network.named_parameters())
-        replaced: dict[nn.Parameter, tuple[nn.Parameter, torch.Tensor | None]] = {}
-        for name, (old, grad) in before.items():
+        replaced: dict[nn.Parameter, tuple[nn.Parameter, torch.Tensor]] = {}
+        for name, (old, grad, dtype) in before.items():
             new = after[name]
+            kept = new.grad.flatten().long()
+            new.grad = None
+            new.data = new.data.to(dtype)
             if new is old:
                 old.grad = grad
                 continue
-            kept = new.grad.flatten().long() if new.grad is not None else None
-            new.grad = grad.flatten()[kept].view_as(new) if grad is not None and kept is not None else None
+            old.data = old.data.to(dtype)
+            new.grad = grad.flatten()[kept].view_as(new) if grad is not None else None
             replaced[old] = (new, kept)
     for optimizer in optimizers:
         for group in optimizer.param_groups:
@@ -317,8 +321,6 @@ def remove_channels(
             if old not in optimizer.state:
                 continue
             state = optimizer.state.pop(old)
-            if kept is None:  # too large to track exactly: the state starts afresh for this tensor
-                continue
             optimizer.state[new] = {
                 key: value.flatten()[kept].view_as(new)
                 if isinstance(value, torch.Tensor) and value.shape == old.shape else value
