@@ -22,6 +22,7 @@ from lightning_compress import (
     ImageClassifier,
     KnowledgeDistillation,
     MagnitudePruning,
+    PostTrainingQuantization,
     QuantizationAwareTraining,
 )
 from lightning_compress.core.accounting import count_macs
@@ -178,3 +179,14 @@ def test_masks_follow_channel_removal_keeping_the_surviving_rows_and_columns(tmp
     # masked entries stay exactly zero through removal and further training, at the same sparsity
     assert float((after == 0).float().mean()) == pytest.approx(float((seen["before"] == 0).float().mean()), abs=0.1)
     assert float((after == 0).float().mean()) > 0.3
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_post_training_quantization_calibrates_on_dict_batches_after_the_other_techniques(precision, tmp_path):
+    module = DictBatchModule()
+    callbacks = [*make_callbacks(("channel", "magnitude", "kd")), PostTrainingQuantization(calibration_batches=2)]
+    trainer, path = fit(module, dict_loader(), callbacks, precision, tmp_path)
+    assert is_int8(module.backbone)
+    assert module.backbone.get_submodule("conv1").weight().shape[0] < 16  # the slimmed network was quantized
+    tester = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    assert 0.0 <= tester.test(module, dict_loader(), verbose=False)[0]["test_acc"] <= 1.0
