@@ -10,6 +10,8 @@ callback with its defaults plus a target, a ``Trainer.fit`` of a few optimizer s
   MACs, state-dict bytes, CPU latency at ``--batch``, interleaved);
 * is **refused** when the callback raised before the first optimizer step (``trainer.global_step == 0``):
   the cell shows the message the user sees;
+* **diverged** when it raised after training and the fp32 network it left outputs inf/NaN in eval mode:
+  the few random-data steps blew the network up, which no callback causes or can check up front;
 * **fails** otherwise -- an error after training time was spent, or a converted model that cannot run.
   The coverage contract is that no cell fails.
 
@@ -17,7 +19,8 @@ Image networks get ``ImageClassifier(model=<network>, num_classes=10)`` and 32x3
 networks (the transformers) also get a ``quantize_dynamic`` column: the function (not a callback) run on the
 trained network, int8 Linear weights with activations quantized on the fly; it raises before converting
 anything or returns an int8 network, and the cell says which. Rows are written to the results files one by one, so a long run
-can be read while it goes; ``--resume`` keeps the rows of an earlier run and runs only the missing cells.
+can be read while it goes; ``--resume`` keeps the rows of an earlier run (but failures, run again) and runs only
+the missing cells.
 
 Run:
     python benchmarks/model_coverage.py                                   # every model (about an hour, 2 cores)
@@ -201,12 +204,26 @@ def _quantized_modules(network: nn.Module) -> int:
 def _evaluate(trainer: pl.Trainer, module: pl.LightningModule, subject: Subject, loader: DataLoader) -> None:
     """``trainer.test`` for image classifiers; a forward pass of the network for the demo transformer."""
     if subject.kind == "tokens":
-        inputs, target = next(iter(loader))
-        with torch.no_grad():
-            module.eval()
-            module(inputs, target)
+        _forward(module, subject, loader)
         return
     trainer.test(module, loader, verbose=False)
+
+
+def _finite_in_eval(module: pl.LightningModule, subject: Subject, loader: DataLoader) -> bool:
+    """Whether the module's network gives finite outputs in eval mode on a training batch."""
+    try:
+        return bool(torch.isfinite(_forward(module, subject, loader)).all())
+    except Exception:  # noqa: BLE001 -- a network that cannot even run is not a diverged one
+        return True
+
+
+def _forward(module: pl.LightningModule, subject: Subject, loader: DataLoader) -> torch.Tensor:
+    """The module's output on the first batch, in eval mode without gradients."""
+    batch = next(iter(loader))
+    inputs = batch if subject.kind == "tokens" else batch[:1]
+    with torch.no_grad():
+        module.eval()
+        return module(*inputs)
 
 
 def measure(technique: str, subject: Subject, module: pl.LightningModule, network: nn.Module, dense: nn.Module,
@@ -282,6 +299,8 @@ def run_cell(name: str, subject: Subject, technique: str, args: argparse.Namespa
         row["status"] = "refused" if (before_training or nothing_converted) and isinstance(error, ValueError) else "fails"
         row["summary"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         row["phase"], row["optimizer_steps_done"] = phase, step
+        if row["status"] == "fails" and phase != "build" and not _finite_in_eval(module, subject, loader):
+            row["status"] = "diverged"
         if row["status"] == "fails":
             row["traceback"] = traceback.format_exc(limit=-6)
     row["seconds"] = round(time.perf_counter() - started, 1)
@@ -297,7 +316,7 @@ def _cell(row: dict[str, Any] | None) -> str:
     if row is None:
         return "-"
     text = row["summary"].replace("|", "\\|")
-    return {"works": "works: ", "refused": "refused: ", "fails": "**FAILS**: "}[row["status"]] + text
+    return {"works": "works: ", "refused": "refused: ", "diverged": "diverged: ", "fails": "**FAILS**: "}[row["status"]] + text
 
 
 def render(rows: list[dict[str, Any]], machine: dict[str, Any], settings: dict[str, Any],
@@ -305,11 +324,12 @@ def render(rows: list[dict[str, Any]], machine: dict[str, Any], settings: dict[s
     """The markdown: counts, one table per group, notes on how networks were built."""
     by_cell = {(r["model"], r["technique"]): r for r in rows}
     techniques = [t for t in TECHNIQUES if any(r["technique"] == t for r in rows)]
-    counts = {status: sum(r["status"] == status for r in rows) for status in ("works", "refused", "fails")}
+    counts = {status: sum(r["status"] == status for r in rows) for status in ("works", "refused", "diverged", "fails")}
     lines = [
         "# Model coverage: each callback on the networks users bring", "",
         f"{len(rows)} cells: {counts['works']} work, {counts['refused']} refused up front (before the first "
-        f"optimizer step, with the message shown), {counts['fails']} fail.", "",
+        f"optimizer step, with the message shown), {counts['diverged']} diverged (the fp32 network blew up in "
+        f"the few random-data steps: inf/NaN in eval mode, not a callback failure), {counts['fails']} fail.", "",
         f"Each cell: fresh network (random weights), {settings['steps']} optimizer steps of batch "
         f"{settings['batch']} on random data (32x32 images, 10 classes; 16-token sequences for the demo "
         "transformer), then `trainer.test`. Targets: MagnitudePruning(final_sparsity=0.5), "
@@ -356,6 +376,7 @@ def main() -> None:
         parser.error(f"unknown --models {unknown}; known: {list(table)}")
     path = args.results_dir / f"{args.name}.json"
     rows = json.loads(path.read_text())["results"] if args.resume and path.exists() else []
+    rows = [r for r in rows if r["status"] != "fails"]
     done = {(r["model"], r["technique"]) for r in rows}
     settings = run_settings(args, omit=("resume", "models", "techniques"))
     for name in names:

@@ -244,7 +244,8 @@ def check_prunable(network: nn.Module, example_input: Any, ignored_names: Sequen
                 f"channel pruning cannot slim the network: removing a channel of {name!r} "
                 f"({type(clone.get_submodule(name)).__name__}) and its coupled layers breaks the forward "
                 f"pass with {type(error).__name__}: {error}. An operation hard-codes a channel count "
-                "(e.g. a fixed reshape); leave the layer alone with ignore=[...] or rewrite the operation."
+                f"(e.g. a fixed reshape); leave the layer alone with ignore=['*.{name}'] (its coupled layers "
+                "keep their channels too) or rewrite the operation."
             ) from error
     return list(groups)
 
