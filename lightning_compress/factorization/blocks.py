@@ -21,10 +21,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_compress.core.accounting import eval_mode
 from lightning_compress.factorization.decompositions import decompose, full_rank
 
 KXK_METHODS = ("tucker2", "spatial", "depthwise_separable")
@@ -192,6 +194,51 @@ class Geometry:
 
     input_size: tuple[int, int]
     output_size: tuple[int, int]
+
+
+def layer_geometries(network: nn.Module, names: Sequence[str], example: tuple[Any, ...]) -> dict[str, Geometry]:
+    """Each named layer's :class:`Geometry`, from one forward pass of ``network`` on ``example`` (eval, no grad).
+
+    Args:
+        network: The network.
+        names: Layer names relative to ``network`` (``Conv2d`` or ``Linear``).
+        example: The network's positional arguments for one sample.
+
+    Returns:
+        ``{name: geometry}``.
+
+    Raises:
+        ValueError: If a layer is not called exactly once per forward pass (naming the layers and their calls).
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.Flatten(), nn.Linear(16, 2))
+        >>> layer_geometries(net, ["0", "2"], (torch.randn(1, 3, 5, 5),))["0"]
+        Geometry(input_size=(5, 5), output_size=(2, 2))
+    """
+    found: dict[str, list[Geometry]] = {name: [] for name in names}
+
+    def recorder(name: str) -> Any:
+        def record(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+            x = inputs[0]
+            if isinstance(module, nn.Linear):
+                rows = x.numel() // x.shape[-1]
+                found[name].append(Geometry((rows, 1), (rows, 1)))
+            else:
+                found[name].append(Geometry(tuple(x.shape[-2:]), tuple(output.shape[-2:])))
+        return record
+
+    handles = [network.get_submodule(name).register_forward_hook(recorder(name)) for name in names]
+    try:
+        with eval_mode(network), torch.no_grad():
+            network(*example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    wrong = {name: len(calls) for name, calls in found.items() if len(calls) != 1}
+    if wrong:
+        raise ValueError(f"only layers called once per forward pass can be factorized; calls: {wrong}; leave them "
+                         "out with exclude=[...]")
+    return {name: calls[0] for name, calls in found.items()}
 
 
 def block_macs(layer: nn.Module, method: str | None, rank: int | None, geometry: Geometry) -> int:

@@ -19,7 +19,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_compress.core.accounting import count_macs, eval_mode
+from lightning_compress.core.accounting import count_macs
 from lightning_compress.core.architecture import (
     ArchitectureRecord,
     append_record,
@@ -44,11 +44,11 @@ from lightning_compress.factorization.allocation import (
 from lightning_compress.factorization.blocks import (
     FACTORIZABLE_TYPES,
     KXK_METHODS,
-    Geometry,
     block_macs,
     factorize_layer,
     factorized_structure,
     is_factorizable,
+    layer_geometries,
     layer_method,
     max_rank,
 )
@@ -278,36 +278,9 @@ class LowRankFactorization(Callback):
         return plan
 
     # ----------------------------------------------------------------------------------- planning
-    def _geometries(self, network: nn.Module) -> dict[str, Geometry]:
-        """Each selected layer's input/output sizes on one sample of the real input."""
-        found: dict[str, list[Geometry]] = {name: [] for name in self._layers}
-
-        def recorder(name: str) -> Any:
-            def record(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-                x = inputs[0]
-                if isinstance(module, nn.Linear):
-                    rows = x.numel() // x.shape[-1]
-                    found[name].append(Geometry((rows, 1), (rows, 1)))
-                else:
-                    found[name].append(Geometry(tuple(x.shape[-2:]), tuple(output.shape[-2:])))
-            return record
-
-        handles = [network.get_submodule(n).register_forward_hook(recorder(n)) for n in self._layers]
-        try:
-            with eval_mode(network), torch.no_grad():
-                network(*self._example)
-        finally:
-            for handle in handles:
-                handle.remove()
-        wrong = {name: len(calls) for name, calls in found.items() if len(calls) != 1}
-        if wrong:
-            raise ValueError(f"LowRankFactorization factorizes layers called once per forward pass; calls: {wrong}; "
-                             "leave them out with exclude=[...]")
-        return {name: calls[0] for name, calls in found.items()}
-
     def _options(self, network: nn.Module) -> tuple[list[LayerOptions], int]:
         """Every selected layer's allowed ranks (MACs, error), and the MACs of the rest of the network."""
-        geometries = self._geometries(network)
+        geometries = layer_geometries(network, self._layers, self._example)
         layers = []
         for name in self._layers:
             layer = network.get_submodule(name)

@@ -12,6 +12,7 @@ from lightning_compress.factorization.blocks import (
     factorize_layer,
     factorized_structure,
     is_factorizable,
+    layer_geometries,
     layer_method,
     max_rank,
 )
@@ -85,3 +86,20 @@ def test_refuses_what_it_cannot_factorize():
         factorized_structure(nn.Linear(4, 4), "spatial", 2)
     with pytest.raises(ValueError, match=r"rank must be an integer in \[1, 9\]"):
         factorized_structure(nn.Conv2d(4, 16, 3), "depthwise_separable", 10)
+
+
+def test_geometries_come_from_one_forward_and_shared_layers_are_refused():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Flatten(), nn.Linear(64, 2))
+    geometries = layer_geometries(net, ["0", "2"], (torch.randn(1, 3, 8, 8),))
+    assert geometries == {"0": Geometry((8, 8), (4, 4)), "2": Geometry((1, 1), (1, 1))}
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(self.conv(x))
+
+    with pytest.raises(ValueError, match=r"called once per forward pass can be factorized; calls: \{'conv': 2\}"):
+        layer_geometries(Twice(), ["conv"], (torch.randn(1, 3, 4, 4),))

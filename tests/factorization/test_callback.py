@@ -4,6 +4,7 @@ import copy
 
 import lightning.pytorch as pl
 import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
 import torch
 from torch import nn
 
@@ -153,3 +154,32 @@ def test_bad_setups_fail_before_any_training_step(kwargs, match):
         trainer.fit(model, random_loader(32))
     assert trainer.global_step == 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def _fit_with_checkpoints(root, ckpt_path=None):
+    torch.manual_seed(0)
+    model = UserClassifier()
+    factorization = LowRankFactorization(kept_macs_ratio=0.5, method="spatial", start="3steps")
+    checkpoints = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    trainer = _trainer([factorization, checkpoints], root, max_epochs=4)
+    trainer.fit(model, random_loader(32), ckpt_path=ckpt_path)
+    return model, factorization
+
+
+@pytest.mark.parametrize("epoch", [0, 1])  # step 2: before the factorization at step 3; step 4: after it
+def test_a_resumed_run_ends_with_bitwise_equal_weights(tmp_path, epoch):
+    uninterrupted, factorization = _fit_with_checkpoints(tmp_path / "a")
+    resumed, again = _fit_with_checkpoints(tmp_path / "b", ckpt_path=tmp_path / "a" / f"epoch={epoch}.ckpt")
+    assert again.factorized == factorization.factorized
+    assert uninterrupted.state_dict().keys() == resumed.state_dict().keys()
+    for name, value in uninterrupted.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision(precision):
+    model = UserClassifier()
+    callback = LowRankFactorization(kept_macs_ratio=0.5)
+    _trainer([callback], max_steps=2, precision=precision).fit(model, random_loader(32))
+    assert callback.factorized and all(p.dtype == torch.float32 for p in model.parameters())
+    assert torch.isfinite(model(torch.randn(2, 3, 16, 16))).all()
