@@ -286,7 +286,7 @@ def check_traceable(network: nn.Module, skip: Sequence[str] = (), prefix: str = 
         else:
             hint = "the failing code is in the network's own forward; skip its children or simplify that forward"
         raise ValueError(
-            f"cannot trace module {(prefix + where) or prefix.rstrip('.') or type(network).__name__!r} for "
+            f"cannot trace module {(prefix + where).rstrip('.') or type(network).__name__!r} for "
             f"quantization ({type(err).__name__}: {err}); {hint}"
         ) from err
 
