@@ -347,7 +347,8 @@ class LowRankFactorization(Callback):
         self._factorized = dict(plan)
         append_record(pl_module, ArchitectureRecord(RECORD_KIND, self._network_attr, {
             "layers": [{"name": name, "method": method, "rank": rank} for name, (method, rank) in plan.items()]}))
-        check_finite({f"{self._network_attr}.{name}": network.get_submodule(name)[0].weight for name in plan},
+        check_finite({f"{self._network_attr}.{name}.{key}": value for name in plan
+                      for key, value in network.get_submodule(name).named_parameters()},
                      trainer.global_step, type(self).__name__)
         for name, (_, rank) in plan.items():
             pl_module.log(f"factorization/{self._network_attr}.{name}/rank", float(rank))
