@@ -31,7 +31,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lightning_compress.core.architecture import write_records
+from lightning_compress.core.architecture import applied_records, write_records
 from lightning_compress.core.composition import Declaration, Effect, check_composition
 from lightning_compress.core.guards import check_finite, step_loss
 from lightning_compress.core.layers import matches_any, resolve_parameters, select_weights, weight_label
@@ -208,6 +208,7 @@ class MagnitudePruning(Callback):
         self._target = 0.0
         self._stats: dict[str, float] = {}
         self._pending_state: dict[str, Any] | None = None
+        self._selected_at = 0  # architecture records applied when the weights were selected
 
     @property
     def state_key(self) -> str:
@@ -228,6 +229,12 @@ class MagnitudePruning(Callback):
         if any(isinstance(cb, ModelPruning) for cb in trainer.callbacks):
             raise ValueError("MagnitudePruning cannot be combined with Lightning's ModelPruning: both "
                              "prune the same weights; use one of them")
+        self._select(pl_module)
+        self._window = resolve_window(step_budget(trainer), self.start, self.end, self.update_every)
+        check_composition(trainer)
+
+    def _select(self, pl_module: pl.LightningModule) -> None:
+        """Select the weights and their targets; noted against the architecture records applied so far."""
         self._names = select_weights(pl_module, self.include, self.exclude)
         self._layers = [weight_label(name) for name in self._names]
         self._paths = [name.split(".") for name in self._names]
@@ -235,8 +242,13 @@ class MagnitudePruning(Callback):
         if self._nm is not None:
             for layer, name in zip(self._layers, self._names):
                 check_nm_compatible(pl_module.get_parameter(name).shape, self._nm[1], layer)
-        self._window = resolve_window(step_budget(trainer), self.start, self.end, self.update_every)
-        check_composition(trainer)
+        self._selected_at = len(applied_records(pl_module))
+
+    def _follow_architecture(self, pl_module: pl.LightningModule) -> None:
+        """Select again when an architecture changer replaced layers (a checkpoint replay, a factorization)
+        before the first mask: composition guarantees masking starts only after such a change."""
+        if not self._factors and len(applied_records(pl_module)) != self._selected_at:
+            self._select(pl_module)
 
     def compression_declaration(self, trainer: pl.Trainer) -> Declaration:
         """Masks weights from ``start`` on (masks stay enforced until fit end).
@@ -276,6 +288,7 @@ class MagnitudePruning(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Install masks restored from a checkpoint and make sure the weights obey them."""
+        self._follow_architecture(pl_module)
         params = self._resolve(pl_module)
         if self._pending_state is not None:
             self._install(self._pending_state, params)
@@ -423,6 +436,7 @@ class MagnitudePruning(Callback):
         step = trainer.global_step
         if step == self._last_update_step or not self._is_update_step(step):
             return False
+        self._follow_architecture(pl_module)
         params = self._resolve(pl_module)
         weights = dict(zip(self._names, params))
         progress = (step - self._window.start) / (self._window.end - self._window.start)
