@@ -10,8 +10,8 @@ callback with its defaults plus a target, a ``Trainer.fit`` of a few optimizer s
   MACs, state-dict bytes, CPU latency at ``--batch``, interleaved);
 * is **refused** when the callback raised before the first optimizer step (``trainer.global_step == 0``):
   the cell shows the message the user sees;
-* **diverged** when it raised after training and the fp32 network it left outputs inf/NaN in eval mode:
-  the few random-data steps blew the network up, which no callback causes or can check up front;
+* **diverged** when it raised, or compressed nothing, after training and the network it left outputs
+  inf/NaN in eval mode: the few random-data steps blew the network up, which no callback can check up front;
 * **fails** otherwise -- an error after training time was spent, or a converted model that cannot run.
   The coverage contract is that no cell fails.
 
@@ -291,7 +291,7 @@ def run_cell(name: str, subject: Subject, technique: str, args: argparse.Namespa
         phase = "measure"
         network = getattr(module, attribute)
         achieved, row["summary"], row["numbers"] = measure(technique, subject, module, network, dense, args)
-        row["status"] = "works" if achieved else "fails"
+        row["status"] = "works" if achieved else "fails" if _finite_in_eval(module, subject, loader) else "diverged"
     except Exception as error:  # noqa: BLE001 -- every failure is an outcome of the table
         step = trainer.global_step if trainer is not None else 0
         before_training = phase == "fit" and step == 0

@@ -75,3 +75,18 @@ def test_rendered_table_shows_refusals_and_counts():
     markdown = model_coverage.render(rows, machine, {"steps": 3, "batch": 4, "rounds": 1}, model_coverage.subjects())
     assert "2 cells: 1 work, 1 refused up front" in markdown and "0 fail." in markdown
     assert "| zoo:resnet20 | works: 50% of 99% of weights zeroed | refused: ValueError: a \\| b |" in markdown
+
+
+def test_zero_initialised_batchnorm_is_refused_before_quantization_aware_training_steps():
+    import lightning.pytorch as pl
+    import torchvision
+
+    from lightning_compress import ImageClassifier, QuantizationAwareTraining
+
+    network = torchvision.models.resnet18(weights=None, num_classes=10, zero_init_residual=True)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[QuantizationAwareTraining()])
+    with pytest.raises(ValueError, match=r"gamma\) is exactly 0 in 8 Conv-BN layer\(s\) \['layer1.0.conv2', .*start=0.5"):
+        trainer.fit(ImageClassifier(model=network, num_classes=10), model_coverage._loader(
+            model_coverage.subjects()["resnet18"], samples=8, batch=4))
+    assert trainer.global_step == 0

@@ -108,7 +108,9 @@ def prunable_groups(graph: tp.DependencyGraph, ignored: Iterable[nn.Module]) -> 
     """The coupled channel groups of the graph whose output channels may be removed.
 
     A group is left out when one of the layers whose *output* channels it removes is in ``ignored``
-    (the classifier head, user-excluded layers).
+    (the classifier head, user-excluded layers), or when its channels are channels of the network's
+    output: the output keeps its shape, whatever produces it (a ``Linear`` head, or a 1x1 conv
+    classifier followed by pooling as in SqueezeNet).
 
     Args:
         graph: A graph from :func:`trace_dependencies`.
@@ -121,10 +123,14 @@ def prunable_groups(graph: tp.DependencyGraph, ignored: Iterable[nn.Module]) -> 
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
         >>> list(prunable_groups(trace_dependencies(net, torch.randn(1, 3)), ignored=[net[2]]))
         ['0']
+        >>> list(prunable_groups(trace_dependencies(net, torch.randn(1, 3)), ignored=[]))  # net[2] makes the output
+        ['0']
     """
     names = {module: name for name, module in graph.model.named_modules()}
     groups = graph.get_all_groups(ignored_layers=list(ignored), root_module_types=(nn.modules.conv._ConvNd, nn.Linear))
-    return {names[group[0].dep.target.module]: group for group in groups}
+    outputs = {node for node in graph.module2node.values() if not node.outputs}
+    return {names[group[0].dep.target.module]: group for group in groups
+            if not any(dep.target in outputs and graph.is_out_channel_pruning_fn(dep.handler) for dep, _ in group)}
 
 
 def group_channels(group: tp.Group) -> int:

@@ -115,6 +115,7 @@ with _routed_warnings():
     import torch.ao.nn.intrinsic as nni
     import torch.ao.nn.intrinsic.qat as nniqat
     from torch.ao.nn.intrinsic.qat import freeze_bn_stats
+    from torch.ao.nn.intrinsic.qat.modules.conv_fused import _ConvBnNd
     from torch.ao.quantization import (
         FakeQuantize,
         FakeQuantizeBase,
@@ -355,10 +356,37 @@ def prepare(network: nn.Module, engine: str = "x86", mode: str = "qat", skip: Se
             "FX preparation no longer keeps the network's Parameter objects (torch "
             f"{torch.__version__}); optimizers and pruning masks would train stale tensors"
         )
+    if mode == "qat":
+        _check_bn_scales(prepared)
     for module in prepared.modules():
         if isinstance(module, (ObserverBase, FakeQuantizeBase)):
             module.register_forward_pre_hook(_observe_in_float32)
     return prepared
+
+
+def _check_bn_scales(prepared: fx.GraphModule) -> None:
+    """Refuse fused Conv-BN QAT modules whose BatchNorm scale (gamma) has exact zeros.
+
+    QAT folds BN into the conv weight and divides the conv output by ``gamma / std`` again, so a zero
+    gamma yields NaN at the first forward. Networks initialise residual branches that way on purpose
+    (timm's ``zero_init_last``, the default of its ResNets; torchvision's ``zero_init_residual=True``);
+    after some fp32 training the scales have moved off zero.
+
+    Args:
+        prepared: A module from :func:`prepare` with ``mode="qat"``.
+
+    Raises:
+        ValueError: Naming the layers and the remedies.
+    """
+    zero = [name for name, module in prepared.named_modules()
+            if isinstance(module, _ConvBnNd) and bool((module.bn.weight == 0).any())]
+    if zero:
+        raise ValueError(
+            f"cannot start quantization-aware training: the BatchNorm scale (gamma) is exactly 0 in {len(zero)} "
+            f"Conv-BN layer(s) {zero[:3]}{' ...' if len(zero) > 3 else ''} (zero-initialised residual branches, e.g. "
+            "timm's zero_init_last), and QAT's Conv-BN folding divides by it (NaN at the first step); start QAT "
+            "after some fp32 training (start=0.5), or build the network without zero-initialised BatchNorm"
+        )
 
 
 def _observe_in_float32(module: nn.Module, args: tuple) -> tuple | None:

@@ -103,6 +103,20 @@ def test_channel_shuffle_is_refused_before_any_training_step_naming_the_module()
         trainer.fit(Shuffled(), random_loader())
     assert trainer.global_step == 0
 
+
+def test_a_conv_classifier_keeps_the_output_shape():
+    class ConvClassifier(UserClassifier):  # SqueezeNet's head: a 1x1 conv to the classes, then pooling
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 4, 1),
+                                     nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    model = ConvClassifier()
+    trainer = _trainer([ChannelPruning(channel_ratio=0.5, end="2steps", update_every="1steps", round_to=1)])
+    trainer.fit(model, random_loader())
+    assert (model.net[0].out_channels, model.net[2].in_channels, model.net[2].out_channels) == (8, 8, 4)
+    assert trainer.global_step == 8
+
 def test_user_module_is_slimmed_on_schedule_with_optimizer_and_scheduler_carried_over():
     model = UserClassifier()
     recorder = _Recorder()
