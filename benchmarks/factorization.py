@@ -11,7 +11,7 @@ callback in the Trainer:
   over the first half of the fine-tuning.
 
 for every ``k`` in ``--kept-macs`` (0.5 = 2x fewer MACs, 0.333 = 3x). Test accuracy is measured on
-the first ``--test-batches`` batches of the CIFAR-10 test set. Then every network's CPU latency is
+the a seeded random ``--test-size`` images of the CIFAR-10 test set. Then every network's CPU latency is
 measured interleaved, round by round, in this one process: torch eager and onnxruntime fp32 (the
 network exported with ``torch.onnx.export(dynamo=True)``), at each of ``--batches``.
 
@@ -39,6 +39,7 @@ from torch import nn
 from lightning_compress import ChannelPruning, LowRankFactorization
 from lightning_compress.core.accounting import count_macs, count_parameters, measure_latency
 from lightning_compress.data import CIFARDataModule
+from lightning_compress.data.datamodule import TensorImageDataset
 from lightning_compress.module import ImageClassifier
 from reporting import SHARED_CIFAR10, add_output_arguments, cpu_description, machine_info, run_settings, write_results
 
@@ -60,10 +61,18 @@ def _callbacks(variant: str, kept: float | None, steps: int) -> list:
     return [LowRankFactorization(kept_macs_ratio=kept, method=variant, round_to=8)]
 
 
-def _test_accuracy(model: ImageClassifier, data: CIFARDataModule, batches: int) -> float:
+def _test_accuracy(model: ImageClassifier, data: CIFARDataModule) -> float:
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_test_batches=batches)
+                         enable_model_summary=False)
     return float(trainer.test(model, datamodule=data, verbose=False)[0]["test/acc"])
+
+
+def random_test_subset(data: CIFARDataModule, size: int) -> None:
+    """Keep a seeded random ``size`` of the test set (the archive's test set is ordered by class)."""
+    data.prepare_data()
+    data.setup("test")
+    keep = torch.randperm(len(data.test_set), generator=torch.Generator().manual_seed(0))[:size].sort().values
+    data.test_set = TensorImageDataset(data.test_set.images[keep], data.test_set.labels[keep])
 
 
 class OnnxNetwork:
@@ -146,7 +155,7 @@ def run_model(name: str, args: argparse.Namespace, data: CIFARDataModule) -> lis
         macs = count_macs(model.model, example)
         rows.append({
             "model": name, "variant": variant, "kept_macs_target": kept, "params": count_parameters(model.model),
-            "macs": macs, "macs_ratio": macs / dense_macs, "test_acc": _test_accuracy(model, data, args.test_batches),
+            "macs": macs, "macs_ratio": macs / dense_macs, "test_acc": _test_accuracy(model, data),
             "finetune_s": seconds,
             "ranks": ({n: r for n, (_, r) in callbacks[0].factorized.items()}
                       if variant in METHODS else None),
@@ -190,7 +199,8 @@ def render(rows: list[dict], machine: dict, settings: dict, args: argparse.Names
         f"**Budget (tiny, shared CPU):** each model pre-trained {args.pretrain_steps} steps of {args.batch_size} images "
         f"({args.pretrain_steps * args.batch_size / (50000 - args.val_size):.2f} epoch), then every variant fine-tuned "
         f"{args.finetune_steps} steps ({args.finetune_steps * args.batch_size / (50000 - args.val_size):.2f} epoch) "
-        f"from those weights; test accuracy on {args.test_batches} test batches. Accuracies are far from converged: "
+        f"from those weights; test accuracy on a seeded random {args.test_size} of the 10,000 test images (standard "
+        f"error about {100 * (0.25 / args.test_size) ** 0.5:.1f} points). Accuracies are far from converged: "
         "they compare how much each variant lost at the switch and recovered in a few steps.", "",
         "Latency: median over rounds (interleaved across all variants) of the median of "
         f"{args.repeats} forwards, in ms; speed-up = dense / variant at the same runtime and batch. The machine's "
@@ -222,7 +232,7 @@ def main() -> None:
     parser.add_argument("--finetune-steps", type=int, default=20)
     parser.add_argument("--lr", type=float, default=0.1, help="pre-training peak LR")
     parser.add_argument("--finetune-lr", type=float, default=0.02, help="fine-tuning peak LR (cosine to 0)")
-    parser.add_argument("--test-batches", type=int, default=16, help="test-set batches for accuracy")
+    parser.add_argument("--test-size", type=int, default=2000, help="test images (a seeded random subset)")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 64], help="latency batch sizes")
     parser.add_argument("--repeats", type=int, default=5, help="timed forwards per round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all variants")
@@ -230,7 +240,9 @@ def main() -> None:
     add_output_arguments(parser, "factorization")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    data = CIFARDataModule(root=args.data, download=False, batch_size=args.batch_size, val_size=args.val_size)
+    data = CIFARDataModule(root=args.data, download=False, batch_size=args.batch_size, val_size=args.val_size,
+                           eval_batch_size=256)
+    random_test_subset(data, args.test_size)
     rows = [row for name in args.models for row in run_model(name, args, data)]
     settings = run_settings(args)
     machine = {**machine_info(), "cpu": cpu_description()}

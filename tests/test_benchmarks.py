@@ -184,7 +184,7 @@ CASES = {
     "compression_artifact": Case((), check_compression_artifact),
     "factorization": Case(
         ("--models", "resnet20", "--kept-macs", "0.5", "--methods", "tucker2", "--batch-size", "2", "--val-size",
-         "4", "--pretrain-steps", "1", "--finetune-steps", "2", "--test-batches", "1", "--batches", "1",
+         "4", "--pretrain-steps", "1", "--finetune-steps", "2", "--test-size", "8", "--batches", "1",
          "--repeats", "1", "--rounds", "1", "--threads", "1", "--data", "{data}"),
         check_factorization,
     ),
