@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fnmatch
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -201,6 +202,38 @@ def channel_splits(network: nn.Module, example_input: Any) -> dict[str, tuple[tu
     return watch.found
 
 
+def ignore_patterns(names: Sequence[str], candidates: Sequence[str]) -> list[str]:
+    """Short ``ignore`` globs that match every one of ``names`` and no other of ``candidates``.
+
+    Each name is shortened to its shortest dotted suffix (two parts at least) whose glob ``*.<suffix>``
+    matches no candidate outside ``names``; a leading ``*.`` also matches the LightningModule's
+    attribute in front of the network's own module names.
+
+    Args:
+        names: Module names to leave alone (relative to the network).
+        candidates: Every module name the patterns must not match unless listed in ``names``.
+
+    Returns:
+        The globs, without repeats, in the order of ``names``.
+
+    Example:
+        >>> ignore_patterns(["s1.b0.f.b", "s2.b0.f.b"], ["s1.b0.f.a", "s1.b0.f.b", "s2.b0.f.b", "s2.proj"])
+        ['*.f.b']
+    """
+    allowed = set(names)
+    patterns: list[str] = []
+    for name in names:
+        parts = name.split(".")
+        for size in range(min(2, len(parts)), len(parts) + 1):
+            pattern = "*." + ".".join(parts[-size:])
+            hits = [c for c in candidates if fnmatch.fnmatchcase("x." + c, pattern)]
+            if set(hits) <= allowed:
+                break
+        if pattern not in patterns:
+            patterns.append(pattern)
+    return patterns
+
+
 def check_prunable(network: nn.Module, example_input: Any, ignored_names: Sequence[str]) -> list[str]:
     """Remove one channel from every group of a *copy* of ``network`` and run it, to fail before training.
 
@@ -214,8 +247,8 @@ def check_prunable(network: nn.Module, example_input: Any, ignored_names: Sequen
 
     Raises:
         ValueError: If the network shuffles channels between groups (:func:`channel_splits`), tracing
-            fails, no group can be pruned, or the slimmed copy fails to run (the message names the
-            group whose removal broke it).
+            fails, no group can be pruned, or the slimmed copy fails to run (the message names every
+            group whose removal breaks it, as the ``ignore`` list that leaves them alone).
 
     Example:
         >>> check_prunable(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), torch.randn(1, 3), ["1"])
@@ -238,6 +271,7 @@ def check_prunable(network: nn.Module, example_input: Any, ignored_names: Sequen
     if not groups:
         raise ValueError(f"no channel of the network can be removed: every coupled group contains one of "
                          f"the left-alone layers {list(ignored_names)}")
+    broken: dict[str, tuple[str, Exception]] = {}
     for name, group in groups.items():
         if group_channels(group) < 2:
             continue
@@ -246,13 +280,20 @@ def check_prunable(network: nn.Module, example_input: Any, ignored_names: Sequen
             with eval_mode(clone), torch.no_grad():
                 _call(clone, example_input)
         except Exception as error:  # noqa: BLE001 -- report any failure of the slimmed network
-            raise ValueError(
-                f"channel pruning cannot slim the network: removing a channel of {name!r} "
-                f"({type(clone.get_submodule(name)).__name__}) and its coupled layers breaks the forward "
-                f"pass with {type(error).__name__}: {error}. An operation hard-codes a channel count "
-                f"(e.g. a fixed reshape); leave the layer alone with ignore=['*.{name}'] (its coupled layers "
-                "keep their channels too) or rewrite the operation."
-            ) from error
+            broken[name] = (type(clone.get_submodule(name)).__name__, error)
+            clone = copy.deepcopy(network)  # go on from an intact copy, to name every group that breaks
+            graph = trace_dependencies(clone, example_input)
+    if broken:
+        (name, (kind, error)), others = next(iter(broken.items())), list(broken)[1:]
+        raise ValueError(
+            f"channel pruning cannot slim the network: removing a channel of {name!r} ({kind}) and its coupled "
+            f"layers breaks the forward pass with {type(error).__name__}: {error}"
+            + (f"; so does removing a channel of {len(others)} other group(s) ({others[:2]}...)" if len(others) > 2
+               else f"; so does removing a channel of {others}" if others else "")
+            + ". An operation hard-codes a channel count (e.g. a fixed reshape, a grouped convolution); leave "
+            f"{'these layers' if others else 'the layer'} alone with ignore={ignore_patterns(list(broken), list(groups))} "
+            "(their coupled layers keep their channels too) or rewrite the operation."
+        ) from error
     return list(groups)
 
 

@@ -74,8 +74,8 @@ def test_bad_setups_fail_before_any_training_step():
 
     model = Unslimmable()
     trainer = _trainer([ChannelPruning(channel_ratio=0.5, end="2steps", update_every="1steps")])
-    with pytest.raises(ValueError, match=r"removing a channel of 'conv' \(Conv2d\).*fixed reshape\); leave the layer "
-                                         r"alone with ignore=\['\*\.conv'\]"):
+    with pytest.raises(ValueError, match=r"removing a channel of 'conv' \(Conv2d\).*fixed reshape, a grouped "
+                                         r"convolution\); leave the layer alone with ignore=\['\*\.conv'\]"):
         trainer.fit(model, random_loader())
     assert trainer.global_step == 0
 
