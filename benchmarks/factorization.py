@@ -192,19 +192,19 @@ def render(rows: list[dict], machine: dict, settings: dict, args: argparse.Names
     columns = [f"{runtime} b{batch}" for runtime in ("eager", "onnx") for batch in args.batches]
     lines = [
         "# Low-rank factorization vs channel pruning at the same MACs", "",
-        f"CPU: {machine['cpu']['model']}, ISA flags {machine['cpu']['flags']}; torch's CPU kernels use "
-        f"{machine['cpu_capability']}; {args.threads} threads for torch and onnxruntime.", "",
+        (f"CPU: {machine['cpu']['model']}, ISA flags {machine['cpu']['flags']}; torch's CPU kernels use "
+         f"{machine['cpu_capability']}; {args.threads} threads for torch and onnxruntime."), "",
         f"Machine: {machine}", "",
         f"Settings: {settings}.", "",
-        f"**Budget (tiny, shared CPU):** each model pre-trained {args.pretrain_steps} steps of {args.batch_size} images "
+        (f"**Budget (tiny, shared CPU):** each model pre-trained {args.pretrain_steps} steps of {args.batch_size} images "
         f"({args.pretrain_steps * args.batch_size / (50000 - args.val_size):.2f} epoch), then every variant fine-tuned "
         f"{args.finetune_steps} steps ({args.finetune_steps * args.batch_size / (50000 - args.val_size):.2f} epoch) "
         f"from those weights; test accuracy on a seeded random {args.test_size} of the 10,000 test images (standard "
         f"error about {100 * (0.25 / args.test_size) ** 0.5:.1f} points). Accuracies are far from converged: "
-        "they compare how much each variant lost at the switch and recovered in a few steps.", "",
-        "Latency: median over rounds (interleaved across all variants) of the median of "
-        f"{args.repeats} forwards, in ms; speed-up = dense / variant at the same runtime and batch. The machine's "
-        "load (load_average_1_5_15) moves absolute times; the ratios measured side by side are the result.", "",
+        "they compare how much each variant lost at the switch and recovered in a few steps."), "",
+        ("Latency: median over rounds (interleaved across all variants) of the median of "
+         f"{args.repeats} forwards, in ms; speed-up = dense / variant at the same runtime and batch. The machine's "
+         "load (load_average_1_5_15) moves absolute times; the ratios measured side by side are the result."), "",
         "| model | variant | MACs target | params | MACs (ratio) | test acc | " + " | ".join(
             f"{c} ms (speed-up)" for c in columns) + " |",
         "|---|---|---|---|---|---|" + "---|" * len(columns),

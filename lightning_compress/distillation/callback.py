@@ -32,7 +32,13 @@ from lightning_compress.distillation.losses import (
     scheduled_alpha,
     top1_agreement,
 )
-from lightning_compress.distillation.teacher import SELF, FrozenTeacher, TeacherPrecision, copy_network, load_teacher
+from lightning_compress.distillation.teacher import (
+    SELF,
+    FrozenTeacher,
+    TeacherPrecision,
+    copy_network,
+    load_teacher,
+)
 
 
 class IndexedDataset(Dataset):

@@ -130,7 +130,7 @@ def factorized_structure(layer: nn.Module, method: str, rank: int) -> nn.Sequent
         raise ValueError(f"rank must be an integer in [1, {limit}] for {method} of {layer}, got {rank!r}")
     bias = layer.bias is not None
     if isinstance(layer, nn.Linear):
-        kw = dict(device=layer.weight.device, dtype=layer.weight.dtype)
+        kw = {"device": layer.weight.device, "dtype": layer.weight.dtype}
         return nn.Sequential(nn.Linear(layer.in_features, rank, bias=False, **kw),
                              nn.Linear(rank, layer.out_features, bias=bias, **kw))
     c_in, c_out, (kh, kw) = layer.in_channels, layer.out_channels, layer.kernel_size

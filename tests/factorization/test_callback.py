@@ -4,8 +4,8 @@ import copy
 
 import lightning.pytorch as pl
 import pytest
-from lightning.pytorch.callbacks import ModelCheckpoint
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from lightning_compress import LowRankFactorization
@@ -121,15 +121,15 @@ def test_checkpoint_loads_without_the_callback_and_fit_resumes(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(), "give exactly one of kept_macs_ratio"),
-    (dict(kept_macs_ratio=0.5, energy=0.9), "give exactly one of kept_macs_ratio"),
-    (dict(kept_macs_ratio=1.0), r"kept_macs_ratio must be a number in \(0, 1\)"),
-    (dict(energy=0.0), r"energy must be a number in \(0, 1\]"),
-    (dict(ranks=0), "ranks must be an integer >= 1"),
-    (dict(ranks={"*": 2.5}), "ranks must be an integer >= 1"),
-    (dict(ranks=4, method="cp"), r"method must be one of \('tucker2', 'spatial', 'depthwise_separable'\)"),
-    (dict(ranks=4, round_to=0), "round_to must be an integer >= 1"),
-    (dict(ranks=4, start="soon"), "start must be"),
+    ({}, "give exactly one of kept_macs_ratio"),
+    ({"kept_macs_ratio": 0.5, "energy": 0.9}, "give exactly one of kept_macs_ratio"),
+    ({"kept_macs_ratio": 1.0}, r"kept_macs_ratio must be a number in \(0, 1\)"),
+    ({"energy": 0.0}, r"energy must be a number in \(0, 1\]"),
+    ({"ranks": 0}, "ranks must be an integer >= 1"),
+    ({"ranks": {"*": 2.5}}, "ranks must be an integer >= 1"),
+    ({"ranks": 4, "method": "cp"}, r"method must be one of \('tucker2', 'spatial', 'depthwise_separable'\)"),
+    ({"ranks": 4, "round_to": 0}, "round_to must be an integer >= 1"),
+    ({"ranks": 4, "start": "soon"}, "start must be"),
 ])
 def test_bad_arguments_fail_in_init(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -137,14 +137,14 @@ def test_bad_arguments_fail_in_init(kwargs, match):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(ranks=17), r"rank 17 for layer 'net.conv1' is larger than possible: tucker2 of .* allows ranks 1..16"),
-    (dict(ranks=10, method="depthwise_separable"), r"larger than possible: depthwise_separable .* ranks 1..9"),
-    (dict(ranks={"net.conv1": 4}), r"layer 'net.conv2' matches no ranks key"),
-    (dict(ranks={"*": 4, "net.nothing": 2}), r"ranks key 'net.nothing' matches no selected layer"),
-    (dict(ranks=4, exclude="net.missing"), r"exclude pattern 'net.missing' matches no layer"),
-    (dict(ranks=4, start=1.0), "leave at least one step of fine-tuning"),
-    (dict(kept_macs_ratio=0.05), r"kept_macs_ratio=0.05: the MACs target is unreachable"),
-    (dict(kept_macs_ratio=0.3, round_to=16, start=0.5), r"kept_macs_ratio=0.3: the MACs target is unreachable"),
+    ({"ranks": 17}, r"rank 17 for layer 'net.conv1' is larger than possible: tucker2 of .* allows ranks 1..16"),
+    ({"ranks": 10, "method": "depthwise_separable"}, r"larger than possible: depthwise_separable .* ranks 1..9"),
+    ({"ranks": {"net.conv1": 4}}, r"layer 'net.conv2' matches no ranks key"),
+    ({"ranks": {"*": 4, "net.nothing": 2}}, r"ranks key 'net.nothing' matches no selected layer"),
+    ({"ranks": 4, "exclude": "net.missing"}, r"exclude pattern 'net.missing' matches no layer"),
+    ({"ranks": 4, "start": 1.0}, "leave at least one step of fine-tuning"),
+    ({"kept_macs_ratio": 0.05}, r"kept_macs_ratio=0.05: the MACs target is unreachable"),
+    ({"kept_macs_ratio": 0.3, "round_to": 16, "start": 0.5}, r"kept_macs_ratio=0.3: the MACs target is unreachable"),
 ])
 def test_bad_setups_fail_before_any_training_step(kwargs, match):
     model = UserClassifier()

@@ -7,7 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_compress import KnowledgeDistillation, LowRankFactorization, MagnitudePruning, QuantizationAwareTraining
+from lightning_compress import (
+    KnowledgeDistillation,
+    LowRankFactorization,
+    MagnitudePruning,
+    QuantizationAwareTraining,
+)
 from lightning_compress.core.architecture import ARCHITECTURE_KEY
 from lightning_compress.module import ImageClassifier
 from tests.toy import UserClassifier, random_loader
