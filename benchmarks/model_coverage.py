@@ -280,7 +280,9 @@ def run_cell(name: str, subject: Subject, technique: str, args: argparse.Namespa
                              limit_test_batches=1, num_sanity_val_steps=0,
                              callbacks=[callback] if callback is not None else [])
         phase = "fit"
-        trainer.fit(module, loader)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(module, loader)
         if technique == "kd" and "distill/kd_loss" not in trainer.callback_metrics:
             raise RuntimeError("KnowledgeDistillation logged no distill/kd_loss")
         if callback is None:
@@ -292,6 +294,9 @@ def run_cell(name: str, subject: Subject, technique: str, args: argparse.Namespa
         network = getattr(module, attribute)
         achieved, row["summary"], row["numbers"] = measure(technique, subject, module, network, dense, args)
         row["status"] = "works" if achieved else "fails" if _finite_in_eval(module, subject, loader) else "diverged"
+        said = [str(w.message) for w in caught if "failed" in str(w.message)]
+        if not achieved and said:  # the callback's own account of what it did not do
+            row["summary"] = f"{said[-1]} ({row['summary']})"
     except Exception as error:  # noqa: BLE001 -- every failure is an outcome of the table
         step = trainer.global_step if trainer is not None else 0
         before_training = phase == "fit" and step == 0

@@ -90,3 +90,12 @@ def test_zero_initialised_batchnorm_is_refused_before_quantization_aware_trainin
         trainer.fit(ImageClassifier(model=network, num_classes=10), model_coverage._loader(
             model_coverage.subjects()["resnet18"], samples=8, batch=4))
     assert trainer.global_step == 0
+
+
+@pytest.mark.slow  # ~30 s on 2 busy cores
+def test_timm_vision_transformer_is_pruned_and_quantized():
+    pytest.importorskip("timm", reason="the optional [timm] extra")
+    for technique in ("magnitude", "ptq"):
+        row = _cell("timm:vit_tiny_patch16_224@32", technique)
+        assert row["status"] == "works", row.get("traceback", row["summary"])
+    assert row["numbers"]["int8_modules"] > 40  # qkv, proj and MLP Linears of 12 blocks
