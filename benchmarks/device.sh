@@ -11,7 +11,9 @@
 #   --dry-run   on a CPU: no GPU needed, the suite at the smoke budget (data still indexed "on the device",
 #               i.e. the same code path on the CPU); the install is skipped when a venv is already active.
 #   --only      rows of the suite (default: all, the most informative first).
-# Environment: CIFAR10 (the data; default ../shared/data/cifar10-jpeg.tar.gz or shared/data/...), OUT.
+# Environment: CIFAR10 (the data; default: the first of ../shared/data/cifar10-jpeg.tar.gz,
+#   shared/data/cifar10-jpeg.tar.gz, .cache/cifar10-jpeg.tar.gz -- .cache/ is git-ignored, so a copy there
+#   can travel to a device machine as a carried path), OUT.
 set -euo pipefail
 started=$SECONDS
 cd "$(dirname "$0")/.."
@@ -33,7 +35,7 @@ results="${OUT:-benchmarks/results}"
 mkdir -p "$results"
 data="${CIFAR10:-}"
 if [ -z "$data" ]; then
-  for candidate in ../shared/data/cifar10-jpeg.tar.gz shared/data/cifar10-jpeg.tar.gz; do
+  for candidate in ../shared/data/cifar10-jpeg.tar.gz shared/data/cifar10-jpeg.tar.gz .cache/cifar10-jpeg.tar.gz; do
     if [ -e "$candidate" ]; then data="$candidate"; break; fi
   done
 fi

@@ -86,6 +86,21 @@ def datamodule(data: str, budget: Budget, **kwargs: Any) -> Any:
                eval_batch_size=256, **kwargs)
 
 
+def _epoch_clock(row: str) -> Any:
+    """A callback printing each finished epoch and its seconds, so a long run's log shows progress."""
+    import lightning.pytorch as pl
+
+    class EpochClock(pl.Callback):
+        def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            self.start = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            print(f"[suite] {row}: epoch {trainer.current_epoch + 1}/{trainer.max_epochs} "
+                  f"{time.perf_counter() - self.start:.0f} s", flush=True)
+
+    return EpochClock()
+
+
 def _trainer(budget: Budget, callbacks: list[Any], precision: str | None = None, fit: bool = True) -> Any:
     import lightning.pytorch as pl
 
@@ -156,7 +171,8 @@ class Suite:
 
     def teacher_file(self) -> Path:
         """Where the ResNet-56 teacher of this budget and code version is (or will be) saved."""
-        return self.work_dir / f"teacher_{self.budget.name}_{code_version(ROWS['teacher'][1])}.ckpt"
+        budget = self.budget
+        return self.work_dir / f"teacher_{budget.name}_{budget.teacher_epochs}ep_{code_version(ROWS['teacher'][1])}.ckpt"
 
     def teacher_path(self) -> str:
         """Checkpoint of the suite's ResNet-56 teacher for this budget and code, trained on first need."""
@@ -197,7 +213,7 @@ class Suite:
             pl.seed_everything(0, workers=True)
             module = ImageClassifier(plan.model, lr=budget.lr, warmup="1ep", channels_last=True)
             data = datamodule(self.data, budget, **plan.data)
-            trainer = _trainer(replace(budget, epochs=epochs), plan.callbacks, plan.precision)
+            trainer = _trainer(replace(budget, epochs=epochs), [*plan.callbacks, _epoch_clock(row)], plan.precision)
             start = time.perf_counter()
             trainer.fit(module, datamodule=data)
             fit_s = time.perf_counter() - start
@@ -241,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--work-dir", type=Path, default=REPO / "runs" / "suite", help="teacher checkpoints")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="override the budget's epochs (student and teacher): a machine busier than the "
+                             "budget assumes; rows at other epochs form their own block")
     parser.add_argument("--force", action="store_true", help="re-measure rows already recorded")
     parser.add_argument("--data-on-device", action="store_true",
                         help="index training batches out of tensors on the device (the gpu budget's data path; "
@@ -259,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     budget, reason = resolve_budget(args.budget)
     if args.data_on_device:
         budget = replace(budget, data_on_device=True)
+    if args.epochs:
+        budget = replace(budget, epochs=args.epochs, teacher_epochs=args.epochs)
+        reason += f"; {args.epochs} epochs chosen for this run (--epochs)"
     if budget.accelerator == "gpu" and not torch.cuda.is_available():
         parser.error("--budget gpu needs a CUDA device")
     suite = Suite(budget, reason, args.data, args.results_dir, args.work_dir, args.force)

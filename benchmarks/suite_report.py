@@ -17,8 +17,19 @@ TARGETS = "GMP 90 % within 2 points of dense; channel pruning at half the MACs w
           "KD above the student trained alone; full pipeline >= 10x smaller and >= 3x faster than dense within 3 points"
 
 
+def block_title(budget: dict[str, Any]) -> str:
+    """A block's name: the budget's name, and its epochs when they differ from the default."""
+    from suite_rows import resolve_budget
+
+    default = resolve_budget(budget["name"])[0]
+    if (budget["epochs"], budget["teacher_epochs"]) == (default.epochs, default.teacher_epochs):
+        return budget["name"]
+    return f"{budget['name']}, {budget['epochs']} epochs"
+
+
 def load_rows(results_dir: Path) -> dict[str, list[dict[str, Any]]]:
-    """Every budget's recorded rows: the latest record per row, in the suite's row order."""
+    """Recorded rows by block (one per distinct budget, newest block first within a budget name): the
+    latest record of each row, in the suite's row order."""
     from suite_rows import ROWS
 
     blocks: dict[str, list[dict[str, Any]]] = {}
@@ -26,12 +37,15 @@ def load_rows(results_dir: Path) -> dict[str, list[dict[str, Any]]]:
         path = results_dir / f"suite_{budget}.jsonl"
         if not path.exists():
             continue
-        latest: dict[str, dict[str, Any]] = {}
+        latest: dict[str, dict[str, dict[str, Any]]] = {}
         for line in path.read_text().splitlines():
             if line.strip():
                 record = json.loads(line)
-                latest[record["row"]] = record
-        blocks[budget] = [latest[row] for row in ROWS if row in latest]
+                key = json.dumps(record["config"]["budget"], sort_keys=True)
+                latest.setdefault(key, {})[record["row"]] = record
+        for key in reversed(list(latest)):
+            rows = latest[key]
+            blocks[block_title(json.loads(key))] = [rows[row] for row in ROWS if row in rows]
     return blocks
 
 
@@ -76,7 +90,7 @@ def render_block(budget: str, rows: list[dict[str, Any]]) -> list[str]:
     ok = {r["row"]: r for r in rows if r["status"] == "ok"}
     dense = ok.get("dense")
     b = rows[0]["config"]["budget"]
-    lines = [f"## Budget `{budget}`", "",
+    lines = [f"## Budget: {budget}", "",
              f"Seed 0, batch {b['batch_size']}, {b['epochs']} epochs (teacher {b['teacher_epochs']}), "
              f"training precision {b['precision']} on {b['accelerator']}"
              + (", data on the device" if b.get("data_on_device") else "")

@@ -61,7 +61,7 @@ def _check_measured_rows(rows: dict[str, dict], markdown: str) -> None:
     assert set(qat["latency_ms"]) & {"ort_int8", "torchscript_int8"}
     assert f"| dense | The dense ResNet-20: the reference of every row | {dense['top1']:.2f} | - | 272,474 | " \
            "272,474 | 40.8 | onnx fp32 " in markdown
-    assert "## Budget `smoke`" in markdown and "Targets (" in markdown and "- QAT int8: " in markdown
+    assert "## Budget: smoke" in markdown and "Targets (" in markdown and "- QAT int8: " in markdown
 
 
 def test_suite_smoke_rows(tmp_path: Path, cifar_archive: Path) -> None:
