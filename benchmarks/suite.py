@@ -22,6 +22,11 @@ from every budget's file, so a stopped run keeps what it measured. A row already
 config and the same code version (hash of the package sources the row uses) is skipped, so the table
 can be completed over several runs; ``--force`` re-measures.
 
+On a shared machine, run the CPU budget with ``--threads 1``: with two torch threads on 2 cores that other
+jobs keep busy (load average 7-10), ResNet-20 trained at 0.5-0.75 batches/s (the two threads wait for each
+other at every parallel region); one thread trained at 3.8 batches/s under the same load. When the
+machine is that busy, ``--epochs N`` shrinks the budget (its rows form their own block).
+
 Run:  python benchmarks/suite.py --budget cpu                      (every row)
       python benchmarks/suite.py --budget cpu --only dense,gmp90     (a subset)
       python benchmarks/suite.py --budget smoke --data tiny.tar.gz --results-dir /tmp/x
@@ -43,6 +48,7 @@ from typing import Any
 
 import torch
 from reporting import RESULTS_DIR, SHARED_CIFAR10, cpu_description, machine_info
+from suite_measure import export_function, measure_network
 from suite_report import write_report
 from suite_rows import REPO, ROW_VERSION, ROWS, Budget, Context, Skip, code_version, resolve_budget
 
@@ -220,18 +226,18 @@ class Suite:
             record["precision"] = plan.precision or budget.precision
             int8 = None
             if plan.qat is not None:
-                from lightning_compress.export import int8_from_qat
-
-                int8 = int8_from_qat(module.model.cpu(), plan.qat.engine)
+                int8 = export_function("int8_from_qat")(module.model.cpu(), plan.qat.engine)
             network = module.model
             measured_on = module.model
             if int8 is not None:
                 module.model = int8
             top1 = _test_acc(module, data, budget)
             module.model = measured_on
-            from suite_measure import measure_network
-
-            measured = measure_network(network, int8, getattr(plan.qat, "engine", "x86"), budget.latency_repeats)
+            test = None
+            if int8 is not None:  # the int8 artifact's own accuracy, on the same test images
+                limit = None if budget.limit_test_batches is None else budget.limit_test_batches * 256
+                test = (data.transform(data.test_set.images[:limit], train=False), data.test_set.labels[:limit])
+            measured = measure_network(network, int8, getattr(plan.qat, "engine", "x86"), budget.latency_repeats, test)
             measured["measure_notes"] = measured.pop("notes")
             record.update(status="ok", top1=top1, fit_s=round(fit_s, 1), epochs=epochs, notes=plan.notes, **measured)
             if row == "teacher":

@@ -55,7 +55,8 @@ def torch_latency_ms(module: nn.Module, repeats: int, warmup: int = 10) -> float
         return _median_ms(lambda: module(x), repeats, warmup)
 
 
-EXPORT_MODULES = ("lightning_compress.export", "lightning_compress.export.packed", "lightning_compress.export.onnx")
+EXPORT_MODULES = ("lightning_compress.export", "lightning_compress.export.packed", "lightning_compress.export.onnx",
+                  "lightning_compress.export.artifacts")
 """Where the export functions are looked up, in order (the deploy work is moving them into a package)."""
 
 
@@ -89,6 +90,21 @@ def _qdq_onnx(prepared: nn.Module) -> bytes:
     return export_function("qdq_onnx_bytes")(qdq, torch.randn(*EXAMPLE))
 
 
+def onnx_top1(blob: bytes, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
+    """Top-1 (%) of an ONNX model run by onnxruntime on normalized ``images``: the accuracy of the file shipped."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    session = onnxruntime.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    correct = 0
+    for start in range(0, len(labels), batch_size):
+        logits = session.run(None, {name: images[start:start + batch_size].contiguous().numpy()})[0]
+        correct += int((torch.from_numpy(logits).argmax(1) == labels[start:start + batch_size]).sum())
+    return round(100 * correct / len(labels), 2)
+
+
 def _packed_bytes(network: nn.Module) -> int:
     """Bytes of the packed artifact (bitmask of non-zeros + int8 values, lzma): sparsity made visible."""
     write_packed = export_function("write_packed")
@@ -106,7 +122,7 @@ def _torchscript_int8_bytes(int8: nn.Module, engine: str) -> tuple[int, nn.Modul
 
 
 def measure_network(network: nn.Module, int8: nn.Module | None = None, engine: str = "x86",
-                    repeats: int = 100) -> dict[str, Any]:
+                    repeats: int = 100, test: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, Any]:
     """Size, non-zeros, MACs, artifact bytes and CPU latency (batch 1, one thread) of a trained network.
 
     Args:
@@ -115,6 +131,8 @@ def measure_network(network: nn.Module, int8: nn.Module | None = None, engine: s
         int8: Its converted int8 network, for rows that quantize.
         engine: The int8 engine ``int8`` was converted for.
         repeats: Timed runs per latency.
+        test: Normalized test images and labels: with them, an int8 ONNX artifact's own top-1 is measured
+            (``top1_deployed``), the accuracy of the file a deployment runs.
 
     Returns:
         ``params``, ``nonzero``, ``macs``, ``packed_bytes``, ``artifact`` (kind and bytes of the deployed
@@ -149,6 +167,9 @@ def measure_network(network: nn.Module, int8: nn.Module | None = None, engine: s
                     continue
                 result["artifact"] = {"kind": kind, "bytes": len(blob)}
                 result["latency_ms"]["ort_int8"] = onnx_latency_ms(blob, repeats)
+                if test is not None:
+                    torch.set_num_threads(threads)
+                    result["top1_deployed"] = onnx_top1(blob, *test)
                 break
             else:
                 notes.append("int8 measured as the TorchScript artifact (save_quantized)")

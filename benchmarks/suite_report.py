@@ -112,6 +112,8 @@ def render_block(budget: str, rows: list[dict[str, Any]]) -> list[str]:
         fp32, int8 = _latency(r)
         art = r.get("artifact", {})
         what = _describe(r["row"]) + "".join(f"; {n}" for n in r.get("notes", []))
+        if "top1_deployed" in r:
+            what += f"; top-1 of the deployed {r['artifact']['kind']} file in onnxruntime: {r['top1_deployed']:.2f} %"
         lines.append(f"| {r['row']} | {what} | {r['top1']:.2f} | {delta} | {r['params']:,} | {r['nonzero']:,} | "
                      f"{r['macs'] / 1e6:.1f} | {art.get('kind', '-')} {_kb(art.get('bytes'))} | "
                      f"{_kb(r.get('packed_bytes'))} | {fp32} | {int8} | {r['fit_s']:.0f} | {r['wall_s']:.0f} | {code} |")

@@ -183,7 +183,7 @@ def lowrank(ctx: Context) -> Plan:
             from lightning_compress.factorization import LowRankFactorization
         except ImportError as err:
             raise Skip(f"not available in this code version (LowRankFactorization: {err})") from err
-    wanted = {"kept_macs_ratio": 0.5, "round_to": 8, "start": 0.3}
+    wanted = {"kept_macs_ratio": 0.5, "method": "tucker2", "round_to": 8, "start": 0.3}
     accepted = inspect.signature(LowRankFactorization).parameters
     return Plan(callbacks=[LowRankFactorization(**{k: v for k, v in wanted.items() if k in accepted})],
                 notes=[f"arguments {sorted(k for k in wanted if k in accepted)}"])
