@@ -56,15 +56,27 @@ def slim(name: str, kept_macs: float, epochs: int, data: pl.LightningDataModule 
     return model
 
 
-def latency(dense: torch.nn.Module, pruned: torch.nn.Module, batch: int, repeats: int, rounds: int) -> dict:
-    """Median seconds per forward of both models, interleaved round by round."""
+def latencies(nets: dict, batch: int, repeats: int, rounds: int) -> dict:
+    """Median seconds per forward of every network, all interleaved round by round (order rotated each round),
+    so that the dense network and every slimmed variant see the same machine load."""
     x = torch.randn(batch, 3, 32, 32)
-    times: dict[str, list[float]] = {"dense": [], "pruned": []}
-    for _ in range(rounds):
-        for key, net in (("dense", dense), ("pruned", pruned)):
-            times[key].append(measure_latency(net, x, repeats=repeats, warmup=1))
-    dense_s, pruned_s = statistics.median(times["dense"]), statistics.median(times["pruned"])
-    return {"batch": batch, "dense_ms": dense_s * 1e3, "pruned_ms": pruned_s * 1e3, "speedup": dense_s / pruned_s}
+    times: dict = {key: [] for key in nets}
+    keys = list(nets)
+    for round_index in range(rounds):
+        for key in keys[round_index % len(keys):] + keys[:round_index % len(keys)]:
+            times[key].append(measure_latency(nets[key], x, repeats=repeats, warmup=1))
+    return {key: statistics.median(values) for key, values in times.items()}
+
+
+def _slimmed_and_timed(args: argparse.Namespace, data: pl.LightningDataModule | None):
+    """Per model: the dense network and one slimmed network per ``--round-to``, all timed in the same rounds."""
+    for name in args.models:
+        dense = ImageClassifier(name, num_classes=10, lr=0.05)
+        variants = {r: slim(name, args.kept_macs, args.epochs, data, r, args.limit_train_batches) for r in args.round_to}
+        nets = {"dense": dense.model, **{r: variant.model for r, variant in variants.items()}}
+        timed = {b: latencies(nets, b, args.repeats, args.rounds) for b in args.batches}
+        for round_to, pruned in variants.items():
+            yield name, round_to, dense, pruned, timed
 
 
 def accuracy(model: ImageClassifier, epochs: int, data: pl.LightningDataModule, train: bool,
@@ -101,9 +113,7 @@ def main() -> None:
                                val_size=args.val_size)
     rows = []
     dense_acc: dict[str, float] = {}
-    for name, round_to in ((name, r) for name in args.models for r in args.round_to):
-        dense = ImageClassifier(name, num_classes=10, lr=0.05)
-        pruned = slim(name, args.kept_macs, args.epochs, data, round_to, args.limit_train_batches)
+    for name, round_to, dense, pruned, timed in _slimmed_and_timed(args, data):
         example = torch.randn(1, 3, 32, 32)
         row = {
             "model": name,
@@ -111,7 +121,8 @@ def main() -> None:
             "conv_widths": sorted({m.out_channels for m in pruned.model.modules() if isinstance(m, torch.nn.Conv2d)}),
             "params": {"dense": count_parameters(dense.model), "pruned": count_parameters(pruned.model)},
             "macs": {"dense": count_macs(dense.model, example), "pruned": count_macs(pruned.model, example)},
-            "latency": [latency(dense.model, pruned.model, b, args.repeats, args.rounds) for b in args.batches],
+            "latency": [{"batch": b, "dense_ms": t["dense"] * 1e3, "pruned_ms": t[round_to] * 1e3,
+                         "speedup": t["dense"] / t[round_to]} for b, t in timed.items()],
         }
         row["macs_reduction"] = row["macs"]["dense"] / row["macs"]["pruned"]
         if args.epochs:
@@ -129,7 +140,8 @@ def main() -> None:
         f"CPU: {machine['cpu']['model']}, ISA flags {machine['cpu']['flags']}; torch's CPU kernels use "
         f"{machine['cpu_capability']}.", "",
         f"Machine: {machine}", "",
-        f"Settings: {settings}. Latency = median over {args.rounds} interleaved rounds of the median of "
+        f"Settings: {settings}. Latency = median over {args.rounds} rounds, each timing the dense network and "
+        f"every round_to variant in turn (order rotated), of the median of "
         f"{args.repeats} forwards, torch threads = {args.threads}. Absolute times depend on the "
         "machine's load (see load_average_1_5_15); the dense/pruned ratios, measured side by side, are the result.", "",
         "| model | round_to | params dense -> pruned | MACs dense -> pruned (reduction) | batch | dense ms | pruned ms | speed-up |",
