@@ -74,6 +74,11 @@ def _machine(record: dict[str, Any]) -> str:
             f"{gpu}, torch {m.get('torch')}")
 
 
+def _loads(rows: list[dict[str, Any]]) -> str:
+    loads = [r["load_average_1_5_15"][0] for r in rows if r.get("load_average_1_5_15")]
+    return "-" if not loads else f"{min(loads):g}" if len(loads) == 1 else f"{min(loads):g} to {max(loads):g}"
+
+
 def _latency(record: dict[str, Any]) -> tuple[str, str]:
     lat = record.get("latency_ms", {})
     fp32 = f"{lat['ort_fp32']:.3f}" if "ort_fp32" in lat else "-"
@@ -98,7 +103,7 @@ def render_block(budget: str, rows: list[dict[str, Any]]) -> list[str]:
              + f"; {rows[0].get('budget_reason', '')}. Tested on the CPU "
              + ("(all 10,000 test images)" if not b.get("limit_test_batches") else f"({b['limit_test_batches']} test batches)")
              + ", int8 rows with the converted int8 network.",
-             f"Machine: {_machine(rows[0])}.", "",
+             f"Machine: {_machine(rows[0])}; load average (1 min) after each row: {_loads(rows)}.", "",
              "| row | what | top-1 % | Δ vs dense | params | non-zeros | MMACs | deployed artifact kB | "
              "packed kB | ORT fp32 ms | int8 ms | fit s | wall s | code |",
              "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"]
