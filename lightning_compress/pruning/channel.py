@@ -148,9 +148,10 @@ class ChannelPruning(Callback):
             measured, and the same architecture whatever machine trains it (checkpoints replay
             anywhere). ResNet-56 at ``kept_macs_ratio=0.5``, batch 64: on an AVX2 CPU (1 thread,
             ``benchmarks/results/channel_pruning.md``) ``round_to=1`` made it 1.32x faster and ``8``
-            2.01x; on an AVX-512 CPU (2 threads, ``channel_pruning_round_to.md``) 1.92x and 1.94x,
-            ``16`` 1.82x (it keeps 16-wide layers whole and cuts the wide ones harder). ``1`` keeps
-            exact fractions (exact widths on request).
+            2.01x; on an AVX-512 CPU (2 threads, all variants timed in the same 7 rounds,
+            ``channel_pruning_round_to.md``) 1.13x, 1.85x, and 1.63x with ``16`` (it keeps the
+            16-wide stage whole and cuts the wide ones harder). ``1`` keeps exact fractions (exact
+            widths on request).
 
     Example:
         >>> pruning = ChannelPruning(kept_macs_ratio=0.5, importance="l2", start=0.0, end=0.6, update_every="1ep")
