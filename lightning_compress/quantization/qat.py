@@ -128,7 +128,6 @@ class QuantizationAwareTraining(Callback):
         self._steps: dict[str, int | None] = {}
         self._last_logged_step = -1
         self._fit_completed = False
-        self._conversion_tried = False
 
     # ----------------------------------------------------------------------------------------- setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -193,10 +192,8 @@ class QuantizationAwareTraining(Callback):
             backend.freeze_bn(net)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        """Try the int8 conversion on a copy at the first batch; prepare at ``start``; freeze observers and BN."""
+        """Prepare at ``start``; freeze observers and BN at their steps."""
         step = trainer.global_step
-        if self._stage == "fp32" and not self._conversion_tried:
-            self._try_conversion(pl_module, batch, batch_idx)
         if self._stage == "fp32" and step >= self._steps["start"]:
             self._prepare(pl_module)
             rank_zero_info(f"QuantizationAwareTraining: fake-quantization ({self.engine}) from step {step}")
@@ -209,34 +206,6 @@ class QuantizationAwareTraining(Callback):
         if not self._bn_frozen and self._reached("freeze_bn", step):
             backend.freeze_bn(net)
             self._bn_frozen = True
-
-    def _try_conversion(self, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        """Prepare, run, convert and check a copy of the network on the first batch, before any optimizer step.
-
-        The same check the end of fit makes (:func:`~lightning_compress.quantization.backend.check_conversion`),
-        made first on the untrained network: one whose int8 model cannot run or computes something else
-        than its fake-quant model (e.g. timm's ``BatchNormAct2d`` networks: 0-25 % agreement) is refused
-        before training time is spent, instead of staying fake-quantized at fit end.
-
-        Raises:
-            ValueError: Naming what the trial conversion found and the ``skip`` remedy.
-        """
-        self._conversion_tried = True
-        if not self.convert_on_fit_end or self.engine not in backend.TORCH_ENGINES:
-            return
-        net = getattr(pl_module, self._attribute)
-        inputs = tuple(t.detach().cpu() if isinstance(t, torch.Tensor) else t
-                       for t in capture_network_input(pl_module, net, batch, batch_idx))
-        trial = backend.prepare(copy.deepcopy(net).cpu(), self.engine, mode="qat", skip=self._skip_names)
-        with torch.no_grad():
-            trial(*inputs)  # observers see one batch, as after the first QAT step
-        reference = backend.frozen_copy(trial)
-        try:
-            int8 = backend.convert(copy.deepcopy(reference), self.engine, inputs)
-            backend.check_conversion(reference, int8, inputs, self._attribute + ".")
-        except (backend.ConversionError, RuntimeError) as err:
-            raise ValueError(f"QuantizationAwareTraining: a trial int8 conversion of a copy of {self._attribute!r} "
-                             f"before training fails: {err}") from err
 
     def _reached(self, name: str, step: int) -> bool:
         return self._steps.get(name) is not None and step >= self._steps[name]
