@@ -10,8 +10,9 @@ callback with its defaults plus a target, a ``Trainer.fit`` of a few optimizer s
   MACs, state-dict bytes, CPU latency at ``--batch``, interleaved);
 * is **refused** when the callback raised before the first optimizer step (``trainer.global_step == 0``):
   the cell shows the message the user sees;
-* **diverged** when it raised, or compressed nothing, after training and the network it left outputs
-  inf/NaN in eval mode: the few random-data steps blew the network up, which no callback can check up front;
+* **diverged** when it raised, or compressed nothing, after training and the network it left has inf/NaN
+  weights or outputs in eval mode: the few random-data steps blew the network up, which no callback can check
+  up front;
 * **fails** otherwise -- an error after training time was spent, or a converted model that cannot run.
   The coverage contract is that no cell fails.
 
@@ -210,7 +211,9 @@ def _evaluate(trainer: pl.Trainer, module: pl.LightningModule, subject: Subject,
 
 
 def _finite_in_eval(module: pl.LightningModule, subject: Subject, loader: DataLoader) -> bool:
-    """Whether the module's network gives finite outputs in eval mode on a training batch."""
+    """Whether the module's parameters are finite and its network gives finite outputs in eval mode on a batch."""
+    if not all(bool(torch.isfinite(p).all()) for p in module.parameters() if p.is_floating_point()):
+        return False
     try:
         return bool(torch.isfinite(_forward(module, subject, loader)).all())
     except Exception:  # noqa: BLE001 -- a network that cannot even run is not a diverged one
@@ -381,8 +384,9 @@ def main() -> None:
         parser.error(f"unknown --models {unknown}; known: {list(table)}")
     path = args.results_dir / f"{args.name}.json"
     rows = json.loads(path.read_text())["results"] if args.resume and path.exists() else []
-    rows = [r for r in rows if r["status"] != "fails"]
-    done = {(r["model"], r["technique"]) for r in rows}
+    planned = {(name, technique) for name in names for technique in args.techniques}
+    rows = [r for r in rows if r["status"] != "fails" or (r["model"], r["technique"]) not in planned]  # run again
+    done = {(r["model"], r["technique"]) for r in rows if r["status"] != "fails"}
     settings = run_settings(args, omit=("resume", "models", "techniques"))
     for name in names:
         for technique in args.techniques:
