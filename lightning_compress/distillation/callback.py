@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from lightning_compress.core.composition import Declaration, Effect, check_composition
+from lightning_compress.core.guards import check_finite, step_loss
 from lightning_compress.core.layers import find_network
 from lightning_compress.core.progress import StepWindow, step_budget
 from lightning_compress.distillation.losses import (
@@ -342,6 +343,11 @@ class KnowledgeDistillation(pl.Callback):
         """Keep a ``"self"`` teacher's weights until fit start, when they load into the set-up network's copy."""
         if self.is_self_teacher and "self_teacher" in state_dict:
             self._saved_self_teacher = state_dict["self_teacher"]
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        """Stop on a non-finite distilled loss, naming the step (see :mod:`lightning_compress.core.guards`)."""
+        check_finite({"loss": step_loss(outputs)}, trainer.global_step, type(self).__name__)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._unwrap()

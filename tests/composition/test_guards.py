@@ -6,8 +6,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_compress import ChannelPruning, MagnitudePruning, QuantizationAwareTraining
+from lightning_compress import ChannelPruning, KnowledgeDistillation, MagnitudePruning, QuantizationAwareTraining
 from tests.composition.modules import DictBatchModule, dict_loader
+from tests.toy import ToyConvNet
 
 
 class PoisonAt(pl.Callback):
@@ -56,3 +57,8 @@ def test_a_nan_after_a_channel_removal_names_the_layer():
 def test_finite_runs_are_untouched():
     trainer = fit(DictBatchModule(), MagnitudePruning(final_sparsity=0.5, start=0.0, end="6steps", update_every=2))
     assert trainer.global_step == 8
+
+
+def test_a_nan_distilled_loss_stops_the_run():
+    with pytest.raises(FloatingPointError, match=r"KnowledgeDistillation at optimizer step 4: loss holds NaN"):
+        fit(NanLossFrom(), KnowledgeDistillation(ToyConvNet(num_classes=4), alpha=0.5))

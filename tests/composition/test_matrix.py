@@ -21,6 +21,7 @@ from lightning_compress import (
     CompressionReport,
     ImageClassifier,
     KnowledgeDistillation,
+    LowRankFactorization,
     MagnitudePruning,
     PostTrainingQuantization,
     QuantizationAwareTraining,
@@ -190,3 +191,23 @@ def test_post_training_quantization_calibrates_on_dict_batches_after_the_other_t
     assert module.backbone.get_submodule("conv1").weight().shape[0] < 16  # the slimmed network was quantized
     tester = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
     assert 0.0 <= tester.test(module, dict_loader(), verbose=False)[0]["test_acc"] <= 1.0
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_factorization_composes_with_masks_quantization_and_distillation(precision, tmp_path):
+    """Factorize at step 2, mask the new layers from step 3, fake-quantize from step 5, distil throughout."""
+    module = DictBatchModule()
+    callbacks = [QuantizationAwareTraining(start="5steps"), KnowledgeDistillation(ToyConvNet(num_classes=4), alpha=0.5),
+                 MagnitudePruning(final_sparsity=0.5, start="3steps", end="4steps", update_every=1),
+                 LowRankFactorization(kept_macs_ratio=0.6, method="tucker2", start="2steps")]
+    trainer, path = fit(module, dict_loader(), callbacks, precision, tmp_path)
+    checkpoint = torch.load(path, weights_only=False)
+    kinds = [r["kind"] for r in checkpoint["compression_architecture"]]
+    assert kinds[-1] == "quantization_aware_training" and len(kinds) == 2  # factorized, then prepared
+    assert is_int8(module.backbone)
+    fresh = DictBatchModule()
+    fresh.on_load_checkpoint(checkpoint)
+    fresh.load_state_dict(checkpoint["state_dict"])  # strict: the factorized, fake-quantized shapes
+    pruning = next(cb for cb in callbacks if isinstance(cb, MagnitudePruning))
+    masked = [checkpoint["state_dict"][name] for name in pruning._names]
+    assert sum(int((w == 0).sum()) for w in masked) / sum(w.numel() for w in masked) == pytest.approx(0.5, abs=0.02)
