@@ -146,7 +146,9 @@ def test_qat_checkpoint_exports_the_int8_qdq_model(tmp_path):
     from lightning_compress.commands.checkpoint import load_checkpoint
     from lightning_compress.quantization import backend
 
-    ckpt = write_checkpoint(tmp_path, callbacks=[QuantizationAwareTraining(convert_on_fit_end=False)], steps=40)
+    # fake-quantized from step 20: from step 0, 40 steps of resnet20 collapse to one class (nothing to compare)
+    ckpt = write_checkpoint(tmp_path, callbacks=[QuantizationAwareTraining(start="20steps", convert_on_fit_end=False)],
+                            steps=40)
     loaded = load_checkpoint(ckpt)
     assert loaded.metadata["quantization"] == {"engine": "x86"}
     images, labels = random_images(128, seed=1).tensors
@@ -164,3 +166,17 @@ def test_qat_checkpoint_exports_the_int8_qdq_model(tmp_path):
     assert len(set(expected.argmax(1).tolist())) >= 2  # the check is not agreement on one constant class
     assert parity(expected, artifact.logits(images)).agreement >= 0.95
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["metadata"]["classes"] == ["0", "1", "2", "3"]
+
+
+def test_report_times_the_onnx_model_of_an_onnxruntime_checkpoint(tmp_path, monkeypatch):
+    from lightning_compress.cli import main
+
+    qat = QuantizationAwareTraining(engine="onnxruntime", start="2steps", convert_on_fit_end=False)
+    ckpt = write_checkpoint(tmp_path, callbacks=[qat], steps=4)
+    batches = []
+    run = OnnxRuntimeNetwork.forward
+    monkeypatch.setattr(OnnxRuntimeNetwork, "forward", lambda self, x: batches.append(len(x)) or run(self, x))
+    main(["report", str(ckpt), "--out", str(tmp_path / "report"), "--latency-repeats", "1", "--batch-sizes", "3"])
+    summary = json.loads((tmp_path / "report" / "compression_report.json").read_text())
+    assert summary["latency"]["compressed_model"] == "int8" and summary["latency"]["batches"]["3"]["compressed_ms"] > 0
+    assert 3 in batches  # the timed int8 model is the QDQ ONNX file in onnxruntime, not torch's int8

@@ -81,22 +81,25 @@ def build_network(metadata: Mapping[str, Any], state_dict: Mapping[str, torch.Te
     return network.eval()
 
 
-def int8_from_qat(network: nn.Module, engine: str) -> nn.Module:
-    """Convert a copy of a QAT-prepared network to int8 with one of torch's engines (the network is left as is).
+def int8_from_qat(network: nn.Module, engine: str, example_inputs: tuple | None = None) -> nn.Module:
+    """Convert a copy of a QAT-prepared network to int8 (the network is left as is).
 
     Args:
         network: A network prepared for quantization-aware training.
-        engine: A torch int8 engine (:data:`~lightning_compress.quantization.backend.TORCH_ENGINES`).
+        engine: One of :data:`~lightning_compress.quantization.backend.ENGINES`: a torch engine gives torch's
+            int8 model, an ONNX engine the QDQ ONNX model run by onnxruntime (the deployed file).
+        example_inputs: Positional inputs to export with; required for the ONNX engines.
 
     Returns:
         The int8 network.
 
     Example:
         >>> # int8 = int8_from_qat(prepared_network, "x86")
+        >>> # onnx_int8 = int8_from_qat(prepared_network, "onnxruntime", (torch.randn(1, 3, 32, 32),))
     """
     from lightning_compress.quantization import backend
 
-    return backend.convert(copy.deepcopy(network), engine)
+    return backend.convert(copy.deepcopy(network), engine, example_inputs)
 
 
 def _logits(function: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch: int = 256) -> torch.Tensor:

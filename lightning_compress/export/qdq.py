@@ -95,6 +95,30 @@ class QuantizeDequantize(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quantize_dequantize(x, self.scale, self.zero_point)
 
+    def saturates_outside(self, low: float, high: float) -> bool:
+        """Whether ``low`` and ``high`` already quantize to the ends of the 8-bit range.
+
+        Quantizing is monotonic, so then ``self(clamp(x, low, high)) == self(x)`` for every ``x``: a clamp
+        right before this quantization changes nothing and can go.
+
+        Args:
+            low: The clamp's lower bound (``-inf``: none).
+            high: The clamp's upper bound (``inf``: none).
+
+        Returns:
+            True if the clamp is redundant.
+
+        Example:
+            >>> QuantizeDequantize(6 / 255, 0, torch.uint8).saturates_outside(0.0, 6.0)
+            True
+            >>> QuantizeDequantize(6 / 255, 3, torch.uint8).saturates_outside(0.0, 6.0)  # keeps -3 steps
+            False
+        """
+        quant_min, quant_max = _RANGES[self.zero_point.dtype]
+        bounds = torch.tensor([low, high], dtype=torch.float32)
+        codes = torch.clamp(torch.round(bounds / self.scale) + self.zero_point.float(), quant_min, quant_max)
+        return codes.tolist() == [quant_min, quant_max]
+
 
 def quantize_weight(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
                     quant_max: int, axis: int = 0) -> torch.Tensor:

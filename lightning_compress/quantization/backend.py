@@ -36,8 +36,12 @@ is the QDQ form TensorRT reads.
 **The default engine stays ``x86``**: it needs nothing beyond torch, while onnxruntime is the optional
 ``[export]`` extra. For deployment pick ``engine="onnxruntime"``; measured on a shared 2-core AMD EPYC
 (AVX-512 VNNI), 1 thread, ResNet-20 batch 1 (``benchmarks/results/deploy_latency.md``): our QDQ ONNX 0.31 ms,
-onnxruntime's own ``quantize_static`` 0.39 ms, torch int8 ``x86`` file 0.73 ms, onnxruntime fp32 0.71 ms,
-torch fp32 eager 7.3 ms (a busy machine: load average 10).
+onnxruntime's own ``quantize_static`` 0.39 ms, torch int8 ``x86`` file 0.76 ms, onnxruntime fp32 0.69 ms,
+torch fp32 eager 6.6 ms (a busy machine: load average 6); MobileNetV2 batch 64: 52.6 / 50.9 / 61.9 / 142 / 665
+ms. On onnxruntime every convolution of these networks runs as one int8 kernel (``QLinearConv``, no float op
+left between them; ReLU6 is quantized with its convolution, :func:`_backend_config`). With
+``onnxruntime_symmetric`` onnxruntime keeps a convolution followed by ReLU/ReLU6 in float (a zero-point-0
+int8 range has negative codes, so the clamp cannot go); TensorRT fuses it.
 
 Numerics: weights int8 symmetric per-channel (zero-point 0, so pruned zeros stay exactly zero),
 activations 8-bit per-tensor affine (``quint8``). On the x86 engines (``x86`` and ``onednn``) the
@@ -114,6 +118,7 @@ def _routed_warnings() -> Iterator[None]:
 with _routed_warnings():
     import torch.ao.nn.intrinsic as nni
     import torch.ao.nn.intrinsic.qat as nniqat
+    import torch.ao.nn.qat as nnqat
     from torch.ao.nn.intrinsic.qat import freeze_bn_stats
     from torch.ao.nn.intrinsic.qat.modules.conv_fused import _ConvBnNd
     from torch.ao.quantization import (
@@ -132,7 +137,13 @@ with _routed_warnings():
         get_default_qat_qconfig_mapping,
         get_default_qconfig_mapping,
     )
-    from torch.ao.quantization.backend_config import BackendConfig, DTypeConfig, get_native_backend_config
+    from torch.ao.quantization.backend_config import (
+        BackendConfig,
+        BackendPatternConfig,
+        DTypeConfig,
+        ObservationType,
+        get_native_backend_config,
+    )
     from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
 
@@ -176,24 +187,53 @@ def _activation_format(engine: str) -> dict:
             "qscheme": torch.per_tensor_affine}
 
 
-def _backend_config(engine: str) -> BackendConfig | None:
-    """torch's native patterns, plus int8-activation variants for ``onnxruntime_symmetric`` (None: the default).
+_CLAMPS = (nn.ReLU6, nn.Hardtanh, nn.functional.relu6, nn.functional.hardtanh)
+"""Bounded activations that the ONNX engines quantize together with the Conv/Linear before them."""
+_CLAMPED_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nnqat.Conv1d, nnqat.Conv2d, nnqat.Conv3d, nnqat.Linear,
+                   nniqat.ConvBn1d, nniqat.ConvBn2d, nniqat.ConvBn3d, nniqat.LinearBn1d)
+"""The layers (float after eval-mode fusion, or QAT) whose output such a clamp may follow."""
 
-    torch's x86 backend config accepts only ``quint8`` activations; FX would leave qint8-observed values
-    unquantized. Every pattern that takes quint8 in and out (without fixed ranges) also takes qint8 here.
+
+def _backend_config(engine: str) -> BackendConfig | None:
+    """torch's native patterns, adapted to the QDQ ONNX form for :data:`ONNX_ENGINES` (None: the default).
+
+    * ``onnxruntime_symmetric``: torch's x86 backend config accepts only ``quint8`` activations; FX would
+      leave qint8-observed values unquantized. Every pattern that takes quint8 in and out (without fixed
+      ranges) also takes qint8 here.
+    * Both ONNX engines: a Conv/Linear followed by ReLU6 (or any hardtanh) is one quantized pattern, as
+      Conv-ReLU is: no fake-quantizer between the layer and its clamp, one after the clamp. torch's own
+      config quantizes the layer's output *before* ReLU6 (the clamp shares its observer), which spends
+      half the 8-bit grid on negative values the clamp discards and, in ONNX, leaves
+      ``DequantizeLinear -> Clip -> QuantizeLinear`` between every two convolutions, run in float by
+      onnxruntime (MobileNetV2 at batch 64: 2x the latency of onnxruntime's own ``quantize_static``,
+      ``benchmarks/results/deploy_latency.md``). With the clamp inside the pattern its output range lies
+      within the clamp's, so :func:`qdq_network` drops it exactly and onnxruntime fuses
+      ``DequantizeLinear -> Conv -> QuantizeLinear`` into one int8 kernel, as ``quantize_static`` does.
     """
-    if engine != "onnxruntime_symmetric":
+    if engine not in ONNX_ENGINES:
         return None
-    config = BackendConfig("onnxruntime_symmetric")
+    config = BackendConfig(engine)
     for pattern in get_native_backend_config().configs:
-        symmetric = [
-            DTypeConfig(input_dtype=torch.qint8, output_dtype=torch.qint8, weight_dtype=dtype.weight_dtype,
-                        bias_dtype=dtype.bias_dtype, is_dynamic=dtype.is_dynamic)
-            for dtype in pattern.dtype_configs
-            if dtype.input_dtype == torch.quint8 and dtype.output_dtype == torch.quint8
-            and dtype.input_dtype_with_constraints.quant_min_lower_bound is None
-        ]
-        config.set_backend_pattern_config(pattern.set_dtype_configs(list(pattern.dtype_configs) + symmetric))
+        if engine == "onnxruntime_symmetric":
+            symmetric = [
+                DTypeConfig(input_dtype=torch.qint8, output_dtype=torch.qint8, weight_dtype=dtype.weight_dtype,
+                            bias_dtype=dtype.bias_dtype, is_dynamic=dtype.is_dynamic)
+                for dtype in pattern.dtype_configs
+                if dtype.input_dtype == torch.quint8 and dtype.output_dtype == torch.quint8
+                and dtype.input_dtype_with_constraints.quant_min_lower_bound is None
+            ]
+            pattern = pattern.set_dtype_configs(list(pattern.dtype_configs) + symmetric)
+        config.set_backend_pattern_config(pattern)
+        if pattern.pattern in _CLAMPED_LAYERS:
+            static = [dtype for dtype in pattern.dtype_configs if not dtype.is_dynamic]
+            for clamp in _CLAMPS:
+                config.set_backend_pattern_config(
+                    BackendPatternConfig((pattern.pattern, clamp))
+                    .set_observation_type(ObservationType.OUTPUT_USE_DIFFERENT_OBSERVER_AS_INPUT)
+                    .set_dtype_configs(static)
+                    .set_root_module(pattern.root_module)
+                    .set_reference_quantized_module(pattern.reference_quantized_module)
+                )
     return config
 
 
@@ -698,6 +738,13 @@ def qdq_network(prepared: fx.GraphModule) -> fx.GraphModule:
     stay as they are. The result is a plain fp32 network that exports to a QDQ ONNX model
     (:func:`lightning_compress.export.onnx.qdq_onnx_bytes`) computing exactly what it computes.
 
+    A clamp (ReLU6, hardtanh, a fused ReLU) whose only user is a quantization that already saturates at
+    the clamp's bounds is removed: quantizing is monotonic, so ``Q(clamp(x)) == Q(x)`` for every ``x``
+    (checked with ``Q``'s own arithmetic, per clamp). The ONNX model then has ``Conv -> QuantizeLinear``
+    with nothing in between, which onnxruntime fuses into one int8 kernel. Learned ranges after ReLU6
+    (zero-point at the bottom of the uint8 grid, maximum at most 6) always qualify; int8 symmetric
+    ranges (``onnxruntime_symmetric``) keep negative codes, so their clamps stay.
+
     Numerics versus the QAT model: identical weights; activations identical for :data:`ONNX_ENGINES` and
     ``qnnpack``, whose ranges are a full 8-bit type. The x86 engines train activations on 0..127, which
     ONNX cannot express: their QDQ form keeps the scale and zero-point and saturates at 255 instead of
@@ -733,10 +780,50 @@ def qdq_network(prepared: fx.GraphModule) -> fx.GraphModule:
         if replaced[node.target] is None:  # a float value: the observer disappears
             node.replace_all_uses_with(node.args[0])
             model.graph.erase_node(node)
+    _drop_saturated_clamps(model)
     model.graph.lint()
     model.recompile()
     model.delete_all_unused_submodules()
     return model.eval()
+
+
+def _clamp_bounds(model: fx.GraphModule, node: fx.Node) -> tuple[float, float] | None:
+    """``(low, high)`` of a clamping node (ReLU6/hardtanh module or function, a QDQ layer's ReLU), else None."""
+    from lightning_compress.export.qdq import QDQConv, QDQLinear
+
+    if node.op == "call_module":
+        module = model.get_submodule(node.target)
+        if isinstance(module, nn.Hardtanh):  # ReLU6 included
+            return float(module.min_val), float(module.max_val)
+        if isinstance(module, (QDQConv, QDQLinear)) and module.relu:
+            return 0.0, float("inf")
+    elif node.op == "call_function" and node.target is nn.functional.relu6:
+        return 0.0, 6.0
+    elif node.op == "call_function" and node.target is nn.functional.hardtanh:
+        low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
+        high = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
+        if isinstance(low, (int, float)) and isinstance(high, (int, float)):
+            return float(low), float(high)
+    return None
+
+
+def _drop_saturated_clamps(model: fx.GraphModule) -> None:
+    """Remove each clamp that the quantization right after it makes redundant (see :func:`qdq_network`)."""
+    from lightning_compress.export.qdq import QuantizeDequantize
+
+    for node in list(model.graph.nodes):
+        bounds = _clamp_bounds(model, node)
+        if bounds is None or len(node.users) != 1:
+            continue
+        user = next(iter(node.users))
+        quantize = model.get_submodule(user.target) if user.op == "call_module" else None
+        if not isinstance(quantize, QuantizeDequantize) or not quantize.saturates_outside(*bounds):
+            continue
+        if node.op == "call_module" and not isinstance(model.get_submodule(node.target), nn.Hardtanh):
+            model.get_submodule(node.target).relu = False  # a QDQ layer keeps its conv, loses its ReLU
+        else:
+            node.replace_all_uses_with(node.args[0])
+            model.graph.erase_node(node)
 
 
 def _keepdim_means(int8: fx.GraphModule) -> fx.GraphModule:

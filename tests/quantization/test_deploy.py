@@ -138,3 +138,115 @@ def test_ptq_callback_with_onnxruntime_puts_the_onnx_model_in_place(make_trainer
     make_trainer([PostTrainingQuantization(calibration_batches=2, engine="onnxruntime")], max_steps=4,
                  max_epochs=None).fit(module, random_loader(64))
     assert isinstance(module.net, OnnxRuntimeNetwork)
+
+
+class _ClampNet(nn.Module):
+    """Convolutions each followed by a bounded activation, in the three forms FX sees: module, F.relu6, F.hardtanh."""
+
+    def __init__(self, width: int = 8, num_classes: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU6())
+        self.conv1 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(2 * width, 2 * width, 3, padding=1, groups=2 * width)  # depthwise, as MobileNetV2
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.relu6(self.conv1(self.stem(x)))
+        x = nn.functional.hardtanh(self.conv2(x), 0.0, 4.0)
+        return self.fc(x.mean((2, 3)))
+
+
+FLOAT_COMPUTE = {"Conv", "FusedConv", "Clip", "Relu", "Gemm", "MatMul", "Add", "Mul", "Div", "Sub"}
+
+
+def optimized_ops(blob: bytes, tmp_path) -> list[str]:
+    """Op types of the graph onnxruntime actually runs (all optimizations: QDQ fusion, layout)."""
+    import onnx
+
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    onnxruntime.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
+    return [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+
+
+@pytest.fixture(scope="module")
+def clamp_qat() -> nn.Module:
+    """_ClampNet trained with the onnxruntime engine's fake-quantization: predictions vary by input."""
+    torch.manual_seed(0)
+    prepared = backend.prepare(_ClampNet(), "onnxruntime", mode="qat")
+    optimizer = torch.optim.SGD(prepared.parameters(), lr=0.05, momentum=0.9)
+    images, labels = random_images(256).tensors
+    for step in range(60):
+        x, y = images[step % 8 * 32:][:32], labels[step % 8 * 32:][:32]
+        nn.functional.cross_entropy(prepared(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return prepared
+
+
+def test_clamps_join_their_convolution_and_the_qdq_model_keeps_the_fake_quant_numerics(clamp_qat, tmp_path):
+    prepared = clamp_qat
+    # no fake-quantizer between a convolution and its clamp: input, the three clamps' outputs, the logits
+    activations = {id(getattr(prepared, node.target)) for node in prepared.graph.nodes
+                   if node.op == "call_module" and node.target.startswith("activation_post_process")}
+    assert len(activations) == 5, prepared.code
+    qdq = backend.qdq_network(prepared)
+    left = [node for node in qdq.graph.nodes if "relu6" in str(node.target) or "hardtanh" in str(node.target)
+            or isinstance(getattr(qdq, str(node.target), None), nn.Hardtanh)]
+    assert not left, f"clamps the next quantization makes redundant were kept: {left}"
+    test_images, test_labels = random_images(256, seed=1).tensors
+    with torch.no_grad():
+        expected = backend.frozen_copy(prepared)(test_images)
+    assert len(set(expected.argmax(1).tolist())) >= 3
+    blob = qdq_onnx_bytes(qdq, test_images[:1])
+    result = parity(expected, OnnxRuntimeNetwork(blob, threads=1)(test_images), test_labels, tolerance=0.0)
+    assert result.top1_agreement == 1.0 and result.max_logit_error < 0.02
+    ops = optimized_ops(blob, tmp_path)
+    assert ops.count("QLinearConv") == 3 and not FLOAT_COMPUTE & set(ops), ops
+
+
+def test_a_clamp_stays_where_the_quantization_after_it_does_not_saturate(clamp_qat):
+    import copy
+
+    from lightning_compress.export.qdq import QuantizeDequantize
+
+    assert QuantizeDequantize(6 / 255, 0, torch.uint8).saturates_outside(0.0, 6.0)
+    assert not QuantizeDequantize(8 / 255, 0, torch.uint8).saturates_outside(0.0, 6.0)  # 6 is code 191 of 255
+    assert not QuantizeDequantize(6 / 255, 1, torch.uint8).saturates_outside(0.0, 6.0)  # code 0 is -1 step
+    assert not QuantizeDequantize(6 / 127, 0, torch.int8).saturates_outside(0.0, 6.0)  # negatives representable
+    prepared = copy.deepcopy(clamp_qat)
+    images = random_images(64, seed=1).tensors[0]
+    with torch.no_grad():
+        after_stem = next(getattr(prepared, node.target) for node in prepared.graph.nodes
+                          if node.op == "call_module" and node.args and str(node.args[0]) == "stem_2")
+        after_stem.scale.fill_(8 / 255)  # wider than ReLU6's [0, 6]: the clamp is not redundant
+        qdq = backend.qdq_network(prepared)
+    assert [type(m) for m in qdq.modules()].count(nn.ReLU6) == 1
+    assert not any(node.target in (nn.functional.relu6, nn.functional.hardtanh) for node in qdq.graph.nodes)
+    with torch.no_grad():
+        expected = qdq(images)
+        assert expected.argmax(1).unique().numel() >= 2
+    onnx_model = OnnxRuntimeNetwork(qdq_onnx_bytes(qdq, images[:1]), threads=1)
+    assert parity(expected, onnx_model(images), tolerance=0.0).top1_agreement == 1.0
+
+
+@pytest.mark.parametrize("mode", ["static", "qat"])
+def test_mobilenetv2_int8_onnx_runs_every_convolution_in_int8(mode, tmp_path):
+    from lightning_compress.models import create_model
+
+    torch.manual_seed(0)
+    net = create_model("mobilenetv2", num_classes=10, width_mult=0.5)
+    prepared = backend.prepare(net.train(mode == "qat"), "onnxruntime", mode=mode)
+    images = torch.randn(16, 3, 32, 32)
+    if mode == "qat":
+        with torch.no_grad():
+            prepared(images)
+    else:
+        backend.calibrate(prepared, [(images,)])
+    ops = optimized_ops(qdq_onnx_bytes(backend.qdq_network(prepared), images[:1]), tmp_path)
+    convs = sum(isinstance(m, nn.Conv2d) for m in net.modules())
+    assert ops.count("QLinearConv") == convs and ops.count("QLinearAdd") == 10
+    assert not FLOAT_COMPUTE & set(ops), sorted(set(ops))  # ReLU6 once left DQ -> Clip -> Q between every two
+    assert ops.count("QuantizeLinear") <= 3  # input, pooled features, classifier input
