@@ -2,7 +2,11 @@
 ``quantize_static`` (U8S8 QDQ) and our QDQ ONNX model (built from the learned parameters), side by side.
 
 For each model, thread count and batch size the five variants are called in turn in one process after
-warm-up, and medians are reported, so load from other processes hits all alike. Networks have random
+warm-up (the order reversed on every other round, so no variant always runs right after another), and
+medians are reported, so load from other processes hits all alike; the 1-minute load average is recorded
+with every row. The structure onnxruntime actually runs is recorded too: the op types of each int8 model
+after onnxruntime's graph optimizations (``QLinearConv`` = an int8 kernel; ``Conv``/``Clip`` = float work
+left between the quantized ones). Networks have random
 weights with BatchNorm statistics calibrated on a few random batches (realistic ranges); the int8
 variants are calibrated on the same random batches: torch's static PTQ for ``x86`` (``save_quantized`` file,
 read back), onnxruntime's ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations) of the
@@ -16,6 +20,8 @@ Writes ``benchmarks/results/deploy_latency.{json,md}`` (or ``--results-dir``/``-
 from __future__ import annotations
 
 import argparse
+import collections
+import os
 import statistics
 import tempfile
 import time
@@ -62,18 +68,74 @@ def ort_quantize_static(fp32_onnx: bytes, batches: list[torch.Tensor]) -> bytes:
         return target.read_bytes()
 
 
+def optimized_ops(model: bytes) -> dict[str, int]:
+    """Op types (and counts) of the graph onnxruntime runs after all its optimizations (QDQ fusion)."""
+    import onnx
+    import onnxruntime
+
+    with tempfile.TemporaryDirectory() as folder:
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.optimized_model_filepath = str(Path(folder) / "optimized.onnx")
+        options.log_severity_level = 3
+        onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        counts = collections.Counter(node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
+    return dict(sorted(counts.items()))
+
+
 def median_ms(models: dict, x: torch.Tensor, repeats: int, warmup: int) -> dict[str, float]:
     with torch.no_grad():
         for _ in range(warmup):
             for model in models.values():
                 model(x)
         times = {name: [] for name in models}
-        for _ in range(repeats):
-            for name, model in models.items():
+        for round_ in range(repeats):
+            for name, model in (reversed(models.items()) if round_ % 2 else models.items()):
                 start = time.perf_counter()
                 model(x)
                 times[name].append(time.perf_counter() - start)
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+def markdown(result: dict) -> str:
+    """The results table, the structure onnxruntime runs and the sizes, from the JSON result."""
+    lines = [
+        "# Deployment latency (CPU): fp32 vs int8, torch vs onnxruntime",
+        "",
+        f"Machine: {result['machine']['cpu']['model']}, flags {', '.join(result['machine']['cpu']['flags'])}; "
+        f"{result['machine']['cpu_count']} cores, load average at the end {result['machine']['load_average_1_5_15']} "
+        f"(shared machine); torch {result['machine']['torch']}, onnxruntime {result['onnxruntime']}. Median ms per call, "
+        "random weights with BN statistics calibrated on random batches; int8 calibrated on the same batches.",
+        "",
+        f"Noise: {result['machine']['cpu_count']} cores shared with other jobs (1-minute load average recorded "
+        "with each row). Each cell is the median of the row's `repeats` calls, the five variants called in turn "
+        "(order reversed every other round), so load hits them alike and the ratios are the robust part. The "
+        "2-thread rows compete with that load for both cores: torch's OpenMP threads spin and their eager and "
+        "int8 cells are inflated many times, and any single 2-thread cell (onnxruntime ones too) can be off by 10x; read the 1-thread rows.",
+        "",
+        "| model | threads | batch | load (1 min) | torch fp32 eager | onnxruntime fp32 | torch int8 `.pt` (x86) | "
+        "onnxruntime int8 (`quantize_static`) | ours: QDQ ONNX | ours vs ort fp32 | ours vs `quantize_static` |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        ms = row["ms"]
+        lines.append(f"| {row['model']} | {row['threads']} | {row['batch']} | {row['load_average_1min']} | " + " | ".join(
+            f"{ms[v]:.3g}" for v in VARIANTS) + f" | {ms['ort_fp32'] / ms['ours_qdq']:.2f}x faster | "
+            f"{ms['ours_qdq'] / ms['ort_quantize_static']:.2f}x the latency |")
+    float_ops = {"Conv", "FusedConv", "Clip", "Relu", "Add", "Gemm", "MatMul"}
+    lines += ["", "What onnxruntime runs (int8 models after its graph optimizations; float ops = "
+              f"{'/'.join(sorted(float_ops))}):", "",
+              "| model | int8 model | QLinearConv | QLinearAdd | float ops left | QuantizeLinear | DequantizeLinear |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for name, models in result["optimized_ops"].items():
+        for variant, ops in models.items():
+            lines.append(f"| {name} | {variant} | {ops.get('QLinearConv', 0)} | {ops.get('QLinearAdd', 0)} | "
+                         f"{sum(ops.get(op, 0) for op in float_ops)} | {ops.get('QuantizeLinear', 0)} | "
+                         f"{ops.get('DequantizeLinear', 0)} |")
+    lines += ["", "Sizes (bytes): " + "; ".join(
+        f"{name}: fp32 ONNX {r['bytes']['ort_fp32']:,}, quantize_static {r['bytes']['ort_quantize_static']:,}, "
+        f"ours {r['bytes']['ours_qdq']:,}" for name, r in {row["model"]: row for row in result["rows"]}.items()), ""]
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -87,7 +149,7 @@ def main() -> None:
     args = parser.parse_args()
     generator = torch.Generator().manual_seed(0)
     calibration = [torch.randn(16, 3, 32, 32, generator=generator) for _ in range(args.calibration_batches)]
-    rows = []
+    rows, structure = [], {}
     for name in args.models:
         net = calibrated_network(name, calibration)
         fp32_onnx = onnx_bytes(net, calibration[0][:1])
@@ -98,6 +160,7 @@ def main() -> None:
             save_quantized(x86, Path(folder) / "int8.pt", (calibration[0][:1],), "x86")
             x86_file = load_quantized(Path(folder) / "int8.pt")
         sizes = {"ort_fp32": len(fp32_onnx), "ort_quantize_static": len(ort_int8), "ours_qdq": len(ours.model_bytes())}
+        structure[name] = {"ort_quantize_static": optimized_ops(ort_int8), "ours_qdq": optimized_ops(ours.model_bytes())}
         for threads in args.threads:
             torch.set_num_threads(threads)
             models = {"torch_fp32": net, "ort_fp32": OnnxRuntimeNetwork(fp32_onnx, threads),
@@ -106,33 +169,14 @@ def main() -> None:
             for batch in args.batches:
                 x = torch.randn(batch, 3, 32, 32, generator=generator)
                 repeats = args.repeats * (5 if batch == 1 else 1)
+                load = round(os.getloadavg()[0], 2)
                 ms = median_ms(models, x, repeats, warmup=2)
                 rows.append({"model": name, "threads": threads, "batch": batch, "repeats": repeats, "ms": ms,
-                             "bytes": sizes})
-                print(name, threads, batch, {k: round(v, 3) for k, v in ms.items()}, flush=True)
-    result = {"machine": machine_info(), "settings": run_settings(args), "rows": rows,
+                             "bytes": sizes, "load_average_1min": load})
+                print(name, threads, batch, f"load {load}", {k: round(v, 3) for k, v in ms.items()}, flush=True)
+    result = {"machine": machine_info(), "settings": run_settings(args), "rows": rows, "optimized_ops": structure,
               "onnxruntime": __import__("onnxruntime").__version__}
-    lines = [
-        "# Deployment latency (CPU): fp32 vs int8, torch vs onnxruntime",
-        "",
-        f"Machine: {result['machine']['cpu']['model']}, flags {', '.join(result['machine']['cpu']['flags'])}; "
-        f"{result['machine']['cpu_count']} cores, load average at the end {result['machine']['load_average_1_5_15']} "
-        f"(shared machine); torch {torch.__version__}, onnxruntime {result['onnxruntime']}. Median ms per call, "
-        "random weights with BN statistics calibrated on random batches; int8 calibrated on the same batches.",
-        "",
-        "| model | threads | batch | torch fp32 eager | onnxruntime fp32 | torch int8 `.pt` (x86) | "
-        "onnxruntime int8 (`quantize_static`) | ours: QDQ ONNX | ours vs ort fp32 | ours vs `quantize_static` |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        ms = row["ms"]
-        lines.append(f"| {row['model']} | {row['threads']} | {row['batch']} | " + " | ".join(
-            f"{ms[v]:.3g}" for v in VARIANTS) + f" | {ms['ort_fp32'] / ms['ours_qdq']:.2f}x faster | "
-            f"{ms['ours_qdq'] / ms['ort_quantize_static']:.2f}x the latency |")
-    lines += ["", "Sizes (bytes): " + "; ".join(
-        f"{name}: fp32 ONNX {r['bytes']['ort_fp32']:,}, quantize_static {r['bytes']['ort_quantize_static']:,}, "
-        f"ours {r['bytes']['ours_qdq']:,}" for name, r in {row["model"]: row for row in rows}.items()), ""]
-    write_results(args.name, result, "\n".join(lines), args.results_dir)
+    write_results(args.name, result, markdown(result), args.results_dir)
 
 
 if __name__ == "__main__":

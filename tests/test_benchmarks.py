@@ -89,14 +89,28 @@ def check_data_throughput(result: dict[str, Any], markdown: str) -> None:
     assert "Splits: 26 train / 4 val / 20 test." in markdown
 
 
+def check_deploy_accuracy(result: dict[str, Any], markdown: str) -> None:
+    summary = result["result"]
+    assert summary["images"] == 20 and summary["optimizer_steps"] == 2  # the whole (fake) test split
+    assert 0 <= summary["fake_quant_accuracy"] <= 100 and 0 <= summary["onnx_accuracy"] <= 100
+    assert summary["trainer_test_accuracy"] == pytest.approx(summary["onnx_accuracy"], abs=1e-4)  # the same file
+    assert summary["difference_points"] == pytest.approx(summary["onnx_accuracy"] - summary["fake_quant_accuracy"])
+    assert 0 <= summary["top1_agreement"] <= 1 and summary["onnx_bytes"] > 0
+    assert set(result["machine"]["cpu"]) == {"model", "flags", "bf16"} and result["settings"]["qat_start"] == 0
+    assert f"| shipped QDQ ONNX (`model_int8.onnx`, onnxruntime CPU) | 20 | {summary['onnx_accuracy']:.2f} |" in markdown
+
+
 def check_deploy_latency(result: dict[str, Any], markdown: str) -> None:
     (row,) = result["rows"]
     assert (row["model"], row["threads"], row["batch"], row["repeats"]) == ("resnet20", 1, 1, 5)
     assert set(row["ms"]) == {"torch_fp32", "ort_fp32", "torch_int8_x86", "ort_quantize_static", "ours_qdq"}
-    assert all(ms > 0 for ms in row["ms"].values())
+    assert all(ms > 0 for ms in row["ms"].values()) and row["load_average_1min"] >= 0
     assert row["bytes"]["ours_qdq"] < row["bytes"]["ort_fp32"] / 2  # int8 weights in the file
     assert set(result["machine"]["cpu"]) == {"model", "flags", "bf16"}
     assert "| resnet20 | 1 | 1 | " in markdown and "ours vs `quantize_static`" in markdown
+    ours = result["optimized_ops"]["resnet20"]["ours_qdq"]  # every conv an int8 kernel, no float op between
+    assert ours["QLinearConv"] == 21 and not {"Conv", "FusedConv", "Clip", "Relu"} & set(ours)
+    assert "| resnet20 | ours_qdq | 21 | 9 | 0 |" in markdown
 
 
 def check_distillation(result: dict[str, Any], markdown: str) -> None:
@@ -192,6 +206,11 @@ CASES = {
         ("--archive", "{data}", "--val-size", "4", "--batch-size", "4", "--threads", "1", "--seconds", "0.01",
          "--rounds", "1", "--baseline-images", "8"),
         check_data_throughput,
+    ),
+    "deploy_accuracy": Case(
+        ("--batch-size", "4", "--limit-train-batches", "2", "--eval-batch-size", "10", "--precision", "32-true",
+         "--threads", "1", "--qat-start", "0", "--data", "{data}"),
+        check_deploy_accuracy,
     ),
     "deploy_latency": Case(
         ("--models", "resnet20", "--batches", "1", "--threads", "1", "--repeats", "1", "--calibration-batches", "1"),
