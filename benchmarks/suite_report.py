@@ -188,7 +188,9 @@ def plot(blocks: dict[str, list[dict[str, Any]]], path: Path) -> bool:
                    label=f"{budget}: deployed artifact")
         ax.scatter([r["packed_bytes"] / 1e3 for r in ok], [r["top1"] for r in ok], facecolors="none",
                    edgecolors=colour, label=f"{budget}: packed weights (int8 + bitmask, lzma)")
-        for r in ok:
+        for r in ok:  # a row's two sizes joined: how much its deployed file leaves on the table
+            ax.plot([r["packed_bytes"] / 1e3, r["artifact"]["bytes"] / 1e3], [r["top1"], r["top1"]], color=colour,
+                    alpha=0.25, linewidth=1)
             ax.annotate(r["row"], (r["artifact"]["bytes"] / 1e3, r["top1"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
     ax.set_xscale("log")
