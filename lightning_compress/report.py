@@ -42,8 +42,8 @@ from lightning_compress.core.accounting import (
     measure_latency,
     serialized_size,
 )
-from lightning_compress.core.files import atomic_path, write_text_atomic
 from lightning_compress.core.composition import Declaration, Effect, check_composition
+from lightning_compress.core.files import atomic_path, write_text_atomic
 from lightning_compress.core.inputs import capture_network_input, first_sample
 from lightning_compress.core.layers import find_network
 from lightning_compress.core.progress import StepWindow, step_budget
@@ -246,7 +246,7 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
             lines.append(f"| {batch} | {m['dense_ms']:.2f} | {m['compressed_ms']:.2f} | {m['speedup']:.2f}x |")
     acc = summary.get("accuracy")
     if acc:
-        fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+        fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
         lines += ["", f"| {acc['metric']} | before | after |", "|---|---:|---:|",
                   f"| {acc.get('source', '')} | {fmt(acc.get('before'))} | {fmt(acc.get('after'))} |"]
     return "\n".join(lines) + "\n"

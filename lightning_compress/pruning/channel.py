@@ -230,7 +230,7 @@ class ChannelPruning(Callback):
         install_restore_hook(pl_module)
         if stage != "fit":
             return
-        self._network_attr, network = find_network(pl_module, self.network)
+        self._network_attr, _ = find_network(pl_module, self.network)
         prefix = self._network_attr + "."
         kept = select_layers(pl_module, include="*", exclude=self.ignore, argument_names=("include", "ignore"))
         layers = weighted_layers(pl_module)

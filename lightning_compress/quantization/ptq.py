@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
 
 import lightning.pytorch as pl
 import torch

@@ -34,7 +34,13 @@ from lightning_compress.core.composition import Declaration, Effect, check_compo
 from lightning_compress.core.guards import check_finite, step_loss
 from lightning_compress.core.inputs import capture_network_input
 from lightning_compress.core.layers import find_network
-from lightning_compress.core.progress import Position, StepWindow, check_ordered, step_budget, validate_position
+from lightning_compress.core.progress import (
+    Position,
+    StepWindow,
+    check_ordered,
+    step_budget,
+    validate_position,
+)
 from lightning_compress.quantization import backend
 
 RECORD_KIND = "quantization_aware_training"

@@ -20,14 +20,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from lightning_compress import (  # noqa: E402
+from lightning_compress import (
     ChannelPruning,
     KnowledgeDistillation,
     MagnitudePruning,
     QuantizationAwareTraining,
 )
-from tests.composition.modules import DictBatchModule, dict_loader  # noqa: E402
-from tests.toy import ToyConvNet  # noqa: E402
+from tests.composition.modules import DictBatchModule, dict_loader
+from tests.toy import ToyConvNet
 
 STEPS = 16
 

@@ -6,7 +6,12 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_compress import ChannelPruning, KnowledgeDistillation, MagnitudePruning, QuantizationAwareTraining
+from lightning_compress import (
+    ChannelPruning,
+    KnowledgeDistillation,
+    MagnitudePruning,
+    QuantizationAwareTraining,
+)
 from tests.composition.modules import DictBatchModule, dict_loader
 from tests.toy import ToyConvNet
 

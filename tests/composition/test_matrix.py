@@ -14,7 +14,6 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch import nn
 
 from lightning_compress import (
     ChannelPruning,
@@ -186,7 +185,7 @@ def test_masks_follow_channel_removal_keeping_the_surviving_rows_and_columns(tmp
 def test_post_training_quantization_calibrates_on_dict_batches_after_the_other_techniques(precision, tmp_path):
     module = DictBatchModule()
     callbacks = [*make_callbacks(("channel", "magnitude", "kd")), PostTrainingQuantization(calibration_batches=2)]
-    trainer, path = fit(module, dict_loader(), callbacks, precision, tmp_path)
+    fit(module, dict_loader(), callbacks, precision, tmp_path)
     assert is_int8(module.backbone)
     assert module.backbone.get_submodule("conv1").weight().shape[0] < 16  # the slimmed network was quantized
     tester = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
@@ -200,7 +199,7 @@ def test_factorization_composes_with_masks_quantization_and_distillation(precisi
     callbacks = [QuantizationAwareTraining(start="5steps"), KnowledgeDistillation(ToyConvNet(num_classes=4), alpha=0.5),
                  MagnitudePruning(final_sparsity=0.5, start="3steps", end="4steps", update_every=1),
                  LowRankFactorization(kept_macs_ratio=0.6, method="tucker2", start="2steps")]
-    trainer, path = fit(module, dict_loader(), callbacks, precision, tmp_path)
+    _, path = fit(module, dict_loader(), callbacks, precision, tmp_path)
     checkpoint = torch.load(path, weights_only=False)
     kinds = [r["kind"] for r in checkpoint["compression_architecture"]]
     assert kinds[-1] == "quantization_aware_training" and len(kinds) == 2  # factorized, then prepared

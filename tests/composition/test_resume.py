@@ -19,7 +19,7 @@ SCRIPT = Path(__file__).with_name("resume_run.py")
 
 
 def run(out: Path, *args: str) -> int:
-    return subprocess.run([sys.executable, str(SCRIPT), str(out), *args], capture_output=True, timeout=300,
+    return subprocess.run([sys.executable, str(SCRIPT), str(out), *args], check=False, capture_output=True, timeout=300,
                           cwd=out).returncode
 
 
