@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -33,7 +34,8 @@ class Case:
     """How one benchmark runs small and what its results must hold.
 
     Args:
-        args: Command-line arguments; ``{data}`` stands for the fake CIFAR-10 archive.
+        args: Command-line arguments; ``{data}`` stands for the fake CIFAR-10 archive, ``{tmp}`` for the
+            test's temporary folder.
         check: Asserts on the written JSON (parsed) and markdown.
         name: ``--name`` to pass (the results files' base name); None: the script's default, its own name.
         extra_files: Other files the run must write into the results folder.
@@ -189,6 +191,22 @@ def check_train_throughput(result: dict[str, Any], markdown: str) -> None:
     assert "| resnet20 | cpu | 2 | " in markdown
 
 
+CHROMIUM = shutil.which("chromium") is not None  # Debian's, for the TensorBoard screenshot; not in CI
+
+
+def check_tensorboard_screenshot(result: dict[str, Any], markdown: str) -> None:
+    (tags,) = result["tags"].values()  # the one produced run, as TensorBoard's scalars API listed it
+    assert {"sparsity/global", "sparsity/target", "quant/weight_error/model.conv1"} <= set(tags)
+    assert result["produced"]["data"] == "cifar10-jpeg.tar.gz" and result["settings"]["steps"] == 6
+    assert result["url"].startswith("http://127.0.0.1:<port>/#scalars&tagFilter=")
+    assert markdown.startswith("# What you see in TensorBoard: sparsity and quantization curves")
+    if CHROMIUM:
+        assert "![TensorBoard sparsity and quant curves](tensorboard_smoke.png)" in markdown
+        assert result["ink_fraction"] > 0.03 and result["chromium"].startswith("Chromium")
+    else:
+        assert "Screenshot skipped" in markdown and result["chromium"] is None
+
+
 CASES = {
     "channel_pruning": Case(
         ("--models", "resnet20", "--round-to", "8", "--batches", "1", "--repeats", "1", "--rounds", "1",
@@ -241,6 +259,12 @@ CASES = {
     "quickstart_time": Case(
         ("--", "--data.root={data}", "--data.val_size=4", "--data.batch_size=4"), check_quickstart_time
     ),
+    "tensorboard_screenshot": Case(
+        ("--steps", "6", "--batch-size", "4", "--data", "{data}", "--run-dir", "{tmp}/runs",
+         *(() if CHROMIUM else ("--skip-screenshot",))),
+        check_tensorboard_screenshot, name="tensorboard_smoke",
+        extra_files=("tensorboard_smoke.png",) if CHROMIUM else (),
+    ),
     "train_throughput": Case(
         ("--models", "resnet20", "--batch-size", "2", "--steps", "1", "--rounds", "1"), check_train_throughput
     ),
@@ -281,7 +305,7 @@ def test_benchmark_writes_its_results(script, tmp_path, cifar_archive):
     name = case.name or script
     out = tmp_path / "results"
     out.mkdir()
-    args = [arg.replace("{data}", str(cifar_archive)) for arg in case.args]
+    args = [arg.replace("{data}", str(cifar_archive)).replace("{tmp}", str(tmp_path)) for arg in case.args]
     if case.name:
         args = ["--name", case.name, *args]
     # one torch thread: 2 OpenMP threads spin against other processes on a busy 2-core machine
