@@ -62,3 +62,28 @@ def step_loss(outputs: Any) -> torch.Tensor | None:
     if isinstance(outputs, Mapping) and isinstance(outputs.get("loss"), torch.Tensor):
         return outputs["loss"].detach()
     return None
+
+
+def check_step_loss(trainer: Any, outputs: Any, callback: str) -> None:
+    """:func:`check_finite` on the step's loss, once per optimizer step whichever callbacks ask.
+
+    Several compression callbacks guard the same loss; the check costs a device sync, so the first
+    callback to ask in a step checks it and names itself, the others find it done.
+
+    Args:
+        trainer: The trainer (its ``global_step`` identifies the step).
+        outputs: The ``outputs`` argument of ``on_train_batch_end``.
+        callback: The asking callback's name, for the message.
+
+    Raises:
+        FloatingPointError: If the loss holds NaN/inf.
+
+    Example:
+        >>> class Trainer: global_step = 3
+        >>> check_step_loss(Trainer(), {"loss": torch.tensor(1.0)}, "MagnitudePruning")
+    """
+    if trainer.__dict__.get("_compression_loss_checked_step") == trainer.global_step:
+        return
+    check_finite({"loss": step_loss(outputs)}, trainer.global_step, callback)
+    trainer.__dict__["_compression_loss_checked_step"] = trainer.global_step
+

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from lightning_compress.core.composition import Declaration, Effect, check_composition
-from lightning_compress.core.guards import check_finite, step_loss
+from lightning_compress.core.guards import check_step_loss
 from lightning_compress.core.layers import find_network
 from lightning_compress.core.progress import StepWindow, step_budget
 from lightning_compress.distillation.losses import (
@@ -347,7 +347,7 @@ class KnowledgeDistillation(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         """Stop on a non-finite distilled loss, naming the step (see :mod:`lightning_compress.core.guards`)."""
-        check_finite({"loss": step_loss(outputs)}, trainer.global_step, type(self).__name__)
+        check_step_loss(trainer, outputs, type(self).__name__)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._unwrap()

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from lightning_compress.core.architecture import applied_records, write_records
 from lightning_compress.core.composition import Declaration, Effect, check_composition
-from lightning_compress.core.guards import check_finite, step_loss
+from lightning_compress.core.guards import check_finite, check_step_loss
 from lightning_compress.core.layers import matches_any, resolve_parameters, select_weights, weight_label
 from lightning_compress.core.progress import (
     Interval,
@@ -323,7 +323,7 @@ class MagnitudePruning(Callback):
             return
         self._stepped = step
         if step >= self._window.start:
-            check_finite({"loss": step_loss(outputs)}, step, type(self).__name__)
+            check_step_loss(trainer, outputs, type(self).__name__)
         if self._factors:
             params = self._resolve(pl_module)
             self._follow_shapes(params)

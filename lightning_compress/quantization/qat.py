@@ -31,7 +31,7 @@ from lightning_compress.core.architecture import (
     write_records,
 )
 from lightning_compress.core.composition import Declaration, Effect, check_composition
-from lightning_compress.core.guards import check_finite, step_loss
+from lightning_compress.core.guards import check_step_loss
 from lightning_compress.core.inputs import capture_network_input
 from lightning_compress.core.layers import find_network
 from lightning_compress.core.progress import (
@@ -223,7 +223,7 @@ class QuantizationAwareTraining(Callback):
         ``log_every_n_steps``."""
         step = trainer.global_step
         if self._stage == "qat":
-            check_finite({"loss": step_loss(outputs)}, step, type(self).__name__)
+            check_step_loss(trainer, outputs, type(self).__name__)
         if self._stage != "qat" or step % self.log_every_n_steps or step == self._last_logged_step:
             return
         self._last_logged_step = step
