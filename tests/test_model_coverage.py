@@ -99,3 +99,20 @@ def test_timm_vision_transformer_is_pruned_and_quantized():
         row = _cell("timm:vit_tiny_patch16_224@32", technique)
         assert row["status"] == "works", row.get("traceback", row["summary"])
     assert row["numbers"]["int8_modules"] > 40  # qkv, proj and MLP Linears of 12 blocks
+
+
+def test_efficientnet_b0_converts_to_int8_after_quantization_aware_training():
+    """Failed late before: stochastic depth traced in train mode, int8 weights one code off the trained ones."""
+    row = _cell("efficientnet_b0", "qat")
+    assert row["status"] == "works", row.get("traceback", row["summary"])
+    assert row["numbers"]["int8_modules"] >= 80
+
+
+@pytest.mark.parametrize("model", ["timm:efficientnet_b0", "timm:mobilenetv3_large_100", "timm:ghostnet_100"])
+def test_timm_networks_with_batch_norm_activation_layers_convert_to_int8(model):
+    """Failed late before: BatchNormAct2d traced in train mode (batch statistics in eval, errors at batch 1),
+    and activations above the trained range overflowing the depthwise convolutions' int16 pair sums."""
+    pytest.importorskip("timm", reason="the optional [timm] extra")
+    row = _cell(model, "qat")
+    assert row["status"] == "works", row.get("traceback", row["summary"])
+    assert row["numbers"]["int8_modules"] >= 50

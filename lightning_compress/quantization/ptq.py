@@ -22,7 +22,7 @@ from lightning_compress.core.composition import Declaration, Effect, check_compo
 from lightning_compress.core.inputs import capture_network_input
 from lightning_compress.core.layers import find_network
 from lightning_compress.core.progress import StepWindow, step_budget
-from lightning_compress.quantization import backend
+from lightning_compress.quantization import backend, tracing
 
 
 def quantize_static(
@@ -76,7 +76,7 @@ def _calibrate_and_convert(
 
     if backend.calibrate(prepared, remembering()) == 0:
         raise ValueError("static quantization needs at least one calibration batch, got none")
-    reference = backend.qdq_network(prepared)
+    reference = backend.qdq_network(prepared, saturate_at_trained_range=True)
     int8 = backend.convert(prepared, engine, seen[0])
     backend.check_conversion(reference, int8, seen[0], prefix)
     return int8
@@ -161,7 +161,8 @@ class PostTrainingQuantization(Callback):
             return
         attribute, net = find_network(pl_module, self.network)
         skip_names = backend.resolve_skip(net, self.skip, attribute + ".")
-        backend.check_traceable(net, skip_names, attribute + ".")
+        tracing.check_traceable(net, skip_names, attribute + ".")
+        tracing.check_mode_independent(net, skip_names, attribute + ".")
         check_composition(trainer)
 
     def _calibration_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module

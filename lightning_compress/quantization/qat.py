@@ -41,7 +41,7 @@ from lightning_compress.core.progress import (
     step_budget,
     validate_position,
 )
-from lightning_compress.quantization import backend
+from lightning_compress.quantization import backend, tracing
 
 RECORD_KIND = "quantization_aware_training"
 """Architecture-record kind of QAT preparation (see :mod:`lightning_compress.core.architecture`)."""
@@ -146,7 +146,8 @@ class QuantizationAwareTraining(Callback):
         if not backend.is_prepared(net) and self._stage != "int8":
             prefix = self._attribute + "."
             self._skip_names = backend.resolve_skip(net, self.skip, prefix)
-            backend.check_traceable(net, self._skip_names, prefix)
+            tracing.check_traceable(net, self._skip_names, prefix)
+            tracing.check_mode_independent(net, self._skip_names, prefix)
         if stage == "fit":
             budget = step_budget(trainer)
             self._steps = {

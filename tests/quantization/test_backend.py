@@ -1,5 +1,6 @@
 """The FX seam: pins the torch.ao flow so a torch upgrade that breaks it fails here, loudly."""
 
+import copy
 import os
 import warnings
 import zipfile
@@ -11,7 +12,7 @@ import torchvision
 from torch import nn
 
 from lightning_compress.models import create_model
-from lightning_compress.quantization import backend
+from lightning_compress.quantization import backend, tracing
 from tests.toy import ToyConvNet
 
 
@@ -110,7 +111,7 @@ def test_convert_unprepared_model_fails():
 
 def test_untraceable_module_is_named_with_skip_hint():
     with pytest.raises(ValueError, match=r"cannot trace module 'model.gate'.*skip=\['model.gate'\]"):
-        backend.check_traceable(WithBranchy(), prefix="model.")
+        tracing.check_traceable(WithBranchy(), prefix="model.")
 
 
 def test_skipped_module_stays_fp32_and_the_rest_is_int8():
@@ -221,3 +222,275 @@ def test_x86_engines_do_not_saturate_on_large_activations(engine):
     expected = net(x)
     assert ((int8(x) - expected).abs().max() / expected.abs().max()).item() < 0.05
     torch.backends.quantized.engine = "x86"
+
+
+class Depthwise(nn.Module):
+    """Conv-BN-ReLU then a depthwise conv: the kernel whose int16 pair sums overflow for codes above 127."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.depthwise = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.depthwise(torch.relu(self.bn(self.conv(x))))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("engine", ["x86", "onednn"])
+def test_x86_int8_saturates_values_above_the_trained_range_as_training_did(engine):
+    """Inputs 30x beyond the trained range: fake-quantization saturates them at code 127, so must int8.
+
+    Without the clamps the int8 model gives such values codes up to 255, which the depthwise kernel's
+    int16 pair sums overflow (measured: up to 190 quantization steps wrong on timm's EfficientNet-B0).
+    """
+    torch.manual_seed(0)
+    prepared = backend.prepare(Depthwise(), engine, mode="qat")
+    for _ in range(3):
+        prepared(torch.rand(8, 3, 8, 8) * 0.1)
+    reference = backend.frozen_copy(prepared)
+    int8 = backend.convert(backend.frozen_copy(prepared), engine)
+    clamps = [n for n in int8.graph.nodes if n.target is backend.clamp_to_reduced_range]
+    assert len(clamps) >= 4  # the input, the conv, the depthwise conv, the linear each set their own range
+    x = torch.rand(8, 3, 8, 8) * 3.0
+    with torch.no_grad():
+        expected, out = reference(x), int8(x)
+    step = float(int8.get_submodule("fc").scale)
+    assert (out - expected).abs().max().item() <= 3 * step
+    torch.backends.quantized.engine = "x86"
+
+
+def test_converted_weights_are_the_trained_fake_quantized_weights():
+    """int8 weights equal the fake-quantized (BN-folded) weights QAT trained, code for code.
+
+    torch's fused fake-quant kernel rounds per-channel symmetric scales its own way (up to 0.4 % off
+    the observer's, which conversion uses): a weight then moves by one code between training and int8.
+    """
+    torch.manual_seed(0)
+    prepared = backend.prepare(ToyConvNet(), "x86", mode="qat")
+    optimizer = torch.optim.SGD(prepared.parameters(), lr=0.5)
+    for _ in range(3):
+        prepared(torch.randn(8, 3, 16, 16)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    frozen = backend.frozen_copy(prepared)
+    int8 = backend.convert(backend.frozen_copy(prepared), "x86")
+    checked = 0
+    for name, module in frozen.named_modules():
+        if not hasattr(module, "weight_fake_quant"):
+            continue
+        with torch.no_grad():
+            trained = module.weight_fake_quant(backend._folded(module)[0])
+        converted = int8.get_submodule(name).weight().dequantize()
+        assert torch.equal(converted, trained), name
+        checked += 1
+    assert checked == 4
+
+
+class NormAct(nn.BatchNorm2d):
+    """A batch norm written outside torch (as timm's ``BatchNormAct2d``): it passes ``self.training`` on."""
+
+    def forward(self, x):
+        return torch.relu(nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                                   self.training, self.momentum, self.eps))
+
+
+class WithNormAct(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = NormAct(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.norm(self.conv(x)).mean((2, 3)))
+
+
+def test_batch_norms_written_outside_torch_fold_into_their_conv_and_follow_the_mode():
+    """Traced as they are in train mode, ``self.training`` would be frozen True: eval would use batch stats."""
+    net = WithNormAct()
+    assert tracing._mode_dependence(net) == (["norm"], [])
+    prepared = backend.prepare(net, "x86", mode="qat")
+    assert {id(p) for p in prepared.parameters()} == {id(p) for p in net.parameters()}
+    assert set(prepared.state_dict()) >= {"conv.bn.running_var", "conv.bn.num_batches_tracked"}  # folded
+    for _ in range(3):
+        prepared(torch.randn(8, 3, 8, 8) * 2 + 1)
+    assert int(prepared.get_submodule("conv.bn").num_batches_tracked) == 3  # counted once per step
+    frozen = backend.frozen_copy(prepared)  # eval mode, quantization parameters fixed
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        alone, batched = frozen(x[:1]), frozen(x)  # batch statistics would raise at batch size 1
+        assert torch.allclose(alone, batched[:1], atol=1e-6)  # running statistics: independent of the batch
+        int8 = backend.convert(frozen, "x86")
+        assert torch.allclose(int8(x[:1]), int8(x)[:1])
+    assert isinstance(int8.get_submodule("conv"), nnq.Conv2d) and not hasattr(int8, "norm")  # folded into the conv
+    static = backend.prepare(WithNormAct().eval(), "x86", mode="static")  # traced in eval mode: folded too
+    backend.calibrate(static, [(x,)])
+    assert isinstance(backend.convert(static, "x86").get_submodule("conv"), nnq.Conv2d)
+
+
+class DropsInTraining(nn.Module):
+    """Zero in training, identity in eval (as stochastic depth with p=1)."""
+
+    def forward(self, x):
+        return x * 0 if self.training else x
+
+
+def test_other_modules_that_read_training_stay_fp32_leaves():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), DropsInTraining(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    prepared = backend.prepare(net, "x86", mode="qat")
+    prepared(torch.randn(4, 3, 8, 8))
+    int8 = backend.convert(backend.frozen_copy(prepared), "x86")
+    assert type(int8.get_submodule("1")) is DropsInTraining
+    with torch.no_grad():
+        assert backend.frozen_copy(prepared)(torch.randn(2, 3, 8, 8)).abs().sum() > 0  # identity, not zero
+
+
+class Logits(nn.Module):
+    """Fixed logits per sample: 10 classes from the input's sum, with a gain (large gain: unstable)."""
+
+    def __init__(self, gain: float, shift: int = 0):
+        super().__init__()
+        self.gain, self.shift = gain, shift
+
+    def forward(self, x):
+        classes = torch.arange(10, dtype=x.dtype)
+        return torch.cos(x.sum((1, 2, 3))[:, None] * self.gain + classes + self.shift)
+
+
+def test_check_conversion_refuses_a_different_model_of_a_stable_network():
+    x = (torch.randn(16, 3, 4, 4),)
+    backend.check_conversion(Logits(0.1), Logits(0.1), x)
+    with pytest.raises(backend.ConversionError, match="computes something else"):
+        backend.check_conversion(Logits(0.1), Logits(0.1, shift=3), x)
+
+
+class Fragile(nn.Module):
+    """Half the samples stable (class 3), half flip to class 1 when their input moves at all.
+
+    ``chaotic_class`` replaces the fragile half's exact-input answer; ``stable_class`` the stable half's.
+    """
+
+    def __init__(self, batch: torch.Tensor, chaotic_class: int = 0, stable_class: int = 3):
+        super().__init__()
+        self.batch, self.chaotic_class, self.stable_class = batch, chaotic_class, stable_class
+
+    def forward(self, x):
+        exact = (x == self.batch).flatten(1).all(1)
+        classes = torch.full((len(x),), self.stable_class)
+        fragile = torch.arange(len(x)) >= len(x) // 2
+        classes[fragile] = torch.where(exact[fragile], self.chaotic_class, 1)
+        return nn.functional.one_hot(classes, 10).float()
+
+
+def test_check_conversion_judges_an_unstable_network_by_its_own_noise():
+    """Inputs nudged by one 8-bit step change half this network's answers: int8 may differ there too."""
+    x = torch.randn(16, 3, 4, 4)
+    backend.check_conversion(Fragile(x), Fragile(x, chaotic_class=2), (x,))  # 50 %: as the network's own noise
+    with pytest.raises(backend.ConversionError, match=r"agreement 0\.0%"):  # the stable half differs too
+        backend.check_conversion(Fragile(x), Fragile(x, chaotic_class=2, stable_class=4), (x,))
+
+
+class GatedSoftmax(nn.Module):
+    """A sigmoid gate and a softmax output: ops whose fixed output range is the full 0..255."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.gate = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 4)
+        self.softmax = nn.Softmax(dim=1)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        x = x * torch.sigmoid(self.gate(x.mean((2, 3), keepdim=True)))
+        return self.softmax(self.fc(x.mean((2, 3))))
+
+
+@pytest.mark.parametrize("mode", ["qat", "static"])
+def test_fixed_range_outputs_keep_their_full_range_on_x86(mode):
+    """Softmax probabilities above 0.5 are codes above 127 of their fixed 1/256 grid: no clamp there."""
+    torch.manual_seed(0)
+    net = GatedSoftmax()
+    with torch.no_grad():
+        net.fc.bias.copy_(torch.tensor([4.0, 0.0, 0.0, 0.0]))  # class 0 dominates: probability ~0.9
+    prepared = backend.prepare(net, "x86", mode=mode)
+    batches = [(torch.rand(8, 3, 8, 8),) for _ in range(3)]
+    if mode == "qat":
+        for (x,) in batches:
+            prepared(x)
+        reference = backend.frozen_copy(prepared)
+    else:
+        backend.calibrate(prepared, batches)
+        reference = backend.qdq_network(prepared)
+    int8 = backend.convert(prepared, "x86")
+    x = batches[0][0]
+    with torch.no_grad():
+        expected, out = reference(x), int8(x)
+    assert expected.max() > 0.8
+    assert (out - expected).abs().max().item() <= 2 / 256
+
+
+def test_calibrated_x86_reference_saturates_where_the_int8_model_does():
+    """The QDQ reference of a calibrated x86 model clamps at code 127 when asked (the conversion check)."""
+    torch.manual_seed(0)
+    prepared = backend.prepare(Depthwise().eval(), "x86", mode="static")
+    backend.calibrate(prepared, [(torch.rand(8, 3, 8, 8) * 0.1,)])
+    int8 = backend.convert(copy.deepcopy(prepared), "x86")
+    x = torch.rand(8, 3, 8, 8) * 3.0  # 30x the calibrated range
+    step = float(int8.get_submodule("fc").scale)
+    with torch.no_grad():
+        saturated, export_form, out = (backend.qdq_network(prepared, True)(x), backend.qdq_network(prepared)(x),
+                                       int8(x))
+    assert (out - saturated).abs().max().item() <= 3 * step
+    assert (out - export_form).abs().max().item() > 3 * step  # the export form keeps codes up to 255
+
+
+class HeadDropout(nn.Module):
+    """timm's classifier head: ``F.dropout(..., training=self.training)`` in the network's own forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x)).mean((2, 3))
+        return self.fc(nn.functional.dropout(x, p=0.9, training=self.training))
+
+
+def test_functional_dropout_follows_the_mode_after_preparation():
+    net = HeadDropout()
+    assert tracing._mode_dependence(net) == ([], [""])
+    prepared = backend.prepare(net, "x86", mode="qat")
+    x = torch.rand(16, 3, 8, 8)
+    prepared(x)
+    frozen = backend.frozen_copy(prepared)
+    with torch.no_grad():
+        assert torch.equal(frozen(x), frozen(x))  # eval: no dropout
+        frozen.train()
+        assert not torch.equal(frozen(x), frozen(x))  # train: dropout
+    int8 = backend.convert(backend.frozen_copy(prepared), "x86")
+    assert isinstance(int8.get_submodule("fc"), nnq.Linear)
+
+
+class NoisyInTraining(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        return x + torch.randn_like(x) if self.training else x
+
+
+def test_network_whose_own_forward_depends_on_the_mode_is_refused_up_front():
+    with pytest.raises(ValueError, match=r"cannot quantize 'model': its own forward behaves differently in train "
+                                         r"and eval mode .* move that code into a submodule"):
+        tracing.check_mode_independent(NoisyInTraining(), prefix="model.")
+    with pytest.raises(ValueError, match="its own forward behaves differently"):
+        backend.prepare(NoisyInTraining(), "x86", mode="qat")
+    wrapped = nn.Sequential(NoisyInTraining(), nn.Conv2d(8, 2, 1))  # as a submodule it is an fp32 leaf
+    tracing.check_mode_independent(wrapped)
+    assert type(backend.prepare(wrapped, "x86", mode="qat").get_submodule("0")) is NoisyInTraining

@@ -58,6 +58,30 @@ def test_freeze_before_start_in_mixed_units_fails_before_training(make_trainer):
     assert trainer.global_step == 0
 
 
+class _NoisyInTraining(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.stem(x).mean((2, 3))
+        return self.fc(x + torch.randn_like(x) if self.training else x)
+
+
+class ModeDependent(UserClassifier):
+    def __init__(self):
+        super().__init__()
+        self.net = _NoisyInTraining()
+
+
+def test_start_late_network_whose_forward_depends_on_the_mode_fails_before_training(make_trainer):
+    trainer = make_trainer([QuantizationAwareTraining(start=0.5)], max_steps=4)
+    with pytest.raises(ValueError, match=r"cannot quantize 'net': its own forward behaves differently"):
+        trainer.fit(ModeDependent(), random_loader())
+    assert trainer.global_step == 0
+
+
 def test_untraceable_model_fails_before_training_naming_the_module(make_trainer):
     model = Untraceable()
     trainer = make_trainer([QuantizationAwareTraining()], max_steps=2)
