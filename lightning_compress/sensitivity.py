@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from lightning_compress.core.files import atomic_path, write_text_atomic
+from lightning_compress.core.layers import weight_label, weight_parameters
 from lightning_compress.pruning.masks import layerwise_magnitude_masks
 
 DEFAULT_SPARSITIES: tuple[float, ...] = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
@@ -64,14 +65,16 @@ def layer_sensitivity(
     layers: Sequence[str],
     sparsities: Sequence[float] = DEFAULT_SPARSITIES,
 ) -> list[dict[str, Any]]:
-    """Accuracy of ``module`` with each layer alone pruned to each sparsity.
+    """Accuracy of ``module`` with each layer's weight alone pruned to each sparsity.
 
     The weights are restored after each measurement, so ``module`` is unchanged on return.
 
     Args:
         module: The model (or LightningModule) holding the layers.
         evaluate: Returns the accuracy of ``module`` (e.g. on a few validation batches).
-        layers: Qualified names of the layers to analyze (e.g. from ``select_layers``).
+        layers: Labels of the weights to analyze: a layer's qualified name for its ``weight``, the
+            parameter's name for attention projections (``...in_proj_weight``), as
+            :func:`~lightning_compress.core.layers.select_weights` selects and ``MagnitudePruning`` takes them.
         sparsities: Tested sparsities, in ``(0, 1)``.
 
     Returns:
@@ -89,10 +92,14 @@ def layer_sensitivity(
     sparsities = check_sparsities(sparsities)
     if not layers:
         raise ValueError("layers must name at least one layer")
+    parameters = {weight_label(name): name for name in weight_parameters(module)}
+    unknown = [layer for layer in layers if layer not in parameters]
+    if unknown:
+        raise ValueError(f"layers {unknown} name no weight; weights are: {list(parameters)}")
     baseline = float(evaluate(module))
     rows = []
     for layer in layers:
-        weight = module.get_submodule(layer).weight
+        weight = module.get_parameter(parameters[layer])
         original = weight.detach().clone()
         rows.append({"layer": layer, "sparsity": 0.0, "accuracy": baseline, "drop": 0.0})
         try:

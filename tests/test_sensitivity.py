@@ -27,6 +27,22 @@ def test_each_layer_is_pruned_alone_and_restored():
     assert sensitivity_targets(rows, max_drop=0.06) == {"0": 0.0, "1": 0.5}
 
 
+def test_attention_projections_are_analyzed_and_restored():
+    from lightning_compress.core.layers import select_weights, weight_label
+
+    net = nn.Sequential(nn.Linear(8, 8), nn.MultiheadAttention(8, 2), nn.Linear(8, 2))
+    assert [weight_label(name) for name in select_weights(net)] == ["0", "1.in_proj_weight", "1.out_proj"]
+    labels = ["1.in_proj_weight", "1.out_proj"]
+    before = net[1].in_proj_weight.detach().clone()
+    zeros = []
+    rows = layer_sensitivity(net, lambda m: zeros.append(float((m[1].in_proj_weight == 0).float().mean())) or 1.0,
+                             labels, [0.5])
+    assert zeros[:2] == [0.0, 0.5] and [r["layer"] for r in rows] == ["1.in_proj_weight"] * 2 + ["1.out_proj"] * 2
+    assert torch.equal(net[1].in_proj_weight, before)
+    with pytest.raises(ValueError, match=r"layers \['1.in_proj'\] name no weight; weights are: \['0', '1.in_proj_weight'"):
+        layer_sensitivity(net, lambda m: 1.0, ["1.in_proj"], [0.5])
+
+
 def test_targets_stop_at_the_first_intolerable_sparsity():
     rows = [{"layer": "a", "sparsity": s, "drop": d} for s, d in [(0.0, 0), (0.5, 0.2), (0.9, 0.0)]]
     assert sensitivity_targets(rows, max_drop=0.1) == {"a": 0.0}  # 0.9 recovering is noise, not tolerance

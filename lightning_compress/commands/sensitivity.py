@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lightning_compress.commands.checkpoint import NETWORK, load_checkpoint
-from lightning_compress.core.layers import select_layers
+from lightning_compress.core.layers import select_weights, weight_label
 from lightning_compress.data import CIFARDataModule
 from lightning_compress.sensitivity import (
     DEFAULT_SPARSITIES,
@@ -72,7 +72,7 @@ def main(argv: Sequence[str]) -> int:
         correct = sum(int((module.get_submodule(NETWORK)(x).argmax(1) == y).sum()) for x, y in batches)
         return correct / sum(len(y) for _, y in batches)
 
-    layers = select_layers(holder, args.include, args.exclude)
+    layers = [weight_label(name) for name in select_weights(holder, args.include, args.exclude)]
     rows = layer_sensitivity(holder, evaluate, layers, sparsities)
     targets = sensitivity_targets(rows, args.max_drop)
     paths = write_sensitivity(rows, targets, args.out, args.max_drop, {"include": args.include, "exclude": args.exclude})
