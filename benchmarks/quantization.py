@@ -217,7 +217,8 @@ def _markdown(report: dict) -> str:
     lines = [
         "# Quantization benchmark: fp32 vs int8 (FX; x86 / onednn engines), CPU",
         "",
-        f"Machine: {report['machine']['platform']}, {report['machine']['cpu_count']} CPUs (load average "
+        f"Machine: {report['machine']['cpu']['model']} ({', '.join(report['machine']['cpu']['flags'])}), "
+        f"{report['machine']['platform']}, {report['machine']['cpu_count']} CPUs (load average "
         f"{report['machine']['load_average_1_5_15']}), torch {report['machine']['torch']}, "
         f"{report['settings']['threads']} torch thread(s).",
         f"Settings: {json.dumps(report['settings'])}.",

@@ -34,11 +34,10 @@ every image, logits within a quantization step). ``onnxruntime_symmetric`` (int8
 is the QDQ form TensorRT reads.
 
 **The default engine stays ``x86``**: it needs nothing beyond torch, while onnxruntime is the optional
-``[export]`` extra. For deployment pick ``engine="onnxruntime"``; measured on a shared 2-core AMD EPYC
-(AVX-512 VNNI), 1 thread, ResNet-20 batch 1 (``benchmarks/results/deploy_latency.md``): our QDQ ONNX 0.31 ms,
-onnxruntime's own ``quantize_static`` 0.39 ms, torch int8 ``x86`` file 0.76 ms, onnxruntime fp32 0.69 ms,
-torch fp32 eager 6.6 ms (a busy machine: load average 6); MobileNetV2 batch 64: 52.6 / 50.9 / 61.9 / 142 / 665
-ms. On onnxruntime every convolution of these networks runs as one int8 kernel (``QLinearConv``, no float op
+``[export]`` extra. For deployment pick ``engine="onnxruntime"``; measured on a 2-core AMD EPYC
+(AVX-512 VNNI) at load average 1, 1 thread, ResNet-20 batch 1 (``benchmarks/results/deploy_latency.md``): our
+QDQ ONNX 0.22 ms, onnxruntime's own ``quantize_static`` 0.23 ms, torch int8 ``x86`` file 0.41 ms, onnxruntime
+fp32 0.43 ms, torch fp32 eager 1.9 ms; MobileNetV2 batch 64: 27.0 / 28.2 / 39.3 / 84.4 / 475 ms. On onnxruntime every convolution of these networks runs as one int8 kernel (``QLinearConv``, no float op
 left between them; ReLU6 is quantized with its convolution, :func:`_backend_config`). With
 ``onnxruntime_symmetric`` onnxruntime keeps a convolution followed by ReLU/ReLU6 in float (a zero-point-0
 int8 range has negative codes, so the clamp cannot go); TensorRT fuses it.
@@ -95,10 +94,10 @@ from lightning_compress.quantization.tracing import check_traceable, traceable_n
 
 TORCH_ENGINES: tuple[str, ...] = ("x86", "onednn", "qnnpack")
 """torch int8 engines (quantized tensors, deprecated by torch): ``x86`` (fbgemm kernels), ``onednn``
-(oneDNN kernels on x86; batched throughput) and ``qnnpack`` (ARM, mobile). Measured on a 2-core AVX2 CPU
-(no VNNI), 1 thread, as files written by :func:`save_quantized` (``benchmarks/results/quantization.md``):
-int8 ResNet-20 4.3x faster than fp32 eager at batch 1 and 2.3x at batch 64 on ``x86``, 4.0x / 4.4x on
-``onednn``."""
+(oneDNN kernels on x86) and ``qnnpack`` (ARM, mobile). Measured on a 2-core AMD EPYC (AVX-512 VNNI), 1
+thread, as files written by :func:`save_quantized` (``benchmarks/results/quantization.md``): int8 ResNet-20
+4.2x faster than fp32 eager at batch 1 and 6.7x at batch 64 on ``x86``, 4.3x / 6.0x on ``onednn`` (on an
+AVX2 CPU without VNNI: 4.3x / 2.3x and 4.0x / 4.4x)."""
 ONNX_ENGINES: tuple[str, ...] = ("onnxruntime", "onnxruntime_symmetric")
 """Engines whose int8 model is the deployable QDQ ONNX run by onnxruntime (needs the ``[export]`` extra).
 ``onnxruntime``: activations uint8 affine over the full 0..255 (onnxruntime's U8S8 kernels);
