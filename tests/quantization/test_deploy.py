@@ -250,3 +250,28 @@ def test_mobilenetv2_int8_onnx_runs_every_convolution_in_int8(mode, tmp_path):
     assert ops.count("QLinearConv") == convs and ops.count("QLinearAdd") == 10
     assert not FLOAT_COMPUTE & set(ops), sorted(set(ops))  # ReLU6 once left DQ -> Clip -> Q between every two
     assert ops.count("QuantizeLinear") <= 3  # input, pooled features, classifier input
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "onnxruntime_symmetric"])
+def test_efficientnet_b0_ships_as_qdq_onnx_after_quantization_aware_training(engine):
+    """Squeeze-excitation, SiLU and stochastic depth (an fp32 leaf that follows the mode) through the ONNX engines."""
+    import warnings
+
+    import lightning.pytorch as pl
+    import torchvision
+
+    from lightning_compress import ImageClassifier
+
+    torch.manual_seed(0)
+    module = ImageClassifier(model=torchvision.models.efficientnet_b0(num_classes=10), num_classes=10)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(12, 3, 32, 32),
+                                                                        torch.randint(0, 10, (12,))), batch_size=4)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_test_batches=1,
+                         callbacks=[QuantizationAwareTraining(engine=engine)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, loader)
+    assert not [w for w in caught if "conversion" in str(w.message)]
+    assert isinstance(module.model, OnnxRuntimeNetwork)
+    assert trainer.test(module, loader, verbose=False)[0]["test/acc"] >= 0
