@@ -17,9 +17,13 @@ networks users bring, and this module handles both before :func:`~lightning_comp
 Example:
     >>> import torch
     >>> from torch import nn
-    >>> net, leaves = traceable_network(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
-    >>> net is not None, leaves
-    (True, [])
+    >>> class NormAct(nn.BatchNorm2d):  # as timm's BatchNormAct2d
+    ...     def forward(self, x):
+    ...         return torch.relu(nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight,
+    ...                                                    self.bias, self.training, self.momentum, self.eps))
+    >>> net, leaves = traceable_network(nn.Sequential(nn.Conv2d(3, 4, 3), NormAct(4), nn.Dropout(0.5)).train())
+    >>> type(net.get_submodule("1")).__name__, leaves
+    ('BatchNorm2d', [])
 """
 
 from __future__ import annotations
