@@ -1,12 +1,12 @@
 """KnowledgeDistillation in one Trainer with the other techniques, and under DDP."""
 
-import lightning.pytorch as pl
 import pytest
 import torch
 
 from lightning_compress.distillation import KnowledgeDistillation
 from lightning_compress.pruning import MagnitudePruning
 from lightning_compress.quantization import QuantizationAwareTraining
+from tests.ddp import run_two_ranks
 from tests.distillation.test_callback import Recorder, _trainer
 from tests.toy import ToyConvNet, UserClassifier, random_loader
 
@@ -36,14 +36,29 @@ def test_with_quantization_aware_training(kd_first):
     assert "training_step" not in student.__dict__
 
 
+DDP_BODY = """
+from lightning_compress.distillation import KnowledgeDistillation
+from tests.toy import ToyConvNet, UserClassifier, random_loader
+
+student = UserClassifier()
+before = student.net.fc.weight.detach().clone()
+trainer = pl.Trainer(strategy="ddp", devices=2, accelerator="cpu", max_steps=2, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     callbacks=[KnowledgeDistillation(ToyConvNet(), alpha=0.5)])
+trainer.fit(student, random_loader(64, batch_size=8))
+save({"kd_loss": float(trainer.callback_metrics["distill/kd_loss"]), "fc": student.net.fc.weight.detach(),
+      "before": before}, trainer)
+"""
+
+
 @pytest.mark.slow
-def test_ddp_two_cpu_processes():
-    """Each rank runs its own teacher on its shard; nothing is synchronised beyond DDP's gradients."""
-    student = UserClassifier()
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[KnowledgeDistillation(ToyConvNet(), alpha=0.5)])
-    before = student.net.fc.weight.detach().clone()
-    trainer.fit(student, random_loader(64, batch_size=8))
-    assert trainer.callback_metrics["distill/kd_loss"] > 0
-    assert not torch.equal(student.net.fc.weight, before)  # the weights trained on the ranks came back
+def test_ddp_two_cpu_processes(tmp_path):
+    """Each rank runs its own teacher on its shard; nothing is synchronised beyond DDP's gradients.
+
+    Two processes as the other DDP tests run them (``tests/ddp.py``): a ``ddp_spawn`` worker inside pytest
+    once aborted at exit ("terminate called without an active exception") after a finished fit.
+    """
+    rank0, rank1 = run_two_ranks(tmp_path, DDP_BODY)
+    assert rank0["kd_loss"] > 0 and rank1["kd_loss"] > 0
+    assert torch.equal(rank0["fc"], rank1["fc"])  # DDP kept the students identical
+    assert not torch.equal(rank0["fc"], rank0["before"])  # and they trained
