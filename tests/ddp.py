@@ -21,6 +21,17 @@ torch.set_num_threads(1)
 pl.seed_everything(0)
 """
 
+_EPILOGUE = """
+# both ranks saved: leave without running C++ static destructors, where gloo's threads now and then
+# abort the process ("terminate called without an active exception") after everything was done
+if torch.distributed.is_initialized():
+    torch.distributed.barrier()
+import os
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
+"""
+
 
 def run_two_ranks(tmp_path: Path, body: str) -> tuple[Any, Any]:
     """Run ``body`` under ``python`` (it launches ``Trainer(strategy="ddp", devices=2)`` itself).
@@ -32,6 +43,6 @@ def run_two_ranks(tmp_path: Path, body: str) -> tuple[Any, Any]:
     """
     script = tmp_path / "two_ranks.py"
     save = f"def save(obj, trainer):\n    torch.save(obj, f'{tmp_path}/rank{{trainer.global_rank}}.pt')\n"
-    script.write_text(_PREAMBLE.format(root=str(ROOT)) + save + textwrap.dedent(body))
+    script.write_text(_PREAMBLE.format(root=str(ROOT)) + save + textwrap.dedent(body) + _EPILOGUE)
     subprocess.run([sys.executable, str(script)], check=True, cwd=tmp_path, timeout=300)
     return tuple(torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1))
