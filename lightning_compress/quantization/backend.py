@@ -556,8 +556,9 @@ def check_conversion(reference: nn.Module, int8: nn.Module, inputs: tuple, prefi
 
     Example:
         >>> prepared = prepare(nn.Sequential(nn.Linear(4, 2)), mode="static")
-        >>> _ = calibrate(prepared, [(torch.randn(8, 4),)])
-        >>> check_conversion(qdq_network(prepared), convert(prepared), (torch.randn(8, 4),))
+        >>> batch = (torch.randn(8, 4),)
+        >>> _ = calibrate(prepared, [batch])
+        >>> check_conversion(qdq_network(prepared, saturate_at_trained_range=True), convert(prepared), batch)
     """
     from lightning_compress.export.comparison import parity
 
