@@ -86,4 +86,3 @@ def check_step_loss(trainer: Any, outputs: Any, callback: str) -> None:
         return
     check_finite({"loss": step_loss(outputs)}, trainer.global_step, callback)
     trainer.__dict__["_compression_loss_checked_step"] = trainer.global_step
-

@@ -37,7 +37,8 @@ is the QDQ form TensorRT reads.
 ``[export]`` extra. For deployment pick ``engine="onnxruntime"``; measured on a 2-core AMD EPYC
 (AVX-512 VNNI) at load average 1, 1 thread, ResNet-20 batch 1 (``benchmarks/results/deploy_latency.md``): our
 QDQ ONNX 0.22 ms, onnxruntime's own ``quantize_static`` 0.23 ms, torch int8 ``x86`` file 0.41 ms, onnxruntime
-fp32 0.43 ms, torch fp32 eager 1.9 ms; MobileNetV2 batch 64: 27.0 / 28.2 / 39.3 / 84.4 / 475 ms. On onnxruntime every convolution of these networks runs as one int8 kernel (``QLinearConv``, no float op
+fp32 0.43 ms, torch fp32 eager 1.9 ms; MobileNetV2 batch 64: 27.0 / 28.2 / 39.3 / 84.4 / 475 ms. On
+onnxruntime every convolution of these networks runs as one int8 kernel (``QLinearConv``, no float op
 left between them; ReLU6 is quantized with its convolution, :func:`_backend_config`). With
 ``onnxruntime_symmetric`` onnxruntime keeps a convolution followed by ReLU/ReLU6 in float (a zero-point-0
 int8 range has negative codes, so the clamp cannot go); TensorRT fuses it.
@@ -192,12 +193,22 @@ def check_engine(engine: str) -> str:
     return engine
 
 
+_REDUCED_RANGE_ENGINES = ("x86", "onednn")
+"""Engines whose activations are trained on a reduced range, 0..127 (module docstring)."""
+_REDUCED_QUANT_MAX = 127
+"""Largest activation code of the x86 engines: no u8 x s8 pair of products overflows int16."""
+
+
+def _reduced_range_max(scale: float, zero_point: int) -> float:
+    """The largest value an activation quantized on the reduced range represents."""
+    return (_REDUCED_QUANT_MAX - zero_point) * scale
+
+
 def _activation_format(engine: str) -> dict:
     if engine == "onnxruntime_symmetric":
         return {"quant_min": -128, "quant_max": 127, "dtype": torch.qint8, "qscheme": torch.per_tensor_symmetric}
-    full = engine in ("qnnpack", "onnxruntime")  # x86 engines: 0..127, int16 pair sums (module docstring)
-    return {"quant_min": 0, "quant_max": 255 if full else 127, "dtype": torch.quint8,
-            "qscheme": torch.per_tensor_affine}
+    quant_max = _REDUCED_QUANT_MAX if engine in _REDUCED_RANGE_ENGINES else 255
+    return {"quant_min": 0, "quant_max": quant_max, "dtype": torch.quint8, "qscheme": torch.per_tensor_affine}
 
 
 _CLAMPS = (nn.ReLU6, nn.Hardtanh, nn.functional.relu6, nn.functional.hardtanh)
@@ -518,8 +529,9 @@ def convert(prepared: nn.Module, engine: str = "x86", example_inputs: tuple | No
 
         return OnnxRuntimeNetwork(qdq_onnx_bytes(qdq_network(prepared.cpu()), tuple(example_inputs)))
     torch.backends.quantized.engine = engine
+    # the fixed full-range qparams of sigmoid, tanh, softmax: read before convert_fx consumes the quantizers
     full_range = {(float(m.scale), int(m.zero_point)) for m in prepared.modules()
-                  if isinstance(m, (FixedQParamsFakeQuantize, FixedQParamsObserver))}  # sigmoid, softmax...
+                  if isinstance(m, (FixedQParamsFakeQuantize, FixedQParamsObserver))}
     with _routed_warnings():
         int8 = _keepdim_means(convert_fx(prepared.cpu().eval()))
     return _clamped_activations(int8, full_range) if engine in _REDUCED_RANGE_ENGINES else int8
@@ -774,7 +786,8 @@ def qdq_network(prepared: fx.GraphModule, saturate_at_trained_range: bool = Fals
             module = model.get_submodule(node.target)
             if isinstance(module, (ObserverBase, FakeQuantizeBase)):
                 replaced[node.target] = _activation_qdq(module)
-                if saturate_at_trained_range and module.dtype == torch.quint8 and module.quant_max == 127:
+                if (saturate_at_trained_range and module.dtype == torch.quint8
+                        and module.quant_max == _REDUCED_QUANT_MAX):
                     reduced.add(node.target)
             else:
                 replaced[node.target] = _weighted_qdq(module) or module
@@ -787,8 +800,8 @@ def qdq_network(prepared: fx.GraphModule, saturate_at_trained_range: bool = Fals
             model.graph.erase_node(node)
         elif node.target in reduced:
             qdq = replaced[node.target]
+            bound = _reduced_range_max(float(qdq.scale), int(qdq.zero_point))
             with model.graph.inserting_before(node):
-                bound = (127 - int(qdq.zero_point)) * float(qdq.scale)
                 node.args = (model.graph.call_function(torch.clamp, (node.args[0],), {"max": bound}),)
     _drop_saturated_clamps(model)
     model.graph.lint()
@@ -836,10 +849,6 @@ def _drop_saturated_clamps(model: fx.GraphModule) -> None:
             model.graph.erase_node(node)
 
 
-_REDUCED_RANGE_ENGINES = ("x86", "onednn")
-"""Engines whose activations are trained on 0..127 (module docstring)."""
-
-
 def clamp_to_reduced_range(x: torch.Tensor) -> torch.Tensor:
     """``x`` with its codes above 127 saturated, if it is a ``quint8`` tensor (else ``x`` itself).
 
@@ -863,7 +872,7 @@ def clamp_to_reduced_range(x: torch.Tensor) -> torch.Tensor:
     """
     if not x.is_quantized or x.dtype != torch.quint8:
         return x
-    return torch.clamp(x, max=(127 - x.q_zero_point()) * x.q_scale())
+    return torch.clamp(x, max=_reduced_range_max(x.q_scale(), x.q_zero_point()))
 
 
 fx.wrap("clamp_to_reduced_range")
@@ -871,42 +880,34 @@ fx.wrap("clamp_to_reduced_range")
 _QUANTIZED_MODULES = ("torch.ao.nn.quantized.modules", "torch.ao.nn.intrinsic.quantized.modules")
 
 
-def _qparams_set_by(int8: fx.GraphModule, node: fx.Node) -> tuple[float, int] | None | bool:
-    """The scale and zero-point ``node`` gives its value: a pair when known statically (a quantized module
-    or a quantization), True when it sets them at run time (a ``quantized::`` op), None when it keeps
-    its input's (pooling, ReLU, reshapes, fixed-range ops such as sigmoid)."""
-    if node.op == "call_module":
-        module = int8.get_submodule(node.target)
-        if type(module).__module__.startswith(_QUANTIZED_MODULES) and hasattr(module, "zero_point"):
-            return float(module.scale), int(module.zero_point)
-    elif node.target is torch.quantize_per_tensor:
+def _sets_reduced_range(int8: fx.GraphModule, node: fx.Node, full_range: set[tuple[float, int]]) -> bool:
+    """Whether ``node`` gives its value a scale and zero-point of its own on the reduced range: a quantization,
+    a quantized module or a ``quantized::`` op, unless they are the fixed full-range ones of sigmoid, tanh or
+    softmax (``full_range``). Other ops keep their input's (pooling, ReLU, reshapes)."""
+    if node.op == "call_function" and str(getattr(node.target, "_qualified_op_name", "")).startswith("quantized::"):
+        return True
+    if node.target is torch.quantize_per_tensor:
         scale, zero_point = (operator.attrgetter(arg.target)(int8) if isinstance(arg, fx.Node) else arg
                              for arg in node.args[1:3])
-        return float(scale), int(zero_point)
-    elif node.op == "call_function" and str(getattr(node.target, "_qualified_op_name", "")).startswith("quantized::"):
-        return True
-    return None
+    elif node.op == "call_module" and type(int8.get_submodule(node.target)).__module__.startswith(_QUANTIZED_MODULES):
+        scale, zero_point = (getattr(int8.get_submodule(node.target), key, None) for key in ("scale", "zero_point"))
+        if zero_point is None:
+            return False
+    else:
+        return False
+    return (float(scale), int(zero_point)) not in full_range
 
 
 def _clamped_activations(int8: fx.GraphModule, full_range: set[tuple[float, int]]) -> fx.GraphModule:
-    """Put :func:`clamp_to_reduced_range` after each node of a converted model that sets qparams.
-
-    Ops that keep their input's scale and zero-point (pooling, ReLU, reshapes) need no clamp of their
-    own; values quantized with the fixed full-range parameters of sigmoid, tanh or softmax
-    (``full_range``, from the prepared model's fixed-qparams quantizers) keep codes up to 255.
-    """
-    graph, clamps = int8.graph, 0
-    for node in list(graph.nodes):
-        qparams = _qparams_set_by(int8, node)
-        if qparams is None or qparams in full_range:
-            continue
+    """Put :func:`clamp_to_reduced_range` after each node of a converted model that sets reduced-range qparams
+    (:func:`_sets_reduced_range`): every value fake-quantization saturated at code 127."""
+    graph = int8.graph
+    for node in [node for node in graph.nodes if _sets_reduced_range(int8, node, full_range)]:
         with graph.inserting_after(node):
             clamped = graph.call_function(clamp_to_reduced_range, (node,))
         node.replace_all_uses_with(clamped, delete_user_cb=lambda user, clamped=clamped: user is not clamped)
-        clamps += 1
-    if clamps:
-        graph.lint()
-        int8.recompile()
+    graph.lint()
+    int8.recompile()
     return int8
 
 

@@ -161,8 +161,7 @@ class PostTrainingQuantization(Callback):
             return
         attribute, net = find_network(pl_module, self.network)
         skip_names = backend.resolve_skip(net, self.skip, attribute + ".")
-        tracing.check_traceable(net, skip_names, attribute + ".")
-        tracing.check_mode_independent(net, skip_names, attribute + ".")
+        tracing.check_quantizable(net, skip_names, attribute + ".")
         check_composition(trainer)
 
     def _calibration_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module

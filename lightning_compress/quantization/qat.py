@@ -146,8 +146,7 @@ class QuantizationAwareTraining(Callback):
         if not backend.is_prepared(net) and self._stage != "int8":
             prefix = self._attribute + "."
             self._skip_names = backend.resolve_skip(net, self.skip, prefix)
-            tracing.check_traceable(net, self._skip_names, prefix)
-            tracing.check_mode_independent(net, self._skip_names, prefix)
+            tracing.check_quantizable(net, self._skip_names, prefix)
         if stage == "fit":
             budget = step_budget(trainer)
             self._steps = {

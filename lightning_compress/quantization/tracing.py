@@ -107,12 +107,32 @@ def check_mode_independent(network: nn.Module, skip: Sequence[str] = (), prefix:
         >>> check_mode_independent(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)))
     """
     if "" in _mode_dependence(network, skip)[0]:
-        _refuse_mode_dependent_forward(network, prefix)
+        raise _mode_dependent_forward(network, prefix)
 
 
-def _refuse_mode_dependent_forward(network: nn.Module, prefix: str = "") -> None:
+def check_quantizable(network: nn.Module, skip: Sequence[str] = (), prefix: str = "") -> None:
+    """Both checks the quantization callbacks run in ``setup``: :func:`check_traceable`, then
+    :func:`check_mode_independent`.
+
+    Args:
+        network: The network to quantize.
+        skip: Module names kept as fp32 leaves.
+        prefix: How the caller names the network, for the messages.
+
+    Raises:
+        ValueError: As those two do.
+
+    Example:
+        >>> check_quantizable(nn.Sequential(nn.Linear(2, 2)), prefix="model.")
+    """
+    check_traceable(network, skip, prefix)
+    check_mode_independent(network, skip, prefix)
+
+
+def _mode_dependent_forward(network: nn.Module, prefix: str = "") -> ValueError:
+    """The error refusing a network whose own forward depends on the mode."""
     name = prefix.rstrip(".") or type(network).__name__
-    raise ValueError(
+    return ValueError(
         f"cannot quantize {name!r}: its own forward behaves differently in train and eval mode (code that reads "
         f"self.training other than dropout), and FX tracing would freeze train mode into the quantized network; "
         f"move that code into a submodule (it then stays fp32) or make the network's forward independent of the mode"
@@ -151,7 +171,7 @@ def traceable_network(network: nn.Module, skip: Sequence[str] = ()) -> tuple[nn.
     leaves = list(skip)
     structural, dropouts = _mode_dependence(network, leaves)
     if "" in structural:
-        _refuse_mode_dependent_forward(network)
+        raise _mode_dependent_forward(network)
     norms = []
     for name in structural:
         module = network.get_submodule(name)
@@ -189,7 +209,7 @@ def _mode_dependence(network: nn.Module, leaves: Sequence[str] = ()) -> tuple[li
     modules = [(name, module) for name, module in network.named_modules()
                if not type(module).__module__.startswith("torch.")
                and not any(name == leaf or name.startswith(leaf + ".") for leaf in leaves)]
-    for name, module in sorted(modules, key=lambda item: -item[0].count(".") if item[0] else 1):
+    for name, module in sorted(modules, key=lambda item: (item[0] == "", -item[0].count("."))):  # innermost first
         try:
             if "training" not in inspect.getsource(type(module)):  # forward and the methods it calls
                 continue
