@@ -261,6 +261,35 @@ def test_x86_int8_saturates_values_above_the_trained_range_as_training_did(engin
     torch.backends.quantized.engine = "x86"
 
 
+class GatedDepthwise(nn.Module):
+    """A product (``quantized::mul``, qparams of its own) feeding the depthwise convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.depthwise = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = self.conv(x)  # a product of two factors that training never saw large together
+        return self.fc(torch.relu(self.depthwise(torch.relu(x) * torch.relu(-x).flip(-1))).mean((2, 3)))
+
+
+def test_x86_int8_saturates_products_above_the_trained_range_as_training_did():
+    torch.manual_seed(0)
+    prepared = backend.prepare(GatedDepthwise(), "x86", mode="qat")
+    for _ in range(3):
+        prepared(torch.randn(8, 3, 8, 8) * 0.1)
+    reference = backend.frozen_copy(prepared)
+    int8 = backend.convert(backend.frozen_copy(prepared), "x86")
+    products = [n for n in int8.graph.nodes if str(n.target) == "quantized.mul"]
+    assert products and all(user.target is backend.clamp_to_reduced_range for n in products for user in n.users)
+    x = torch.randn(8, 3, 8, 8) * 3.0
+    with torch.no_grad():
+        expected, out = reference(x), int8(x)
+    assert (out - expected).abs().max().item() <= 3 * float(int8.get_submodule("fc").scale)
+
+
 def test_converted_weights_are_the_trained_fake_quantized_weights():
     """int8 weights equal the fake-quantized (BN-folded) weights QAT trained, code for code.
 
