@@ -115,6 +115,16 @@ def check_deploy_latency(result: dict[str, Any], markdown: str) -> None:
     assert "| resnet20 | ours_qdq | 21 | 9 | 0 |" in markdown
 
 
+def check_saturation_cost(result: dict[str, Any], markdown: str) -> None:
+    (row,) = result["results"]
+    assert row["model"] == "resnet18" and row["clamps"] >= 20  # every quantized value of a ResNet-18
+    (cell,) = row["latency"]
+    assert cell["batch"] == 1 and cell["plain_ms"] > 0 and cell["clamped_ms"] > 0
+    assert cell["cost"] == pytest.approx(cell["clamped_ms"] / cell["plain_ms"] - 1)
+    assert set(result["machine"]["cpu"]) == {"model", "flags", "bf16"}
+    assert f"| resnet18 | {row['clamps']} | 1 | " in markdown
+
+
 def check_distillation(result: dict[str, Any], markdown: str) -> None:
     steps = result["overhead"]["median_step_cpu_ms"]
     assert set(steps) == {"student", "student_plus_teacher", "kd_online", "kd_cached", "teacher_forward"}
@@ -233,6 +243,10 @@ CASES = {
     "deploy_latency": Case(
         ("--models", "resnet20", "--batches", "1", "--threads", "1", "--repeats", "1", "--calibration-batches", "1"),
         check_deploy_latency,
+    ),
+    "saturation_cost": Case(
+        ("--models", "resnet18", "--batches", "1", "--rounds", "1", "--repeats", "1", "--steps", "1"),
+        check_saturation_cost,
     ),
     "distillation": Case(
         ("--batch-size", "2", "--steps", "1", "--rounds", "1", "--accuracy-epochs", "1", "--limit-batches",

@@ -53,9 +53,10 @@ on a CPU other than the one that trained it, so the safe range is used on every 
 ``onednn`` default keeps the full range and warns on non-VNNI CPUs). Fake-quantization saturates every
 activation at code 127; a converted model keeps only scale and zero-point, so :func:`convert` saturates
 each activation again (:func:`clamp_to_reduced_range`): without it a value above the trained range takes
-a code up to 255, and depthwise convolutions overflow their int16 pair sums even on VNNI CPUs (timm's
-EfficientNet-B0: up to 190 steps wrong). Measured cost at 1 thread, this CPU: 10-16 % at batch 1, 3-8 %
-at batch 64 (ResNet-18, MobileNetV2, EfficientNet-B0, GhostNet). Weights are fake-quantized with the
+a code up to 255, and depthwise convolutions overflow their int16 pair sums even on VNNI CPUs (a
+MobileNetV2 layer 36 quantization steps off without the clamps, 1 with). Measured cost at 1 thread on an
+AVX-512 VNNI CPU: 11-15 % at batch 1, 3-6 % at batch 64 (ResNet-18, MobileNetV2, EfficientNet-B0 from
+torchvision and timm, GhostNet; ``benchmarks/results/saturation_cost.md``). Weights are fake-quantized with the
 observer's own scales, the ones conversion uses, so the int8 weights are the trained ones code for code.
 FX tracing freezes ``self.training``: :func:`prepare` traces batch norms written outside torch (timm's
 ``BatchNormAct2d``) as torch's own, which fold into their convolution, and keeps other modules whose code
@@ -855,7 +856,7 @@ def clamp_to_reduced_range(x: torch.Tensor) -> torch.Tensor:
     An int8 model keeps only each activation's scale and zero-point, so a value above the range it was
     trained on takes a code up to 255, where fake-quantization saturated at 127. On x86 a Conv/Linear
     multiplies u8 x s8 pairs summed in int16, which overflow for such codes: measured here (AVX-512 VNNI),
-    depthwise convolutions of timm's EfficientNet-B0 then came out up to 190 quantization steps wrong.
+    a MobileNetV2 layer came out 36 quantization steps wrong (``benchmarks/results/saturation_cost.md``).
     :func:`convert` puts this clamp on every activation of the x86 engines' int8 models, as
     fake-quantization saturates each one, so the int8 model computes what was trained.
 
