@@ -122,7 +122,9 @@ def check_saturation_cost(result: dict[str, Any], markdown: str) -> None:
     assert cell["batch"] == 1 and cell["plain_ms"] > 0 and cell["clamped_ms"] > 0
     assert cell["cost"] == pytest.approx(cell["clamped_ms"] / cell["plain_ms"] - 1)
     assert set(result["machine"]["cpu"]) == {"model", "flags", "bf16"}
-    assert f"| resnet18 | {row['clamps']} | 1 | " in markdown
+    errors = row["worst_layer_error_steps"]
+    assert errors["with_clamps"] <= 1.01  # with the clamps every layer computes what its int8 input says
+    assert f"| resnet18 | {row['clamps']} | {errors['without_clamps']:.0f} / {errors['with_clamps']:.0f} | 1 | " in markdown
 
 
 def check_distillation(result: dict[str, Any], markdown: str) -> None:
