@@ -1,10 +1,11 @@
 """Knowledge distillation: a frozen teacher's soft targets added to any LightningModule's loss.
 
 ``losses`` holds the math, ``teacher`` turns a module/checkpoint/zoo name into a frozen teacher,
-``callback`` holds :class:`KnowledgeDistillation` (the training-step wrapper and the logit cache).
+``cache`` keeps teacher logits by sample index, ``callback`` holds :class:`KnowledgeDistillation`.
 """
 
-from lightning_compress.distillation.callback import IndexedDataset, KnowledgeDistillation, TeacherLogitCache
+from lightning_compress.distillation.cache import IndexedDataset, TeacherLogitCache
+from lightning_compress.distillation.callback import KnowledgeDistillation
 from lightning_compress.distillation.losses import (
     combined_loss,
     distillation_loss,

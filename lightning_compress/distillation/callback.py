@@ -1,7 +1,6 @@
-"""KnowledgeDistillation: adds a teacher's soft targets to any LightningModule's training loss.
+"""KnowledgeDistillation: adds a frozen teacher's soft targets to any LightningModule's training loss.
 
 Example:
-    >>> from torch import nn
     >>> kd = KnowledgeDistillation(teacher=nn.Linear(8, 4), temperature=4.0, alpha=0.9)
     >>> trainer = pl.Trainer(callbacks=[kd], max_epochs=1, logger=False, enable_progress_bar=False)
     >>> (kd.temperature, kd.alpha)
@@ -19,12 +18,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
-from torch.utils.data import Dataset
+from typing_extensions import override
 
-from lightning_compress.core.composition import Declaration, Effect, check_composition
-from lightning_compress.core.guards import check_step_loss
-from lightning_compress.core.layers import find_network
-from lightning_compress.core.progress import StepWindow, step_budget
+from lightning_compress.core.callback import CompressionCallback
+from lightning_compress.core.composition import Declaration, Effect
+from lightning_compress.core.progress import StepBudget, StepWindow
+from lightning_compress.distillation.cache import TeacherLogitCache, split_indices
 from lightning_compress.distillation.losses import (
     ALPHA_SCHEDULES,
     AlphaSchedule,
@@ -40,80 +39,6 @@ from lightning_compress.distillation.teacher import (
     copy_network,
     load_teacher,
 )
-
-
-class IndexedDataset(Dataset):
-    """Wraps a dataset so that each sample also carries its index, as the last element.
-
-    ``(x, y)`` becomes ``(x, y, index)``; a sample that is not a tuple/list ``x`` becomes
-    ``(x, index)``. This is how :class:`KnowledgeDistillation` (``cache_logits=True``) learns which
-    sample each row of a batch is; the callback strips the index off again before the module's
-    ``training_step`` sees the batch, so the module is unchanged.
-
-    Args:
-        dataset: A map-style dataset.
-
-    Example:
-        >>> from torch.utils.data import TensorDataset
-        >>> IndexedDataset(TensorDataset(torch.zeros(3, 2), torch.arange(3)))[2][2]
-        2
-    """
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> tuple[Any, ...]:
-        sample = self.dataset[index]
-        if isinstance(sample, (tuple, list)):
-            return (*sample, index)
-        return (sample, index)
-
-
-class TeacherLogitCache:
-    """Teacher logits stored by sample index, grown on demand, on the device of the logits.
-
-    Example:
-        >>> cache = TeacherLogitCache()
-        >>> cache.lookup(torch.tensor([0, 1])) is None
-        True
-        >>> cache.store(torch.tensor([0, 1]), torch.eye(2))
-        >>> cache.lookup(torch.tensor([1]))
-        tensor([[0., 1.]])
-    """
-
-    def __init__(self) -> None:
-        self.logits: torch.Tensor | None = None
-        self.filled: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return 0 if self.filled is None else int(self.filled.sum())
-
-    def lookup(self, indices: torch.Tensor) -> torch.Tensor | None:
-        """The cached logits of every index, or ``None`` if any of them is missing."""
-        if self.filled is None or int(indices.max()) >= len(self.filled):
-            return None
-        indices = indices.to(self.filled.device)
-        if not bool(self.filled[indices].all()):
-            return None
-        return self.logits[indices]
-
-    def store(self, indices: torch.Tensor, logits: torch.Tensor) -> None:
-        """Remember ``logits[i]`` as the teacher's output for sample ``indices[i]``."""
-        needed = int(indices.max()) + 1
-        if self.logits is None or needed > len(self.filled):
-            size = max(needed, 2 * (0 if self.filled is None else len(self.filled)))
-            grown = logits.new_zeros((size, *logits.shape[1:]))
-            filled = torch.zeros(size, dtype=torch.bool, device=logits.device)
-            if self.logits is not None:
-                grown[: len(self.logits)] = self.logits
-                filled[: len(self.filled)] = self.filled
-            self.logits, self.filled = grown, filled
-        indices = indices.to(self.logits.device)
-        self.logits[indices] = logits.detach()
-        self.filled[indices] = True
 
 
 class _CaptureHook:
@@ -140,55 +65,24 @@ class _CaptureHook:
             module._forward_hooks_always_called.pop(key, None)
 
 
-class KnowledgeDistillation(pl.Callback):
-    """Distil a frozen teacher into the model being trained, without touching its ``training_step``.
+class KnowledgeDistillation(CompressionCallback):
+    """Distil a frozen teacher into the network being trained, whatever the module's ``training_step``.
 
-    The training loss becomes ``(1 − α)·task_loss + α·T²·KL(softmax(teacher/T) ‖ softmax(student/T))``,
-    where ``task_loss`` is whatever the module's ``training_step`` returns (a tensor, or a dict's
-    ``"loss"``).
-
-    **The wrapper contract.** At fit start the callback finds the student network — the submodule
-    named ``network``, or the only child with Conv/Linear layers (``model`` in
-    :class:`~lightning_compress.ImageClassifier`, ``net`` or whatever a user called it) — and
-
-    1. registers a forward hook on it that, during ``training_step`` only, captures the inputs the
-       network was called with and the logits it returned;
-    2. replaces ``pl_module.training_step`` (an instance attribute, removed again at fit end or on
-       error) by a wrapper that calls the original, then runs the teacher on exactly the captured
-       inputs (the same augmented batch) and mixes the losses.
-
-    So the network must be called exactly once per ``training_step`` and return a logits tensor
-    whose shape equals the teacher's; automatic optimization is required. Each violation fails with
-    a message saying which, the shape check on the first batch before any optimizer step. If
-    another callback replaces the network object (QAT swaps in an FX ``GraphModule``) the hook
-    follows it: the wrapper checks the network's identity every step and re-hooks.
-
-    The teacher is frozen (eval, no grad, optional bf16), moved to the student's device, and is not
-    a submodule of the LightningModule: it is never saved in the student's weights. Under DDP
-    every rank runs its own copy of the teacher on its own shard of the batch; there is nothing to
-    synchronise (the KD term is part of each rank's loss, whose gradients DDP already averages).
-
-    **Self-distillation** (``teacher="self"``): the teacher is a frozen copy of the student network
-    as it was at fit start, before any compression callback acted on it -- the natural teacher for
-    pruning, factorization and quantization-aware fine-tuning of a trained network. Its weights are
-    saved in this callback's checkpoint state, so a run resumed with ``ckpt_path`` distils from the
-    same dense teacher even though the student network it restores is already compressed.
-
-    **Logit cache** (``cache_logits=True``): the teacher's logits are computed once per sample and
-    reused in later epochs. Only correct when a sample's input is the same every epoch (no random
-    augmentation, or one seeded per sample); the first cache hit of each fit is checked against a
-    fresh teacher forward and a mismatch raises. Samples are identified by index: wrap the training
-    dataset in :class:`IndexedDataset`, use ``CIFARDataModule(with_indices=True, augment=False)``, or
-    return ``(..., index)`` yourself; the callback removes the index before the module's
-    ``training_step`` sees the batch. Each DDP rank caches the samples it sees; a sample first seen
-    on a rank is computed there.
-
-    Logs ``distill/kd_loss``, ``distill/task_loss``, ``distill/agreement`` (teacher–student top-1
-    agreement) and ``distill/alpha`` every training step.
+    The loss becomes ``(1 − α)·task_loss + α·T²·KL(softmax(teacher/T) ‖ softmax(student/T))``, ``task_loss``
+    being what ``training_step`` returns (a tensor or a dict's ``"loss"``). For the fit, ``training_step`` is
+    wrapped (a patch named in the start-of-fit log line and ``repr``) and a forward hook on the student
+    network captures its inputs and logits, so that the teacher sees the student's exact (augmented) batch:
+    the network must be called once per ``training_step`` and return logits shaped like the teacher's,
+    under automatic optimization, or the fit stops with a message saying which, before the first optimizer
+    step. The teacher is frozen and never a submodule, so it is not saved with the student; each DDP rank
+    runs its own. Logs ``distill/kd_loss``, ``distill/task_loss``, ``distill/agreement`` (top-1) and
+    ``distill/alpha`` every step.
 
     Args:
-        teacher: ``"self"`` (see above), an ``nn.Module``, the path of a Lightning checkpoint, or a zoo
-            model name (with ``checkpoint``); see :func:`~lightning_compress.distillation.teacher.load_teacher`.
+        teacher: ``"self"`` (a frozen copy of the student network at fit start, before any compression; kept
+            in this callback's state, so a resumed run distils from the same one), an ``nn.Module``, the path
+            of a Lightning checkpoint, or a zoo model name with ``checkpoint``
+            (see :func:`~lightning_compress.distillation.teacher.load_teacher`).
         checkpoint: Weights of a zoo-name teacher (Lightning checkpoint or plain state dict).
         teacher_class: LightningModule class path a checkpoint-path teacher is rebuilt with
             (default ``lightning_compress.module.ImageClassifier``).
@@ -199,7 +93,9 @@ class KnowledgeDistillation(pl.Callback):
             over the run's optimizer steps.
         network: Attribute name of the student network in the LightningModule; ``None`` detects it.
         teacher_precision: ``"32"``, ``"bf16"`` or ``"16"``.
-        cache_logits: Compute the teacher's logits once per sample and reuse them (see above).
+        cache_logits: Compute the teacher's logits once per sample and reuse them; the batches carry sample
+            indices (see :mod:`lightning_compress.distillation.cache`) and the inputs must be the same every
+            epoch, which the first cache hit of each fit checks.
 
     Raises:
         ValueError: For an argument outside its allowed values, or an unreadable checkpoint.
@@ -211,6 +107,9 @@ class KnowledgeDistillation(pl.Callback):
         >>> kd.alpha_at(0.5)
         0.7
     """
+
+    effect = Effect.LOSS
+    guards_loss = True
 
     def __init__(
         self,
@@ -237,11 +136,11 @@ class KnowledgeDistillation(pl.Callback):
                 "final_alpha goes with alpha_schedule='linear' or 'cosine' and only with them, got "
                 f"alpha_schedule={alpha_schedule!r}, final_alpha={final_alpha!r}"
             )
+        super().__init__(network)
         self.temperature = float(temperature)
         self.alpha = float(alpha)
         self.final_alpha = final_alpha
         self.alpha_schedule = alpha_schedule
-        self.network = network
         self.cache_logits = cache_logits
         self.teacher_precision = teacher_precision
         self.is_self_teacher = isinstance(teacher, str) and teacher == SELF
@@ -254,9 +153,7 @@ class KnowledgeDistillation(pl.Callback):
         self._saved_self_teacher: dict[str, torch.Tensor] | None = None
         self.cache = TeacherLogitCache()
         self._total_steps = 1
-        self._network_name: str | None = None
         self._hooked: nn.Module | None = None
-        self._wrapped: pl.LightningModule | None = None
         self._armed = False
         self._captured: list[tuple[tuple[Any, ...], dict[str, Any], Any]] = []
         self._checked_shapes = False
@@ -275,34 +172,37 @@ class KnowledgeDistillation(pl.Callback):
             return self.alpha
         return scheduled_alpha(progress, self.alpha, self.final_alpha, self.alpha_schedule)
 
+    @override
+    def declaration(self, budget: StepBudget) -> Declaration:
+        """Changes the loss from the first step to the end of the fit.
+
+        Args:
+            budget: The run's step budget.
+
+        Returns:
+            The declaration.
+        """
+        return self.declare(StepWindow(0))
+
     # ------------------------------------------------------------------ Lightning hooks
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        if not pl_module.automatic_optimization:
+        """Refuse manual optimization; for a ``"self"`` teacher, keep the network's structure as set up."""
+        if stage == "fit" and not pl_module.automatic_optimization:
             raise ValueError(
                 "KnowledgeDistillation needs automatic optimization: with manual optimization the module "
                 "calls backward itself, so the distillation term cannot be added to its loss"
             )
-        self._network_name, network = find_network(pl_module, self.network)
-        if self.is_self_teacher:
-            self._self_structure = copy_network(network)
-        check_composition(trainer)
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and self.is_self_teacher:
+            # before a resumed checkpoint restores the network compressed; the saved weights load into it
+            self._self_structure = copy_network(getattr(pl_module, self.network_name))
 
-    def compression_declaration(self, trainer: pl.Trainer) -> Declaration:
-        """Changes the loss throughout the fit.
-
-        Args:
-            trainer: The trainer about to fit.
-
-        Returns:
-            The declaration :func:`~lightning_compress.core.composition.check_composition` reads.
-        """
-        return Declaration(type(self).__name__, Effect.LOSS, StepWindow(0))
-
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._total_steps = max(1, step_budget(trainer).total_steps) if self.final_alpha is not None else 1
+        """Freeze a ``"self"`` teacher, wrap ``training_step``, hook the student network, log the settings."""
+        self._total_steps = max(1, self.budget.total_steps) if self.final_alpha is not None else 1
         if self.is_self_teacher:
             self._take_self_teacher(pl_module)
         self.teacher.to(pl_module.device)
@@ -310,11 +210,12 @@ class KnowledgeDistillation(pl.Callback):
         self._checked_cache = False
         self._wrap(pl_module)
         rank_zero_info(
-            f"KnowledgeDistillation: teacher {type(self.teacher.module).__name__} -> student network "
-            f"{self._network_name!r}, T={self.temperature}, alpha={self.alpha}"
+            f"KnowledgeDistillation: teacher {type(self.teacher.module).__name__}, T={self.temperature}, "
+            f"alpha={self.alpha}"
             + (f"->{self.final_alpha} ({self.alpha_schedule})" if self.final_alpha is not None else "")
             + (", teacher logits cached by sample index" if self.cache_logits else "")
         )
+        super().on_fit_start(trainer, pl_module)  # its log line names the patch installed above
 
     def _take_self_teacher(self, pl_module: pl.LightningModule) -> None:
         """Freeze a copy of the network as it is now (fit start), or the one a resumed checkpoint saved."""
@@ -322,92 +223,79 @@ class KnowledgeDistillation(pl.Callback):
             network = self._self_structure
             network.load_state_dict(self._saved_self_teacher)
         else:
-            network = copy_network(getattr(pl_module, self._network_name))
+            network = copy_network(getattr(pl_module, self.network_name))
         _CaptureHook.remove_all(network)
         self.teacher = FrozenTeacher(network, self.teacher_precision)
         self._self_structure, self._saved_self_teacher = None, None
 
     @property
+    @override
     def state_key(self) -> str:
         """Only a ``"self"`` teacher has state; other instances get distinct keys so that two of them in a
         Trainer reach the composition check (one loss changer per run) instead of Lightning's key check."""
-        return self._generate_state_key(teacher=SELF) if self.is_self_teacher else self._generate_state_key(id=id(self))
+        if self.is_self_teacher:
+            return self._generate_state_key(teacher=SELF)
+        return self._generate_state_key(id=id(self))
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """The weights of a ``"self"`` teacher (other teachers are not saved)."""
         if not self.is_self_teacher or self.teacher is None:
             return {}
         return {"self_teacher": {k: v.detach().cpu() for k, v in self.teacher.module.state_dict().items()}}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep a ``"self"`` teacher's weights until fit start, when they load into the set-up network's copy."""
         if self.is_self_teacher and "self_teacher" in state_dict:
             self._saved_self_teacher = state_dict["self_teacher"]
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        """Stop on a non-finite distilled loss, naming the step (see :mod:`lightning_compress.core.guards`)."""
-        check_step_loss(trainer, outputs, type(self).__name__)
-
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._unwrap()
+        """Unhook the student network and undo the patches: after the fit the module is as written."""
+        self._unhook()
+        self.remove_patches()
+        super().on_fit_end(trainer, pl_module)
 
+    @override
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        self._unwrap()
+        """Unhook the student network; the base undoes the patches."""
+        self._unhook()
+        super().on_exception(trainer, pl_module, exception)
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._unwrap()
+        """Unhook the student network; the base undoes the patches."""
+        self._unhook()
+        super().teardown(trainer, pl_module, stage)
 
     # ------------------------------------------------------------------ the wrapper
 
     def _wrap(self, pl_module: pl.LightningModule) -> None:
-        self._unwrap()
         original = pl_module.training_step
 
         @functools.wraps(original)
         def training_step(*args: Any, **kwargs: Any) -> Any:
             return self._distilled_step(pl_module, original, args, kwargs)
 
-        pl_module.training_step = training_step  # type: ignore[method-assign]
-        self._wrapped = pl_module
+        self.patch(pl_module, "training_step", training_step, "adds the distillation term to the loss")
         self._follow_network(pl_module)
 
-    def _unwrap(self) -> None:
+    def _unhook(self) -> None:
         if self._hooked is not None:
             _CaptureHook.remove_all(self._hooked)
         self._hooked, self._armed, self._captured = None, False, []
-        if self._wrapped is not None:
-            self._wrapped.__dict__.pop("training_step", None)
-            self._wrapped = None
 
     def _follow_network(self, pl_module: pl.LightningModule) -> None:
-        network = getattr(pl_module, self._network_name)
+        network = getattr(pl_module, self.network_name)
         if network is self._hooked:
             return
-        if self._hooked is not None:
-            _CaptureHook.remove_all(self._hooked)
+        self._unhook()
         _CaptureHook.remove_all(network)  # stale copies that came with a deep-copied network
         network.register_forward_hook(_CaptureHook(self), with_kwargs=True)
         self._hooked = network
-
-    def _split_indices(self, args: tuple[Any, ...]) -> tuple[tuple[Any, ...], torch.Tensor | None]:
-        if not self.cache_logits:
-            return args, None
-        batch = args[0]
-        last = batch[-1] if isinstance(batch, (tuple, list)) and len(batch) >= 2 else None
-        # labels are integer vectors too; unlike indices they repeat within a batch (almost always)
-        if not (isinstance(last, torch.Tensor) and not last.is_floating_point() and last.ndim == 1
-                and last.unique().numel() == last.numel()):
-            raise ValueError(
-                "cache_logits=True needs training batches whose last element is the sample indices (distinct "
-                "integers); wrap the training dataset in lightning_compress.distillation.IndexedDataset(dataset) or "
-                "use CIFARDataModule(with_indices=True, augment=False)"
-            )
-        rest = batch[:-1]
-        stripped = rest[0] if len(rest) == 1 else type(batch)(rest)
-        return (stripped, *args[1:]), batch[-1]
 
     def _teacher_logits(
         self, inputs: tuple[Any, ...], kwargs: dict[str, Any], indices: torch.Tensor | None
@@ -440,7 +328,10 @@ class KnowledgeDistillation(pl.Callback):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
-        args, indices = self._split_indices(args)
+        indices = None
+        if self.cache_logits:
+            batch, indices = split_indices(args[0])
+            args = (batch, *args[1:])
         self._follow_network(pl_module)
         self._captured, self._armed = [], True
         try:
@@ -452,7 +343,7 @@ class KnowledgeDistillation(pl.Callback):
             return None
         if len(captured) != 1:
             raise RuntimeError(
-                f"KnowledgeDistillation expects the student network {self._network_name!r} to be called exactly "
+                f"KnowledgeDistillation expects the student network {self.network_name!r} to be called exactly "
                 f"once per training_step, it was called {len(captured)} times. The teacher is run on the "
                 "inputs of that one call; pass network=<attribute> naming the submodule that maps the batch to "
                 "logits once"
@@ -460,7 +351,7 @@ class KnowledgeDistillation(pl.Callback):
         inputs, input_kwargs, student_logits = captured[0]
         if not isinstance(student_logits, torch.Tensor):
             raise TypeError(
-                f"the student network {self._network_name!r} returned {type(student_logits).__name__}, "
+                f"the student network {self.network_name!r} returned {type(student_logits).__name__}, "
                 "KnowledgeDistillation needs it to return a tensor of logits"
             )
         task_loss = output["loss"] if isinstance(output, Mapping) else output
@@ -474,7 +365,7 @@ class KnowledgeDistillation(pl.Callback):
             if teacher_logits.shape != student_logits.shape:
                 raise ValueError(
                     f"teacher logits shape {tuple(teacher_logits.shape)} != student logits shape "
-                    f"{tuple(student_logits.shape)} (network {self._network_name!r}): teacher and student must "
+                    f"{tuple(student_logits.shape)} (network {self.network_name!r}): teacher and student must "
                     "predict the same classes"
                 )
             self._checked_shapes = True

@@ -1,19 +1,8 @@
 """Getting a teacher (a module, a LightningModule checkpoint, or a zoo name + checkpoint) and freezing it.
 
-Four ways to name a teacher. ``"self"`` (:data:`SELF`) is the student's own network as it was at
-fit start, before any compression, taken by the callback with :func:`copy_network`. The other three
-are resolved by :func:`load_teacher`:
-
-* an ``nn.Module`` (a plain network or a LightningModule), used as given;
-* the path of a Lightning checkpoint, rebuilt from its saved hyperparameters by
-  ``teacher_class.load_from_checkpoint(path)`` (``teacher_class`` defaults to
-  :class:`lightning_compress.module.ImageClassifier`; any LightningModule class path works);
-* a zoo name (``"resnet56"``) plus ``checkpoint``: the network is created with
-  :func:`lightning_compress.models.create_model` (``num_classes``/``model_kwargs`` taken from the
-  checkpoint's hyperparameters when it has them) and its weights are loaded from either a Lightning
-  checkpoint (the network's prefix, e.g. ``model.``, is found and stripped) or a plain state dict.
-
-:class:`FrozenTeacher` then makes it unable to train: eval mode, no gradients, optional bf16/fp16.
+:func:`load_teacher` resolves a teacher given as a module, a checkpoint path or a zoo name; ``"self"``
+(:data:`SELF`) is the student's own network, copied at fit start with :func:`copy_network`;
+:class:`FrozenTeacher` makes it unable to train (eval mode, no gradients, optional bf16/fp16).
 
 Example:
     >>> from torch import nn
@@ -35,6 +24,7 @@ import torch
 from torch import nn
 
 from lightning_compress.core.architecture import RestoresArchitecture, checkpoint_records, replay_onto_network
+from lightning_compress.models import create_model, list_models
 
 TeacherPrecision = Literal["32", "bf16", "16"]
 _PRECISIONS: dict[str, torch.dtype] = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
@@ -128,9 +118,12 @@ def load_teacher(
     """Resolve a teacher given as a module, a checkpoint path, or a zoo name plus checkpoint.
 
     Args:
-        teacher: An ``nn.Module``; the path of a Lightning checkpoint; or a zoo model name.
-        checkpoint: Weights for a zoo name (Lightning checkpoint or plain state dict); for an
-            ``nn.Module``, optional weights to load into it.
+        teacher: An ``nn.Module``, used as given; the path of a Lightning checkpoint, rebuilt with
+            ``teacher_class.load_from_checkpoint``; or a zoo model name, created with
+            :func:`~lightning_compress.models.create_model` (``num_classes``/``model_kwargs`` from the
+            checkpoint's hyperparameters when it has them).
+        checkpoint: Weights for a zoo name (Lightning checkpoint, whose network prefix such as ``model.`` is
+            stripped, or plain state dict); for an ``nn.Module``, optional weights to load into it.
         teacher_class: Class path of the LightningModule a checkpoint path is rebuilt with; default
             ``lightning_compress.module.ImageClassifier``.
 
@@ -157,8 +150,6 @@ def load_teacher(
         raise ValueError(
             f"teacher must be an nn.Module, a checkpoint path or a zoo model name, got {type(teacher)}"
         )
-
-    from lightning_compress.models import create_model, list_models
 
     if teacher in list_models() and not os.path.exists(teacher):
         if checkpoint is None:
@@ -200,13 +191,9 @@ def load_teacher(
 class FrozenTeacher:
     """A teacher that cannot train: eval mode, ``requires_grad=False``, run under ``torch.no_grad``.
 
-    Deliberately not an ``nn.Module``: it can never become a submodule of the student's
-    LightningModule, so it is never saved in the student's checkpoint nor touched by its optimizer,
-    ``.train()`` calls or DDP wrapping.
-
-    Inputs are cast to the teacher's precision; logits come back in that precision (the loss
-    computes in float32). ``no_grad`` rather than ``inference_mode``: the logits are saved by the
-    KL term's autograd graph, which inference tensors may not be.
+    Not an ``nn.Module``, so that it never becomes a submodule of the student's LightningModule (saved,
+    optimized, ``.train()``-ed, DDP-wrapped). Inputs are cast to the teacher's precision and logits come
+    back in it. ``no_grad`` rather than ``inference_mode``: the KL term's autograd graph saves the logits.
 
     Args:
         module: The teacher network (or LightningModule; its ``forward`` is used).
