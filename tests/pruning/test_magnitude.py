@@ -9,7 +9,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tests.toy import UserClassifier, random_loader
 from torch import nn
 
-from lightning_compress.pruning import MagnitudePruning, linear_sparsity
+from lightning_compress.core.progress import StepBudget
+from lightning_compress.pruning import NM, Channel, MagnitudePruning, Unstructured, linear_sparsity
 from lightning_compress.pruning.masks import pack_mask
 
 PRUNED = ["net.conv1.weight", "net.conv2.weight"]  # the default rule skips the stem and the classifier
@@ -224,6 +225,39 @@ def test_channel_pattern_zeroes_whole_filters(scope):
             assert int(rows.all(1).sum()) == 8
     assert 0.45 <= zero_weights / 3456 <= 0.5  # global: filters pruned while they fit in half the weights
 
+
+class MaskSpy(Callback):
+    """Keeps a copy of the masks at train end (they are dropped at fit end)."""
+
+    def on_train_end(self, trainer, pl_module):
+        self.masks = {name: mask.clone() for name, mask in pruning_of(trainer).masks.items()}
+
+
+@pytest.mark.parametrize(
+    ("spelling", "typed", "final"),
+    [("unstructured", Unstructured(), 0.6), ("2:4", NM(2, 4), None), ("channel", Channel(), 0.5)],
+)
+def test_a_typed_pattern_gives_the_same_masks_as_its_spelling(spelling, typed, final):
+    found = []
+    for pattern in (spelling, typed):
+        torch.manual_seed(0)
+        model, spy = UserClassifier(), MaskSpy()
+        pruning = MagnitudePruning(final_sparsity=final, pattern=pattern, end="3steps", update_every=1)
+        make_trainer([pruning, spy], max_epochs=1).fit(model, random_loader())
+        assert pruning.pattern == spelling and str(pruning.pattern) == spelling
+        found.append(spy.masks)
+    assert sorted(found[0]) == sorted(found[1]) == PRUNED
+    assert all(torch.equal(found[0][name], found[1][name]) for name in PRUNED)
+    assert not all(found[0][name].all() for name in PRUNED)  # something was pruned
+
+
+def test_declares_the_nm_pattern_for_the_composition_check():
+    budget = StepBudget(100, 10)
+    pruning = MagnitudePruning(pattern=NM(2, 4), start="1ep", end=0.5, update_every=5)
+    window = pruning.declaration(budget).window
+    assert (window.start, window.end, window.every) == (10, 50, 5)
+    assert MagnitudePruning(pattern="2:4").declaration(budget).details == {"nm": (2, 4)}
+    assert MagnitudePruning(final_sparsity=0.5, pattern="channel").declaration(budget).details == {"nm": None}
 
 def test_bf16_mixed_precision():
     model = MaskCheckingClassifier()
