@@ -7,6 +7,9 @@ distilled:
     >>> callbacks = [MagnitudePruning(final_sparsity=0.9), QuantizationAwareTraining()]
 """
 
+from lightning_compress.core.callback import CompressionCallback
+from lightning_compress.core.composition import Declaration, Effect
+from lightning_compress.core.progress import StepBudget, StepWindow
 from lightning_compress.data import CIFARDataModule
 from lightning_compress.distillation import KnowledgeDistillation
 from lightning_compress.factorization import LowRankFactorization
@@ -21,13 +24,18 @@ __version__ = "0.1.0"
 __all__ = [
     "CIFARDataModule",
     "ChannelPruning",
+    "CompressionCallback",
     "CompressionReport",
+    "Declaration",
+    "Effect",
     "ImageClassifier",
     "KnowledgeDistillation",
     "LowRankFactorization",
     "MagnitudePruning",
     "PostTrainingQuantization",
     "QuantizationAwareTraining",
+    "StepBudget",
+    "StepWindow",
     "create_model",
     "list_models",
 ]

@@ -30,10 +30,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from typing_extensions import override
 
 from lightning_compress.core.accounting import (
     count_macs_per_module,
@@ -42,11 +42,11 @@ from lightning_compress.core.accounting import (
     measure_latency,
     serialized_size,
 )
-from lightning_compress.core.composition import Declaration, Effect, check_composition
+from lightning_compress.core.callback import CompressionCallback
+from lightning_compress.core.composition import Declaration, Effect
 from lightning_compress.core.files import atomic_path, write_text_atomic
 from lightning_compress.core.inputs import capture_network_input, first_sample
-from lightning_compress.core.layers import find_network
-from lightning_compress.core.progress import StepWindow, step_budget
+from lightning_compress.core.progress import StepBudget, StepWindow
 from lightning_compress.export import VALUE_FORMATS, OnnxRuntimeNetwork, pack_state_dict
 
 
@@ -309,7 +309,7 @@ def write_report(summary: Mapping[str, Any], directory: str | os.PathLike[str], 
     return paths
 
 
-class CompressionReport(Callback):
+class CompressionReport(CompressionCallback):
     """At fit end, report per-layer sparsity, bits and MACs, sizes, latency and accuracy.
 
     The report compares the network as it leaves ``fit`` -- pruned, channel-slimmed, int8-converted
@@ -340,6 +340,8 @@ class CompressionReport(Callback):
         >>> trainer = pl.Trainer(callbacks=[report], logger=False, enable_checkpointing=False)
     """
 
+    effect = Effect.REPORTS
+
     def __init__(
         self,
         dirpath: str | None = None,
@@ -349,6 +351,7 @@ class CompressionReport(Callback):
         latency_repeats: int = 10,
         network: str | None = None,
     ) -> None:
+        super().__init__(network)
         if values not in VALUE_FORMATS:
             raise ValueError(f"values must be one of {list(VALUE_FORMATS)}, got {values!r}")
         if isinstance(latency_repeats, bool) or not isinstance(latency_repeats, int) or latency_repeats < 1:
@@ -360,9 +363,6 @@ class CompressionReport(Callback):
         self.metric = metric
         self.latency_batch_sizes = tuple(latency_batch_sizes)
         self.latency_repeats = latency_repeats
-        self.network = network
-        self._declarations: list[Declaration] = []
-        self._attribute: str | None = None
         self._dense: nn.Module | None = None
         self._example: torch.Tensor | None = None
         self._float_view: nn.Module | None = None
@@ -370,39 +370,37 @@ class CompressionReport(Callback):
         self.summary: dict[str, Any] | None = None
         """The last report (also written to files)."""
 
+    @override
+    def declaration(self, budget: StepBudget) -> Declaration:
+        """Reports at the end of fit."""
+        return self.declare(StepWindow(budget.total_steps))
+
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Find the network; run last, after the other callbacks' fit-end conversions."""
+        """Run last, after the other callbacks' fit-end conversions."""
+        super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        self._attribute, _ = find_network(pl_module, self.network)
-        self._declarations = [d for d in check_composition(trainer) if d.effect is not Effect.REPORTS]
         # a new list: Lightning is iterating over the current one right now
         trainer.callbacks = [cb for cb in trainer.callbacks if cb is not self] + [self]
 
-    def compression_declaration(self, trainer: pl.Trainer) -> Declaration:
-        """Reports at the end of fit.
-
-        Args:
-            trainer: The trainer about to fit.
-
-        Returns:
-            The declaration :func:`~lightning_compress.core.composition.check_composition` reads.
-        """
-        return Declaration(type(self).__name__, Effect.REPORTS, StepWindow(step_budget(trainer).total_steps))
-
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Keep a CPU copy of the dense network as the latency baseline."""
-        self._dense = copy.deepcopy(getattr(pl_module, self._attribute)).cpu().eval()
+        super().on_fit_start(trainer, pl_module)
+        self._dense = copy.deepcopy(getattr(pl_module, self.network_name)).cpu().eval()
 
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         """Remember one input sample of the network (captured from ``training_step``), for MACs and latency."""
         if self._example is None:
-            network = getattr(pl_module, self._attribute)
+            network = getattr(pl_module, self.network_name)
             inputs = first_sample(capture_network_input(pl_module, network, batch, batch_idx))
             if len(inputs) == 1 and isinstance(inputs[0], torch.Tensor):
                 self._example = inputs[0].detach().cpu().float()
 
+    @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Record the accuracy metric (first and latest value)."""
         value = trainer.callback_metrics.get(self.metric)
@@ -412,10 +410,12 @@ class CompressionReport(Callback):
             self._accuracy["before"] = float(value)
         self._accuracy["after"] = float(value)
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Take the float view of the trained network, before fit-end conversions."""
-        self._float_view = copy.deepcopy(getattr(pl_module, self._attribute)).cpu().eval()
+        self._float_view = copy.deepcopy(getattr(pl_module, self.network_name)).cpu().eval()
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """After a completed fit: summarize, write the files, log to the loggers.
 
@@ -423,11 +423,12 @@ class CompressionReport(Callback):
         (``QuantizationAwareTraining`` puts the int8 model in place in its own ``teardown``); being
         the last callback, this one sees the network exactly as it leaves ``fit``.
         """
+        super().teardown(trainer, pl_module, stage)
         if stage != "fit" or trainer.interrupted or self._float_view is None or self._example is None:
             return
         if not trainer.is_global_zero:
             return
-        final = getattr(pl_module, self._attribute)
+        final = getattr(pl_module, self.network_name)
         accuracy = None
         if self._accuracy["after"] is not None:
             accuracy = {"metric": self.metric, "source": "first validation -> last validation", **self._accuracy}
@@ -435,10 +436,11 @@ class CompressionReport(Callback):
             self._float_view, self._example, dense_network=self._dense,
             int8_network=final if is_int8(final) else None, accuracy=accuracy, values=self.values,
             latency_batch_sizes=self.latency_batch_sizes, latency_repeats=self.latency_repeats,
-            prefix=f"{self._attribute}.",
+            prefix=f"{self.network_name}.",
         )
         self.summary["techniques"] = [{"callback": d.callback, "effect": d.effect.value, "start": d.window.start,
-                                       "end": d.window.end} for d in self._declarations]
+                                       "end": d.window.end} for d in self.composition
+                                       if d.effect is not Effect.REPORTS]
         directory = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)
         paths = write_report(self.summary, directory)
         self._log(trainer)
@@ -461,10 +463,12 @@ class CompressionReport(Callback):
                     pass
                 logger.experiment.flush()
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """The accuracy seen so far (so a resumed run still reports "before")."""
         return {"accuracy": dict(self._accuracy), "metric": self.metric}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the accuracy seen so far."""
         self._accuracy = dict(state_dict["accuracy"])

@@ -10,7 +10,8 @@ so a compressed checkpoint loads wherever a dense one would:
   with or without the callbacks (the module's ``on_load_checkpoint`` replays them);
 * a user's own LightningModule: inherit :class:`RestoresArchitecture` (one line), or call
   :func:`restore_architecture` from ``on_load_checkpoint``; while a compression callback is in the
-  Trainer it installs the same call for the duration of the fit (:func:`install_restore_hook`);
+  Trainer it installs the same call for the duration of the fit
+  (:class:`~lightning_compress.core.callback.CompressionCallback`);
 * the ``report``/``export``/``predict``/``sensitivity`` commands and distillation teachers, which
   rebuild a bare network with :func:`replay_records`.
 
@@ -47,7 +48,6 @@ ARCHITECTURE_KEY = "compression_architecture"
 """Top-level checkpoint key holding the list of :class:`ArchitectureRecord` dictionaries."""
 
 _APPLIED = "_compression_architecture"
-_WRAPPED = "_compression_restore_hook"
 
 ReplayFunction = Callable[[nn.Module, Mapping[str, Any]], nn.Module]
 """``(network, payload) -> network``: rebuild one structural change on a network (returns the new
@@ -117,8 +117,8 @@ def register_replay(kind: str, version: int = 1) -> Callable[[ReplayFunction], R
 
 
 def _replay_function(record: ArchitectureRecord) -> ReplayFunction:
-    if record.kind not in _REPLAYS:
-        import lightning_compress  # noqa: F401  (the techniques register their replays on import)
+    # importing any lightning_compress module first runs the package's __init__, which imports every
+    # technique: their replays are registered before any record can be read
     if record.kind not in _REPLAYS:
         raise ValueError(f"the checkpoint's architecture record {record.kind!r} has no replay; known kinds: "
                          f"{sorted(_REPLAYS)} (a newer lightning-compress, or a custom technique not imported)")
@@ -245,38 +245,6 @@ def restore_architecture(module: nn.Module, checkpoint: Mapping[str, Any]) -> No
                          f"checkpoint (records {[r.kind for r in saved]}) does not start with: load it into a "
                          "freshly built module")
     replay_records(module, saved[len(applied):])
-
-
-def install_restore_hook(module: nn.Module) -> None:
-    """Make ``module.on_load_checkpoint`` replay records first, for modules that do not do it themselves.
-
-    Compression callbacks call this in ``setup``: Lightning loads a checkpoint's weights right after
-    the module's ``on_load_checkpoint`` and before any callback state, so this is the last moment to
-    rebuild the architecture. Idempotent; undone by :func:`remove_restore_hook` (in ``teardown``).
-
-    Args:
-        module: The LightningModule being fitted.
-    """
-    if isinstance(module, RestoresArchitecture) or _WRAPPED in module.__dict__:
-        return
-    original = module.on_load_checkpoint
-
-    def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
-        restore_architecture(module, checkpoint)
-        original(checkpoint)
-
-    module.__dict__[_WRAPPED] = True
-    module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
-
-
-def remove_restore_hook(module: nn.Module) -> None:
-    """Undo :func:`install_restore_hook` (no-op when not installed).
-
-    Args:
-        module: The LightningModule.
-    """
-    if module.__dict__.pop(_WRAPPED, False):
-        module.__dict__.pop("on_load_checkpoint", None)
 
 
 class RestoresArchitecture:

@@ -2,9 +2,9 @@
 
 Every compression callback declares what it does to the model (:class:`Effect`) and over which
 optimizer steps (:class:`~lightning_compress.core.progress.StepWindow`) by implementing
-``compression_declaration(trainer) -> Declaration``. Each callback's ``setup`` calls
-:func:`check_composition`, which collects every declaration in the Trainer and applies the rules
-below, whatever the order of the callback list. A combination that cannot work fails before the
+:meth:`~lightning_compress.core.callback.CompressionCallback.declaration`. The first compression
+callback's ``setup`` collects every declaration in the Trainer and applies the rules below
+(:func:`check_declarations`) once per fit, whatever the order of the callback list. A combination that cannot work fails before the
 first optimizer step, with a message naming both callbacks and the fix. Techniques never import
 each other: they meet here.
 
@@ -33,8 +33,6 @@ import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-import lightning.pytorch as pl
 
 from lightning_compress.core.progress import StepWindow
 
@@ -67,23 +65,6 @@ class Declaration:
     effect: Effect
     window: StepWindow
     details: Mapping[str, Any] = field(default_factory=dict)
-
-
-def declarations(trainer: pl.Trainer) -> list[Declaration]:
-    """Collect the declarations of every callback in ``trainer`` that makes one.
-
-    Args:
-        trainer: The trainer about to fit.
-
-    Returns:
-        Declarations in callback-list order.
-    """
-    found = []
-    for callback in trainer.callbacks:
-        declare = getattr(callback, "compression_declaration", None)
-        if callable(declare):
-            found.append(declare(trainer))
-    return found
 
 
 def _single(found: Sequence[Declaration], effect: Effect, fix: str) -> None:
@@ -140,19 +121,3 @@ def check_declarations(found: Sequence[Declaration]) -> None:
                     f"layers until step {changer_end}, after which the masked weights no longer exist: set "
                     f"{masker.callback}(start=...) after {changer.callback}'s last change")
 
-
-def check_composition(trainer: pl.Trainer) -> list[Declaration]:
-    """Check that the compression callbacks in ``trainer`` compose (every callback's ``setup`` calls this).
-
-    Args:
-        trainer: The trainer about to fit.
-
-    Returns:
-        The declarations that were checked.
-
-    Raises:
-        ValueError: For a combination that cannot work (see :func:`check_declarations`).
-    """
-    found = declarations(trainer)
-    check_declarations(found)
-    return found

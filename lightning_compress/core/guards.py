@@ -15,10 +15,14 @@ Example:
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+
+_CHECKED_STEP: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+"""The last optimizer step whose loss was checked, per trainer."""
 
 
 def check_finite(tensors: Mapping[str, torch.Tensor], step: int, callback: str) -> None:
@@ -82,7 +86,7 @@ def check_step_loss(trainer: Any, outputs: Any, callback: str) -> None:
         >>> class Trainer: global_step = 3
         >>> check_step_loss(Trainer(), {"loss": torch.tensor(1.0)}, "MagnitudePruning")
     """
-    if trainer.__dict__.get("_compression_loss_checked_step") == trainer.global_step:
+    if _CHECKED_STEP.get(trainer) == trainer.global_step:
         return
     check_finite({"loss": step_loss(outputs)}, trainer.global_step, callback)
-    trainer.__dict__["_compression_loss_checked_step"] = trainer.global_step
+    _CHECKED_STEP[trainer] = trainer.global_step

@@ -14,26 +14,19 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from typing_extensions import override
 
 from lightning_compress.core.accounting import count_macs
-from lightning_compress.core.architecture import (
-    ArchitectureRecord,
-    append_record,
-    install_restore_hook,
-    register_replay,
-    remove_restore_hook,
-    write_records,
-)
-from lightning_compress.core.composition import Declaration, Effect, check_composition
+from lightning_compress.core.architecture import ArchitectureRecord, append_record, register_replay
+from lightning_compress.core.callback import CompressionCallback
+from lightning_compress.core.composition import Declaration, Effect
 from lightning_compress.core.guards import check_finite
 from lightning_compress.core.inputs import capture_network_input, first_sample
-from lightning_compress.core.layers import find_network, matches_any, select_layers
+from lightning_compress.core.layers import matches_any, select_layers
 from lightning_compress.core.optimizers import replace_parameters
-from lightning_compress.core.progress import Position, StepWindow, step_budget, validate_position
+from lightning_compress.core.progress import Position, StepBudget, StepWindow, validate_position
 from lightning_compress.factorization.allocation import (
     LayerOptions,
     Option,
@@ -88,7 +81,7 @@ def _check_ranks(ranks: Any) -> int | dict[str, int] | None:
                      f"mapping, got {ranks!r}")
 
 
-class LowRankFactorization(Callback):
+class LowRankFactorization(CompressionCallback):
     """Replace Conv2d/Linear layers by cheaper factorized blocks, initialized from their weights, then fine-tune.
 
     At ``start`` (default: fit start -- factorize a trained network, fine-tune for the rest of the run)
@@ -152,6 +145,8 @@ class LowRankFactorization(Callback):
         >>> # trainer = pl.Trainer(callbacks=[factorization]); trainer.fit(trained_model, data)
     """
 
+    effect = Effect.ARCHITECTURE
+
     def __init__(
         self,
         kept_macs_ratio: float | None = None,
@@ -164,6 +159,7 @@ class LowRankFactorization(Callback):
         exclude: str | Sequence[str] | None = None,
         network: str | None = None,
     ) -> None:
+        super().__init__(network)
         given = {k: v for k, v in (("kept_macs_ratio", kept_macs_ratio), ("ranks", ranks), ("energy", energy))
                  if v is not None}
         if len(given) != 1:
@@ -187,11 +183,8 @@ class LowRankFactorization(Callback):
         self.round_to = round_to
         self.include = include
         self.exclude = exclude
-        self.network = network
         # resolved in setup / on the first batch
-        self._network_attr: str | None = None
         self._layers: list[str] = []  # relative to the network
-        self._step: int | None = None
         self._example: tuple[Any, ...] | None = None
         # state that survives a restart
         self._dense_macs: int | None = None
@@ -199,38 +192,27 @@ class LowRankFactorization(Callback):
         self._done = False
 
     # ----------------------------------------------------------------------------------- set-up
-    def _start_step(self, trainer: pl.Trainer) -> int:
-        budget = step_budget(trainer)
+    @override
+    def declaration(self, budget: StepBudget) -> Declaration:
+        """Replaces layers at one step; factor widths are multiples of ``round_to``."""
         step = budget.resolve(self.start, "start")
         if step >= budget.total_steps:
             raise ValueError(f"start={self.start!r} resolves to step {step}, but the run has {budget.total_steps} "
                              "steps: leave at least one step of fine-tuning after the factorization")
-        return step
+        return self.declare(StepWindow(step, step), replaces_layers=True, channel_multiple=self.round_to)
 
-    def compression_declaration(self, trainer: pl.Trainer) -> Declaration:
-        """Replaces layers at one step; factor widths are multiples of ``round_to``.
-
-        Args:
-            trainer: The trainer about to fit.
-
-        Returns:
-            The declaration :func:`~lightning_compress.core.composition.check_composition` reads.
-        """
-        step = self._start_step(trainer)
-        return Declaration(type(self).__name__, Effect.ARCHITECTURE, StepWindow(step, step),
-                           {"replaces_layers": True, "channel_multiple": self.round_to})
-
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Select the layers, check explicit ranks, resolve ``start``, check the composition."""
-        install_restore_hook(pl_module)
+        """Select the layers and check explicit ranks."""
+        super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        self._network_attr, network = find_network(pl_module, self.network)
-        prefix = self._network_attr + "."
+        network = pl_module.get_submodule(self.network_name)
+        prefix = self.network_name + "."
         selected = select_layers(pl_module, self.include, self.exclude, layer_types=FACTORIZABLE_TYPES)
         outside = [name for name in selected if not name.startswith(prefix)]
         if outside:
-            raise ValueError(f"include selects layers {outside} outside the network {self._network_attr!r}; "
+            raise ValueError(f"include selects layers {outside} outside the network {self.network_name!r}; "
                              "LowRankFactorization acts on one network (pass network=... or narrow include)")
         grouped = [name for name in selected if not is_factorizable(pl_module.get_submodule(name))]
         if grouped:
@@ -241,12 +223,6 @@ class LowRankFactorization(Callback):
                              f"exclude={self.exclude!r}; selected layers were {selected}")
         if self.ranks is not None:
             self._given_ranks(network)
-        self._step = self._start_step(trainer)
-        check_composition(trainer)
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Remove the architecture restore installed in ``setup``."""
-        remove_restore_hook(pl_module)
 
     def _method(self, layer: nn.Module) -> str:
         return layer_method(layer, self.method)
@@ -254,7 +230,7 @@ class LowRankFactorization(Callback):
     def _given_ranks(self, network: nn.Module) -> dict[str, tuple[str, int]]:
         """``{layer: (method, rank)}`` from ``ranks``, each checked against the layer's full rank."""
         patterns = [] if isinstance(self.ranks, int) else list(self.ranks)
-        qualified = {name: f"{self._network_attr}.{name}" for name in self._layers}
+        qualified = {name: f"{self.network_name}.{name}" for name in self._layers}
         for pattern in patterns:
             if not any(matches_any(q, [pattern]) for q in qualified.values()):
                 raise ValueError(f"ranks key {pattern!r} matches no selected layer; selected layers are "
@@ -310,18 +286,19 @@ class LowRankFactorization(Callback):
         return {name: (self._method(network.get_submodule(name)), rank) for name, rank in ranks.items()}
 
     # ----------------------------------------------------------------------------------- training
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         """On the first batch, measure the network (and check the target); at ``start``, factorize."""
-        if self._done or self._step is None:
+        if self._done or self.window is None:
             return
-        network = pl_module.get_submodule(self._network_attr)
+        network = pl_module.get_submodule(self.network_name)
         if self._example is None:
             self._example = first_sample(capture_network_input(pl_module, network, batch, batch_idx))
             if self._dense_macs is None:
                 self._dense_macs = count_macs(network, self._example)
-            if self.target[0] == "kept_macs_ratio" and trainer.global_step < self._step:
+            if self.target[0] == "kept_macs_ratio" and trainer.global_step < self.window.start:
                 self._plan(network)  # fails now, not at start, when the target is unreachable
-        if trainer.global_step >= self._step:
+        if trainer.global_step >= self.window.start:
             self._factorize(trainer, pl_module, network)
 
     def _factorize(self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module) -> None:
@@ -341,32 +318,28 @@ class LowRankFactorization(Callback):
                 replacements[layer.bias] = [block[-1].bias]
             network.set_submodule(name, block)
         replace_parameters(trainer.optimizers, replacements)
-        if isinstance(trainer.strategy, DDPStrategy):  # DDP holds the old parameters: wrap the new model
-            trainer.strategy.model = trainer.lightning_module
-            trainer.strategy.configure_ddp()
+        self.rewrap_distributed(trainer)
         self._factorized = dict(plan)
-        append_record(pl_module, ArchitectureRecord(RECORD_KIND, self._network_attr, {
+        append_record(pl_module, ArchitectureRecord(RECORD_KIND, self.network_name, {
             "layers": [{"name": name, "method": method, "rank": rank} for name, (method, rank) in plan.items()]}))
-        check_finite({f"{self._network_attr}.{name}.{key}": value for name in plan
+        check_finite({f"{self.network_name}.{name}.{key}": value for name in plan
                       for key, value in network.get_submodule(name).named_parameters()},
                      trainer.global_step, type(self).__name__)
         for name, (_, rank) in plan.items():
-            pl_module.log(f"factorization/{self._network_attr}.{name}/rank", float(rank))
+            pl_module.log(f"factorization/{self.network_name}.{name}/rank", float(rank))
         ratio = count_macs(network, self._example) / self._dense_macs
         pl_module.log("macs/ratio", ratio)
         rank_zero_info(f"LowRankFactorization: {len(plan)} layers factorized ({self.method} for kxk) at step "
                        f"{trainer.global_step}, MACs {ratio:.3f} of fit start")
 
     # ----------------------------------------------------------------------------------- state
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        """Write the architecture records (the factorized shapes) into the checkpoint."""
-        write_records(pl_module, checkpoint)
-
+    @override
     def state_dict(self) -> dict[str, Any]:
         """Whether the factorization happened, its ranks, and the MACs at fit start."""
         return {"done": self._done, "dense_macs": self._dense_macs,
                 "factorized": {name: [method, rank] for name, (method, rank) in self._factorized.items()}}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the state (the network itself was rebuilt from the architecture record before its weights loaded)."""
         self._done = state_dict["done"]

@@ -14,31 +14,23 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from typing_extensions import override
 
 from lightning_compress.core.accounting import count_macs
-from lightning_compress.core.architecture import (
-    ArchitectureRecord,
-    append_record,
-    install_restore_hook,
-    register_replay,
-    remove_restore_hook,
-    write_records,
-)
-from lightning_compress.core.composition import Declaration, Effect, check_composition
+from lightning_compress.core.architecture import ArchitectureRecord, append_record, register_replay
+from lightning_compress.core.callback import CompressionCallback
+from lightning_compress.core.composition import Declaration, Effect
 from lightning_compress.core.guards import check_finite
 from lightning_compress.core.inputs import capture_network_input, first_sample
-from lightning_compress.core.layers import find_network, select_layers, weighted_layers
+from lightning_compress.core.layers import select_layers, weighted_layers
 from lightning_compress.core.progress import (
     Interval,
     Position,
-    StepWindow,
+    StepBudget,
     check_ordered,
     resolve_window,
-    step_budget,
     validate_interval,
     validate_position,
 )
@@ -98,7 +90,7 @@ def kept_channels(original: int, removed_fraction: float, round_to: int = 1) -> 
     return keep
 
 
-class ChannelPruning(Callback):
+class ChannelPruning(CompressionCallback):
     """Gradually remove whole channels during training, until a channel or MACs target is reached.
 
     Between ``start`` and ``end`` the callback removes channels every ``update_every``; the amount
@@ -159,6 +151,8 @@ class ChannelPruning(Callback):
         ('kept_macs_ratio', 0.5)
     """
 
+    effect = Effect.ARCHITECTURE
+
     def __init__(
         self,
         channel_ratio: float | None = None,
@@ -172,6 +166,7 @@ class ChannelPruning(Callback):
         network: str | None = None,
         round_to: int = 8,
     ) -> None:
+        super().__init__(network)
         if (channel_ratio is None) == (kept_macs_ratio is None):
             raise ValueError("give exactly one of channel_ratio (fraction of channels removed) and "
                              f"kept_macs_ratio (fraction of MACs kept), got channel_ratio={channel_ratio!r}, "
@@ -190,11 +185,7 @@ class ChannelPruning(Callback):
         check_ordered(start, end, "start", "end")
         self.update_every = validate_interval(update_every, "update_every")
         self.ignore = ignore
-        self.network = network
         # resolved in setup / on the first batch
-        self._steps: tuple[int, int, int] | None = None
-        self._network_attr: str | None = None
-        self._wrapped_module: pl.LightningModule | None = None
         self._ignored: list[str] = []
         self._graph = None
         # state that survives a restart
@@ -205,51 +196,34 @@ class ChannelPruning(Callback):
         self._last_update_step = -1
 
     # ----------------------------------------------------------------------------------- set-up
-    def _window(self, trainer: pl.Trainer) -> StepWindow:
-        budget = step_budget(trainer)
+    @override
+    def declaration(self, budget: StepBudget) -> Declaration:
+        """Changes the architecture over its window; channel counts stay multiples of ``round_to``."""
         window = resolve_window(budget, self.start, self.end, self.update_every)
         if window.end >= budget.total_steps:
             raise ValueError(f"end={self.end!r} resolves to step {window.end}, but the run has {budget.total_steps} "
                              "steps: leave at least one step of fine-tuning after the last removal")
-        return window
+        return self.declare(window, channel_multiple=self.round_to)
 
-    def compression_declaration(self, trainer: pl.Trainer) -> Declaration:
-        """Changes the architecture over its window; channel counts stay multiples of ``round_to``.
-
-        Args:
-            trainer: The trainer about to fit.
-
-        Returns:
-            The declaration :func:`~lightning_compress.core.composition.check_composition` reads.
-        """
-        return Declaration(type(self).__name__, Effect.ARCHITECTURE, self._window(trainer),
-                           {"channel_multiple": self.round_to})
-
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Select the layers, resolve the window, check the composition, arm the architecture restore."""
-        install_restore_hook(pl_module)
+        """Select the layers left alone (``ignore`` and the classifier)."""
+        super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        self._network_attr, _ = find_network(pl_module, self.network)
-        prefix = self._network_attr + "."
+        prefix = self.network_name + "."
         kept = select_layers(pl_module, include="*", exclude=self.ignore, argument_names=("include", "ignore"))
         layers = weighted_layers(pl_module)
         head = next((n for n in reversed(layers) if isinstance(pl_module.get_submodule(n), nn.Linear)), None)
         self._ignored = [n[len(prefix):] for n in layers if n.startswith(prefix) and (n not in kept or n == head)]
-        self._steps = self._window(trainer)
-        check_composition(trainer)
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Remove the architecture restore installed in ``setup``."""
-        remove_restore_hook(pl_module)
 
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         """Trace the network on the first batch's real input (checking it can be slimmed); record the dense state."""
-        network = pl_module.get_submodule(self._network_attr)
+        network = pl_module.get_submodule(self.network_name)
         if self._input_shape is None:
             example = first_sample(capture_network_input(pl_module, network, batch, batch_idx))
             if len(example) != 1 or not isinstance(example[0], torch.Tensor):
-                raise ValueError(f"ChannelPruning traces a network called with one tensor; {self._network_attr!r} "
+                raise ValueError(f"ChannelPruning traces a network called with one tensor; {self.network_name!r} "
                                  f"is called with {len(example)} arguments")
             self._input_shape = list(example[0].shape)
             check_prunable(network, example[0], self._ignored)
@@ -269,9 +243,10 @@ class ChannelPruning(Callback):
         return prunable_groups(self._graph, [network.get_submodule(name) for name in self._ignored])
 
     # ----------------------------------------------------------------------------------- training
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         """Remove channels when an update is due (the first batch traces the network)."""
-        window, step = self._steps, trainer.global_step
+        window, step = self.window, trainer.global_step
         if window is None or self._last_update_step >= window.end:
             return  # done: a resumed run never traces the (possibly quantization-prepared) network again
         if self._graph is None:
@@ -281,7 +256,7 @@ class ChannelPruning(Callback):
             return
         progress = (min(step, window.end) - window.start) / (window.end - window.start)
         self._last_update_step = step
-        network = pl_module.get_submodule(self._network_attr)
+        network = pl_module.get_submodule(self.network_name)
         example = self._example(network)
         name, final = self.target
         if name == "channel_ratio":
@@ -289,7 +264,7 @@ class ChannelPruning(Callback):
         else:
             kept_macs = 1.0 - self._schedule(progress, 0.0, 1.0 - final)
             self._slim_to_macs(trainer, pl_module, network, example, kept_macs)
-        check_finite(dict(network.named_parameters(prefix=self._network_attr)), step, type(self).__name__)
+        check_finite(dict(network.named_parameters(prefix=self.network_name)), step, type(self).__name__)
         self._log(pl_module, network, example)
 
     def _slim_to(self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module,
@@ -310,10 +285,8 @@ class ChannelPruning(Callback):
         remove_channels(self._graph, plan, trainer.optimizers)
         removal = [list(entry) for entry in self._graph.pruning_history()[-len(plan):]]
         append_record(pl_module, ArchitectureRecord(
-            RECORD_KIND, self._network_attr, {"input_shape": list(self._input_shape), "history": removal}))
-        if isinstance(trainer.strategy, DDPStrategy):  # DDP holds the old parameters: wrap the slimmed model
-            trainer.strategy.model = trainer.lightning_module
-            trainer.strategy.configure_ddp()
+            RECORD_KIND, self.network_name, {"input_shape": list(self._input_shape), "history": removal}))
+        self.rewrap_distributed(trainer)
         return True
 
     def _slim_to_macs(self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module,
@@ -335,11 +308,13 @@ class ChannelPruning(Callback):
     def _log(self, pl_module: pl.LightningModule, network: nn.Module, example: torch.Tensor) -> None:
         groups = self._groups(network)
         for root, group in groups.items():
-            pl_module.log(f"channels/{self._network_attr}.{root}", float(group_channels(group)))
+            pl_module.log(f"channels/{self.network_name}.{root}", float(group_channels(group)))
         pl_module.log("macs/ratio", count_macs(network, example) / self._dense_macs)
 
     # ----------------------------------------------------------------------------------- state
+    @override
     def state_dict(self) -> dict[str, Any]:
+        """What survives a restart: the dense measurements and how much was removed when."""
         return {
             "input_shape": self._input_shape,
             "dense_macs": self._dense_macs,
@@ -348,14 +323,12 @@ class ChannelPruning(Callback):
             "last_update_step": self._last_update_step,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore it; the network is traced again on the next batch."""
         self._input_shape = state_dict["input_shape"]
         self._dense_macs = state_dict["dense_macs"]
         self._original_channels = dict(state_dict["original_channels"])
         self._removed_fraction = state_dict["removed_fraction"]
         self._last_update_step = state_dict["last_update_step"]
         self._graph = None  # traced again on the (already slimmed) network at the next batch
-
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        """Write the architecture records (the slimmed shapes) into the checkpoint."""
-        write_records(pl_module, checkpoint)

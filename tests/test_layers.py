@@ -1,0 +1,41 @@
+"""The package's layering is a checked contract (``[tool.importlinter]`` in pyproject.toml)."""
+
+import ast
+from pathlib import Path
+
+from importlinter.cli import lint_imports
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_contracts_hold(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True) == 0
+
+
+PACKAGE = ROOT / "lightning_compress"
+
+
+def _docstring_lines(tree: ast.AST) -> int:
+    lines = 0
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body:
+            first = body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                lines += first.end_lineno - first.lineno + 1
+    return lines
+
+
+def test_modules_are_small():
+    sizes = {str(path.relative_to(ROOT)): len(path.read_text().splitlines()) for path in PACKAGE.rglob("*.py")}
+    assert {name: size for name, size in sizes.items() if size > 600} == {}
+
+
+def test_docstrings_are_at_most_35_percent_of_the_package():
+    total = documented = 0
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        total += len(text.splitlines())
+        documented += _docstring_lines(ast.parse(text))
+    assert documented / total <= 0.35, f"docstrings are {documented / total:.1%} of {total} lines"
