@@ -376,11 +376,8 @@ class CompressionReport(CompressionCallback):
         return self.declare(StepWindow(budget.total_steps))
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def setup_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Run last, after the other callbacks' fit-end conversions."""
-        super().setup(trainer, pl_module, stage)
-        if stage != "fit":
-            return
         # a new list: Lightning is iterating over the current one right now
         trainer.callbacks = [cb for cb in trainer.callbacks if cb is not self] + [self]
 

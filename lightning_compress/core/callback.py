@@ -5,8 +5,9 @@ and one composition check per fit (the first compression callback's ``setup`` ch
 declaration in the Trainer, the others reuse the verdict), the architecture-restore hook, writing
 architecture records into checkpoints, the non-finite loss guard and the run-time patches a
 technique installs on the user's objects (named in the start-of-fit log line and ``repr``, removed
-in ``teardown``). A technique is a subclass that implements :meth:`~CompressionCallback.declaration`
-and the hooks of its own work, calling ``super()`` in the hooks the base defines.
+in ``teardown``). A technique is a subclass that implements :meth:`~CompressionCallback.declaration`,
+:meth:`~CompressionCallback.setup_fit` and the hooks of its own work, calling ``super()`` in the
+Lightning hooks the base defines.
 
 Example:
     >>> import lightning.pytorch as pl
@@ -193,6 +194,18 @@ class CompressionCallback(Callback, abc.ABC):
         self.budget = verdict.budget
         self.window = verdict.declarations[id(self)].window
         self.composition = list(verdict.declarations.values())
+        self.setup_fit(trainer, pl_module)
+
+    def setup_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Set up the technique for a fit: select its layers, refuse what only it can check (default: nothing).
+
+        Runs at the end of ``setup("fit")``, after the network lookup and the composition check, before
+        any training step.
+
+        Args:
+            trainer: The trainer about to fit.
+            pl_module: The LightningModule.
+        """
 
     def _arm_restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Make ``pl_module.on_load_checkpoint`` replay architecture records first, unless the module does

@@ -187,15 +187,14 @@ class KnowledgeDistillation(CompressionCallback):
     # ------------------------------------------------------------------ Lightning hooks
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def setup_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refuse manual optimization; for a ``"self"`` teacher, keep the network's structure as set up."""
-        if stage == "fit" and not pl_module.automatic_optimization:
+        if not pl_module.automatic_optimization:
             raise ValueError(
                 "KnowledgeDistillation needs automatic optimization: with manual optimization the module "
                 "calls backward itself, so the distillation term cannot be added to its loss"
             )
-        super().setup(trainer, pl_module, stage)
-        if stage == "fit" and self.is_self_teacher:
+        if self.is_self_teacher:
             # before a resumed checkpoint restores the network compressed; the saved weights load into it
             self._self_structure = copy_network(getattr(pl_module, self.network_name))
 

@@ -202,11 +202,8 @@ class LowRankFactorization(CompressionCallback):
         return self.declare(StepWindow(step, step), replaces_layers=True, channel_multiple=self.round_to)
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def setup_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Select the layers and check explicit ranks."""
-        super().setup(trainer, pl_module, stage)
-        if stage != "fit":
-            return
         network = pl_module.get_submodule(self.network_name)
         prefix = self.network_name + "."
         selected = select_layers(pl_module, self.include, self.exclude, layer_types=FACTORIZABLE_TYPES)

@@ -206,11 +206,8 @@ class ChannelPruning(CompressionCallback):
         return self.declare(window, channel_multiple=self.round_to)
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def setup_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Select the layers left alone (``ignore`` and the classifier)."""
-        super().setup(trainer, pl_module, stage)
-        if stage != "fit":
-            return
         prefix = self.network_name + "."
         kept = select_layers(pl_module, include="*", exclude=self.ignore, argument_names=("include", "ignore"))
         layers = weighted_layers(pl_module)

@@ -260,14 +260,12 @@ class MagnitudePruning(CompressionCallback):
         return self.declare(resolve_window(budget, self.start, self.end, self.update_every), nm=nm)
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Select the weights and check the per-layer targets against them (stage ``"fit"``)."""
-        if stage == "fit" and any(isinstance(cb, ModelPruning) for cb in trainer.callbacks):
+    def setup_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse Lightning's ModelPruning beside it; select the weights and check their targets."""
+        if any(isinstance(cb, ModelPruning) for cb in trainer.callbacks):
             raise ValueError("MagnitudePruning cannot be combined with Lightning's ModelPruning: both "
                              "prune the same weights; use one of them")
-        super().setup(trainer, pl_module, stage)
-        if stage == "fit":
-            self._select(pl_module)
+        self._select(pl_module)
 
     def _select(self, pl_module: pl.LightningModule) -> None:
         """Select the weights and their targets; noted against the architecture records applied so far."""
