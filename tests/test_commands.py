@@ -196,3 +196,49 @@ def test_sensitivity_targets_are_accepted_by_magnitude_pruning(tmp_path):
     for layer, target in arguments["final_sparsity"].items():
         weight = model.get_submodule(layer).weight
         assert float((weight == 0).float().mean()) == pytest.approx(target, abs=0.01)
+
+
+class _Payload:
+    """Pickles to a call of ``os.system``: what a malicious checkpoint would carry."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def write_payload_checkpoint(checkpoint: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A real ImageClassifier checkpoint with a code payload in its hyper_parameters."""
+    marker = tmp_path / "payload_ran"
+    data = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    data["hyper_parameters"]["notes"] = _Payload(marker)
+    path = tmp_path / "payload.ckpt"
+    torch.save(data, path)
+    assert not marker.exists()
+    return path, marker
+
+
+@pytest.mark.parametrize("command", [["report"], ["export", "--to", "OUT"], ["sensitivity", "--data-root", "ROOT"]])
+def test_a_checkpoint_carrying_code_is_refused_and_the_code_never_runs(checkpoint, tmp_path, capsys, command):
+    path, marker = write_payload_checkpoint(checkpoint, tmp_path)
+    argv = [part.replace("OUT", str(tmp_path / "out")).replace("ROOT", str(tmp_path)) for part in command]
+    with pytest.raises(SystemExit) as exit_info:
+        main([argv[0], str(path), *argv[1:]])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "payload.ckpt" in err and "posix.system" in err and "not data" in err
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_teacher_and_load_from_checkpoint_refuse_the_payload_too(checkpoint, tmp_path):
+    from lightning_compress import KnowledgeDistillation
+
+    path, marker = write_payload_checkpoint(checkpoint, tmp_path)
+    with pytest.raises(Exception):
+        KnowledgeDistillation(teacher=str(path))
+    with pytest.raises(Exception):
+        ImageClassifier.load_from_checkpoint(path)
+    assert not marker.exists()

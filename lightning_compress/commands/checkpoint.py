@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,33 @@ NETWORK = "model"
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 _EXPECTED = ("a Lightning checkpoint of lightning_compress.ImageClassifier (a .ckpt written by Trainer/ModelCheckpoint "
              "or `lightning-compress fit`, with 'state_dict' and 'hyper_parameters' naming a zoo model)")
+
+
+_UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def read_checkpoint(path: Path) -> Any:
+    """Read a checkpoint as data: ``torch.load(weights_only=True)``, so no code in the file ever runs.
+
+    Args:
+        path: The checkpoint file.
+
+    Returns:
+        The loaded object (tensors, containers and plain values only).
+
+    Raises:
+        ValueError: If the file is unreadable, or holds a Python object that is not data (naming its type).
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        unsafe = _UNSAFE_GLOBAL.search(str(err))
+        if unsafe is None:
+            raise ValueError(f"{path} is not a readable checkpoint (UnpicklingError: {err}); expected {_EXPECTED}") from err
+        raise ValueError(f"{path} holds a Python object that is not data ({unsafe.group(1)}); lightning-compress reads "
+                         "checkpoints with torch.load(weights_only=True) and never runs code from a file") from None
+    except (zipfile.BadZipFile, RuntimeError, EOFError, OSError) as err:
+        raise ValueError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err}); expected {_EXPECTED}") from err
 
 
 @dataclass
@@ -69,10 +97,7 @@ def load_checkpoint(path: str | os.PathLike[str], classes: list[str] | None = No
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError) as err:
-        raise ValueError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err}); expected {_EXPECTED}") from err
+    checkpoint = read_checkpoint(path)
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or not isinstance(hparams, dict):
         raise ValueError(f"{path} is not a Lightning checkpoint; expected {_EXPECTED}")
