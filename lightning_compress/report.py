@@ -1,14 +1,8 @@
 """CompressionReport: what compression gained and what it cost, as a table, JSON and in TensorBoard.
 
-The numbers come from :mod:`lightning_compress.core.accounting` (parameters, non-zeros, MACs by
-``torch.utils.flop_counter``, latency) and from :mod:`lightning_compress.export` (the size of the
-packed artifact), so the report, the benchmarks and the callbacks agree on every definition.
-
-* :func:`summarize` -- the report as a JSON-serializable dict (per-layer rows, totals, sizes,
-  latency, accuracy).
-* :func:`render_markdown`, :func:`sparsity_figure` -- its renderings.
-* :class:`CompressionReport` -- the callback: summarizes at fit end, writes markdown + JSON + PNG
-  atomically, logs scalars (any logger) and the table and bar chart (TensorBoard).
+Every number comes from :mod:`lightning_compress.core.accounting` or the packed artifact of
+:mod:`lightning_compress.export`, so the report, the benchmarks and the callbacks agree on each
+definition.
 
 Example:
     >>> import torch
@@ -53,12 +47,6 @@ from lightning_compress.export import VALUE_FORMATS, OnnxRuntimeNetwork, pack_st
 def is_int8(network: nn.Module) -> bool:
     """Whether ``network`` holds converted int8 modules (``torch.ao.nn.quantized``) or is an int8 ONNX model.
 
-    Args:
-        network: Any module.
-
-    Returns:
-        True for an int8 network.
-
     Example:
         >>> is_int8(nn.Linear(2, 2))
         False
@@ -76,16 +64,10 @@ def _int8_layer_names(network: nn.Module | None) -> set[str]:
 
 def layer_rows(network: nn.Module, example_input: torch.Tensor, int8_network: nn.Module | None = None,
                prefix: str = "") -> list[dict[str, Any]]:
-    """One row per weighted layer (every module with a float ``weight`` of >= 2 dims).
+    """One row per weighted layer (a float ``weight`` of >= 2 dims), named with ``prefix`` in front.
 
-    Args:
-        network: A float network (fp32, possibly sparse or QAT-prepared).
-        example_input: One input batch for counting MACs (batch size 1 gives per-image MACs).
-        int8_network: The network's int8 conversion, if any: its quantized layers count 8 bits.
-        prefix: Prepended to layer names (``"model."``: named as in the LightningModule).
-
-    Returns:
-        Rows with ``name``, ``type``, ``shape``, ``params``, ``nonzero``, ``sparsity``, ``bits``, ``macs``.
+    Rows hold ``name``, ``type``, ``shape``, ``params``, ``nonzero``, ``sparsity``, ``bits`` (8 for layers
+    quantized in ``int8_network``) and ``macs`` (for ``example_input``; batch size 1 gives per-image MACs).
 
     Example:
         >>> rows = layer_rows(nn.Sequential(nn.Linear(4, 2)), torch.randn(1, 4))
@@ -126,30 +108,21 @@ def summarize(
     latency_repeats: int = 10,
     prefix: str = "",
 ) -> dict[str, Any]:
-    """The compression report of ``network`` as a JSON-serializable dict.
+    """The compression report of ``network``, JSON-ready: layers, totals, sizes, latency and accuracy.
 
-    Sizes: ``fp32_bytes`` is ``torch.save`` of the network's state dict in fp32 (the weights of a
-    checkpoint, without optimizer state); ``packed_bytes`` the packed artifact
-    (:func:`lightning_compress.export.pack_state_dict`). Latency: median CPU seconds of
-    ``dense_network`` (the uncompressed fp32 model; default: ``network`` itself) against the compressed
-    model (``int8_network`` if given, else ``network``), measured in alternation in this process.
+    ``sizes`` compares ``torch.save`` of the fp32 state dict with
+    :func:`~lightning_compress.export.pack_state_dict`'s artifact.
 
     Args:
         network: The compressed float network (sparse, channel-pruned or QAT-prepared).
-        example_input: One input of batch size 1 (shape ``(1, C, H, W)``).
-        dense_network: The uncompressed fp32 network, for the latency baseline.
-        int8_network: The int8 conversion of ``network``, if any.
+        example_input: One input of batch size 1.
+        dense_network: The uncompressed fp32 network: the MACs and latency baseline (default ``network``).
+        int8_network: The int8 conversion of ``network``, if any: timed as the compressed model.
         accuracy: E.g. ``{"metric": "val/acc", "before": 0.1, "after": 0.9}``; ``None`` if unknown.
         values: Packed value format, ``"int8"`` or ``"fp16"``.
-        latency_batch_sizes: Batch sizes to time; empty skips latency.
-        latency_repeats: Timed forward passes per model and batch size.
+        latency_batch_sizes: Batch sizes to time (median CPU time, models alternating); empty skips it.
+        latency_repeats: Timed forward passes per model and batch size, at least 1.
         prefix: Prepended to layer names (``"model."``: named as in the LightningModule).
-
-    Returns:
-        ``{"layers", "totals", "sizes", "latency", "accuracy"}``.
-
-    Raises:
-        ValueError: On an unknown ``values`` or ``latency_repeats < 1``.
 
     Example:
         >>> summary = summarize(nn.Sequential(nn.Linear(4, 2)), torch.randn(1, 4), latency_repeats=2)
@@ -204,12 +177,6 @@ def summarize(
 def render_markdown(summary: Mapping[str, Any]) -> str:
     """Render :func:`summarize`'s dict as markdown tables.
 
-    Args:
-        summary: The report.
-
-    Returns:
-        Markdown text.
-
     Example:
         >>> text = render_markdown(summarize(nn.Sequential(nn.Linear(4, 2)), torch.randn(1, 4), latency_batch_sizes=()))
         >>> text.splitlines()[0]
@@ -253,13 +220,7 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
 
 
 def sparsity_figure(summary: Mapping[str, Any]) -> Any:
-    """A matplotlib bar chart of per-layer sparsity (Agg backend; needs the ``plot`` extra).
-
-    Args:
-        summary: The report.
-
-    Returns:
-        The ``matplotlib.figure.Figure``.
+    """A matplotlib ``Figure`` of per-layer sparsity (Agg backend; needs the ``plot`` extra).
 
     Example:
         >>> fig = sparsity_figure({"layers": [{"name": "fc", "sparsity": 0.5, "bits": 8}]})
@@ -282,19 +243,7 @@ def sparsity_figure(summary: Mapping[str, Any]) -> Any:
 
 def write_report(summary: Mapping[str, Any], directory: str | os.PathLike[str], name: str = "compression_report"
                  ) -> dict[str, Path]:
-    """Write ``<name>.md``, ``<name>.json`` and ``<name>.png`` (if matplotlib is installed) atomically.
-
-    Args:
-        summary: The report.
-        directory: Where to write.
-        name: Base file name.
-
-    Returns:
-        The written paths by extension.
-
-    Example:
-        >>> # write_report(summary, "reports/")
-    """
+    """Write ``<name>.md``, ``.json`` and ``.png`` (with matplotlib) atomically; the paths by extension."""
     directory = Path(directory)
     paths = {"md": directory / f"{name}.md", "json": directory / f"{name}.json"}
     write_text_atomic(paths["md"], render_markdown(summary))
@@ -312,17 +261,11 @@ def write_report(summary: Mapping[str, Any], directory: str | os.PathLike[str], 
 class CompressionReport(CompressionCallback):
     """At fit end, report per-layer sparsity, bits and MACs, sizes, latency and accuracy.
 
-    The report compares the network as it leaves ``fit`` -- pruned, channel-slimmed, int8-converted
-    by the other callbacks -- with the dense fp32 network it started from. The float view (per-layer
-    rows, packed size) is taken at ``on_train_end``, before quantization callbacks convert at fit end;
-    latency and the int8 bit widths come from the final network. The callback moves itself to the end
-    of the callback list in ``setup`` so it sees the other callbacks' fit-end work.
-
-    Accuracy "before" is ``metric`` at the first validation after training started, "after" its last
-    value (``None`` without validation). Outputs: ``compression_report.{md,json,png}`` in ``dirpath``;
-    scalars ``sparsity/report_layers``, ``macs/report_total``, ``compression/size_ratio``,
-    ``compression/packed_bytes``, ``compression/latency_speedup_b<N>`` on every logger; the markdown
-    table (``compression/report``) and bar chart (``compression/layer_sparsity``) on TensorBoard.
+    Compares the network as it leaves ``fit`` (pruned, slimmed, int8-converted by the other callbacks)
+    with the dense fp32 network it started from; the callback moves itself last so it sees their fit-end
+    work. Accuracy "before" is ``metric`` at the first validation, "after" its last value. Writes
+    ``compression_report.{md,json,png}``; logs scalars (``compression/size_ratio``,
+    ``compression/latency_speedup_b<N>``, ...) on every logger, and the table and chart on TensorBoard.
 
     Args:
         dirpath: Output folder; default: the trainer's ``log_dir`` (or ``default_root_dir``).
@@ -331,9 +274,6 @@ class CompressionReport(CompressionCallback):
         latency_batch_sizes: Batch sizes to time (empty: no latency).
         latency_repeats: Timed forward passes per model and batch size.
         network: Attribute of the LightningModule holding the network; ``None`` detects it.
-
-    Raises:
-        ValueError: On an invalid argument.
 
     Example:
         >>> report = CompressionReport(latency_repeats=5)
@@ -390,7 +330,7 @@ class CompressionReport(CompressionCallback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        """Remember one input sample of the network (captured from ``training_step``), for MACs and latency."""
+        """Remember one network input (captured from ``training_step``), for MACs and latency."""
         if self._example is None:
             network = getattr(pl_module, self.network_name)
             inputs = first_sample(capture_network_input(pl_module, network, batch, batch_idx))
@@ -414,11 +354,9 @@ class CompressionReport(CompressionCallback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """After a completed fit: summarize, write the files, log to the loggers.
+        """After a completed fit: summarize, write the files, log.
 
-        Runs in ``teardown`` rather than ``on_fit_end`` because conversions happen there
-        (``QuantizationAwareTraining`` puts the int8 model in place in its own ``teardown``); being
-        the last callback, this one sees the network exactly as it leaves ``fit``.
+        ``teardown``, not ``on_fit_end``: quantization callbacks put the int8 model in place in theirs.
         """
         super().teardown(trainer, pl_module, stage)
         if stage != "fit" or trainer.interrupted or self._float_view is None or self._example is None:

@@ -1,11 +1,8 @@
 """Per-layer pruning sensitivity: prune one layer at a time, measure accuracy, derive per-layer targets.
 
-Distiller's sensitivity analysis, for this project's layer names: for every selected layer and
-every tested sparsity, the layer alone is magnitude-pruned (the others stay dense), the model is
-evaluated, and the weights are put back. :func:`sensitivity_targets` then picks, per layer, the
-highest tested sparsity whose accuracy drop stays within a tolerance -- a mapping that
-:class:`~lightning_compress.pruning.MagnitudePruning` accepts as ``final_sparsity`` with
-``scope="layerwise"``.
+Distiller's sensitivity analysis: each selected layer alone is magnitude-pruned to each tested
+sparsity and the model evaluated; :func:`sensitivity_targets` turns the rows into the
+``final_sparsity`` mapping ``MagnitudePruning(scope="layerwise")`` accepts.
 
 Example:
     >>> import torch
@@ -39,16 +36,7 @@ DEFAULT_SPARSITIES: tuple[float, ...] = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
 
 
 def check_sparsities(sparsities: Sequence[float]) -> list[float]:
-    """Validate and sort the tested sparsities.
-
-    Args:
-        sparsities: Values in ``(0, 1)``.
-
-    Returns:
-        The sorted, de-duplicated values.
-
-    Raises:
-        ValueError: If empty or a value is outside ``(0, 1)``.
+    """The tested sparsities sorted and de-duplicated; ``ValueError`` if empty or one is outside ``(0, 1)``.
 
     Example:
         >>> check_sparsities([0.9, 0.5, 0.9])
@@ -65,24 +53,18 @@ def layer_sensitivity(
     layers: Sequence[str],
     sparsities: Sequence[float] = DEFAULT_SPARSITIES,
 ) -> list[dict[str, Any]]:
-    """Accuracy of ``module`` with each layer's weight alone pruned to each sparsity.
-
-    The weights are restored after each measurement, so ``module`` is unchanged on return.
+    """Accuracy of ``module`` with each layer's weight alone pruned to each sparsity; ``module`` is restored.
 
     Args:
         module: The model (or LightningModule) holding the layers.
         evaluate: Returns the accuracy of ``module`` (e.g. on a few validation batches).
-        layers: Labels of the weights to analyze: a layer's qualified name for its ``weight``, the
-            parameter's name for attention projections (``...in_proj_weight``), as
-            :func:`~lightning_compress.core.layers.select_weights` selects and ``MagnitudePruning`` takes them.
+        layers: Weight labels, as :func:`~lightning_compress.core.layers.select_weights` selects them and
+            ``MagnitudePruning`` takes them (a layer's name, or a parameter's: ``...in_proj_weight``).
         sparsities: Tested sparsities, in ``(0, 1)``.
 
     Returns:
-        Rows ``{"layer", "sparsity", "accuracy", "drop"}``, with a ``sparsity=0`` row (the dense
-        baseline, measured once) first for every layer.
-
-    Raises:
-        ValueError: On invalid ``sparsities`` or no layers.
+        Rows ``{"layer", "sparsity", "accuracy", "drop"}``, each layer's first being the dense baseline
+        (``sparsity=0``, measured once).
 
     Example:
         >>> rows = layer_sensitivity(nn.Sequential(nn.Linear(2, 2)), lambda m: 1.0, ["0"], [0.5])
@@ -116,18 +98,10 @@ def layer_sensitivity(
 
 
 def sensitivity_targets(rows: Sequence[Mapping[str, Any]], max_drop: float = 0.01) -> dict[str, float]:
-    """Per layer, the highest tested sparsity whose accuracy drop is at most ``max_drop``.
+    """Per layer, the highest tested sparsity whose drop, and every lower one's, is at most ``max_drop``.
 
-    Args:
-        rows: From :func:`layer_sensitivity`.
-        max_drop: Tolerated absolute accuracy drop (``0.01`` = one percentage point), >= 0.
-
-    Returns:
-        ``{layer name: sparsity}`` in layer order (0.0 for a layer that tolerates no tested sparsity):
-        ``MagnitudePruning(final_sparsity=targets, scope="layerwise")`` takes it as it is.
-
-    Raises:
-        ValueError: If ``max_drop < 0``.
+    ``max_drop`` is absolute (``0.01`` = one percentage point) and >= 0. The result, in layer order (0.0
+    where no tested sparsity is tolerated), is ``MagnitudePruning(scope="layerwise")``'s ``final_sparsity``.
 
     Example:
         >>> sensitivity_targets([{"layer": "a", "sparsity": 0.5, "drop": 0.2}], max_drop=0.1)
@@ -156,23 +130,11 @@ def write_sensitivity(
     max_drop: float,
     selection: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
-    """Write ``sensitivity.csv``, ``sensitivity.png`` (with matplotlib) and ``pruning_targets.yaml``, atomically.
+    """Write ``sensitivity.csv``, ``sensitivity.png`` (matplotlib) and ``pruning_targets.yaml`` atomically.
 
-    ``pruning_targets.yaml`` holds ``MagnitudePruning`` constructor arguments: ``final_sparsity`` (the
-    per-layer mapping), ``scope: layerwise`` and the ``selection`` (``include``/``exclude``) used.
-
-    Args:
-        rows: From :func:`layer_sensitivity`.
-        targets: From :func:`sensitivity_targets`.
-        directory: Where to write.
-        max_drop: The tolerance the targets were derived with (recorded in a comment).
-        selection: ``include``/``exclude`` patterns used to select the layers, if any.
-
-    Returns:
-        Paths by kind (``csv``, ``targets``, ``png``).
-
-    Example:
-        >>> # write_sensitivity(rows, sensitivity_targets(rows), "sensitivity/", 0.01)
+    ``pruning_targets.yaml`` holds ``MagnitudePruning`` arguments: ``final_sparsity`` (``targets``),
+    ``scope: layerwise`` and the ``selection`` (``include``/``exclude``) used; ``max_drop`` goes in a
+    comment. Returns the paths by kind (``csv``, ``targets``, ``png``).
     """
     import yaml
 

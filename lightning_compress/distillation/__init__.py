@@ -1,8 +1,4 @@
-"""Knowledge distillation: a frozen teacher's soft targets added to any LightningModule's loss.
-
-``losses`` holds the math, ``teacher`` turns a module/checkpoint/zoo name into a frozen teacher,
-``cache`` keeps teacher logits by sample index, ``callback`` holds :class:`KnowledgeDistillation`.
-"""
+"""Knowledge distillation: a frozen teacher's soft targets added to any LightningModule's loss."""
 
 from lightning_compress.distillation.cache import IndexedDataset, TeacherLogitCache
 from lightning_compress.distillation.callback import KnowledgeDistillation

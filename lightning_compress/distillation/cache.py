@@ -1,9 +1,7 @@
-"""Teacher logits cached by sample index: the dataset wrapper that carries the index, the cache itself.
+"""Teacher logits cached by sample index, for ``KnowledgeDistillation(cache_logits=True)``.
 
-:class:`~lightning_compress.distillation.KnowledgeDistillation` (``cache_logits=True``) computes the
-teacher's logits once per sample and reuses them in later epochs; the training batches carry each
-sample's index as their last element (:class:`IndexedDataset`), which :func:`split_indices` removes
-before the module's ``training_step`` sees the batch.
+Training batches carry each sample's index as their last element (:class:`IndexedDataset`), which
+:func:`split_indices` removes before the module's ``training_step`` sees the batch.
 
 Example:
     >>> from torch.utils.data import DataLoader, TensorDataset
@@ -22,12 +20,7 @@ from torch.utils.data import Dataset
 
 
 class IndexedDataset(Dataset):
-    """Wraps a dataset so that each sample also carries its index, as the last element.
-
-    ``(x, y)`` becomes ``(x, y, index)``; a sample ``x`` that is not a tuple/list becomes ``(x, index)``.
-
-    Args:
-        dataset: A map-style dataset.
+    """Wraps a map-style dataset so that ``(x, y)`` becomes ``(x, y, index)`` and ``x``, ``(x, index)``.
 
     Example:
         >>> from torch.utils.data import TensorDataset
@@ -49,17 +42,10 @@ class IndexedDataset(Dataset):
 
 
 def split_indices(batch: Any) -> tuple[Any, torch.Tensor]:
-    """Split the sample indices off the end of a training batch.
+    """Split the sample indices off the end of a batch: ``(the rest, or its only element; indices)``.
 
-    Args:
-        batch: A tuple/list batch whose last element is a vector of distinct integer sample indices.
-
-    Returns:
-        The batch without its indices (its only other element when there is one) and the indices.
-
-    Raises:
-        ValueError: If the last element is not a vector of distinct integers (labels repeat within a batch,
-            almost always; indices never do).
+    Raises ``ValueError`` unless the last element is a vector of distinct integers (labels almost always
+    repeat within a batch; indices never do).
 
     Example:
         >>> split_indices((torch.zeros(2, 3), torch.tensor([4, 7])))[1]

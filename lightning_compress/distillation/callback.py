@@ -42,10 +42,10 @@ from lightning_compress.distillation.teacher import (
 
 
 class _CaptureHook:
-    """Forward hook that records the student network's inputs and output while its callback is armed.
+    """Forward hook recording the student network's inputs and output while its callback is armed.
 
-    Holds the callback weakly and checks the module's identity, so that a copy of the network
-    (``deepcopy``, QAT preparation) neither drags the teacher along nor records anything.
+    It holds the callback weakly and checks the module's identity, so a copy of the network (``deepcopy``,
+    QAT preparation) neither drags the teacher along nor records anything.
     """
 
     def __init__(self, callback: KnowledgeDistillation) -> None:
@@ -68,38 +68,30 @@ class _CaptureHook:
 class KnowledgeDistillation(CompressionCallback):
     """Distil a frozen teacher into the network being trained, whatever the module's ``training_step``.
 
-    The loss becomes ``(1 − α)·task_loss + α·T²·KL(softmax(teacher/T) ‖ softmax(student/T))``, ``task_loss``
-    being what ``training_step`` returns (a tensor or a dict's ``"loss"``). For the fit, ``training_step`` is
-    wrapped (a patch named in the start-of-fit log line and ``repr``) and a forward hook on the student
-    network captures its inputs and logits, so that the teacher sees the student's exact (augmented) batch:
+    The loss becomes ``(1 − α)·task_loss + α·T²·KL(softmax(teacher/T) ‖ softmax(student/T))``,
+    ``task_loss`` being what ``training_step`` returns (a tensor or a dict's ``"loss"``). ``training_step``
+    is wrapped for the fit (a patch named in the start-of-fit log line and ``repr``) and a forward hook
+    captures the student network's inputs and logits, so the teacher sees the exact (augmented) batch:
     the network must be called once per ``training_step`` and return logits shaped like the teacher's,
-    under automatic optimization, or the fit stops with a message saying which, before the first optimizer
-    step. The teacher is frozen and never a submodule, so it is not saved with the student; each DDP rank
-    runs its own. Logs ``distill/kd_loss``, ``distill/task_loss``, ``distill/agreement`` (top-1) and
-    ``distill/alpha`` every step.
+    under automatic optimization. The teacher is never a submodule, so it is not saved with the student.
+    Logs ``distill/kd_loss``, ``distill/task_loss``, ``distill/agreement`` (top-1) and ``distill/alpha``.
 
     Args:
-        teacher: ``"self"`` (a frozen copy of the student network at fit start, before any compression; kept
-            in this callback's state, so a resumed run distils from the same one), an ``nn.Module``, the path
-            of a Lightning checkpoint, or a zoo model name with ``checkpoint``
-            (see :func:`~lightning_compress.distillation.teacher.load_teacher`).
+        teacher: ``"self"`` (a frozen copy of the student network at fit start, before any compression,
+            kept in this callback's state for a resumed run), an ``nn.Module``, a Lightning checkpoint
+            path or a zoo model name with ``checkpoint``
+        (:func:`~lightning_compress.distillation.teacher.load_teacher`).
         checkpoint: Weights of a zoo-name teacher (Lightning checkpoint or plain state dict).
-        teacher_class: LightningModule class path a checkpoint-path teacher is rebuilt with
-            (default ``lightning_compress.module.ImageClassifier``).
+        teacher_class: LightningModule class path a checkpoint-path teacher is rebuilt with.
         temperature: Softening temperature ``T > 0``.
         alpha: Weight of the distillation term in ``[0, 1]`` (at the start of the run if scheduled).
         final_alpha: Weight at the end of the run, in ``[0, 1]``; only with a non-constant schedule.
-        alpha_schedule: ``"constant"``, ``"linear"`` or ``"cosine"`` from ``alpha`` to ``final_alpha``
-            over the run's optimizer steps.
+        alpha_schedule: ``"constant"``, ``"linear"`` or ``"cosine"``, over the run's optimizer steps.
         network: Attribute name of the student network in the LightningModule; ``None`` detects it.
         teacher_precision: ``"32"``, ``"bf16"`` or ``"16"``.
-        cache_logits: Compute the teacher's logits once per sample and reuse them; the batches carry sample
-            indices (see :mod:`lightning_compress.distillation.cache`) and the inputs must be the same every
-            epoch, which the first cache hit of each fit checks.
-
-    Raises:
-        ValueError: For an argument outside its allowed values, or an unreadable checkpoint.
-        FileNotFoundError: For a missing checkpoint.
+        cache_logits: Compute the teacher's logits once per sample and reuse them; batches carry sample
+            indices (:mod:`~lightning_compress.distillation.cache`) and inputs must not change between
+            epochs, which the first cache hit of each fit checks.
 
     Example:
         >>> kd = KnowledgeDistillation(nn.Linear(8, 4), temperature=4.0, alpha=0.9, alpha_schedule="linear",
@@ -160,28 +152,14 @@ class KnowledgeDistillation(CompressionCallback):
         self._checked_cache = False
 
     def alpha_at(self, progress: float) -> float:
-        """The distillation weight at a fraction ``progress`` of the run.
-
-        Args:
-            progress: Fraction of optimizer steps done, in ``[0, 1]``.
-
-        Returns:
-            ``alpha``, or the scheduled value between ``alpha`` and ``final_alpha``.
-        """
+        """The distillation weight after a fraction ``progress`` of the optimizer steps."""
         if self.final_alpha is None:
             return self.alpha
         return scheduled_alpha(progress, self.alpha, self.final_alpha, self.alpha_schedule)
 
     @override
     def declaration(self, budget: StepBudget) -> Declaration:
-        """Changes the loss from the first step to the end of the fit.
-
-        Args:
-            budget: The run's step budget.
-
-        Returns:
-            The declaration.
-        """
+        """Changes the loss from the first step to the end of the fit."""
         return self.declare(StepWindow(0))
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -230,8 +208,7 @@ class KnowledgeDistillation(CompressionCallback):
     @property
     @override
     def state_key(self) -> str:
-        """Only a ``"self"`` teacher has state; other instances get distinct keys so that two of them in a
-        Trainer reach the composition check (one loss changer per run) instead of Lightning's key check."""
+        """Per instance (a ``"self"`` teacher: fixed), so two meet the composition check, not Lightning's."""
         if self.is_self_teacher:
             return self._generate_state_key(teacher=SELF)
         return self._generate_state_key(id=id(self))
@@ -245,7 +222,7 @@ class KnowledgeDistillation(CompressionCallback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Keep a ``"self"`` teacher's weights until fit start, when they load into the set-up network's copy."""
+        """Keep a ``"self"`` teacher's weights; at fit start they load into a copy of the set-up network."""
         if self.is_self_teacher and "self_teacher" in state_dict:
             self._saved_self_teacher = state_dict["self_teacher"]
 

@@ -1,8 +1,5 @@
 """The math of knowledge distillation: the soft-target loss, its mix with the task loss, alpha schedules.
 
-Pure functions of tensors and numbers (no Lightning): the callback in
-:mod:`lightning_compress.distillation.callback` only decides when to call them and what to log.
-
 Example:
     >>> import torch
     >>> student, teacher = torch.tensor([[2.0, 0.0]]), torch.tensor([[2.0, 0.0]])
@@ -27,23 +24,12 @@ ALPHA_SCHEDULES: tuple[str, ...] = ("constant", "linear", "cosine")
 def distillation_loss(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
 ) -> torch.Tensor:
-    """Hinton et al.'s soft-target loss ``T² · KL(softmax(teacher/T) ‖ softmax(student/T))``.
+    """Hinton et al.'s soft-target loss ``T² · KL(softmax(teacher/T) ‖ softmax(student/T))``, a scalar.
 
-    The KL divergence is summed over classes and averaged over the batch ("batchmean", the
-    mathematically correct reduction); the ``T²`` factor keeps the gradient scale independent of the
-    temperature, so ``alpha`` means the same thing at every ``T``. Computed in float32 whatever the
-    logits' dtype (a bf16 teacher gives bf16 logits). Gradients flow into ``student_logits`` only.
-
-    Args:
-        student_logits: ``(N, C)`` (or ``(N, ..., C)``) logits of the student.
-        teacher_logits: Teacher logits of the same shape.
-        temperature: Softening temperature ``T > 0``.
-
-    Returns:
-        The scalar loss.
-
-    Raises:
-        ValueError: If the shapes differ or ``temperature <= 0``.
+    The KL divergence is summed over classes and averaged over the batch; ``T²`` keeps the gradient
+    scale, and so the meaning of ``alpha``, independent of ``T``. Logits are ``(N, ..., C)`` of equal
+    shape, computed in float32; gradients flow into ``student_logits`` only. Raises ``ValueError`` for
+    different shapes or ``temperature <= 0``.
 
     Example:
         >>> s = torch.tensor([[1.0, 0.0, 0.0]]); t = torch.tensor([[0.0, 1.0, 0.0]])
@@ -65,18 +51,9 @@ def distillation_loss(
 
 
 def combined_loss(task_loss: torch.Tensor, kd_loss: torch.Tensor, alpha: float) -> torch.Tensor:
-    """The training loss of distillation: ``(1 − alpha) · task_loss + alpha · kd_loss``.
+    """The training loss of distillation, ``(1 − alpha) · task_loss + alpha · kd_loss``.
 
-    Args:
-        task_loss: The loss the module computes on the labels.
-        kd_loss: The distillation loss (see :func:`distillation_loss`).
-        alpha: Weight of the distillation term, in ``[0, 1]``.
-
-    Returns:
-        The mixed loss, in the dtype of ``task_loss``.
-
-    Raises:
-        ValueError: If ``alpha`` is outside ``[0, 1]``.
+    Returned in ``task_loss``'s dtype; ``alpha`` outside ``[0, 1]`` raises ``ValueError``.
 
     Example:
         >>> float(combined_loss(torch.tensor(2.0), torch.tensor(4.0), alpha=0.0))
@@ -88,14 +65,7 @@ def combined_loss(task_loss: torch.Tensor, kd_loss: torch.Tensor, alpha: float) 
 
 
 def top1_agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Fraction of samples on which student and teacher predict the same class.
-
-    Args:
-        student_logits: ``(N, C)`` student logits.
-        teacher_logits: ``(N, C)`` teacher logits.
-
-    Returns:
-        A scalar float tensor in ``[0, 1]``.
+    """Fraction of samples on which student and teacher predict the same class, a scalar float tensor.
 
     Example:
         >>> student, teacher = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [1.0, 0.0]])
@@ -106,20 +76,10 @@ def top1_agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -
 
 
 def scheduled_alpha(progress: float, alpha: float, final_alpha: float, schedule: AlphaSchedule) -> float:
-    """The distillation weight at a point of the run, moving from ``alpha`` to ``final_alpha``.
+    """The distillation weight at ``progress`` (of the run, clamped), from ``alpha`` to ``final_alpha``.
 
-    Args:
-        progress: Fraction of the run done, clamped to ``[0, 1]``.
-        alpha: Weight at the start of the run.
-        final_alpha: Weight at the end of the run.
-        schedule: ``"constant"`` (always ``alpha``), ``"linear"`` or ``"cosine"`` (half-cosine, flat
-            at both ends).
-
-    Returns:
-        The weight for this point of the run.
-
-    Raises:
-        ValueError: If ``schedule`` is unknown.
+    ``schedule`` is ``"constant"`` (always ``alpha``), ``"linear"`` or ``"cosine"`` (flat at both ends);
+    another raises ``ValueError``.
 
     Example:
         >>> [scheduled_alpha(p, 0.9, 0.1, "linear") for p in (0.0, 0.5, 1.0)]

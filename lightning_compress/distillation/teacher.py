@@ -1,9 +1,5 @@
 """Getting a teacher (a module, a LightningModule checkpoint, or a zoo name + checkpoint) and freezing it.
 
-:func:`load_teacher` resolves a teacher given as a module, a checkpoint path or a zoo name; ``"self"``
-(:data:`SELF`) is the student's own network, copied at fit start with :func:`copy_network`;
-:class:`FrozenTeacher` makes it unable to train (eval mode, no gradients, optional bf16/fp16).
-
 Example:
     >>> from torch import nn
     >>> teacher = FrozenTeacher(load_teacher(nn.Linear(4, 3)))
@@ -65,14 +61,7 @@ def load_state_dict_by_prefix(
 ) -> None:
     """Load ``state_dict`` into ``network``, stripping the prefix a LightningModule added (``model.``).
 
-    Args:
-        network: The network to fill.
-        state_dict: A plain state dict of the network, or a LightningModule's, whose keys carry the
-            attribute name of the network as a prefix.
-        source: Where the weights come from, for error messages.
-
-    Raises:
-        ValueError: If no prefix (including none) makes the keys match the network's.
+    ``source`` names the weights in the ``ValueError`` raised when no prefix (nor none) fits.
 
     Example:
         >>> net = nn.Linear(2, 2)
@@ -95,13 +84,7 @@ def load_state_dict_by_prefix(
 
 
 def copy_network(network: nn.Module) -> nn.Module:
-    """An independent copy of ``network`` (its own parameters and buffers), to serve as a ``"self"`` teacher.
-
-    Args:
-        network: The student network, before any compression.
-
-    Returns:
-        The copy, on the same device; :class:`FrozenTeacher` then freezes it.
+    """An independent copy of ``network`` (own parameters and buffers, same device), for a ``"self"`` teacher.
 
     Example:
         >>> net = nn.Linear(2, 2)
@@ -115,25 +98,20 @@ def copy_network(network: nn.Module) -> nn.Module:
 def load_teacher(
     teacher: nn.Module | str, checkpoint: str | None = None, teacher_class: str | None = None
 ) -> nn.Module:
-    """Resolve a teacher given as a module, a checkpoint path, or a zoo name plus checkpoint.
+    """Resolve a teacher given as a module, a checkpoint path, or a zoo name plus checkpoint, on the CPU.
 
     Args:
-        teacher: An ``nn.Module``, used as given; the path of a Lightning checkpoint, rebuilt with
-            ``teacher_class.load_from_checkpoint``; or a zoo model name, created with
-            :func:`~lightning_compress.models.create_model` (``num_classes``/``model_kwargs`` from the
-            checkpoint's hyperparameters when it has them).
-        checkpoint: Weights for a zoo name (Lightning checkpoint, whose network prefix such as ``model.`` is
-            stripped, or plain state dict); for an ``nn.Module``, optional weights to load into it.
-        teacher_class: Class path of the LightningModule a checkpoint path is rebuilt with; default
-            ``lightning_compress.module.ImageClassifier``.
-
-    Returns:
-        The teacher module on the CPU (not yet frozen; see :class:`FrozenTeacher`).
+        teacher: An ``nn.Module``, used as given; a Lightning checkpoint path, rebuilt with
+            ``teacher_class.load_from_checkpoint``; or a zoo model name (created with the checkpoint's
+            ``num_classes``/``model_kwargs`` when it has them).
+        checkpoint: Weights for a zoo name (a Lightning checkpoint or a plain state dict); for an
+            ``nn.Module``, optional weights to load into it.
+        teacher_class: Class path a checkpoint path is rebuilt with; default ``ImageClassifier``.
 
     Raises:
         FileNotFoundError: If a checkpoint path does not exist.
-        ValueError: If a checkpoint cannot be read or does not fit, a zoo name has no
-            ``checkpoint``, or the arguments do not form one of the three ways.
+        ValueError: If a checkpoint cannot be read or does not fit, a zoo name has no ``checkpoint``,
+            or the arguments form none of the three ways.
 
     Example:
         >>> load_teacher(nn.Linear(2, 2)).out_features
@@ -191,14 +169,9 @@ def load_teacher(
 class FrozenTeacher:
     """A teacher that cannot train: eval mode, ``requires_grad=False``, run under ``torch.no_grad``.
 
-    Not an ``nn.Module``, so that it never becomes a submodule of the student's LightningModule (saved,
-    optimized, ``.train()``-ed, DDP-wrapped). Inputs are cast to the teacher's precision and logits come
-    back in it. ``no_grad`` rather than ``inference_mode``: the KL term's autograd graph saves the logits.
-
-    Args:
-        module: The teacher network (or LightningModule; its ``forward`` is used).
-        precision: ``"32"``, ``"bf16"`` or ``"16"`` — the dtype of the teacher's weights and math.
-            ``"bf16"`` halves its memory; whether it is faster depends on the hardware.
+    Not an ``nn.Module``, so it never becomes part of the student's LightningModule (saved, optimized,
+    DDP-wrapped). ``precision`` (``"32"``, ``"bf16"`` or ``"16"``) is the dtype of its weights, inputs
+    and logits. ``no_grad``, not ``inference_mode``: the KL term's autograd graph saves the logits.
 
     Example:
         >>> teacher = FrozenTeacher(nn.Linear(4, 2), precision="bf16")

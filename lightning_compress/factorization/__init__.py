@@ -1,8 +1,4 @@
-"""Low-rank factorization: layers replaced by thinner low-rank / depthwise-separable blocks during fit.
-
-``decompositions`` holds the tensor math, ``blocks`` builds the replacement modules and counts their
-MACs, ``allocation`` chooses ranks, ``callback`` holds :class:`LowRankFactorization`.
-"""
+"""Low-rank factorization: layers replaced by thinner low-rank or depthwise-separable blocks during fit."""
 
 from lightning_compress.factorization.blocks import factorize_layer
 from lightning_compress.factorization.callback import LowRankFactorization

@@ -1,15 +1,8 @@
-"""Choosing each layer's rank: by a MACs budget, by kept energy, and rounding to hardware-friendly multiples.
+"""Choosing each layer's rank, by a MACs budget or by kept energy (pure functions).
 
-Pure functions over :class:`LayerOptions` (a layer's dense MACs and, for each allowed rank, the MACs
-of its factorized block and the relative squared reconstruction error ``‖W − Ŵ‖² / ‖W‖²``):
-
-* :func:`candidate_ranks` -- the ranks a layer may take: multiples of ``round_to`` up to full rank;
-* :func:`allocate_by_macs` -- the global allocation: starting from the dense network, repeatedly
-  lower the rank of the layer whose next step costs the least reconstruction error per MAC saved,
-  until the network's MACs fit the budget;
-* :func:`allocate_by_energy` -- per layer, the smallest rank that keeps ``energy`` of ``‖W‖²``.
-
-A layer is left dense whenever no allowed rank makes it cheaper than the dense layer.
+Each layer is a :class:`LayerOptions`: its dense MACs and, per allowed rank, the MACs of its block
+and the relative squared reconstruction error ``‖W − Ŵ‖² / ‖W‖²``. A layer that no allowed rank
+makes cheaper than dense stays dense.
 
 Example:
     >>> big = LayerOptions("big", dense_macs=100, options=[Option(8, 60, 0.01), Option(4, 30, 0.05)])
@@ -26,13 +19,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Option:
-    """One allowed rank of a layer.
-
-    Attributes:
-        rank: The rank.
-        macs: MACs per sample of the factorized block at this rank.
-        error: Relative squared reconstruction error of the weight at this rank, in [0, 1].
-    """
+    """One allowed rank of a layer: the block's MACs per sample and the relative squared error, in [0, 1]."""
 
     rank: int
     macs: int
@@ -41,13 +28,7 @@ class Option:
 
 @dataclass(frozen=True)
 class LayerOptions:
-    """A layer's dense cost and its allowed ranks.
-
-    Attributes:
-        name: The layer's qualified name.
-        dense_macs: MACs per sample of the dense layer.
-        options: Allowed ranks, any order.
-    """
+    """A layer's qualified name, dense MACs per sample and allowed ranks (any order)."""
 
     name: str
     dense_macs: int
@@ -55,14 +36,7 @@ class LayerOptions:
 
 
 def candidate_ranks(full: int, round_to: int = 1) -> list[int]:
-    """The ranks a layer may take: multiples of ``round_to`` below ``full``, and ``full`` itself.
-
-    Args:
-        full: The layer's full rank.
-        round_to: Rank granularity (8 or 16 keep factor widths in the channel blocks of CPU/GPU kernels).
-
-    Returns:
-        Increasing ranks.
+    """The ranks a layer may take: multiples of ``round_to`` below ``full``, and ``full`` itself, increasing.
 
     Example:
         >>> candidate_ranks(20, 8), candidate_ranks(5), candidate_ranks(6, 8)
@@ -72,28 +46,20 @@ def candidate_ranks(full: int, round_to: int = 1) -> list[int]:
 
 
 def _best_move(layer: LayerOptions, macs: int, error: float) -> tuple[float, Option] | None:
-    """The cheaper option of ``layer`` with the least error added per MAC saved, from its current cost."""
+    """The cheaper option of ``layer`` adding the least error per MAC saved, from its current cost."""
     moves = [((o.error - error) / (macs - o.macs), o) for o in layer.options if o.macs < macs]
     return min(moves, key=lambda move: (move[0], move[1].macs), default=None)
 
 
 def allocate_by_macs(layers: Sequence[LayerOptions], fixed_macs: int, budget_macs: float) -> dict[str, int]:
-    """Ranks that bring the network's MACs to at most ``budget_macs`` at the least reconstruction error.
+    """``{layer name: rank}`` that bring the network within ``budget_macs`` at the least error.
 
-    Greedy over error per MAC saved: each move takes one layer from its current cost to a cheaper
-    option, the move with the smallest ``Δerror / ΔMACs`` over all layers first. The MACs the last
-    move left under the budget are then spent back, largest error removed per MAC first.
-
-    Args:
-        layers: The factorizable layers.
-        fixed_macs: MACs of everything else in the network (layers left alone, the head, ...).
-        budget_macs: The MACs the network may keep.
-
-    Returns:
-        ``{layer name: rank}`` for the layers to factorize (the others stay dense).
+    Greedy: repeatedly move the layer whose next cheaper option adds the least ``Δerror / ΔMACs``; the
+    MACs the last move left under budget are spent back where they remove the most error. Layers not in
+    the result stay dense; ``fixed_macs`` are the MACs of everything not factorizable.
 
     Raises:
-        ValueError: If even the cheapest option of every layer exceeds the budget (names the reachable minimum).
+        ValueError: If the cheapest option of every layer still exceeds the budget (naming the minimum).
 
     Example:
         >>> layer = LayerOptions("conv", 100, [Option(1, 20, 0.5), Option(2, 40, 0.1)])
@@ -120,7 +86,7 @@ def allocate_by_macs(layers: Sequence[LayerOptions], fixed_macs: int, budget_mac
 
 def _spend_slack(layers: Sequence[LayerOptions], current: dict[str, tuple[int, float, int | None]],
                  slack: float) -> None:
-    """Raise ranks (or go back to dense) where that removes the most error per MAC, within the MACs left."""
+    """Raise ranks (or return to dense) where that removes the most error per MAC, within ``slack``."""
     while True:
         best: tuple[float, str, tuple[int, float, int | None]] | None = None
         for layer in layers:
@@ -140,14 +106,7 @@ def _spend_slack(layers: Sequence[LayerOptions], current: dict[str, tuple[int, f
 
 
 def allocate_by_energy(layers: Sequence[LayerOptions], energy: float) -> dict[str, int]:
-    """Per layer, the smallest rank keeping at least ``energy`` of the weight's squared norm, if cheaper than dense.
-
-    Args:
-        layers: The factorizable layers.
-        energy: Fraction of ``‖W‖²`` to keep, in (0, 1]; ``1`` asks for exact factorizations.
-
-    Returns:
-        ``{layer name: rank}`` for the layers where that rank saves MACs.
+    """Per layer, the smallest rank keeping ``energy`` (in (0, 1]) of ``‖W‖²``, if cheaper than dense.
 
     Example:
         >>> layer = LayerOptions("conv", 100, [Option(1, 20, 0.5), Option(2, 40, 0.1), Option(3, 120, 0.0)])

@@ -1,11 +1,8 @@
 """Factorized blocks: the ``nn.Sequential`` of thinner layers that replaces a dense Conv2d/Linear, and its MACs.
 
-A factorized layer is a plain ``nn.Sequential`` of ``Conv2d``/``Linear`` layers (no custom module
-class), so FX quantization, ONNX export, ``torch.jit`` and a plain ``load_state_dict`` all see
-ordinary layers. Stride, padding, dilation and padding mode are split between the factors so that at
-full rank the block computes exactly what the dense layer did (see
-:mod:`lightning_compress.factorization.decompositions` for the factor math); the dense bias goes
-on the last factor.
+Blocks hold only ordinary ``Conv2d``/``Linear`` layers, so FX quantization, ONNX export and a plain
+``load_state_dict`` see nothing new. Stride, padding and dilation are split between the factors and
+the bias goes on the last one, so a block at full rank computes what the dense layer did.
 
 Example:
     >>> conv = nn.Conv2d(8, 16, 3, stride=2, padding=1)
@@ -37,13 +34,7 @@ FACTORIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 
 
 def is_factorizable(layer: nn.Module) -> bool:
-    """Whether ``layer`` is a ``Linear`` or an ungrouped ``Conv2d``.
-
-    Args:
-        layer: Any module.
-
-    Returns:
-        True if :func:`factorize_layer` accepts it.
+    """Whether ``layer`` is a ``Linear`` or an ungrouped ``Conv2d``, which :func:`factorize_layer` accepts.
 
     Example:
         >>> is_factorizable(nn.Conv2d(4, 4, 3)), is_factorizable(nn.Conv2d(4, 4, 3, groups=4))
@@ -59,13 +50,6 @@ def _pointwise(layer: nn.Module) -> bool:
 def layer_method(layer: nn.Module, kxk_method: str) -> str:
     """The decomposition a layer gets: ``svd`` for ``Linear`` and 1x1 convolutions, ``kxk_method`` otherwise.
 
-    Args:
-        layer: A factorizable layer.
-        kxk_method: One of :data:`KXK_METHODS`.
-
-    Returns:
-        The method name.
-
     Example:
         >>> layer_method(nn.Conv2d(4, 4, 1), "spatial"), layer_method(nn.Conv2d(4, 4, 3), "spatial")
         ('svd', 'spatial')
@@ -74,15 +58,7 @@ def layer_method(layer: nn.Module, kxk_method: str) -> str:
 
 
 def max_rank(layer: nn.Module, method: str) -> int:
-    """The largest rank of ``layer`` under ``method`` (the rank at which it is exact).
-
-    Args:
-        layer: A factorizable layer.
-        method: As returned by :func:`layer_method`.
-
-    Returns:
-        The full rank.
-    """
+    """The rank at which ``method`` (from :func:`layer_method`) reproduces ``layer`` exactly."""
     return full_rank(method, layer.weight.shape)
 
 
@@ -103,18 +79,10 @@ def _split(padding: tuple[int, int] | str, axis: int) -> tuple[int, int] | str:
 
 
 def factorized_structure(layer: nn.Module, method: str, rank: int) -> nn.Sequential:
-    """The block that replaces ``layer``, with freshly initialized weights (what a replay builds).
+    """The block that replaces ``layer``, with fresh weights (what a replay builds), on its device and dtype.
 
-    Args:
-        layer: A factorizable ``Conv2d`` or ``Linear``.
-        method: As returned by :func:`layer_method` for it.
-        rank: In ``[1, max_rank(layer, method)]``.
-
-    Returns:
-        The block (on the layer's device and dtype).
-
-    Raises:
-        ValueError: For a layer that is not factorizable, a method that does not fit it, or a rank out of range.
+    ``method`` is :func:`layer_method`'s for the layer and ``rank`` in ``[1, max_rank(layer, method)]``;
+    a layer, method or rank that does not fit raises ``ValueError``.
 
     Example:
         >>> [tuple(m.weight.shape) for m in factorized_structure(nn.Linear(8, 4), "svd", 2)]
@@ -158,13 +126,8 @@ def factorized_structure(layer: nn.Module, method: str, rank: int) -> nn.Sequent
 def factorize_layer(layer: nn.Module, method: str, rank: int) -> nn.Sequential:
     """The block that replaces ``layer``, initialized from its weights (exact at full rank).
 
-    Args:
-        layer: A factorizable ``Conv2d`` or ``Linear``.
-        method: As returned by :func:`layer_method` for it.
-        rank: In ``[1, max_rank(layer, method)]``.
-
-    Returns:
-        The block, in the layer's training mode, with the layer's ``requires_grad``.
+    Arguments as for :func:`factorized_structure`; the block keeps the layer's training mode and
+    ``requires_grad``.
 
     Example:
         >>> linear = nn.Linear(6, 5)
@@ -184,12 +147,9 @@ def factorize_layer(layer: nn.Module, method: str, rank: int) -> nn.Sequential:
 
 @dataclass(frozen=True)
 class Geometry:
-    """Where a layer sits in the forward pass of one sample: the sizes its MACs depend on.
+    """What a layer's MACs depend on, per sample: the ``(H, W)`` of a convolution's input and output.
 
-    Attributes:
-        input_size: Spatial size ``(H, W)`` of a convolution's input; for a ``Linear``, ``(rows, 1)``
-            where rows is the number of input vectors per sample.
-        output_size: Spatial size ``(H, W)`` of a convolution's output; ``(rows, 1)`` for a ``Linear``.
+    For a ``Linear`` both are ``(rows, 1)``, rows being the input vectors per sample.
     """
 
     input_size: tuple[int, int]
@@ -197,18 +157,10 @@ class Geometry:
 
 
 def layer_geometries(network: nn.Module, names: Sequence[str], example: tuple[Any, ...]) -> dict[str, Geometry]:
-    """Each named layer's :class:`Geometry`, from one forward pass of ``network`` on ``example`` (eval, no grad).
+    """Each named layer's :class:`Geometry`, from one eval-mode forward pass of ``network`` on ``example``.
 
-    Args:
-        network: The network.
-        names: Layer names relative to ``network`` (``Conv2d`` or ``Linear``).
-        example: The network's positional arguments for one sample.
-
-    Returns:
-        ``{name: geometry}``.
-
-    Raises:
-        ValueError: If a layer is not called exactly once per forward pass (naming the layers and their calls).
+    ``names`` are relative to ``network``; a layer not called exactly once per forward raises
+    ``ValueError`` naming the calls.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.Flatten(), nn.Linear(16, 2))
@@ -242,19 +194,9 @@ def layer_geometries(network: nn.Module, names: Sequence[str], example: tuple[An
 
 
 def block_macs(layer: nn.Module, method: str | None, rank: int | None, geometry: Geometry) -> int:
-    """MACs of one sample through ``layer`` (``method=None``) or through its factorized block.
+    """MACs of one sample through ``layer`` (``method=None``) or its factorized block at ``rank``.
 
-    Counted like :func:`lightning_compress.core.accounting.count_macs` (multiply-accumulates of
-    convolutions and matrix products; biases not counted).
-
-    Args:
-        layer: The dense layer.
-        method: As returned by :func:`layer_method`, or ``None`` for the dense layer.
-        rank: The rank (ignored for the dense layer).
-        geometry: The layer's :class:`Geometry`.
-
-    Returns:
-        MACs per sample.
+    Counted as :func:`lightning_compress.core.accounting.count_macs` counts (biases not counted).
 
     Example:
         >>> conv, where = nn.Conv2d(16, 16, 3, padding=1), Geometry((8, 8), (8, 8))

@@ -1,11 +1,4 @@
-"""LowRankFactorization: replace layers by low-rank / depthwise-separable blocks at a point of the run.
-
-The callback only orchestrates: *which* layers (:mod:`lightning_compress.core.layers`), *when* (a run
-position, :mod:`lightning_compress.core.progress`), which rank each layer gets
-(:mod:`~lightning_compress.factorization.allocation`), the swap itself
-(:mod:`~lightning_compress.factorization.blocks`), the optimizer
-(:mod:`lightning_compress.core.optimizers`), the architecture record, what to log and what to save.
-"""
+"""LowRankFactorization: replace layers by low-rank or depthwise-separable blocks at a point of the run."""
 
 from __future__ import annotations
 
@@ -53,16 +46,7 @@ RECORD_KIND = "low_rank_factorization"
 
 @register_replay(RECORD_KIND, version=1)
 def replay_factorization(network: nn.Module, payload: Mapping[str, Any]) -> nn.Module:
-    """Swap a fresh network's layers for factorized blocks of the recorded ranks (weights load afterwards).
-
-    Args:
-        network: The network before the factorization.
-        payload: ``{"layers": [{"name": ..., "method": ..., "rank": ...}, ...]}`` as
-            :class:`LowRankFactorization` records it (names relative to the network).
-
-    Returns:
-        The same network, changed in place.
-    """
+    """Swap a fresh network's layers for blocks of a ``low_rank_factorization`` record's ranks, in place."""
     for entry in payload["layers"]:
         layer = network.get_submodule(entry["name"])
         network.set_submodule(entry["name"], factorized_structure(layer, entry["method"], int(entry["rank"])))
@@ -84,65 +68,32 @@ def _check_ranks(ranks: Any) -> int | dict[str, int] | None:
 class LowRankFactorization(CompressionCallback):
     """Replace Conv2d/Linear layers by cheaper factorized blocks, initialized from their weights, then fine-tune.
 
-    At ``start`` (default: fit start -- factorize a trained network, fine-tune for the rest of the run)
-    every selected layer is replaced in place by an ``nn.Sequential`` of thinner layers: ``Linear`` and
-    1x1 convolutions by a truncated SVD (two layers), kxk convolutions by ``method``:
-
-    * ``"tucker2"`` -- 1x1 to ``min(r, C_in)`` channels, kxk core to ``min(r, C_out)``, 1x1 to ``C_out``
-      (Kim et al. 2016); exact at ``r = max(C_in, C_out)``;
-    * ``"spatial"`` -- a ``k x 1`` convolution to ``r`` channels, then ``1 x k`` (spatial SVD); exact at
-      ``r = min(C_in·k, C_out·k)``;
-    * ``"depthwise_separable"`` -- a depthwise kxk with depth multiplier ``r``, then a pointwise 1x1 (a
-      rank-``r`` SVD of each input channel's filters); exact at ``r = min(C_out, k²)``.
-
-    Grouped convolutions are left alone. A rank per layer comes from one of three targets:
-    ``kept_macs_ratio`` (global allocation: the ranks are lowered greedily where that costs the least
-    relative reconstruction error ``‖W − Ŵ‖²/‖W‖²`` per MAC saved, until the network keeps that fraction
-    of its MACs at fit start), ``energy`` (per layer, the smallest rank keeping that fraction of
-    ``‖W‖²``), or ``ranks`` given per layer. With the first two, ranks are multiples of ``round_to``
-    (except depth multipliers, whose ``C_in·r`` channels are multiples whenever ``C_in`` is), and a layer
-    that no rank makes cheaper stays dense.
-
-    The optimizers keep their identity: each new parameter joins the param group of the weight (or bias)
-    it replaces, the replaced parameter's momentum is dropped, and LR schedulers continue. Under DDP rank
-    0 chooses the ranks and the model is re-wrapped. The swap appends a ``low_rank_factorization``
-    architecture record (:mod:`lightning_compress.core.architecture`) that every checkpoint carries, so
-    ``ImageClassifier.load_from_checkpoint``, ``fit(ckpt_path=...)`` with or without this callback, the
-    commands and distillation teachers rebuild the factorized network before its weights load.
-
-    Composes with QAT (the factor layers are ordinary Conv2d/Linear and quantize), ``MagnitudePruning``
-    (which must start masking after the factorization step: the dense weights no longer exist) and
-    ``KnowledgeDistillation`` (``teacher="self"`` distils from the network as it was before).
-
-    Logs ``factorization/<layer>/rank`` for every factorized layer and ``macs/ratio`` (MACs after / at
-    fit start) at the factorization step.
+    At ``start`` every selected layer becomes an ``nn.Sequential`` of thinner layers: ``Linear`` and 1x1
+    convolutions by a truncated SVD, kxk convolutions by ``method`` (see
+    :mod:`~lightning_compress.factorization.decompositions`). Grouped convolutions stay. Ranks come from
+    one target: ``kept_macs_ratio`` (:func:`~lightning_compress.factorization.allocation.allocate_by_macs`),
+    ``energy`` or ``ranks``. New parameters join the replaced ones' param groups; an architecture record
+    lets checkpoints load factorized. Logs ``factorization/<layer>/rank`` and ``macs/ratio``.
 
     Args:
-        kept_macs_ratio: Fraction of the network's MACs (at fit start) kept, in (0, 1); ``0.5`` means 2x fewer.
-        ranks: One rank for every selected layer, or ``{layer glob: rank}`` (each selected layer must
-            match a key; the first match wins); each rank at most the layer's full rank.
+        kept_macs_ratio: Fraction of the network's MACs at fit start kept, in (0, 1).
+        ranks: One rank for every selected layer, or ``{layer glob: rank}`` (first match wins, every
+            layer must match); at most each layer's full rank.
         energy: Fraction of each weight's squared norm kept, in (0, 1]. Give exactly one of
             ``kept_macs_ratio``, ``ranks`` and ``energy``.
-        method: Decomposition of kxk convolutions: ``"tucker2"``, ``"spatial"`` or ``"depthwise_separable"``.
-        start: When to factorize (a fraction of the run, ``"<n>ep"`` or ``"<n>steps"``); must leave at
-            least one step of fine-tuning.
-        round_to: Ranks chosen by ``kept_macs_ratio``/``energy`` are multiples of this (at most the full
-            rank); 8 or 16 keep factor widths in the channel blocks of CPU/GPU convolution kernels.
-        include: Glob patterns of layer names (in the LightningModule, e.g. ``"model.layer3.*"``) to
-            factorize; default: every Conv2d/Linear but the first convolution and the last Linear.
-        exclude: Glob patterns of layer names to leave dense.
+        method: For kxk convolutions: ``"tucker2"``, ``"spatial"`` or ``"depthwise_separable"``.
+        start: When to factorize (a fraction of the run, ``"<n>ep"`` or ``"<n>steps"``); at least one
+            step of fine-tuning must follow.
+        round_to: Ranks chosen by ``kept_macs_ratio``/``energy`` are multiples of this (or full rank).
+        include: Globs of layer names (e.g. ``"model.layer3.*"``) to factorize; default: every
+            Conv2d/Linear but the first convolution and the last Linear.
+        exclude: Globs of layer names to leave dense.
         network: Attribute of the LightningModule holding the network; ``None`` finds it.
-
-    Raises:
-        ValueError: For an argument outside its allowed values (in ``__init__``); for patterns that
-            match nothing or a rank above a layer's full rank (in ``setup``); for a ``kept_macs_ratio``
-            the smallest ranks cannot reach (on the first batch, before any optimizer step).
 
     Example:
         >>> factorization = LowRankFactorization(kept_macs_ratio=0.5, method="tucker2", round_to=8)
         >>> factorization.target
         ('kept_macs_ratio', 0.5)
-        >>> # trainer = pl.Trainer(callbacks=[factorization]); trainer.fit(trained_model, data)
     """
 
     effect = Effect.ARCHITECTURE
@@ -338,7 +289,7 @@ class LowRankFactorization(CompressionCallback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the state (the network itself was rebuilt from the architecture record before its weights loaded)."""
+        """Restore the state; the network was rebuilt from its architecture record before."""
         self._done = state_dict["done"]
         self._dense_macs = state_dict["dense_macs"]
         self._factorized = {name: (method, int(rank)) for name, (method, rank) in state_dict["factorized"].items()}

@@ -1,24 +1,13 @@
 """Low-rank decompositions of layer weights: the factor tensors and their truncation errors (pure math).
 
-Every function takes a dense weight and returns the weights of the thinner layers that replace it,
-computed in float64 and returned in the weight's dtype and device. The *rank* of each method:
+Factors are computed in float64 and returned in the weight's dtype and device. The methods:
 
-* ``svd`` -- a ``Linear`` ``(O, I)`` or 1x1 convolution ``(O, I, 1, 1)``: ``W ≈ B·A`` with
-  ``A: (r, I)`` then ``B: (O, r)``; exact at ``r = min(O, I)``.
-* ``tucker2`` -- a kxk convolution ``(O, I, kh, kw)`` (Kim et al. 2016): a 1x1 projection to
-  ``min(r, I)`` channels, a kxk core to ``min(r, O)`` channels, a 1x1 expansion to ``O``; the
-  factors come from a higher-order SVD refined by alternating least squares (HOOI); exact at
-  ``r = max(O, I)``.
-* ``spatial`` -- a kxk convolution as a ``kh x 1`` convolution to ``r`` channels then a ``1 x kw``
-  one (Jaderberg et al. 2014; the SVD of ``W`` reshaped to ``(I·kh, O·kw)``); exact at
-  ``r = min(I·kh, O·kw)``.
-* ``depthwise_separable`` -- a depthwise kxk convolution with depth multiplier ``r`` then a
-  pointwise 1x1, from a rank-``r`` SVD of each input channel's ``(O, kh·kw)`` filter slice; exact at
+* ``svd`` -- ``Linear`` or 1x1 convolution: ``W ≈ B·A``; exact at ``r = min(O, I)``.
+* ``tucker2`` -- kxk convolution (Kim et al. 2016): 1x1 to ``min(r, I)``, kxk core to ``min(r, O)``,
+  1x1 to ``O``; HOSVD refined by HOOI; exact at ``r = max(O, I)``.
+* ``spatial`` -- ``kh x 1`` then ``1 x kw`` (Jaderberg et al. 2014); exact at ``r = min(I·kh, O·kw)``.
+* ``depthwise_separable`` -- depthwise kxk with depth multiplier ``r``, then pointwise 1x1; exact at
   ``r = min(O, kh·kw)``.
-
-:func:`truncation_errors` gives, for every rank from 1 to :func:`full_rank`, the relative squared
-error ``‖W − Ŵ_r‖² / ‖W‖²`` of the truncation (for ``tucker2``, of the higher-order SVD that
-initializes the refinement, an upper bound of the refined error).
 
 Example:
     >>> w = torch.randn(6, 4, 3, 3)
@@ -43,13 +32,6 @@ _HOOI_ITERATIONS = 3
 
 def full_rank(method: str, shape: Sequence[int]) -> int:
     """The rank at which ``method`` reproduces a weight of ``shape`` exactly (the largest allowed rank).
-
-    Args:
-        method: One of :data:`METHODS`.
-        shape: The dense weight's shape, ``(O, I)`` or ``(O, I, kh, kw)``.
-
-    Returns:
-        The full rank.
 
     Example:
         >>> [full_rank(m, (16, 8, 3, 3)) for m in ("tucker2", "spatial", "depthwise_separable")]
@@ -98,17 +80,14 @@ def decompose(method: str, weight: torch.Tensor, rank: int) -> list[torch.Tensor
 
     Args:
         method: One of :data:`METHODS`.
-        weight: The dense weight, ``(O, I)`` or ``(O, I, kh, kw)`` (``(O, I, 1, 1)`` for ``svd`` of a conv).
-        rank: In ``[1, full_rank(method, weight.shape)]``.
+        weight: The dense weight, ``(O, I)`` or ``(O, I, kh, kw)``.
+        rank: In ``[1, full_rank(method, weight.shape)]``; ``ValueError`` outside it.
 
     Returns:
-        ``svd``: ``[A (r, I, ...), B (O, r, ...)]`` with the weight's trailing 1x1 dims kept;
+        ``svd``: ``[A (r, I, ...), B (O, r, ...)]``, trailing 1x1 dims kept;
         ``tucker2``: ``[first (r_in, I, 1, 1), core (r_out, r_in, kh, kw), last (O, r_out, 1, 1)]``;
         ``spatial``: ``[vertical (r, I, kh, 1), horizontal (O, r, 1, kw)]``;
         ``depthwise_separable``: ``[depthwise (I·r, 1, kh, kw), pointwise (O, I·r, 1, 1)]``.
-
-    Raises:
-        ValueError: For an unknown method or a rank outside ``[1, full_rank]``.
 
     Example:
         >>> a, b = decompose("svd", torch.randn(5, 3), 2)
@@ -148,15 +127,7 @@ def decompose(method: str, weight: torch.Tensor, rank: int) -> list[torch.Tensor
 
 
 def reconstruct(method: str, factors: Sequence[torch.Tensor], rank: int) -> torch.Tensor:
-    """The dense weight that the factors of :func:`decompose` compute.
-
-    Args:
-        method: The method that produced ``factors``.
-        factors: As returned by :func:`decompose`.
-        rank: The rank they were computed at.
-
-    Returns:
-        The weight, shaped like the dense one.
+    """The dense weight that the factors :func:`decompose` computed at ``rank`` with ``method`` compute.
 
     Example:
         >>> w = torch.randn(4, 6)
@@ -185,15 +156,8 @@ def reconstruct(method: str, factors: Sequence[torch.Tensor], rank: int) -> torc
 def truncation_errors(method: str, weight: torch.Tensor) -> torch.Tensor:
     """Relative squared error ``‖W − Ŵ_r‖² / ‖W‖²`` of every rank ``r = 1 .. full_rank``.
 
-    Read off the singular values (for ``tucker2``: off the higher-order SVD's core, whose
-    projections are orthogonal), so one decomposition gives every rank's error.
-
-    Args:
-        method: One of :data:`METHODS`.
-        weight: The dense weight.
-
-    Returns:
-        A float64 CPU tensor of length ``full_rank``; element ``r - 1`` is rank ``r``'s error (the last is 0).
+    Read off one decomposition's singular values into a float64 CPU tensor; element ``r - 1`` is rank
+    ``r``'s error. For ``tucker2`` it is the HOSVD's error, an upper bound of the refined one.
 
     Example:
         >>> errors = truncation_errors("svd", torch.diag(torch.tensor([3.0, 1.0])))

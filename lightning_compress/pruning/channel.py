@@ -1,9 +1,7 @@
 """ChannelPruning: structured pruning that physically removes channels while training.
 
-Unstructured sparsity leaves dense kernels as slow as before; removing whole filters makes every
-layer narrower, so the model that leaves ``fit`` has fewer MACs and runs faster on any hardware.
-Coupled layers (residual adds, depthwise convs, concatenations, BatchNorm, the next layer's inputs)
-are found by torch-pruning's dependency graph (:mod:`lightning_compress.pruning.slimming`).
+Narrower layers make the model that leaves ``fit`` faster on any hardware, where unstructured
+sparsity leaves dense kernels as slow as before.
 """
 
 from __future__ import annotations
@@ -53,15 +51,7 @@ _MAX_MACS_ROUNDS = 20
 
 @register_replay(RECORD_KIND, version=1)
 def replay_slimming(network: nn.Module, payload: Mapping[str, Any]) -> nn.Module:
-    """Re-slim a freshly built network by one recorded removal (the replay of a ``channel_slimming`` record).
-
-    Args:
-        network: The network before this removal.
-        payload: ``{"input_shape": [...], "history": [...]}`` as :class:`ChannelPruning` records it.
-
-    Returns:
-        The same network, slimmed in place.
-    """
+    """Re-slim a freshly built network in place by one recorded ``channel_slimming`` removal."""
     parameter = next(network.parameters())
     example = torch.zeros(payload["input_shape"], dtype=parameter.dtype, device=parameter.device)
     replay_history(network, example, payload["history"])
@@ -71,14 +61,8 @@ def replay_slimming(network: nn.Module, payload: Mapping[str, Any]) -> nn.Module
 def kept_channels(original: int, removed_fraction: float, round_to: int = 1) -> int:
     """How many of a group's ``original`` channels remain once ``removed_fraction`` of them are removed.
 
-    Args:
-        original: The group's channel count in the dense network.
-        removed_fraction: Fraction to remove, in [0, 1].
-        round_to: Round the kept count to the nearest multiple of this, keeping at least
-            ``round_to`` (a group narrower than ``round_to`` keeps all of its channels).
-
-    Returns:
-        The kept channel count, at least 1 and at most ``original``.
+    ``round_to`` rounds the kept count to its nearest multiple (at least ``round_to``; a narrower group
+    keeps all its channels). The result is in ``[1, original]``.
 
     Example:
         >>> kept_channels(16, 0.3), kept_channels(16, 0.3, round_to=8), kept_channels(6, 0.5, round_to=8)
@@ -93,57 +77,31 @@ def kept_channels(original: int, removed_fraction: float, round_to: int = 1) -> 
 class ChannelPruning(CompressionCallback):
     """Gradually remove whole channels during training, until a channel or MACs target is reached.
 
-    Between ``start`` and ``end`` the callback removes channels every ``update_every``; the amount
-    follows ``schedule`` (one of :mod:`lightning_compress.pruning.schedules`), and training goes on
-    between removals, so the network recovers (fine-tunes) as it shrinks. Channels are removed from
-    every coupled group by the same fraction; within a group the ``importance`` criterion picks
-    the least important channels. By default (``round_to=8``) every group keeps a multiple of 8
-    channels: CPU (oneDNN) convolution kernels work on channel blocks of 8 (AVX2) or 16 (AVX-512) and
-    GPU tensor cores on multiples of 8, so a layer cut from 16 to 11 channels runs as slowly as one
-    with 16. Removal happens at the start of a training batch, identically on every rank (rank 0
-    decides, the choice is broadcast).
-
-    After each removal the optimizers keep their identity: slimmed parameters replace the old ones in
-    their param groups, momentum/Adam state is sliced to the kept channels, and LR schedulers go on
-    with the same step count. Under DDP the model is re-wrapped. Logs ``channels/<layer>`` (channels
-    kept in each group, by root layer) and ``macs/ratio`` (current MACs / dense MACs).
-
-    Each removal appends a ``channel_slimming`` architecture record
-    (:mod:`lightning_compress.core.architecture`) that every checkpoint carries: a fit resumed with
-    ``ckpt_path=...`` rebuilds the slimmed shapes before the weights load, on any LightningModule while
-    this callback is in the Trainer, and without it for modules that inherit
-    :class:`~lightning_compress.core.architecture.RestoresArchitecture` (``ImageClassifier`` does).
-    Checkpoints saved with ``save_weights_only=True`` lack the records. The first batch's network
-    input is captured with a forward pre-hook (:mod:`lightning_compress.core.inputs`), so batches of
-    any structure (tuples, dicts, custom objects) work.
+    Between ``start`` and ``end`` channels are removed every ``update_every``, by an amount following
+    ``schedule``; training goes on between removals, so the network recovers as it shrinks. Every
+    coupled group (found by :mod:`~lightning_compress.pruning.slimming`) loses the same fraction, its
+    least important channels by ``importance``. Optimizers keep their identity, their state sliced to the
+    kept channels. Each removal appends a ``channel_slimming`` architecture record, so checkpoints
+    resume slimmed. Logs ``channels/<layer>`` and ``macs/ratio`` (current / dense MACs).
 
     Args:
-        channel_ratio: Fraction of the channels of each prunable group removed by ``end``, in (0, 1).
-        kept_macs_ratio: Fraction of the dense model's MACs *kept* at ``end``, in (0, 1); ``0.5``
-            means 2x fewer MACs. Give exactly one of ``channel_ratio`` and ``kept_macs_ratio``.
+        channel_ratio: Fraction of each group's channels removed by ``end``, in (0, 1).
+        kept_macs_ratio: Fraction of the dense MACs kept at ``end``, in (0, 1). Give exactly one of
+            ``channel_ratio`` and ``kept_macs_ratio``.
         importance: ``"l1"``, ``"l2"``, ``"bn_scale"``, ``"taylor"`` or a criterion object
-            (see :mod:`lightning_compress.pruning.importance`).
-        schedule: How the removed amount grows from 0 at ``start`` to the target at ``end``: a name
-            from :data:`~lightning_compress.pruning.schedules.SCHEDULES` or a callable. For
-            ``kept_macs_ratio`` the scheduled amount is the fraction of MACs removed.
-        start: When the first channels are removed (a run position, see :mod:`~lightning_compress.core.progress`).
-        end: When the target is reached; must leave at least one step of fine-tuning after it.
-        update_every: Interval between removals: an int of optimizer steps, ``"1ep"``, ``"50steps"`` or a
-            fraction of the run (``0.05``).
-        ignore: Glob patterns of layers (qualified names in the LightningModule, e.g.
-            ``"model.layer3.*"``) whose output channels are left alone. The classifier (the last
-            ``Linear``) is always left alone.
+            (:mod:`lightning_compress.pruning.importance`).
+        schedule: A name from :data:`~lightning_compress.pruning.schedules.SCHEDULES` or a callable; for
+            ``kept_macs_ratio`` it schedules the fraction of MACs removed.
+        start: When the first channels are removed (a :mod:`~lightning_compress.core.progress` position).
+        end: When the target is reached; at least one step of fine-tuning must follow.
+        update_every: Interval between removals: optimizer steps (int), ``"1ep"``, ``"50steps"`` or a
+            fraction of the run.
+        ignore: Globs of layers (qualified names, e.g. ``"model.layer3.*"``) whose output channels stay;
+            the classifier (the last ``Linear``) always stays.
         network: Attribute of the LightningModule holding the network; ``None`` finds it.
-        round_to: Channel counts kept in each group are rounded to the nearest multiple of this
-            (at least ``round_to``; groups with fewer channels are left whole). The rule behind the
-            default ``8``: the widest block that never makes a net slower than exact widths on the CPUs
-            measured, and the same architecture whatever machine trains it (checkpoints replay
-            anywhere). ResNet-56 at ``kept_macs_ratio=0.5``, batch 64: on an AVX2 CPU (1 thread,
-            ``benchmarks/results/channel_pruning.md``) ``round_to=1`` made it 1.32x faster and ``8``
-            2.01x; on an AVX-512 CPU (2 threads, all variants timed in the same 7 rounds,
-            ``channel_pruning_round_to.md``) 1.13x, 1.85x, and 1.63x with ``16`` (it keeps the
-            16-wide stage whole and cuts the wide ones harder). ``1`` keeps exact fractions (exact
-            widths on request).
+        round_to: Every group keeps a multiple of this many channels (at least ``round_to``), the block
+            width of convolution kernels; ``1`` keeps exact fractions. The speedups behind the default
+            are in ``benchmarks/results/channel_pruning.md`` and ``channel_pruning_round_to.md``.
 
     Example:
         >>> pruning = ChannelPruning(kept_macs_ratio=0.5, importance="l2", start=0.0, end=0.6, update_every="1ep")
@@ -215,7 +173,7 @@ class ChannelPruning(CompressionCallback):
         self._ignored = [n[len(prefix):] for n in layers if n.startswith(prefix) and (n not in kept or n == head)]
 
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        """Trace the network on the first batch's real input (checking it can be slimmed); record the dense state."""
+        """Trace the network on the first batch's input, refusing one that cannot be slimmed; note dense state."""
         network = pl_module.get_submodule(self.network_name)
         if self._input_shape is None:
             example = first_sample(capture_network_input(pl_module, network, batch, batch_idx))
@@ -290,9 +248,8 @@ class ChannelPruning(CompressionCallback):
                       example: torch.Tensor, kept_macs: float) -> None:
         """Raise the removed channel fraction until at most ``kept_macs`` of the dense MACs remain.
 
-        MACs fall roughly with the square of the kept channel fraction, so each round moves the
-        fraction by the square root of the remaining gap; MACs fall more slowly than that model
-        (stem inputs and the head do not shrink), so rounds approach the target from above.
+        MACs fall roughly with the square of the kept fraction, so each round closes the square root of the
+        gap, approaching the target from above.
         """
         for _ in range(_MAX_MACS_ROUNDS):
             ratio = count_macs(network, example) / self._dense_macs

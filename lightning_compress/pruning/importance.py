@@ -1,18 +1,9 @@
-"""Which channels matter: importance criteria scoring every channel of a coupled group.
+"""Which channels matter: criteria ``criterion(group) -> scores``, one score per channel of a group's root.
 
-A criterion is a strategy object with one method, ``criterion(group) -> scores``: it takes a
-torch-pruning dependency group (every layer whose channels are removed together, e.g. a conv, its
-BatchNorm and the next conv's inputs) and returns one score per channel of the group's root layer.
-Low scores are removed first. Scores are summed over the coupled layers, so a channel feeding a
-residual add is judged by every layer it touches.
-
-Built-in criteria, by name (see :data:`IMPORTANCE_CRITERIA`):
-
-* ``"l1"`` / ``"l2"`` -- L1 / L2 norm of the filters (Li et al., 2017);
-* ``"bn_scale"`` -- ``|gamma|`` of the BatchNorm layers (network slimming, Liu et al., 2017); groups
-  without BatchNorm fall back to the L1 norm of their filters;
-* ``"taylor"`` -- first-order Taylor estimate ``|w * dL/dw|`` (Molchanov et al., 2019), from the
-  gradients of the last training batch.
+A group is a torch-pruning dependency group (the layers whose channels go together); scores are
+summed over them and low scores are removed first. Built in: ``"l1"`` / ``"l2"`` filter norms (Li
+et al., 2017), ``"bn_scale"`` (BatchNorm ``|gamma|``, Liu et al., 2017; L1 without BatchNorm) and
+``"taylor"`` (``|w * dL/dw|`` from the last batch's gradients, Molchanov et al., 2019).
 
 Example:
     >>> import torch, torch_pruning as tp
@@ -42,7 +33,7 @@ ImportanceLike = Union[str, ChannelImportance]
 
 
 class _WithFallback:
-    """A criterion that scores with ``primary`` and uses ``fallback`` where ``primary`` finds no layer."""
+    """Score with ``primary``; use ``fallback`` where ``primary`` finds no layer."""
 
     def __init__(self, primary: ChannelImportance, fallback: ChannelImportance) -> None:
         self.primary, self.fallback = primary, fallback
@@ -53,7 +44,7 @@ class _WithFallback:
 
 
 class _RequiresGradients:
-    """A criterion that needs ``.grad`` on every weight of the group; fails clearly when one is missing."""
+    """A criterion that needs ``.grad`` on every weight of the group, failing clearly without."""
 
     def __init__(self, criterion: ChannelImportance, name: str) -> None:
         self.criterion, self.name = criterion, name
@@ -83,18 +74,10 @@ IMPORTANCE_CRITERIA: dict[str, Callable[[], ChannelImportance]] = {
 
 
 def resolve_importance(importance: ImportanceLike, name: str = "importance") -> ChannelImportance:
-    """Turn a criterion name or object into a criterion.
+    """Turn a name from :data:`IMPORTANCE_CRITERIA` or a callable ``(group) -> scores`` into a criterion.
 
-    Args:
-        importance: ``"l1"``, ``"l2"``, ``"bn_scale"``, ``"taylor"``, or a callable
-            ``(group) -> scores`` (any ``torch_pruning.importance.Importance`` works).
-        name: The argument name, used in error messages.
-
-    Returns:
-        The criterion.
-
-    Raises:
-        ValueError: If the name is unknown or the object is not callable.
+    Any ``torch_pruning.importance.Importance`` works. Raises ``ValueError`` (naming argument ``name``)
+    for an unknown name or an object that is not callable.
 
     Example:
         >>> callable(resolve_importance("bn_scale"))

@@ -1,13 +1,8 @@
 """MagnitudePruning: gradual magnitude pruning (Zhu & Gupta, 2017) as a Lightning callback.
 
-The callback only orchestrates: when (:mod:`lightning_compress.core.progress`,
-:mod:`~lightning_compress.pruning.schedules`), which weights (:mod:`lightning_compress.core.layers`),
-what to prune (:mod:`~lightning_compress.pruning.masks`, :mod:`~lightning_compress.pruning.patterns`),
-what to log and what to save. Masks are multiplied into the weights after every optimizer step and
-into the gradients before it, so the model keeps its ordinary parameters (a pruned checkpoint loads
-into the plain model class) and optimizer state cannot regrow a pruned weight. Weights are looked
-up by name at every use, so a callback that replaces modules never leaves this one masking a stale
-tensor.
+Masks multiply the weights after every optimizer step and their gradients before it, so the model
+keeps ordinary parameters (a pruned checkpoint loads into the plain class) and optimizer state
+cannot regrow a pruned weight.
 """
 
 from __future__ import annotations
@@ -93,44 +88,30 @@ class PrunedWeight:
 class MagnitudePruning(CompressionCallback):
     """Prune a model gradually while it trains, keeping pruned weights exactly zero.
 
-    Between ``start`` and ``end`` the target sparsity follows ``schedule`` from
-    ``initial_sparsity`` to ``final_sparsity``; every ``update_every`` optimizer steps (and at
-    ``end``) the masks are recomputed from the current weight magnitudes. After ``end`` the masks
-    stay enforced while the network fine-tunes. At fit end the masks are dropped: the model holds
-    plain tensors with zeros, and a per-layer table is printed (and written to TensorBoard).
-
-    At every mask update (and every ``log_every_n_steps`` step), ``sparsity/global``,
-    ``sparsity/target`` and ``sparsity/<layer>`` are logged through the LightningModule. With a
-    ``TensorBoardLogger``, histograms of the remaining weights go under ``sparsity/weights/<layer>``
-    every ``histogram_every`` steps.
+    Between ``start`` and ``end`` the target sparsity follows ``schedule`` from ``initial_sparsity`` to
+    ``final_sparsity``; masks are recomputed from weight magnitudes every ``update_every`` and stay
+    enforced afterwards. At fit end the masks are dropped, leaving plain tensors with zeros, and a
+    per-layer table is printed. Logs ``sparsity/global``, ``sparsity/target`` and ``sparsity/<layer>``;
+    with a ``TensorBoardLogger``, weight histograms under ``sparsity/weights/<layer>``.
 
     Args:
-        final_sparsity: Fraction of weights to prune by ``end``, in ``[0, 1)``; or, with
-            ``scope="layerwise"``, a mapping from layer-name glob patterns to per-layer targets (the
-            first matching pattern wins; every selected layer must match one). Derived from the
-            pattern for N:M (``1 - N/M``) and may then be omitted.
-        initial_sparsity: Sparsity the schedule starts from at ``start``, in ``[0, final]``.
-        schedule: ``"cubic"`` (Zhu & Gupta), ``"linear"``, ``"exponential"``, ``"constant"``
-            (one-shot at ``start``) or a callable ``(progress, initial, final) -> sparsity``.
+        final_sparsity: Fraction of weights pruned by ``end``, in ``[0, 1)``; with ``scope="layerwise"``
+            also ``{layer glob: target}`` (first match wins, every layer must match). Implied by N:M.
+        initial_sparsity: Sparsity at ``start``, in ``[0, final]``.
+        schedule: ``"cubic"``, ``"linear"``, ``"exponential"``, ``"constant"`` (one-shot at ``start``)
+            or a callable ``(progress, initial, final) -> sparsity``.
         start: When pruning begins: a fraction of the run, ``"<n>ep"`` or ``"<n>steps"``.
-        end: When the final sparsity is reached, same forms; must come after ``start``.
-        update_every: Interval between mask updates: an int of optimizer steps, ``"<n>steps"``,
-            ``"<n>ep"`` or a fraction of the run.
-        scope: ``"global"`` (one magnitude threshold across all pruned layers) or ``"layerwise"``.
-        pattern: ``"unstructured"``, ``"N:M"`` (keep N of every M consecutive input weights, e.g.
-            ``"2:4"``), ``"channel"`` (whole output filters, ranked by ``channel_norm``) or the same
-            as a :mod:`~lightning_compress.pruning.patterns` type (``NM(2, 4)``). Held parsed in
-            :attr:`pattern`.
+        end: When ``final_sparsity`` is reached, in the same forms, after ``start``.
+        update_every: Interval between mask updates: optimizer steps (int), ``"<n>steps"``, ``"<n>ep"``
+            or a fraction of the run.
+        scope: ``"global"`` (one threshold across layers) or ``"layerwise"``.
+        pattern: ``"unstructured"``, ``"N:M"`` (e.g. ``"2:4"``, along the input dimension), ``"channel"``
+            (whole filters) or a :mod:`~lightning_compress.pruning.patterns` type; kept parsed.
         channel_norm: ``"l1"`` or ``"l2"``, the filter norm for ``pattern="channel"``.
-        include: Glob patterns of module names to prune (or parameter names, for weight matrices that
-            are not a layer's ``weight``, e.g. ``"*.in_proj_weight"``); default: every Conv/Linear
-            weight and attention projection except the first conv and the last Linear (see
-            :func:`lightning_compress.core.layers.select_weights`).
-        exclude: Glob patterns of module (or parameter) names to leave dense.
-        histogram_every: Optimizer steps between weight histograms (TensorBoard only); ``None``: off.
-
-    Raises:
-        ValueError: On any invalid argument, before training.
+        include: Globs of module names (or parameter names, e.g. ``"*.in_proj_weight"``) to prune;
+            default: what :func:`lightning_compress.core.layers.select_weights` selects.
+        exclude: Globs of module (or parameter) names to leave dense.
+        histogram_every: Optimizer steps between weight histograms (TensorBoard); ``None``: off.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -226,8 +207,7 @@ class MagnitudePruning(CompressionCallback):
 
     @property
     def masks(self) -> dict[str, Tensor]:
-        """The current masks (``bool``, ``True`` = kept) by parameter name; empty before the first
-        update and after fit end."""
+        """The current masks (``True`` = kept) by parameter name; empty when unmasked."""
         return {w.name: w.factor != 0 for w in self._weights if w.factor is not None}
 
     @property
@@ -248,14 +228,7 @@ class MagnitudePruning(CompressionCallback):
     # ------------------------------------------------------------------ set-up
     @override
     def declaration(self, budget: StepBudget) -> Declaration:
-        """Masks weights from ``start`` on (the masks stay enforced until fit end).
-
-        Args:
-            budget: The run's step budget.
-
-        Returns:
-            The declaration, with the N:M pattern as ``nm`` (``None`` for other patterns).
-        """
+        """Masks weights from ``start`` to fit end; an N:M pattern is declared as ``nm``."""
         nm = (self.pattern.n, self.pattern.m) if isinstance(self.pattern, NM) else None
         return self.declare(resolve_window(budget, self.start, self.end, self.update_every), nm=nm)
 
@@ -279,8 +252,7 @@ class MagnitudePruning(CompressionCallback):
         self._selected_at = len(applied_records(pl_module))
 
     def _follow_architecture(self, pl_module: pl.LightningModule) -> None:
-        """Select again when an architecture changer replaced layers (a checkpoint replay, a factorization)
-        before the first mask: composition guarantees masking starts only after such a change."""
+        """Select again if layers were replaced before the first mask (composition allows only that)."""
         if not self._masked and len(applied_records(pl_module)) != self._selected_at:
             self._select(pl_module)
 
@@ -439,11 +411,7 @@ class MagnitudePruning(CompressionCallback):
             raise
 
     def _follow_shapes(self, params: list[Tensor]) -> None:
-        """Cut masks to weights that an architecture change (channel removal) made smaller.
-
-        Pruned weights are exact zeros (masks are enforced after every optimizer step), so the mask of
-        the surviving rows and columns is read back from the surviving weights themselves.
-        """
+        """Cut masks to weights a channel removal made smaller: pruned weights are exact zeros."""
         for weight, param in zip(self._weights, params):
             if weight.factor is not None and weight.factor.shape != param.shape:
                 weight.factor = (param.detach() != 0).to(param)

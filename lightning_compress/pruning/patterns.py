@@ -1,8 +1,7 @@
 """Pruning patterns: which weights a mask removes together, parsed once from their string spelling.
 
-A pattern is a small immutable value: :class:`Unstructured` (any single weight), :class:`NM` (keep N
-of every M consecutive input weights) or :class:`Channel` (whole output filters). Its ``str`` is the
-spelling the API and YAML recipes accept, and a pattern equals that spelling.
+A pattern is a small immutable value whose ``str`` is the spelling the API and YAML recipes accept,
+and which equals that spelling.
 
 Example:
     >>> parse_pattern("2:4")
@@ -58,12 +57,7 @@ class Channel(PruningPattern):
 
 @dataclass(frozen=True, eq=False)
 class NM(PruningPattern):
-    """Keep ``n`` of every ``m`` consecutive weights along the input dimension (e.g. 2:4).
-
-    Args:
-        n: Weights kept per group, ``0 < n < m``.
-        m: Group size.
-    """
+    """Keep ``n`` of every ``m`` consecutive weights along the input dimension (``0 < n < m``, e.g. 2:4)."""
 
     n: int
     m: int
@@ -87,16 +81,9 @@ PatternLike = Union[str, PruningPattern]
 
 
 def parse_pattern(pattern: PatternLike) -> PruningPattern:
-    """The pattern a spelling names (a pattern is returned as it is).
+    """The pattern ``"unstructured"``, ``"channel"`` or ``"N:M"`` names; a pattern is returned as it is.
 
-    Args:
-        pattern: ``"unstructured"``, ``"channel"``, ``"N:M"`` with integers ``0 < N < M``, or a pattern.
-
-    Returns:
-        :class:`Unstructured`, :class:`Channel` or :class:`NM`.
-
-    Raises:
-        ValueError: For any other value, naming ``pattern`` and the allowed spellings.
+    Raises ``ValueError`` naming ``pattern`` and the allowed spellings for anything else.
     """
     if isinstance(pattern, PruningPattern):
         return pattern

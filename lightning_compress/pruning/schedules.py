@@ -1,13 +1,8 @@
-"""How much to prune as training progresses: pure functions of progress.
+"""How much to prune as training progresses: pure functions ``schedule(progress, initial, final)``.
 
-A schedule maps training progress ``p`` in ``[0, 1]`` (0 at the start of the pruning window, 1 at
-its end) to an amount between ``initial`` and ``final``. The amount is a sparsity for
-:class:`~lightning_compress.pruning.MagnitudePruning`, but nothing here knows that: a fraction of
-channels to remove follows the same curves. Progress outside ``[0, 1]`` is clamped, so a caller
-does not need to special-case the time before ``start`` or after ``end``.
-
-Every schedule has the signature ``schedule(progress, initial, final) -> amount``; any callable
-with that signature can be used in place of the built-in ones (see :func:`resolve_schedule`).
+Progress runs from 0 at the start of the pruning window to 1 at its end (clamped outside); the
+amount goes from ``initial`` to ``final`` and may be a sparsity or a fraction of channels alike.
+Any callable with that signature can replace the built-in ones (:func:`resolve_schedule`).
 
 Example:
     >>> [round(cubic_sparsity(p, 0.0, 0.9), 4) for p in (0.0, 0.5, 1.0)]
@@ -31,17 +26,7 @@ def _clamp(progress: float) -> float:
 
 
 def cubic_sparsity(progress: float, initial: float, final: float) -> float:
-    """Zhu & Gupta (2017): ``final + (initial - final) * (1 - p) ** 3``.
-
-    Prunes fast early, while the network still has many redundant weights, and slowly at the end.
-
-    Args:
-        progress: Fraction of the pruning window done (clamped to ``[0, 1]``).
-        initial: Amount at ``progress = 0``.
-        final: Amount at ``progress = 1``.
-
-    Returns:
-        The amount at ``progress``.
+    """Zhu & Gupta (2017): ``final + (initial - final) * (1 - p) ** 3``, fast early and slow at the end.
 
     Example:
         >>> round(cubic_sparsity(0.5, 0.0, 0.8), 6)
@@ -53,14 +38,6 @@ def cubic_sparsity(progress: float, initial: float, final: float) -> float:
 def linear_sparsity(progress: float, initial: float, final: float) -> float:
     """Straight line from ``initial`` to ``final``.
 
-    Args:
-        progress: Fraction of the pruning window done (clamped to ``[0, 1]``).
-        initial: Amount at ``progress = 0``.
-        final: Amount at ``progress = 1``.
-
-    Returns:
-        The amount at ``progress``.
-
     Example:
         >>> linear_sparsity(0.25, 0.0, 0.8)
         0.2
@@ -69,18 +46,9 @@ def linear_sparsity(progress: float, initial: float, final: float) -> float:
 
 
 def exponential_sparsity(progress: float, initial: float, final: float) -> float:
-    """The kept fraction ``1 - amount`` decays geometrically from ``1 - initial`` to ``1 - final``.
+    """The kept fraction decays geometrically: equal slices of progress prune equal fractions of what is left.
 
-    Every equal slice of progress removes the same *fraction of what is left*, so later steps remove
-    fewer weights in absolute terms. Needs ``initial, final < 1``.
-
-    Args:
-        progress: Fraction of the pruning window done (clamped to ``[0, 1]``).
-        initial: Amount at ``progress = 0``.
-        final: Amount at ``progress = 1``.
-
-    Returns:
-        The amount at ``progress``.
+    Needs ``initial, final < 1``.
 
     Example:
         >>> round(exponential_sparsity(0.5, 0.0, 0.75), 6)
@@ -91,15 +59,7 @@ def exponential_sparsity(progress: float, initial: float, final: float) -> float
 
 
 def constant_sparsity(progress: float, initial: float, final: float) -> float:
-    """One-shot: ``final`` from the very start of the window (``initial`` is ignored).
-
-    Args:
-        progress: Ignored.
-        initial: Ignored.
-        final: The amount, at every progress.
-
-    Returns:
-        ``final``.
+    """One-shot: ``final`` from the start of the window, whatever ``progress`` and ``initial``.
 
     Example:
         >>> constant_sparsity(0.0, 0.0, 0.9)
@@ -118,22 +78,11 @@ SCHEDULES: dict[str, Schedule] = {
 
 
 def resolve_schedule(schedule: ScheduleLike, name: str = "schedule") -> Schedule:
-    """Turn a schedule name or callable into a callable, checking it on the way.
+    """Turn a name from :data:`SCHEDULES` or a callable into a schedule, checking it on the way.
 
-    A callable is probed at progress 0, 0.5 and 1 with ``initial=0, final=0.5`` and must return
-    numbers in ``[0, 1]``; a function of progress alone can be adapted with
-    ``lambda p, initial, final: my_curve(p)``.
-
-    Args:
-        schedule: One of ``"cubic"``, ``"linear"``, ``"exponential"``, ``"constant"``, or a callable
-            ``(progress, initial, final) -> amount``.
-        name: The argument name, used in error messages.
-
-    Returns:
-        The schedule callable.
-
-    Raises:
-        ValueError: If the name is unknown or the callable does not behave like a schedule.
+    A callable is probed at progress 0, 0.5 and 1 and must return amounts in ``[0, 1]``; a curve of
+    progress alone fits as ``lambda p, initial, final: my_curve(p)``. Raises ``ValueError`` (naming
+    argument ``name``) for an unknown name or a callable that does not behave like a schedule.
 
     Example:
         >>> resolve_schedule("linear")(0.5, 0.0, 1.0)

@@ -1,16 +1,9 @@
 """Physically removing channels: the one seam over torch-pruning's dependency graph.
 
-torch-pruning (DepGraph, Fang et al., 2023) traces a network with autograd and finds which layers
-must lose the same channels together: a conv, its BatchNorm, the next layer's inputs, every branch
-of a residual add, both sides of a depthwise conv, the slices of a concatenation. This module wraps
-it so that :class:`~lightning_compress.pruning.ChannelPruning` never touches its internals:
-
-* :func:`trace_dependencies` -- build the graph, naming the module where tracing fails;
-* :func:`prunable_groups` -- the coupled groups, keyed by the qualified name of their root layer;
-* :func:`check_prunable` -- refuse channel shuffles (:func:`channel_splits`), remove one channel of every
-  group from a copy and run it, before training;
-* :func:`remove_channels` -- remove channels, carrying optimizer state over to the slimmed tensors;
-* :func:`replay_history` -- re-slim a freshly built network to a recorded architecture.
+torch-pruning (DepGraph, Fang et al., 2023) traces a network and finds which layers must lose the
+same channels together (a conv, its BatchNorm, the next layer's inputs, residual branches,
+depthwise convs, concatenations). :class:`~lightning_compress.pruning.ChannelPruning` uses it only
+through this module.
 
 Example:
     >>> import torch
@@ -73,19 +66,10 @@ def _innermost_module(network: nn.Module) -> Iterator[list[str]]:
 
 
 def trace_dependencies(network: nn.Module, example_input: Any) -> tp.DependencyGraph:
-    """Trace ``network`` on ``example_input`` and build its channel dependency graph.
+    """Trace ``network`` (in eval mode, gradients on) and build its channel dependency graph.
 
-    The trace runs in eval mode (BatchNorm statistics are not updated) with gradients enabled.
-
-    Args:
-        network: The network whose channels will be removed.
-        example_input: A tensor, or a tuple of positional arguments of ``forward`` (batch of one is enough).
-
-    Returns:
-        The dependency graph.
-
-    Raises:
-        ValueError: If tracing fails; the message names the module (and its type) that was running.
+    ``example_input`` is a tensor or a tuple of ``forward``'s positional arguments; a batch of one is
+    enough. Raises ``ValueError`` naming the module (and its type) running when tracing fails.
 
     Example:
         >>> len(trace_dependencies(nn.Linear(3, 2), torch.randn(1, 3)).module2node) > 0
@@ -106,19 +90,10 @@ def trace_dependencies(network: nn.Module, example_input: Any) -> tp.DependencyG
 
 
 def prunable_groups(graph: tp.DependencyGraph, ignored: Iterable[nn.Module]) -> dict[str, tp.Group]:
-    """The coupled channel groups of the graph whose output channels may be removed.
+    """The coupled channel groups whose output channels may be removed, by root layer name.
 
-    A group is left out when one of the layers whose *output* channels it removes is in ``ignored``
-    (the classifier head, user-excluded layers), or when its channels are channels of the network's
-    output: the output keeps its shape, whatever produces it (a ``Linear`` head, or a 1x1 conv
-    classifier followed by pooling as in SqueezeNet).
-
-    Args:
-        graph: A graph from :func:`trace_dependencies`.
-        ignored: Modules whose output channels must stay.
-
-    Returns:
-        ``{root layer name (relative to the traced network): group over all current channels}``.
+    A group is left out when it removes output channels of a module in ``ignored`` (the classifier,
+    user-excluded layers) or channels of the network's output, which keeps its shape.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
@@ -136,12 +111,6 @@ def prunable_groups(graph: tp.DependencyGraph, ignored: Iterable[nn.Module]) -> 
 
 def group_channels(group: tp.Group) -> int:
     """Number of channels of a group's root layer.
-
-    Args:
-        group: A group from :func:`prunable_groups`.
-
-    Returns:
-        The channel count.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
@@ -175,17 +144,9 @@ class _ChannelSplitWatch(TorchFunctionMode):
 def channel_splits(network: nn.Module, example_input: Any) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
     """Modules whose forward splits the channel dimension into groups, as a channel shuffle does.
 
-    ShuffleNet's ``channel_shuffle`` views ``(N, C, H, W)`` as ``(N, G, C/G, H, W)``, transposes the
-    two group dims and flattens them back: channel ``i`` of the result is a different channel of the
-    input. torch-pruning's dependency graph cannot follow that permutation (it fails to trace, or
-    would remove mismatched channels), so such networks are refused before training.
-
-    Args:
-        network: The network (run once in eval mode, without gradients).
-        example_input: As for :func:`trace_dependencies`.
-
-    Returns:
-        ``{module name (relative to network, "" for its own forward): (input shape, grouped shape)}``.
+    The dependency graph cannot follow ShuffleNet's ``(N, C, H, W) -> (N, G, C/G, H, W)`` permutation,
+    so such networks are refused before training. Returns ``{module name: (input shape, grouped
+    shape)}``, ``""`` naming the network's own forward.
 
     Example:
         >>> class Shuffle(nn.Module):
@@ -205,16 +166,7 @@ def channel_splits(network: nn.Module, example_input: Any) -> dict[str, tuple[tu
 def ignore_patterns(names: Sequence[str], candidates: Sequence[str]) -> list[str]:
     """Short ``ignore`` globs that match every one of ``names`` and no other of ``candidates``.
 
-    Each name is shortened to its shortest dotted suffix (two parts at least) whose glob ``*.<suffix>``
-    matches no candidate outside ``names``; a leading ``*.`` also matches the LightningModule's
-    attribute in front of the network's own module names.
-
-    Args:
-        names: Module names to leave alone (relative to the network).
-        candidates: Every module name the patterns must not match unless listed in ``names``.
-
-    Returns:
-        The globs, without repeats, in the order of ``names``.
+    Each name becomes ``*.<shortest dotted suffix>`` (two parts at least) matching no other candidate.
 
     Example:
         >>> ignore_patterns(["s1.b0.f.b", "s2.b0.f.b"], ["s1.b0.f.a", "s1.b0.f.b", "s2.b0.f.b", "s2.proj"])
@@ -240,15 +192,14 @@ def check_prunable(network: nn.Module, example_input: Any, ignored_names: Sequen
     Args:
         network: The network (left unchanged).
         example_input: As for :func:`trace_dependencies`.
-        ignored_names: Names (relative to ``network``) of modules whose output channels must stay.
+        ignored_names: Modules (relative to ``network``) whose output channels must stay.
 
     Returns:
         The root names of the prunable groups.
 
     Raises:
-        ValueError: If the network shuffles channels between groups (:func:`channel_splits`), tracing
-            fails, no group can be pruned, or the slimmed copy fails to run (the message names every
-            group whose removal breaks it, as the ``ignore`` list that leaves them alone).
+        ValueError: If the network shuffles channels (:func:`channel_splits`), tracing fails, no group
+            can be pruned, or the slimmed copy fails to run (naming the ``ignore`` list that avoids it).
 
     Example:
         >>> check_prunable(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), torch.randn(1, 3), ["1"])
@@ -299,14 +250,7 @@ def check_prunable(network: nn.Module, example_input: Any, ignored_names: Sequen
 
 @contextlib.contextmanager
 def _tracking_indices(network: nn.Module) -> Iterator[dict[str, tuple[nn.Parameter, torch.Tensor | None, torch.dtype]]]:
-    """While active, each parameter is float64 and its ``.grad`` holds its flat element indices.
-
-    torch-pruning slices ``.grad`` together with the weight, so after a removal the new parameter's
-    ``.grad`` says which old elements survived. float64 holds every index below 2**53 exactly, whatever
-    the parameter's own dtype (bf16 under ``precision="bf16-true"``, fp16) and size; the round trip
-    bf16/fp16/fp32 -> float64 -> original dtype is lossless. On exit :func:`remove_channels` restores
-    dtypes and the real gradients (sliced).
-    """
+    """Make every parameter float64 with its flat indices as ``.grad``, which torch-pruning slices with it."""
     before: dict[str, tuple[nn.Parameter, torch.Tensor | None, torch.dtype]] = {}
     for name, param in network.named_parameters():
         before[name] = (param, param.grad, param.dtype)
@@ -321,16 +265,11 @@ def remove_channels(
     plan: Mapping[str, Sequence[int]],
     optimizers: Sequence[torch.optim.Optimizer] = (),
 ) -> None:
-    """Remove the planned channels of each group and carry optimizer state over, in place.
+    """Remove the planned channels (``{root layer name: current channel indices}``) in place.
 
-    Every optimizer keeps its identity (so LR schedulers and the trainer keep working): each
-    slimmed parameter replaces the old one in its param group, and per-element state (SGD momentum,
-    Adam moments) is sliced to the surviving elements. Scalar state (Adam's ``step``) is kept.
-
-    Args:
-        graph: The dependency graph of the network.
-        plan: ``{root layer name: channel indices to remove}`` (current indices of the root layer).
-        optimizers: Optimizers holding the network's parameters.
+    Optimizers keep their identity (LR schedulers keep working): slimmed parameters replace the old
+    ones in their param groups and per-element state (momentum, Adam moments) is sliced to the kept
+    elements.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
@@ -377,17 +316,9 @@ def remove_channels(
 
 
 def replay_history(network: nn.Module, example_input: Any, history: History) -> tp.DependencyGraph:
-    """Slim a freshly built ``network`` to the architecture a recorded pruning history produced.
+    """Slim a freshly built ``network`` in place to the architecture a ``graph.pruning_history()`` produced.
 
-    The weights of the result are meaningless until a state dict of the slimmed model is loaded.
-
-    Args:
-        network: The network, as constructed (dense).
-        example_input: As for :func:`trace_dependencies`.
-        history: ``graph.pruning_history()`` of the run that slimmed it.
-
-    Returns:
-        The dependency graph of the slimmed network (its history is ``history``).
+    Its weights are meaningless until a state dict of the slimmed model is loaded. Returns the graph.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
