@@ -1,11 +1,7 @@
 """The ``lightning-compress`` command: LightningCLI over ImageClassifier and CIFARDataModule.
 
-Run a recipe with ``lightning-compress fit --config recipes/quickstart.yaml``; ``validate``,
-``test`` and ``predict`` work the same way. Compression callbacks are listed in the recipe under
-``trainer.callbacks``; nothing here knows about them.
-
-Example:
-    >>> # shell: lightning-compress fit --config recipes/baseline_resnet20.yaml --trainer.max_epochs 1
+Run a recipe with ``lightning-compress fit --config recipes/quickstart.yaml``; compression callbacks
+are listed in it under ``trainer.callbacks``.
 """
 
 from __future__ import annotations
@@ -14,19 +10,19 @@ import sys
 from collections.abc import Sequence
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from typing_extensions import override
 
 from lightning_compress.data import CIFARDataModule
 from lightning_compress.module import ImageClassifier
 
 
 class CompressionCLI(LightningCLI):
-    """LightningCLI with the model's class count taken from the data and an optional test after fit.
+    """LightningCLI with the model's class count taken from the data, and ``--test_after_fit``.
 
-    Adds the top-level option ``test_after_fit`` (default ``false``): when true, ``fit`` ends by
-    testing the model *as it left fit* (pruned, int8-converted ...) on the datamodule's test set, so a
-    recipe reports the accuracy of the compressed model in one command.
+    ``test_after_fit: true`` tests the model as it left fit (pruned, int8-converted ...) on the test set.
     """
 
+    @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.add_argument(
@@ -36,20 +32,17 @@ class CompressionCLI(LightningCLI):
             help="After fit, test the in-memory (compressed) model on the test set.",
         )
 
+    @override
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit"):
             self.trainer.test(self.model, datamodule=self.datamodule, verbose=True)
 
 
 def main(args: Sequence[str] | None = None) -> None:
-    """Entry point of the ``lightning-compress`` console script.
+    """Entry point of the ``lightning-compress`` console script (``args``: ``None`` reads ``sys.argv``).
 
-    ``report``, ``export``, ``sensitivity`` and ``predict --model FILE IMAGES...`` go to
-    :mod:`lightning_compress.commands` (plain argparse commands on files); everything else, including
-    ``predict`` without ``--model``, is LightningCLI.
-
-    Args:
-        args: Command-line arguments; ``None`` reads ``sys.argv``.
+    File commands (``report``, ``export``, ``sensitivity``, ``predict --model``) go to
+    :mod:`lightning_compress.commands`; everything else to LightningCLI.
     """
     from lightning_compress import commands
 

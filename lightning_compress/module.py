@@ -1,10 +1,8 @@
 """ImageClassifier: the generic CIFAR LightningModule that compression callbacks attach to.
 
-Nothing in here knows about compression: the callbacks find the network in ``self.model`` and act
-on it from outside, exactly as they would on a user's own LightningModule.
+Nothing here knows about compression: callbacks act on ``self.model`` as on a user's own module.
 
 Example:
-    >>> import torch
     >>> clf = ImageClassifier("resnet20", num_classes=10)
     >>> clf(torch.randn(2, 3, 32, 32)).shape
     torch.Size([2, 10])
@@ -19,6 +17,7 @@ import lightning.pytorch as pl
 import torch
 import torchmetrics
 from torch import nn
+from typing_extensions import override
 
 from lightning_compress.core.architecture import RestoresArchitecture
 from lightning_compress.core.progress import Position, step_budget, validate_position
@@ -29,15 +28,7 @@ _LR_SCHEDULES = ("cosine", "onecycle", "constant")
 
 
 def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Learning-rate multiplier: linear warm-up to 1, then cosine decay to 0.
-
-    Args:
-        step: Current optimizer step.
-        warmup_steps: Steps of linear warm-up.
-        total_steps: Steps in the whole run.
-
-    Returns:
-        The factor applied to the base learning rate.
+    """Learning-rate multiplier at optimizer ``step``: linear warm-up to 1, then cosine decay to 0.
 
     Example:
         >>> [round(warmup_cosine_factor(s, 10, 110), 3) for s in (0, 5, 10, 60, 110)]
@@ -50,17 +41,7 @@ def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int) -> floa
 
 
 def split_weight_decay(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Parameter groups that apply weight decay to weights of Conv/Linear layers only.
-
-    Biases and normalization parameters (every parameter with fewer than 2 dimensions) get no
-    decay, the usual practice for ResNets and MobileNets.
-
-    Args:
-        module: The network.
-        weight_decay: Decay for the multi-dimensional weights.
-
-    Returns:
-        Two optimizer parameter groups (decayed, not decayed); empty groups are left out.
+    """Optimizer parameter groups (decayed, not decayed; empty ones left out): no decay below 2 dimensions.
 
     Example:
         >>> [len(g["params"]) for g in split_weight_decay(nn.Linear(2, 2), 5e-4)]
@@ -77,32 +58,20 @@ def split_weight_decay(module: nn.Module, weight_decay: float) -> list[dict[str,
 class ImageClassifier(RestoresArchitecture, pl.LightningModule):
     """Image classification with SGD, a warm-up + cosine/one-cycle schedule and accuracy metrics.
 
-    Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``val/acc_top5``, ``test/loss``,
-    ``test/acc``, ``test/acc_top5``. ``predict_step`` returns class probabilities. The network is
-    ``self.model``. Compressed checkpoints (channel-pruned, quantization-aware, factorized) load back
-    without the callbacks: :class:`~lightning_compress.core.architecture.RestoresArchitecture` replays
-    their architecture records before the weights load.
+    Logs ``{train,val,test}/loss`` and ``/acc``, and ``{val,test}/acc_top5``. Compressed checkpoints
+    load back without the callbacks (:class:`~lightning_compress.core.architecture.RestoresArchitecture`).
 
     Args:
         model: A zoo name (see :func:`lightning_compress.models.list_models`) or any ``nn.Module``
-            mapping images to logits. A module passed here is not saved in the hyperparameters: pass
-            it again to ``load_from_checkpoint(path, model=...)``.
-        num_classes: Number of classes of the classifier head (zoo models).
+            mapping images to logits; a module is not saved in the hyperparameters, so pass it again
+            to ``load_from_checkpoint(path, model=...)``.
+        num_classes: Number of classes of a zoo model's head.
         model_kwargs: Extra constructor arguments of the zoo model (e.g. ``{"width_mult": 0.5}``).
         lr: Peak learning rate.
-        momentum: SGD momentum.
-        nesterov: Use Nesterov momentum.
         weight_decay: L2 decay on Conv/Linear weights (not on biases and BatchNorm).
         lr_schedule: ``"cosine"`` (linear warm-up then cosine to 0), ``"onecycle"`` or ``"constant"``.
         warmup: Where the warm-up ends, as a run position (fraction, ``"<n>ep"`` or ``"<n>steps"``).
         label_smoothing: Label smoothing of the cross-entropy loss, in ``[0, 1)``.
-        channels_last: Run the network in ``channels_last`` memory format (faster on GPUs with
-            tensor cores and on recent CPUs).
-
-    Example:
-        >>> clf = ImageClassifier("resnet20", lr=0.1, lr_schedule="onecycle", warmup=0.1)
-        >>> clf.hparams.lr
-        0.1
     """
 
     def __init__(
@@ -144,19 +113,14 @@ class ImageClassifier(RestoresArchitecture, pl.LightningModule):
         self.val_metrics = torchmetrics.MetricCollection(metrics, prefix="val/")
         self.test_metrics = self.val_metrics.clone(prefix="test/")
 
+    @override
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits for a batch of normalized images.
-
-        Args:
-            images: ``(N, 3, H, W)`` float tensor.
-
-        Returns:
-            ``(N, num_classes)`` logits.
-        """
+        """``(N, num_classes)`` logits for a batch of normalized ``(N, 3, H, W)`` images."""
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.model(images)
 
+    @override
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         images, labels = batch[0], batch[1]
         logits = self(images)
@@ -172,17 +136,21 @@ class ImageClassifier(RestoresArchitecture, pl.LightningModule):
         metrics.update(logits, labels)
         self.log_dict(metrics, prog_bar=stage == "val")
 
+    @override
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_metrics)
 
+    @override
     def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         self._evaluate(batch, "test", self.test_metrics)
 
+    @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         """Class probabilities; ``batch`` is images or a tuple whose first element is images."""
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         return torch.softmax(self(images), dim=1)
 
+    @override
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         optimizer = torch.optim.SGD(

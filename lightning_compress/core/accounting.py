@@ -1,24 +1,7 @@
 """How much: parameters, non-zeros, MACs, serialized size and latency of a model.
 
-Written once and used by every callback, the compression report and the benchmarks, so that "2x
-fewer MACs" means the same thing everywhere. Pure functions: no Lightning import, no side effects
-on the module (training mode and BatchNorm statistics are left as they were).
-
-* :func:`count_parameters` -- number of parameter elements.
-* :func:`count_nonzero` -- non-zero elements per parameter and in total (unstructured sparsity).
-* :func:`count_macs` / :func:`count_macs_per_module` -- multiply-accumulates of one forward pass,
-  counted by :class:`torch.utils.flop_counter.FlopCounterMode` (``MACs = FLOPs / 2``). Like every
-  MAC counter in the literature it counts convolutions and matrix products only; element-wise ops
-  (ReLU, BatchNorm in eval, residual adds) are not counted.
-* :func:`serialized_size` -- bytes of ``torch.save`` (a module is saved as its ``state_dict``).
-* :func:`measure_latency` -- median wall-clock seconds of a forward pass in inference mode.
-
-Example:
-    >>> import torch
-    >>> from torch import nn
-    >>> conv = nn.Conv2d(3, 8, 3, bias=False)
-    >>> count_parameters(conv), count_macs(conv, torch.randn(1, 3, 10, 10))
-    (216, 13824)
+The one definition every callback, the report and the benchmarks use. Pure functions that leave the
+module's mode and buffers as they were. MACs count convolutions and matrix products only.
 """
 
 from __future__ import annotations
@@ -40,66 +23,33 @@ Inputs = Any
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameter elements, each shared parameter counted once.
-
-    Args:
-        module: The model.
-        trainable_only: Count only parameters with ``requires_grad``.
-
-    Returns:
-        The number of elements.
-
-    Example:
-        >>> count_parameters(nn.Linear(4, 3))
-        15
-    """
+    """Number of parameter elements, shared ones once; only ``requires_grad`` ones if ``trainable_only``."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
 @dataclass(frozen=True)
 class Count:
-    """Non-zero and total elements of one tensor or of a whole model.
-
-    Attributes:
-        nonzero: Elements that are not exactly zero.
-        total: All elements.
-    """
+    """Non-zero (not exactly zero) and total elements of one tensor or of a whole model."""
 
     nonzero: int
     total: int
 
     @property
     def sparsity(self) -> float:
-        """Fraction of zero elements (0 for an empty count).
-
-        Example:
-            >>> Count(nonzero=1, total=4).sparsity
-            0.75
-        """
+        """Fraction of zero elements (0 for an empty count)."""
         return 1.0 - self.nonzero / self.total if self.total else 0.0
 
 
 @dataclass(frozen=True)
 class NonzeroCounts:
-    """Result of :func:`count_nonzero`.
-
-    Attributes:
-        total: Count over all parameters.
-        per_parameter: Count of each parameter, by qualified name (``"layer1.0.conv1.weight"``).
-    """
+    """Result of :func:`count_nonzero`: the total and each parameter's count by qualified name."""
 
     total: Count
     per_parameter: dict[str, Count]
 
 
 def count_nonzero(module: nn.Module) -> NonzeroCounts:
-    """Count the non-zero elements of every parameter and of the whole model.
-
-    Args:
-        module: The model.
-
-    Returns:
-        Per-parameter and total counts.
+    """Count the non-zero elements of every parameter of ``module`` and of all of them.
 
     Example:
         >>> layer = nn.Linear(2, 2)
@@ -122,13 +72,7 @@ def count_nonzero(module: nn.Module) -> NonzeroCounts:
 
 @contextlib.contextmanager
 def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Put ``module`` in eval mode (no BatchNorm statistics update), then restore every submodule's mode.
-
-    Args:
-        module: The model.
-
-    Returns:
-        A context manager.
+    """Put ``module`` in eval mode, then restore every submodule's mode.
 
     Example:
         >>> net = nn.Sequential(nn.BatchNorm1d(2))
@@ -168,17 +112,9 @@ def _flop_counts(module: nn.Module, example_input: Inputs) -> FlopCounterMode:
 
 
 def count_macs(module: nn.Module, example_input: Inputs) -> int:
-    """Multiply-accumulates of one forward pass on ``example_input`` (``FLOPs / 2``).
+    """Multiply-accumulates (``FLOPs / 2``) of one eval-mode forward pass on ``example_input``.
 
-    The forward runs in eval mode without gradients; the batch size of ``example_input`` scales
-    the result, so pass a batch of one for the per-image figure.
-
-    Args:
-        module: The model.
-        example_input: A tensor, or a tuple of positional arguments of ``forward``.
-
-    Returns:
-        The number of MACs.
+    ``example_input`` is a tensor or a tuple of ``forward``'s arguments; use a batch of one per image.
 
     Example:
         >>> # Conv2d: Cout * Cin * k * k * Hout * Wout = 8 * 3 * 3 * 3 * 8 * 8
@@ -189,18 +125,7 @@ def count_macs(module: nn.Module, example_input: Inputs) -> int:
 
 
 def count_macs_per_module(module: nn.Module, example_input: Inputs) -> dict[str, int]:
-    """MACs of one forward pass broken down by qualified submodule name.
-
-    Every module that performs counted operations appears, containers included (their value is the
-    sum over their children); the root module is ``""``, so ``result[""] == count_macs(...)``
-    whenever all counted work happens inside modules.
-
-    Args:
-        module: The model.
-        example_input: A tensor, or a tuple of positional arguments of ``forward``.
-
-    Returns:
-        A mapping ``module name -> MACs``.
+    """MACs of one forward pass by submodule name; containers sum their children, the root is ``""``.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.Flatten(), nn.Linear(8 * 8 * 8, 2))
@@ -219,19 +144,7 @@ def count_macs_per_module(module: nn.Module, example_input: Inputs) -> dict[str,
 
 
 def serialized_size(obj: Any) -> int:
-    """Bytes that ``torch.save`` writes for ``obj``; a module is saved as its ``state_dict``.
-
-    Args:
-        obj: A module, a state dict, a tensor or anything ``torch.save`` accepts.
-
-    Returns:
-        The size in bytes.
-
-    Example:
-        >>> small, large = serialized_size(nn.Linear(4, 4)), serialized_size(nn.Linear(64, 64))
-        >>> small < large
-        True
-    """
+    """Bytes that ``torch.save`` writes for ``obj``; a module is saved as its ``state_dict``."""
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
     buffer = io.BytesIO()
@@ -240,27 +153,10 @@ def serialized_size(obj: Any) -> int:
 
 
 def measure_latency(module: nn.Module, example_input: Inputs, repeats: int = 20, warmup: int = 3) -> float:
-    """Median wall-clock seconds of one forward pass, in eval and inference mode.
+    """Median wall-clock seconds of one forward pass in eval and inference mode (CUDA synchronized).
 
-    The median is robust to the occasional slow run on a shared machine. To compare two models,
-    call this for each in alternation in the same process, so both see the same machine load.
-    CUDA work is synchronized before each clock reading.
-
-    Args:
-        module: The model.
-        example_input: A tensor, or a tuple of positional arguments of ``forward``.
-        repeats: Timed forward passes (>= 1).
-        warmup: Untimed forward passes first (>= 0).
-
-    Returns:
-        The median latency in seconds.
-
-    Raises:
-        ValueError: If ``repeats < 1`` or ``warmup < 0``.
-
-    Example:
-        >>> measure_latency(nn.Linear(4, 4), torch.randn(1, 4), repeats=3, warmup=1) > 0
-        True
+    ``repeats`` (>= 1) passes are timed after ``warmup`` (>= 0) untimed ones. To compare two models,
+    alternate calls in one process so both see the same machine load.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")

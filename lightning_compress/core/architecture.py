@@ -1,27 +1,11 @@
 """What shape the network has: replayable records of structural changes, and the one replay.
 
-Callbacks that change a network's structure -- channel slimming, QAT preparation, low-rank
-factorization -- append an :class:`ArchitectureRecord` to the LightningModule when they act. The
-records travel in every checkpoint under ``checkpoint["compression_architecture"]``, and
-:func:`restore_architecture` replays them onto a freshly built module *before* its weights load,
-so a compressed checkpoint loads wherever a dense one would:
-
-* ``ImageClassifier.load_from_checkpoint`` and ``Trainer.fit/validate/test/predict(ckpt_path=...)``
-  with or without the callbacks (the module's ``on_load_checkpoint`` replays them);
-* a user's own LightningModule: inherit :class:`RestoresArchitecture` (one line), or call
-  :func:`restore_architecture` from ``on_load_checkpoint``; while a compression callback is in the
-  Trainer it installs the same call for the duration of the fit
-  (:class:`~lightning_compress.core.callback.CompressionCallback`);
-* the ``report``/``export``/``predict``/``sensitivity`` commands and distillation teachers, which
-  rebuild a bare network with :func:`replay_records`.
-
-Each technique registers how to replay its own kind with :func:`register_replay`; core knows no
-technique, and no technique knows another. Records carry a ``version``; a replay function refuses
-versions it does not know, so an old library never misreads a newer checkpoint.
+Callbacks that change a network's structure append an :class:`ArchitectureRecord` to the
+LightningModule; checkpoints carry the records, and :func:`restore_architecture` replays them onto a
+freshly built module before its weights load, so a compressed checkpoint loads wherever a dense one
+would. Each technique registers the replay of its own kind with :func:`register_replay`.
 
 Example:
-    >>> import torch
-    >>> from torch import nn
     >>> @register_replay("doctest_widen", version=1)
     ... def _widen(network, payload):
     ...     return nn.Linear(2, payload["width"])
@@ -43,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
+from typing_extensions import override
 
 ARCHITECTURE_KEY = "compression_architecture"
 """Top-level checkpoint key holding the list of :class:`ArchitectureRecord` dictionaries."""
@@ -58,13 +43,12 @@ _REPLAYS: dict[str, tuple[int, ReplayFunction]] = {}
 
 @dataclass(frozen=True)
 class ArchitectureRecord:
-    """One structural change of a network, enough to rebuild it on a fresh copy.
+    """One structural change, enough to rebuild it on a fresh copy.
 
     Args:
-        kind: Which replay function rebuilds it (see :func:`register_replay`).
+        kind: Which registered replay function rebuilds it.
         network: Attribute of the LightningModule holding the network it changed.
-        payload: JSON-like description the replay function reads.
-        version: Format version of ``payload`` for this ``kind``.
+        payload: JSON-like description the replay function reads, in format ``version``.
     """
 
     kind: str
@@ -73,41 +57,19 @@ class ArchitectureRecord:
     version: int = 1
 
     def to_dict(self) -> dict[str, Any]:
-        """The record as checkpoints store it.
-
-        Returns:
-            A plain dictionary.
-        """
+        """The record as a plain dictionary, as checkpoints store it."""
         return {"kind": self.kind, "network": self.network, "payload": dict(self.payload), "version": self.version}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ArchitectureRecord:
-        """Read a record back from a checkpoint.
-
-        Args:
-            data: What :meth:`to_dict` wrote.
-
-        Returns:
-            The record.
-
-        Raises:
-            ValueError: If ``data`` is not a record.
-        """
+        """Read back what :meth:`to_dict` wrote; raise ``ValueError`` if ``data`` is not a record."""
         if not isinstance(data, Mapping) or not {"kind", "network", "payload", "version"} <= set(data):
             raise ValueError(f"not an architecture record (expected kind/network/payload/version): {data!r}")
         return cls(data["kind"], data["network"], dict(data["payload"]), int(data["version"]))
 
 
 def register_replay(kind: str, version: int = 1) -> Callable[[ReplayFunction], ReplayFunction]:
-    """Register the function that replays records of ``kind`` (a decorator).
-
-    Args:
-        kind: The record kind, unique across techniques.
-        version: The newest payload version the function reads.
-
-    Returns:
-        The decorator, which returns the function unchanged.
-    """
+    """Decorator registering the replay of records of ``kind`` (unique), up to payload ``version``."""
 
     def decorator(function: ReplayFunction) -> ReplayFunction:
         _REPLAYS[kind] = (version, function)
@@ -130,61 +92,31 @@ def _replay_function(record: ArchitectureRecord) -> ReplayFunction:
 
 
 def applied_records(module: nn.Module) -> list[ArchitectureRecord]:
-    """The structural changes applied to ``module``'s networks so far, in order.
-
-    Args:
-        module: The LightningModule (or any holder of networks).
-
-    Returns:
-        A copy of the list.
-    """
+    """A copy of the structural changes applied to ``module``'s networks so far, in order."""
     return list(module.__dict__.get(_APPLIED, []))
 
 
 def append_record(module: nn.Module, record: ArchitectureRecord) -> None:
-    """Note that ``record``'s change was just applied to ``module`` (callbacks call this when they act).
-
-    Args:
-        module: The LightningModule whose network changed.
-        record: The change.
-    """
+    """Note that ``record``'s change was just applied to ``module`` (callbacks call this when they act)."""
     module.__dict__[_APPLIED] = applied_records(module) + [record]
 
 
 def checkpoint_records(checkpoint: Mapping[str, Any]) -> list[ArchitectureRecord]:
-    """The records a checkpoint carries (none for a dense checkpoint).
-
-    Args:
-        checkpoint: A loaded checkpoint dictionary.
-
-    Returns:
-        The records, in the order they were applied.
-    """
+    """The records a loaded checkpoint carries, in the order they were applied (none if dense)."""
     return [ArchitectureRecord.from_dict(data) for data in checkpoint.get(ARCHITECTURE_KEY) or []]
 
 
 def write_records(module: nn.Module, checkpoint: dict[str, Any]) -> None:
-    """Store ``module``'s applied records in ``checkpoint`` (every compression callback does, idempotently).
-
-    Args:
-        module: The LightningModule being saved.
-        checkpoint: The checkpoint dictionary being written.
-    """
+    """Store ``module``'s applied records in the ``checkpoint`` being written (idempotent)."""
     records = applied_records(module)
     if records:
         checkpoint[ARCHITECTURE_KEY] = [record.to_dict() for record in records]
 
 
 def replay_records(module: nn.Module, records: list[ArchitectureRecord]) -> None:
-    """Apply ``records`` to ``module``'s networks, in order, and note them as applied.
+    """Apply ``records`` (not yet applied) to ``module``'s networks, in order, and note them as applied.
 
-    Args:
-        module: The holder of the networks (a LightningModule, or an ``nn.Module`` holding the network
-            under the attribute the records name).
-        records: Records not yet applied to ``module``.
-
-    Raises:
-        ValueError: If a record names a network attribute ``module`` does not have, or has no replay.
+    Raises ``ValueError`` if a record names a network ``module`` does not have, or has no replay.
     """
     for record in records:
         function = _replay_function(record)
@@ -197,17 +129,9 @@ def replay_records(module: nn.Module, records: list[ArchitectureRecord]) -> None
 
 
 def replay_onto_network(network: nn.Module, records: list[ArchitectureRecord]) -> nn.Module:
-    """Replay records onto a bare network (no LightningModule around it), for commands and teachers.
+    """Replay a checkpoint's records onto a bare network; return it, or the new object that replaces it.
 
-    Args:
-        network: A freshly built network.
-        records: A checkpoint's records; all must name the same network attribute.
-
-    Returns:
-        The rebuilt network (possibly a new object, e.g. a QAT-prepared ``GraphModule``).
-
-    Raises:
-        ValueError: If the records change more than one network.
+    Raises ``ValueError`` if the records change more than one network.
     """
     attributes = sorted({record.network for record in records})
     if len(attributes) > 1:
@@ -224,20 +148,8 @@ def replay_onto_network(network: nn.Module, records: list[ArchitectureRecord]) -
 def restore_architecture(module: nn.Module, checkpoint: Mapping[str, Any]) -> None:
     """Rebuild ``module``'s networks to the architecture ``checkpoint`` recorded, before its weights load.
 
-    Records already applied to ``module`` are skipped, so calling it twice (the module's own hook and a
-    callback's) is harmless.
-
-    Args:
-        module: The freshly built LightningModule.
-        checkpoint: The loaded checkpoint dictionary.
-
-    Raises:
-        ValueError: If ``module`` already went through changes the checkpoint does not start with.
-
-    Example:
-        >>> # class MyModule(pl.LightningModule):
-        >>> #     def on_load_checkpoint(self, checkpoint):
-        >>> #         restore_architecture(self, checkpoint)
+    Call it from ``on_load_checkpoint``; records already applied are skipped. Raises ``ValueError`` if
+    ``module`` went through changes the checkpoint does not start with.
     """
     saved, applied = checkpoint_records(checkpoint), applied_records(module)
     if saved[: len(applied)] != applied:
@@ -248,28 +160,19 @@ def restore_architecture(module: nn.Module, checkpoint: Mapping[str, Any]) -> No
 
 
 class RestoresArchitecture:
-    """Mixin for a LightningModule: compressed checkpoints load back without the callbacks.
+    """Mixin for a LightningModule: compressed checkpoints load back, and save, without the callbacks.
 
-    Put it before ``LightningModule`` in the bases. Its ``on_load_checkpoint`` replays the
-    checkpoint's architecture records; its ``on_save_checkpoint`` writes them, so a compressed
-    module fine-tuned without compression callbacks still saves loadable checkpoints. Override either
-    hook and call ``super()`` to keep this.
-
-    Example:
-        >>> import lightning.pytorch as pl
-        >>> class MyModule(RestoresArchitecture, pl.LightningModule):
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.net = nn.Linear(4, 2)
-        >>> MyModule().net.out_features
-        2
+    Put it first: ``class MyModule(RestoresArchitecture, pl.LightningModule)``; an override of its hooks
+    must call ``super()``.
     """
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Replay the checkpoint's architecture records before its weights load."""
         restore_architecture(self, checkpoint)  # type: ignore[arg-type]
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
 
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Write the module's architecture records into the checkpoint."""
         write_records(self, checkpoint)  # type: ignore[arg-type]

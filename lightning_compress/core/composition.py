@@ -1,21 +1,14 @@
 """With whom a technique composes: declared effects and step windows, checked once before training.
 
-Every compression callback declares what it does to the model (:class:`Effect`) and over which
-optimizer steps (:class:`~lightning_compress.core.progress.StepWindow`) by implementing
-:meth:`~lightning_compress.core.callback.CompressionCallback.declaration`. The first compression
-callback's ``setup`` collects every declaration in the Trainer and applies the rules below
-(:func:`check_declarations`) once per fit, whatever the order of the callback list. A combination that cannot work fails before the
-first optimizer step, with a message naming both callbacks and the fix. Techniques never import
-each other: they meet here.
+Each compression callback declares what it does (:class:`Effect`) and over which optimizer steps;
+:func:`check_declarations` refuses a combination that cannot work, naming both callbacks and the fix.
+Effects apply in this order, whatever the callback list's order:
 
-Order of effects on the model, whatever the list order:
-
-1. ``ARCHITECTURE`` -- change the network's structure (channel pruning, factorization); their
-   windows may not overlap, and all must end before quantization starts;
-2. ``MASKS`` -- zero weights (magnitude pruning); masks follow architecture changes;
-3. ``QUANTIZES`` -- fake-quantize, then convert at fit end (one quantization callback per Trainer);
-4. ``LOSS`` -- change the loss (distillation; one per Trainer);
-5. ``REPORTS`` -- measure what fit produced, last.
+1. ``ARCHITECTURE`` (channel pruning, factorization): windows disjoint, all ending before quantization;
+2. ``MASKS`` (magnitude pruning): masks follow architecture changes;
+3. ``QUANTIZES``: fake-quantize, then convert at fit end; one per Trainer;
+4. ``LOSS`` (distillation): one per Trainer;
+5. ``REPORTS``: measure what fit produced, last.
 
 Example:
     >>> from lightning_compress.core.progress import StepWindow
@@ -55,10 +48,9 @@ class Declaration:
         callback: The callback's class name, for messages.
         effect: What it does.
         window: The optimizer steps over which it acts (``end=None``: until fit ends).
-        details: Facts the rules need: ``channel_multiple`` (an architecture changer keeps channel
-            counts multiples of this), ``nm`` (an N:M masking pattern ``(n, m)``), ``replaces_layers``
-            (an architecture changer swaps layers for new ones with other parameter names), ``layers``
-            (the layer names a callback acts on).
+        details: Facts the rules need: ``channel_multiple`` (channel counts kept multiples of this),
+            ``nm`` (an N:M pattern ``(n, m)``), ``replaces_layers`` (swaps layers for new parameters),
+            ``layers`` (the layer names acted on).
     """
 
     callback: str
@@ -80,14 +72,7 @@ def _window_text(declaration: Declaration) -> str:
 
 
 def check_declarations(found: Sequence[Declaration]) -> None:
-    """Apply the composition rules (module docstring) to a set of declarations.
-
-    Args:
-        found: Every compression callback's declaration.
-
-    Raises:
-        ValueError: Naming both callbacks and the fix, for the first combination that cannot work.
-    """
+    """Raise ``ValueError`` naming both callbacks and the fix if declarations break a rule (see module)."""
     _single(found, Effect.QUANTIZES, "use QuantizationAwareTraining for trained int8, or PostTrainingQuantization "
             "for calibrated int8, not both")
     _single(found, Effect.LOSS, "distil from one teacher per run")

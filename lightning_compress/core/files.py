@@ -1,8 +1,7 @@
 """Atomic file writes: a reader never sees a half-written file, an interruption leaves none behind.
 
 Example:
-    >>> import pathlib, tempfile
-    >>> target = pathlib.Path(tempfile.mkdtemp()) / "out.txt"
+    >>> target = Path(tempfile.mkdtemp()) / "out.txt"
     >>> with atomic_path(target) as tmp:
     ...     _ = tmp.write_text("done")
     >>> target.read_text()
@@ -25,19 +24,8 @@ from pathlib import Path
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path``, else delete it.
 
-    The temporary file has the final file's name inside a hidden temporary directory in the
-    destination directory: the final ``os.replace`` is an atomic rename on the same filesystem, and
-    writers that record the file name inside the file (``torch.save`` and ``torch.jit.save`` name
-    their archive's root folder after it) record the final one. Parent directories are created.
-
-    Args:
-        path: The final destination.
-
-    Returns:
-        A context manager yielding the temporary path to write to.
-
-    Example:
-        >>> # with atomic_path("model.pt") as tmp: torch.save(obj, tmp)
+    The temporary file keeps the final name (inside a hidden folder in the destination folder), since
+    ``torch.save`` and ``torch.jit.save`` record it in the archive. Parent folders are created.
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -51,33 +39,16 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically.
-
-    Args:
-        path: The destination file.
-        text: The content.
-
-    Example:
-        >>> # write_text_atomic("results.md", "# Results")
-    """
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
 def write_zip_deflated(archive: bytes, path: str | os.PathLike[str]) -> None:
-    """Write the zip ``archive`` to ``path`` atomically, every record deflated.
+    """Write the zip ``archive`` (bytes) to ``path`` atomically, every record deflated.
 
-    Record names, order and times are kept, so readers that look records up by name (``torch.load``,
-    ``torch.jit.load``, LibTorch) read the result as they read the original, which ``torch.save`` and
-    ``torch.jit.save`` write uncompressed.
-
-    Args:
-        archive: The bytes of a zip archive.
-        path: The destination file.
-
-    Example:
-        >>> # buffer = io.BytesIO(); torch.jit.save(module, buffer)
-        >>> # write_zip_deflated(buffer.getvalue(), "model.pt")
+    Record names, order and times are kept, so ``torch.load``, ``torch.jit.load`` and LibTorch read
+    the result as they read the uncompressed original.
     """
     with atomic_path(path) as tmp, zipfile.ZipFile(io.BytesIO(archive)) as source, \
             zipfile.ZipFile(tmp, "w") as target:

@@ -1,17 +1,10 @@
 """What the network is fed: its real input, captured by a forward pre-hook, whatever the batch looks like.
 
-Callbacks that need an example input (channel pruning traces the network, post-training
-quantization calibrates it, the report counts MACs) never guess where the images are in a batch
-(a tensor, a tuple, a dict, a custom object). :func:`capture_network_input` runs the module's own
-``training_step`` on the batch with a forward pre-hook on the network that records the arguments the
-network is called with and stops the step right there: the network's forward never runs, nothing is
-logged and no gradient is computed. The random number generators are restored afterwards, so
-capturing an input leaves a run bitwise identical.
+:func:`capture_network_input` runs the module's own ``training_step`` and stops it when the network
+is called: nothing is logged, no gradient computed, and the random generators are restored.
 
 Example:
     >>> import lightning.pytorch as pl
-    >>> import torch
-    >>> from torch import nn
     >>> class DictModule(pl.LightningModule):
     ...     def __init__(self):
     ...         super().__init__()
@@ -33,7 +26,7 @@ from torch import nn
 
 
 class _InputCaptured(Exception):
-    """Raised by the pre-hook to stop ``training_step`` once the network's input is known."""
+    """Stops ``training_step`` once the network's input is known."""
 
     def __init__(self, args: tuple[Any, ...]) -> None:
         super().__init__("network input captured")
@@ -52,19 +45,10 @@ def _detach(value: Any) -> Any:
 
 def capture_network_input(pl_module: nn.Module, network: nn.Module, batch: Any, batch_idx: int = 0
                           ) -> tuple[Any, ...]:
-    """The positional arguments ``network`` receives when ``pl_module`` trains on ``batch``.
+    """The positional arguments (detached) ``network`` receives when ``pl_module`` trains on ``batch``.
 
-    Args:
-        pl_module: The LightningModule (anything with a ``training_step(batch, batch_idx)``).
-        network: Its submodule whose input is wanted.
-        batch: A training batch, as ``training_step`` receives it (already on the device).
-        batch_idx: Passed to ``training_step``.
-
-    Returns:
-        The network's positional arguments, detached.
-
-    Raises:
-        ValueError: If ``training_step`` returns or raises without calling ``network``.
+    ``batch`` is as ``training_step`` receives it, on the device. Raises ``ValueError`` if
+    ``training_step`` returns or raises without calling ``network``.
     """
 
     def stop(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -84,13 +68,7 @@ def capture_network_input(pl_module: nn.Module, network: nn.Module, batch: Any, 
 
 
 def first_sample(args: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Cut every batched tensor in the captured arguments to its first sample (keeping the batch dim).
-
-    Args:
-        args: As returned by :func:`capture_network_input`.
-
-    Returns:
-        The same structure with tensors of batch size 1.
+    """Cut every batched tensor in captured arguments to its first sample (keeping the batch dim).
 
     Example:
         >>> first_sample((torch.zeros(8, 3), 5))[0].shape

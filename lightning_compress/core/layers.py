@@ -1,33 +1,9 @@
 """Which layers a technique acts on: selection by layer type and name pattern.
 
-Layers are identified by the qualified name of their module inside the LightningModule
-(``model.layer1.0.conv1``) and their weight by the qualified parameter name
-(``model.layer1.0.conv1.weight``). Callbacks keep names, never module objects, because other
-callbacks replace modules (QAT fusion, channel pruning); :func:`resolve_parameters` turns names
-back into the current tensors.
-
-The default rule, shared by pruning and quantization: every ``Conv`` and ``Linear`` layer except the
-first convolution (the stem, which sees raw pixels) and the last ``Linear`` (the classifier), both
-in module registration order.
-
-Weight matrices that are not a layer's ``weight`` -- the attention projections of
-``nn.MultiheadAttention`` (``in_proj_weight``, or ``q_proj_weight``/``k_proj_weight``/``v_proj_weight``
-when keys and values have their own sizes), see :data:`WEIGHT_MATRICES` -- are candidates of
-:func:`select_weights`, which selects by parameter and applies the same rule. Each weight has a
-*label*, the name patterns are matched against: its layer's name for a ``weight``
-(``model.layer1.0.conv1``), the parameter's own name otherwise
-(``model.encoder.layers.0.self_attn.in_proj_weight``).
-
-Patterns are shell-style globs (:mod:`fnmatch`) matched against the full module name (or label), e.g.
-``"model.layer3.*"`` or ``"*.downsample.*"``.
-
-Example:
-    >>> import torch.nn as nn
-    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8, 2))
-    >>> select_layers(net)
-    ['1']
-    >>> select_weights(nn.Sequential(nn.MultiheadAttention(8, 2), nn.Linear(8, 8), nn.Linear(8, 2)))
-    ['0.in_proj_weight', '0.out_proj.weight', '1.weight']
+Callbacks keep qualified names (``model.layer1.0.conv1``), never module objects, because other
+callbacks replace modules. The default rule, shared by every technique: every ``Conv`` and ``Linear``
+layer except the first convolution (the stem) and the last ``Linear`` (the classifier). Patterns are
+shell-style globs matched against the whole name, e.g. ``"model.layer3.*"``.
 """
 
 from __future__ import annotations
@@ -59,38 +35,14 @@ def _as_patterns(patterns: str | Sequence[str] | None) -> list[str]:
 
 
 def matches_any(name: str, patterns: Iterable[str]) -> bool:
-    """Whether ``name`` matches one of the glob ``patterns``.
-
-    Args:
-        name: A qualified module or parameter name.
-        patterns: Shell-style glob patterns.
-
-    Returns:
-        True if any pattern matches the whole name.
-
-    Example:
-        >>> matches_any("model.layer1.0.conv1", ["model.layer1.*"])
-        True
-    """
+    """Whether the qualified ``name`` matches one of the glob ``patterns`` as a whole."""
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
 def weighted_layers(
     module: nn.Module, layer_types: tuple[type[nn.Module], ...] = WEIGHTED_LAYER_TYPES
 ) -> list[str]:
-    """Names of all layers of ``layer_types`` that have a ``weight`` tensor, in registration order.
-
-    Args:
-        module: The model (or LightningModule) to scan.
-        layer_types: The layer classes to consider (subclasses included, e.g. QAT modules).
-
-    Returns:
-        Qualified module names.
-
-    Example:
-        >>> weighted_layers(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
-        ['0']
-    """
+    """Names of all layers of ``layer_types`` (subclasses included) with a ``weight`` tensor, in order."""
     return [
         name
         for name, layer in module.named_modules()
@@ -105,30 +57,22 @@ def select_layers(
     layer_types: tuple[type[nn.Module], ...] = WEIGHTED_LAYER_TYPES,
     argument_names: tuple[str, str] = ("include", "exclude"),
 ) -> list[str]:
-    """Select layers by the default rule, or by ``include`` patterns, minus ``exclude`` patterns.
-
-    Without ``include``, the first convolution and the last ``Linear`` are left out (see module
-    docstring); with ``include``, exactly the matching layers are taken. Every pattern must match
-    at least one candidate layer, otherwise the error lists the candidates, so a typo fails before
-    training instead of silently selecting nothing.
+    """Names of the layers selected by the default rule or ``include``, minus ``exclude``, in order.
 
     Args:
         module: The model (or LightningModule) to scan.
         include: Glob patterns of layers to select; ``None`` applies the default rule.
         exclude: Glob patterns of layers to leave out.
         layer_types: The layer classes that are candidates.
-        argument_names: How the caller names ``include`` and ``exclude`` in its own API, for errors.
-
-    Returns:
-        Qualified module names of the selected layers, in registration order.
+        argument_names: How the caller names ``include`` and ``exclude``, for errors.
 
     Raises:
-        ValueError: If a pattern matches no candidate layer, or nothing is selected.
+        ValueError: If a pattern matches no candidate or nothing is selected (the message lists candidates).
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8, 2))
-        >>> select_layers(net, include="*", exclude="3")
-        ['0', '1']
+        >>> select_layers(net), select_layers(net, include="*", exclude="3")
+        (['1'], ['0', '1'])
     """
     candidates = weighted_layers(module, layer_types)
     return _apply_rule({name: module.get_submodule(name) for name in candidates}, include, exclude, argument_names)
@@ -165,13 +109,7 @@ def _apply_rule(
 
 
 def weight_label(parameter_name: str) -> str:
-    """The name a weight is matched by patterns and reported under: its layer's name for a ``weight``.
-
-    Args:
-        parameter_name: A qualified parameter name.
-
-    Returns:
-        ``parameter_name`` without a final ``.weight``; any other parameter keeps its full name.
+    """The name patterns match a weight by: its layer's name for a ``weight``, else the parameter's name.
 
     Example:
         >>> weight_label("model.fc.weight"), weight_label("model.attn.in_proj_weight")
@@ -183,15 +121,7 @@ def weight_label(parameter_name: str) -> str:
 def weight_parameters(
     module: nn.Module, layer_types: tuple[type[nn.Module], ...] = WEIGHTED_LAYER_TYPES
 ) -> list[str]:
-    """Qualified names of every weight matrix: the ``weight`` of each layer of ``layer_types`` and the
-    :data:`WEIGHT_MATRICES` of other modules, in module registration order.
-
-    Args:
-        module: The model (or LightningModule) to scan.
-        layer_types: The layer classes whose ``weight`` is a candidate.
-
-    Returns:
-        Qualified parameter names.
+    """Names of every weight matrix: each ``layer_types`` layer's ``weight``, and :data:`WEIGHT_MATRICES`.
 
     Example:
         >>> weight_parameters(nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 1, kdim=2, vdim=2)))
@@ -216,21 +146,7 @@ def select_weights(
 ) -> list[str]:
     """Select weight matrices by parameter: the rule of :func:`select_layers` over :func:`weight_parameters`.
 
-    Patterns match each weight's label (:func:`weight_label`): ``"model.layer1.*"`` selects the
-    layers under ``model.layer1``, ``"*.in_proj_weight"`` the attention input projections. Without
-    ``include``, every candidate but the first convolution's and the last ``Linear``'s weight is taken.
-
-    Args:
-        module: The model (or LightningModule) to scan.
-        include: Glob patterns of labels to select; ``None`` applies the default rule.
-        exclude: Glob patterns of labels to leave out.
-        argument_names: How the caller names ``include`` and ``exclude`` in its own API, for errors.
-
-    Returns:
-        Qualified parameter names of the selected weights, in registration order.
-
-    Raises:
-        ValueError: If a pattern matches no candidate, or nothing is selected (the message lists the labels).
+    Patterns match each weight's :func:`weight_label`; arguments and errors are as for :func:`select_layers`.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.MultiheadAttention(8, 2), nn.Linear(8, 2))
@@ -245,22 +161,7 @@ def select_weights(
 
 
 def resolve_parameters(module: nn.Module, names: Iterable[str]) -> dict[str, torch.Tensor]:
-    """Look up parameters by qualified name in the module's *current* tree.
-
-    Args:
-        module: The model (or LightningModule).
-        names: Qualified parameter names, e.g. ``"model.layer1.0.conv1.weight"``.
-
-    Returns:
-        A mapping from each name to its current parameter tensor.
-
-    Raises:
-        KeyError: If a name no longer exists (the module tree changed incompatibly).
-
-    Example:
-        >>> list(resolve_parameters(nn.Sequential(nn.Linear(2, 2)), ["0.weight"]))
-        ['0.weight']
-    """
+    """Map qualified parameter names to the tensors in the module's *current* tree (``KeyError`` if gone)."""
     params = dict(module.named_parameters())
     missing = [name for name in names if name not in params]
     if missing:
@@ -269,22 +170,8 @@ def resolve_parameters(module: nn.Module, names: Iterable[str]) -> dict[str, tor
 
 
 def find_network(pl_module: nn.Module, attribute: str | None = None) -> tuple[str, nn.Module]:
-    """Find the network inside a LightningModule that compression acts on as a whole.
-
-    Techniques that replace the network (QAT conversion) or hook its input/output (distillation)
-    need one submodule, not the LightningModule itself. With ``attribute`` given, that child is
-    used; otherwise the only direct child that contains weighted layers (``model`` for
-    :class:`~lightning_compress.ImageClassifier`, whatever a user named theirs).
-
-    Args:
-        pl_module: The LightningModule (or any module) holding the network.
-        attribute: Name of the child module holding the network; ``None`` to detect it.
-
-    Returns:
-        ``(attribute, network)``.
-
-    Raises:
-        ValueError: If ``attribute`` names no child module, or detection finds zero or several.
+    """``(attribute, network)``: the child of ``pl_module`` named ``attribute``, or else the only child
+    holding Conv/Linear layers. Raises ``ValueError`` if there is no such child, or several.
 
     Example:
         >>> holder = nn.Module(); holder.net = nn.Linear(2, 2)

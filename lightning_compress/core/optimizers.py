@@ -1,15 +1,8 @@
 """Optimizers after a layer was replaced: new parameters take the old ones' places, the schedule goes on.
 
-When a callback swaps a layer for new ones (low-rank factorization turns one weight into two or
-three), the optimizer must train the new parameters with the hyperparameters the old one had (its
-param group: learning rate, weight decay, ...), and the LR scheduler must continue from the same
-step. :func:`replace_parameters` edits the optimizers in place, so their identity -- which Lightning,
-LR schedulers and precision plugins hold on to -- never changes. Per-parameter state (momentum, Adam
-moments) of a replaced parameter has no meaning for its replacements and is dropped: they start
-with fresh state.
+The optimizers are edited in place, since Lightning, LR schedulers and precision plugins hold on to them.
 
 Example:
-    >>> import torch
     >>> from torch import nn
     >>> old, new = nn.Parameter(torch.ones(2)), [nn.Parameter(torch.ones(1)), nn.Parameter(torch.ones(1))]
     >>> sgd = torch.optim.SGD([{"params": [old], "weight_decay": 0.1}], lr=0.1, momentum=0.9)
@@ -29,13 +22,9 @@ import torch
 def replace_parameters(
     optimizers: Sequence[torch.optim.Optimizer], replacements: Mapping[torch.Tensor, Sequence[torch.Tensor]]
 ) -> None:
-    """Put each replaced parameter's replacements in its param group, in its place, and drop its state.
+    """Put each ``{old: [new, ...]}`` replacement in the old parameter's group and place; drop its state.
 
-    A replaced parameter that no optimizer holds (frozen) leaves its replacements out of every optimizer.
-
-    Args:
-        optimizers: The trainer's optimizers (``trainer.optimizers``).
-        replacements: ``{old parameter: [new parameters]}``.
+    Replacements of a parameter no optimizer holds (frozen) stay out of every optimizer.
     """
     for optimizer in optimizers:
         for group in optimizer.param_groups:

@@ -1,14 +1,7 @@
-"""When a compression step happens: positions in a run resolved to optimizer steps.
+"""When a compression step happens: positions in a run resolved to optimizer steps, once per fit.
 
-Every callback states *when* it acts (``start``, ``end``, ``freeze_bn`` ...) as a position in the
-run and resolves it to an optimizer step once, at fit start. It then acts on ``trainer.global_step``,
-which a resumed run restores from its checkpoint, so schedules survive interruption.
-
-A position is one of:
-
-* a number in ``[0, 1]`` -- a fraction of the run's optimizer steps (``0.5`` is half-way);
-* ``"<n>ep"`` -- after ``n`` epochs, ``n`` may be fractional (``"2ep"``, ``"0.5ep"``);
-* ``"<n>steps"`` -- after ``n`` optimizer steps (``"300steps"``).
+A position is a fraction of the run in ``[0, 1]``, ``"<n>ep"`` (``n`` may be fractional) or
+``"<n>steps"``. Callbacks act on ``trainer.global_step``, so schedules survive a resume.
 
 Example:
     >>> budget = StepBudget(total_steps=1000, steps_per_epoch=100)
@@ -33,24 +26,7 @@ _STRING_POSITION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ep|steps)\s*$")
 
 
 def validate_position(position: Position, name: str) -> Position:
-    """Check that ``position`` is a valid run position, without resolving it.
-
-    Callbacks call this in ``__init__`` so that a malformed position fails before training.
-
-    Args:
-        position: The position to check.
-        name: The argument name, used in the error message.
-
-    Returns:
-        ``position`` unchanged.
-
-    Raises:
-        ValueError: If ``position`` is not one of the accepted forms.
-
-    Example:
-        >>> validate_position("2ep", "start")
-        '2ep'
-    """
+    """Return ``position`` unchanged, or raise ``ValueError`` naming the argument ``name`` if malformed."""
     if isinstance(position, bool):
         raise ValueError(f"{name} must be {_POSITION_FORMS}, got {position!r}")
     if isinstance(position, (int, float)):
@@ -63,21 +39,7 @@ def validate_position(position: Position, name: str) -> Position:
 
 
 def position_order_key(position: Position) -> tuple[int, float] | None:
-    """A sort key for positions of the same kind, or ``None`` when kinds differ.
-
-    Lets ``__init__`` reject ``start >= end`` whenever both are in the same unit, before any
-    trainer exists; mixed units are checked again once resolved to steps.
-
-    Args:
-        position: A validated position.
-
-    Returns:
-        ``(kind, value)`` where kind is 0 for fractions, 1 for epochs, 2 for steps.
-
-    Example:
-        >>> position_order_key("3ep")
-        (1, 3.0)
-    """
+    """``(kind, value)`` of a validated position; kind is 0 for fractions, 1 for epochs, 2 for steps."""
     if isinstance(position, (int, float)):
         return (0, float(position))
     match = _STRING_POSITION.match(position)
@@ -86,20 +48,7 @@ def position_order_key(position: Position) -> tuple[int, float] | None:
 
 
 def check_ordered(earlier: Position, later: Position, earlier_name: str, later_name: str) -> None:
-    """Raise if two positions in the same unit are not strictly increasing.
-
-    Args:
-        earlier: The position that must come first.
-        later: The position that must come after it.
-        earlier_name: Argument name of ``earlier`` for the message.
-        later_name: Argument name of ``later`` for the message.
-
-    Raises:
-        ValueError: If both use the same unit and ``earlier >= later``.
-
-    Example:
-        >>> check_ordered(0.1, 0.9, "start", "end")
-    """
+    """Raise ``ValueError`` if two positions in the same unit are not strictly increasing."""
     key_a, key_b = position_order_key(earlier), position_order_key(later)
     if key_a[0] == key_b[0] and key_a[1] >= key_b[1]:
         raise ValueError(f"{earlier_name} must come before {later_name}, got {earlier_name}={earlier!r}, "
@@ -108,30 +57,13 @@ def check_ordered(earlier: Position, later: Position, earlier_name: str, later_n
 
 @dataclass(frozen=True)
 class StepBudget:
-    """The optimizer-step length of a run, used to resolve positions to steps.
-
-    Args:
-        total_steps: Optimizer steps in the whole run.
-        steps_per_epoch: Optimizer steps per epoch (after gradient accumulation).
-    """
+    """The optimizer steps of a whole run and per epoch (after gradient accumulation)."""
 
     total_steps: int
     steps_per_epoch: float
 
     def resolve(self, position: Position, name: str) -> int:
-        """Resolve a position to an optimizer step in ``[0, total_steps]``.
-
-        Args:
-            position: A position (see module docstring).
-            name: The argument name, used in error messages.
-
-        Returns:
-            The optimizer step at which the position is reached.
-
-        Example:
-            >>> StepBudget(100, 10).resolve("2.5ep", "end")
-            25
-        """
+        """The optimizer step in ``[0, total_steps]`` at which ``position`` (argument ``name``) is reached."""
         validate_position(position, name)
         kind, value = position_order_key(position)
         if kind == 0:
@@ -148,23 +80,9 @@ class StepBudget:
 
 
 def step_budget(trainer: pl.Trainer) -> StepBudget:
-    """Measure the optimizer-step length of the run a trainer is about to fit.
+    """The :class:`StepBudget` of the run ``trainer`` is about to fit (from ``estimated_stepping_batches``).
 
-    Uses ``trainer.estimated_stepping_batches``, so gradient accumulation, ``limit_train_batches``,
-    ``max_steps`` and multi-device sharding are all accounted for. Call it from ``setup`` (stage
-    ``"fit"``) or ``on_fit_start``.
-
-    Args:
-        trainer: The trainer, attached to a model and datamodule.
-
-    Returns:
-        The run's :class:`StepBudget`.
-
-    Raises:
-        ValueError: If the run has no finite length (no ``max_epochs`` or ``max_steps``).
-
-    Example:
-        >>> # inside a callback: budget = step_budget(trainer); start = budget.resolve(self.start, "start")
+    Call it from ``setup`` (stage ``"fit"``) or ``on_fit_start``; ``ValueError`` if the run has no end.
     """
     loader_was_built = getattr(trainer.fit_loop, "_combined_loader", None) is not None
     total = trainer.estimated_stepping_batches
@@ -196,25 +114,7 @@ _INTERVAL_FORMS = ("an integer number of optimizer steps >= 1 (e.g. 100), a frac
 
 
 def validate_interval(interval: Interval, name: str = "update_every") -> Interval:
-    """Check that ``interval`` is a valid interval between updates, without resolving it.
-
-    An ``int`` means optimizer steps (so ``update_every=1`` is every step, not the whole run);
-    a ``float`` is a fraction of the run; strings are as for positions.
-
-    Args:
-        interval: The interval to check.
-        name: The argument name, used in the error message.
-
-    Returns:
-        ``interval`` unchanged.
-
-    Raises:
-        ValueError: If ``interval`` is none of the accepted forms.
-
-    Example:
-        >>> validate_interval(100), validate_interval("1ep")
-        (100, '1ep')
-    """
+    """Return ``interval`` unchanged, or raise ``ValueError`` naming the argument ``name`` if malformed."""
     if isinstance(interval, bool):
         raise ValueError(f"{name} must be {_INTERVAL_FORMS}, got {interval!r}")
     if isinstance(interval, int):
@@ -230,9 +130,7 @@ def validate_interval(interval: Interval, name: str = "update_every") -> Interva
 
 @dataclass(frozen=True)
 class StepWindow:
-    """Where a callback acts, in optimizer steps: from ``start`` to ``end`` (inclusive), every ``every``.
-
-    ``end`` is ``None`` for a technique that stays active until fit ends (QAT, distillation).
+    """Where a callback acts: steps ``start`` to ``end`` inclusive (``None``: fit end), every ``every``.
 
     Example:
         >>> window = StepWindow(10, 50, 20)
@@ -245,26 +143,13 @@ class StepWindow:
     every: int = 1
 
     def is_update_step(self, step: int) -> bool:
-        """Whether ``step`` is one of the window's update steps (``start``, every ``every``, and ``end``).
-
-        Args:
-            step: An optimizer step.
-
-        Returns:
-            True on an update step.
-        """
+        """Whether ``step`` is one of the window's update steps (``start``, every ``every``, and ``end``)."""
         if step < self.start or (self.end is not None and step > self.end):
             return False
         return (step - self.start) % self.every == 0 or step == self.end
 
     def overlaps(self, other: StepWindow) -> bool:
         """Whether two windows share a step (an open ``end`` reaches the end of the run).
-
-        Args:
-            other: Another window.
-
-        Returns:
-            True if they overlap.
 
         Example:
             >>> StepWindow(0, 10).overlaps(StepWindow(10, None)), StepWindow(0, 9).overlaps(StepWindow(10, 20))
@@ -284,11 +169,8 @@ def resolve_window(budget: StepBudget, start: Position, end: Position | None = N
         budget: The run's step budget.
         start: Where the window opens (a position).
         end: Where it closes (a position), or ``None`` for "until fit ends".
-        every: Interval between updates (see :data:`Interval`).
+        every: Interval between updates.
         names: The callback's argument names for ``start``, ``end`` and ``every``, for errors.
-
-    Returns:
-        The window in optimizer steps.
 
     Raises:
         ValueError: If ``end`` does not come after ``start`` or ``every`` resolves to 0 steps.

@@ -1,11 +1,4 @@
-"""Batched tensor augmentation for CIFAR: whole-batch ops on any device, nothing per image.
-
-Example:
-    >>> images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
-    >>> out = normalize(random_crop_flip(images), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    >>> out.shape, out.dtype
-    (torch.Size([8, 3, 32, 32]), torch.float32)
-"""
+"""Batched tensor augmentation for CIFAR: whole-batch ops on any device, nothing per image."""
 
 from __future__ import annotations
 
@@ -17,26 +10,18 @@ import torch
 def random_crop_flip(
     images: torch.Tensor, padding: int = 4, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Random crop after zero padding, and random horizontal flip, for every image of a batch.
+    """torchvision's ``RandomCrop(size, padding)`` then ``RandomHorizontalFlip()``, as whole-batch ops.
 
-    Equivalent to torchvision's ``RandomCrop(size, padding)`` followed by ``RandomHorizontalFlip()``
-    per image, done with a handful of whole-batch ops: a horizontally flipped crop is a crop of the
-    flipped image at the mirrored offset, and cropping at offset ``(dy, dx)`` is a shift of the
-    flattened image by ``dy * W + dx`` elements -- one contiguous window per image out of a strided
-    view of the batch -- after which the rows and columns that came from outside the image are zeroed.
+    A crop at offset ``(dy, dx)`` is a shift of the flattened image by ``dy * W + dx`` (a flipped crop,
+    one of the flipped image at the mirrored offset); rows and columns from outside are then zeroed.
 
-    Args:
-        images: ``N x C x H x W`` images, any dtype (uint8 is cheapest), on any device.
-        padding: Zero padding on each side; crop offsets are uniform in ``[0, 2 * padding]``.
-        generator: Random generator on ``images.device``; default: the device's global generator.
-
-    Returns:
-        A new tensor with the shape, dtype and device of ``images``.
+    ``images`` (``N x C x H x W``) may have any dtype (uint8 is cheapest); ``generator``, if given, lives
+    on their device.
 
     Example:
-        >>> x = torch.arange(16, dtype=torch.uint8).view(1, 1, 4, 4)
-        >>> random_crop_flip(x, padding=0).sum().item() == x.sum().item()
-        True
+        >>> images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+        >>> random_crop_flip(images).shape, random_crop_flip(images, padding=0).sum() == images.sum()
+        (torch.Size([8, 3, 32, 32]), tensor(True))
     """
     if padding < 0:
         raise ValueError(f"padding must be >= 0, got {padding}")
@@ -60,15 +45,7 @@ def random_crop_flip(
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Convert uint8 images to float32 and normalize them: ``(x / 255 - mean) / std`` per channel.
-
-    Args:
-        images: ``N x C x H x W`` uint8 images.
-        mean: Per-channel mean in ``[0, 1]``.
-        std: Per-channel standard deviation in ``[0, 1]``.
-
-    Returns:
-        float32 images on the device of ``images``.
+    """uint8 ``N x C x H x W`` images to float32 ``(x / 255 - mean) / std`` per channel (mean, std in [0, 1]).
 
     Example:
         >>> normalize(torch.full((1, 1, 1, 1), 255, dtype=torch.uint8), [0.5], [0.5]).item()

@@ -1,13 +1,9 @@
 """The on-disk cache: archives extracted once and decoded arrays saved once, both atomically.
 
-Everything is first written under a temporary name in the destination folder and then renamed
-into place, so a crash, a full disk or a corrupt archive never leaves a half-written entry that a
-later run would mistake for a complete one. Entries are keyed by a fingerprint of their source
-(path, size and modification time), so a changed source gets a new entry.
+Entries are keyed by a fingerprint of their source (path, size, modification time).
 
 Example:
-    >>> import tempfile
-    >>> folder = Path(tempfile.mkdtemp())
+    >>> folder = Path(tempfile.mkdtemp()) / "new"
     >>> save_atomic({"x": torch.arange(3)}, folder / "a.pt")
     >>> torch.load(folder / "a.pt")["x"].tolist(), sorted(p.name for p in folder.iterdir())
     ([0, 1, 2], ['a.pt'])
@@ -33,32 +29,12 @@ CACHE_ENV = "LIGHTNING_COMPRESS_CACHE"
 
 
 def default_cache_dir() -> Path:
-    """The cache folder: ``$LIGHTNING_COMPRESS_CACHE`` or ``~/.cache/lightning_compress``.
-
-    Returns:
-        The folder (not created).
-
-    Example:
-        >>> isinstance(default_cache_dir(), Path)
-        True
-    """
+    """The cache folder (not created): ``$LIGHTNING_COMPRESS_CACHE`` or ``~/.cache/lightning_compress``."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lightning_compress")
 
 
 def fingerprint(paths: list[Path], *extra: object) -> str:
-    """A short hash of files' resolved paths, sizes and modification times, plus ``extra`` values.
-
-    Args:
-        paths: Files whose identity and version key the cache entry.
-        *extra: Settings that change the cached content (e.g. ``resize``).
-
-    Returns:
-        16 hexadecimal digits.
-
-    Example:
-        >>> len(fingerprint([], "resize=False"))
-        16
-    """
+    """16 hex digits hashing files' resolved paths, sizes, mtimes and ``extra`` settings (e.g. ``resize``)."""
     digest = hashlib.sha256(repr(extra).encode())
     for path in paths:
         stat = os.stat(path)
@@ -67,36 +43,16 @@ def fingerprint(paths: list[Path], *extra: object) -> str:
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file next to ``path``, then rename it to ``path``.
-
-    Args:
-        obj: What to save.
-        path: Destination; its folder is created if needed.
-
-    Example:
-        >>> import tempfile
-        >>> save_atomic([1, 2], Path(tempfile.mkdtemp()) / "sub" / "list.pt")
-    """
+    """``torch.save`` to a temporary file next to ``path`` (folder created), then rename it to ``path``."""
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
 
 def extract_archive(archive: Path, destination: Path) -> Path:
-    """Extract a tar archive (any compression) to ``destination``, once and atomically.
-
-    The archive is extracted into a temporary sibling folder that is renamed to ``destination``
-    only when extraction finished; if ``destination`` exists already it is returned as is.
-
-    Args:
-        archive: The ``.tar``/``.tar.gz``/``.tgz``/``.tar.bz2``/``.tar.xz`` file.
-        destination: The folder to create.
-
-    Returns:
-        ``destination``.
+    """Extract a tar archive (any compression) to the folder ``destination`` once, atomically; return it.
 
     Raises:
-        ValueError: If the archive is corrupt or truncated (the message names it); nothing is left
-            in the cache then.
+        ValueError: If the archive is corrupt or truncated (the message names it); nothing is kept.
 
     Example:
         >>> extract_archive(Path("/nonexistent.tar"), Path("/tmp/x"))  # doctest: +ELLIPSIS

@@ -1,11 +1,4 @@
-"""``CIFARDataModule``: CIFAR-10/100 from any accepted layout, as uint8 batches augmented on the device.
-
-The images are decoded once into uint8 ``N x 3 x 32 x 32`` tensors (cached on disk for images that
-need decoding). A training batch is one tensor index (:class:`TensorImageDataset` implements
-``__getitems__``), so the loader does no per-image Python work. After the batch reaches the device,
-:meth:`CIFARDataModule.on_after_batch_transfer` crops, flips (training only) and normalizes it as
-whole-batch tensor ops.
-"""
+"""``CIFARDataModule``: CIFAR-10/100 from any accepted layout, as uint8 batches augmented on the device."""
 
 from __future__ import annotations
 
@@ -14,6 +7,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
+from typing_extensions import override
 
 from lightning_compress.data.augment import normalize, random_crop_flip
 from lightning_compress.data.cache import default_cache_dir
@@ -26,11 +20,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 class TensorImageDataset(Dataset):
     """Images and labels held as two tensors; a batch of indices is fetched with one index op.
 
-    Args:
-        images: ``N x C x H x W`` images.
-        labels: ``N`` labels.
-        with_indices: Add each sample's index as a third element, ``(images, labels, indices)``
-            (what sample-keyed caches such as the distillation logit cache need).
+    ``with_indices`` adds each sample's index as a third element, for sample-keyed caches.
 
     Example:
         >>> ds = TensorImageDataset(torch.zeros(5, 3, 32, 32, dtype=torch.uint8), torch.arange(5))
@@ -63,18 +53,7 @@ class TensorImageDataset(Dataset):
 
 
 def keep_batch(batch: Batch) -> Batch:
-    """The DataLoader ``collate_fn`` for :class:`TensorImageDataset`: its batches are already tensors.
-
-    Args:
-        batch: ``(images, labels)`` from ``__getitems__``.
-
-    Returns:
-        ``batch`` unchanged.
-
-    Example:
-        >>> keep_batch((1, 2))
-        (1, 2)
-    """
+    """The ``collate_fn`` for :class:`TensorImageDataset`, whose batches are already tensors."""
     return batch
 
 
@@ -86,35 +65,19 @@ def _check_int(name: str, value: object, minimum: int) -> None:
 class CIFARDataModule(pl.LightningDataModule):
     """CIFAR-10/100 as uint8 tensors, batched without per-image work, augmented on the device.
 
-    ``root`` may be (a) torchvision's CIFAR layout (a folder holding ``cifar-10-batches-py/`` or
-    ``cifar-100-python/``; downloaded there by torchvision when missing and ``download=True``),
-    (b) an ImageFolder tree with ``train/<class>/*`` and ``test/<class>/*`` (classes in sorted
-    order), or (c) a ``.tar``/``.tar.gz``/``.tgz`` of such a tree (optionally inside one top-level
-    folder), extracted once into ``cache_dir``. Images from (b) and (c) are decoded once and the
-    decoded arrays cached in ``cache_dir``, so later runs start in seconds.
-
-    Training batches are randomly cropped (4-pixel zero padding) and flipped horizontally, then
-    normalized with the dataset's mean/std, in :meth:`on_after_batch_transfer` -- on the device,
-    as whole-batch ops. Validation, test and predict batches are only normalized. Batches are
-    ``(images, labels)`` with float32 images. The validation set is ``val_size`` training images
-    chosen by ``seed`` (identical on every rank); ``predict_dataloader`` is the test set. Under DDP
-    Lightning adds its ``DistributedSampler`` to these loaders as usual.
+    Training batches are cropped (4-pixel padding) and flipped if ``augment``, then normalized, on the
+    device; other batches are only normalized. Validation is ``val_size`` training images chosen by ``seed``.
 
     Args:
-        root: The data location, in one of the layouts above.
+        root: torchvision's CIFAR layout, an ImageFolder tree or a tar archive of one (see
+            :mod:`~lightning_compress.data.layouts`); ``download`` fetches the first if none is found.
         dataset: ``"cifar10"`` or ``"cifar100"``.
-        download: Let torchvision download the dataset into ``root`` when no layout is found there.
-        batch_size: Training batch size.
-        val_size: Number of training images held out for validation (0: no validation set).
-        seed: Seed of the validation split.
         num_workers: DataLoader worker processes (0 is usually fastest: a batch is one index op).
-        cache_dir: Cache folder; default ``$LIGHTNING_COMPRESS_CACHE`` or ``~/.cache/lightning_compress``.
-        resize: Resize images that are not 32x32 (bicubic) instead of raising an error.
-        augment: Random crop and flip for training batches.
+        cache_dir: Default ``$LIGHTNING_COMPRESS_CACHE`` or ``~/.cache/lightning_compress``.
+        resize: Resize images that are not 32x32 instead of raising an error.
         eval_batch_size: Batch size for validation, test and predict; default ``batch_size``.
-        with_indices: Training batches become ``(images, labels, indices)``, each row's index in the
-            training split, for sample-keyed caches (``KnowledgeDistillation(cache_logits=True)``,
-            which needs ``augment=False``). ``ImageClassifier`` ignores the extra element.
+        with_indices: Training batches become ``(images, labels, indices)``, for sample-keyed caches
+            (``KnowledgeDistillation(cache_logits=True)``, with ``augment=False``).
 
     Example:
         >>> dm = CIFARDataModule("data/", dataset="cifar100", download=False)
@@ -169,33 +132,27 @@ class CIFARDataModule(pl.LightningDataModule):
 
     @property
     def num_classes(self) -> int:
-        """Number of classes of the dataset (10 or 100)."""
+        """Number of classes (10 or 100)."""
         return self._spec.num_classes
 
     @property
     def mean(self) -> tuple[float, float, float]:
-        """Per-channel mean of the dataset's training images, in ``[0, 1]``."""
+        """Per-channel mean of the training images, in ``[0, 1]``."""
         return self._spec.mean
 
     @property
     def std(self) -> tuple[float, float, float]:
-        """Per-channel standard deviation of the dataset's training images, in ``[0, 1]``."""
+        """Per-channel standard deviation of the training images, in ``[0, 1]``."""
         return self._spec.std
 
+    @override
     def prepare_data(self) -> None:
         """Download, or extract and decode into the cache, once (Lightning runs it on one process)."""
         prepare_cifar(self.root, self._spec, self.hparams.download, self.cache_dir, self.hparams.resize)
 
+    @override
     def setup(self, stage: str | None = None) -> None:
-        """Load the decoded arrays and split train/validation (the same split on every rank).
-
-        Args:
-            stage: Lightning's stage; all splits are loaded whatever the stage (it is cheap).
-
-        Raises:
-            ValueError: If ``val_size`` leaves no training images, or on bad data (see the layouts).
-            FileNotFoundError: If ``root`` holds none of the layouts.
-        """
+        """Load every split, whatever the ``stage``, and split train/validation the same on every rank."""
         if self.train_set is not None:
             return
         arrays = load_cifar(self.root, self._spec, self.hparams.download, self.cache_dir, self.hparams.resize)
@@ -211,40 +168,36 @@ class CIFARDataModule(pl.LightningDataModule):
         self.test_set = TensorImageDataset(arrays.test_images, arrays.test_labels)
         self.classes = arrays.classes
 
+    @override
     def train_dataloader(self) -> DataLoader:
         """Shuffled uint8 training batches ``(images, labels)``, or ``(images, labels, indices)``."""
         return self._loader(self.train_set, self.batch_size, shuffle=True)
 
+    @override
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches (an empty list when ``val_size=0``, which makes Lightning skip validation)."""
         if self.hparams.val_size == 0:
             return []
         return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
 
+    @override
     def test_dataloader(self) -> DataLoader:
-        """Test batches."""
         return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
 
+    @override
     def predict_dataloader(self) -> DataLoader:
         """The test set, for ``Trainer.predict``."""
         return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
 
     def transform(self, images: torch.Tensor, train: bool) -> torch.Tensor:
-        """Turn a uint8 batch into the model's input: crop + flip if ``train`` (and ``augment``), normalize.
-
-        Args:
-            images: ``N x 3 x 32 x 32`` uint8 images on any device.
-            train: Whether to augment.
-
-        Returns:
-            Normalized float32 images on the same device.
-        """
+        """Turn uint8 images into the model's input: crop + flip if ``train`` (and ``augment``), normalize."""
         if train and self.hparams.augment:
             images = random_crop_flip(images, padding=4)
         return normalize(images, self.mean, self.std)
 
+    @override
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
-        """Augment (while training) and normalize a batch that is already on the device."""
+        """Augment (while training) and normalize a batch already on the device."""
         images, *rest = batch
         training = self.trainer is not None and self.trainer.training
         return (self.transform(images, train=training), *rest)

@@ -1,21 +1,10 @@
 """Where CIFAR comes from: the three accepted ``root`` layouts, prepared once and then loaded fast.
 
 * ``torchvision`` -- a folder holding torchvision's pickled batches (``cifar-10-batches-py/`` or
-  ``cifar-100-python/``); downloaded there by torchvision when missing and ``download=True``.
+  ``cifar-100-python/``); downloaded there when missing and ``download=True``.
 * ``image_folder`` -- a folder with ``train/<class>/*`` and ``test/<class>/*`` images (optionally
   inside one top-level folder); decoded once and cached as uint8 tensors.
-* ``archive`` -- a ``.tar``/``.tar.gz``/``.tgz`` (or ``.tar.bz2``/``.tar.xz``) of such a tree; extracted
-  once into the cache, decoded once, cached.
-
-:func:`prepare_cifar` does the slow, once-only work (download, extraction, decoding) and
-:func:`load_cifar` returns the arrays, preparing first if needed. Pickled batches are not cached
-again: they already are uint8 arrays and load as fast as the cache would.
-
-Example:
-    >>> find_layout(Path("/data/cifar10-jpeg.tar.gz"), SPECS["cifar10"], download=False)
-    Traceback (most recent call last):
-    ...
-    FileNotFoundError: archive /data/cifar10-jpeg.tar.gz does not exist
+* ``archive`` -- a tar archive (any compression) of such a tree; extracted once into the cache.
 """
 
 from __future__ import annotations
@@ -41,30 +30,14 @@ _CACHE_FORMAT = 1  # bump when the cached content changes
 
 @dataclass(frozen=True)
 class Layout:
-    """A located dataset.
-
-    Attributes:
-        kind: ``"torchvision"``, ``"image_folder"`` or ``"archive"``.
-        path: The batches folder, the tree's root folder or the archive file.
-    """
+    """A located dataset: its ``kind`` and ``path`` (batches folder, tree root or archive file)."""
 
     kind: Literal["torchvision", "image_folder", "archive"]
     path: Path
 
 
 def layouts_help(spec: CIFARSpec) -> str:
-    """The accepted ``root`` layouts, for error messages.
-
-    Args:
-        spec: The dataset asked for.
-
-    Returns:
-        One sentence listing the three layouts.
-
-    Example:
-        >>> "cifar-100-python" in layouts_help(SPECS["cifar100"])
-        True
-    """
+    """One sentence listing the accepted ``root`` layouts of ``spec``'s dataset, for error messages."""
     return (
         f"root must be (a) torchvision's CIFAR layout: a folder containing '{spec.folder}/' "
         f"(or download=True to fetch it there), (b) an ImageFolder tree: a folder with "
@@ -74,19 +47,7 @@ def layouts_help(spec: CIFARSpec) -> str:
 
 
 def find_layout(root: Path, spec: CIFARSpec, download: bool) -> Layout:
-    """Decide which layout ``root`` is.
-
-    Args:
-        root: The user's ``root``.
-        spec: The dataset asked for.
-        download: Whether a missing torchvision layout may be downloaded into ``root``.
-
-    Returns:
-        The layout; for a torchvision layout to be downloaded, ``path`` does not exist yet.
-
-    Raises:
-        FileNotFoundError: If ``root`` holds none of the layouts and cannot be downloaded into
-            (the message names the path and the accepted layouts).
+    """Which layout ``root`` is (``FileNotFoundError`` if none and not ``download``).
 
     Example:
         >>> find_layout(Path("/nonexistent"), SPECS["cifar10"], download=True)
@@ -110,13 +71,7 @@ def find_layout(root: Path, spec: CIFARSpec, download: bool) -> Layout:
 
 
 def find_tree(folder: Path) -> Path | None:
-    """The root of an ImageFolder tree in ``folder``: itself or its only sub-folder.
-
-    Args:
-        folder: A folder that may hold ``train/`` and ``test/``, directly or in one sub-folder.
-
-    Returns:
-        The folder holding ``train/`` and ``test/``, or ``None``.
+    """The folder holding ``train/`` and ``test/``: ``folder`` itself, its only sub-folder, or ``None``.
 
     Example:
         >>> find_tree(Path("/nonexistent")) is None
@@ -135,15 +90,7 @@ def find_tree(folder: Path) -> Path | None:
 
 
 def check_classes(classes: list[str], spec: CIFARSpec, source: Path) -> None:
-    """Check that a dataset has as many classes as ``spec`` says.
-
-    Args:
-        classes: The class names found.
-        spec: The dataset asked for.
-        source: Where the classes were found, for the message.
-
-    Raises:
-        ValueError: On a mismatch.
+    """Raise ``ValueError`` naming ``source`` unless ``classes`` are as many as ``spec`` says.
 
     Example:
         >>> check_classes(["cat", "dog"], SPECS["cifar10"], Path("tree/train"))
@@ -160,29 +107,7 @@ def check_classes(classes: list[str], spec: CIFARSpec, source: Path) -> None:
 
 
 def prepare_cifar(root: Path, spec: CIFARSpec, download: bool, cache_dir: Path, resize: bool) -> Layout:
-    """Do the once-only work: download, or extract + decode + cache. Cheap when already done.
-
-    Args:
-        root: The user's ``root``.
-        spec: The dataset asked for.
-        download: Whether a missing torchvision layout may be downloaded.
-        cache_dir: The cache folder.
-        resize: Resize images that are not 32x32 instead of raising.
-
-    Returns:
-        The layout found.
-
-    Raises:
-        FileNotFoundError: If no layout is found.
-        ValueError: On a corrupt archive, a class-count mismatch or an image of the wrong size.
-
-    Example:
-        >>> prepare_cifar(Path("/nonexistent"), SPECS["cifar10"], False, Path("/tmp"), False)
-        ... # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        FileNotFoundError: cifar10 root /nonexistent does not exist (download=False); root must be ...
-    """
+    """Download, or extract, decode and cache, once; return the layout. As :func:`load_cifar` otherwise."""
     layout = find_layout(root, spec, download)
     if layout.kind == "torchvision":
         if not layout.path.is_dir():
@@ -193,17 +118,7 @@ def prepare_cifar(root: Path, spec: CIFARSpec, download: bool, cache_dir: Path, 
 
 
 def load_cifar(root: Path, spec: CIFARSpec, download: bool, cache_dir: Path, resize: bool) -> CIFARArrays:
-    """Load a CIFAR dataset from any accepted layout, preparing it first if needed.
-
-    Args:
-        root: The user's ``root``.
-        spec: The dataset asked for.
-        download: Whether a missing torchvision layout may be downloaded.
-        cache_dir: The cache folder.
-        resize: Resize images that are not 32x32 instead of raising.
-
-    Returns:
-        The decoded dataset.
+    """Load a CIFAR dataset from any accepted layout of ``root``, preparing it first if needed.
 
     Raises:
         FileNotFoundError: If no layout is found.

@@ -1,16 +1,4 @@
-"""Readers for the on-disk CIFAR layouts, each returning uint8 ``N x 3 x 32 x 32`` tensors.
-
-Two layouts hold the images themselves:
-
-* torchvision's pickled batches (``cifar-10-batches-py/`` or ``cifar-100-python/``), read with the
-  file names and label keys of :mod:`torchvision.datasets.cifar`, so the two always agree;
-* an ImageFolder tree, ``<split>/<class>/<image>``, classes in sorted folder-name order (for CIFAR
-  this is also the official label order), decoded once with Pillow on a thread pool.
-
-Example:
-    >>> SPECS["cifar100"].num_classes, SPECS["cifar10"].folder
-    (100, 'cifar-10-batches-py')
-"""
+"""Readers of torchvision's pickled CIFAR batches and ImageFolder trees, into uint8 ``N x 3 x 32 x 32``."""
 
 from __future__ import annotations
 
@@ -34,15 +22,8 @@ IMAGE_SIZE = 32
 
 @dataclass(frozen=True)
 class CIFARSpec:
-    """What distinguishes CIFAR-10 from CIFAR-100.
-
-    Attributes:
-        name: ``"cifar10"`` or ``"cifar100"``.
-        num_classes: Number of classes.
-        mean: Per-channel mean of the training images, in ``[0, 1]``.
-        std: Per-channel standard deviation of the training images, in ``[0, 1]``.
-        torchvision_class: torchvision's dataset class: its file names, label keys and downloader.
-    """
+    """What distinguishes CIFAR-10 from CIFAR-100: name, classes, per-channel mean/std in ``[0, 1]``, and
+    torchvision's dataset class (its file names, label keys and downloader)."""
 
     name: str
     num_classes: int
@@ -65,15 +46,7 @@ SPECS: dict[str, CIFARSpec] = {
 
 @dataclass
 class CIFARArrays:
-    """A decoded dataset: uint8 images ``N x 3 x 32 x 32`` and int64 labels for each split.
-
-    Attributes:
-        train_images: Training images.
-        train_labels: Training labels.
-        test_images: Test images.
-        test_labels: Test labels.
-        classes: Class names, indexed by label.
-    """
+    """A decoded dataset: uint8 ``N x 3 x 32 x 32`` images, int64 labels per split; class names by label."""
 
     train_images: torch.Tensor
     train_labels: torch.Tensor
@@ -83,14 +56,7 @@ class CIFARArrays:
 
 
 def read_cifar_pickles(folder: Path, spec: CIFARSpec) -> CIFARArrays:
-    """Read torchvision's pickled CIFAR batches (no checksum: any file in that format is accepted).
-
-    Args:
-        folder: The batches folder, e.g. ``<root>/cifar-10-batches-py``.
-        spec: Which dataset the folder holds.
-
-    Returns:
-        The decoded dataset.
+    """Read torchvision's pickled CIFAR batches from ``folder`` (no checksum: any file in that format passes).
 
     Raises:
         FileNotFoundError: If a batch file is missing (the message names it).
@@ -134,14 +100,7 @@ def read_cifar_pickles(folder: Path, spec: CIFARSpec) -> CIFARArrays:
 
 
 def list_image_folder(split_dir: Path) -> tuple[list[Path], list[int], list[str]]:
-    """List an ImageFolder split: ``<split_dir>/<class>/<image>``, classes in sorted order.
-
-    Args:
-        split_dir: The split folder, e.g. ``<tree>/train``.
-
-    Returns:
-        ``(files, labels, classes)``: image paths (sorted within each class), their labels, and the
-        class names.
+    """``(files, labels, classes)`` of an ImageFolder split ``<split_dir>/<class>/<image>``, all sorted.
 
     Raises:
         ValueError: If the folder has no class folders or a class folder has no images.
@@ -175,19 +134,9 @@ def list_image_folder(split_dir: Path) -> tuple[list[Path], list[int], list[str]
 
 
 def decode_images(files: list[Path], resize: bool = False, threads: int | None = None) -> torch.Tensor:
-    """Decode image files into one uint8 ``N x 3 x 32 x 32`` tensor (RGB).
+    """Decode image ``files``, in order, into one uint8 RGB ``N x 3 x 32 x 32`` tensor on ``threads`` threads.
 
-    Args:
-        files: Image paths.
-        resize: Resize images of another size to 32x32 (bicubic) instead of raising.
-        threads: Decoder threads (Pillow releases the GIL while decoding); default: CPU count.
-
-    Returns:
-        The images, in the order of ``files``.
-
-    Raises:
-        ValueError: If a file cannot be decoded, or is not 32x32 and ``resize`` is false (the
-            message names the file).
+    Raises ``ValueError`` naming a file that cannot be decoded, or is not 32x32 unless ``resize`` (bicubic).
 
     Example:
         >>> decode_images([]).shape

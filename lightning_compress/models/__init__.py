@@ -1,8 +1,4 @@
-"""The model zoo: CIFAR networks created by name.
-
-Importing this package registers every family (one file each): ``resnet20`` ... ``resnet110``
-(:mod:`.resnet_cifar`), ``resnet18`` (:mod:`.resnet`), ``mobilenetv2`` (:mod:`.mobilenetv2`),
-``vgg11_bn`` and ``vgg16_bn`` (:mod:`.vgg`).
+"""The model zoo: CIFAR networks created by name, one family per module.
 
 Example:
     >>> from lightning_compress.models import create_model, list_models

@@ -6,15 +6,8 @@ from torch import nn
 
 
 def kaiming_init_(model: nn.Module) -> None:
-    """Initialise ``model`` in place: Kaiming-normal convolutions, unit BatchNorm, small Linear.
-
-    Convolutions get ``kaiming_normal_`` with ``mode="fan_out"`` for ReLU (He et al. 2015), which
-    keeps activations' scale through deep plain stacks; BatchNorm starts as the identity
-    (weight 1, bias 0); ``Linear`` weights are drawn from N(0, 0.01²) so the initial logits are
-    near zero (the torchvision convention); all biases start at zero.
-
-    Args:
-        model: The network to initialise.
+    """Initialise ``model`` in place, as torchvision does: Kaiming-normal (fan-out) convolutions,
+    identity BatchNorm, ``Linear`` weights from N(0, 0.01²), zero biases.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4))

@@ -1,17 +1,9 @@
-"""MobileNetV2 (Sandler et al. 2018) adapted to 32x32 inputs.
+"""MobileNetV2 (Sandler et al. 2018) for 32x32 inputs.
 
-The torchvision architecture (inverted residual blocks: 1x1 expansion, 3x3 depthwise, linear 1x1
-projection; ReLU6; a residual only where a block keeps the shape; a 1280-channel last convolution),
-with the usual CIFAR stride changes so a 32x32 image is not reduced to 1x1: the stem convolution and
-the first 24-channel stage use stride 1 instead of 2, leaving 4x4 maps before pooling. Strides do not
-change the weights, so the parameter count equals torchvision's for the same ``num_classes``
-(2,236,682 for 10 classes at ``width_mult=1.0``).
-
-The forward pass has no data-dependent Python control flow, so ``torch.fx.symbolic_trace`` works, and
-the activations are ``nn.ReLU6`` modules directly after each Conv-BN, so Conv-BN-ReLU fusion applies.
+torchvision's architecture and parameter count, with the stem and the 24-channel stage at stride 1
+instead of 2 (4x4 maps before pooling). FX-traceable; every ``nn.ReLU6`` follows its Conv-BN, for fusion.
 
 Example:
-    >>> import torch
     >>> model = MobileNetV2(num_classes=10, width_mult=0.25)
     >>> model(torch.randn(2, 3, 32, 32)).shape
     torch.Size([2, 10])
@@ -39,14 +31,7 @@ _INVERTED_RESIDUAL_SETTING = (
 
 
 def make_divisible(value: float, divisor: int = 8) -> int:
-    """Round a channel count to the nearest multiple of ``divisor``, losing at most 10 %.
-
-    Args:
-        value: The unrounded channel count.
-        divisor: The multiple to round to.
-
-    Returns:
-        The rounded channel count, at least ``divisor``.
+    """Round a channel count to the nearest multiple of ``divisor`` (>= ``divisor``), losing at most 10 %.
 
     Example:
         >>> make_divisible(32 * 0.5), make_divisible(24 * 0.35)
@@ -61,22 +46,7 @@ def make_divisible(value: float, divisor: int = 8) -> int:
 def conv_bn_relu6(
     in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1
 ) -> nn.Sequential:
-    """A Conv-BN-ReLU6 sequence (children ``0``, ``1``, ``2``), the unit that fusion acts on.
-
-    Args:
-        in_channels: Input channels.
-        out_channels: Output channels.
-        kernel_size: Square kernel size (padding keeps the resolution at stride 1).
-        stride: Convolution stride.
-        groups: Convolution groups (``in_channels`` for a depthwise convolution).
-
-    Returns:
-        The three-layer sequence.
-
-    Example:
-        >>> conv_bn_relu6(8, 8, 3, groups=8)[0].groups
-        8
-    """
+    """A Conv-BN-ReLU6 sequence (children ``0``, ``1``, ``2``); padding keeps the resolution at stride 1."""
     return nn.Sequential(
         nn.Conv2d(
             in_channels, out_channels, kernel_size, stride, (kernel_size - 1) // 2, groups=groups, bias=False
@@ -87,13 +57,8 @@ def conv_bn_relu6(
 
 
 class InvertedResidual(nn.Module):
-    """1x1 expansion, 3x3 depthwise convolution, linear 1x1 projection; residual if the shape is kept.
-
-    Args:
-        in_channels: Input channels.
-        out_channels: Output channels.
-        stride: Stride of the depthwise convolution.
-        expand_ratio: Hidden channels as a multiple of ``in_channels`` (1 skips the expansion).
+    """1x1 expansion by ``expand_ratio`` (1: none), 3x3 depthwise convolution, linear 1x1 projection;
+    residual if the shape is kept.
 
     Example:
         >>> block = InvertedResidual(16, 16, stride=1, expand_ratio=6)
@@ -122,21 +87,10 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
-    """MobileNetV2 for 32x32 inputs: ``features`` (stem, inverted residuals, last 1x1 conv),
-    ``avgpool``, ``flatten``, and ``classifier`` (dropout, then the last ``nn.Linear``).
+    """MobileNetV2 for 32x32 inputs: ``features``, ``avgpool``, ``flatten``, ``classifier`` (dropout, Linear).
 
-    Args:
-        num_classes: Number of output classes.
-        width_mult: Multiplier on every layer's channels (rounded to multiples of 8); the last
-            convolution keeps at least 1280 channels, as in the paper.
-        dropout: Dropout probability before the classifier, in [0, 1).
-
-    Raises:
-        ValueError: If ``width_mult`` is not positive or ``dropout`` is outside [0, 1).
-
-    Example:
-        >>> MobileNetV2(width_mult=0.5).features[0][0].out_channels
-        16
+    ``width_mult`` multiplies every layer's channels (rounded to multiples of 8); the last convolution
+    keeps at least 1280, as in the paper. ``dropout`` before the classifier is in [0, 1).
     """
 
     def __init__(self, num_classes: int = 10, width_mult: float = 1.0, dropout: float = 0.2) -> None:
@@ -168,18 +122,5 @@ class MobileNetV2(nn.Module):
 
 @register_model("mobilenetv2")
 def mobilenetv2(num_classes: int = 10, width_mult: float = 1.0, dropout: float = 0.2) -> MobileNetV2:
-    """MobileNetV2 for CIFAR (~2.24M parameters for 10 classes at ``width_mult=1.0``).
-
-    Args:
-        num_classes: Number of output classes.
-        width_mult: Channel multiplier, e.g. 0.5 or 0.75.
-        dropout: Dropout probability before the classifier.
-
-    Returns:
-        The freshly initialised model.
-
-    Example:
-        >>> mobilenetv2(num_classes=100, width_mult=0.5).classifier[-1].out_features
-        100
-    """
+    """MobileNetV2 for CIFAR (~2.24M parameters for 10 classes); see :class:`MobileNetV2`."""
     return MobileNetV2(num_classes=num_classes, width_mult=width_mult, dropout=dropout)

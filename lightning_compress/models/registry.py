@@ -1,15 +1,4 @@
-"""Models by name: the registry behind :func:`create_model` and :func:`list_models`.
-
-Each model family lives in its own file and registers factory functions with
-:func:`register_model`. A factory takes ``num_classes`` and its family's keyword arguments
-(e.g. ``width_mult``) and returns a freshly initialised ``nn.Module``.
-
-Example:
-    >>> from lightning_compress.models import create_model
-    >>> model = create_model("resnet20", num_classes=100)
-    >>> model.fc.out_features
-    100
-"""
+"""Models by name: the registry behind :func:`create_model` and :func:`list_models`."""
 
 from __future__ import annotations
 
@@ -27,20 +16,12 @@ _REGISTRY: dict[str, ModelFactory] = {}
 
 
 def register_model(name: str) -> Callable[[F], F]:
-    """Decorator that registers a model factory under ``name``.
+    """Decorator registering a model factory under a new ``name``.
 
-    The factory must accept ``num_classes`` as a keyword argument; its other keyword arguments
-    become the arguments :func:`create_model` accepts for that name.
-
-    Args:
-        name: The registry name, e.g. ``"resnet20"``. Must not be registered yet.
-
-    Returns:
-        A decorator that registers the factory and returns it unchanged.
+    The factory takes ``num_classes`` and its family's keyword arguments, and returns a fresh ``nn.Module``.
 
     Raises:
-        ValueError: If ``name`` is empty or already registered, or the factory has no
-            ``num_classes`` parameter.
+        ValueError: If ``name`` is empty or taken, or the factory has no ``num_classes`` parameter.
 
     Example:
         >>> @register_model("doctest_tiny")
@@ -65,15 +46,7 @@ def register_model(name: str) -> Callable[[F], F]:
 
 
 def list_models() -> list[str]:
-    """Names of all registered models, sorted.
-
-    Returns:
-        The names :func:`create_model` accepts.
-
-    Example:
-        >>> "resnet20" in list_models()
-        True
-    """
+    """Names of all registered models, sorted: those :func:`create_model` accepts."""
     return sorted(_REGISTRY)
 
 
@@ -81,19 +54,13 @@ def create_model(name_or_module: str | nn.Module, num_classes: int = 10, **kwarg
     """Build a registered model by name, or pass a user's ``nn.Module`` through unchanged.
 
     Args:
-        name_or_module: A name from :func:`list_models`, or any ``nn.Module``, which is returned as
-            is (``num_classes`` is then the caller's business and ignored).
+        name_or_module: A name from :func:`list_models`, or any ``nn.Module`` (``num_classes`` ignored).
         num_classes: Number of output classes of a named model; a positive integer.
-        **kwargs: Family-specific arguments of a named model, e.g. ``width_mult`` for
-            ``"mobilenetv2"``. Not allowed together with an ``nn.Module``.
-
-    Returns:
-        The model, in training mode, with freshly initialised weights (for a name).
+        **kwargs: Family-specific arguments of a named model, e.g. ``width_mult`` for ``"mobilenetv2"``.
 
     Raises:
-        ValueError: For an unknown name (the message lists the known ones), a ``num_classes``
-            that is not a positive integer, keyword arguments the model does not accept (the
-            message lists those it does), or keyword arguments given with an ``nn.Module``.
+        ValueError: For an unknown name or argument (listing the known ones), a bad ``num_classes``,
+            or keyword arguments given with an ``nn.Module``.
 
     Example:
         >>> create_model("mobilenetv2", num_classes=10, width_mult=0.5).classifier[-1].in_features

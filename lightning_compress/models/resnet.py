@@ -1,20 +1,10 @@
 """ResNet with a CIFAR stem (3x3 stride-1 first convolution, no max-pool) and BasicBlocks.
 
-:class:`ResNet` is the one implementation behind both ``resnet18`` (registered here: four stages of
-64/128/256/512 channels, ~11.17M parameters for 10 classes) and the He et al. (2016) CIFAR
-ResNet-20/32/44/56/110 in :mod:`lightning_compress.models.resnet_cifar`.
-
-Where a block changes the shape (stride 2 or more channels) its shortcut is a 1x1 convolution +
-BatchNorm projection ("option B" of He et al.), named ``downsample`` as in torchvision. Unlike the
-parameter-free zero-padding shortcut ("option A"), a projection is made of ordinary layers, so channel
-pruning (torch-pruning's ``DependencyGraph`` couples the shortcut's output channels with the block's)
-and FX quantization (Conv+BN fusion, observers on every tensor) handle it without special cases.
-
-The forward pass has no data-dependent Python control flow, so ``torch.fx.symbolic_trace`` works, and
-every ReLU is its own ``nn.ReLU`` module so Conv-BN-ReLU fusion applies.
+Behind ``resnet18`` and the CIFAR ResNets of :mod:`.resnet_cifar`. A shortcut that changes the shape
+is a 1x1 Conv-BN projection (``downsample``, "option B" of He et al.): ordinary layers that channel
+pruning and FX quantization handle without special cases. FX-traceable, one ``nn.ReLU`` per use.
 
 Example:
-    >>> import torch
     >>> model = ResNet(stage_blocks=(1, 1), stage_widths=(8, 16), num_classes=3)
     >>> model(torch.randn(2, 3, 32, 32)).shape
     torch.Size([2, 3])
@@ -32,12 +22,7 @@ from lightning_compress.models.registry import register_model
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 Conv-BN layers with a residual connection (He et al. 2016).
-
-    Args:
-        in_channels: Channels of the block's input.
-        out_channels: Channels of the block's output.
-        stride: Stride of the first convolution (2 halves the resolution).
+    """Two 3x3 Conv-BN layers with a residual connection (He et al. 2016); ``stride`` is the first's.
 
     Example:
         >>> block = BasicBlock(16, 32, stride=2)
@@ -68,23 +53,10 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """A ResNet of BasicBlocks for 32x32 inputs.
+    """A ResNet of BasicBlocks for 32x32 inputs, with torchvision's names (``conv1``, ``layer1``, ``fc``).
 
-    Module names follow torchvision: the stem ``conv1``/``bn1``/``relu``, stages ``layer1`` ...,
-    then ``avgpool``, ``flatten`` and the classifier ``fc`` (the last ``nn.Linear``). The first stage
-    keeps the resolution, every later stage halves it.
-
-    Args:
-        stage_blocks: Number of BasicBlocks in each stage.
-        stage_widths: Output channels of each stage; the stem outputs ``stage_widths[0]``.
-        num_classes: Number of output classes.
-
-    Raises:
-        ValueError: If the two sequences are empty or differ in length, or any entry is not positive.
-
-    Example:
-        >>> ResNet((2, 2), (16, 32), num_classes=10).fc
-        Linear(in_features=32, out_features=10, bias=True)
+    Stage ``i`` has ``stage_blocks[i]`` blocks of ``stage_widths[i]`` channels; every stage after the
+    first halves the resolution.
     """
 
     def __init__(
@@ -127,16 +99,5 @@ class ResNet(nn.Module):
 
 @register_model("resnet18")
 def resnet18(num_classes: int = 10) -> ResNet:
-    """ResNet-18 with a CIFAR stem: stages of 2 blocks with 64/128/256/512 channels (~11.17M params).
-
-    Args:
-        num_classes: Number of output classes.
-
-    Returns:
-        The freshly initialised model.
-
-    Example:
-        >>> resnet18(num_classes=100).fc.out_features
-        100
-    """
+    """ResNet-18 with a CIFAR stem: stages of 2 blocks with 64/128/256/512 channels (~11.17M params)."""
     return ResNet((2, 2, 2, 2), (64, 128, 256, 512), num_classes=num_classes)

@@ -1,15 +1,9 @@
 """VGG-11 and VGG-16 with BatchNorm (Simonyan & Zisserman 2015) for 32x32 inputs.
 
-``features`` is the usual stack of 3x3 Conv-BN-ReLU layers with five 2x2 max-pools, which takes a
-32x32 image to 1x1x512; the classifier is 512-512-``num_classes`` with ReLU and dropout (the
-chenyaofo/pytorch-cifar-models head), giving 9.76M (VGG-11-BN) and 15.25M (VGG-16-BN) parameters for
-10 classes.
-
-The forward pass has no data-dependent Python control flow, so ``torch.fx.symbolic_trace`` works, and
-every ReLU is its own ``nn.ReLU`` module directly after its Conv-BN, so Conv-BN-ReLU fusion applies.
+Five max-pools take an image to 1x1x512; the classifier is 512-512-``num_classes`` with ReLU and
+dropout. FX-traceable; every ``nn.ReLU`` follows its Conv-BN, for fusion.
 
 Example:
-    >>> import torch
     >>> model = VGG(VGG_CONFIGS["vgg11_bn"], num_classes=10)
     >>> model(torch.randn(2, 3, 32, 32)).shape
     torch.Size([2, 10])
@@ -35,18 +29,7 @@ VGG_CONFIGS: dict[str, tuple[int | str, ...]] = {
 class VGG(nn.Module):
     """A VGG network with BatchNorm: ``features``, ``flatten``, ``classifier`` (last ``nn.Linear``).
 
-    Args:
-        config: Layer plan, see :data:`VGG_CONFIGS`; must contain five ``"M"`` so 32x32 inputs end at 1x1.
-        num_classes: Number of output classes.
-        dropout: Dropout probability in the classifier, in [0, 1).
-
-    Raises:
-        ValueError: If ``config`` does not have exactly five max-pools or holds anything but
-            positive ints and ``"M"``, or ``dropout`` is outside [0, 1).
-
-    Example:
-        >>> VGG((8, "M", 16, "M", 16, "M", 16, "M", 16, "M"), num_classes=4).classifier[-1]
-        Linear(in_features=512, out_features=4, bias=True)
+    ``config`` is a layer plan as in :data:`VGG_CONFIGS`, with exactly five ``"M"``; ``dropout`` is in [0, 1).
     """
 
     def __init__(self, config: Sequence[int | str], num_classes: int = 10, dropout: float = 0.5) -> None:
@@ -90,27 +73,11 @@ class VGG(nn.Module):
 
 @register_model("vgg11_bn")
 def vgg11_bn(num_classes: int = 10, dropout: float = 0.5) -> VGG:
-    """VGG-11 with BatchNorm for CIFAR (~9.76M parameters for 10 classes).
-
-    Args:
-        num_classes: Number of output classes.
-        dropout: Dropout probability in the classifier.
-
-    Returns:
-        The freshly initialised model.
-    """
+    """VGG-11 with BatchNorm for CIFAR (~9.76M parameters for 10 classes); see :class:`VGG`."""
     return VGG(VGG_CONFIGS["vgg11_bn"], num_classes=num_classes, dropout=dropout)
 
 
 @register_model("vgg16_bn")
 def vgg16_bn(num_classes: int = 10, dropout: float = 0.5) -> VGG:
-    """VGG-16 with BatchNorm for CIFAR (~15.25M parameters for 10 classes).
-
-    Args:
-        num_classes: Number of output classes.
-        dropout: Dropout probability in the classifier.
-
-    Returns:
-        The freshly initialised model.
-    """
+    """VGG-16 with BatchNorm for CIFAR (~15.25M parameters for 10 classes); see :class:`VGG`."""
     return VGG(VGG_CONFIGS["vgg16_bn"], num_classes=num_classes, dropout=dropout)
