@@ -25,8 +25,8 @@ import time
 import torch
 
 from reporting import SHARED_CIFAR10, add_output_arguments, machine_info, run_settings, write_results
-from lightning_compress.export.comparison import parity
-from lightning_compress.export.onnx import OnnxRuntimeNetwork
+from lightning_compress.core.comparison import parity
+from lightning_compress.core.onnx import OnnxRuntimeNetwork
 
 
 def evaluate(network: torch.nn.Module, data, batches: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,7 +61,7 @@ def main() -> None:
     import lightning.pytorch as pl
 
     from lightning_compress import CIFARDataModule, ImageClassifier, QuantizationAwareTraining
-    from lightning_compress.quantization import backend
+    from lightning_compress.quantization.prepare import frozen_copy
 
     torch.set_num_threads(args.threads)
     pl.seed_everything(0)
@@ -81,7 +81,7 @@ def main() -> None:
     train_s = time.perf_counter() - began
     steps = trainer.global_step
 
-    fake_quant = backend.frozen_copy(model.model)
+    fake_quant = frozen_copy(model.model)
     calibration = (data.transform(next(iter(data.train_dataloader()))[0], train=False),)
     began = time.perf_counter()
     shipped = qat.convert(model, calibration)  # what fit end does: QDQ ONNX in place, checked on one batch

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from reporting import add_output_arguments, machine_info, run_settings, write_results
-from lightning_compress.export.onnx import OnnxRuntimeNetwork, onnx_bytes
+from lightning_compress.core.onnx import OnnxRuntimeNetwork, onnx_bytes
 from lightning_compress.models import create_model
 from lightning_compress.quantization import load_quantized, quantize_static, save_quantized
 

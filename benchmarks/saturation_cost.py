@@ -1,8 +1,8 @@
 """What the x86 int8 model's saturation at code 127 costs: the same converted network with and without it.
 
-``backend.convert`` (engines ``x86``/``onednn``) puts ``clamp_to_reduced_range`` after every value that sets its
-own quantization parameters, so the int8 model saturates where fake-quantization did (module docstring of
-``lightning_compress/quantization/backend.py``). This script builds each network, fake-quantizes it for a few
+``convert`` (engines ``x86``/``onednn``) puts ``clamp_to_reduced_range`` after every value that sets its
+own quantization parameters, so the int8 model saturates where fake-quantization did
+(``lightning_compress/quantization/convert.py``, ``docs/quantization-design.md``). This script builds each network, fake-quantizes it for a few
 steps of random data, converts it, and times the converted model against a copy whose clamps are removed:
 interleaved rounds in one process, medians, 1 thread by default.
 
@@ -23,7 +23,8 @@ import torch
 import torchvision
 
 from lightning_compress.core.accounting import measure_latency
-from lightning_compress.quantization import backend
+from lightning_compress.quantization.convert import clamp_to_reduced_range, convert
+from lightning_compress.quantization.prepare import frozen_copy, prepare
 from reporting import add_output_arguments, machine_info, run_settings, write_results
 
 MODELS = ("resnet18", "mobilenet_v2", "efficientnet_b0", "timm:efficientnet_b0", "timm:ghostnet_100")
@@ -42,7 +43,7 @@ def without_clamps(int8: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A copy of a converted model with every ``clamp_to_reduced_range`` node removed."""
     plain = copy.deepcopy(int8)
     for node in list(plain.graph.nodes):
-        if node.target is backend.clamp_to_reduced_range:
+        if node.target is clamp_to_reduced_range:
             node.replace_all_uses_with(node.args[0])
             plain.graph.erase_node(node)
     plain.recompile()
@@ -82,13 +83,13 @@ def worst_layer_error(int8: torch.fx.GraphModule, inputs: torch.Tensor) -> float
 def measure(name: str, batches: list[int], rounds: int, repeats: int, steps: int) -> dict:
     """Median latency of the converted network with and without its clamps, per batch size."""
     torch.manual_seed(0)
-    prepared = backend.prepare(build(name), "x86", mode="qat")
+    prepared = prepare(build(name), "x86", mode="qat")
     for _ in range(steps):
         prepared(torch.randn(8, 3, 32, 32))
-    clamped = backend.convert(backend.frozen_copy(prepared), "x86")
+    clamped = convert(frozen_copy(prepared), "x86")
     # fresh copies of both: the two are timed as modules built the same way
     clamped, plain = copy.deepcopy(clamped), without_clamps(clamped)
-    clamps = sum(node.target is backend.clamp_to_reduced_range for node in clamped.graph.nodes)
+    clamps = sum(node.target is clamp_to_reduced_range for node in clamped.graph.nodes)
     probe = torch.randn(8, 3, 32, 32)
     row = {"model": name, "clamps": clamps, "worst_layer_error_steps": {
         # on copies: the timed modules never carry hooks

@@ -84,9 +84,9 @@ def _onnx(network: nn.Module) -> bytes:
 
 def _qdq_onnx(prepared: nn.Module) -> bytes:
     """The QDQ ONNX int8 artifact built from a QAT-prepared network (the deploy issue's format)."""
-    from lightning_compress.quantization import backend
+    from lightning_compress.quantization.qdq import qdq_network
 
-    qdq = backend.qdq_network(copy.deepcopy(prepared).cpu().eval())
+    qdq = qdq_network(copy.deepcopy(prepared).cpu().eval())
     return export_function("qdq_onnx_bytes")(qdq, torch.randn(*EXAMPLE))
 
 

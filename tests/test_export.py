@@ -144,7 +144,7 @@ def test_packed_artifact_computes_what_the_network_computes(tmp_path, values):
 
 def test_qat_checkpoint_exports_the_int8_qdq_model(tmp_path):
     from lightning_compress.commands.checkpoint import load_checkpoint
-    from lightning_compress.quantization import backend
+    from lightning_compress.quantization.prepare import frozen_copy
 
     # fake-quantized from step 20: from step 0, 40 steps of resnet20 collapse to one class (nothing to compare)
     ckpt = write_checkpoint(tmp_path, callbacks=[QuantizationAwareTraining(start="20steps", convert_on_fit_end=False)],
@@ -162,7 +162,7 @@ def test_qat_checkpoint_exports_the_int8_qdq_model(tmp_path):
     artifact = load_artifact(tmp_path / "out")
     assert artifact.kind == "onnx" and artifact.path.name == "model_int8.onnx"
     with torch.no_grad():
-        expected = backend.frozen_copy(loaded.network)(images)
+        expected = frozen_copy(loaded.network)(images)
     assert len(set(expected.argmax(1).tolist())) >= 2  # the check is not agreement on one constant class
     assert parity(expected, artifact.logits(images)).agreement >= 0.95
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["metadata"]["classes"] == ["0", "1", "2", "3"]

@@ -11,9 +11,9 @@ import torch
 
 from lightning_compress.commands.checkpoint import load_checkpoint
 from lightning_compress.commands.predict import IMAGE_SUFFIXES, read_image
+from lightning_compress.core.onnx import require_onnx
 from lightning_compress.export import ARTIFACTS, FILES, check_export_directory, export_artifacts
 from lightning_compress.export.artifacts import DEFAULT_ARTIFACTS, check_artifacts
-from lightning_compress.export.onnx import require_onnx
 
 
 def check_images(metadata: dict[str, Any], checkpoint: dict[str, Any], data_root: str | None, images_dir: str | None,

@@ -9,7 +9,7 @@ import torch
 
 from lightning_compress.commands.checkpoint import NETWORK, load_checkpoint
 from lightning_compress.export import build_network, int8_from_qat
-from lightning_compress.quantization.backend import ENGINES
+from lightning_compress.quantization.engines import ENGINES
 from lightning_compress.report import render_markdown, summarize, write_report
 
 

@@ -1,13 +1,17 @@
 """Deployable artifacts, one module each, and the export that writes them all.
 
 * :mod:`.packed` -- packed sparse weights (``weights.lcpk``);
-* :mod:`.onnx` -- fp32 ONNX and the int8 QDQ ONNX (built by :mod:`.qdq` from the learned quantization
-  parameters), run by onnxruntime;
-* :mod:`.comparison` -- what "the artifact computes what the model computes" means, measured;
+* :mod:`.onnx` -- reading ONNX files back: their metadata, what a QDQ model quantizes. The fp32 ONNX bytes
+  and :class:`OnnxRuntimeNetwork` come from :mod:`lightning_compress.core.onnx`, the int8 QDQ ONNX from
+  :mod:`lightning_compress.quantization.qdq` (built from the learned quantization parameters);
+* :mod:`lightning_compress.core.comparison` -- what "the artifact computes what the model computes" means,
+  measured;
 * :mod:`.artifacts` -- :func:`export_artifacts` (per-artifact status in ``manifest.json``) and
   :func:`load_artifact`.
 """
 
+from lightning_compress.core.comparison import Parity, parity
+from lightning_compress.core.onnx import MissingExtraError, OnnxRuntimeNetwork, onnx_bytes
 from lightning_compress.export.artifacts import (
     ARTIFACTS,
     FILES,
@@ -20,7 +24,6 @@ from lightning_compress.export.artifacts import (
     int8_from_qat,
     load_artifact,
 )
-from lightning_compress.export.onnx import MissingExtraError, OnnxRuntimeNetwork, onnx_bytes, qdq_onnx_bytes
 from lightning_compress.export.packed import (
     CODECS,
     PACKED_SUFFIX,
@@ -31,7 +34,7 @@ from lightning_compress.export.packed import (
     unpack_state_dict,
     write_packed,
 )
-from lightning_compress.export.comparison import Parity, parity
+from lightning_compress.quantization.qdq import qdq_onnx_bytes
 
 __all__ = [
     "ARTIFACTS", "CODECS", "FILES", "MANIFEST", "PACKED_SUFFIX", "VALUE_FORMATS", "Artifact", "ExportResult",

@@ -3,7 +3,7 @@
 :func:`export_artifacts` writes the selected :data:`ARTIFACTS` into a temporary sibling directory, then
 renames it into place: the destination never holds a half-written export. Each artifact is built and
 checked on its own; one that cannot be built, or whose outputs are really wrong
-(:func:`~lightning_compress.export.comparison.parity` below ``min_agreement``), is recorded as ``failed``
+(:func:`~lightning_compress.core.comparison.parity` below ``min_agreement``), is recorded as ``failed``
 with the reason, and the others are still written. ``manifest.json`` lists every artifact's status
 (``written`` / ``skipped`` / ``failed``, with the reason), its file and size, and its parity on the check
 images (agreement, logit error and, with labels, accuracy of the model and of the artifact).
@@ -30,16 +30,16 @@ from torch import nn
 
 from lightning_compress.core.architecture import ArchitectureRecord, replay_onto_network
 from lightning_compress.core.files import atomic_path, write_text_atomic
-from lightning_compress.export.onnx import (
-    OnnxRuntimeNetwork,
-    onnx_bytes,
-    onnx_metadata,
-    qdq_onnx_bytes,
-    require_onnx,
-)
+from lightning_compress.core.comparison import Parity, parity
+from lightning_compress.core.onnx import OnnxRuntimeNetwork, onnx_bytes, require_onnx
+from lightning_compress.export.onnx import onnx_metadata
 from lightning_compress.export.packed import PACKED_SUFFIX, VALUE_FORMATS, read_packed, write_packed
-from lightning_compress.export.comparison import Parity, parity
 from lightning_compress.models import create_model
+from lightning_compress.quantization.convert import convert
+from lightning_compress.quantization.engines import ENGINE_TABLE, Engine, KernelFamily
+from lightning_compress.quantization.files import load_quantized, save_quantized
+from lightning_compress.quantization.prepare import frozen_copy, is_prepared
+from lightning_compress.quantization.qdq import qdq_network, qdq_onnx_bytes
 
 ARTIFACTS: tuple[str, ...] = ("packed", "onnx_fp32", "onnx_int8", "torchscript_int8")
 """What an export can hold: packed sparse weights; the fp32 ONNX model (fp32 checkpoints); the int8 QDQ ONNX
@@ -81,12 +81,12 @@ def build_network(metadata: Mapping[str, Any], state_dict: Mapping[str, torch.Te
     return network.eval()
 
 
-def int8_from_qat(network: nn.Module, engine: str, example_inputs: tuple | None = None) -> nn.Module:
+def int8_from_qat(network: nn.Module, engine: str | Engine, example_inputs: tuple | None = None) -> nn.Module:
     """Convert a copy of a QAT-prepared network to int8 (the network is left as is).
 
     Args:
         network: A network prepared for quantization-aware training.
-        engine: One of :data:`~lightning_compress.quantization.backend.ENGINES`: a torch engine gives torch's
+        engine: One of :data:`~lightning_compress.quantization.engines.ENGINES`: a torch engine gives torch's
             int8 model, an ONNX engine the QDQ ONNX model run by onnxruntime (the deployed file).
         example_inputs: Positional inputs to export with; required for the ONNX engines.
 
@@ -97,9 +97,7 @@ def int8_from_qat(network: nn.Module, engine: str, example_inputs: tuple | None 
         >>> # int8 = int8_from_qat(prepared_network, "x86")
         >>> # onnx_int8 = int8_from_qat(prepared_network, "onnxruntime", (torch.randn(1, 3, 32, 32),))
     """
-    from lightning_compress.quantization import backend
-
-    return backend.convert(copy.deepcopy(network), engine, example_inputs)
+    return convert(copy.deepcopy(network), engine, example_inputs)
 
 
 def _logits(function: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch: int = 256) -> torch.Tensor:
@@ -209,7 +207,7 @@ def export_artifacts(
         values: Storage of non-zero packed values: ``"int8"`` or ``"fp16"``.
         overwrite: Replace the content of a non-empty ``directory``.
         min_agreement: Near-tie-tolerant agreement below which an artifact is refused (``failed``).
-        tolerance: Near-tie tolerance of :func:`~lightning_compress.export.comparison.parity`.
+        tolerance: Near-tie tolerance of :func:`~lightning_compress.core.comparison.parity`.
 
     Returns:
         What was written; :meth:`ExportResult.failed` lists what was refused.
@@ -221,8 +219,6 @@ def export_artifacts(
     Example:
         >>> # export_artifacts(net, meta, "export/", test_images, test_labels, "CIFAR-10 test split")
     """
-    from lightning_compress.quantization import backend
-
     if values not in VALUE_FORMATS:
         raise ValueError(f"values must be one of {list(VALUE_FORMATS)}, got {values!r}")
     if not 0 <= min_agreement <= 1:
@@ -231,8 +227,8 @@ def export_artifacts(
     final = check_export_directory(directory, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
     network = network.cpu().eval()
-    qat = backend.is_prepared(network)
-    reference = backend.frozen_copy(network) if qat else network
+    qat = is_prepared(network)
+    reference = frozen_copy(network) if qat else network
     reference_logits = _logits(reference, images)
     manifest: dict[str, Any] = {
         "metadata": dict(metadata), "packed_values": values,
@@ -268,18 +264,18 @@ def export_artifacts(
         if not qat:
             raise _NotApplicable("the checkpoint is fp32: train with QuantizationAwareTraining to get an int8 model")
         require_onnx("the int8 ONNX model")
-        blob = qdq_onnx_bytes(backend.qdq_network(network), images[:1], metadata)
+        blob = qdq_onnx_bytes(qdq_network(network), images[:1], metadata)
         check("onnx_int8", _logits(OnnxRuntimeNetwork(blob, threads=1), images))
         _write_bytes(path, blob)
 
     def build_torchscript_int8(path: Path) -> None:
         if not qat:
             raise _NotApplicable("the checkpoint is fp32: train with QuantizationAwareTraining to get an int8 model")
-        engine = (metadata.get("quantization") or {}).get("engine", "x86")
-        engine = engine if engine in backend.TORCH_ENGINES else "x86"
+        engine = ENGINE_TABLE.get((metadata.get("quantization") or {}).get("engine", "x86"))
+        engine = engine if engine is not None and engine.family is KernelFamily.TORCH_INT8 else ENGINE_TABLE["x86"]
         int8 = int8_from_qat(network, engine)
         check("torchscript_int8", _logits(int8, images))
-        backend.save_quantized(int8, path, (images[:1],), engine)
+        save_quantized(int8, path, (images[:1],), engine)
 
     builders = {"packed": build_packed, "onnx_fp32": build_onnx_fp32, "onnx_int8": build_onnx_int8,
                 "torchscript_int8": build_torchscript_int8}
@@ -369,8 +365,6 @@ def load_artifact(path: str | os.PathLike[str]) -> Artifact:
     Example:
         >>> # artifact = load_artifact("export/"); artifact.logits(images)
     """
-    from lightning_compress.quantization import backend
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model file {path} does not exist")
@@ -383,8 +377,8 @@ def load_artifact(path: str | os.PathLike[str]) -> Artifact:
     if path.suffix == PACKED_SUFFIX:
         state, metadata = read_packed(path)
         network = build_network(metadata, state)
-        if backend.is_prepared(network):
-            network = backend.frozen_copy(network)
+        if is_prepared(network):
+            network = frozen_copy(network)
         return Artifact(path, "packed", metadata, _torch_logits(network))
     if path.suffix == ".onnx":
         metadata = onnx_metadata(path)
@@ -395,7 +389,7 @@ def load_artifact(path: str | os.PathLike[str]) -> Artifact:
         if not manifest.exists():
             raise ValueError(f"{path}: an int8 model needs the {MANIFEST} of its export directory beside it "
                              "(class names and normalization live there)")
-        network = backend.load_quantized(path)
+        network = load_quantized(path)
         return Artifact(path, "torchscript_int8", json.loads(manifest.read_text())["metadata"], _torch_logits(network))
     raise ValueError(f"{path}: unknown model file type {path.suffix!r}; expected an export directory, "
                      f"{FILES['packed']}, an .onnx file or {FILES['torchscript_int8']}")

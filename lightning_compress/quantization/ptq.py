@@ -3,7 +3,8 @@
 Static PTQ observes activation ranges on a few batches and converts; no training. It is the cheap
 baseline QAT is measured against (MobileNetV2's depthwise layers are its known weak spot). Dynamic
 quantization needs no data at all and only changes ``nn.Linear`` (and RNN) layers: the choice for
-Linear-heavy models. Both share :mod:`lightning_compress.quantization.backend` with QAT.
+Linear-heavy models. Both share :mod:`~lightning_compress.quantization.prepare` and
+:mod:`~lightning_compress.quantization.convert` with QAT.
 """
 
 from __future__ import annotations
@@ -14,15 +15,20 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import fx, nn
+from typing_extensions import override
 
-from lightning_compress.core.composition import Declaration, Effect, check_composition
+from lightning_compress.core.callback import CompressionCallback
+from lightning_compress.core.composition import Declaration, Effect
 from lightning_compress.core.inputs import capture_network_input
-from lightning_compress.core.layers import find_network
-from lightning_compress.core.progress import StepWindow, step_budget
-from lightning_compress.quantization import backend, tracing
+from lightning_compress.core.progress import StepBudget, StepWindow
+from lightning_compress.quantization import tracing
+from lightning_compress.quantization.check import ConversionError, check_conversion
+from lightning_compress.quantization.convert import convert
+from lightning_compress.quantization.engines import Engine, check_engine
+from lightning_compress.quantization.prepare import calibrate, prepare, resolve_skip
+from lightning_compress.quantization.qdq import qdq_network
 
 
 def quantize_static(
@@ -38,12 +44,12 @@ def quantize_static(
     Args:
         network: The fp32 network.
         batches: Iterable of positional-input tuples, e.g. ``[(images,), ...]`` (a few dozen suffice).
-        engine: One of :data:`~lightning_compress.quantization.backend.ENGINES`.
+        engine: One of :data:`~lightning_compress.quantization.engines.ENGINES`.
         skip: Glob patterns of module names (relative to ``network``) kept in fp32.
 
     Returns:
         The int8 network (CPU, eval mode); for the ONNX engines an
-        :class:`~lightning_compress.export.onnx.OnnxRuntimeNetwork` running the QDQ ONNX model.
+        :class:`~lightning_compress.core.onnx.OnnxRuntimeNetwork` running the QDQ ONNX model.
 
     Raises:
         ValueError: On an unknown engine, an untraceable network, or no calibration batch.
@@ -56,16 +62,16 @@ def quantize_static(
         >>> int8(torch.randn(1, 3, 8, 8)).shape
         torch.Size([1, 2])
     """
-    skip_names = backend.resolve_skip(network, [skip] if isinstance(skip, str) else list(skip or []))
+    skip_names = resolve_skip(network, [skip] if isinstance(skip, str) else list(skip or []))
     return _calibrate_and_convert(network, batches, engine, skip_names)
 
 
 def _calibrate_and_convert(
-    network: nn.Module, batches: Iterable[tuple], engine: str, skip_names: Sequence[str], prefix: str = ""
+    network: nn.Module, batches: Iterable[tuple], engine: str | Engine, skip_names: Sequence[str], prefix: str = ""
 ) -> nn.Module:
     """Calibrate a copy, convert it, and check the int8 model on the first batch against the fake-quant model."""
-    backend.check_engine(engine)
-    prepared = backend.prepare(copy.deepcopy(network).cpu(), engine, mode="static", skip=skip_names)
+    engine = check_engine(engine)
+    prepared = prepare(copy.deepcopy(network).cpu(), engine, mode="static", skip=skip_names)
     seen: list[tuple] = []
 
     def remembering() -> Iterator[tuple]:
@@ -74,11 +80,11 @@ def _calibrate_and_convert(
                 seen.append(inputs)
             yield inputs
 
-    if backend.calibrate(prepared, remembering()) == 0:
+    if calibrate(prepared, remembering()) == 0:
         raise ValueError("static quantization needs at least one calibration batch, got none")
-    reference = backend.qdq_network(prepared, saturate_at_trained_range=True)
-    int8 = backend.convert(prepared, engine, seen[0])
-    backend.check_conversion(reference, int8, seen[0], prefix)
+    reference = qdq_network(prepared, saturate_at_trained_range=True)
+    int8 = convert(prepared, engine, seen[0])
+    check_conversion(reference, int8, seen[0], prefix)
     return int8
 
 
@@ -90,7 +96,7 @@ def quantize_dynamic(
 
     Args:
         network: The fp32 network.
-        engine: One of :data:`~lightning_compress.quantization.backend.ENGINES`.
+        engine: One of :data:`~lightning_compress.quantization.engines.ENGINES`.
         skip: Glob patterns of module names (relative to ``network``) kept in fp32.
 
     Returns:
@@ -101,13 +107,13 @@ def quantize_dynamic(
         >>> type(quantize_dynamic(net).get_submodule("2")).__name__
         'Linear'
     """
-    backend.check_engine(engine)
-    skip_names = backend.resolve_skip(network, [skip] if isinstance(skip, str) else list(skip or []))
-    prepared = backend.prepare(copy.deepcopy(network).cpu(), engine, mode="dynamic", skip=skip_names)
-    return backend.convert(prepared, engine)
+    engine = check_engine(engine)
+    skip_names = resolve_skip(network, [skip] if isinstance(skip, str) else list(skip or []))
+    prepared = prepare(copy.deepcopy(network).cpu(), engine, mode="dynamic", skip=skip_names)
+    return convert(prepared, engine)
 
 
-class PostTrainingQuantization(Callback):
+class PostTrainingQuantization(CompressionCallback):
     """Static int8 quantization at fit end, calibrated on the first training batches.
 
     After ``fit`` the network is replaced by its int8 version (CPU), so ``trainer.test()`` /
@@ -118,7 +124,7 @@ class PostTrainingQuantization(Callback):
 
     Args:
         calibration_batches: Number of training batches to calibrate on (>= 1).
-        engine: One of :data:`~lightning_compress.quantization.backend.ENGINES`.
+        engine: One of :data:`~lightning_compress.quantization.engines.ENGINES`.
         skip: Glob patterns of module names (as in the LightningModule, e.g. ``"model.head"``) kept in fp32.
         network: Attribute of the LightningModule holding the network; ``None`` detects it.
 
@@ -130,6 +136,8 @@ class PostTrainingQuantization(Callback):
         >>> # pl.Trainer(callbacks=[ptq]).fit(model)  # model's network is int8 afterwards
     """
 
+    effect = Effect.QUANTIZES
+
     def __init__(
         self,
         calibration_batches: int = 32,
@@ -137,32 +145,24 @@ class PostTrainingQuantization(Callback):
         skip: str | Sequence[str] | None = None,
         network: str | None = None,
     ) -> None:
+        super().__init__(network)
         if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
             raise ValueError(f"calibration_batches must be an int >= 1, got {calibration_batches!r}")
         self.calibration_batches = calibration_batches
-        self.engine = backend.check_engine(engine)
+        self.engine = check_engine(engine)
         self.skip = [skip] if isinstance(skip, str) else list(skip or [])
-        self.network = network
 
-    def compression_declaration(self, trainer: pl.Trainer) -> Declaration:
-        """Quantizes at the end of fit.
+    @override
+    def declaration(self, budget: StepBudget) -> Declaration:
+        """Quantizes at the end of fit."""
+        return self.declare(StepWindow(budget.total_steps))
 
-        Args:
-            trainer: The trainer about to fit.
-
-        Returns:
-            The declaration :func:`~lightning_compress.core.composition.check_composition` reads.
-        """
-        return Declaration(type(self).__name__, Effect.QUANTIZES, StepWindow(step_budget(trainer).total_steps))
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Check, before training, that the network can be quantized and composes with the other callbacks."""
-        if stage != "fit":
-            return
-        attribute, net = find_network(pl_module, self.network)
-        skip_names = backend.resolve_skip(net, self.skip, attribute + ".")
-        tracing.check_quantizable(net, skip_names, attribute + ".")
-        check_composition(trainer)
+    @override
+    def setup_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Check, before training, that the network can be quantized."""
+        net = pl_module.get_submodule(self.network_name)
+        skip_names = resolve_skip(net, self.skip, self.network_name + ".")
+        tracing.check_quantizable(net, skip_names, self.network_name + ".")
 
     def _calibration_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module
                             ) -> Iterator[tuple]:
@@ -171,18 +171,20 @@ class PostTrainingQuantization(Callback):
             yield tuple(t.cpu() if isinstance(t, torch.Tensor) else t
                         for t in capture_network_input(pl_module, network, batch, index))
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Calibrate on the first ``calibration_batches`` training batches, convert, check, put in place.
 
         If the int8 model fails its check on the first calibration batch, a warning names the module and
         the ``skip`` pattern, and the fp32 network stays in place.
         """
-        attribute, net = find_network(pl_module, self.network)
+        attribute = self.network_name
+        net = pl_module.get_submodule(attribute)
         batches = self._calibration_inputs(trainer, pl_module, net)
-        skip_names = backend.resolve_skip(net, self.skip, attribute + ".")
+        skip_names = resolve_skip(net, self.skip, attribute + ".")
         try:
             int8 = _calibrate_and_convert(net, batches, self.engine, skip_names, attribute + ".")
-        except (backend.ConversionError, RuntimeError) as err:
+        except (ConversionError, RuntimeError) as err:
             rank_zero_warn(f"PostTrainingQuantization: int8 conversion ({self.engine}) failed, {attribute!r} stays "
                            f"fp32: {err}")
             return

@@ -2,7 +2,8 @@
 
 The callback only orchestrates *when*: it prepares the network at ``start``, freezes observers and
 batch-norm statistics at their positions, logs quantization health under ``quant/``, and converts
-at fit end. *How* lives in :mod:`lightning_compress.quantization.backend`.
+at fit end. *How* lives in :mod:`~lightning_compress.quantization.prepare`,
+:mod:`~lightning_compress.quantization.convert` and :mod:`~lightning_compress.quantization.check`.
 
 Resuming and reloading: preparation appends a ``quantization_aware_training`` architecture record
 (:mod:`lightning_compress.core.architecture`); every loader replays it -- prepares a fresh network the
@@ -13,38 +14,47 @@ callback in the Trainer.
 from __future__ import annotations
 
 import copy
+import enum
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from typing_extensions import override
 
-from lightning_compress.core.architecture import (
-    ArchitectureRecord,
-    append_record,
-    install_restore_hook,
-    register_replay,
-    remove_restore_hook,
-    write_records,
-)
-from lightning_compress.core.composition import Declaration, Effect, check_composition
-from lightning_compress.core.guards import check_step_loss
+from lightning_compress.core.architecture import ArchitectureRecord, append_record, register_replay
+from lightning_compress.core.callback import CompressionCallback
+from lightning_compress.core.composition import Declaration, Effect
 from lightning_compress.core.inputs import capture_network_input
 from lightning_compress.core.layers import find_network
-from lightning_compress.core.progress import (
-    Position,
-    StepWindow,
-    check_ordered,
-    step_budget,
-    validate_position,
+from lightning_compress.core.progress import Position, StepBudget, StepWindow, check_ordered, validate_position
+from lightning_compress.quantization import tracing
+from lightning_compress.quantization.check import ConversionError, check_conversion
+from lightning_compress.quantization.convert import convert
+from lightning_compress.quantization.engines import KernelFamily, check_engine
+from lightning_compress.quantization.prepare import (
+    activation_scales,
+    freeze_bn,
+    freeze_observers,
+    frozen_copy,
+    is_prepared,
+    prepare,
+    resolve_skip,
+    weight_quantization_errors,
 )
-from lightning_compress.quantization import backend, tracing
 
 RECORD_KIND = "quantization_aware_training"
 """Architecture-record kind of QAT preparation (see :mod:`lightning_compress.core.architecture`)."""
+
+
+class Stage(enum.Enum):
+    """What QAT has done to the network so far (saved in the callback state by value)."""
+
+    FP32 = "fp32"
+    QAT = "qat"
+    INT8 = "int8"
 
 
 @register_replay(RECORD_KIND, version=1)
@@ -58,10 +68,10 @@ def replay_preparation(network: nn.Module, payload: Mapping[str, Any]) -> nn.Mod
     Returns:
         The fake-quantized network (train mode, as preparation leaves it).
     """
-    return backend.prepare(network, payload["engine"], mode="qat", skip=payload["skip"])
+    return prepare(network, payload["engine"], mode="qat", skip=payload["skip"])
 
 
-class QuantizationAwareTraining(Callback):
+class QuantizationAwareTraining(CompressionCallback):
     """Quantization-aware training that ends in a real int8 model, for any LightningModule.
 
     From ``start`` on, the network trains with fake-quantized weights (int8, symmetric, per-channel)
@@ -70,8 +80,8 @@ class QuantizationAwareTraining(Callback):
     the int8 model. int8 kernels exist on CPU only: the converted network lives on CPU, and testing
     it with a GPU trainer raises (use ``Trainer(accelerator="cpu")``).
 
-    The optimizer needs no rebuild: preparation keeps the network's ``Parameter`` objects (the
-    backend checks this), so training and ``MagnitudePruning`` masks act on the same tensors.
+    The optimizer needs no rebuild: preparation keeps the network's ``Parameter`` objects (checked
+    when preparing), so training and ``MagnitudePruning`` masks act on the same tensors.
     Pruned zeros stay exactly zero through fake-quant and int8 (symmetric weights: zero-point 0).
 
     Args:
@@ -81,7 +91,7 @@ class QuantizationAwareTraining(Callback):
         engine: int8 engine: ``"onnxruntime"`` / ``"onnxruntime_symmetric"`` (the int8 QDQ ONNX model, run
             by onnxruntime: ``trainer.test()`` measures the file a deployment ships; symmetric activations
             make it TensorRT-compatible), or torch's ``"x86"``, ``"onednn"``, ``"qnnpack"``; see
-            :data:`~lightning_compress.quantization.backend.ENGINES` and the backend's docstring.
+            :data:`~lightning_compress.quantization.engines.ENGINES` and ``docs/quantization-design.md``.
         skip: Glob patterns of module names (as in the LightningModule, e.g. ``"model.head.*"``) kept
             in fp32 and not traced: the way out for modules that cannot be quantized or traced.
         network: Attribute of the LightningModule holding the network; ``None`` detects it.
@@ -95,9 +105,12 @@ class QuantizationAwareTraining(Callback):
     Example:
         >>> qat = QuantizationAwareTraining(start=0.1, freeze_bn=0.8, freeze_observers=0.9)
         >>> qat.engine
-        'x86'
+        Engine('x86')
         >>> # trainer = pl.Trainer(callbacks=[qat]); trainer.fit(model); trainer.test(model)  # int8
     """
+
+    effect = Effect.QUANTIZES
+    guards_loss = True
 
     def __init__(
         self,
@@ -110,6 +123,7 @@ class QuantizationAwareTraining(Callback):
         convert_on_fit_end: bool = True,
         log_every_n_steps: int = 50,
     ) -> None:
+        super().__init__(network)
         self.start = validate_position(start, "start")
         self.freeze_observers = freeze_observers
         self.freeze_bn = freeze_bn
@@ -117,127 +131,119 @@ class QuantizationAwareTraining(Callback):
             if position is not None:
                 validate_position(position, name)
                 check_ordered(start, position, "start", name)
-        self.engine = backend.check_engine(engine)
+        self.engine = check_engine(engine)
         self.skip = [skip] if isinstance(skip, str) else list(skip or [])
-        self.network = network
         self.convert_on_fit_end = convert_on_fit_end
         if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps must be an int >= 1, got {log_every_n_steps!r}")
         self.log_every_n_steps = log_every_n_steps
         # state that survives a restart: what has been done to the network
-        self._stage = "fp32"  # -> "qat" -> "int8"
+        self._stage = Stage.FP32
         self._observers_frozen = False
         self._bn_frozen = False
         # resolved in setup
-        self._attribute: str | None = None
         self._skip_names: list[str] = []
         self._steps: dict[str, int | None] = {}
         self._last_logged_step = -1
         self._fit_completed = False
 
     # ----------------------------------------------------------------------------------------- setup
+    @override
+    def declaration(self, budget: StepBudget) -> Declaration:
+        """Quantizes from ``start`` to the end of fit."""
+        return self.declare(StepWindow(budget.resolve(self.start, "start")))
+
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Find the network, check it can be traced, resolve positions, check the composition."""
-        install_restore_hook(pl_module)
-        # once found, keep the name: an int8 network has no float Conv/Linear for detection to see
-        self._attribute, net = find_network(pl_module, self._attribute or self.network)
-        if stage == "fit" and self._stage == "int8":
+        """Check the network can be traced (in every stage: a test may convert it) and resolve the positions."""
+        if stage == "fit" and self._stage is Stage.INT8:
             raise ValueError("the network was already converted to int8 by this callback; it cannot be trained")
-        if not backend.is_prepared(net) and self._stage != "int8":
-            prefix = self._attribute + "."
-            self._skip_names = backend.resolve_skip(net, self.skip, prefix)
+        super().setup(trainer, pl_module, stage)
+        # once found, keep the name: an int8 network has no float Conv/Linear for detection to see
+        self.network_name, net = find_network(pl_module, self.network_name or self.network)
+        if not is_prepared(net) and self._stage is not Stage.INT8:
+            prefix = self.network_name + "."
+            self._skip_names = resolve_skip(net, self.skip, prefix)
             tracing.check_quantizable(net, self._skip_names, prefix)
         if stage == "fit":
-            budget = step_budget(trainer)
-            self._steps = {
-                name: None if position is None else budget.resolve(position, name)
-                for name, position in (
-                    ("start", self.start), ("freeze_observers", self.freeze_observers), ("freeze_bn", self.freeze_bn)
-                )
-            }
+            self._steps = {"start": self.window.start, **{
+                name: None if position is None else self.budget.resolve(position, name)
+                for name, position in (("freeze_observers", self.freeze_observers), ("freeze_bn", self.freeze_bn))
+            }}
             for name in ("freeze_observers", "freeze_bn"):
                 if self._steps[name] is not None and self._steps[name] <= self._steps["start"]:
                     raise ValueError(
                         f"{name}={getattr(self, name)!r} (step {self._steps[name]}) must come after "
                         f"start={self.start!r} (step {self._steps['start']})"
                     )
-            check_composition(trainer)
-
-    def compression_declaration(self, trainer: pl.Trainer) -> Declaration:
-        """Quantizes from ``start`` to the end of fit.
-
-        Args:
-            trainer: The trainer about to fit.
-
-        Returns:
-            The declaration :func:`~lightning_compress.core.composition.check_composition` reads.
-        """
-        return Declaration(type(self).__name__, Effect.QUANTIZES,
-                           StepWindow(step_budget(trainer).resolve(self.start, "start")))
 
     def _prepare(self, pl_module: pl.LightningModule) -> None:
-        net = getattr(pl_module, self._attribute)
+        net = getattr(pl_module, self.network_name)
         was_training = net.training
-        prepared = backend.prepare(net, self.engine, mode="qat", skip=self._skip_names)
+        prepared = prepare(net, self.engine, mode="qat", skip=self._skip_names)
         prepared.train(was_training)
-        setattr(pl_module, self._attribute, prepared)
+        setattr(pl_module, self.network_name, prepared)
         append_record(pl_module, ArchitectureRecord(
-            RECORD_KIND, self._attribute, {"engine": self.engine, "skip": list(self._skip_names)}))
-        self._stage = "qat"
+            RECORD_KIND, self.network_name, {"engine": self.engine.name, "skip": list(self._skip_names)}))
+        self._stage = Stage.QAT
 
     # -------------------------------------------------------------------------------------- training
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """After a resume, re-apply what the model's state dict cannot carry (frozen BN flags)."""
-        net = getattr(pl_module, self._attribute)
-        if self._stage == "qat" and not backend.is_prepared(net):
+        net = getattr(pl_module, self.network_name)
+        if self._stage is Stage.QAT and not is_prepared(net):
             raise RuntimeError(
-                f"the checkpoint's callback state says QAT had started, but {self._attribute!r} holds no "
+                f"the checkpoint's callback state says QAT had started, but {self.network_name!r} holds no "
                 "fake-quantization: the checkpoint's model weights are not from a QAT run"
             )
-        if self._stage == "qat" and self._bn_frozen:
-            backend.freeze_bn(net)
+        if self._stage is Stage.QAT and self._bn_frozen:
+            freeze_bn(net)
 
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         """Prepare at ``start``; freeze observers and BN at their steps."""
         step = trainer.global_step
-        if self._stage == "fp32" and step >= self._steps["start"]:
+        if self._stage is Stage.FP32 and step >= self._steps["start"]:
             self._prepare(pl_module)
             rank_zero_info(f"QuantizationAwareTraining: fake-quantization ({self.engine}) from step {step}")
-        if self._stage != "qat":
+        if self._stage is not Stage.QAT:
             return
-        net = getattr(pl_module, self._attribute)
+        net = getattr(pl_module, self.network_name)
         if not self._observers_frozen and self._reached("freeze_observers", step):
-            backend.freeze_observers(net)
+            freeze_observers(net)
             self._observers_frozen = True
         if not self._bn_frozen and self._reached("freeze_bn", step):
-            backend.freeze_bn(net)
+            freeze_bn(net)
             self._bn_frozen = True
 
     def _reached(self, name: str, step: int) -> bool:
         return self._steps.get(name) is not None and step >= self._steps[name]
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """Stop on a non-finite loss; log per-layer weight quantization error and activation scales every
         ``log_every_n_steps``."""
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         step = trainer.global_step
-        if self._stage == "qat":
-            check_step_loss(trainer, outputs, type(self).__name__)
-        if self._stage != "qat" or step % self.log_every_n_steps or step == self._last_logged_step:
+        if self._stage is not Stage.QAT or step % self.log_every_n_steps or step == self._last_logged_step:
             return
         self._last_logged_step = step
-        net = getattr(pl_module, self._attribute)
-        for name, error in backend.weight_quantization_errors(net).items():
-            pl_module.log(f"quant/weight_error/{self._attribute}.{name}", error, on_step=True, on_epoch=False)
-        for name, scale in backend.activation_scales(net).items():
-            pl_module.log(f"quant/act_scale/{self._attribute}.{name}", scale, on_step=True, on_epoch=False)
+        net = getattr(pl_module, self.network_name)
+        for name, error in weight_quantization_errors(net).items():
+            pl_module.log(f"quant/weight_error/{self.network_name}.{name}", error, on_step=True, on_epoch=False)
+        for name, scale in activation_scales(net).items():
+            pl_module.log(f"quant/act_scale/{self.network_name}.{name}", scale, on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------------------------ conversion
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Mark the fit as completed; conversion waits for ``teardown``."""
         self._fit_completed = True
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """After a completed fit, convert to int8 and put it in place (``convert_on_fit_end``).
 
@@ -245,11 +251,11 @@ class QuantizationAwareTraining(Callback):
         whatever the callback order, so callbacks that finish their work at fit end (``MagnitudePruning``
         leaves plain zeros in the weights) still see the trained network, as the composition contract says.
         """
-        remove_restore_hook(pl_module)
+        super().teardown(trainer, pl_module, stage)
         if stage != "fit" or not self._fit_completed or not self.convert_on_fit_end:
             return
         self._fit_completed = False
-        if self._stage != "qat":
+        if self._stage is not Stage.QAT:
             rank_zero_warn(
                 f"QuantizationAwareTraining never started (start at step {self._steps.get('start')}, run ended at "
                 f"step {trainer.global_step}); the network stays fp32"
@@ -263,14 +269,14 @@ class QuantizationAwareTraining(Callback):
         if loader is None:
             return None
         batch = pl_module._apply_batch_transfer_handler(next(iter(loader)))
-        net = getattr(pl_module, self._attribute)
+        net = getattr(pl_module, self.network_name)
         return tuple(t.cpu() if isinstance(t, torch.Tensor) else t for t in capture_network_input(pl_module, net, batch))
 
     def convert(self, pl_module: pl.LightningModule, example_inputs: tuple | None = None) -> nn.Module:
         """Convert the fake-quantized network to int8 (CPU), check it, and put it in place on ``pl_module``.
 
         Right after conversion the int8 model runs ``example_inputs`` (a calibration batch) and is compared
-        with the fake-quant model (:func:`~lightning_compress.quantization.backend.check_conversion`). If it
+        with the fake-quant model (:func:`~lightning_compress.quantization.check.check_conversion`). If it
         fails, a warning names the module and the ``skip`` pattern that avoids it, and the fake-quant
         network stays in place: nothing is lost.
 
@@ -289,23 +295,23 @@ class QuantizationAwareTraining(Callback):
             >>> # qat = QuantizationAwareTraining(convert_on_fit_end=False); trainer.fit(model)
             >>> # int8_net = qat.convert(model, (images,))
         """
-        attribute, net = find_network(pl_module, self._attribute or self.network)
-        if not backend.is_prepared(net):
-            backend.convert(net, self.engine, example_inputs)  # raises its "never prepared" error
+        attribute, net = find_network(pl_module, self.network_name or self.network)
+        if not is_prepared(net):
+            convert(net, self.engine, example_inputs)  # raises its "never prepared" error
         device = next(net.parameters(), torch.empty(0)).device
         prefix = attribute + "."
         try:
-            reference = backend.frozen_copy(net)
-            int8 = backend.convert(copy.deepcopy(reference), self.engine, example_inputs)
+            reference = frozen_copy(net)
+            int8 = convert(copy.deepcopy(reference), self.engine, example_inputs)
             if example_inputs is not None:
-                backend.check_conversion(reference, int8, example_inputs, prefix)
-        except (backend.ConversionError, RuntimeError) as err:
+                check_conversion(reference, int8, example_inputs, prefix)
+        except (ConversionError, RuntimeError) as err:
             rank_zero_warn(f"QuantizationAwareTraining: int8 conversion ({self.engine}) failed, {attribute!r} stays "
                            f"fake-quantized: {err}")
             return net
         setattr(pl_module, attribute, int8)
-        self._stage = "int8"
-        if device.type != "cpu" and self.engine in backend.TORCH_ENGINES:
+        self._stage = Stage.INT8
+        if device.type != "cpu" and self.engine.family is KernelFamily.TORCH_INT8:
             rank_zero_warn(
                 f"int8 kernels run on CPU only: the converted network {attribute!r} was moved from {device} to "
                 "CPU; evaluate it with Trainer(accelerator='cpu')"
@@ -314,35 +320,37 @@ class QuantizationAwareTraining(Callback):
         return int8
 
     def _check_cpu(self, pl_module: pl.LightningModule) -> None:
-        if self._stage == "int8" and self.engine in backend.TORCH_ENGINES and pl_module.device.type != "cpu":
+        if (self._stage is Stage.INT8 and self.engine.family is KernelFamily.TORCH_INT8
+                and pl_module.device.type != "cpu"):
             raise RuntimeError(
                 f"the network is int8 (converted by QuantizationAwareTraining) and int8 kernels run on CPU only, "
                 f"but this trainer runs on {pl_module.device}; use Trainer(accelerator='cpu') to test or predict"
             )
 
+    @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refuse to run the int8 network on a GPU."""
         self._check_cpu(pl_module)
 
+    @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refuse to run the int8 network on a GPU."""
         self._check_cpu(pl_module)
 
+    @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refuse to run the int8 network on a GPU."""
         self._check_cpu(pl_module)
 
     # ------------------------------------------------------------------------------------ checkpoint
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        """Write the architecture records (the QAT preparation) into the checkpoint."""
-        write_records(pl_module, checkpoint)
-
+    @override
     def state_dict(self) -> dict[str, Any]:
         """The QAT stage and what has been frozen."""
-        return {"stage": self._stage, "observers_frozen": self._observers_frozen, "bn_frozen": self._bn_frozen}
+        return {"stage": self._stage.value, "observers_frozen": self._observers_frozen, "bn_frozen": self._bn_frozen}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the QAT stage (the network itself was prepared before its weights loaded)."""
-        self._stage = state_dict["stage"]
+        self._stage = Stage(state_dict["stage"])
         self._observers_frozen = state_dict["observers_frozen"]
         self._bn_frozen = state_dict["bn_frozen"]

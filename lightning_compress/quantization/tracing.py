@@ -1,7 +1,7 @@
 """How a user's network becomes an FX graph that quantization can prepare.
 
 FX symbolic tracing runs ``forward`` once with proxies and records the ops. Two things go wrong with
-networks users bring, and this module handles both before :func:`~lightning_compress.quantization.backend.prepare`:
+networks users bring, and this module handles both before :func:`~lightning_compress.quantization.prepare.prepare`:
 
 * code FX cannot trace (data-dependent control flow...): :func:`check_traceable` names the innermost
   module at fault and the ``skip`` pattern that keeps it in fp32, before any training;

@@ -105,9 +105,9 @@ def test_measure_latency_is_positive_and_validates_arguments():
 
 
 def test_counting_macs_leaves_quantization_observers_untouched():
-    from lightning_compress.quantization import backend
+    from lightning_compress.quantization.prepare import prepare
 
-    prepared = backend.prepare(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), "x86")
+    prepared = prepare(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), "x86")
     prepared(torch.randn(2, 3, 8, 8))
     before = {k: v.clone() for k, v in prepared.state_dict().items()}
     count_macs(prepared, torch.randn(1, 3, 8, 8) * 100)

@@ -12,7 +12,21 @@ import torchvision
 from torch import nn
 
 from lightning_compress.models import create_model
-from lightning_compress.quantization import backend, tracing
+from lightning_compress.quantization import tracing
+from lightning_compress.quantization.check import ConversionError, check_conversion
+from lightning_compress.quantization.convert import clamp_to_reduced_range, convert
+from lightning_compress.quantization.engines import TORCH_ENGINES, check_engine
+from lightning_compress.quantization.files import load_quantized, save_quantized
+from lightning_compress.quantization.prepare import (
+    activation_scales,
+    calibrate,
+    folded_weight_and_bias,
+    frozen_copy,
+    prepare,
+    resolve_skip,
+    weight_quantization_errors,
+)
+from lightning_compress.quantization.qdq import qdq_network
 from tests.toy import ToyConvNet
 
 
@@ -41,7 +55,7 @@ def _zoo(name):
 _SLOW = pytest.mark.slow
 
 
-@pytest.mark.parametrize("engine", backend.TORCH_ENGINES)
+@pytest.mark.parametrize("engine", TORCH_ENGINES)
 @pytest.mark.parametrize(
     "make",
     [
@@ -55,11 +69,11 @@ _SLOW = pytest.mark.slow
     ],
 )
 def test_fx_qat_flow_still_converts_every_layer(engine, make):
-    """If this fails after a torch upgrade, the backend (backend.py) must be revisited."""
+    """If this fails after a torch upgrade, the seam (quantization/prepare.py, convert.py) must be revisited."""
     make = _zoo(make) if isinstance(make, str) else make
     net = make()
     params = {id(p) for p in net.parameters()}
-    prepared = backend.prepare(net, engine, mode="qat")
+    prepared = prepare(net, engine, mode="qat")
     assert {id(p) for p in prepared.parameters()} == params  # optimizer keeps training the real weights
     prepared(torch.randn(4, 3, 32, 32))  # 32x32: VGG pools five times
     fused = [m for m in prepared.modules() if isinstance(m, torch.ao.nn.intrinsic.qat.ConvBn2d)]
@@ -68,7 +82,7 @@ def test_fx_qat_flow_still_converts_every_layer(engine, make):
     prepared.eval()
     with torch.no_grad():
         fake = prepared(x)
-    int8 = backend.convert(prepared, engine)
+    int8 = convert(prepared, engine)
     convs = [m for m in int8.modules() if isinstance(m, nn.Conv2d)]
     quantized = [m for m in int8.modules() if isinstance(m, (nnq.Conv2d, nnq.Linear))]
     assert not convs, "some convolutions stayed fp32"
@@ -81,32 +95,32 @@ def test_fx_qat_flow_still_converts_every_layer(engine, make):
     assert out.shape == fake.shape and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("engine", backend.TORCH_ENGINES)
+@pytest.mark.parametrize("engine", TORCH_ENGINES)
 def test_int8_matches_the_fake_quant_simulation(engine):
-    prepared = backend.prepare(ToyConvNet(), engine, mode="qat")
+    prepared = prepare(ToyConvNet(), engine, mode="qat")
     for _ in range(3):
         prepared(torch.randn(16, 3, 16, 16))
     x = torch.randn(8, 3, 16, 16)
     prepared.eval()
     with torch.no_grad():
         fake = prepared(x)
-    out = backend.convert(prepared, engine)(x)
+    out = convert(prepared, engine)(x)
     assert float((out - fake).norm() / fake.norm()) < 0.1
 
 
 def test_unknown_engine_lists_engines():
     with pytest.raises(ValueError, match=r"engine must be one of \['x86', 'onednn', 'qnnpack', 'onnxruntime', 'onnxruntime_symmetric'\], got 'fbgemm2'"):
-        backend.check_engine("fbgemm2")
+        check_engine("fbgemm2")
 
 
 def test_unknown_mode():
     with pytest.raises(ValueError, match="mode must be one of"):
-        backend.prepare(ToyConvNet(), mode="int4")
+        prepare(ToyConvNet(), mode="int4")
 
 
 def test_convert_unprepared_model_fails():
     with pytest.raises(ValueError, match="was never prepared"):
-        backend.convert(ToyConvNet())
+        convert(ToyConvNet())
 
 
 def test_untraceable_module_is_named_with_skip_hint():
@@ -116,9 +130,9 @@ def test_untraceable_module_is_named_with_skip_hint():
 
 def test_skipped_module_stays_fp32_and_the_rest_is_int8():
     net = WithBranchy()
-    prepared = backend.prepare(net, mode="qat", skip=backend.resolve_skip(net, ["*gate"]))
+    prepared = prepare(net, mode="qat", skip=resolve_skip(net, ["*gate"]))
     prepared(torch.randn(2, 3, 8, 8))
-    int8 = backend.convert(prepared)
+    int8 = convert(prepared)
     assert isinstance(int8.get_submodule("gate"), Branchy)
     assert isinstance(int8.get_submodule("conv"), nnq.Conv2d)
     out = int8(-torch.ones(1, 3, 8, 8))
@@ -127,7 +141,7 @@ def test_skipped_module_stays_fp32_and_the_rest_is_int8():
 
 def test_skip_pattern_matching_nothing_lists_modules():
     with pytest.raises(ValueError, match=r"skip pattern 'model.head' matches no module; modules are: \['model.conv'"):
-        backend.resolve_skip(WithBranchy(), ["model.head"], prefix="model.")
+        resolve_skip(WithBranchy(), ["model.head"], prefix="model.")
 
 
 def test_zeroed_weights_stay_exactly_zero_in_fake_quant_and_int8():
@@ -135,7 +149,7 @@ def test_zeroed_weights_stay_exactly_zero_in_fake_quant_and_int8():
     mask = torch.rand_like(net.conv1.weight) < 0.5
     with torch.no_grad():
         net.conv1.weight[mask] = 0.0
-    prepared = backend.prepare(net, mode="qat")
+    prepared = prepare(net, mode="qat")
     for _ in range(3):
         prepared(torch.randn(8, 3, 16, 16))
     conv = prepared.conv1
@@ -144,7 +158,7 @@ def test_zeroed_weights_stay_exactly_zero_in_fake_quant_and_int8():
     folded = conv.weight * (conv.bn.weight / torch.sqrt(conv.bn.running_var + conv.bn.eps)).view(-1, 1, 1, 1)
     fake = torch.fake_quantize_per_channel_affine(folded, fq.scale, fq.zero_point.int(), 0, fq.quant_min, fq.quant_max)
     assert torch.all(fake[mask] == 0)
-    int8 = backend.convert(prepared)
+    int8 = convert(prepared)
     int_weights = int8.conv1.weight().int_repr()
     assert torch.all(int_weights[mask] == 0)
     assert (int_weights[~mask] != 0).float().mean() > 0.9
@@ -155,13 +169,13 @@ def test_zeroed_weights_stay_exactly_zero_in_fake_quant_and_int8():
 def test_save_and_load_round_trip_is_exact(tmp_path, engine):
     if engine not in torch.backends.quantized.supported_engines:
         pytest.skip(f"this torch build has no {engine} engine")
-    prepared = backend.prepare(ToyConvNet(), engine, mode="qat")
+    prepared = prepare(ToyConvNet(), engine, mode="qat")
     prepared(torch.randn(8, 3, 16, 16))
-    int8 = backend.convert(prepared, engine)
-    path = backend.save_quantized(int8, tmp_path / "sub" / "int8.pt", (torch.randn(1, 3, 16, 16),), engine)
+    int8 = convert(prepared, engine)
+    path = save_quantized(int8, tmp_path / "sub" / "int8.pt", (torch.randn(1, 3, 16, 16),), engine)
     assert os.listdir(tmp_path / "sub") == ["int8.pt"]  # written via a temp file, nothing left behind
     torch.backends.quantized.engine = "x86"
-    loaded = backend.load_quantized(path)
+    loaded = load_quantized(path)
     assert torch.backends.quantized.engine == engine  # restored from the file
     x = torch.randn(5, 3, 16, 16)
     assert torch.equal(loaded(x), int8(x))
@@ -177,17 +191,17 @@ def test_load_rejects_foreign_file(tmp_path):
     path = tmp_path / "plain.pt"
     torch.jit.save(torch.jit.script(nn.Linear(2, 2)), str(path))
     with pytest.raises(ValueError, match="not an int8 model written by save_quantized"):
-        backend.load_quantized(path)
+        load_quantized(path)
 
 
 def test_monitoring_values():
-    prepared = backend.prepare(ToyConvNet(), mode="qat")
-    assert backend.weight_quantization_errors(prepared) == {}  # nothing observed yet
+    prepared = prepare(ToyConvNet(), mode="qat")
+    assert weight_quantization_errors(prepared) == {}  # nothing observed yet
     prepared(torch.randn(8, 3, 16, 16))
-    errors = backend.weight_quantization_errors(prepared)
+    errors = weight_quantization_errors(prepared)
     assert set(errors) == {"stem", "conv1", "conv2", "fc"}
     assert all(0 < e < 0.05 for e in errors.values())
-    scales = backend.activation_scales(prepared)
+    scales = activation_scales(prepared)
     assert "x" in scales and all(s > 0 for s in scales.values())
 
 
@@ -195,9 +209,9 @@ def test_torch_ao_deprecation_warnings_are_filtered_locally_only():
     filters_before = list(warnings.filters)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        prepared = backend.prepare(ToyConvNet(), mode="qat")
+        prepared = prepare(ToyConvNet(), mode="qat")
         prepared(torch.randn(2, 3, 16, 16))
-        backend.convert(prepared)
+        convert(prepared)
     assert not [w for w in caught if "torch.ao.quantization is deprecated" in str(w.message)]
     assert warnings.filters == filters_before
 
@@ -216,9 +230,9 @@ def test_x86_engines_do_not_saturate_on_large_activations(engine):
             conv.weight.fill_(1.0)
             conv.bias.zero_()
     x = torch.rand(8, 3, 4, 4) + 1.0  # every activation of the hidden layer near its observed maximum
-    prepared = backend.prepare(net, engine, mode="static")
-    backend.calibrate(prepared, [(x,)])
-    int8 = backend.convert(prepared, engine)
+    prepared = prepare(net, engine, mode="static")
+    calibrate(prepared, [(x,)])
+    int8 = convert(prepared, engine)
     expected = net(x)
     assert ((int8(x) - expected).abs().max() / expected.abs().max()).item() < 0.05
     torch.backends.quantized.engine = "x86"
@@ -246,12 +260,12 @@ def test_x86_int8_saturates_values_above_the_trained_range_as_training_did(engin
     int16 pair sums overflow (``benchmarks/results/saturation_cost.md``: a MobileNetV2 layer 36 steps wrong).
     """
     torch.manual_seed(0)
-    prepared = backend.prepare(Depthwise(), engine, mode="qat")
+    prepared = prepare(Depthwise(), engine, mode="qat")
     for _ in range(3):
         prepared(torch.rand(8, 3, 8, 8) * 0.1)
-    reference = backend.frozen_copy(prepared)
-    int8 = backend.convert(backend.frozen_copy(prepared), engine)
-    clamps = [n for n in int8.graph.nodes if n.target is backend.clamp_to_reduced_range]
+    reference = frozen_copy(prepared)
+    int8 = convert(frozen_copy(prepared), engine)
+    clamps = [n for n in int8.graph.nodes if n.target is clamp_to_reduced_range]
     assert len(clamps) >= 4  # the input, the conv, the depthwise conv, the linear each set their own range
     x = torch.rand(8, 3, 8, 8) * 3.0
     with torch.no_grad():
@@ -277,13 +291,13 @@ class GatedDepthwise(nn.Module):
 
 def test_x86_int8_saturates_products_above_the_trained_range_as_training_did():
     torch.manual_seed(0)
-    prepared = backend.prepare(GatedDepthwise(), "x86", mode="qat")
+    prepared = prepare(GatedDepthwise(), "x86", mode="qat")
     for _ in range(3):
         prepared(torch.randn(8, 3, 8, 8) * 0.1)
-    reference = backend.frozen_copy(prepared)
-    int8 = backend.convert(backend.frozen_copy(prepared), "x86")
+    reference = frozen_copy(prepared)
+    int8 = convert(frozen_copy(prepared), "x86")
     products = [n for n in int8.graph.nodes if str(n.target) == "quantized.mul"]
-    assert products and all(user.target is backend.clamp_to_reduced_range for n in products for user in n.users)
+    assert products and all(user.target is clamp_to_reduced_range for n in products for user in n.users)
     x = torch.randn(8, 3, 8, 8) * 3.0
     with torch.no_grad():
         expected, out = reference(x), int8(x)
@@ -297,20 +311,20 @@ def test_converted_weights_are_the_trained_fake_quantized_weights():
     the observer's, which conversion uses): a weight then moves by one code between training and int8.
     """
     torch.manual_seed(0)
-    prepared = backend.prepare(ToyConvNet(), "x86", mode="qat")
+    prepared = prepare(ToyConvNet(), "x86", mode="qat")
     optimizer = torch.optim.SGD(prepared.parameters(), lr=0.5)
     for _ in range(3):
         prepared(torch.randn(8, 3, 16, 16)).square().mean().backward()
         optimizer.step()
         optimizer.zero_grad()
-    frozen = backend.frozen_copy(prepared)
-    int8 = backend.convert(backend.frozen_copy(prepared), "x86")
+    frozen = frozen_copy(prepared)
+    int8 = convert(frozen_copy(prepared), "x86")
     checked = 0
     for name, module in frozen.named_modules():
         if not hasattr(module, "weight_fake_quant"):
             continue
         with torch.no_grad():
-            trained = module.weight_fake_quant(backend._folded(module)[0])
+            trained = module.weight_fake_quant(folded_weight_and_bias(module)[0])
         converted = int8.get_submodule(name).weight().dequantize()
         assert torch.equal(converted, trained), name
         checked += 1
@@ -340,23 +354,23 @@ def test_batch_norms_written_outside_torch_fold_into_their_conv_and_follow_the_m
     """Traced as they are in train mode, ``self.training`` would be frozen True: eval would use batch stats."""
     net = WithNormAct()
     assert tracing._mode_dependence(net) == (["norm"], [])
-    prepared = backend.prepare(net, "x86", mode="qat")
+    prepared = prepare(net, "x86", mode="qat")
     assert {id(p) for p in prepared.parameters()} == {id(p) for p in net.parameters()}
     assert set(prepared.state_dict()) >= {"conv.bn.running_var", "conv.bn.num_batches_tracked"}  # folded
     for _ in range(3):
         prepared(torch.randn(8, 3, 8, 8) * 2 + 1)
     assert int(prepared.get_submodule("conv.bn").num_batches_tracked) == 3  # counted once per step
-    frozen = backend.frozen_copy(prepared)  # eval mode, quantization parameters fixed
+    frozen = frozen_copy(prepared)  # eval mode, quantization parameters fixed
     x = torch.randn(4, 3, 8, 8)
     with torch.no_grad():
         alone, batched = frozen(x[:1]), frozen(x)  # batch statistics would raise at batch size 1
         assert torch.allclose(alone, batched[:1], atol=1e-6)  # running statistics: independent of the batch
-        int8 = backend.convert(frozen, "x86")
+        int8 = convert(frozen, "x86")
         assert torch.allclose(int8(x[:1]), int8(x)[:1])
     assert isinstance(int8.get_submodule("conv"), nnq.Conv2d) and not hasattr(int8, "norm")  # folded into the conv
-    static = backend.prepare(WithNormAct().eval(), "x86", mode="static")  # traced in eval mode: folded too
-    backend.calibrate(static, [(x,)])
-    assert isinstance(backend.convert(static, "x86").get_submodule("conv"), nnq.Conv2d)
+    static = prepare(WithNormAct().eval(), "x86", mode="static")  # traced in eval mode: folded too
+    calibrate(static, [(x,)])
+    assert isinstance(convert(static, "x86").get_submodule("conv"), nnq.Conv2d)
 
 
 class DropsInTraining(nn.Module):
@@ -368,12 +382,12 @@ class DropsInTraining(nn.Module):
 
 def test_other_modules_that_read_training_stay_fp32_leaves():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), DropsInTraining(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
-    prepared = backend.prepare(net, "x86", mode="qat")
+    prepared = prepare(net, "x86", mode="qat")
     prepared(torch.randn(4, 3, 8, 8))
-    int8 = backend.convert(backend.frozen_copy(prepared), "x86")
+    int8 = convert(frozen_copy(prepared), "x86")
     assert type(int8.get_submodule("1")) is DropsInTraining
     with torch.no_grad():
-        assert backend.frozen_copy(prepared)(torch.randn(2, 3, 8, 8)).abs().sum() > 0  # identity, not zero
+        assert frozen_copy(prepared)(torch.randn(2, 3, 8, 8)).abs().sum() > 0  # identity, not zero
 
 
 class Logits(nn.Module):
@@ -390,9 +404,9 @@ class Logits(nn.Module):
 
 def test_check_conversion_refuses_a_different_model_of_a_stable_network():
     x = (torch.randn(16, 3, 4, 4),)
-    backend.check_conversion(Logits(0.1), Logits(0.1), x)
-    with pytest.raises(backend.ConversionError, match="computes something else"):
-        backend.check_conversion(Logits(0.1), Logits(0.1, shift=3), x)
+    check_conversion(Logits(0.1), Logits(0.1), x)
+    with pytest.raises(ConversionError, match="computes something else"):
+        check_conversion(Logits(0.1), Logits(0.1, shift=3), x)
 
 
 class Fragile(nn.Module):
@@ -416,9 +430,9 @@ class Fragile(nn.Module):
 def test_check_conversion_judges_an_unstable_network_by_its_own_noise():
     """Inputs nudged by one 8-bit step change half this network's answers: int8 may differ there too."""
     x = torch.randn(16, 3, 4, 4)
-    backend.check_conversion(Fragile(x), Fragile(x, chaotic_class=2), (x,))  # 50 %: as the network's own noise
-    with pytest.raises(backend.ConversionError, match=r"agreement 0\.0%"):  # the stable half differs too
-        backend.check_conversion(Fragile(x), Fragile(x, chaotic_class=2, stable_class=4), (x,))
+    check_conversion(Fragile(x), Fragile(x, chaotic_class=2), (x,))  # 50 %: as the network's own noise
+    with pytest.raises(ConversionError, match=r"agreement 0\.0%"):  # the stable half differs too
+        check_conversion(Fragile(x), Fragile(x, chaotic_class=2, stable_class=4), (x,))
 
 
 class GatedSoftmax(nn.Module):
@@ -444,16 +458,16 @@ def test_fixed_range_outputs_keep_their_full_range_on_x86(mode):
     net = GatedSoftmax()
     with torch.no_grad():
         net.fc.bias.copy_(torch.tensor([4.0, 0.0, 0.0, 0.0]))  # class 0 dominates: probability ~0.9
-    prepared = backend.prepare(net, "x86", mode=mode)
+    prepared = prepare(net, "x86", mode=mode)
     batches = [(torch.rand(8, 3, 8, 8),) for _ in range(3)]
     if mode == "qat":
         for (x,) in batches:
             prepared(x)
-        reference = backend.frozen_copy(prepared)
+        reference = frozen_copy(prepared)
     else:
-        backend.calibrate(prepared, batches)
-        reference = backend.qdq_network(prepared, saturate_at_trained_range=True)
-    int8 = backend.convert(prepared, "x86")
+        calibrate(prepared, batches)
+        reference = qdq_network(prepared, saturate_at_trained_range=True)
+    int8 = convert(prepared, "x86")
     x = batches[0][0]
     with torch.no_grad():
         expected, out = reference(x), int8(x)
@@ -464,13 +478,13 @@ def test_fixed_range_outputs_keep_their_full_range_on_x86(mode):
 def test_calibrated_x86_reference_saturates_where_the_int8_model_does():
     """The QDQ reference of a calibrated x86 model clamps at code 127 when asked (the conversion check)."""
     torch.manual_seed(0)
-    prepared = backend.prepare(Depthwise().eval(), "x86", mode="static")
-    backend.calibrate(prepared, [(torch.rand(8, 3, 8, 8) * 0.1,)])
-    int8 = backend.convert(copy.deepcopy(prepared), "x86")
+    prepared = prepare(Depthwise().eval(), "x86", mode="static")
+    calibrate(prepared, [(torch.rand(8, 3, 8, 8) * 0.1,)])
+    int8 = convert(copy.deepcopy(prepared), "x86")
     x = torch.rand(8, 3, 8, 8) * 3.0  # 30x the calibrated range
     step = float(int8.get_submodule("fc").scale)
     with torch.no_grad():
-        saturated, export_form, out = (backend.qdq_network(prepared, True)(x), backend.qdq_network(prepared)(x),
+        saturated, export_form, out = (qdq_network(prepared, True)(x), qdq_network(prepared)(x),
                                        int8(x))
     assert (out - saturated).abs().max().item() <= 3 * step
     assert (out - export_form).abs().max().item() > 3 * step  # the export form keeps codes up to 255
@@ -492,15 +506,15 @@ class HeadDropout(nn.Module):
 def test_functional_dropout_follows_the_mode_after_preparation():
     net = HeadDropout()
     assert tracing._mode_dependence(net) == ([], [""])
-    prepared = backend.prepare(net, "x86", mode="qat")
+    prepared = prepare(net, "x86", mode="qat")
     x = torch.rand(16, 3, 8, 8)
     prepared(x)
-    frozen = backend.frozen_copy(prepared)
+    frozen = frozen_copy(prepared)
     with torch.no_grad():
         assert torch.equal(frozen(x), frozen(x))  # eval: no dropout
         frozen.train()
         assert not torch.equal(frozen(x), frozen(x))  # train: dropout
-    int8 = backend.convert(backend.frozen_copy(prepared), "x86")
+    int8 = convert(frozen_copy(prepared), "x86")
     assert isinstance(int8.get_submodule("fc"), nnq.Linear)
 
 
@@ -519,7 +533,7 @@ def test_network_whose_own_forward_depends_on_the_mode_is_refused_up_front():
                                          r"and eval mode .* move that code into a submodule"):
         tracing.check_mode_independent(NoisyInTraining(), prefix="model.")
     with pytest.raises(ValueError, match="its own forward behaves differently"):
-        backend.prepare(NoisyInTraining(), "x86", mode="qat")
+        prepare(NoisyInTraining(), "x86", mode="qat")
     wrapped = nn.Sequential(NoisyInTraining(), nn.Conv2d(8, 2, 1))  # as a submodule it is an fp32 leaf
     tracing.check_mode_independent(wrapped)
-    assert type(backend.prepare(wrapped, "x86", mode="qat").get_submodule("0")) is NoisyInTraining
+    assert type(prepare(wrapped, "x86", mode="qat").get_submodule("0")) is NoisyInTraining

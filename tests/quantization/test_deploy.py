@@ -7,9 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_compress.export.comparison import parity
-from lightning_compress.export.onnx import OnnxRuntimeNetwork, qdq_onnx_bytes, quantization_summary
-from lightning_compress.quantization import QuantizationAwareTraining, backend
+from lightning_compress.core.comparison import parity
+from lightning_compress.core.onnx import OnnxRuntimeNetwork
+from lightning_compress.export.onnx import quantization_summary
+from lightning_compress.quantization import QuantizationAwareTraining
+from lightning_compress.quantization.prepare import calibrate, frozen_copy, is_prepared, prepare
+from lightning_compress.quantization.qdq import qdq_network, qdq_onnx_bytes
 from lightning_compress.quantization.ptq import PostTrainingQuantization, quantize_static
 from tests.toy import ToyConvNet, UserClassifier, random_images, random_loader
 
@@ -17,7 +20,7 @@ from tests.toy import ToyConvNet, UserClassifier, random_images, random_loader
 def trained_qat(engine: str, steps: int = 60) -> nn.Module:
     """ToyConvNet trained with fake-quantization on the learnable random images: predictions vary by input."""
     torch.manual_seed(0)
-    prepared = backend.prepare(ToyConvNet(), engine, mode="qat")
+    prepared = prepare(ToyConvNet(), engine, mode="qat")
     optimizer = torch.optim.SGD(prepared.parameters(), lr=0.05, momentum=0.9)
     data = random_images(256)
     for step in range(steps):
@@ -36,11 +39,11 @@ def qat_model(request):
 def test_qdq_onnx_computes_what_the_fake_quant_model_computes(qat_model):
     engine, prepared = qat_model
     images, labels = random_images(256, seed=1).tensors
-    reference = backend.frozen_copy(prepared)
+    reference = frozen_copy(prepared)
     with torch.no_grad():
         expected = reference(images)
     assert len(set(expected.argmax(1).tolist())) >= 3, "the model must predict by input, not one class"
-    onnx_model = OnnxRuntimeNetwork(qdq_onnx_bytes(backend.qdq_network(prepared), images[:1]), threads=1)
+    onnx_model = OnnxRuntimeNetwork(qdq_onnx_bytes(qdq_network(prepared), images[:1]), threads=1)
     result = parity(expected, onnx_model(images), labels, tolerance=0.0)
     assert result.top1_agreement == 1.0  # same numerics: not even a near-tie flips
     assert result.max_logit_error < 0.02  # float rounding at a quantization boundary, at most a step
@@ -51,7 +54,7 @@ def test_qdq_onnx_computes_what_the_fake_quant_model_computes(qat_model):
 
 def test_symmetric_engine_writes_the_qdq_structure_tensorrt_reads(qat_model):
     engine, prepared = qat_model
-    summary = quantization_summary(qdq_onnx_bytes(backend.qdq_network(prepared), torch.randn(1, 3, 16, 16)))
+    summary = quantization_summary(qdq_onnx_bytes(qdq_network(prepared), torch.randn(1, 3, 16, 16)))
     assert {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm"} <= summary["ops"]
     assert len(summary["weights"]) == 4 and all(w == ("int8", 0, True) for w in summary["weights"])
     points = set(summary["activation_zero_points"])
@@ -63,7 +66,7 @@ def test_symmetric_engine_writes_the_qdq_structure_tensorrt_reads(qat_model):
 
 def test_onnxruntime_runs_the_qdq_model_with_int8_kernels(qat_model, tmp_path):
     _, prepared = qat_model
-    blob = qdq_onnx_bytes(backend.qdq_network(prepared), torch.randn(1, 3, 16, 16))
+    blob = qdq_onnx_bytes(qdq_network(prepared), torch.randn(1, 3, 16, 16))
     options = onnxruntime.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     onnxruntime.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
@@ -76,10 +79,10 @@ def test_onnxruntime_runs_the_qdq_model_with_int8_kernels(qat_model, tmp_path):
 def test_onnx_network_survives_deepcopy_and_state_dict():
     import copy
 
-    net = OnnxRuntimeNetwork(qdq_onnx_bytes(backend.qdq_network(trained_qat("onnxruntime", 2)), torch.randn(1, 3, 16, 16)))
+    net = OnnxRuntimeNetwork(qdq_onnx_bytes(qdq_network(trained_qat("onnxruntime", 2)), torch.randn(1, 3, 16, 16)))
     x = torch.randn(4, 3, 16, 16)
     assert torch.equal(copy.deepcopy(net)(x), net(x))
-    other = OnnxRuntimeNetwork(qdq_onnx_bytes(backend.qdq_network(trained_qat("onnxruntime", 1)), x[:1]))
+    other = OnnxRuntimeNetwork(qdq_onnx_bytes(qdq_network(trained_qat("onnxruntime", 1)), x[:1]))
     other.load_state_dict(net.state_dict())
     assert torch.equal(other(x), net(x))
 
@@ -120,7 +123,7 @@ def test_a_failing_conversion_names_the_module_and_keeps_the_fake_quant_model(ma
         patch.setattr(nnq.Linear, "forward", broken)
         with pytest.warns(UserWarning, match=r"fails on a calibration batch in module 'net.4'.*skip=\['net.4'\]"):
             make_trainer([qat], max_steps=2, max_epochs=None).fit(module, random_loader(64))
-    assert backend.is_prepared(module.net)  # the fake-quant model stayed: nothing is lost
+    assert is_prepared(module.net)  # the fake-quant model stayed: nothing is lost
     assert make_trainer([qat]).test(module, random_loader(16), verbose=False)[0]["test_acc"] >= 0
 
 
@@ -175,7 +178,7 @@ def optimized_ops(blob: bytes, tmp_path) -> list[str]:
 def clamp_qat() -> nn.Module:
     """_ClampNet trained with the onnxruntime engine's fake-quantization: predictions vary by input."""
     torch.manual_seed(0)
-    prepared = backend.prepare(_ClampNet(), "onnxruntime", mode="qat")
+    prepared = prepare(_ClampNet(), "onnxruntime", mode="qat")
     optimizer = torch.optim.SGD(prepared.parameters(), lr=0.05, momentum=0.9)
     images, labels = random_images(256).tensors
     for step in range(60):
@@ -192,13 +195,13 @@ def test_clamps_join_their_convolution_and_the_qdq_model_keeps_the_fake_quant_nu
     activations = {id(getattr(prepared, node.target)) for node in prepared.graph.nodes
                    if node.op == "call_module" and node.target.startswith("activation_post_process")}
     assert len(activations) == 5, prepared.code
-    qdq = backend.qdq_network(prepared)
+    qdq = qdq_network(prepared)
     left = [node for node in qdq.graph.nodes if "relu6" in str(node.target) or "hardtanh" in str(node.target)
             or isinstance(getattr(qdq, str(node.target), None), nn.Hardtanh)]
     assert not left, f"clamps the next quantization makes redundant were kept: {left}"
     test_images, test_labels = random_images(256, seed=1).tensors
     with torch.no_grad():
-        expected = backend.frozen_copy(prepared)(test_images)
+        expected = frozen_copy(prepared)(test_images)
     assert len(set(expected.argmax(1).tolist())) >= 3
     blob = qdq_onnx_bytes(qdq, test_images[:1])
     result = parity(expected, OnnxRuntimeNetwork(blob, threads=1)(test_images), test_labels, tolerance=0.0)
@@ -210,7 +213,7 @@ def test_clamps_join_their_convolution_and_the_qdq_model_keeps_the_fake_quant_nu
 def test_a_clamp_stays_where_the_quantization_after_it_does_not_saturate(clamp_qat):
     import copy
 
-    from lightning_compress.export.qdq import QuantizeDequantize
+    from lightning_compress.quantization.qdq import QuantizeDequantize
 
     assert QuantizeDequantize(6 / 255, 0, torch.uint8).saturates_outside(0.0, 6.0)
     assert not QuantizeDequantize(8 / 255, 0, torch.uint8).saturates_outside(0.0, 6.0)  # 6 is code 191 of 255
@@ -222,7 +225,7 @@ def test_a_clamp_stays_where_the_quantization_after_it_does_not_saturate(clamp_q
         after_stem = next(getattr(prepared, node.target) for node in prepared.graph.nodes
                           if node.op == "call_module" and node.args and str(node.args[0]) == "stem_2")
         after_stem.scale.fill_(8 / 255)  # wider than ReLU6's [0, 6]: the clamp is not redundant
-        qdq = backend.qdq_network(prepared)
+        qdq = qdq_network(prepared)
     assert [type(m) for m in qdq.modules()].count(nn.ReLU6) == 1
     assert not any(node.target in (nn.functional.relu6, nn.functional.hardtanh) for node in qdq.graph.nodes)
     with torch.no_grad():
@@ -238,14 +241,14 @@ def test_mobilenetv2_int8_onnx_runs_every_convolution_in_int8(mode, tmp_path):
 
     torch.manual_seed(0)
     net = create_model("mobilenetv2", num_classes=10, width_mult=0.5)
-    prepared = backend.prepare(net.train(mode == "qat"), "onnxruntime", mode=mode)
+    prepared = prepare(net.train(mode == "qat"), "onnxruntime", mode=mode)
     images = torch.randn(16, 3, 32, 32)
     if mode == "qat":
         with torch.no_grad():
             prepared(images)
     else:
-        backend.calibrate(prepared, [(images,)])
-    ops = optimized_ops(qdq_onnx_bytes(backend.qdq_network(prepared), images[:1]), tmp_path)
+        calibrate(prepared, [(images,)])
+    ops = optimized_ops(qdq_onnx_bytes(qdq_network(prepared), images[:1]), tmp_path)
     convs = sum(isinstance(m, nn.Conv2d) for m in net.modules())
     assert ops.count("QLinearConv") == convs and ops.count("QLinearAdd") == 10
     assert not FLOAT_COMPUTE & set(ops), sorted(set(ops))  # ReLU6 once left DQ -> Clip -> Q between every two

@@ -8,7 +8,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_compress.pruning import MagnitudePruning
-from lightning_compress.quantization import QuantizationAwareTraining, backend
+from lightning_compress.quantization import QuantizationAwareTraining
+from lightning_compress.quantization.convert import convert
+from lightning_compress.quantization.prepare import is_prepared
 from tests.toy import UserClassifier, random_loader
 
 
@@ -107,7 +109,7 @@ class _Recorder(Callback):
         self.prepared, self.optimizer_holds_network = [], []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.prepared.append(backend.is_prepared(pl_module.net))
+        self.prepared.append(is_prepared(pl_module.net))
         held = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
         self.optimizer_holds_network.append(held == {id(p) for p in pl_module.parameters()})
 
@@ -121,7 +123,7 @@ def test_qat_trains_real_weights_and_ends_with_int8_for_test_and_predict(make_tr
     trainer.fit(model, random_loader())
     assert recorder.prepared == [False, False] + [True] * 6
     assert all(recorder.optimizer_holds_network)
-    assert isinstance(model.net.conv1, nnq.Conv2d) and not backend.is_prepared(model.net)
+    assert isinstance(model.net.conv1, nnq.Conv2d) and not is_prepared(model.net)
     # the weights trained under QAT are what got quantized: not the initial ones
     trained = model.net.conv1.weight().dequantize()
     assert not torch.allclose(trained, before, atol=0.05)
@@ -141,7 +143,7 @@ def test_onednn_engine_ends_with_an_int8_model_that_matches_its_fake_quantized_s
     make_trainer([qat], max_steps=6, max_epochs=None).fit(model, loader)
     x = torch.cat([batch[0] for batch in loader])
     fake_quantized = model.net.eval()(x).detach()
-    int8 = backend.convert(model.net, "onednn")
+    int8 = convert(model.net, "onednn")
     assert isinstance(int8.conv1, nnq.Conv2d)
     assert torch.backends.quantized.engine == "onednn"
     logits = int8(x)
@@ -169,7 +171,7 @@ def test_start_never_reached_warns_and_keeps_fp32(make_trainer):
     trainer = make_trainer([QuantizationAwareTraining(start=1.0)], max_steps=2, max_epochs=None)
     with pytest.warns(UserWarning, match="never started"):
         trainer.fit(model, random_loader())
-    assert isinstance(model.net.conv1, nn.Conv2d) and not backend.is_prepared(model.net)
+    assert isinstance(model.net.conv1, nn.Conv2d) and not is_prepared(model.net)
 
 
 def _fit_with_checkpoints(make_trainer, tmp_path, ckpt_path=None):

@@ -1,0 +1,212 @@
+"""ONNX in-process: export a network to ONNX bytes through ``torch.export``, run them with onnxruntime.
+
+Quantization builds and runs its QDQ ONNX model here (the ``onnxruntime`` engines) and the export writes
+the same bytes to files, so both need it; onnx, onnxruntime and onnxscript are the optional ``[export]``
+extra, checked by :func:`require_onnx`. :class:`OnnxRuntimeNetwork` wraps an onnxruntime session as an
+``nn.Module`` so that ``trainer.test()`` runs the very file a deployment ships.
+
+Example:
+    >>> from torch import nn
+    >>> net = OnnxRuntimeNetwork(onnx_bytes(nn.Linear(4, 2), torch.randn(1, 4), {}))
+    >>> net(torch.randn(3, 4)).shape
+    torch.Size([3, 2])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+OPSET = 18
+"""ONNX opset of every exported model (per-axis DequantizeLinear needs >= 13)."""
+METADATA_KEY = "lightning_compress"
+"""Metadata-props key holding the JSON metadata (classes, normalization, model description)."""
+EXPORT_EXTRA = "pip install 'lightning-compress[export]'"
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency is missing; the message names the pip command that installs it."""
+
+
+def require_onnx(purpose: str) -> None:
+    """Fail with one line naming the pip command when onnx, onnxruntime or onnxscript is missing.
+
+    Args:
+        purpose: What needs them, for the message (e.g. ``"export"``).
+
+    Raises:
+        MissingExtraError: If one of them cannot be imported.
+
+    Example:
+        >>> require_onnx("export")
+    """
+    for module in ("onnx", "onnxruntime", "onnxscript"):
+        try:
+            __import__(module)
+        except ImportError as err:
+            raise MissingExtraError(f"{purpose} needs the '{module}' package, which is not installed: "
+                                    f"{EXPORT_EXTRA}") from err
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's progress prints and warnings (its errors still raise)."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+
+
+def onnx_bytes(network: nn.Module, example: torch.Tensor | tuple, metadata: Mapping[str, Any] | None = None,
+               translations: Mapping[Any, Callable] | None = None) -> bytes:
+    """Export a network to ONNX (dynamic batch size), with ``metadata`` in its metadata props.
+
+    Args:
+        network: The network (put in eval mode).
+        example: An input batch (or a tuple of positional inputs) to export with.
+        metadata: JSON-serializable; stored under :data:`METADATA_KEY`.
+        translations: ONNX translations of custom ops, ``{torch op overload: onnxscript function}`` (the QDQ
+            ops: :func:`~lightning_compress.quantization.qdq.qdq_onnx_bytes`).
+
+    Returns:
+        The serialized ONNX model.
+
+    Raises:
+        RuntimeError: If the exporter cannot export the network (the message says why).
+        MissingExtraError: Without the ``[export]`` extra.
+
+    Example:
+        >>> blob = onnx_bytes(nn.Linear(4, 2), torch.randn(1, 4), {"classes": ["a", "b"]})
+        >>> len(blob) > 0
+        True
+    """
+    require_onnx("ONNX export")
+    example = example if isinstance(example, tuple) else (example,)
+    network = network.eval()
+    batch = torch.export.Dim("batch", min=1)
+    dynamic = ({0: batch},) + tuple(None for _ in example[1:])
+    try:
+        with _quiet_exporter(), torch.no_grad():
+            program = torch.onnx.export(network, example, dynamo=True, opset_version=OPSET,
+                                        input_names=["images"], output_names=["logits"],
+                                        dynamic_shapes=dynamic, custom_translation_table=dict(translations or {}),
+                                        optimize=True, verify=False)
+    except Exception as err:  # the exporter raises many types for unsupported code
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise RuntimeError(f"the ONNX exporter cannot export this network: {type(err).__name__}: {first}") from err
+    model = program.model_proto
+    for node in model.graph.node:  # stack traces and source locations: a third of a small model's file
+        del node.metadata_props[:]
+        node.doc_string = ""
+    if metadata is not None:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = METADATA_KEY, json.dumps(dict(metadata))
+    return model.SerializeToString()
+
+
+def onnx_session(source: str | os.PathLike[str] | bytes, threads: int = 1) -> Any:
+    """An onnxruntime CPU session (all graph optimizations: QDQ fusion into int8 kernels).
+
+    Args:
+        source: An ONNX file or its bytes.
+        threads: Intra-op threads.
+
+    Returns:
+        The ``onnxruntime.InferenceSession``.
+
+    Raises:
+        ValueError: If onnxruntime cannot load the model (the message says why).
+
+    Example:
+        >>> session = onnx_session(onnx_bytes(nn.Linear(4, 2), torch.randn(1, 4)))
+        >>> session.get_inputs()[0].name
+        'images'
+    """
+    require_onnx("onnxruntime inference")
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        return onnxruntime.InferenceSession(source if isinstance(source, bytes) else str(source), options,
+                                            providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        raise ValueError(f"onnxruntime cannot load the model: {str(err).strip().splitlines()[0]}") from err
+
+
+class OnnxRuntimeNetwork(nn.Module):
+    """An ONNX model run by onnxruntime, as an ``nn.Module``: CPU float tensors in, logits out.
+
+    The model's bytes are a ``uint8`` buffer, so ``state_dict``, ``copy.deepcopy`` and ``torch.save`` carry
+    it; the session is created on first use. Inputs on another device are moved to CPU and the output
+    is returned on the input's device.
+
+    Args:
+        model: The ONNX model's bytes.
+        threads: onnxruntime intra-op threads (default: torch's thread count).
+
+    Example:
+        >>> net = OnnxRuntimeNetwork(onnx_bytes(nn.Linear(4, 2), torch.randn(1, 4)))
+        >>> net(torch.ones(2, 4)).dtype
+        torch.float32
+    """
+
+    def __init__(self, model: bytes, threads: int | None = None) -> None:
+        super().__init__()
+        self.register_buffer("onnx_model", torch.frombuffer(bytearray(model), dtype=torch.uint8))
+        self.threads = threads
+        self._session: Any = None
+
+    def model_bytes(self) -> bytes:
+        """The ONNX model, serialized.
+
+        Returns:
+            The bytes.
+        """
+        return self.onnx_model.cpu().numpy().tobytes()
+
+    def session(self) -> Any:
+        """The onnxruntime session (created on first call).
+
+        Returns:
+            The ``InferenceSession``.
+        """
+        if self._session is None:
+            self._session = onnx_session(self.model_bytes(), self.threads or torch.get_num_threads())
+        return self._session
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        session = self.session()
+        array = images.detach().to("cpu", torch.float32).contiguous().numpy()
+        logits = session.run(None, {session.get_inputs()[0].name: array})[0]
+        return torch.from_numpy(logits).to(images.device)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_session"] = None  # sessions neither pickle nor deep-copy
+        return state
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        key = prefix + "onnx_model"
+        if key in state_dict:  # the stored model may differ in size from the current one
+            self.onnx_model = torch.empty_like(state_dict[key])
+            self._session = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -1,0 +1,127 @@
+"""The int8 engines: one row each, parsed once from the name the user gives.
+
+An :class:`Engine` says which kernels run its int8 model, which runtime that model ships to, and the
+activation range it trains with; every other module reads those attributes, never the name. Adding an
+engine is one row of :data:`ENGINE_TABLE` (plus, for a new kernel family, the module that converts to it).
+Why these engines and their numerics: ``docs/quantization-design.md``.
+
+Example:
+    >>> engine = check_engine("x86")
+    >>> engine, engine.family is KernelFamily.TORCH_INT8, engine.reduced_range
+    (Engine('x86'), True, True)
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+from lightning_compress.core.onnx import require_onnx
+
+
+class KernelFamily(enum.Enum):
+    """How an engine's int8 model computes."""
+
+    TORCH_INT8 = "torch-int8"
+    """torch's quantized tensors and kernels (deprecated by torch), shipped as TorchScript."""
+    QDQ_ONNX = "qdq-onnx"
+    """The QDQ ONNX model built from the learned quantization parameters, run by onnxruntime."""
+
+
+@dataclass(frozen=True, repr=False)
+class Engine:
+    """One int8 engine.
+
+    Attributes:
+        name: What users write (``engine="x86"``), and what checkpoints and files record.
+        family: How its int8 model computes.
+        kernels: The int8 kernels that run it.
+        runtime: Where its int8 model ships: ``"torch"`` (a TorchScript file) or ``"onnxruntime"``.
+        reduced_range: Activations train on codes 0..127, so that no u8 x s8 pair of products overflows
+            the int16 sums of x86 kernels without VNNI.
+        symmetric_activations: Activations are int8 with zero-point 0 (the QDQ form TensorRT reads).
+    """
+
+    name: str
+    family: KernelFamily
+    kernels: str
+    runtime: str
+    reduced_range: bool = False
+    symmetric_activations: bool = False
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"Engine({self.name!r})"
+
+
+ENGINE_TABLE: dict[str, Engine] = {engine.name: engine for engine in (
+    Engine("x86", KernelFamily.TORCH_INT8, "fbgemm", "torch", reduced_range=True),
+    Engine("onednn", KernelFamily.TORCH_INT8, "oneDNN", "torch", reduced_range=True),
+    Engine("qnnpack", KernelFamily.TORCH_INT8, "QNNPACK (ARM, mobile)", "torch"),
+    Engine("onnxruntime", KernelFamily.QDQ_ONNX, "onnxruntime U8S8", "onnxruntime"),
+    Engine("onnxruntime_symmetric", KernelFamily.QDQ_ONNX, "onnxruntime, TensorRT", "onnxruntime",
+           symmetric_activations=True),
+)}
+"""Every int8 engine, by name."""
+ENGINES: tuple[str, ...] = tuple(ENGINE_TABLE)
+"""The names of every int8 engine."""
+TORCH_ENGINES: tuple[str, ...] = tuple(n for n, e in ENGINE_TABLE.items() if e.family is KernelFamily.TORCH_INT8)
+"""Engines whose int8 model is torch's (quantized tensors): ``x86``, ``onednn``, ``qnnpack``."""
+ONNX_ENGINES: tuple[str, ...] = tuple(n for n, e in ENGINE_TABLE.items() if e.family is KernelFamily.QDQ_ONNX)
+"""Engines whose int8 model is the QDQ ONNX run by onnxruntime (needs the ``[export]`` extra)."""
+
+REDUCED_QUANT_MAX = 127
+"""Largest activation code of the reduced-range engines: no u8 x s8 pair of products overflows int16."""
+
+
+def reduced_range_max(scale: float, zero_point: int) -> float:
+    """The largest value an activation quantized on the reduced range represents.
+
+    Args:
+        scale: The activation's scale.
+        zero_point: Its zero-point.
+
+    Returns:
+        ``(127 - zero_point) * scale``.
+
+    Example:
+        >>> reduced_range_max(0.5, 7)
+        60.0
+    """
+    return (REDUCED_QUANT_MAX - zero_point) * scale
+
+
+def check_engine(engine: str | Engine) -> Engine:
+    """Parse an engine name (validated against :data:`ENGINES` and this installation).
+
+    Args:
+        engine: One of :data:`ENGINES`, or an :class:`Engine` (checked again).
+
+    Returns:
+        The engine.
+
+    Raises:
+        ValueError: If the engine is unknown or this torch build lacks it.
+        MissingExtraError: For an ONNX engine without the ``[export]`` extra.
+
+    Example:
+        >>> check_engine("onnxruntime").runtime
+        'onnxruntime'
+    """
+    name = engine.name if isinstance(engine, Engine) else engine
+    if not isinstance(name, str) or name not in ENGINE_TABLE:
+        raise ValueError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
+    parsed = ENGINE_TABLE[name]
+    if parsed.family is KernelFamily.QDQ_ONNX:
+        require_onnx(f"engine={name!r}")
+        return parsed
+    if name not in torch.backends.quantized.supported_engines:
+        raise ValueError(
+            f"engine {name!r} is not available in this torch build; available: "
+            f"{[e for e in TORCH_ENGINES if e in torch.backends.quantized.supported_engines]}"
+        )
+    return parsed
