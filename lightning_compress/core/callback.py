@@ -38,6 +38,7 @@ from lightning_compress.core.architecture import RestoresArchitecture, restore_a
 from lightning_compress.core.composition import Declaration, Effect, check_declarations
 from lightning_compress.core.guards import check_step_loss
 from lightning_compress.core.layers import find_network
+from lightning_compress.core.optimizer_order import ORDER_KEY, parameter_order, restore_parameter_order
 from lightning_compress.core.progress import StepBudget, StepWindow, step_budget
 
 
@@ -109,6 +110,7 @@ class CompressionCallback(Callback, abc.ABC):
         self.window: StepWindow | None = None
         self.composition: list[Declaration] = []
         self.patches: list[RuntimePatch] = []
+        self._saved_parameter_order: list | None = None
 
     # ------------------------------------------------------------------------------------ contract
     @abc.abstractmethod
@@ -242,10 +244,24 @@ class CompressionCallback(Callback, abc.ABC):
             check_step_loss(trainer, outputs, type(self).__name__)
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After a resume, give the optimizer state loaded by position back to the parameters it belongs to."""
+        if self._saved_parameter_order is not None:
+            restore_parameter_order(trainer.optimizers, pl_module, self._saved_parameter_order)
+            self._saved_parameter_order = None
+
+    @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        """Write the module's architecture records, so that the checkpoint reloads without callbacks."""
+        """Write the architecture records (the checkpoint reloads without callbacks) and the optimizer order."""
         write_records(pl_module, checkpoint)
+        checkpoint[ORDER_KEY] = parameter_order(trainer.optimizers, pl_module)
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """Keep the saved optimizer order until the optimizer state is loaded (``on_train_start``)."""
+        self._saved_parameter_order = checkpoint.get(ORDER_KEY)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

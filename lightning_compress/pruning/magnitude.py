@@ -287,6 +287,7 @@ class MagnitudePruning(CompressionCallback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Install masks restored from a checkpoint and make sure the weights obey them."""
+        super().on_train_start(trainer, pl_module)
         self._follow_architecture(pl_module)
         params = self._resolve(pl_module)
         if self._pending_state is not None:

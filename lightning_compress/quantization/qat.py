@@ -191,6 +191,7 @@ class QuantizationAwareTraining(CompressionCallback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """After a resume, re-apply what the model's state dict cannot carry (frozen BN flags)."""
+        super().on_train_start(trainer, pl_module)
         net = getattr(pl_module, self.network_name)
         if self._stage is Stage.QAT and not is_prepared(net):
             raise RuntimeError(
