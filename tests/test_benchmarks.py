@@ -164,8 +164,9 @@ def check_pruning_accuracy(result: dict[str, Any], markdown: str) -> None:
 
 def check_pruning_overhead(result: dict[str, Any], markdown: str) -> None:
     summary = result["step_time"]["summary"]
-    assert set(summary) == {"none", "magnitude", "model_pruning"}
-    assert all(config["median_ms"] > 0 for config in summary.values())
+    assert set(summary) == {"none", "magnitude", "model_pruning", "qat", "kd_self", "report"}
+    assert all(config["median_ms"] > 0 and config["setup_s"] > 0 for config in summary.values())
+    assert summary["none"]["setup_extra_s"] == 0
     assert [row["model"] for row in result["mask_update"]] == ["resnet20", "resnet56"]
     assert result["settings"]["batch_size"] == 2
     assert "## Training step time, ResNet-20, batch 2, CPU" in markdown

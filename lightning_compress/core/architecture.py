@@ -32,7 +32,8 @@ from typing_extensions import override
 ARCHITECTURE_KEY = "compression_architecture"
 """Top-level checkpoint key holding the list of :class:`ArchitectureRecord` dictionaries."""
 
-_APPLIED = "_compression_architecture"
+APPLIED_ATTRIBUTE = "compression_architecture"
+"""The module attribute listing the records applied to its networks (travels with copies of the module)."""
 
 ReplayFunction = Callable[[nn.Module, Mapping[str, Any]], nn.Module]
 """``(network, payload) -> network``: rebuild one structural change on a network (returns the new
@@ -93,12 +94,12 @@ def _replay_function(record: ArchitectureRecord) -> ReplayFunction:
 
 def applied_records(module: nn.Module) -> list[ArchitectureRecord]:
     """A copy of the structural changes applied to ``module``'s networks so far, in order."""
-    return list(module.__dict__.get(_APPLIED, []))
+    return list(getattr(module, APPLIED_ATTRIBUTE, []))
 
 
 def append_record(module: nn.Module, record: ArchitectureRecord) -> None:
     """Note that ``record``'s change was just applied to ``module`` (callbacks call this when they act)."""
-    module.__dict__[_APPLIED] = applied_records(module) + [record]
+    setattr(module, APPLIED_ATTRIBUTE, applied_records(module) + [record])
 
 
 def checkpoint_records(checkpoint: Mapping[str, Any]) -> list[ArchitectureRecord]:
