@@ -14,11 +14,13 @@ Example:
 from __future__ import annotations
 
 import enum
+import importlib.util
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
 
-from lightning_compress.core.onnx import require_onnx
+from lightning_compress.core.onnx import MissingExtraError, require_onnx
 
 
 class KernelFamily(enum.Enum):
@@ -28,6 +30,9 @@ class KernelFamily(enum.Enum):
     """torch's quantized tensors and kernels (deprecated by torch), shipped as TorchScript."""
     QDQ_ONNX = "qdq-onnx"
     """The QDQ ONNX model built from the learned quantization parameters, run by onnxruntime."""
+    PT2E = "pt2e"
+    """A ``torch.export`` graph of quantize/dequantize ops from torchao's PT2E flow, lowered to int8 kernels by a
+    compiler (Inductor, ExecuTorch); :mod:`~lightning_compress.quantization.pt2e`."""
 
 
 @dataclass(frozen=True, repr=False)
@@ -38,7 +43,8 @@ class Engine:
         name: What users write (``engine="x86"``), and what checkpoints and files record.
         family: How its int8 model computes.
         kernels: The int8 kernels that run it.
-        runtime: Where its int8 model ships: ``"torch"`` (a TorchScript file) or ``"onnxruntime"``.
+        runtime: Where its int8 model ships: ``"torch"`` (a TorchScript file), ``"onnxruntime"`` or ``"aoti"``
+            (an AOTInductor package).
         reduced_range: Activations train on codes 0..127, so that no u8 x s8 pair of products overflows
             the int16 sums of x86 kernels without VNNI.
         symmetric_activations: Activations are int8 with zero-point 0 (the QDQ form TensorRT reads).
@@ -65,6 +71,7 @@ ENGINE_TABLE: dict[str, Engine] = {engine.name: engine for engine in (
     Engine("onnxruntime", KernelFamily.QDQ_ONNX, "onnxruntime U8S8", "onnxruntime"),
     Engine("onnxruntime_symmetric", KernelFamily.QDQ_ONNX, "onnxruntime, TensorRT", "onnxruntime",
            symmetric_activations=True),
+    Engine("x86_inductor", KernelFamily.PT2E, "oneDNN through Inductor", "aoti", reduced_range=True),
 )}
 """Every int8 engine, by name."""
 ENGINES: tuple[str, ...] = tuple(ENGINE_TABLE)
@@ -73,6 +80,13 @@ TORCH_ENGINES: tuple[str, ...] = tuple(n for n, e in ENGINE_TABLE.items() if e.f
 """Engines whose int8 model is torch's (quantized tensors): ``x86``, ``onednn``, ``qnnpack``."""
 ONNX_ENGINES: tuple[str, ...] = tuple(n for n, e in ENGINE_TABLE.items() if e.family is KernelFamily.QDQ_ONNX)
 """Engines whose int8 model is the QDQ ONNX run by onnxruntime (needs the ``[export]`` extra)."""
+PT2E_ENGINES: tuple[str, ...] = tuple(n for n, e in ENGINE_TABLE.items() if e.family is KernelFamily.PT2E)
+"""Engines prepared by torchao's PT2E flow (needs the ``[pt2e]`` extra): ``x86_inductor``. ``xnnpack`` waits for
+ExecuTorch, which ships ``XNNPACKQuantizer``."""
+FX_FAMILIES: tuple[KernelFamily, ...] = (KernelFamily.TORCH_INT8, KernelFamily.QDQ_ONNX)
+"""The families torch.ao FX prepares (:mod:`~lightning_compress.quantization.prepare`)."""
+PT2E_EXTRA = "pip install 'lightning-compress[pt2e]'"
+"""How to install torchao for the PT2E engines."""
 
 REDUCED_QUANT_MAX = 127
 """Largest activation code of the reduced-range engines: no u8 x s8 pair of products overflows int16."""
@@ -95,29 +109,39 @@ def reduced_range_max(scale: float, zero_point: int) -> float:
     return (REDUCED_QUANT_MAX - zero_point) * scale
 
 
-def check_engine(engine: str | Engine) -> Engine:
-    """Parse an engine name (validated against :data:`ENGINES` and this installation).
+def check_engine(engine: str | Engine, families: Collection[KernelFamily] = FX_FAMILIES) -> Engine:
+    """Parse an engine name (validated against :data:`ENGINES`, the caller's families and this installation).
 
     Args:
         engine: One of :data:`ENGINES`, or an :class:`Engine` (checked again).
+        families: The kernel families the caller prepares; PT2E engines are refused unless named here.
 
     Returns:
         The engine.
 
     Raises:
-        ValueError: If the engine is unknown or this torch build lacks it.
-        MissingExtraError: For an ONNX engine without the ``[export]`` extra.
+        ValueError: If the engine is unknown, of another family, or this torch build lacks it.
+        MissingExtraError: For an ONNX engine without the ``[export]`` extra, a PT2E one without ``[pt2e]``.
 
     Example:
         >>> check_engine("onnxruntime").runtime
         'onnxruntime'
     """
     name = engine.name if isinstance(engine, Engine) else engine
+    taken = [n for n, e in ENGINE_TABLE.items() if e.family in families]
     if not isinstance(name, str) or name not in ENGINE_TABLE:
-        raise ValueError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
+        raise ValueError(f"engine must be one of {taken}, got {engine!r}")
     parsed = ENGINE_TABLE[name]
+    if parsed.family not in families:
+        raise ValueError(f"engine {name!r} is a {parsed.family.value} engine, which this does not prepare; "
+                         f"it takes {taken}")
     if parsed.family is KernelFamily.QDQ_ONNX:
         require_onnx(f"engine={name!r}")
+        return parsed
+    if parsed.family is KernelFamily.PT2E:
+        if importlib.util.find_spec("torchao") is None:
+            raise MissingExtraError(
+                f"engine={name!r} needs the 'torchao' package, which is not installed: {PT2E_EXTRA}")
         return parsed
     if name not in torch.backends.quantized.supported_engines:
         raise ValueError(
