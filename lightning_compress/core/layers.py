@@ -3,7 +3,9 @@
 Callbacks keep qualified names (``model.layer1.0.conv1``), never module objects, because other
 callbacks replace modules. The default rule, shared by every technique: every ``Conv`` and ``Linear``
 layer except the first convolution (the stem) and the last ``Linear`` (the classifier). Patterns are
-shell-style globs matched against the whole name, e.g. ``"model.layer3.*"``.
+shell-style globs matched against the whole name, e.g. ``"model.layer3.*"``. A network wrapped by
+``torch.compile`` is seen through (:func:`unwrap_compiled`): patterns match the names the uncompiled
+network has.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
+from torch._dynamo.eval_frame import OptimizedModule
 
 WEIGHTED_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 """Layer types whose ``weight`` compression techniques act on by default."""
@@ -24,6 +27,34 @@ WEIGHT_MATRICES: dict[type[nn.Module], tuple[str, ...]] = {
 ``nn.MultiheadAttention`` registers ``in_proj_weight`` when queries, keys and values share one size
 and the three ``*_proj_weight`` otherwise (the absent ones are ``None``); its output projection is an
 ``nn.Linear`` and a candidate anyway."""
+
+
+def unwrap_compiled(module: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper runs (``compiled._orig_mod``), or ``module`` if not wrapped.
+
+    Example:
+        >>> net = nn.Linear(2, 2)
+        >>> unwrap_compiled(torch.compile(net)) is net, unwrap_compiled(net) is net
+        (True, True)
+    """
+    while isinstance(module, OptimizedModule):
+        module = module._orig_mod
+    return module
+
+
+def is_compiled(module: nn.Module) -> bool:
+    """Whether ``module`` runs compiled: wrapped by ``torch.compile(module)``, or ``module.compile()`` in place."""
+    return isinstance(module, OptimizedModule) or getattr(module, "_compiled_call_impl", None) is not None
+
+
+def uncompiled_name(name: str) -> str:
+    """``name`` without the ``_orig_mod`` parts a ``torch.compile`` wrapper adds: the name users write.
+
+    Example:
+        >>> uncompiled_name("net._orig_mod.conv1")
+        'net.conv1'
+    """
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
 
 
 def _as_patterns(patterns: str | Sequence[str] | None) -> list[str]:
@@ -84,26 +115,31 @@ def _apply_rule(
     exclude: str | Sequence[str] | None,
     argument_names: tuple[str, str],
 ) -> list[str]:
-    """The default rule or ``include``, minus ``exclude``, over candidate labels mapped to their modules."""
+    """The default rule or ``include``, minus ``exclude``, over candidate labels mapped to their modules.
+
+    A label matches a pattern as it is or as :func:`uncompiled_name` writes it; errors list the latter."""
     candidates = list(owners)
+    shown = [uncompiled_name(name) for name in candidates]
+
+    def matches(name: str, patterns: Iterable[str]) -> bool:
+        return matches_any(name, patterns) or matches_any(uncompiled_name(name), patterns)
+
     include_patterns, exclude_patterns = _as_patterns(include), _as_patterns(exclude)
     for patterns, argument in zip((include_patterns, exclude_patterns), argument_names):
         for pattern in patterns:
-            if not any(fnmatch.fnmatchcase(name, pattern) for name in candidates):
-                raise ValueError(
-                    f"{argument} pattern {pattern!r} matches no layer; candidate layers are: {candidates}"
-                )
+            if not any(matches(name, [pattern]) for name in candidates):
+                raise ValueError(f"{argument} pattern {pattern!r} matches no layer; candidate layers are: {shown}")
     if include_patterns:
-        selected = [name for name in candidates if matches_any(name, include_patterns)]
+        selected = [name for name in candidates if matches(name, include_patterns)]
     else:
         first_conv = next((n for n in candidates if isinstance(owners[n], nn.modules.conv._ConvNd)), None)
         last_linear = next((n for n in reversed(candidates) if isinstance(owners[n], nn.Linear)), None)
         selected = [name for name in candidates if name not in (first_conv, last_linear)]
-    selected = [name for name in selected if not matches_any(name, exclude_patterns)]
+    selected = [name for name in selected if not matches(name, exclude_patterns)]
     if not selected:
         raise ValueError(
             f"no layer selected by {argument_names[0]}={include!r}, {argument_names[1]}={exclude!r}; "
-            f"candidate layers are: {candidates}"
+            f"candidate layers are: {shown}"
         )
     return selected
 
@@ -173,6 +209,9 @@ def find_network(pl_module: nn.Module, attribute: str | None = None) -> tuple[st
     """``(attribute, network)``: the child of ``pl_module`` named ``attribute``, or else the only child
     holding Conv/Linear layers. Raises ``ValueError`` if there is no such child, or several.
 
+    ``network`` is the module that computes: a ``torch.compile`` wrapper is seen through
+    (:func:`unwrap_compiled`).
+
     Example:
         >>> holder = nn.Module(); holder.net = nn.Linear(2, 2)
         >>> find_network(holder)[0]
@@ -183,11 +222,11 @@ def find_network(pl_module: nn.Module, attribute: str | None = None) -> tuple[st
         if not isinstance(child, nn.Module):
             children = [name for name, _ in pl_module.named_children()]
             raise ValueError(f"network attribute {attribute!r} is not a submodule; submodules are: {children}")
-        return attribute, child
+        return attribute, unwrap_compiled(child)
     found = [(name, child) for name, child in pl_module.named_children() if weighted_layers(child)]
     if len(found) != 1:
         raise ValueError(
             "cannot tell which submodule is the network: submodules with Conv/Linear layers are "
             f"{[name for name, _ in found]}; pass the attribute name explicitly (e.g. network='model')"
         )
-    return found[0]
+    return found[0][0], unwrap_compiled(found[0][1])

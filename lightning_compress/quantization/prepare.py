@@ -1,7 +1,9 @@
 """Put fake-quantization or observers into a network, drive them, and read what they learned.
 
 torch.ao's FX graph mode, which keeps the network's ``Parameter`` objects (so optimizers and pruning masks
-keep applying); why FX and not torchao's PT2E flow: ``docs/quantization-design.md``.
+keep applying); why FX and not torchao's PT2E flow: ``docs/quantization-design.md``. A ``torch.compile``
+wrapper is seen through: the module inside is prepared, and the prepared module runs uncompiled (torch.ao's
+quantizers are on dynamo's skip list, so compiling them gains nothing).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import fx, nn
 
-from lightning_compress.core.layers import matches_any
+from lightning_compress.core.layers import matches_any, unwrap_compiled
 from lightning_compress.quantization.deprecations import quiet_torch_ao
 from lightning_compress.quantization.engines import Engine, check_engine
 from lightning_compress.quantization.qconfigs import MODES, backend_config, qconfig_mapping
@@ -26,11 +28,16 @@ with quiet_torch_ao():
     from torch.ao.quantization.quantize_fx import prepare_fx, prepare_qat_fx
 
 
+UNCOMPILED_NOTE = ("was compiled with torch.compile; its quantized version runs uncompiled: torch.compile does not "
+                   "trace torch.ao's quantization modules (a graph break at each, no faster)")
+"""Why a quantization callback leaves its network uncompiled (the ``torch.compile`` speed-up does not carry over)."""
+
+
 def resolve_skip(network: nn.Module, patterns: Sequence[str], prefix: str = "") -> list[str]:
     """Turn glob patterns into the names of the submodules kept in fp32 (and not traced).
 
     Args:
-        network: The network about to be quantized.
+        network: The network about to be quantized (a ``torch.compile`` wrapper: the module inside).
         patterns: Glob patterns matched against ``prefix + module name`` (e.g. ``"model.layer3.*"``).
         prefix: How the caller names the network (``"model."``), so patterns use full names.
 
@@ -44,7 +51,7 @@ def resolve_skip(network: nn.Module, patterns: Sequence[str], prefix: str = "") 
         >>> resolve_skip(nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.ReLU())), ["1*"])
         ['1']
     """
-    names = [name for name, _ in network.named_modules() if name]
+    names = [name for name, _ in unwrap_compiled(network).named_modules() if name]
     for pattern in patterns:
         if not any(matches_any(prefix + name, [pattern]) for name in names):
             shown = [prefix + n for n in names[:30]] + (["..."] if len(names) > 30 else [])
@@ -63,7 +70,7 @@ def prepare(network: nn.Module, engine: str | Engine = "x86", mode: str = "qat",
     built before keeps training them; deep-copy ``network`` first to leave it untouched.
 
     Args:
-        network: The fp32 network.
+        network: The fp32 network (a ``torch.compile`` wrapper: the module inside; the result is uncompiled).
         engine: One of :data:`~lightning_compress.quantization.engines.ENGINES`.
         mode: One of :data:`~lightning_compress.quantization.qconfigs.MODES`.
         skip: Module names (relative to ``network``) kept in fp32 and not traced. Modules whose traced
@@ -85,6 +92,7 @@ def prepare(network: nn.Module, engine: str | Engine = "x86", mode: str = "qat",
     engine = check_engine(engine)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    network = unwrap_compiled(network)
     check_traceable(network, skip)
     network.train(mode == "qat")
     before = {id(p) for p in network.parameters()}

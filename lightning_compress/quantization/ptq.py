@@ -22,12 +22,13 @@ from typing_extensions import override
 from lightning_compress.core.callback import CompressionCallback
 from lightning_compress.core.composition import Declaration, Effect
 from lightning_compress.core.inputs import capture_network_input
+from lightning_compress.core.layers import find_network, is_compiled, unwrap_compiled
 from lightning_compress.core.progress import StepBudget, StepWindow
 from lightning_compress.quantization import tracing
 from lightning_compress.quantization.check import ConversionError, check_conversion
 from lightning_compress.quantization.convert import convert
 from lightning_compress.quantization.engines import Engine, check_engine
-from lightning_compress.quantization.prepare import calibrate, prepare, resolve_skip
+from lightning_compress.quantization.prepare import UNCOMPILED_NOTE, calibrate, prepare, resolve_skip
 from lightning_compress.quantization.qdq import qdq_network
 
 
@@ -39,7 +40,7 @@ def quantize_static(
 ) -> nn.Module:
     """Static int8 post-training quantization: calibrate on ``batches``, then convert.
 
-    ``network`` is left unchanged (a copy is quantized).
+    ``network`` is left unchanged (a copy is quantized; of a ``torch.compile`` wrapper, the module inside).
 
     Args:
         network: The fp32 network.
@@ -62,6 +63,7 @@ def quantize_static(
         >>> int8(torch.randn(1, 3, 8, 8)).shape
         torch.Size([1, 2])
     """
+    network = unwrap_compiled(network)
     skip_names = resolve_skip(network, [skip] if isinstance(skip, str) else list(skip or []))
     return _calibrate_and_convert(network, batches, engine, skip_names)
 
@@ -108,6 +110,7 @@ def quantize_dynamic(
         'Linear'
     """
     engine = check_engine(engine)
+    network = unwrap_compiled(network)
     skip_names = resolve_skip(network, [skip] if isinstance(skip, str) else list(skip or []))
     prepared = prepare(copy.deepcopy(network).cpu(), engine, mode="dynamic", skip=skip_names)
     return convert(prepared, engine)
@@ -120,7 +123,8 @@ class PostTrainingQuantization(CompressionCallback):
     ``trainer.predict()`` (with a CPU trainer) run the int8 model. Calibration feeds the network the
     inputs it really receives: each batch goes through the module's batch-transfer hooks and its
     ``training_step``, whose call into the network is captured by a forward pre-hook
-    (:mod:`lightning_compress.core.inputs`), so batches of any structure work.
+    (:mod:`lightning_compress.core.inputs`), so batches of any structure work. A network compiled with
+    ``torch.compile`` is quantized from the module inside its wrapper; the int8 network runs uncompiled.
 
     Args:
         calibration_batches: Number of training batches to calibrate on (>= 1).
@@ -160,7 +164,7 @@ class PostTrainingQuantization(CompressionCallback):
     @override
     def setup_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Check, before training, that the network can be quantized."""
-        net = pl_module.get_submodule(self.network_name)
+        _, net = find_network(pl_module, self.network_name)
         skip_names = resolve_skip(net, self.skip, self.network_name + ".")
         tracing.check_quantizable(net, skip_names, self.network_name + ".")
 
@@ -179,8 +183,9 @@ class PostTrainingQuantization(CompressionCallback):
         the ``skip`` pattern, and the fp32 network stays in place.
         """
         attribute = self.network_name
-        net = pl_module.get_submodule(attribute)
-        batches = self._calibration_inputs(trainer, pl_module, net)
+        called = getattr(pl_module, attribute)  # what training_step calls: where inputs are captured
+        _, net = find_network(pl_module, attribute)
+        batches = self._calibration_inputs(trainer, pl_module, called)
         skip_names = resolve_skip(net, self.skip, attribute + ".")
         try:
             int8 = _calibrate_and_convert(net, batches, self.engine, skip_names, attribute + ".")
@@ -193,3 +198,5 @@ class PostTrainingQuantization(CompressionCallback):
             f"PostTrainingQuantization: {attribute!r} calibrated on up to {self.calibration_batches} batches, "
             f"converted to int8 ({self.engine}) and checked"
         )
+        if is_compiled(called):
+            rank_zero_info(f"PostTrainingQuantization: {attribute!r} {UNCOMPILED_NOTE}")

@@ -28,13 +28,14 @@ from lightning_compress.core.architecture import ArchitectureRecord, append_reco
 from lightning_compress.core.callback import CompressionCallback
 from lightning_compress.core.composition import Declaration, Effect
 from lightning_compress.core.inputs import capture_network_input
-from lightning_compress.core.layers import find_network
+from lightning_compress.core.layers import find_network, is_compiled
 from lightning_compress.core.progress import Position, StepBudget, StepWindow, check_ordered, validate_position
 from lightning_compress.quantization import tracing
 from lightning_compress.quantization.check import ConversionError, check_conversion
 from lightning_compress.quantization.convert import convert
 from lightning_compress.quantization.engines import KernelFamily, check_engine
 from lightning_compress.quantization.prepare import (
+    UNCOMPILED_NOTE,
     activation_scales,
     freeze_bn,
     freeze_observers,
@@ -78,7 +79,8 @@ class QuantizationAwareTraining(CompressionCallback):
     and activations (8-bit, per-tensor affine), Conv-BN(-ReLU) fused. At fit end it is converted to
     an int8 model for ``engine`` and put in place, so ``trainer.test()`` / ``trainer.predict()`` run
     the int8 model. int8 kernels exist on CPU only: the converted network lives on CPU, and testing
-    it with a GPU trainer raises (use ``Trainer(accelerator="cpu")``).
+    it with a GPU trainer raises (use ``Trainer(accelerator="cpu")``). A network compiled with
+    ``torch.compile`` is prepared inside its wrapper; from ``start`` on it runs uncompiled (an info line says so).
 
     The optimizer needs no rebuild: preparation keeps the network's ``Parameter`` objects (checked
     when preparing), so training and ``MagnitudePruning`` masks act on the same tensors.
@@ -186,6 +188,8 @@ class QuantizationAwareTraining(CompressionCallback):
         append_record(pl_module, ArchitectureRecord(
             RECORD_KIND, self.network_name, {"engine": self.engine.name, "skip": list(self._skip_names)}))
         self._stage = Stage.QAT
+        if is_compiled(net):
+            rank_zero_info(f"QuantizationAwareTraining: {self.network_name!r} {UNCOMPILED_NOTE}")
 
     # -------------------------------------------------------------------------------------- training
     @override

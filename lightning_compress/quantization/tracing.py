@@ -14,6 +14,9 @@ networks users bring, and this module handles both before :func:`~lightning_comp
   traced code depends on the mode as an fp32 leaf. A network whose own ``forward`` depends on the mode
   otherwise is refused up front (:func:`check_mode_independent`).
 
+A network wrapped by ``torch.compile`` is seen through (the module inside is traced); a wrapped submodule is
+refused by :func:`check_traceable`, naming the remedy.
+
 Example:
     >>> import torch
     >>> from torch import nn
@@ -32,7 +35,10 @@ import inspect
 from collections.abc import Sequence
 
 from torch import fx, nn
+from torch._dynamo.eval_frame import OptimizedModule
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from lightning_compress.core.layers import unwrap_compiled
 
 
 class _PathTracer(fx.Tracer):
@@ -63,17 +69,27 @@ def check_traceable(network: nn.Module, skip: Sequence[str] = (), prefix: str = 
     """Symbolically trace ``network`` (cheap, no data) to fail before training if FX cannot.
 
     Args:
-        network: The network to quantize.
+        network: The network to quantize (a ``torch.compile`` wrapper: the module inside).
         skip: Module names (relative to ``network``) kept as opaque fp32 leaves.
         prefix: How the caller names the network, for the message.
 
     Raises:
         ValueError: Naming the innermost module whose ``forward`` cannot be traced and the skip
-            pattern that keeps it in fp32.
+            pattern that keeps it in fp32, or a submodule wrapped by ``torch.compile``.
 
     Example:
         >>> check_traceable(nn.Sequential(nn.Linear(2, 2)))
     """
+    network = unwrap_compiled(network)
+    wrapped = [name for name, module in network.named_modules() if isinstance(module, OptimizedModule)
+               and not any(name == leaf or name.startswith(leaf + ".") for leaf in skip)]
+    if wrapped:
+        name = prefix + wrapped[0]
+        raise ValueError(
+            f"cannot quantize {name!r}: it is wrapped by torch.compile, and FX tracing cannot see into a compiled "
+            f"submodule; compile it in place instead ({name}.compile()), or compile the whole network (quantization "
+            f"prepares the module inside the wrapper), or keep it in fp32 with skip=[{name!r}]"
+        )
     tracer = _PathTracer(skip)
     try:
         tracer.trace(network)
@@ -106,6 +122,7 @@ def check_mode_independent(network: nn.Module, skip: Sequence[str] = (), prefix:
     Example:
         >>> check_mode_independent(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)))
     """
+    network = unwrap_compiled(network)
     if "" in _mode_dependence(network, skip)[0]:
         raise _mode_dependent_forward(network, prefix)
 
