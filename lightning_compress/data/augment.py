@@ -15,8 +15,9 @@ def random_crop_flip(
     A crop at offset ``(dy, dx)`` is a shift of the flattened image by ``dy * W + dx`` (a flipped crop,
     one of the flipped image at the mirrored offset); rows and columns from outside are then zeroed.
 
-    ``images`` (``N x C x H x W``) may have any dtype (uint8 is cheapest); ``generator``, if given, lives
-    on their device.
+    ``images`` (``N x C x H x W``) may have any dtype (uint8 is cheapest). The offsets and flips are drawn
+    with ``generator`` on its own device (default: torch's global generator on the images' device), then
+    moved to the images: a CPU generator gives the same augmentation on every device.
 
     Example:
         >>> images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
@@ -27,9 +28,11 @@ def random_crop_flip(
         raise ValueError(f"padding must be >= 0, got {padding}")
     n, c, h, w = images.shape
     device = images.device
-    dy = torch.randint(0, 2 * padding + 1, (n, 1), device=device, generator=generator) - padding
-    dx = torch.randint(0, 2 * padding + 1, (n, 1), device=device, generator=generator) - padding
-    flip = (torch.rand(n, 1, device=device, generator=generator) < 0.5).long()
+    draw = generator.device if generator is not None else device
+    dy = torch.randint(0, 2 * padding + 1, (n, 1), device=draw, generator=generator) - padding
+    dx = torch.randint(0, 2 * padding + 1, (n, 1), device=draw, generator=generator) - padding
+    flip = (torch.rand(n, 1, device=draw, generator=generator) < 0.5).long()
+    dy, dx, flip = (t.to(device, non_blocking=True) for t in (dy, dx, flip))
     dx = dx * (1 - 2 * flip)  # mirrored offset for the flipped images
     size, margin = c * h * w, padding * w + padding
     zeros = images.new_zeros(margin)

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 from typing_extensions import override
 
 from lightning_compress.data.augment import normalize, random_crop_flip
 from lightning_compress.data.cache import default_cache_dir
 from lightning_compress.data.layouts import load_cifar, prepare_cifar
 from lightning_compress.data.readers import SPECS
+from lightning_compress.data.sampling import ResumableShuffle, augmentation_generator, shuffle_seed
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -67,6 +71,11 @@ class CIFARDataModule(pl.LightningDataModule):
 
     Training batches are cropped (4-pixel padding) and flipped if ``augment``, then normalized, on the
     device; other batches are only normalized. Validation is ``val_size`` training images chosen by ``seed``.
+
+    ``seed`` also fixes the training order (per epoch) and each batch's augmentation, whatever the global
+    seed, and the training loader is a torchdata ``StatefulDataLoader``: a run resumed from a checkpoint
+    taken mid-epoch (``fit(ckpt_path=...)``) sees the batches, augmented the same way, that the
+    uninterrupted run sees. Under DDP the loader shards itself across ranks.
 
     Args:
         root: torchvision's CIFAR layout, an ImageFolder tree or a tar archive of one (see
@@ -129,6 +138,8 @@ class CIFARDataModule(pl.LightningDataModule):
         self.train_set: TensorImageDataset | None = None
         self.val_set: TensorImageDataset | None = None
         self.test_set: TensorImageDataset | None = None
+        # Training batches augmented so far in the current epoch: the position of the augmentation streams.
+        self._augmented = {"epoch": 0, "batches": 0}
 
     @property
     def num_classes(self) -> int:
@@ -169,48 +180,97 @@ class CIFARDataModule(pl.LightningDataModule):
         self.classes = arrays.classes
 
     @override
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled uint8 training batches ``(images, labels)``, or ``(images, labels, indices)``."""
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
+    def train_dataloader(self) -> StatefulDataLoader:
+        """Shuffled uint8 training batches ``(images, labels)``, or ``(images, labels, indices)``, resumable."""
+        train_set, trainer = _set_up(self.train_set), self.trainer
+        sampler = ResumableShuffle(
+            train_set,
+            seed=shuffle_seed(self.hparams.seed),
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+        )
+        workers = self.hparams.num_workers
+        with warnings.catch_warnings():
+            # torchdata 0.11 calls torch.set_vital, which torch now deprecates: nothing for a user to act on.
+            warnings.filterwarnings("ignore", message=".*set_vital.* is deprecated")
+            return StatefulDataLoader(
+                train_set,
+                batch_size=self.batch_size,
+                sampler=sampler,
+                num_workers=workers,
+                collate_fn=keep_batch,
+                persistent_workers=workers > 0,
+            )
 
     @override
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches (an empty list when ``val_size=0``, which makes Lightning skip validation)."""
         if self.hparams.val_size == 0:
             return []
-        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
+        return self._eval_loader(self.val_set)
 
     @override
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
+        return self._eval_loader(self.test_set)
 
     @override
     def predict_dataloader(self) -> DataLoader:
         """The test set, for ``Trainer.predict``."""
-        return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
+        return self._eval_loader(self.test_set)
 
-    def transform(self, images: torch.Tensor, train: bool) -> torch.Tensor:
-        """Turn uint8 images into the model's input: crop + flip if ``train`` (and ``augment``), normalize."""
+    def transform(
+        self, images: torch.Tensor, train: bool, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Turn uint8 images into the model's input: crop + flip if ``train`` (and ``augment``), normalize.
+
+        ``generator`` draws the crops and flips (default: torch's global generator).
+        """
         if train and self.hparams.augment:
-            images = random_crop_flip(images, padding=4)
+            images = random_crop_flip(images, padding=4, generator=generator)
         return normalize(images, self.mean, self.std)
 
     @override
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         """Augment (while training) and normalize a batch already on the device."""
         images, *rest = batch
-        training = self.trainer is not None and self.trainer.training
-        return (self.transform(images, train=training), *rest)
+        trainer = self.trainer
+        training = trainer is not None and trainer.training
+        generator = self._next_augmentation() if training and self.hparams.augment else None
+        return (self.transform(images, train=training, generator=generator), *rest)
 
-    def _loader(self, dataset: TensorImageDataset | None, batch_size: int, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("call setup() before asking CIFARDataModule for a dataloader")
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """How many training batches of which epoch were augmented (Lightning saves it in checkpoints)."""
+        return {"augmented": dict(self._augmented)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the augmentation streams where the checkpoint left them."""
+        augmented = state_dict.get("augmented")
+        if augmented is not None:
+            self._augmented = {"epoch": int(augmented["epoch"]), "batches": int(augmented["batches"])}
+
+    def _next_augmentation(self) -> torch.Generator:
+        """The generator for the next training batch: a function of (seed, rank, epoch, batch in epoch)."""
+        epoch = self.trainer.current_epoch
+        if epoch != self._augmented["epoch"]:
+            self._augmented = {"epoch": epoch, "batches": 0}
+        batch = self._augmented["batches"]
+        self._augmented["batches"] += 1
+        return augmentation_generator(self.hparams.seed, self.trainer.global_rank, epoch, batch)
+
+    def _eval_loader(self, dataset: TensorImageDataset | None) -> DataLoader:
         workers = self.hparams.num_workers
         return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
+            _set_up(dataset),
+            batch_size=self.eval_batch_size,
             num_workers=workers,
             collate_fn=keep_batch,
             persistent_workers=workers > 0,
         )
+
+
+def _set_up(dataset: TensorImageDataset | None) -> TensorImageDataset:
+    if dataset is None:
+        raise RuntimeError("call setup() before asking CIFARDataModule for a dataloader")
+    return dataset

@@ -82,3 +82,12 @@ def test_crop_flip_and_normalize_on_cuda_match_the_cpu():
         assert torch.equal(out[i].cpu(), crop.flip(-1) if flip[i] else crop)
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     torch.testing.assert_close(normalize(images.cuda(), mean, std).cpu(), normalize(images, mean, std))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cpu_generator_augments_cuda_images_as_it_augments_cpu_ones():
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    on_cpu = random_crop_flip(images, generator=torch.Generator().manual_seed(3))
+    on_cuda = random_crop_flip(images.cuda(), generator=torch.Generator().manual_seed(3))
+    assert on_cuda.is_cuda and torch.equal(on_cuda.cpu(), on_cpu)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.utilities.data import _update_dataloader
 from torch.utils.data import DistributedSampler
 
 from lightning_compress.data import CIFARDataModule
@@ -66,15 +67,14 @@ def test_predict_dataloader_is_the_test_set_in_order(pickles):
 
 
 def test_two_ddp_ranks_see_disjoint_training_samples(pickles):
-    """Re-instantiate the loader with a DistributedSampler exactly as Lightning does under DDP."""
+    """Each rank's loader shards itself; being a DistributedSampler, Lightning keeps it instead of replacing it."""
     seen = []
     for rank in range(2):
         dm = make(pickles)  # each rank builds its own DataModule: the split must agree
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
         loader = dm.train_dataloader()
-        sampler = DistributedSampler(dm.train_set, num_replicas=2, rank=rank, shuffle=True, seed=0)
-        sharded = _update_dataloader(loader, sampler)
-        assert sharded.collate_fn is loader.collate_fn
-        seen.append(rows(torch.cat([x for x, _ in sharded])))
+        assert isinstance(loader.sampler, DistributedSampler)
+        seen.append(rows(torch.cat([x for x, _ in loader])))
     assert len(seen[0]) == len(seen[1]) == 15
     assert not seen[0] & seen[1]
     assert seen[0] | seen[1] == rows(make(pickles).train_set.images)
