@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lightning_compress.core.architecture import checkpoint_records
+from lightning_compress.core.layers import uncompiled_name
 from lightning_compress.data.readers import SPECS
 from lightning_compress.export import build_network
 from lightning_compress.quantization.qat import RECORD_KIND as QAT_RECORD_KIND
@@ -105,7 +106,7 @@ def load_checkpoint(path: str | os.PathLike[str], classes: list[str] | None = No
         raise ValueError(f"{path} was not written by ImageClassifier with a zoo model (its hyper_parameters are "
                          f"{sorted(hparams)}); expected {_EXPECTED}")
     prefix = NETWORK + "."
-    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    state = {uncompiled_name(k[len(prefix):]): v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     try:
         records = checkpoint_records(checkpoint)
     except ValueError as err:

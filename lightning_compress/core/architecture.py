@@ -29,6 +29,8 @@ from typing import Any
 from torch import nn
 from typing_extensions import override
 
+from lightning_compress.core.layers import uncompiled_name, unwrap_compiled
+
 ARCHITECTURE_KEY = "compression_architecture"
 """Top-level checkpoint key holding the list of :class:`ArchitectureRecord` dictionaries."""
 
@@ -125,7 +127,10 @@ def replay_records(module: nn.Module, records: list[ArchitectureRecord]) -> None
         if not isinstance(network, nn.Module):
             raise ValueError(f"architecture record {record.kind!r} changes the network {record.network!r}, but "
                              f"{type(module).__name__} has no such submodule")
-        setattr(module, record.network, function(network, record.payload))
+        inner = unwrap_compiled(network)  # records name layers as users write them, not inside the wrapper
+        rebuilt = function(inner, record.payload)
+        if rebuilt is not inner:  # a new network (e.g. QAT-prepared) replaces the wrapper too
+            setattr(module, record.network, rebuilt)
         append_record(module, record)
 
 
@@ -158,6 +163,26 @@ def restore_architecture(module: nn.Module, checkpoint: Mapping[str, Any]) -> No
                          f"checkpoint (records {[r.kind for r in saved]}) does not start with: load it into a "
                          "freshly built module")
     replay_records(module, saved[len(applied):])
+    if isinstance(checkpoint.get("state_dict"), dict):
+        match_compiled_names(module, checkpoint["state_dict"])
+
+
+def match_compiled_names(module: nn.Module, state_dict: dict[str, Any]) -> None:
+    """Rename ``state_dict`` keys in place to ``module``'s own, where they differ only by ``torch.compile``'s
+    ``_orig_mod`` parts: a checkpoint of a compiled network loads into an uncompiled one and vice versa.
+
+    Example:
+        >>> import torch
+        >>> holder = nn.Module(); holder.net = torch.compile(nn.Linear(2, 2))
+        >>> state = {"net.weight": torch.zeros(2, 2), "net.bias": torch.zeros(2)}
+        >>> match_compiled_names(holder, state); sorted(state)
+        ['net._orig_mod.bias', 'net._orig_mod.weight']
+    """
+    own = {uncompiled_name(key): key for key in module.state_dict()}
+    for key in [key for key in state_dict if key not in own.values()]:
+        target = own.get(uncompiled_name(key))
+        if target is not None and target not in state_dict:
+            state_dict[target] = state_dict.pop(key)
 
 
 class RestoresArchitecture:

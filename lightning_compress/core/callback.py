@@ -32,12 +32,13 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 from typing_extensions import override
 
 from lightning_compress.core.architecture import RestoresArchitecture, restore_architecture, write_records
 from lightning_compress.core.composition import Declaration, Effect, check_declarations
 from lightning_compress.core.guards import check_step_loss
-from lightning_compress.core.layers import find_network
+from lightning_compress.core.layers import find_network, unwrap_compiled
 from lightning_compress.core.optimizer_order import ORDER_KEY, parameter_order, restore_parameter_order
 from lightning_compress.core.progress import StepBudget, StepWindow, step_budget
 
@@ -146,6 +147,17 @@ class CompressionCallback(Callback, abc.ABC):
             True when :attr:`guards_loss` and ``step`` is at or after the window's start.
         """
         return self.guards_loss and self.window is not None and step >= self.window.start
+
+    def network_of(self, pl_module: pl.LightningModule) -> nn.Module:
+        """The network this callback acts on (inside a ``torch.compile`` wrapper, which then follows it).
+
+        Args:
+            pl_module: The LightningModule.
+
+        Returns:
+            The network module.
+        """
+        return unwrap_compiled(getattr(pl_module, self.network_name))
 
     @staticmethod
     def rewrap_distributed(trainer: pl.Trainer) -> None:

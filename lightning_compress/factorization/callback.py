@@ -17,7 +17,7 @@ from lightning_compress.core.callback import CompressionCallback
 from lightning_compress.core.composition import Declaration, Effect
 from lightning_compress.core.guards import check_finite
 from lightning_compress.core.inputs import capture_network_input, first_sample
-from lightning_compress.core.layers import matches_any, select_layers
+from lightning_compress.core.layers import matches_any, select_layers, uncompiled_name
 from lightning_compress.core.optimizers import replace_parameters
 from lightning_compress.core.progress import Position, StepBudget, StepWindow, validate_position
 from lightning_compress.factorization.allocation import (
@@ -155,7 +155,7 @@ class LowRankFactorization(CompressionCallback):
     @override
     def setup_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Select the layers and check explicit ranks."""
-        network = pl_module.get_submodule(self.network_name)
+        network = self.network_of(pl_module)
         prefix = self.network_name + "."
         selected = select_layers(pl_module, self.include, self.exclude, layer_types=FACTORIZABLE_TYPES)
         outside = [name for name in selected if not name.startswith(prefix)]
@@ -165,7 +165,7 @@ class LowRankFactorization(CompressionCallback):
         grouped = [name for name in selected if not is_factorizable(pl_module.get_submodule(name))]
         if grouped:
             rank_zero_info(f"LowRankFactorization: grouped convolutions left alone: {grouped}")
-        self._layers = [name[len(prefix):] for name in selected if name not in grouped]
+        self._layers = [uncompiled_name(name[len(prefix):]) for name in selected if name not in grouped]
         if not self._layers:
             raise ValueError(f"no factorizable layer (Linear or ungrouped Conv2d) selected by include={self.include!r}, "
                              f"exclude={self.exclude!r}; selected layers were {selected}")
@@ -239,9 +239,10 @@ class LowRankFactorization(CompressionCallback):
         """On the first batch, measure the network (and check the target); at ``start``, factorize."""
         if self._done or self.window is None:
             return
-        network = pl_module.get_submodule(self.network_name)
+        network = self.network_of(pl_module)
         if self._example is None:
-            self._example = first_sample(capture_network_input(pl_module, network, batch, batch_idx))
+            called = getattr(pl_module, self.network_name)  # a compiled wrapper's input is its network's input
+            self._example = first_sample(capture_network_input(pl_module, called, batch, batch_idx))
             if self._dense_macs is None:
                 self._dense_macs = count_macs(network, self._example)
             if self.target[0] == "kept_macs_ratio" and trainer.global_step < self.window.start:

@@ -22,7 +22,7 @@ from lightning_compress.core.callback import CompressionCallback
 from lightning_compress.core.composition import Declaration, Effect
 from lightning_compress.core.guards import check_finite
 from lightning_compress.core.inputs import capture_network_input, first_sample
-from lightning_compress.core.layers import select_layers, weighted_layers
+from lightning_compress.core.layers import select_layers, uncompiled_name, weighted_layers
 from lightning_compress.core.progress import (
     Interval,
     Position,
@@ -170,13 +170,15 @@ class ChannelPruning(CompressionCallback):
         kept = select_layers(pl_module, include="*", exclude=self.ignore, argument_names=("include", "ignore"))
         layers = weighted_layers(pl_module)
         head = next((n for n in reversed(layers) if isinstance(pl_module.get_submodule(n), nn.Linear)), None)
-        self._ignored = [n[len(prefix):] for n in layers if n.startswith(prefix) and (n not in kept or n == head)]
+        self._ignored = [uncompiled_name(n[len(prefix):]) for n in layers
+                         if n.startswith(prefix) and (n not in kept or n == head)]
 
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         """Trace the network on the first batch's input, refusing one that cannot be slimmed; note dense state."""
-        network = pl_module.get_submodule(self.network_name)
+        network = self.network_of(pl_module)
         if self._input_shape is None:
-            example = first_sample(capture_network_input(pl_module, network, batch, batch_idx))
+            called = getattr(pl_module, self.network_name)  # a compiled wrapper's input is its network's input
+            example = first_sample(capture_network_input(pl_module, called, batch, batch_idx))
             if len(example) != 1 or not isinstance(example[0], torch.Tensor):
                 raise ValueError(f"ChannelPruning traces a network called with one tensor; {self.network_name!r} "
                                  f"is called with {len(example)} arguments")
@@ -211,7 +213,7 @@ class ChannelPruning(CompressionCallback):
             return
         progress = (min(step, window.end) - window.start) / (window.end - window.start)
         self._last_update_step = step
-        network = pl_module.get_submodule(self.network_name)
+        network = self.network_of(pl_module)
         example = self._example(network)
         name, final = self.target
         if name == "channel_ratio":

@@ -41,8 +41,10 @@ from lightning_compress.quantization.prepare import (
     freeze_observers,
     frozen_copy,
     is_prepared,
+    pause_observers,
     prepare,
     resolve_skip,
+    resume_observers,
     weight_quantization_errors,
 )
 
@@ -145,6 +147,7 @@ class QuantizationAwareTraining(CompressionCallback):
         self._bn_frozen = False
         # resolved in setup
         self._skip_names: list[str] = []
+        self._paused_observers: list[nn.Module] = []
         self._steps: dict[str, int | None] = {}
         self._last_logged_step = -1
         self._fit_completed = False
@@ -332,20 +335,48 @@ class QuantizationAwareTraining(CompressionCallback):
                 f"but this trainer runs on {pl_module.device}; use Trainer(accelerator='cpu') to test or predict"
             )
 
+    def _pause_observers(self, pl_module: pl.LightningModule) -> None:
+        """Evaluation data must not move the ranges the network trains and ships with (torch.ao's
+        fake-quantizers observe in eval mode too)."""
+        if self._stage is Stage.QAT:
+            self._paused_observers = pause_observers(getattr(pl_module, self.network_name))
+
+    def _resume_observers(self) -> None:
+        resume_observers(self._paused_observers)
+        self._paused_observers = []
+
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Refuse to run the int8 network on a GPU."""
+        """Refuse to run the int8 network on a GPU; keep the quantization ranges still while validating."""
         self._check_cpu(pl_module)
+        self._pause_observers(pl_module)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Let the observers that were on observe training batches again."""
+        self._resume_observers()
 
     @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Refuse to run the int8 network on a GPU."""
+        """Refuse to run the int8 network on a GPU; keep the quantization ranges still while testing."""
         self._check_cpu(pl_module)
+        self._pause_observers(pl_module)
+
+    @override
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Turn the paused observers back on."""
+        self._resume_observers()
 
     @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Refuse to run the int8 network on a GPU."""
+        """Refuse to run the int8 network on a GPU; keep the quantization ranges still while predicting."""
         self._check_cpu(pl_module)
+        self._pause_observers(pl_module)
+
+    @override
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Turn the paused observers back on."""
+        self._resume_observers()
 
     # ------------------------------------------------------------------------------------ checkpoint
     @override

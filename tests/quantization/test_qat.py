@@ -266,3 +266,45 @@ def test_gpu_fit_converts_on_cpu_and_refuses_gpu_test(make_trainer):
         trainer.test(model, random_loader(), verbose=False)
     cpu_trainer = make_trainer([])
     assert cpu_trainer.test(model, random_loader(), verbose=False)[0]["test_acc"] >= 0.0
+
+
+def test_validation_does_not_move_the_trained_quantization_ranges(tmp_path):
+    """torch.ao's fake-quantizers observe in eval mode too: validation batches (here far outside the training
+    range) must leave the ranges as training left them, and training must go on observing afterwards."""
+    import lightning.pytorch as pl
+    from torch.ao.quantization import FakeQuantizeBase
+
+    from tests.toy import UserClassifier, random_loader
+
+    def ranges(module):
+        return [m.scale.clone() for m in module.modules() if isinstance(m, FakeQuantizeBase)]
+
+    class Probe(pl.Callback):
+        seen: list = []
+
+        def on_validation_start(self, trainer, pl_module):
+            self.before = ranges(pl_module.net)
+
+        def on_validation_end(self, trainer, pl_module):
+            if self.before:
+                self.seen.append(all(torch.equal(a, b) for a, b in zip(self.before, ranges(pl_module.net))))
+
+    class Loud(torch.utils.data.Dataset):  # validation inputs 20x the training scale
+        def __init__(self):
+            self.data = random_loader(16).dataset
+
+        def __len__(self):
+            return len(self.data)
+
+        def __getitem__(self, i):
+            x, y = self.data[i]
+            return 20 * x, y
+
+    model, probe = UserClassifier(), Probe()
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         callbacks=[QuantizationAwareTraining(start=0.0, convert_on_fit_end=False), probe])
+    trainer.fit(model, random_loader(32), torch.utils.data.DataLoader(Loud(), batch_size=8))
+    assert probe.seen == [True, True]
+    observing = [bool(m.observer_enabled[0]) for m in model.net.modules() if isinstance(m, FakeQuantizeBase)]
+    assert any(observing)  # training observes again after validation
