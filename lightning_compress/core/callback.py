@@ -37,6 +37,7 @@ from typing_extensions import override
 
 from lightning_compress.core.architecture import RestoresArchitecture, restore_architecture, write_records
 from lightning_compress.core.composition import Declaration, Effect, check_declarations
+from lightning_compress.core.epoch_restart import restart_finished_epoch
 from lightning_compress.core.guards import check_step_loss
 from lightning_compress.core.layers import find_network, unwrap_compiled
 from lightning_compress.core.optimizer_order import ORDER_KEY, parameter_order, restore_parameter_order
@@ -257,7 +258,9 @@ class CompressionCallback(Callback, abc.ABC):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """After a resume, give the optimizer state loaded by position back to the parameters it belongs to."""
+        """After a resume: start a finished epoch's successor cleanly, give the optimizer state loaded by
+        position back to the parameters it belongs to."""
+        restart_finished_epoch(trainer)
         if self._saved_parameter_order is not None:
             restore_parameter_order(trainer.optimizers, pl_module, self._saved_parameter_order)
             self._saved_parameter_order = None

@@ -22,11 +22,6 @@ from tests.data.cifar_fakes import write_cifar_pickles
 
 SCRIPT = Path(__file__).with_name("midepoch_run.py")
 CONFIGS = ["none", "magnitude", "channel", "lowrank", "qat", "kd", "all"]
-LIGHTNING_BOUNDARY = (
-    "Lightning 2.6 resuming from a checkpoint taken at an epoch's last training batch counts the next epoch as "
-    "resumed mid-way (epoch progress one short, on_train_epoch_start skipped) and feeds it the finished epoch's "
-    "restored loader position; a later mid-epoch resume then restarts from the wrong batch"
-)
 
 
 def _run(out: Path, data: str, *specs: str) -> Path:
@@ -117,12 +112,13 @@ def test_cifar_datamodule_resumes_from_the_last_batch_of_an_epoch(cifar_runs):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=LIGHTNING_BOUNDARY)
 def test_cifar_datamodule_resumed_after_an_epoch_boundary_resume(cifar_runs):
+    """Lightning 2.6 alone counts the epoch after a last-batch checkpoint as resumed mid-way
+    (core/epoch_restart.py): a second resume later in it would restart from the wrong batch."""
     assert_resumed_exactly(cifar_runs, "all", kills=(6, 9))
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=LIGHTNING_BOUNDARY)
 def test_stateful_dataloader_resumed_from_the_last_batch_of_an_epoch(plain_runs):
+    """Lightning 2.6 alone would replay the finished epoch's tail from the restored loader position."""
     assert_resumed_exactly(plain_runs, "all", kills=(6, 9))
