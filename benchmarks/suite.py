@@ -13,14 +13,30 @@ Budgets (``--budget``):
   archive); seconds per row, numbers meaningless.
 * ``cpu``: 10 epochs (ResNet-56 teacher: 10 too), batch 128, bf16 autocast when the CPU has native
   bf16 (avx512_bf16 / AMX), else fp32 at 5 epochs; about 150 minutes for the table on a 2-core EPYC.
+* ``cpu30`` (issue 25): 30 epochs for every row and the ResNet-56 teacher, batch 128, bf16 autocast when
+  the CPU has native bf16, else fp32 (still 30 epochs); the rows of ``suite_rows.BLOCK_ROWS`` (KD at
+  alpha=0.5). Estimated, not measured as a block: ~36 minutes per dense ResNet-20 row, ~1 h 45 min for
+  the teacher, ~1 h 10 min per online-KD row with two rows side by side (~70 s per epoch per process, one
+  thread each), about 4 h 15 min for the block with ``--jobs 2`` on an otherwise idle 2-core EPYC
+  (``--plan-only`` prints the plan with each row's estimate).
 * ``gpu``: one CUDA GPU, data kept on the device, bf16, 15 epochs, batch 512 (sized for about 6
   minutes of H200 time for the table; ``device.sh`` runs it under a deadline, most informative rows first).
 
+Every row trains with the shipped recipes' optimizer settings (``recipes/baseline_resnet20.yaml``: SGD
+with Nesterov momentum, weight decay, cosine schedule, one warm-up epoch) and reports its deployed
+file's own top-1 (onnxruntime) and latency beside the torch network's top-1.
+
 Results are written as they come: one JSON line per row appended to
-``<results-dir>/suite_<budget>.jsonl``, then ``RESULTS.md`` (+ ``suite.png``) regenerated atomically
-from every budget's file, so a stopped run keeps what it measured. A row already recorded with the same
-config and the same code version (hash of the package sources the row uses) is skipped, so the table
-can be completed over several runs; ``--force`` re-measures.
+``<results-dir>/suite_<budget>.jsonl`` (under a lock on that file, so several row processes can write),
+then ``RESULTS.md`` (+ ``suite.png``) regenerated atomically from every budget's file, so a stopped run
+keeps what it measured. A row already recorded with the same config and the same code version (hash of
+the package sources the row uses) is skipped, so the table can be completed over several runs;
+``--force`` re-measures.
+
+``--jobs N`` runs N rows side by side, each as its own ``suite.py --only <row> --threads 1`` process
+(``suite_queue.py``): the teacher first, the KD rows once it has landed; one line per row start and end
+with its wall time, each row's output in ``<work-dir>/logs/``. Stopping it (Ctrl-C) stops its rows;
+the same command later runs only what has not landed.
 
 On a shared machine, run the CPU budget with ``--threads 1``: with two torch threads on 2 cores that other
 jobs keep busy (load average 7-10), ResNet-20 trained at 0.5-0.75 batches/s (the two threads wait for each
@@ -29,6 +45,8 @@ machine is that busy, ``--epochs N`` shrinks the budget (its rows form their own
 
 Run:  python benchmarks/suite.py --budget cpu                      (every row)
       python benchmarks/suite.py --budget cpu --only dense,gmp90     (a subset)
+      python benchmarks/suite.py --budget cpu30 --jobs 2             (issue 25's block, two rows at a time)
+      python benchmarks/suite.py --budget cpu30 --jobs 2 --plan-only (its plan and estimate, nothing trained)
       python benchmarks/suite.py --budget smoke --data tiny.tar.gz --results-dir /tmp/x
       python benchmarks/suite.py --report                            (re-render RESULTS.md only)
 """
@@ -36,9 +54,11 @@ Run:  python benchmarks/suite.py --budget cpu                      (every row)
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
+import shlex
 import sys
 import time
 import traceback
@@ -49,8 +69,22 @@ from typing import Any
 import torch
 from reporting import RESULTS_DIR, SHARED_CIFAR10, cpu_description, machine_info
 from suite_measure import export_function, measure_network
+from suite_queue import child_command, plan_lines, plan_queue, run_queue
 from suite_report import write_report
-from suite_rows import REPO, ROW_VERSION, ROWS, Budget, Context, Skip, code_version, resolve_budget
+from suite_rows import (
+    BUDGETS,
+    REPO,
+    ROW_VERSION,
+    ROWS,
+    Budget,
+    Context,
+    Skip,
+    budget_rows,
+    code_version,
+    optimizer_settings,
+    resolve_budget,
+    train_steps,
+)
 
 
 # ----------------------------------------------------------------------------------- training
@@ -120,13 +154,6 @@ def _trainer(budget: Budget, callbacks: list[Any], precision: str | None = None,
                       max_epochs=budget.epochs, limit_train_batches=budget.limit_train_batches, **common)
 
 
-def _steps(budget: Budget, epochs: int) -> int:
-    per_epoch = math.ceil((50000 - budget.val_size) / budget.batch_size)
-    if budget.limit_train_batches is not None:
-        per_epoch = min(per_epoch, budget.limit_train_batches)
-    return per_epoch * epochs
-
-
 def _test_acc(module: Any, data: Any, budget: Budget) -> float:
     return round(100 * _trainer(budget, [], fit=False).test(module, datamodule=data, verbose=False)[0]["test/acc"], 2)
 
@@ -144,41 +171,53 @@ class Suite:
     """Runs rows of one budget, records each as a JSON line and re-renders the report after each."""
 
     def __init__(self, budget: Budget, budget_reason: str, data: str, results_dir: Path, work_dir: Path,
-                 force: bool = False) -> None:
+                 force: bool = False, side_by_side: int = 1) -> None:
         self.budget, self.budget_reason, self.data = budget, budget_reason, data
         self.results_dir, self.work_dir, self.force = results_dir, work_dir, force
+        self.side_by_side = side_by_side
         self.jsonl = results_dir / f"suite_{budget.name}.jsonl"
         self.machine = {**machine_info(), "cpu": cpu_description()}
 
     def config(self, row: str) -> dict[str, Any]:
         """Everything a row's result depends on besides the code: recorded, and compared on rerun."""
         data = self.data if self.budget.name == "smoke" else Path(self.data).name
-        return {"row": row, "budget": asdict(self.budget), "row_version": ROW_VERSION, "seed": 0, "data": data}
+        return {"row": row, "budget": asdict(self.budget), "optimizer": optimizer_settings(self.budget),
+                "row_version": ROW_VERSION, "seed": 0, "data": data}
 
     def recorded(self) -> list[dict[str, Any]]:
         if not self.jsonl.exists():
             return []
-        return [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+        with open(self.jsonl) as f:
+            fcntl.flock(f, fcntl.LOCK_SH)  # not while another row's process is appending its line
+            text = f.read()
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
 
     def _is_recorded(self, row: str) -> dict[str, Any] | None:
-        version, config = code_version(ROWS[row][1]), self.config(row)
+        version, config = code_version(ROWS[row].sources), self.config(row)
         for record in reversed(self.recorded()):
             if record["config"] == config and record["code_version"] == version and record["status"] != "failed":
                 return record
         return None
 
+    def landed(self, row: str) -> bool:
+        """Whether ``row`` is recorded for this config and code (the teacher: and its checkpoint is there)."""
+        return self._is_recorded(row) is not None and (row != "teacher" or self.teacher_file().exists())
+
     def _append(self, record: dict[str, Any]) -> None:
+        """Append the row's line and regenerate the report, holding the lock on the JSON lines file: rows
+        running side by side in other processes append to the same file."""
         self.results_dir.mkdir(parents=True, exist_ok=True)
         with open(self.jsonl, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when the file is closed
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        write_report(self.results_dir)
+            write_report(self.results_dir)
 
     def teacher_file(self) -> Path:
         """Where the ResNet-56 teacher of this budget and code version is (or will be) saved."""
         budget = self.budget
-        return self.work_dir / f"teacher_{budget.name}_{budget.teacher_epochs}ep_{code_version(ROWS['teacher'][1])}.ckpt"
+        return self.work_dir / f"teacher_{budget.name}_{budget.teacher_epochs}ep_{code_version(ROWS['teacher'].sources)}.ckpt"
 
     def teacher_path(self) -> str:
         """Checkpoint of the suite's ResNet-56 teacher for this budget and code, trained on first need."""
@@ -199,13 +238,14 @@ class Suite:
             return previous
         budget = self.budget
         epochs = budget.teacher_epochs if row == "teacher" else budget.epochs
-        ctx = Context(budget=replace(budget, epochs=epochs), steps=_steps(budget, epochs), teacher_path=self.teacher_path)
-        record: dict[str, Any] = {"row": row, "config": self.config(row), "code_version": code_version(ROWS[row][1]),
+        ctx = Context(budget=replace(budget, epochs=epochs), steps=train_steps(budget, epochs),
+                      teacher_path=self.teacher_path)
+        record: dict[str, Any] = {"row": row, "config": self.config(row), "code_version": code_version(ROWS[row].sources),
                                   "budget_reason": self.budget_reason, "machine": self.machine,
-                                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+                                  "side_by_side": self.side_by_side, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         print(f"[suite] {row}: start ({budget.name}, {epochs} epochs)", flush=True)
         try:
-            plan = ROWS[row][0](ctx)
+            plan = ROWS[row].plan(ctx)
         except Skip as reason:
             record.update(status="skipped", reason=str(reason))
             self._append(record)
@@ -217,7 +257,7 @@ class Suite:
             if isinstance(plan, Exception):
                 raise plan
             pl.seed_everything(0, workers=True)
-            module = ImageClassifier(plan.model, lr=budget.lr, warmup="1ep", channels_last=True)
+            module = ImageClassifier(plan.model, **optimizer_settings(budget), channels_last=True)
             data = datamodule(self.data, budget, **plan.data)
             trainer = _trainer(replace(budget, epochs=epochs), [*plan.callbacks, _epoch_clock(row)], plan.precision)
             start = time.perf_counter()
@@ -233,10 +273,9 @@ class Suite:
                 module.model = int8
             top1 = _test_acc(module, data, budget)
             module.model = measured_on
-            test = None
-            if int8 is not None:  # the int8 artifact's own accuracy, on the same test images
-                limit = None if budget.limit_test_batches is None else budget.limit_test_batches * 256
-                test = (data.transform(data.test_set.images[:limit], train=False), data.test_set.labels[:limit])
+            # the deployed file's own accuracy, on the same test images
+            limit = None if budget.limit_test_batches is None else budget.limit_test_batches * 256
+            test = (data.transform(data.test_set.images[:limit], train=False), data.test_set.labels[:limit])
             measured = measure_network(network, int8, getattr(plan.qat, "engine", "x86"), budget.latency_repeats, test)
             measured["measure_notes"] = measured.pop("notes")
             record.update(status="ok", top1=top1, fit_s=round(fit_s, 1), epochs=epochs, notes=plan.notes, **measured)
@@ -255,14 +294,29 @@ class Suite:
         return record
 
 
+def _again(argv: list[str]) -> str:
+    """The command that finishes what this run leaves queued: the same, without ``--force``/``--plan-only``."""
+    kept = [arg for arg in argv if arg not in ("--force", "--plan-only")]
+    return shlex.join(["python", "benchmarks/suite.py", *kept])
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budget", choices=("smoke", "cpu", "gpu"), default="cpu")
-    parser.add_argument("--only", default=None, help="comma-separated rows (default: all, in table order)")
+    parser.add_argument("--budget", choices=BUDGETS, default="cpu")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated rows (default: the budget's rows, suite_rows.BLOCK_ROWS, else all)")
     parser.add_argument("--data", default=SHARED_CIFAR10, help="CIFAR-10 in any layout CIFARDataModule reads")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--work-dir", type=Path, default=REPO / "runs" / "suite", help="teacher checkpoints")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--work-dir", type=Path, default=REPO / "runs" / "suite",
+                        help="teacher checkpoints and, with --jobs, each row's log")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's choice; with --jobs: 1 per row)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="rows side by side, each in its own process (a queue: the teacher before the KD rows)")
+    parser.add_argument("--plan-only", action="store_true",
+                        help="print the queue's plan and estimated finish, train nothing")
+    parser.add_argument("--side-by-side", type=int, default=1, help=argparse.SUPPRESS)  # set by the queue, recorded
     parser.add_argument("--epochs", type=int, default=None,
                         help="override the budget's epochs (student and teacher): a machine busier than the "
                              "budget assumes; rows at other epochs form their own block")
@@ -275,10 +329,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         write_report(args.results_dir)
         return 0
-    rows = list(ROWS) if args.only is None else [r.strip() for r in args.only.split(",") if r.strip()]
+    rows = list(budget_rows(args.budget)) if args.only is None else [r.strip() for r in args.only.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         parser.error(f"unknown rows {unknown}; rows are {list(ROWS)}")
+    if args.jobs is not None and args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    if (args.jobs or args.plan_only) and args.budget == "gpu":
+        parser.error("--jobs and --plan-only are for the CPU budgets (rows side by side on the CPU's cores, "
+                     "estimates from CPU timings); the gpu budget runs one row at a time (device.sh)")
     if args.threads:
         torch.set_num_threads(args.threads)
     budget, reason = resolve_budget(args.budget)
@@ -289,7 +348,19 @@ def main(argv: list[str] | None = None) -> int:
         reason += f"; {args.epochs} epochs chosen for this run (--epochs)"
     if budget.accelerator == "gpu" and not torch.cuda.is_available():
         parser.error("--budget gpu needs a CUDA device")
-    suite = Suite(budget, reason, args.data, args.results_dir, args.work_dir, args.force)
+    suite = Suite(budget, reason, args.data, args.results_dir, args.work_dir, args.force, args.side_by_side)
+    if args.plan_only or args.jobs:
+        jobs, threads = args.jobs or 1, args.threads or 1
+        if args.plan_only:
+            landed, queue = plan_queue(suite, rows)
+            for line in plan_lines(budget, queue, landed, jobs, threads):
+                print(f"[suite] {line}", flush=True)
+            print(f"[suite] run it with: {_again(argv)}", flush=True)
+            return 0
+        status = run_queue(suite, rows, jobs, threads, lambda row: child_command(args, row, threads, jobs),
+                           args.work_dir / "logs", _again(argv))
+        write_report(args.results_dir)
+        return status
     failed = [row for row in rows if suite.run_row(row)["status"] == "failed"]
     return 1 if failed else 0
 

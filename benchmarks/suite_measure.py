@@ -90,12 +90,18 @@ def _qdq_onnx(prepared: nn.Module) -> bytes:
     return export_function("qdq_onnx_bytes")(qdq, torch.randn(*EXAMPLE))
 
 
-def onnx_top1(blob: bytes, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
-    """Top-1 (%) of an ONNX model run by onnxruntime on normalized ``images``: the accuracy of the file shipped."""
+def onnx_top1(blob: bytes, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500,
+              threads: int | None = None) -> float:
+    """Top-1 (%) of an ONNX model run by onnxruntime on normalized ``images``: the accuracy of the file shipped.
+
+    ``threads``: onnxruntime's intra-op threads (None: its default, every core).
+    """
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
     session = onnxruntime.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     correct = 0
@@ -131,13 +137,14 @@ def measure_network(network: nn.Module, int8: nn.Module | None = None, engine: s
         int8: Its converted int8 network, for rows that quantize.
         engine: The int8 engine ``int8`` was converted for.
         repeats: Timed runs per latency.
-        test: Normalized test images and labels: with them, an int8 ONNX artifact's own top-1 is measured
-            (``top1_deployed``), the accuracy of the file a deployment runs.
+        test: Normalized test images and labels: with them, the deployed ONNX file's own top-1 is measured
+            (``top1_deployed``, on as many threads as torch has), the accuracy of the file a deployment runs.
 
     Returns:
         ``params``, ``nonzero``, ``macs``, ``packed_bytes``, ``artifact`` (kind and bytes of the deployed
-        file), ``latency_ms`` by runtime (``ort_fp32``, ``ort_int8`` or ``torchscript_int8``) and
-        ``notes`` naming anything that could not be measured and why.
+        file), ``latency_ms`` by runtime (``ort_fp32``, ``ort_int8`` or ``torchscript_int8``),
+        ``top1_deployed`` (given ``test``, for an ONNX artifact) and ``notes`` naming anything that could
+        not be measured and why.
     """
     net = copy.deepcopy(network).float().cpu().eval()
     net = net.to(memory_format=torch.contiguous_format)
@@ -157,6 +164,8 @@ def measure_network(network: nn.Module, int8: nn.Module | None = None, engine: s
             blob = _onnx(net)
             result["artifact"] = {"kind": "onnx fp32", "bytes": len(blob)}
             result["latency_ms"]["ort_fp32"] = onnx_latency_ms(blob, repeats)
+            if test is not None:
+                result["top1_deployed"] = onnx_top1(blob, *test, threads=threads)
         else:  # the int8 artifact: QDQ ONNX where this code version has it, else what exists, labelled
             for kind, build in (("onnx int8 (QDQ)", lambda: _qdq_onnx(network)), ("onnx int8", lambda: _onnx(int8))):
                 try:
@@ -168,8 +177,7 @@ def measure_network(network: nn.Module, int8: nn.Module | None = None, engine: s
                 result["artifact"] = {"kind": kind, "bytes": len(blob)}
                 result["latency_ms"]["ort_int8"] = onnx_latency_ms(blob, repeats)
                 if test is not None:
-                    torch.set_num_threads(threads)
-                    result["top1_deployed"] = onnx_top1(blob, *test)
+                    result["top1_deployed"] = onnx_top1(blob, *test, threads=threads)
                 break
             else:
                 notes.append("int8 measured as the TorchScript artifact (save_quantized)")

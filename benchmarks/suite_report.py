@@ -10,9 +10,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from suite_queue import duration, estimate_s, queue_order, schedule
+from suite_rows import BLOCK_ROWS, ROW_VERSION, budget_rows, resolve_budget
+
 from lightning_compress.core.files import atomic_path, write_text_atomic
 
-BUDGET_ORDER = ("gpu", "cpu", "smoke")
+BUDGET_ORDER = ("cpu30", "gpu", "cpu", "smoke")
 TARGETS = "GMP 90 % within 2 points of dense; channel pruning at half the MACs within 1.5; QAT within 0.3; " \
           "KD above the student trained alone; full pipeline >= 10x smaller and >= 3x faster than dense within 3 points"
 
@@ -52,7 +55,7 @@ def load_rows(results_dir: Path) -> dict[str, list[dict[str, Any]]]:
 def _current(record: dict[str, Any]) -> bool:
     from suite_rows import ROWS, code_version
 
-    return record["row"] in ROWS and code_version(ROWS[record["row"]][1]) == record["code_version"]
+    return record["row"] in ROWS and code_version(ROWS[record["row"]].sources) == record["code_version"]
 
 
 def _kb(value: int | None) -> str:
@@ -62,7 +65,7 @@ def _kb(value: int | None) -> str:
 def _describe(row: str) -> str:
     from suite_rows import ROWS
 
-    doc = (ROWS[row][0].__doc__ or "").strip()
+    doc = (ROWS[row].plan.__doc__ or "").strip()
     return doc.split("\n")[0].rstrip(".") if row in ROWS else row
 
 
@@ -90,6 +93,38 @@ def _latency(record: dict[str, Any]) -> tuple[str, str]:
     return fp32, "-"
 
 
+def _side_by_side(rows: list[dict[str, Any]]) -> str:
+    counts = sorted({r.get("side_by_side", 1) for r in rows})
+    return "" if counts == [1] else f"; rows run {' or '.join(map(str, counts))} side by side (one process each)"
+
+
+def queue_status(name: str, rows: list[dict[str, Any]]) -> list[str]:
+    """Which of the budget's rows (``suite_rows.BLOCK_ROWS``) have landed and which are queued, and the
+    command that runs the queued ones (rows that landed are skipped by it)."""
+    done = [r["row"] for r in rows if r["status"] in ("ok", "skipped") and _current(r)
+            and r["config"].get("row_version") == ROW_VERSION]
+    queued = [row for row in budget_rows(name) if row not in done]
+    if not queued:
+        return [f"**All {len(done)} rows of this block have landed.**"]
+    return [(f"**Done ({len(done)} of {len(done) + len(queued)}):** {', '.join(done) or 'none yet'}. "
+             f"**Queued** (not run, failed, or measured with older code): {', '.join(queued)}. "
+             f"Run them with `python benchmarks/suite.py --budget {name} --jobs 2` (rows that landed are kept).")]
+
+
+def render_queued_block(name: str) -> list[str]:
+    """A block of ``BLOCK_ROWS`` with no row recorded yet: its budget as this machine resolves it, the
+    queue, and the command that runs it."""
+    budget, reason = resolve_budget(name)
+    queue = queue_order(budget_rows(name))
+    finish = max(s.end_s for s in schedule(queue, {row: estimate_s(row, budget) for row in queue}, jobs=2))
+    return [f"## Budget: {name}", "",
+            (f"Seed 0, batch {budget.batch_size}, {budget.epochs} epochs (teacher {budget.teacher_epochs}), training "
+             f"precision {budget.precision} on {budget.accelerator} as this machine resolves it ({reason}). "
+             f"No row has landed yet; estimated {duration(finish)} with two rows side by side (an estimate from "
+             "per-epoch timings, not a measurement: `--plan-only` prints the plan)."), "",
+            *queue_status(name, [])]
+
+
 def render_block(budget: str, rows: list[dict[str, Any]]) -> list[str]:
     """One markdown table for one budget."""
     ok = {r["row"]: r for r in rows if r["status"] == "ok"}
@@ -103,7 +138,9 @@ def render_block(budget: str, rows: list[dict[str, Any]]) -> list[str]:
              + f"; {rows[0].get('budget_reason', '')}. Tested on the CPU "
              + ("(all 10,000 test images)" if not b.get("limit_test_batches") else f"({b['limit_test_batches']} test batches)")
              + ", int8 rows with the converted int8 network.",
-             f"Machine: {_machine(rows[0])}; load average (1 min) after each row: {_loads(rows)}.", "",
+             f"Machine: {_machine(rows[0])}; load average (1 min) after each row: {_loads(rows)}"
+             + _side_by_side(rows) + ".", "",
+             *([*queue_status(budget, rows), ""] if budget in BLOCK_ROWS else []),
              "| row | what | top-1 % | Δ vs dense | params | non-zeros | MMACs | deployed artifact kB | "
              "packed kB | ORT fp32 ms | int8 ms | fit s | wall s | code |",
              "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"]
@@ -198,7 +235,8 @@ def plot(blocks: dict[str, list[dict[str, Any]]], path: Path) -> bool:
     ax.set_ylabel("CIFAR-10 test top-1 (%)")
     ax.set_title("lightning-compress suite: accuracy vs size (ResNet-20 rows)")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # a block of failed rows only has nothing to plot
+        ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
@@ -219,6 +257,9 @@ def write_report(results_dir: Path) -> Path:
              "*code*: hash of the package sources the row depends on; a rerun re-measures rows whose code changed.", ""]
     if blocks and plot(blocks, results_dir / "suite.png"):
         lines += ["![accuracy vs compressed size](suite.png)", ""]
+    for name in BLOCK_ROWS:  # declared blocks nothing has landed in yet: what is queued
+        if name not in blocks:
+            lines += [*render_queued_block(name), ""]
     for budget, rows in blocks.items():
         lines += [*render_block(budget, rows), ""]
     notes = results_dir / "suite_notes.md"

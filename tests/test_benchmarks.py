@@ -304,7 +304,7 @@ def committed_versions(names: list[str]) -> dict[str, tuple[int, int] | None]:
             for path in paths}
 
 
-LIBRARY_MODULES = {"reporting", "suite_measure", "suite_rows", "suite_report"}
+LIBRARY_MODULES = {"reporting", "suite_measure", "suite_queue", "suite_rows", "suite_report"}
 """Modules the scripts import, not scripts themselves."""
 TESTED_ELSEWHERE = {"suite": "tests/test_suite.py"}
 

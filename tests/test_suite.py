@@ -4,14 +4,17 @@ The suite runs as the README runs it (its own process) on a tiny generated JPEG 
 the shared CIFAR-10 copy, writing into ``tmp_path``; the checks read the JSON lines and the RESULTS.md it
 wrote: the measured values of a ResNet-20 (parameters, MACs, non-zeros after pruning, int8 artifact
 smaller than fp32, latencies), not only that files exist. ``device.sh --dry-run`` runs the GPU script's
-whole sequence on the CPU. Unit tests cover budgets, code versions, the skip-on-rerun rule and the
-report's target lines in-process.
+whole sequence on the CPU. Unit tests cover budgets, code versions, the skip-on-rerun rule, the queue
+of ``--jobs`` (with stand-in row processes that append a line in a fraction of a second) and the report's
+target and queue lines in-process; one slow test runs ``--jobs 2`` for real.
 """
 
 from __future__ import annotations
 
+import doctest
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,8 +30,12 @@ TIMEOUT_S = 300
 
 sys.path.insert(0, str(BENCHMARKS))
 import suite  # (benchmarks/ is not a package: imported from its folder, as the scripts import each other)
+import suite_queue
 import suite_report
 import suite_rows
+
+BF16 = {"model": "x", "flags": ["avx512_bf16"], "bf16": True}
+NO_BF16 = {"model": "x", "flags": ["avx2"], "bf16": False}
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +66,10 @@ def _check_measured_rows(rows: dict[str, dict], markdown: str) -> None:
     assert qat["status"] == "ok" and qat["artifact"]["kind"] in ("onnx int8 (QDQ)", "onnx int8", "torchscript int8")
     assert qat["artifact"]["bytes"] < dense["artifact"]["bytes"] / 2  # int8 weights: about a quarter
     assert set(qat["latency_ms"]) & {"ort_int8", "torchscript_int8"}
-    assert f"| dense | The dense ResNet-20: the reference of every row | {dense['top1']:.2f} | - | 272,474 | " \
-           "272,474 | 40.8 | onnx fp32 " in markdown
+    assert 0.0 <= dense["top1_deployed"] <= 100.0 and 0.0 <= qat["top1_deployed"] <= 100.0  # the shipped files
+    assert f"| dense | The dense ResNet-20: the reference of every row; top-1 of the deployed onnx fp32 file in " \
+           f"onnxruntime: {dense['top1_deployed']:.2f} % | {dense['top1']:.2f} | - | 272,474 | 272,474 | 40.8 | " \
+           "onnx fp32 " in markdown
     assert "## Budget: smoke" in markdown and "Targets (" in markdown and "- QAT int8: " in markdown
 
 
@@ -84,6 +93,47 @@ def test_suite_smoke_rows(tmp_path: Path, cifar_archive: Path) -> None:
         assert lowrank["reason"].startswith("not available in this code version")
         assert "| lowrank | " in markdown and "skipped: not available in this code version" in markdown
     assert (out / "suite.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_jobs_2_runs_rows_side_by_side_and_a_rerun_skips_them(tmp_path: Path, cifar_archive: Path) -> None:
+    out = tmp_path / "results"
+    command = [sys.executable, "benchmarks/suite.py", "--budget", "smoke", "--jobs", "2", "--only", "dense,kd",
+               "--data", str(cifar_archive), "--results-dir", str(out), "--work-dir", str(tmp_path / "work")]
+    completed = subprocess.run(command, cwd=BENCHMARKS.parent, env=_env(tmp_path), capture_output=True, text=True,
+                               timeout=TIMEOUT_S, check=False)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    lines = [line.split(" ", 2)[2] for line in completed.stdout.splitlines() if line.startswith("[suite] ")]
+    # kd needs the teacher: the queue adds it, runs it beside dense, and starts kd when it has landed
+    assert _index(lines, "start teacher") < _index(lines, "start dense") < _index(lines, "end ")
+    assert _index(lines, "end teacher: ok") < _index(lines, "start kd")
+    assert lines[-1] == "done; every row landed (teacher, dense, kd)"
+    rows = _records(out / "suite_smoke.jsonl")
+    assert sorted(rows) == ["dense", "kd", "teacher"]
+    assert all(r["status"] == "ok" and r["side_by_side"] == 2 and r["machine"]["torch_threads"] == 1
+               for r in rows.values())
+    assert all(0.0 <= r["top1_deployed"] <= 100.0 for r in rows.values())  # the deployed file's own top-1
+    assert (tmp_path / "work/logs/smoke_kd.log").read_text().count("[suite] kd: epoch 1/1") == 1
+    markdown = (out / "RESULTS.md").read_text()
+    for row in rows:
+        assert f"| {row} | " in markdown
+    assert "rows run 2 side by side" in markdown
+    again = subprocess.run(command, cwd=BENCHMARKS.parent, env=_env(tmp_path), capture_output=True, text=True,
+                           timeout=TIMEOUT_S, check=False)
+    assert again.returncode == 0 and "landed, kept: teacher, dense, kd" in again.stdout
+    assert "nothing to run" in again.stdout and " start " not in again.stdout
+    assert len((out / "suite_smoke.jsonl").read_text().splitlines()) == 3
+
+
+def test_plan_only_prints_the_plan_and_trains_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert suite.main(["--budget", "cpu30", "--jobs", "2", "--plan-only", "--results-dir", str(tmp_path),
+                       "--work-dir", str(tmp_path / "work")]) == 0
+    printed = capsys.readouterr().out
+    order = re.findall(r"^\[suite\] +\d+ +(\w+) ", printed, flags=re.MULTILINE)
+    assert order == list(suite_rows.budget_rows("cpu30"))
+    assert "2 rows at a time, 1 torch thread each" in printed and "estimated finish: +" in printed
+    assert f"run it with: python benchmarks/suite.py --budget cpu30 --jobs 2 --results-dir {tmp_path} " in printed
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_recorded_row_is_kept_and_changed_code_is_rerun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -115,14 +165,156 @@ def test_code_version_follows_the_row_sources(tmp_path: Path, monkeypatch: pytes
 
 
 def test_budgets_follow_the_cpu() -> None:
-    with_bf16, _ = suite_rows.resolve_budget("cpu", {"model": "x", "flags": ["avx512_bf16"], "bf16": True})
-    without, reason = suite_rows.resolve_budget("cpu", {"model": "x", "flags": ["avx2"], "bf16": False})
+    with_bf16, _ = suite_rows.resolve_budget("cpu", BF16)
+    without, reason = suite_rows.resolve_budget("cpu", NO_BF16)
     assert (with_bf16.precision, with_bf16.epochs) == ("bf16-mixed", 10)
     assert (without.precision, without.epochs) == ("32-true", 5) and "no native bf16" in reason
     gpu, _ = suite_rows.resolve_budget("gpu")
     assert gpu.accelerator == "gpu" and gpu.data_on_device
-    with pytest.raises(ValueError, match="budget must be one of smoke, cpu, gpu, got 'tpu'"):
+    with pytest.raises(ValueError, match="budget must be one of smoke, cpu, cpu30, gpu, got 'tpu'"):
         suite_rows.resolve_budget("tpu")
+
+
+def test_cpu30_budget_is_30_epochs_of_the_recipes_training() -> None:
+    with_bf16, reason = suite_rows.resolve_budget("cpu30", BF16)
+    without, reason_fp32 = suite_rows.resolve_budget("cpu30", NO_BF16)
+    for budget in (with_bf16, without):  # 30 epochs either way: only the precision follows the CPU
+        assert (budget.epochs, budget.teacher_epochs, budget.batch_size, budget.accelerator) == (30, 30, 128, "cpu")
+        assert (budget.limit_train_batches, budget.limit_test_batches, budget.val_size) == (None, None, 5000)
+    assert with_bf16.precision == "bf16-mixed" and "native bf16" in reason
+    assert without.precision == "32-true" and "no native bf16" in reason_fp32
+    assert suite_rows.train_steps(with_bf16, 30) == 352 * 30  # 45,000 images at batch 128
+    # every shipped ResNet recipe trains with the settings the suite's rows use
+    settings = suite_rows.optimizer_settings(with_bf16)
+    assert settings == {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4, "lr_schedule": "cosine",
+                        "warmup": "1ep"}
+    recipes = sorted(suite_rows.REPO.glob("recipes/resnet*.yaml")) + [suite_rows.RECIPE]
+    assert len(recipes) >= 7 and all(suite_rows.recipe_optimizer(r) == settings for r in recipes)
+    runner = suite.Suite(with_bf16, reason, "cifar10-jpeg.tar.gz", Path("/nonexistent"), Path("/nonexistent"))
+    assert runner.config("dense")["optimizer"] == settings  # a recipe change re-measures the rows
+    # the block's rows: issue 25's list, KD at the alpha the 4-epoch block chose, teacher first
+    rows = suite_rows.budget_rows("cpu30")
+    assert rows[0] == "teacher" and "kd_alpha05" in rows and "kd" not in rows and "kd_cached" not in rows
+    assert set(rows) >= {"dense", "gmp50", "gmp90", "nm24", "channel50", "qat", "lowrank", "pipeline"}
+    assert suite_rows.budget_rows("cpu") == tuple(suite_rows.ROWS)
+
+
+def test_docstring_examples_run() -> None:
+    for module in (suite_rows, suite_queue):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+def test_plan_runs_the_teacher_first_and_kd_after_it() -> None:
+    budget, _ = suite_rows.resolve_budget("cpu30", BF16)
+    queue = suite_queue.queue_order(list(suite_rows.budget_rows("cpu30")))
+    estimates = {row: suite_queue.estimate_s(row, budget) for row in queue}
+    slots = {slot.row: slot for slot in suite_queue.schedule(queue, estimates, jobs=2)}
+    assert set(slots) == set(queue) and slots["teacher"].start_s == 0
+    for row in ("kd_alpha05", "pipeline"):
+        assert slots[row].start_s >= slots["teacher"].end_s
+    for t in {slot.start_s for slot in slots.values()}:  # never more than two at a time
+        assert sum(slot.start_s <= t < slot.end_s for slot in slots.values()) <= 2
+    assert 3.5 * 3600 < max(slot.end_s for slot in slots.values()) < 5 * 3600  # ~4 h 15 min at ~70 s/epoch
+    fp32, _ = suite_rows.resolve_budget("cpu30", NO_BF16)
+    assert suite_queue.estimate_s("dense", fp32) > 1.5 * estimates["dense"]
+    # a KD row asked for alone queues its teacher first; a landed teacher is not run again
+    assert suite_queue.queue_order(["dense", "kd"]) == ["dense", "kd"]
+    lines = suite_queue.plan_lines(budget, ["kd"], ["teacher"], jobs=2, threads=1)
+    assert "landed, kept: teacher" in lines[1] and re.search(r"1 +kd +teacher", lines[3])
+    assert lines[-1].startswith("estimated finish: +1:")
+    with pytest.raises(ValueError, match=r"rows \['kd'\] need rows that are neither queued nor landed"):
+        suite_queue.schedule(["kd"], {"kd": 1.0}, jobs=2)
+
+
+STAND_IN = """
+import json, pathlib, sys, time
+row, spec = sys.argv[1], json.loads(pathlib.Path(sys.argv[2]).read_text())
+time.sleep(spec["sleep"].get(row, 0.2))
+if row in spec["fail"]:
+    sys.exit(3)
+if row == "teacher":
+    pathlib.Path(spec["teacher_file"]).touch()
+with open(spec["jsonl"], "a") as f:
+    f.write(json.dumps(spec["records"][row]) + "\\n")
+"""
+
+
+def _queue(tmp_path: Path, rows: list[str], fail: tuple[str, ...] = (), sleep: dict | None = None,
+           stale: tuple[str, ...] = ()) -> tuple[int, list[str]]:
+    """``run_queue`` with stand-in row processes that append the row's record (or exit 3 for ``fail``; for
+    ``stale``, a record of other code, as when the package is edited while the row trains)."""
+    budget, _ = suite_rows.resolve_budget("smoke")
+    runner = suite.Suite(budget, "test", "data.tar.gz", tmp_path / "results", tmp_path / "work")
+    (tmp_path / "work").mkdir(exist_ok=True)
+    (tmp_path / "results").mkdir(exist_ok=True)
+    records = {row: {"row": row, "config": runner.config(row), "status": "ok", "top1": 10.0,
+                     "code_version": "0" * 12 if row in stale else suite.code_version(suite_rows.ROWS[row].sources)}
+               for row in suite_rows.ROWS}
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"records": records, "fail": list(fail), "sleep": sleep or {}, "jsonl": str(runner.jsonl),
+                                "teacher_file": str(runner.teacher_file())}))
+    lines: list[str] = []
+    original, suite_queue.say = suite_queue.say, lines.append
+    try:
+        status = suite_queue.run_queue(runner, rows, 2, 1, lambda row: [sys.executable, "-c", STAND_IN, row, str(spec)],
+                                       tmp_path / "logs", "python benchmarks/suite.py --budget smoke --jobs 2")
+    finally:
+        suite_queue.say = original
+    return status, lines
+
+
+def _index(lines: list[str], prefix: str) -> int:
+    return next(i for i, line in enumerate(lines) if line.startswith(prefix))
+
+
+def test_queue_runs_two_at_a_time_and_kd_after_its_teacher(tmp_path: Path) -> None:
+    status, lines = _queue(tmp_path, ["dense", "kd", "gmp90"], sleep={"teacher": 1.0, "dense": 0.2})
+    assert status == 0, lines
+    # the teacher (needed by kd) and dense start together; gmp90 takes dense's place; kd waits for the teacher
+    assert _index(lines, "start teacher") < _index(lines, "start dense") < _index(lines, "end ")
+    assert _index(lines, "end dense") < _index(lines, "start gmp90") < _index(lines, "end teacher")
+    assert _index(lines, "end teacher") < _index(lines, "start kd")
+    assert re.search(r"^end kd: ok, top-1 10\.00 %, wall \d+ s \(estimate 1 min\)$", lines[_index(lines, "end kd")])
+    recorded = [json.loads(line)["row"] for line in (tmp_path / "results/suite_smoke.jsonl").read_text().splitlines()]
+    assert sorted(recorded) == ["dense", "gmp90", "kd", "teacher"]
+    # run again: everything landed, nothing starts
+    status, lines = _queue(tmp_path, ["dense", "kd", "gmp90"])
+    assert status == 0 and "landed, kept: teacher, dense, kd, gmp90" in lines and "nothing to run" in lines
+    assert not [line for line in lines if line.startswith("start ")]
+
+
+def test_queue_does_not_start_rows_whose_teacher_failed(tmp_path: Path) -> None:
+    status, lines = _queue(tmp_path, ["kd", "dense"], fail=("teacher",), stale=("dense",))
+    assert status == 1
+    assert lines[_index(lines, "end teacher")].startswith("end teacher: failed: exit 3, nothing recorded")
+    assert "not started kd: it needs teacher, which did not land" in lines
+    assert "start kd" not in "\n".join(lines)
+    # a row whose code changed while it ran still ended (its record stands, marked older code)
+    assert lines[_index(lines, "end dense")].startswith("end dense: ok, top-1 10.00 %")
+    assert "its package sources changed while it ran (recorded for code 000000000000, now " in lines[_index(lines, "end dense")]
+    assert lines[-1] == "done; not landed: teacher, kd. Retry with: python benchmarks/suite.py --budget smoke --jobs 2"
+
+
+def test_report_says_which_cpu30_rows_are_done_and_queued(tmp_path: Path) -> None:
+    markdown = suite_report.write_report(tmp_path).read_text()
+    assert "## Budget: cpu30" in markdown and "No row has landed yet; estimated " in markdown
+    assert "**Done (0 of 10):** none yet. **Queued** (not run, failed, or measured with older code): teacher, dense," \
+           in markdown and "`python benchmarks/suite.py --budget cpu30 --jobs 2`" in markdown
+    budget, reason = suite_rows.resolve_budget("cpu30")
+    runner = suite.Suite(budget, reason, "cifar10-jpeg.tar.gz", tmp_path, tmp_path / "work", side_by_side=2)
+    landed = {"row": "lowrank", "config": runner.config("lowrank"), "status": "skipped", "reason": "not available",
+              "code_version": suite.code_version(suite_rows.ROWS["lowrank"].sources), "machine": runner.machine,
+              "side_by_side": 2, "budget_reason": reason}
+    failed = {**landed, "row": "dense", "status": "failed", "reason": "RuntimeError: x",
+              "code_version": suite.code_version(())}
+    runner.jsonl.write_text(json.dumps(landed) + "\n" + json.dumps(failed) + "\n")
+    markdown = suite_report.write_report(tmp_path).read_text()
+    block = markdown[markdown.index("## Budget: cpu30"):]
+    assert "No row has landed yet" not in block and "rows run 2 side by side" in block
+    assert "**Done (1 of 10):** lowrank. **Queued** (not run, failed, or measured with older code): teacher, dense, " \
+           "gmp90, channel50, qat, gmp50, nm24, kd_alpha05, pipeline." in block
+    assert "| dense | The dense ResNet-20: the reference of every row | failed: RuntimeError: x |" in block
 
 
 def test_device_batches_cover_the_split_once_per_epoch() -> None:
