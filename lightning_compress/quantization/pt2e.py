@@ -308,11 +308,84 @@ def freeze_observers(prepared: nn.Module) -> None:
     prepared.apply(disable_observer)
 
 
+def pause_observers(prepared: nn.Module) -> list[nn.Module]:
+    """Stop the fake-quantizers whose observers are on, whatever the mode (evaluation must not move the ranges).
+
+    Returns:
+        The fake-quantizers paused, for :func:`resume_observers`.
+    """
+    paused = [m for m in prepared.modules() if isinstance(m, FakeQuantizeBase) and bool(m.observer_enabled[0])]
+    for module in paused:
+        module.disable_observer()
+    return paused
+
+
+def resume_observers(paused: list[nn.Module]) -> None:
+    """Turn back on the observers :func:`pause_observers` stopped."""
+    for module in paused:
+        module.enable_observer()
+
+
 def freeze_bn(prepared: nn.Module) -> None:
     """Run batch norms on their running statistics in training too (saved in :class:`GraphMode`'s state)."""
     for module in prepared.modules():
         if isinstance(module, GraphMode):
             module.bn_frozen = True
+
+
+def weight_quantization_errors(prepared: fx.GraphModule) -> dict[str, float]:
+    """Relative error ``||fq(w) - w|| / ||w||`` of each fake-quantized (BN-folded) weight at its current scale,
+    by the name of the layer owning the weight; layers whose observer has not run yet are left out. Pure.
+
+    Example:
+        >>> prepared = prepare(nn.Sequential(nn.Linear(4, 2)), example_inputs=(torch.randn(2, 4),))
+        >>> _ = prepared(torch.randn(3, 4))
+        >>> list(weight_quantization_errors(prepared))
+        ['0']
+    """
+    errors, values = {}, _constants(prepared)
+    modules = dict(prepared.named_modules())
+    for node in prepared.graph.nodes:
+        fq = modules.get(node.target) if node.op == "call_module" else None
+        if not (isinstance(fq, FakeQuantizeBase) and node.args and node.args[0] in values):
+            continue
+        weight, owner = values[node.args[0]], _weight_owner(node.args[0])
+        if owner is None or fq.scale.numel() != weight.shape[0]:
+            continue
+        with torch.no_grad():
+            quantized = torch.fake_quantize_per_channel_affine(
+                weight.float(), fq.scale, fq.zero_point.to(torch.int32), fq.ch_axis, fq.quant_min, fq.quant_max)
+            errors[owner] = float((quantized - weight).norm() / weight.norm().clamp_min(1e-12))
+    return errors
+
+
+def _weight_owner(node: fx.Node) -> str | None:
+    """The module owning the first ``.weight`` attribute a weight value is computed from (``"conv1"``)."""
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current.op == "get_attr" and str(current.target).endswith(".weight"):
+            return str(current.target).rsplit(".", 1)[0]
+        stack.extend(reversed(current.all_input_nodes))
+    return None
+
+
+def activation_scales(prepared: fx.GraphModule) -> dict[str, float]:
+    """Current scale of each activation fake-quantizer, named after the graph value it quantizes.
+
+    Example:
+        >>> prepared = prepare(nn.Sequential(nn.Linear(4, 2)), example_inputs=(torch.randn(2, 4),))
+        >>> _ = prepared(torch.randn(3, 4))
+        >>> sorted(activation_scales(prepared))
+        ['input_1']
+    """
+    values, modules = _constants(prepared), dict(prepared.named_modules())
+    return {node.args[0].name: float(module.scale.flatten()[0]) for node in prepared.graph.nodes
+            if node.op == "call_module" and isinstance(module := modules.get(node.target), FakeQuantizeBase)
+            and node.args and isinstance(node.args[0], fx.Node) and node.args[0] not in values}
 
 
 def frozen_copy(prepared: fx.GraphModule) -> fx.GraphModule:

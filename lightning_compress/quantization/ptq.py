@@ -24,12 +24,11 @@ from lightning_compress.core.composition import Declaration, Effect
 from lightning_compress.core.inputs import capture_network_input
 from lightning_compress.core.layers import find_network, is_compiled, unwrap_compiled
 from lightning_compress.core.progress import StepBudget, StepWindow
-from lightning_compress.quantization import tracing
-from lightning_compress.quantization.check import ConversionError, check_conversion
+from lightning_compress.quantization.check import ConversionError
 from lightning_compress.quantization.convert import convert
 from lightning_compress.quantization.engines import Engine, check_engine
-from lightning_compress.quantization.prepare import UNCOMPILED_NOTE, calibrate, prepare, resolve_skip
-from lightning_compress.quantization.qdq import qdq_network
+from lightning_compress.quantization.families import ALL_FAMILIES, family_of
+from lightning_compress.quantization.prepare import UNCOMPILED_NOTE, prepare, resolve_skip
 
 
 def quantize_static(
@@ -45,12 +44,14 @@ def quantize_static(
     Args:
         network: The fp32 network.
         batches: Iterable of positional-input tuples, e.g. ``[(images,), ...]`` (a few dozen suffice).
-        engine: One of :data:`~lightning_compress.quantization.engines.ENGINES`.
+        engine: One of :data:`~lightning_compress.quantization.engines.ENGINES` (``"x86_inductor"``: exported
+            with ``torch.export`` on the first batch's shapes, ``[pt2e]`` extra).
         skip: Glob patterns of module names (relative to ``network``) kept in fp32.
 
     Returns:
         The int8 network (CPU, eval mode); for the ONNX engines an
-        :class:`~lightning_compress.core.onnx.OnnxRuntimeNetwork` running the QDQ ONNX model.
+        :class:`~lightning_compress.core.onnx.OnnxRuntimeNetwork` running the QDQ ONNX model; for PT2E engines
+        the quantize/dequantize graph.
 
     Raises:
         ValueError: On an unknown engine, an untraceable network, or no calibration batch.
@@ -71,23 +72,8 @@ def quantize_static(
 def _calibrate_and_convert(
     network: nn.Module, batches: Iterable[tuple], engine: str | Engine, skip_names: Sequence[str], prefix: str = ""
 ) -> nn.Module:
-    """Calibrate a copy, convert it, and check the int8 model on the first batch against the fake-quant model."""
-    engine = check_engine(engine)
-    prepared = prepare(copy.deepcopy(network).cpu(), engine, mode="static", skip=skip_names)
-    seen: list[tuple] = []
-
-    def remembering() -> Iterator[tuple]:
-        for inputs in batches:
-            if not seen:
-                seen.append(inputs)
-            yield inputs
-
-    if calibrate(prepared, remembering()) == 0:
-        raise ValueError("static quantization needs at least one calibration batch, got none")
-    reference = qdq_network(prepared, saturate_at_trained_range=True)
-    int8 = convert(prepared, engine, seen[0])
-    check_conversion(reference, int8, seen[0], prefix)
-    return int8
+    """Calibrate a copy, convert it, and check the int8 model on the first batch (its engine's family)."""
+    return family_of(engine).calibrate_and_convert(network, batches, skip_names, prefix)
 
 
 def quantize_dynamic(
@@ -128,7 +114,8 @@ class PostTrainingQuantization(CompressionCallback):
 
     Args:
         calibration_batches: Number of training batches to calibrate on (>= 1).
-        engine: One of :data:`~lightning_compress.quantization.engines.ENGINES`.
+        engine: One of :data:`~lightning_compress.quantization.engines.ENGINES`; ``"x86_inductor"`` is
+            exported with ``torch.export`` on the first calibration batch (``[pt2e]`` extra).
         skip: Glob patterns of module names (as in the LightningModule, e.g. ``"model.head"``) kept in fp32.
         network: Attribute of the LightningModule holding the network; ``None`` detects it.
 
@@ -153,7 +140,7 @@ class PostTrainingQuantization(CompressionCallback):
         if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
             raise ValueError(f"calibration_batches must be an int >= 1, got {calibration_batches!r}")
         self.calibration_batches = calibration_batches
-        self.engine = check_engine(engine)
+        self.engine = check_engine(engine, families=ALL_FAMILIES)
         self.skip = [skip] if isinstance(skip, str) else list(skip or [])
 
     @override
@@ -166,7 +153,7 @@ class PostTrainingQuantization(CompressionCallback):
         """Check, before training, that the network can be quantized."""
         _, net = find_network(pl_module, self.network_name)
         skip_names = resolve_skip(net, self.skip, self.network_name + ".")
-        tracing.check_quantizable(net, skip_names, self.network_name + ".")
+        family_of(self.engine).check_quantizable(net, skip_names, self.network_name + ".")
 
     def _calibration_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module
                             ) -> Iterator[tuple]:

@@ -2,8 +2,8 @@
 
 The callback only orchestrates *when*: it prepares the network at ``start``, freezes observers and
 batch-norm statistics at their positions, logs quantization health under ``quant/``, and converts
-at fit end. *How* lives in :mod:`~lightning_compress.quantization.prepare`,
-:mod:`~lightning_compress.quantization.convert` and :mod:`~lightning_compress.quantization.check`.
+at fit end. *How* lives in the engine's kernel family (:mod:`~lightning_compress.quantization.families`:
+torch.ao FX, or torchao's PT2E) and :mod:`~lightning_compress.quantization.check`.
 
 Resuming and reloading: preparation appends a ``quantization_aware_training`` architecture record
 (:mod:`lightning_compress.core.architecture`); every loader replays it -- prepares a fresh network the
@@ -13,7 +13,6 @@ callback in the Trainer.
 
 from __future__ import annotations
 
-import copy
 import enum
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -29,24 +28,17 @@ from lightning_compress.core.callback import CompressionCallback
 from lightning_compress.core.composition import Declaration, Effect
 from lightning_compress.core.inputs import capture_network_input
 from lightning_compress.core.layers import find_network, is_compiled
-from lightning_compress.core.progress import Position, StepBudget, StepWindow, check_ordered, validate_position
-from lightning_compress.quantization import tracing
-from lightning_compress.quantization.check import ConversionError, check_conversion
-from lightning_compress.quantization.convert import convert
-from lightning_compress.quantization.engines import KernelFamily, check_engine
-from lightning_compress.quantization.prepare import (
-    UNCOMPILED_NOTE,
-    activation_scales,
-    freeze_bn,
-    freeze_observers,
-    frozen_copy,
-    is_prepared,
-    pause_observers,
-    prepare,
-    resolve_skip,
-    resume_observers,
-    weight_quantization_errors,
+from lightning_compress.core.progress import (
+    Position,
+    StepBudget,
+    StepWindow,
+    check_ordered,
+    validate_position,
 )
+from lightning_compress.quantization.check import ConversionError
+from lightning_compress.quantization.engines import KernelFamily, check_engine
+from lightning_compress.quantization.families import ALL_FAMILIES, family_of, input_specs
+from lightning_compress.quantization.prepare import UNCOMPILED_NOTE, resolve_skip
 
 RECORD_KIND = "quantization_aware_training"
 """Architecture-record kind of QAT preparation (see :mod:`lightning_compress.core.architecture`)."""
@@ -66,12 +58,14 @@ def replay_preparation(network: nn.Module, payload: Mapping[str, Any]) -> nn.Mod
 
     Args:
         network: The fp32 network.
-        payload: ``{"engine": ..., "skip": [...]}`` as :class:`QuantizationAwareTraining` records it.
+        payload: ``{"engine": ..., "skip": [...]}`` as :class:`QuantizationAwareTraining` records it; a PT2E
+            engine's record adds ``"example_inputs": [{"shape": [...], "dtype": "float32"}, ...]``, the inputs
+            ``torch.export`` traced (zeros of those shapes are exported again).
 
     Returns:
         The fake-quantized network (train mode, as preparation leaves it).
     """
-    return prepare(network, payload["engine"], mode="qat", skip=payload["skip"])
+    return family_of(payload["engine"]).prepare_qat(network, payload["skip"], payload.get("example_inputs", ()))
 
 
 class QuantizationAwareTraining(CompressionCallback):
@@ -80,8 +74,8 @@ class QuantizationAwareTraining(CompressionCallback):
     From ``start`` on, the network trains with fake-quantized weights (int8, symmetric, per-channel)
     and activations (8-bit, per-tensor affine), Conv-BN(-ReLU) fused. At fit end it is converted to
     an int8 model for ``engine`` and put in place, so ``trainer.test()`` / ``trainer.predict()`` run
-    the int8 model. int8 kernels exist on CPU only: the converted network lives on CPU, and testing
-    it with a GPU trainer raises (use ``Trainer(accelerator="cpu")``). A network compiled with
+    the int8 model. torch's int8 kernels exist on CPU only: with those engines the converted network lives
+    on CPU, and testing it with a GPU trainer raises (use ``Trainer(accelerator="cpu")``). A network compiled with
     ``torch.compile`` is prepared inside its wrapper; from ``start`` on it runs uncompiled (an info line says so).
 
     The optimizer needs no rebuild: preparation keeps the network's ``Parameter`` objects (checked
@@ -94,7 +88,9 @@ class QuantizationAwareTraining(CompressionCallback):
         freeze_bn: When to freeze batch-norm statistics of fused Conv-BN layers; ``None`` never.
         engine: int8 engine: ``"onnxruntime"`` / ``"onnxruntime_symmetric"`` (the int8 QDQ ONNX model, run
             by onnxruntime: ``trainer.test()`` measures the file a deployment ships; symmetric activations
-            make it TensorRT-compatible), or torch's ``"x86"``, ``"onednn"``, ``"qnnpack"``; see
+            make it TensorRT-compatible), torch's ``"x86"``, ``"onednn"``, ``"qnnpack"``, or ``"x86_inductor"``
+            (torch.export + torchao PT2E, ``[pt2e]`` extra: the network is exported on its first QAT batch, and
+            the int8 model is a quantize/dequantize graph that Inductor compiles); see
             :data:`~lightning_compress.quantization.engines.ENGINES` and ``docs/quantization-design.md``.
         skip: Glob patterns of module names (as in the LightningModule, e.g. ``"model.head.*"``) kept
             in fp32 and not traced: the way out for modules that cannot be quantized or traced.
@@ -135,7 +131,8 @@ class QuantizationAwareTraining(CompressionCallback):
             if position is not None:
                 validate_position(position, name)
                 check_ordered(start, position, "start", name)
-        self.engine = check_engine(engine)
+        self.engine = check_engine(engine, families=ALL_FAMILIES)
+        self._family = family_of(self.engine)
         self.skip = [skip] if isinstance(skip, str) else list(skip or [])
         self.convert_on_fit_end = convert_on_fit_end
         if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
@@ -166,10 +163,10 @@ class QuantizationAwareTraining(CompressionCallback):
         super().setup(trainer, pl_module, stage)
         # once found, keep the name: an int8 network has no float Conv/Linear for detection to see
         self.network_name, net = find_network(pl_module, self.network_name or self.network)
-        if not is_prepared(net) and self._stage is not Stage.INT8:
+        if not self._family.is_prepared(net) and self._stage is not Stage.INT8:
             prefix = self.network_name + "."
             self._skip_names = resolve_skip(net, self.skip, prefix)
-            tracing.check_quantizable(net, self._skip_names, prefix)
+            self._family.check_quantizable(net, self._skip_names, prefix)
         if stage == "fit":
             self._steps = {"start": self.window.start, **{
                 name: None if position is None else self.budget.resolve(position, name)
@@ -182,14 +179,16 @@ class QuantizationAwareTraining(CompressionCallback):
                         f"start={self.start!r} (step {self._steps['start']})"
                     )
 
-    def _prepare(self, pl_module: pl.LightningModule) -> None:
+    def _prepare(self, pl_module: pl.LightningModule, batch: Any) -> None:
         net = getattr(pl_module, self.network_name)
         was_training = net.training
-        prepared = prepare(net, self.engine, mode="qat", skip=self._skip_names)
+        payload: dict[str, Any] = {"engine": self.engine.name, "skip": list(self._skip_names)}
+        if self._family.needs_example_inputs:  # the shapes torch.export traces, recorded for the replay
+            payload["example_inputs"] = input_specs(capture_network_input(pl_module, net, batch))
+        prepared = replay_preparation(net, payload)
         prepared.train(was_training)
         setattr(pl_module, self.network_name, prepared)
-        append_record(pl_module, ArchitectureRecord(
-            RECORD_KIND, self.network_name, {"engine": self.engine.name, "skip": list(self._skip_names)}))
+        append_record(pl_module, ArchitectureRecord(RECORD_KIND, self.network_name, payload))
         self._stage = Stage.QAT
         if is_compiled(net):
             rank_zero_info(f"QuantizationAwareTraining: {self.network_name!r} {UNCOMPILED_NOTE}")
@@ -200,29 +199,29 @@ class QuantizationAwareTraining(CompressionCallback):
         """After a resume, re-apply what the model's state dict cannot carry (frozen BN flags)."""
         super().on_train_start(trainer, pl_module)
         net = getattr(pl_module, self.network_name)
-        if self._stage is Stage.QAT and not is_prepared(net):
+        if self._stage is Stage.QAT and not self._family.is_prepared(net):
             raise RuntimeError(
                 f"the checkpoint's callback state says QAT had started, but {self.network_name!r} holds no "
                 "fake-quantization: the checkpoint's model weights are not from a QAT run"
             )
         if self._stage is Stage.QAT and self._bn_frozen:
-            freeze_bn(net)
+            self._family.freeze_bn(net)
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         """Prepare at ``start``; freeze observers and BN at their steps."""
         step = trainer.global_step
         if self._stage is Stage.FP32 and step >= self._steps["start"]:
-            self._prepare(pl_module)
+            self._prepare(pl_module, batch)
             rank_zero_info(f"QuantizationAwareTraining: fake-quantization ({self.engine}) from step {step}")
         if self._stage is not Stage.QAT:
             return
         net = getattr(pl_module, self.network_name)
         if not self._observers_frozen and self._reached("freeze_observers", step):
-            freeze_observers(net)
+            self._family.freeze_observers(net)
             self._observers_frozen = True
         if not self._bn_frozen and self._reached("freeze_bn", step):
-            freeze_bn(net)
+            self._family.freeze_bn(net)
             self._bn_frozen = True
 
     def _reached(self, name: str, step: int) -> bool:
@@ -239,10 +238,10 @@ class QuantizationAwareTraining(CompressionCallback):
         if self._stage is not Stage.QAT or step % self.log_every_n_steps or step == self._last_logged_step:
             return
         self._last_logged_step = step
-        net = getattr(pl_module, self.network_name)
-        for name, error in weight_quantization_errors(net).items():
+        errors, scales = self._family.health(getattr(pl_module, self.network_name))
+        for name, error in errors.items():
             pl_module.log(f"quant/weight_error/{self.network_name}.{name}", error, on_step=True, on_epoch=False)
-        for name, scale in activation_scales(net).items():
+        for name, scale in scales.items():
             pl_module.log(f"quant/act_scale/{self.network_name}.{name}", scale, on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------------------------ conversion
@@ -304,15 +303,9 @@ class QuantizationAwareTraining(CompressionCallback):
             >>> # int8_net = qat.convert(model, (images,))
         """
         attribute, net = find_network(pl_module, self.network_name or self.network)
-        if not is_prepared(net):
-            convert(net, self.engine, example_inputs)  # raises its "never prepared" error
         device = next(net.parameters(), torch.empty(0)).device
-        prefix = attribute + "."
-        try:
-            reference = frozen_copy(net)
-            int8 = convert(copy.deepcopy(reference), self.engine, example_inputs)
-            if example_inputs is not None:
-                check_conversion(reference, int8, example_inputs, prefix)
+        try:  # a network never prepared raises ValueError
+            int8 = self._family.convert_qat(net, example_inputs, attribute + ".")
         except (ConversionError, RuntimeError) as err:
             rank_zero_warn(f"QuantizationAwareTraining: int8 conversion ({self.engine}) failed, {attribute!r} stays "
                            f"fake-quantized: {err}")
@@ -337,12 +330,12 @@ class QuantizationAwareTraining(CompressionCallback):
 
     def _pause_observers(self, pl_module: pl.LightningModule) -> None:
         """Evaluation data must not move the ranges the network trains and ships with (torch.ao's
-        fake-quantizers observe in eval mode too)."""
+        fake-quantizers observe in eval mode too; PT2E's do not, but a network evaluated in train mode would)."""
         if self._stage is Stage.QAT:
-            self._paused_observers = pause_observers(getattr(pl_module, self.network_name))
+            self._paused_observers = self._family.pause_observers(getattr(pl_module, self.network_name))
 
     def _resume_observers(self) -> None:
-        resume_observers(self._paused_observers)
+        self._family.resume_observers(self._paused_observers)
         self._paused_observers = []
 
     @override
