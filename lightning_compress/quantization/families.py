@@ -36,11 +36,10 @@ from lightning_compress.quantization.prepare import (
     freeze_observers,
     frozen_copy,
     is_prepared,
-    pause_observers,
     prepare,
-    resume_observers,
     weight_quantization_errors,
 )
+from lightning_compress.quantization.observers import pause_observers, resume_observers
 from lightning_compress.quantization.qdq import qdq_network
 
 ALL_FAMILIES: tuple[KernelFamily, ...] = tuple(KernelFamily)
@@ -125,13 +124,13 @@ class Family(abc.ABC):
     def freeze_bn(self, network: nn.Module) -> None:
         """Run the Conv-BN batch norms on their running statistics from now on."""
 
-    @abc.abstractmethod
     def pause_observers(self, network: nn.Module) -> list[nn.Module]:
         """Stop the observers that are on; returns them for :meth:`resume_observers`."""
+        return pause_observers(network)
 
-    @abc.abstractmethod
     def resume_observers(self, paused: list[nn.Module]) -> None:
         """Turn back on what :meth:`pause_observers` stopped."""
+        resume_observers(paused)
 
     @abc.abstractmethod
     def health(self, network: nn.Module) -> tuple[dict[str, float], dict[str, float]]:
@@ -172,14 +171,6 @@ class FxFamily(Family):
     @override
     def freeze_bn(self, network: nn.Module) -> None:
         freeze_bn(network)
-
-    @override
-    def pause_observers(self, network: nn.Module) -> list[nn.Module]:
-        return pause_observers(network)
-
-    @override
-    def resume_observers(self, paused: list[nn.Module]) -> None:
-        resume_observers(paused)
 
     @override
     def health(self, network: nn.Module) -> tuple[dict[str, float], dict[str, float]]:
@@ -235,14 +226,6 @@ class Pt2eFamily(Family):
     @override
     def freeze_bn(self, network: nn.Module) -> None:
         _pt2e().freeze_bn(network)
-
-    @override
-    def pause_observers(self, network: nn.Module) -> list[nn.Module]:
-        return _pt2e().pause_observers(network)
-
-    @override
-    def resume_observers(self, paused: list[nn.Module]) -> None:
-        _pt2e().resume_observers(paused)
 
     @override
     def health(self, network: nn.Module) -> tuple[dict[str, float], dict[str, float]]:

@@ -202,32 +202,6 @@ def freeze_observers(prepared: nn.Module) -> None:
     prepared.apply(disable_observer)
 
 
-def pause_observers(prepared: nn.Module) -> list[nn.Module]:
-    """Stop the fake-quantizers whose observers are on (evaluation must not move the trained ranges).
-
-    Args:
-        prepared: A prepared module.
-
-    Returns:
-        The fake-quantizers paused, for :func:`resume_observers`.
-
-    Example:
-        >>> paused = pause_observers(prepare(nn.Sequential(nn.Linear(4, 2))))
-        >>> resume_observers(paused); len(paused) > 0
-        True
-    """
-    paused = [m for m in prepared.modules() if isinstance(m, FakeQuantizeBase) and bool(m.observer_enabled[0])]
-    for module in paused:
-        module.disable_observer()
-    return paused
-
-
-def resume_observers(paused: list[nn.Module]) -> None:
-    """Turn back on the observers :func:`pause_observers` stopped."""
-    for module in paused:
-        module.enable_observer()
-
-
 def freeze_bn(prepared: nn.Module) -> None:
     """Freeze batch-norm statistics of fused Conv-BN QAT modules (use running stats from now on).
 

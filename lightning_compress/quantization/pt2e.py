@@ -308,24 +308,6 @@ def freeze_observers(prepared: nn.Module) -> None:
     prepared.apply(disable_observer)
 
 
-def pause_observers(prepared: nn.Module) -> list[nn.Module]:
-    """Stop the fake-quantizers whose observers are on, whatever the mode (evaluation must not move the ranges).
-
-    Returns:
-        The fake-quantizers paused, for :func:`resume_observers`.
-    """
-    paused = [m for m in prepared.modules() if isinstance(m, FakeQuantizeBase) and bool(m.observer_enabled[0])]
-    for module in paused:
-        module.disable_observer()
-    return paused
-
-
-def resume_observers(paused: list[nn.Module]) -> None:
-    """Turn back on the observers :func:`pause_observers` stopped."""
-    for module in paused:
-        module.enable_observer()
-
-
 def freeze_bn(prepared: nn.Module) -> None:
     """Run batch norms on their running statistics in training too (saved in :class:`GraphMode`'s state)."""
     for module in prepared.modules():

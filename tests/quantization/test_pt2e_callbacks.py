@@ -18,6 +18,7 @@ from lightning_compress.quantization import (
     pt2e,
     quantize_static,
 )
+from lightning_compress.quantization.observers import pause_observers, resume_observers
 from tests.toy import UserClassifier, random_images, random_loader
 
 IMAGES, LABELS = random_images(64).tensors
@@ -184,9 +185,9 @@ def test_pause_and_resume_restore_what_was_observing():
     prepared = pt2e.prepare(model.net, example_inputs=(IMAGES[:2],))
     quantizers = [m for m in prepared.modules() if isinstance(m, FakeQuantizeBase)]
     quantizers[0].disable_observer()
-    paused = pt2e.pause_observers(prepared)
+    paused = pause_observers(prepared)
     assert len(paused) == len(quantizers) - 1 and not any(bool(m.observer_enabled[0]) for m in quantizers)
-    pt2e.resume_observers(paused)
+    resume_observers(paused)
     assert [bool(m.observer_enabled[0]) for m in quantizers] == [False] + [True] * (len(quantizers) - 1)
 
 
