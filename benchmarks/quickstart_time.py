@@ -65,7 +65,7 @@ def main() -> None:
         seconds, output = run_quickstart(workdir, args.extra)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    match = re.search(r"test/acc\s+([0-9.]+)", output)
+    match = re.search(r"test/acc[\s│|]+([0-9.]+)", output)  # plain or rich table
     result = {
         "machine": {**machine_info(), "load_average_before": load_before},
         "command": " ".join([*COMMAND, *args.extra]),
