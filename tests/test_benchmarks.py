@@ -93,13 +93,14 @@ def check_data_throughput(result: dict[str, Any], markdown: str) -> None:
 
 def check_deploy_accuracy(result: dict[str, Any], markdown: str) -> None:
     summary = result["result"]
-    assert summary["images"] == 20 and summary["optimizer_steps"] == 2  # the whole (fake) test split
-    assert 0 <= summary["fake_quant_accuracy"] <= 100 and 0 <= summary["onnx_accuracy"] <= 100
-    assert summary["trainer_test_accuracy"] == pytest.approx(summary["onnx_accuracy"], abs=1e-4)  # the same file
-    assert summary["difference_points"] == pytest.approx(summary["onnx_accuracy"] - summary["fake_quant_accuracy"])
-    assert 0 <= summary["top1_agreement"] <= 1 and summary["onnx_bytes"] > 0
+    assert summary["engine"] == "x86" and summary["images"] == 20 and summary["optimizer_steps"] == 2  # whole split
+    assert all(0 <= summary[key] <= 100 for key in ("fake_quant_accuracy", "int8_accuracy", "shipped_accuracy"))
+    assert summary["trainer_test_accuracy"] == pytest.approx(summary["int8_accuracy"], abs=1e-4)  # what test() ran
+    assert summary["difference_points"] == pytest.approx(summary["shipped_accuracy"] - summary["int8_accuracy"])
+    assert 0 <= summary["top1_agreement"] <= 1 and summary["onnx_bytes"] > 0 and summary["unsaturated"] is not None
     assert set(result["machine"]["cpu"]) == {"model", "flags", "bf16"} and result["settings"]["qat_start"] == 0
-    assert f"| shipped QDQ ONNX (`model_int8.onnx`, onnxruntime CPU) | 20 | {summary['onnx_accuracy']:.2f} |" in markdown
+    assert (f"| shipped file (`model_int8.onnx`, QDQ ONNX in onnxruntime CPU) | 20 | {summary['shipped_accuracy']:.2f} |"
+            in markdown)
 
 
 def check_deploy_latency(result: dict[str, Any], markdown: str) -> None:

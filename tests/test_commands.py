@@ -242,3 +242,32 @@ def test_teacher_and_load_from_checkpoint_refuse_the_payload_too(checkpoint, tmp
     with pytest.raises(Exception):
         ImageClassifier.load_from_checkpoint(path)
     assert not marker.exists()
+
+
+def test_export_checks_a_sample_of_every_class_of_a_class_sorted_split(checkpoint, tmp_path, capsys):
+    tree = tmp_path / "tree"
+    write_image_folder(tree, classes=10, per_class=4)  # the test split is stored class by class
+    out, common = tmp_path / "export", ["--only", "packed", "--cache-dir", str(tmp_path / "cache")]
+    main(["export", str(checkpoint), "--to", str(out), "--data-root", str(tree), "--check-count", "20", *common])
+    check = json.loads((out / "manifest.json").read_text())["check"]
+    assert check["images"] == 20  # the first 20 would be five classes
+    assert check["sample"] == {"method": "stratified", "seed": 0, "size": 20, "population": 40,
+                               "per_class": {f"class{c}": 2 for c in range(10)}}
+    assert "(stratified, seed 0: 2-2 per class)" in capsys.readouterr().out
+
+    main(["export", str(checkpoint), "--to", str(out), "--overwrite", "--data-root", str(tree), "--check-count", "all",
+          *common])
+    sample = json.loads((out / "manifest.json").read_text())["check"]["sample"]
+    assert sample["method"] == "all" and sample["size"] == 40 and set(sample["per_class"].values()) == {4}
+
+    main(["export", str(checkpoint), "--to", str(out), "--overwrite", "--check-images", str(tree / "test"),
+          "--check-count", "10", "--check-seed", "3", *common])
+    sample = json.loads((out / "manifest.json").read_text())["check"]["sample"]
+    assert sample["seed"] == 3 and sample["per_folder"] == {f"class{c}": 1 for c in range(10)}
+
+
+@pytest.mark.parametrize("value", ["0", "some"])
+def test_export_refuses_a_bad_check_count(checkpoint, tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(checkpoint), "--to", str(tmp_path / "out"), "--check-count", value])
+    assert exit_info.value.code == 2 and "'all'" in capsys.readouterr().err

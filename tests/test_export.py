@@ -180,3 +180,21 @@ def test_report_times_the_onnx_model_of_an_onnxruntime_checkpoint(tmp_path, monk
     summary = json.loads((tmp_path / "report" / "compression_report.json").read_text())
     assert summary["latency"]["compressed_model"] == "int8" and summary["latency"]["batches"]["3"]["compressed_ms"] > 0
     assert 3 in batches  # the timed int8 model is the QDQ ONNX file in onnxruntime, not torch's int8
+
+
+def test_check_sample_keeps_every_class_share_and_its_seed():
+    from lightning_compress.export.sample import stratified_sample
+
+    labels = torch.tensor([0] * 500 + [1] * 300 + [2] * 200)  # sorted by class, unequal classes
+    sample = stratified_sample(labels, 100, seed=0, names=["cat", "dog", "owl"])
+    assert sample.per_group == {"cat": 50, "dog": 30, "owl": 20}
+    assert torch.bincount(labels[sample.indices]).tolist() == [50, 30, 20]
+    assert len(set(sample.indices.tolist())) == 100 and torch.equal(sample.indices, sample.indices.sort().values)
+    assert torch.equal(stratified_sample(labels, 100, seed=0).indices, sample.indices)  # seeded
+    assert not torch.equal(stratified_sample(labels, 100, seed=1).indices, sample.indices)
+    assert stratified_sample(labels, 7).per_group == {"0": 4, "1": 2, "2": 1}  # largest remainder: 3.5, 2.1, 1.4
+    everything = stratified_sample(labels, None)
+    assert everything.method == "all" and len(everything.indices) == 1000 and everything.to_dict()["seed"] is None
+    assert stratified_sample(labels, 5000).method == "all"
+    with pytest.raises(ValueError, match="count must be >= 1"):
+        stratified_sample(labels, 0)

@@ -14,55 +14,80 @@ from lightning_compress.commands.predict import IMAGE_SUFFIXES, read_image
 from lightning_compress.core.onnx import require_onnx
 from lightning_compress.export import ARTIFACTS, FILES, check_export_directory, export_artifacts
 from lightning_compress.export.artifacts import DEFAULT_ARTIFACTS, check_artifacts
+from lightning_compress.export.sample import stratified_sample
+
+
+def check_count(value: str) -> int | None:
+    """``--check-count``: a positive number of images, or ``all`` (None).
+
+    Example:
+        >>> check_count("all"), check_count("500")
+        (None, 500)
+    """
+    if value == "all":
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"must be a number >= 1 or 'all', got {value!r}")
+    return count
 
 
 def check_images(metadata: dict[str, Any], checkpoint: dict[str, Any], data_root: str | None, images_dir: str | None,
-                 count: int, cache_dir: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None, str]:
-    """Real images to check the artifacts on: the datamodule's test split, an image folder, or random noise.
+                 count: int | None, cache_dir: str | None = None,
+                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, str, dict[str, Any]]:
+    """Real images to check the artifacts on: a seeded, class-stratified sample of the datamodule's test split or
+    of an image folder (stratified by sub-folder), or random noise.
 
     Args:
         metadata: The checkpoint's metadata (input size, normalization).
         checkpoint: The raw checkpoint (its recorded datamodule root and dataset).
         data_root: ``--data-root``; else the root the checkpoint recorded, if it exists here.
         images_dir: ``--check-images``: a folder of image files (no labels).
-        count: At most this many images.
+        count: How many images; None: all of them.
         cache_dir: CIFARDataModule cache folder.
+        seed: Seed of the sample.
 
     Returns:
-        ``(images, labels or None, description of the source)``.
+        ``(images, labels or None, description of the source, how the sample was drawn)``.
 
     Raises:
         ValueError: If ``images_dir`` holds no image, or ``count < 1``.
     """
-    if count < 1:
-        raise ValueError(f"--check-count must be >= 1, got {count}")
+    if count is not None and count < 1:
+        raise ValueError(f"--check-count must be >= 1 or 'all', got {count}")
     recorded = checkpoint.get("datamodule_hyper_parameters") or {}
     root = data_root or (recorded.get("root") if recorded.get("root") and Path(recorded["root"]).exists() else None)
     if images_dir is None and root is not None:
         from lightning_compress.data import CIFARDataModule
 
-        data = CIFARDataModule(root, dataset=recorded.get("dataset", "cifar10"), download=False,
-                               batch_size=min(count, 1000), val_size=0, cache_dir=cache_dir)
+        data = CIFARDataModule(root, dataset=recorded.get("dataset", "cifar10"), download=False, val_size=0,
+                               cache_dir=cache_dir)
         data.setup("test")
-        images, labels = [], []
-        for x, y in data.test_dataloader():
-            images.append(data.transform(x, train=False).float().cpu())
-            labels.append(y)
-            if sum(len(t) for t in labels) >= count:
-                break
-        return torch.cat(images)[:count], torch.cat(labels)[:count], f"test split of {root}"
+        split = data.test_set
+        sample = stratified_sample(split.labels, count, seed, names=data.classes)
+        images, labels = split.__getitems__(sample.indices.tolist())
+        return data.transform(images, train=False).float().cpu(), labels, f"test split of {root}", sample.to_dict()
     if images_dir is not None:
         folder = Path(images_dir)
         if not folder.is_dir():
             raise FileNotFoundError(f"--check-images {folder} is not a directory")
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:count]
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise ValueError(f"--check-images {folder} holds no image file ({', '.join(IMAGE_SUFFIXES)})")
+        folders = sorted({str(f.parent.relative_to(folder)) for f in files})
+        sample = stratified_sample([folders.index(str(f.parent.relative_to(folder))) for f in files], count, seed,
+                                   names=folders, grouped_by="folder")
+        files = [files[i] for i in sample.indices.tolist()]
         images = torch.stack([read_image(f, metadata["input_size"], metadata["mean"], metadata["std"]) for f in files])
-        return images, None, f"images in {folder}"
-    generator = torch.Generator().manual_seed(0)
-    return (torch.randn(min(count, 256), 3, *metadata["input_size"], generator=generator), None,
-            "random (no data root recorded or given, no --check-images): agreement on noise")
+        return images, None, f"images in {folder}", sample.to_dict()
+    size = 256 if count is None else min(count, 256)
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(size, 3, *metadata["input_size"], generator=generator), None,
+            "random (no data root recorded or given, no --check-images): agreement on noise",
+            {"method": "random noise", "seed": seed, "size": size})
 
 
 def main(argv: Sequence[str]) -> int:
@@ -80,8 +105,9 @@ def main(argv: Sequence[str]) -> int:
         description=f"Write {FILES['packed']} (packed sparse weights), {FILES['onnx_fp32']} (fp32 checkpoints), "
                     f"{FILES['onnx_int8']} (QAT checkpoints: the int8 QDQ model, built from the learned quantization "
                     "parameters) and manifest.json into DIR. Each model is checked against the checkpoint's network "
-                    "on real images (the datamodule's test split, or --check-images); one that fails is left out "
-                    "and the others are written; manifest.json says which and why.")
+                    "on real images (a seeded, class-stratified sample of the datamodule's test split, or of "
+                    "--check-images); one that fails is left out and the others are written; manifest.json says "
+                    "which and why, and how the check images were drawn.")
     parser.add_argument("checkpoint", help="ImageClassifier checkpoint (.ckpt)")
     parser.add_argument("--to", required=True, dest="directory", help="export directory (new or empty)")
     parser.add_argument("--overwrite", action="store_true", help="replace the content of a non-empty directory")
@@ -91,8 +117,12 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--classes", default=None, help="comma-separated class names, in label order")
     parser.add_argument("--data-root", default=None, help="CIFARDataModule root for the check (default: recorded)")
     parser.add_argument("--cache-dir", default=None, help="CIFARDataModule cache folder")
-    parser.add_argument("--check-images", default=None, help="folder of image files to check on (no data root)")
-    parser.add_argument("--check-count", type=int, default=1000, help="images to check on (default: %(default)s)")
+    parser.add_argument("--check-images", default=None,
+                        help="folder of image files to check on (no data root); sampled per sub-folder")
+    parser.add_argument("--check-count", type=check_count, default=1000, metavar="N|all",
+                        help="images to check on: a seeded sample in which every class keeps its share of the test "
+                             "split, or 'all' for the whole split (default: 1000)")
+    parser.add_argument("--check-seed", type=int, default=0, help="seed of the check sample (default: %(default)s)")
     parser.add_argument("--min-agreement", type=float, default=0.95,
                         help="near-tie tolerant agreement below which an artifact is refused")
     parser.add_argument("--tolerance", type=float, default=0.05, help="near-tie tolerance (fraction of logit range)")
@@ -103,12 +133,15 @@ def main(argv: Sequence[str]) -> int:
     check_export_directory(args.directory, args.overwrite)  # fail before loading anything
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
     loaded = load_checkpoint(args.checkpoint, classes=classes)
-    images, labels, source = check_images(loaded.metadata, loaded.checkpoint, args.data_root, args.check_images,
-                                          args.check_count, args.cache_dir)
+    images, labels, source, sample = check_images(loaded.metadata, loaded.checkpoint, args.data_root,
+                                                  args.check_images, args.check_count, args.cache_dir, args.check_seed)
     result = export_artifacts(loaded.network, loaded.metadata, args.directory, images, labels, source,
                               only=selected, values=args.values, overwrite=args.overwrite,
-                              min_agreement=args.min_agreement, tolerance=args.tolerance)
-    print(f"checked on {len(images)} {source}")
+                              min_agreement=args.min_agreement, tolerance=args.tolerance, sample=sample)
+    groups = sample.get("per_class") or sample.get("per_folder")
+    drawn = f" ({sample['method']}, seed {sample['seed']}: {min(groups.values())}-{max(groups.values())} per " \
+            f"{'class' if 'per_class' in sample else 'folder'})" if sample["method"] == "stratified" else ""
+    print(f"checked on {len(images)} {source}{drawn}")
     for name, entry in result.manifest["artifacts"].items():
         line = f"{name}: {entry['status']}"
         if entry["status"] == "written":

@@ -8,6 +8,7 @@
   measured;
 * :mod:`.artifacts` -- :func:`export_artifacts` (per-artifact status in ``manifest.json``) and
   :func:`load_artifact`.
+* :mod:`.sample` -- the check images: a seeded sample in which every class keeps its share.
 """
 
 from lightning_compress.core.comparison import Parity, parity

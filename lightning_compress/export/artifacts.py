@@ -6,7 +6,8 @@ checked on its own; one that cannot be built, or whose outputs are really wrong
 (:func:`~lightning_compress.core.comparison.parity` below ``min_agreement``), is recorded as ``failed``
 with the reason, and the others are still written. ``manifest.json`` lists every artifact's status
 (``written`` / ``skipped`` / ``failed``, with the reason), its file and size, and its parity on the check
-images (agreement, logit error and, with labels, accuracy of the model and of the artifact).
+images (agreement, logit error and, with labels, accuracy of the model and of the artifact); ``check.sample``
+says how those images were drawn (:mod:`.sample`).
 
 Example:
     >>> # result = export_artifacts(network, metadata, "export/", images, labels)
@@ -193,6 +194,7 @@ def export_artifacts(
     overwrite: bool = False,
     min_agreement: float = 0.95,
     tolerance: float = 0.05,
+    sample: Mapping[str, Any] | None = None,
 ) -> ExportResult:
     """Write the deployable artifacts of a network into ``directory``, each one checked, none half-written.
 
@@ -208,6 +210,8 @@ def export_artifacts(
         overwrite: Replace the content of a non-empty ``directory``.
         min_agreement: Near-tie-tolerant agreement below which an artifact is refused (``failed``).
         tolerance: Near-tie tolerance of :func:`~lightning_compress.core.comparison.parity`.
+        sample: How the check images were drawn (:meth:`~lightning_compress.export.sample.CheckSample.to_dict`),
+            for the manifest.
 
     Returns:
         What was written; :meth:`ExportResult.failed` lists what was refused.
@@ -232,7 +236,8 @@ def export_artifacts(
     reference_logits = _logits(reference, images)
     manifest: dict[str, Any] = {
         "metadata": dict(metadata), "packed_values": values,
-        "check": {"images": len(images), "source": image_source, "labels": labels is not None,
+        "check": {"images": len(images), "source": image_source, "sample": dict(sample or {"method": "given"}),
+                  "labels": labels is not None,
                   "reference": "the fake-quant (QAT) network" if qat else "the fp32 network",
                   "min_agreement": min_agreement, "tolerance": tolerance},
         "artifacts": {},

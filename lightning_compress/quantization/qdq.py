@@ -5,10 +5,11 @@ through :func:`quantize_dequantize` (per-tensor scale and zero-point; the zero-p
 ``int8``, is the 8-bit type) and every quantized weight is stored as ``int8`` and read through
 :func:`dequantize` (per output channel). In torch the two ops compute exactly what ONNX's
 ``QuantizeLinear``/``DequantizeLinear`` compute (``round(x / scale)`` half to even, saturated to the
-type's range), so the QDQ-form network is the fake-quant model onnxruntime runs. :func:`qdq_network`
-builds it from a QAT-trained or PTQ-calibrated network; :func:`qdq_onnx_bytes` exports it through
-``torch.export`` (no TorchScript, no quantized tensors), and onnxruntime fuses each
-``DequantizeLinear -> Conv -> QuantizeLinear`` into an int8 kernel.
+type's range, or to ``quant_max`` on the reduced range of the x86 engines: a ``Clip`` of the 8-bit codes),
+so the QDQ-form network is the fake-quant model onnxruntime runs. :func:`qdq_network` builds it from a
+QAT-trained or PTQ-calibrated network; :func:`qdq_onnx_bytes` exports it through ``torch.export`` (no
+TorchScript, no quantized tensors), and onnxruntime fuses each ``DequantizeLinear -> Conv -> QuantizeLinear``
+into an int8 kernel.
 
 Example:
     >>> x = torch.tensor([-1.0, 0.04, 0.06, 3.0])
@@ -19,7 +20,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import fx, nn
@@ -27,7 +28,6 @@ from torch.nn import functional as F
 
 from lightning_compress.core.onnx import onnx_bytes, require_onnx
 from lightning_compress.quantization.deprecations import quiet_torch_ao
-from lightning_compress.quantization.engines import REDUCED_QUANT_MAX, reduced_range_max
 from lightning_compress.quantization.prepare import folded_weight_and_bias, frozen_copy, weighted_layer
 
 with quiet_torch_ao():
@@ -39,24 +39,26 @@ _RANGES = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
 
 
 @torch.library.custom_op("lightning_compress::quantize_dequantize", mutates_args=())
-def quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+def quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                        quant_max: Optional[int] = None) -> torch.Tensor:
     """Per-tensor ``DequantizeLinear(QuantizeLinear(x))`` with ONNX's rounding and saturation.
 
     Args:
         x: Any float tensor.
         scale: 0-d float32 scale.
         zero_point: 0-d ``uint8`` or ``int8`` zero-point (its dtype sets the range: 0..255 or -128..127).
+        quant_max: A largest code below the type's (127 on the x86 engines' reduced range), or None.
 
     Returns:
         ``x`` rounded to the 8-bit grid, in float.
     """
     low, high = _RANGES[zero_point.dtype]
     zero = zero_point.float()
-    return (torch.clamp(torch.round(x / scale) + zero, low, high) - zero) * scale
+    return (torch.clamp(torch.round(x / scale) + zero, low, high if quant_max is None else quant_max) - zero) * scale
 
 
 @quantize_dequantize.register_fake
-def _(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+def _(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_max: Optional[int] = None) -> torch.Tensor:
     return torch.empty_like(x)
 
 
@@ -90,24 +92,35 @@ class QuantizeDequantize(nn.Module):
         scale: The scale.
         zero_point: The zero-point.
         dtype: ``torch.uint8`` (affine, 0..255) or ``torch.int8`` (-128..127; symmetric when 0).
+        quant_max: The largest code, if below the type's (127: the reduced range of the x86 engines).
 
     Example:
         >>> QuantizeDequantize(0.5, 0, torch.int8)(torch.tensor([0.2, 0.3, 100.0]))
         tensor([ 0.0000,  0.5000, 63.5000])
+        >>> QuantizeDequantize(0.5, 0, torch.uint8, quant_max=127)(torch.tensor([100.0]))
+        tensor([63.5000])
     """
 
-    def __init__(self, scale: float, zero_point: int, dtype: torch.dtype) -> None:
+    def __init__(self, scale: float, zero_point: int, dtype: torch.dtype, quant_max: int | None = None) -> None:
         super().__init__()
         if dtype not in _RANGES:
             raise ValueError(f"dtype must be one of {list(_RANGES)}, got {dtype}")
+        low, high = _RANGES[dtype]
+        if quant_max is not None and not max(low, int(zero_point)) <= quant_max <= high:
+            raise ValueError(f"quant_max must be in [max({low}, zero_point={zero_point}), {high}] for {dtype}, "
+                             f"got {quant_max}")
         self.register_buffer("scale", torch.tensor(float(scale), dtype=torch.float32))
         self.register_buffer("zero_point", torch.tensor(int(zero_point), dtype=dtype))
+        self.quant_max = None if quant_max == high else quant_max
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quantize_dequantize(x, self.scale, self.zero_point)
+        return quantize_dequantize(x, self.scale, self.zero_point, self.quant_max)
+
+    def extra_repr(self) -> str:
+        return "" if self.quant_max is None else f"quant_max={self.quant_max}"
 
     def saturates_outside(self, low: float, high: float) -> bool:
-        """Whether ``low`` and ``high`` already quantize to the ends of the 8-bit range.
+        """Whether ``low`` and ``high`` already quantize to the ends of the range (``quant_max`` on top).
 
         Quantizing is monotonic, so then ``self(clamp(x, low, high)) == self(x)`` for every ``x``: a clamp
         right before this quantization changes nothing and can go.
@@ -126,6 +139,7 @@ class QuantizeDequantize(nn.Module):
             False
         """
         quant_min, quant_max = _RANGES[self.zero_point.dtype]
+        quant_max = quant_max if self.quant_max is None else self.quant_max
         bounds = torch.tensor([low, high], dtype=torch.float32)
         codes = torch.clamp(torch.round(bounds / self.scale) + self.zero_point.float(), quant_min, quant_max)
         return codes.tolist() == [quant_min, quant_max]
@@ -225,13 +239,19 @@ class QDQLinear(nn.Module):
 def onnx_translations() -> dict[Any, Callable]:
     """The ONNX meaning of the two QDQ ops: ``QuantizeLinear``/``DequantizeLinear`` (opset 18).
 
+    A ``quant_max`` below the type's becomes a ``Clip`` of the 8-bit codes between the two, which onnxruntime
+    runs on bytes and which keeps ``DequantizeLinear -> Conv -> QuantizeLinear`` fused into one int8 kernel.
+
     Returns:
         ``{torch op overload: onnxscript function}``, for :func:`~lightning_compress.core.onnx.onnx_bytes`.
     """
     from onnxscript import opset18 as op
 
-    def quantize_dequantize_onnx(x, scale, zero_point):
-        return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero_point), scale, zero_point)
+    def quantize_dequantize_onnx(x, scale, zero_point, quant_max=None):
+        codes = op.QuantizeLinear(x, scale, zero_point)
+        if quant_max is not None:
+            codes = op.Clip(codes, None, op.CastLike(op.Constant(value_int=quant_max), zero_point))
+        return op.DequantizeLinear(codes, scale, zero_point)
 
     def dequantize_onnx(q, scale, zero_point, axis: int):
         return op.DequantizeLinear(q, scale, zero_point, axis=axis)
@@ -263,8 +283,8 @@ def qdq_onnx_bytes(qdq_network: nn.Module, example: tuple | torch.Tensor,
         >>> _ = calibrate(prepared, [(torch.randn(8, 4),)])
         >>> blob = qdq_onnx_bytes(qdq_network(prepared), torch.randn(1, 4))
         >>> import onnx
-        >>> sorted({node.op_type for node in onnx.load_from_string(blob).graph.node})
-        ['DequantizeLinear', 'Gemm', 'QuantizeLinear']
+        >>> sorted({node.op_type for node in onnx.load_from_string(blob).graph.node})  # x86: Clip of codes at 127
+        ['Clip', 'DequantizeLinear', 'Gemm', 'QuantizeLinear']
     """
     require_onnx("ONNX export")
     return onnx_bytes(qdq_network, example, metadata, translations=onnx_translations())
@@ -275,7 +295,7 @@ _RELU_MODULES = (nni.ConvReLU1d, nni.ConvReLU2d, nni.ConvReLU3d, nni.LinearReLU,
                  nniqat.LinearReLU)
 
 
-def _activation_qdq(module: nn.Module) -> nn.Module | None:
+def _activation_qdq(module: nn.Module, saturate_at_trained_range: bool) -> nn.Module | None:
     """The QDQ replacement of an activation observer / fake-quantizer (None: the value stays float)."""
     dtype = {torch.quint8: torch.uint8, torch.qint8: torch.int8}.get(getattr(module, "dtype", None))
     if dtype is None:
@@ -284,7 +304,8 @@ def _activation_qdq(module: nn.Module) -> nn.Module | None:
         scale, zero_point = module.scale, module.zero_point
     else:
         scale, zero_point = module.calculate_qparams()
-    return QuantizeDequantize(float(scale.flatten()[0]), int(zero_point.flatten()[0]), dtype)
+    quant_max = getattr(module, "quant_max", None) if saturate_at_trained_range else None  # x86: 127
+    return QuantizeDequantize(float(scale.flatten()[0]), int(zero_point.flatten()[0]), dtype, quant_max)
 
 
 def _weighted_qdq(module: nn.Module) -> nn.Module | None:
@@ -312,24 +333,23 @@ def _weighted_qdq(module: nn.Module) -> nn.Module | None:
     return QDQLinear(dequantized, bias, relu)
 
 
-def qdq_network(prepared: fx.GraphModule, saturate_at_trained_range: bool = False) -> fx.GraphModule:
+def qdq_network(prepared: fx.GraphModule, saturate_at_trained_range: bool = True) -> fx.GraphModule:
     """The QDQ form of a QAT-trained or PTQ-calibrated network, with its learned quantization parameters.
 
     Activation fake-quantizers / observers become :class:`QuantizeDequantize`; quantized Conv/Linear (BN
     folded in) read int8 weight codes at their per-channel scales; modules kept in fp32 stay. The result is a
-    plain fp32 network whose ONNX export (:func:`qdq_onnx_bytes`) computes exactly what it computes. A clamp
-    (ReLU6, hardtanh, a fused ReLU) that the quantization right after it makes redundant
-    (``Q(clamp(x)) == Q(x)``, checked per clamp) is removed, so onnxruntime fuses ``Conv -> QuantizeLinear``.
-
-    ONNX cannot express the reduced range 0..127: the QDQ form of an x86 model saturates at 255. With
-    ``saturate_at_trained_range`` each such quantization gets a clamp at code 127, as the fake-quant and
-    torch int8 models compute (the reference a calibrated x86 model is checked against); the export leaves
-    it off, since onnxruntime would run each clamp in float.
+    plain fp32 network whose ONNX export (:func:`qdq_onnx_bytes`) computes exactly what it computes: on every
+    engine what the fake-quant model and the engine's int8 model compute, activations of the x86 engines
+    saturated at code 127 as they trained (``docs/quantization-design.md``). A clamp (ReLU6, hardtanh, a fused
+    ReLU) that the quantization right after it makes redundant (``Q(clamp(x)) == Q(x)``, checked per clamp) is
+    removed, so onnxruntime fuses ``Conv -> QuantizeLinear``.
 
     Args:
         prepared: A module from :func:`~lightning_compress.quantization.prepare.prepare` (``"qat"`` or
             calibrated ``"static"``); left unchanged.
-        saturate_at_trained_range: Clamp activations quantized on 0..127 at code 127.
+        saturate_at_trained_range: Saturate activations at the largest code they trained with (127 on the x86
+            engines). False gives the type's full range, which no engine computes (to measure what saturating
+            costs).
 
     Returns:
         The QDQ-form network (CPU, eval mode).
@@ -343,17 +363,13 @@ def qdq_network(prepared: fx.GraphModule, saturate_at_trained_range: bool = Fals
     """
     model = frozen_copy(prepared)
     replaced: dict[str, nn.Module | None] = {}
-    reduced: set[str] = set()
     for node in list(model.graph.nodes):
         if node.op != "call_module":
             continue
         if node.target not in replaced:
             module = model.get_submodule(node.target)
             if isinstance(module, (ObserverBase, FakeQuantizeBase)):
-                replaced[node.target] = _activation_qdq(module)
-                if (saturate_at_trained_range and module.dtype == torch.quint8
-                        and module.quant_max == REDUCED_QUANT_MAX):
-                    reduced.add(node.target)
+                replaced[node.target] = _activation_qdq(module, saturate_at_trained_range)
             else:
                 replaced[node.target] = _weighted_qdq(module) or module
                 if replaced[node.target] is module:
@@ -363,11 +379,6 @@ def qdq_network(prepared: fx.GraphModule, saturate_at_trained_range: bool = Fals
         if replaced[node.target] is None:  # a float value: the observer disappears
             node.replace_all_uses_with(node.args[0])
             model.graph.erase_node(node)
-        elif node.target in reduced:
-            qdq = replaced[node.target]
-            bound = reduced_range_max(float(qdq.scale), int(qdq.zero_point))
-            with model.graph.inserting_before(node):
-                node.args = (model.graph.call_function(torch.clamp, (node.args[0],), {"max": bound}),)
     _drop_saturated_clamps(model)
     model.graph.lint()
     model.recompile()

@@ -1,0 +1,65 @@
+"""The shipped QDQ ONNX file computes what the in-process int8 network (what ``trainer.test()`` runs) computes,
+for every engine, also on images beyond the range the network was trained on."""
+
+from __future__ import annotations
+
+import copy
+
+import onnx
+import onnxruntime
+import pytest
+import torch
+
+from lightning_compress.core.comparison import parity
+from lightning_compress.core.onnx import OnnxRuntimeNetwork
+from lightning_compress.export import export_artifacts
+from lightning_compress.quantization.convert import convert
+from lightning_compress.quantization.engines import ENGINE_TABLE, ENGINES, KernelFamily
+from lightning_compress.quantization.qdq import qdq_network, qdq_onnx_bytes
+from tests.quantization.test_deploy import trained_qat
+from tests.toy import random_images
+
+METADATA = {"model": "toy", "num_classes": 4, "model_kwargs": {}, "classes": ["0", "1", "2", "3"],
+            "mean": [0.0] * 3, "std": [1.0] * 3, "input_size": [16, 16]}
+QDQ_SHIPPED = (KernelFamily.TORCH_INT8, KernelFamily.QDQ_ONNX)  # the engines whose export is the QDQ ONNX file
+
+
+def shippable(engine: str) -> None:
+    family = ENGINE_TABLE[engine].family
+    if family not in QDQ_SHIPPED:
+        pytest.skip(f"{engine} ships as {ENGINE_TABLE[engine].runtime}, not the QDQ ONNX file")
+    if family is KernelFamily.TORCH_INT8 and engine not in torch.backends.quantized.supported_engines:
+        pytest.skip(f"torch build without {engine}")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_shipped_file_agrees_with_the_int8_network_test_measures(engine, tmp_path):
+    shippable(engine)
+    prepared = trained_qat(engine)
+    images, labels = random_images(1000, seed=1).tensors
+    images = images * 1.2  # real test images go beyond the range calibrated on training batches
+    int8 = convert(copy.deepcopy(prepared), engine, (images[:1],))
+    result = export_artifacts(prepared, METADATA, tmp_path / "out", images[:256], labels[:256], "test images",
+                              only=["onnx_int8"])
+    assert result.manifest["artifacts"]["onnx_int8"]["status"] == "written"
+    shipped = OnnxRuntimeNetwork((tmp_path / "out" / "model_int8.onnx").read_bytes(), threads=1)
+    with torch.no_grad():
+        measured = int8(images)
+    assert len(set(measured.argmax(1).tolist())) >= 3, "the network must predict by input, not one class"
+    agreement = parity(measured, shipped(images), labels, tolerance=0.0)
+    assert agreement.top1_agreement >= 0.995
+    assert abs(agreement.accuracy - agreement.reference_accuracy) <= 0.001
+
+
+def test_x86_saturation_is_a_clip_of_the_codes_and_every_convolution_stays_int8(tmp_path):
+    prepared = trained_qat("x86", steps=2)
+    blob = qdq_onnx_bytes(qdq_network(prepared), torch.randn(1, 3, 16, 16))
+    graph = onnx.load_from_string(blob).graph
+    producers = {output: node.op_type for node in graph.node for output in node.output}
+    clips = [node for node in graph.node if node.op_type == "Clip"]
+    assert clips and all(producers[clip.input[0]] == "QuantizeLinear" for clip in clips)  # on codes, not floats
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    onnxruntime.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert ops.count("QLinearConv") == 3 and not {"Conv", "FusedConv"} & set(ops)
