@@ -1,4 +1,4 @@
-"""Pausing the observers of fake-quantizers while evaluating, for every engine family.
+"""Observers of every engine family: filling them on calibration batches, pausing them while evaluating.
 
 torch.ao's and torchao's fake-quantizers both observe in eval mode too; evaluation data must not move
 the ranges a network trains and ships with. Both expose ``observer_enabled`` with
@@ -16,7 +16,29 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+import torch
 from torch import nn
+
+
+def calibrate(prepared: nn.Module, batches: Iterable[tuple]) -> int:
+    """Run ``prepared`` (eval mode, no grad) on batches of positional inputs to fill its observers.
+
+    Args:
+        prepared: A network prepared for static quantization (FX or PT2E).
+        batches: Iterable of input tuples, e.g. ``[(images,), ...]``.
+
+    Returns:
+        The number of batches seen.
+    """
+    seen = 0
+    prepared.eval()
+    with torch.no_grad():
+        for inputs in batches:
+            prepared(*inputs)
+            seen += 1
+    return seen
 
 
 def pause_observers(prepared: nn.Module) -> list[nn.Module]:

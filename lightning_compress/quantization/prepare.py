@@ -9,7 +9,7 @@ quantizers are on dynamo's skip list, so compiling them gains nothing).
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import fx, nn
@@ -17,6 +17,7 @@ from torch import fx, nn
 from lightning_compress.core.layers import matches_any, unwrap_compiled
 from lightning_compress.quantization.deprecations import quiet_torch_ao
 from lightning_compress.quantization.engines import Engine, check_engine
+from lightning_compress.quantization.observers import calibrate  # noqa: F401  (part of this module's API)
 from lightning_compress.quantization.qconfigs import MODES, backend_config, qconfig_mapping
 from lightning_compress.quantization.tracing import check_traceable, traceable_network
 
@@ -164,30 +165,6 @@ def is_prepared(module: nn.Module) -> bool:
         False
     """
     return any(isinstance(m, (ObserverBase, FakeQuantizeBase)) for m in module.modules())
-
-
-def calibrate(prepared: nn.Module, batches: Iterable[tuple]) -> int:
-    """Run ``prepared`` (eval mode, no grad) on batches of positional inputs to fill its observers.
-
-    Args:
-        prepared: A module from :func:`prepare` with ``mode="static"``.
-        batches: Iterable of input tuples, e.g. ``[(images,), ...]``.
-
-    Returns:
-        The number of batches seen.
-
-    Example:
-        >>> prepared = prepare(nn.Sequential(nn.Linear(4, 2)), mode="static")
-        >>> calibrate(prepared, [(torch.randn(3, 4),)])
-        1
-    """
-    seen = 0
-    prepared.eval()
-    with torch.no_grad():
-        for inputs in batches:
-            prepared(*inputs)
-            seen += 1
-    return seen
 
 
 def freeze_observers(prepared: nn.Module) -> None:

@@ -29,13 +29,14 @@ import contextlib
 import copy
 import logging
 import operator
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import fx, nn
 
 from lightning_compress.quantization.engines import REDUCED_QUANT_MAX, Engine, KernelFamily, check_engine
+from lightning_compress.quantization.observers import calibrate  # noqa: F401  (part of this module's API)
 
 
 @contextlib.contextmanager
@@ -286,21 +287,6 @@ def is_pt2e_prepared(module: nn.Module) -> bool:
         False
     """
     return any(isinstance(m, (ObserverBase, FakeQuantizeBase)) for m in module.modules())
-
-
-def calibrate(prepared: nn.Module, batches: Iterable[tuple]) -> int:
-    """Run ``prepared`` (eval mode, no grad) on batches of positional inputs to fill its observers.
-
-    Returns:
-        The number of batches seen.
-    """
-    seen = 0
-    prepared.eval()
-    with torch.no_grad():
-        for inputs in batches:
-            prepared(*inputs)
-            seen += 1
-    return seen
 
 
 def freeze_observers(prepared: nn.Module) -> None:
