@@ -42,6 +42,7 @@ from lightning_compress import (
     QuantizationAwareTraining,
 )
 from lightning_compress.models.resnet import ResNet
+from tests.composition.modules import KillAt
 from tests.toy import random_images
 
 EPOCHS, BATCHES, BATCH_SIZE = 3, 6, 8  # epochs are steps 0-5, 6-11, 12-17
@@ -79,17 +80,6 @@ CONFIGS: dict[str, Callable[[], list[pl.Callback]]] = {
     # the architecture changes in disjoint windows (channels 1-4, factorized at 5) before masks (6-12) and QAT (9)
     "all": lambda: [_channel(1, 4), _lowrank(5), _magnitude(6, 12), _qat(9), _kd()],
 }
-
-
-class KillAt(pl.Callback):
-    """SIGKILL this process when optimizer step ``step`` starts (its checkpoint is on disk by then)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class RecordBatches(pl.Callback):

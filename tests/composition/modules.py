@@ -5,6 +5,9 @@ It opts into architecture restoring with the one documented line: ``RestoresArch
 
 from __future__ import annotations
 
+import os
+import signal
+
 import lightning.pytorch as pl
 import torch
 from torch import nn
@@ -78,3 +81,14 @@ class DictBatchModule(RestoresArchitecture, pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+class KillAt(pl.Callback):
+    """SIGKILL this process when optimizer step ``step`` starts (its checkpoint is on disk by then)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -8,8 +8,6 @@ they leave training (before the fit-end int8 conversion) to ``OUT_DIR/final.pt``
 
 from __future__ import annotations
 
-import os
-import signal
 import sys
 from pathlib import Path
 
@@ -26,19 +24,10 @@ from lightning_compress import (
     MagnitudePruning,
     QuantizationAwareTraining,
 )
-from tests.composition.modules import DictBatchModule, dict_loader
+from tests.composition.modules import DictBatchModule, KillAt, dict_loader
 from tests.toy import ToyConvNet
 
 STEPS = 16
-
-
-class KillAt(pl.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class SaveTrained(pl.Callback):
