@@ -2,13 +2,15 @@
 
 A row function takes a :class:`Context` (the budget, the run's optimizer steps, the teacher checkpoint)
 and returns a :class:`Plan`; it raises :class:`Skip` when this code version lacks what it needs. Each row
-(:class:`Row`) also names the package sources its result depends on, hashed into its code version
-(``code_version``), so a recorded row is re-measured when, and only when, that code changes; the rows it
+(:class:`Row`) also names the package sources its result depends on; those files and every package module they
+import (followed through imports, the package's root ``__init__`` re-exports left out) are hashed into its code
+version (``code_version``), so a recorded row is re-measured when, and only when, that code changes; the rows it
 needs first (the KD rows need the teacher); and its training cost, for the queue's time estimate.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import math
 from collections.abc import Callable
@@ -20,8 +22,9 @@ from reporting import cpu_description
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "lightning_compress"
-BASE_SOURCES = ("module.py", "data", "models", "core")
-"""Package sources every row's result depends on (relative to ``lightning_compress/``)."""
+BASE_SOURCES = ("module.py", "data", "models")
+"""Package sources every row's result depends on (relative to ``lightning_compress/``); what they import from
+``core`` follows."""
 RECIPE = REPO / "recipes" / "baseline_resnet20.yaml"
 """The shipped recipe whose optimizer settings every row trains with (all ResNet recipes share them)."""
 OPTIMIZER_KEYS = ("lr", "momentum", "nesterov", "weight_decay", "lr_schedule", "warmup")
@@ -299,14 +302,49 @@ def _lc() -> Any:
 
 
 def code_version(sources: tuple[str, ...]) -> str:
-    """Short hash of the package files a row depends on (every ``.py`` under each source path)."""
+    """Short hash of the package files a row depends on: every ``.py`` under :data:`BASE_SOURCES` and each of
+    ``sources``, and every package module those import (:func:`source_closure`)."""
     digest = hashlib.sha256()
-    for source in (*BASE_SOURCES, *sources):
-        path = PACKAGE / source
-        files = sorted(path.rglob("*.py")) if path.is_dir() else [path] if path.exists() else []
-        for file in files:
-            digest.update(str(file.relative_to(PACKAGE)).encode())
-            digest.update(file.read_bytes())
+    for file in source_closure((*BASE_SOURCES, *sources)):
+        digest.update(str(file.relative_to(PACKAGE)).encode())
+        digest.update(file.read_bytes())
     return digest.hexdigest()[:12]
 
 
+def source_closure(sources: tuple[str, ...]) -> list[Path]:
+    """The files under ``sources`` (relative to the package) and the package modules they import, transitively.
+
+    Imports are read from the source (``import lightning_compress.x`` and ``from lightning_compress.x import y``,
+    inside functions too), each with its packages' ``__init__`` files; the package root's ``__init__``, which only
+    re-exports, is left out.
+    """
+    pending: list[Path] = []
+    for source in sources:
+        path = PACKAGE / source
+        pending += sorted(path.rglob("*.py")) if path.is_dir() else [path] if path.exists() else []
+    seen: set[Path] = set()
+    while pending:
+        file = pending.pop()
+        if file in seen:
+            continue
+        seen.add(file)
+        pending += [found for name in _imported_names(file) for found in _module_files(name) if found not in seen]
+    return sorted(seen)
+
+
+def _imported_names(file: Path) -> list[str]:
+    names = []
+    for node in ast.walk(ast.parse(file.read_text(), str(file))):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names += [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+    return [name for name in names if name.split(".")[0] == PACKAGE.name and "." in name]
+
+
+def _module_files(name: str) -> list[Path]:
+    """The file of the module ``name`` (if it is one) and the ``__init__`` of each package above it but the root."""
+    parts = name.split(".")[1:]
+    files = [PACKAGE.joinpath(*parts[:depth], "__init__.py") for depth in range(1, len(parts) + 1)]
+    files.append(PACKAGE.joinpath(*parts).with_suffix(".py"))
+    return [file for file in files if file.is_file()]

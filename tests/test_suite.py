@@ -164,6 +164,24 @@ def test_code_version_follows_the_row_sources(tmp_path: Path, monkeypatch: pytes
     assert version(("pruning",)) != pruning
 
 
+def test_code_version_follows_imports_not_the_whole_core(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    package = tmp_path / "lightning_compress"
+    files = {"module.py": "from lightning_compress.core.used import x\n", "core/__init__.py": "",
+             "core/used.py": "def f():\n    import lightning_compress.core.deep\n", "core/deep.py": "y = 1\n",
+             "core/unused.py": "z = 1\n", "__init__.py": "from lightning_compress.core import unused\n"}
+    for name, text in files.items():
+        (package / name).parent.mkdir(parents=True, exist_ok=True)
+        (package / name).write_text(text)
+    monkeypatch.setattr(suite_rows, "PACKAGE", package)
+    assert [p.relative_to(package).as_posix() for p in suite_rows.source_closure(("module.py",))] == [
+        "core/__init__.py", "core/deep.py", "core/used.py", "module.py"]
+    before = suite_rows.code_version(())
+    (package / "core/unused.py").write_text("z = 2\n")  # imported only by the root's re-exports
+    assert suite_rows.code_version(()) == before
+    (package / "core/deep.py").write_text("y = 2\n")  # imported inside a function of an imported module
+    assert suite_rows.code_version(()) != before
+
+
 def test_budgets_follow_the_cpu() -> None:
     with_bf16, _ = suite_rows.resolve_budget("cpu", BF16)
     without, reason = suite_rows.resolve_budget("cpu", NO_BF16)
