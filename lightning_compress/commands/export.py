@@ -13,7 +13,8 @@ from lightning_compress.commands.checkpoint import load_checkpoint
 from lightning_compress.commands.predict import IMAGE_SUFFIXES, read_image
 from lightning_compress.core.onnx import require_onnx
 from lightning_compress.export import ARTIFACTS, FILES, check_export_directory, export_artifacts
-from lightning_compress.export.artifacts import DEFAULT_ARTIFACTS, check_artifacts
+from lightning_compress.export.artifacts import check_artifacts
+from lightning_compress.export.runtimes import RUNTIMES, select_artifacts
 from lightning_compress.export.sample import stratified_sample
 
 
@@ -91,7 +92,7 @@ def check_images(metadata: dict[str, Any], checkpoint: dict[str, Any], data_root
 
 
 def main(argv: Sequence[str]) -> int:
-    """Export packed weights, the fp32 ONNX model (fp32 checkpoints) and the int8 QDQ ONNX model (QAT checkpoints).
+    """Export a checkpoint for the runtimes asked for (default: every installed one that takes it), each checked.
 
     Args:
         argv: Command-line arguments after ``export``.
@@ -102,17 +103,23 @@ def main(argv: Sequence[str]) -> int:
     """
     parser = argparse.ArgumentParser(
         prog="lightning-compress export",
-        description=f"Write {FILES['packed']} (packed sparse weights), {FILES['onnx_fp32']} (fp32 checkpoints), "
-                    f"{FILES['onnx_int8']} (QAT checkpoints: the int8 QDQ model, built from the learned quantization "
-                    "parameters) and manifest.json into DIR. Each model is checked against the checkpoint's network "
-                    "on real images (a seeded, class-stratified sample of the datamodule's test split, or of "
-                    "--check-images); one that fails is left out and the others are written; manifest.json says "
-                    "which and why, and how the check images were drawn.")
+        description=f"Write the checkpoint's model for each runtime into DIR: {FILES['packed']} (packed sparse "
+                    f"weights), {FILES['onnx_fp32']} or {FILES['onnx_int8']} (QAT checkpoints: the int8 QDQ model, "
+                    "built from the learned quantization parameters) for onnxruntime and OpenVINO, "
+                    f"{FILES['aoti']} (AOTInductor: fp32, or engine x86_inductor's int8 graph), "
+                    f"{FILES['torchscript_int8']} (torch's int8 engines), and manifest.json. Each model is checked "
+                    "in its runtime against the checkpoint's network on real images (a seeded, class-stratified "
+                    "sample of the datamodule's test split, or of --check-images) and timed at batch 1; one that "
+                    "fails is left out and the others are written; manifest.json says which and why, how the check "
+                    "images were drawn, and which runtime was fastest on this CPU.")
     parser.add_argument("checkpoint", help="ImageClassifier checkpoint (.ckpt)")
     parser.add_argument("--to", required=True, dest="directory", help="export directory (new or empty)")
     parser.add_argument("--overwrite", action="store_true", help="replace the content of a non-empty directory")
-    parser.add_argument("--only", nargs="+", choices=ARTIFACTS, default=None,
-                        help=f"artifacts to write (default: {' '.join(DEFAULT_ARTIFACTS)})")
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument("--runtime", nargs="+", choices=RUNTIMES, default=None,
+                        help="runtimes to export for (default: every installed one that takes the checkpoint; "
+                             "aoti for fp32 checkpoints and torch only when named)")
+    choice.add_argument("--only", nargs="+", choices=ARTIFACTS, default=None, help="artifacts to write")
     parser.add_argument("--values", choices=["int8", "fp16"], default="int8", help="packed value format")
     parser.add_argument("--classes", default=None, help="comma-separated class names, in label order")
     parser.add_argument("--data-root", default=None, help="CIFARDataModule root for the check (default: recorded)")
@@ -126,18 +133,26 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--min-agreement", type=float, default=0.95,
                         help="near-tie tolerant agreement below which an artifact is refused")
     parser.add_argument("--tolerance", type=float, default=0.05, help="near-tie tolerance (fraction of logit range)")
+    parser.add_argument("--latency-repeats", type=int, default=20,
+                        help="timed batch-1 runs of each model, interleaved, one thread (0: not timed)")
     args = parser.parse_args(argv)
-    selected = check_artifacts(args.only)
-    if any(name.startswith("onnx") for name in selected):
-        require_onnx("export of ONNX models")
+    if args.latency_repeats < 0:
+        parser.error(f"--latency-repeats must be >= 0, got {args.latency_repeats}")
+    if args.only is not None:
+        check_artifacts(args.only)
+        if any(name.startswith("onnx") or name == "openvino" for name in args.only):
+            require_onnx("export of ONNX models")
     check_export_directory(args.directory, args.overwrite)  # fail before loading anything
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
     loaded = load_checkpoint(args.checkpoint, classes=classes)
+    engine = (loaded.metadata.get("quantization") or {}).get("engine")
+    selected = check_artifacts(args.only) if args.only is not None else select_artifacts(args.runtime, engine)
     images, labels, source, sample = check_images(loaded.metadata, loaded.checkpoint, args.data_root,
                                                   args.check_images, args.check_count, args.cache_dir, args.check_seed)
     result = export_artifacts(loaded.network, loaded.metadata, args.directory, images, labels, source,
                               only=selected, values=args.values, overwrite=args.overwrite,
-                              min_agreement=args.min_agreement, tolerance=args.tolerance, sample=sample)
+                              min_agreement=args.min_agreement, tolerance=args.tolerance, sample=sample,
+                              latency_repeats=args.latency_repeats)
     groups = sample.get("per_class") or sample.get("per_folder")
     drawn = f" ({sample['method']}, seed {sample['seed']}: {min(groups.values())}-{max(groups.values())} per " \
             f"{'class' if 'per_class' in sample else 'folder'})" if sample["method"] == "stratified" else ""
@@ -154,4 +169,8 @@ def main(argv: Sequence[str]) -> int:
         if "reason" in entry:
             line += f": {entry['reason']}"
         print(line)
+    latency = result.manifest.get("latency")
+    if latency:
+        timed = ", ".join(f"{name} {ms:.3g} ms" for name, ms in latency["median_ms"].items())
+        print(f"batch 1, 1 thread, {latency['cpu']['model']}: {timed}; fastest: {latency['fastest']['runtime']}")
     return 1 if result.failed() else 0

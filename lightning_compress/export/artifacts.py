@@ -20,7 +20,9 @@ import copy
 import json
 import os
 import shutil
+import statistics
 import tempfile
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,28 +32,36 @@ import torch
 from torch import nn
 
 from lightning_compress.core.architecture import ArchitectureRecord, replay_onto_network
-from lightning_compress.core.files import atomic_path, write_text_atomic
 from lightning_compress.core.comparison import Parity, parity
+from lightning_compress.core.files import atomic_path, write_text_atomic
+from lightning_compress.core.machine import cpu_description
 from lightning_compress.core.onnx import OnnxRuntimeNetwork, onnx_bytes, require_onnx
+from lightning_compress.export.aoti import AotiNetwork, aoti_package
 from lightning_compress.export.onnx import onnx_metadata
+from lightning_compress.export.openvino import OpenVinoNetwork, require_openvino
 from lightning_compress.export.packed import PACKED_SUFFIX, VALUE_FORMATS, read_packed, write_packed
 from lightning_compress.models import create_model
 from lightning_compress.quantization.convert import convert
 from lightning_compress.quantization.engines import ENGINE_TABLE, Engine, KernelFamily
+from lightning_compress.quantization.families import family_of
 from lightning_compress.quantization.files import load_quantized, save_quantized
 from lightning_compress.quantization.prepare import frozen_copy, is_prepared
 from lightning_compress.quantization.qdq import qdq_network, qdq_onnx_bytes
 
-ARTIFACTS: tuple[str, ...] = ("packed", "onnx_fp32", "onnx_int8", "torchscript_int8")
+ARTIFACTS: tuple[str, ...] = ("packed", "onnx_fp32", "onnx_int8", "openvino", "aoti", "torchscript_int8")
 """What an export can hold: packed sparse weights; the fp32 ONNX model (fp32 checkpoints); the int8 QDQ ONNX
-model (QAT checkpoints: the int8 deployment artifact); the int8 TorchScript model of torch's own int8
-engines (deprecated by torch; only when asked for)."""
+model (QAT checkpoints of the FX engines); ``openvino``: that same ONNX file checked in OpenVINO (no file of its
+own); an AOTInductor package (fp32 checkpoints, or the int8 graph of the PT2E engine ``x86_inductor``); the int8
+TorchScript model of torch's own int8 engines (deprecated by torch). Which runtime runs which:
+:mod:`.runtimes`."""
 DEFAULT_ARTIFACTS: tuple[str, ...] = ("packed", "onnx_fp32", "onnx_int8")
 FILES = {"packed": "weights.lcpk", "onnx_fp32": "model_fp32.onnx", "onnx_int8": "model_int8.onnx",
-         "torchscript_int8": "model_int8.pt"}
-"""File names inside an export directory."""
+         "aoti": "model.pt2", "torchscript_int8": "model_int8.pt"}
+"""File names inside an export directory (``openvino`` reads the ONNX model's)."""
 MANIFEST = "manifest.json"
-_PREFERENCE = ("onnx_int8", "onnx_fp32", "torchscript_int8", "packed")
+_PREFERENCE = ("onnx_int8", "onnx_fp32", "aoti", "torchscript_int8", "packed")
+_RUNTIME_OF = {"onnx_fp32": "onnxruntime", "onnx_int8": "onnxruntime", "openvino": "openvino", "aoti": "aoti",
+               "torchscript_int8": "torch"}
 
 
 # ------------------------------------------------------------------------------------- networks
@@ -195,6 +205,7 @@ def export_artifacts(
     min_agreement: float = 0.95,
     tolerance: float = 0.05,
     sample: Mapping[str, Any] | None = None,
+    latency_repeats: int = 20,
 ) -> ExportResult:
     """Write the deployable artifacts of a network into ``directory``, each one checked, none half-written.
 
@@ -212,6 +223,8 @@ def export_artifacts(
         tolerance: Near-tie tolerance of :func:`~lightning_compress.core.comparison.parity`.
         sample: How the check images were drawn (:meth:`~lightning_compress.export.sample.CheckSample.to_dict`),
             for the manifest.
+        latency_repeats: Timed batch-1 runs of each written model, interleaved, for the manifest's ``latency``
+            (medians, one thread, this CPU, and the fastest runtime); 0: not timed.
 
     Returns:
         What was written; :meth:`ExportResult.failed` lists what was refused.
@@ -231,9 +244,14 @@ def export_artifacts(
     final = check_export_directory(directory, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
     network = network.cpu().eval()
-    qat = is_prepared(network)
-    reference = frozen_copy(network) if qat else network
+    engine = (metadata.get("quantization") or {}).get("engine")
+    family = family_of(engine) if engine else None  # without it: an fp32 network, or an FX one given by the API
+    qat = family.is_prepared(network) if family else is_prepared(network)
+    graph = qat and family is not None and family.engine.family is KernelFamily.PT2E  # deploys by AOTInductor only
+    reference = (family.frozen_copy(network) if family else frozen_copy(network)) if qat else network
     reference_logits = _logits(reference, images)
+    runners: dict[str, nn.Module] = {}
+    onnx_model: dict[str, bytes] = {}
     manifest: dict[str, Any] = {
         "metadata": dict(metadata), "packed_values": values,
         "check": {"images": len(images), "source": image_source, "sample": dict(sample or {"method": "given"}),
@@ -252,59 +270,131 @@ def export_artifacts(
                            f"max logit error {result.max_logit_error:.3g} of the logit range")
         return result
 
-    def build_packed(path: Path) -> None:
-        write_packed(path, network.state_dict(), metadata, values)
-        packed = load_artifact(path)
+    def not_for_graph(artifact: str) -> None:
+        if graph:
+            raise _NotApplicable(f"engine {engine!r} trains a PT2E graph, which deploys as the AOTInductor package "
+                                 f"(aoti); {artifact} needs a checkpoint of another engine")
+
+    def onnx_blob() -> tuple[str, bytes]:
+        """The checkpoint's ONNX model, built once for onnxruntime and OpenVINO: ``(artifact, bytes)``."""
+        not_for_graph("an ONNX model")
+        if not onnx_model:
+            require_onnx("the ONNX model")
+            onnx_model["onnx_int8" if qat else "onnx_fp32"] = (
+                qdq_onnx_bytes(qdq_network(network), images[:1], metadata) if qat
+                else onnx_bytes(network, images[:1], metadata))
+        return next(iter(onnx_model.items()))
+
+    def build_packed() -> str:
+        not_for_graph("packed weights")
+        write_packed(staging / FILES["packed"], network.state_dict(), metadata, values)
+        packed = load_artifact(staging / FILES["packed"])
         check("packed", _logits(packed.logits, images))
+        return FILES["packed"]
 
-    def build_onnx_fp32(path: Path) -> None:
-        if qat:
+    def build_onnx(name: str) -> str:
+        not_for_graph("an ONNX model")
+        if (name == "onnx_int8") != qat:
             raise _NotApplicable("the network holds quantization-aware-training fake-quant modules; its deployable "
-                                 "form is onnx_int8")
-        blob = onnx_bytes(network, images[:1], metadata)
-        check("onnx_fp32", _logits(OnnxRuntimeNetwork(blob, threads=1), images))
-        _write_bytes(path, blob)
+                                 "form is onnx_int8" if qat else "the checkpoint is fp32: train with "
+                                 "QuantizationAwareTraining to get an int8 model")
+        runners[name] = OnnxRuntimeNetwork(onnx_blob()[1], threads=1)
+        check(name, _logits(runners[name], images))
+        _write_bytes(staging / FILES[name], onnx_blob()[1])
+        return FILES[name]
 
-    def build_onnx_int8(path: Path) -> None:
+    def build_openvino() -> str:
+        require_openvino("the openvino artifact")
+        name, blob = onnx_blob()
+        runner = OpenVinoNetwork(blob, threads=1)
+        check("openvino", _logits(runner, images))
+        runners["openvino"] = runner
+        if not (staging / FILES[name]).exists():
+            _write_bytes(staging / FILES[name], blob)
+        return FILES[name]
+
+    def build_aoti() -> str:
+        if qat and not graph:
+            raise _NotApplicable(f"engine {engine or 'x86'!r} is an FX engine; AOTInductor packages fp32 checkpoints "
+                                 "and those of engine 'x86_inductor'")
+        model = family.convert_qat(network, None, "") if graph and family else network
+        aoti_package(model, images[:2], staging / FILES["aoti"])
+        runners["aoti"] = AotiNetwork(staging / FILES["aoti"])
+        check("aoti", _logits(runners["aoti"], images))
+        return FILES["aoti"]
+
+    def build_torchscript_int8() -> str:
+        not_for_graph("TorchScript")
         if not qat:
             raise _NotApplicable("the checkpoint is fp32: train with QuantizationAwareTraining to get an int8 model")
-        require_onnx("the int8 ONNX model")
-        blob = qdq_onnx_bytes(qdq_network(network), images[:1], metadata)
-        check("onnx_int8", _logits(OnnxRuntimeNetwork(blob, threads=1), images))
-        _write_bytes(path, blob)
-
-    def build_torchscript_int8(path: Path) -> None:
-        if not qat:
-            raise _NotApplicable("the checkpoint is fp32: train with QuantizationAwareTraining to get an int8 model")
-        engine = ENGINE_TABLE.get((metadata.get("quantization") or {}).get("engine", "x86"))
-        engine = engine if engine is not None and engine.family is KernelFamily.TORCH_INT8 else ENGINE_TABLE["x86"]
-        int8 = int8_from_qat(network, engine)
+        torch_engine = ENGINE_TABLE.get(engine or "x86")
+        torch_engine = torch_engine if torch_engine.family is KernelFamily.TORCH_INT8 else ENGINE_TABLE["x86"]
+        int8 = int8_from_qat(network, torch_engine)
         check("torchscript_int8", _logits(int8, images))
-        save_quantized(int8, path, (images[:1],), engine)
+        runners["torchscript_int8"] = int8
+        save_quantized(int8, staging / FILES["torchscript_int8"], (images[:1],), torch_engine)
+        return FILES["torchscript_int8"]
 
-    builders = {"packed": build_packed, "onnx_fp32": build_onnx_fp32, "onnx_int8": build_onnx_int8,
+    builders = {"packed": build_packed, "onnx_fp32": lambda: build_onnx("onnx_fp32"),
+                "onnx_int8": lambda: build_onnx("onnx_int8"), "openvino": build_openvino, "aoti": build_aoti,
                 "torchscript_int8": build_torchscript_int8}
     staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         for name in ARTIFACTS:
-            entry = manifest["artifacts"][name] = {"file": FILES[name]}
+            entry = manifest["artifacts"][name] = {"file": FILES.get(name)}
             if name not in selected:
-                entry.update(status="skipped", reason="not selected (--only)")
+                entry.update(status="skipped", reason="not selected (--only / --runtime)")
                 continue
             try:
-                builders[name](staging / FILES[name])
+                file = builders[name]()
             except _NotApplicable as why:
                 entry.update(status="skipped", reason=str(why))
             except (_Refused, RuntimeError, ValueError, ImportError) as err:
                 entry.update(status="failed", reason=str(err) or type(err).__name__)
-                (staging / FILES[name]).unlink(missing_ok=True)
+                if name in FILES:
+                    (staging / FILES[name]).unlink(missing_ok=True)
+                runners.pop(name, None)
             else:
-                entry.update(status="written", bytes=(staging / FILES[name]).stat().st_size)
+                entry.update(file=file, status="written", bytes=(staging / file).stat().st_size)
+        if latency_repeats and runners:
+            manifest["latency"] = runtime_latencies(runners, images[:1], latency_repeats)
         write_text_atomic(staging / MANIFEST, json.dumps(manifest, indent=2) + "\n")
         _replace_directory(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ExportResult(final, manifest)
+
+
+def runtime_latencies(runners: Mapping[str, nn.Module], example: torch.Tensor, repeats: int) -> dict[str, Any]:
+    """Median latency of each model on ``example``, one thread, runs interleaved so all see the same load.
+
+    Args:
+        runners: The models, by artifact name.
+        example: The input (a batch of one image).
+        repeats: Timed runs of each (after one untimed).
+
+    Returns:
+        The manifest's ``latency``: batch size, threads, repeats, this CPU, ``median_ms`` by artifact and the
+        ``fastest`` artifact with its runtime.
+    """
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            for runner in runners.values():
+                runner(example)
+            for _ in range(repeats):
+                for name, runner in runners.items():
+                    begin = time.perf_counter()
+                    runner(example)
+                    times[name].append(time.perf_counter() - begin)
+    finally:
+        torch.set_num_threads(threads)
+    medians = {name: round(statistics.median(values) * 1e3, 4) for name, values in times.items()}
+    fastest = min(medians, key=medians.__getitem__)
+    return {"batch_size": len(example), "threads": 1, "repeats": repeats, "cpu": cpu_description(),
+            "median_ms": medians, "fastest": {"artifact": fastest, "runtime": _RUNTIME_OF[fastest]}}
 
 
 class _NotApplicable(Exception):
@@ -339,7 +429,7 @@ class Artifact:
 
     Attributes:
         path: The file it was loaded from.
-        kind: ``"packed"``, ``"onnx"`` or ``"torchscript_int8"``.
+        kind: ``"packed"``, ``"onnx"``, ``"aoti"`` or ``"torchscript_int8"``.
         metadata: ``classes``, ``mean``, ``std``, ``input_size`` and the model description.
         logits: Maps a ``(N, 3, H, W)`` float batch of normalized images to ``(N, classes)`` logits.
     """
@@ -351,10 +441,11 @@ class Artifact:
 
 
 def load_artifact(path: str | os.PathLike[str]) -> Artifact:
-    """Load an exported model: an export directory, ``weights.lcpk``, an ``.onnx`` file or ``model_int8.pt``.
+    """Load an exported model: an export directory, ``weights.lcpk``, an ``.onnx`` file, ``model.pt2`` or
+    ``model_int8.pt``.
 
     A directory is read through its best written model: the int8 ONNX model, else the fp32 ONNX model,
-    else the int8 TorchScript model, else the packed weights.
+    else the AOTInductor package, else the int8 TorchScript model, else the packed weights.
 
     Args:
         path: The artifact.
@@ -389,15 +480,17 @@ def load_artifact(path: str | os.PathLike[str]) -> Artifact:
         metadata = onnx_metadata(path)
         network = OnnxRuntimeNetwork(path.read_bytes())
         return Artifact(path, "onnx", metadata, _torch_logits(network))
-    if path.suffix == ".pt":
+    if path.suffix in (".pt", ".pt2"):
         manifest = path.parent / MANIFEST
         if not manifest.exists():
-            raise ValueError(f"{path}: an int8 model needs the {MANIFEST} of its export directory beside it "
+            raise ValueError(f"{path}: a {path.suffix} model needs the {MANIFEST} of its export directory beside it "
                              "(class names and normalization live there)")
-        network = load_quantized(path)
-        return Artifact(path, "torchscript_int8", json.loads(manifest.read_text())["metadata"], _torch_logits(network))
+        metadata = json.loads(manifest.read_text())["metadata"]
+        if path.suffix == ".pt2":
+            return Artifact(path, "aoti", metadata, _torch_logits(AotiNetwork(path)))
+        return Artifact(path, "torchscript_int8", metadata, _torch_logits(load_quantized(path)))
     raise ValueError(f"{path}: unknown model file type {path.suffix!r}; expected an export directory, "
-                     f"{FILES['packed']}, an .onnx file or {FILES['torchscript_int8']}")
+                     f"{FILES['packed']}, an .onnx file, {FILES['aoti']} or {FILES['torchscript_int8']}")
 
 
 def _torch_logits(network: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -137,6 +137,10 @@ class Family(abc.ABC):
         """``(relative weight quantization error by layer, activation scale by graph value)``."""
 
     @abc.abstractmethod
+    def frozen_copy(self, network: nn.Module) -> nn.Module:
+        """A CPU eval copy of a QAT network whose quantization parameters no longer move: what converts to int8."""
+
+    @abc.abstractmethod
     def convert_qat(self, network: nn.Module, example_inputs: tuple | None, prefix: str) -> nn.Module:
         """The int8 model of a QAT network, checked on ``example_inputs`` against its frozen fake-quant copy
         (raises ``ValueError`` if never prepared, :class:`~.check.ConversionError` if the check fails)."""
@@ -175,6 +179,10 @@ class FxFamily(Family):
     @override
     def health(self, network: nn.Module) -> tuple[dict[str, float], dict[str, float]]:
         return weight_quantization_errors(network), activation_scales(network)
+
+    @override
+    def frozen_copy(self, network: nn.Module) -> nn.Module:
+        return frozen_copy(network)
 
     @override
     def convert_qat(self, network: nn.Module, example_inputs: tuple | None, prefix: str) -> nn.Module:
@@ -231,6 +239,10 @@ class Pt2eFamily(Family):
     def health(self, network: nn.Module) -> tuple[dict[str, float], dict[str, float]]:
         pt2e = _pt2e()
         return pt2e.weight_quantization_errors(network), pt2e.activation_scales(network)
+
+    @override
+    def frozen_copy(self, network: nn.Module) -> nn.Module:
+        return _pt2e().frozen_copy(network)
 
     @override
     def convert_qat(self, network: nn.Module, example_inputs: tuple | None, prefix: str) -> nn.Module:
