@@ -2,9 +2,10 @@
 
 A network is trained on CIFAR-10 (``ImageClassifier``, SGD + cosine, ``CIFARDataModule``) with fake-quantization
 from ``--qat-start`` on, for a small budget (this is about the file's fidelity, not about reaching the network's
-best accuracy), with ``QuantizationAwareTraining(engine=--engine)`` (default: the default engine, ``x86``). The QAT
-model is then converted as at fit end (``QuantizationAwareTraining.convert``: the engine's int8 network, checked on
-a calibration batch, which ``trainer.test()`` then runs) and the file ``lightning-compress export`` ships
+best accuracy), with ``QuantizationAwareTraining(engine=--engine)`` (default ``x86``, whose file can differ
+from its int8 network; the callbacks' default engine, ``onnxruntime``, tests the file itself). The QAT model
+is then converted as at fit end (``QuantizationAwareTraining.convert``: the engine's int8 network, checked on a
+calibration batch, which ``trainer.test()`` then runs) and the file ``lightning-compress export`` ships
 (``model_int8.onnx``: ``qdq_onnx_bytes(qdq_network(...))``, run by onnxruntime) is built from the same QAT model.
 On the whole test split:
 

@@ -157,9 +157,9 @@ def latency_and_size(models, batches, repeats, warmup, engines) -> list[dict]:
 def qat_callback(start: float) -> QuantizationAwareTraining:
     """QAT from ``start``; a late start (fine-tuning) also freezes BN and observers before the end."""
     if start == 0:
-        return QuantizationAwareTraining(network="model")
+        return QuantizationAwareTraining(network="model", engine="x86")
     return QuantizationAwareTraining(network="model", start=start, freeze_bn=start + 0.6 * (1 - start),
-                                     freeze_observers=start + 0.8 * (1 - start))
+                                     freeze_observers=start + 0.8 * (1 - start), engine="x86")
 
 
 def accuracy(models, epochs: int, limit_train_batches: float, data_root: str, val_size: int,

@@ -31,6 +31,7 @@ from lightning_compress.cli import main
 from lightning_compress.core.accounting import count_macs
 from lightning_compress.core.architecture import restore_architecture
 from lightning_compress.core.layers import is_compiled, unwrap_compiled
+from lightning_compress.core.onnx import OnnxRuntimeNetwork
 from lightning_compress.quantization.prepare import is_prepared
 from tests.toy import ToyConvNet, UserClassifier, random_loader
 
@@ -105,23 +106,33 @@ def test_low_rank_factorization_reaches_its_macs_ratio():
     assert_runs_what_it_wraps(model.net)
 
 
+def is_int8(network: nn.Module, engine: str) -> bool:
+    """torch's int8 modules in place (x86), or the QDQ ONNX file run by onnxruntime (the default engine)."""
+    return isinstance(network, OnnxRuntimeNetwork) if engine == "onnxruntime" else (
+        isinstance(network.conv1, nnq.Conv2d) and not is_prepared(network))
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "x86"])
 @pytest.mark.parametrize("in_place", [False, True], ids=["torch.compile(net)", "net.compile()"])
-def test_quantization_aware_training_ends_with_int8_in_place_and_test_runs_it(in_place, caplog):
+def test_quantization_aware_training_ends_with_int8_in_place_and_test_runs_it(in_place, engine, caplog):
     model = compiled_classifier(in_place=in_place)
     with caplog.at_level(logging.INFO):
-        trainer = fit(model, [QuantizationAwareTraining(start="2steps")], steps=8)
-    assert isinstance(model.net.conv1, nnq.Conv2d) and not is_prepared(model.net)
+        trainer = fit(model, [QuantizationAwareTraining(start="2steps", engine=engine)], steps=8)
+    assert is_int8(model.net, engine)
     assert not is_compiled(model.net)
     assert "'net' was compiled with torch.compile; its quantized version runs uncompiled" in caplog.text
     assert trainer.test(model, random_loader(), verbose=False)[0]["test_acc"] > 0.4
 
 
+@pytest.mark.parametrize("engine", ["onnxruntime", "x86"])
 @pytest.mark.parametrize("in_place", [False, True], ids=["torch.compile(net)", "net.compile()"])
-def test_post_training_quantization_ends_with_int8_in_place_and_test_runs_it(in_place, caplog):
+def test_post_training_quantization_ends_with_int8_in_place_and_test_runs_it(in_place, engine, caplog):
     model = compiled_classifier(in_place=in_place)
     with caplog.at_level(logging.INFO):
-        trainer = fit(model, [PostTrainingQuantization(calibration_batches=2, skip="net.fc")], steps=8)
-    assert isinstance(model.net.conv1, nnq.Conv2d) and isinstance(model.net.fc, nn.Linear)  # skip by user name
+        trainer = fit(model, [PostTrainingQuantization(calibration_batches=2, skip="net.fc", engine=engine)], steps=8)
+    assert is_int8(model.net, engine)
+    if engine == "x86":
+        assert isinstance(model.net.fc, nn.Linear)  # skip by user name
     assert "runs uncompiled" in caplog.text
     assert trainer.test(model, random_loader(), verbose=False)[0]["test_acc"] > 0.4
 
@@ -164,7 +175,7 @@ def test_a_compiled_submodule_is_refused_before_training_naming_torch_compile_an
                                          r"skip=\['net.conv2'\]"):
         fit(model, [callback(), steps])
     assert steps.steps == 0
-    fit(model, [callback(skip="net.conv2")], steps=2)  # the remedy the message names
+    fit(model, [callback(skip="net.conv2", engine="x86")], steps=2)  # the remedy the message names
     assert isinstance(model.net.conv1, nnq.Conv2d) and is_compiled(model.net.conv2)
 
 

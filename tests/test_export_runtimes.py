@@ -117,8 +117,17 @@ def test_export_command_prints_each_runtime_and_the_fastest(fp32_checkpoint, tmp
     assert "batch 1, 1 thread" in out and "fastest: " in out
 
 
+def readme_deploy_snippet() -> str:
+    """The README's "Deploy" code: the python block after its ``deploy-snippet`` marker."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = text[text.index("<!-- deploy-snippet -->"):]
+    code = block[block.index("```python\n") + len("```python\n"):]
+    return code[:code.index("```")]
+
+
 @pytest.mark.slow  # AOTInductor compiles C++: about a minute on 2 busy cores
-def test_pt2e_checkpoint_ships_an_aoti_package_that_computes_what_it_was_checked_for(tmp_path):
+def test_pt2e_checkpoint_ships_an_aoti_package_that_computes_what_it_was_checked_for(tmp_path, qat_checkpoint,
+                                                                                      monkeypatch):
     qat = QuantizationAwareTraining(engine="x86_inductor", start="20steps", convert_on_fit_end=False)
     checkpoint = write_checkpoint(tmp_path, callbacks=[qat], steps=40)
     result = _export(checkpoint, tmp_path / "out")
@@ -139,3 +148,12 @@ def test_pt2e_checkpoint_ships_an_aoti_package_that_computes_what_it_was_checked
     assert parity(int8, shipped).top1_agreement >= 0.99  # the checkpoint's in-process int8 graph
     assert tuple(artifact.logits(IMAGES[:1]).shape) == (1, 4)  # batch size stays dynamic
     assert result.manifest["latency"]["fastest"] == {"artifact": "aoti", "runtime": "aoti"}
+
+    # the README's lines run each runtime's file: model.pt2 beside an onnxruntime checkpoint's model_int8.onnx
+    _export(qat_checkpoint, tmp_path / "onnx", ["onnxruntime"])
+    (tmp_path / "out" / "model_int8.onnx").write_bytes((tmp_path / "onnx" / "model_int8.onnx").read_bytes())
+    (tmp_path / "out").rename(tmp_path / "export")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(readme_deploy_snippet().replace("32, 32", "16, 16"), scope)  # these checkpoints take 16x16 images
+    assert tuple(scope["logits"].shape) == (4, 4) and scope["compiled"] is not None and scope["session"] is not None

@@ -76,6 +76,9 @@ ENGINE_TABLE: dict[str, Engine] = {engine.name: engine for engine in (
 """Every int8 engine, by name."""
 ENGINES: tuple[str, ...] = tuple(ENGINE_TABLE)
 """The names of every int8 engine."""
+DEFAULT_ENGINE = "onnxruntime"
+"""The quantization callbacks' engine when none is named: its int8 model is the QDQ ONNX file an export ships,
+so ``trainer.test()`` measures that very file (``docs/quantization-design.md``)."""
 TORCH_ENGINES: tuple[str, ...] = tuple(n for n, e in ENGINE_TABLE.items() if e.family is KernelFamily.TORCH_INT8)
 """Engines whose int8 model is torch's (quantized tensors): ``x86``, ``onednn``, ``qnnpack``."""
 ONNX_ENGINES: tuple[str, ...] = tuple(n for n, e in ENGINE_TABLE.items() if e.family is KernelFamily.QDQ_ONNX)

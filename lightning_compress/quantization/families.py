@@ -95,10 +95,12 @@ class Family(abc.ABC):
     """The actions of one kernel family for one engine: one method per thing a callback does."""
 
     needs_example_inputs = False
-    """Preparation traces with real inputs (``torch.export``), so QAT records their shapes."""
+    """Preparation or conversion traces with real inputs (``torch.export``), so QAT records their shapes."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        if engine.family is KernelFamily.QDQ_ONNX:  # conversion exports the network to ONNX
+            self.needs_example_inputs = True
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.engine!r})"

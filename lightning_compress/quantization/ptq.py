@@ -26,7 +26,7 @@ from lightning_compress.core.layers import find_network, is_compiled, unwrap_com
 from lightning_compress.core.progress import StepBudget, StepWindow
 from lightning_compress.quantization.check import ConversionError
 from lightning_compress.quantization.convert import convert
-from lightning_compress.quantization.engines import Engine, check_engine
+from lightning_compress.quantization.engines import DEFAULT_ENGINE, Engine, check_engine
 from lightning_compress.quantization.families import ALL_FAMILIES, family_of
 from lightning_compress.quantization.prepare import UNCOMPILED_NOTE, prepare, resolve_skip
 
@@ -34,7 +34,7 @@ from lightning_compress.quantization.prepare import UNCOMPILED_NOTE, prepare, re
 def quantize_static(
     network: nn.Module,
     batches: Iterable[tuple],
-    engine: str = "x86",
+    engine: str = DEFAULT_ENGINE,
     skip: str | Sequence[str] | None = None,
 ) -> nn.Module:
     """Static int8 post-training quantization: calibrate on ``batches``, then convert.
@@ -132,7 +132,7 @@ class PostTrainingQuantization(CompressionCallback):
     def __init__(
         self,
         calibration_batches: int = 32,
-        engine: str = "x86",
+        engine: str = DEFAULT_ENGINE,
         skip: str | Sequence[str] | None = None,
         network: str | None = None,
     ) -> None:

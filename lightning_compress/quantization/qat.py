@@ -23,7 +23,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_compress.core.architecture import ArchitectureRecord, append_record, register_replay
+from lightning_compress.core.architecture import (
+    ArchitectureRecord,
+    append_record,
+    applied_records,
+    register_replay,
+)
 from lightning_compress.core.callback import CompressionCallback
 from lightning_compress.core.composition import Declaration, Effect
 from lightning_compress.core.inputs import capture_network_input
@@ -36,8 +41,8 @@ from lightning_compress.core.progress import (
     validate_position,
 )
 from lightning_compress.quantization.check import ConversionError
-from lightning_compress.quantization.engines import KernelFamily, check_engine
-from lightning_compress.quantization.families import ALL_FAMILIES, family_of, input_specs
+from lightning_compress.quantization.engines import DEFAULT_ENGINE, KernelFamily, check_engine
+from lightning_compress.quantization.families import ALL_FAMILIES, family_of, input_specs, zero_inputs
 from lightning_compress.quantization.prepare import UNCOMPILED_NOTE, resolve_skip
 
 RECORD_KIND = "quantization_aware_training"
@@ -104,8 +109,8 @@ class QuantizationAwareTraining(CompressionCallback):
 
     Example:
         >>> qat = QuantizationAwareTraining(start=0.1, freeze_bn=0.8, freeze_observers=0.9)
-        >>> qat.engine
-        Engine('x86')
+        >>> qat.engine  # the default: the int8 model is the QDQ ONNX file, run by onnxruntime
+        Engine('onnxruntime')
         >>> # trainer = pl.Trainer(callbacks=[qat]); trainer.fit(model); trainer.test(model)  # int8
     """
 
@@ -117,7 +122,7 @@ class QuantizationAwareTraining(CompressionCallback):
         start: Position = 0.0,
         freeze_observers: Position | None = None,
         freeze_bn: Position | None = None,
-        engine: str = "x86",
+        engine: str = DEFAULT_ENGINE,
         skip: str | Sequence[str] | None = None,
         network: str | None = None,
         convert_on_fit_end: bool = True,
@@ -289,8 +294,9 @@ class QuantizationAwareTraining(CompressionCallback):
 
         Args:
             pl_module: The LightningModule trained with this callback.
-            example_inputs: One batch of the network's positional inputs; required by the ONNX engines
-                (the export traces it) and by the check (without it the check is skipped).
+            example_inputs: One batch of the network's positional inputs, for the check (and the ONNX
+                engines' export). Without it an engine that exports takes zeros of the shapes recorded at
+                ``start`` (the check then runs on them); the torch engines skip the check.
 
         Returns:
             The network now in place: the int8 model, or the fake-quant one if conversion failed.
@@ -304,6 +310,10 @@ class QuantizationAwareTraining(CompressionCallback):
         """
         attribute, net = find_network(pl_module, self.network_name or self.network)
         device = next(net.parameters(), torch.empty(0)).device
+        if example_inputs is None and self._family.needs_example_inputs:
+            specs = [r.payload.get("example_inputs") for r in applied_records(pl_module)
+                     if r.kind == RECORD_KIND and r.network == attribute]
+            example_inputs = zero_inputs(specs[-1]) if specs and specs[-1] else None
         try:  # a network never prepared raises ValueError
             int8 = self._family.convert_qat(net, example_inputs, attribute + ".")
         except (ConversionError, RuntimeError) as err:

@@ -184,7 +184,7 @@ def test_masks_follow_channel_removal_keeping_the_surviving_rows_and_columns(tmp
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_post_training_quantization_calibrates_on_dict_batches_after_the_other_techniques(precision, tmp_path):
     module = DictBatchModule()
-    callbacks = [*make_callbacks(("channel", "magnitude", "kd")), PostTrainingQuantization(calibration_batches=2)]
+    callbacks = [*make_callbacks(("channel", "magnitude", "kd")), PostTrainingQuantization(calibration_batches=2, engine="x86")]
     fit(module, dict_loader(), callbacks, precision, tmp_path)
     assert is_int8(module.backbone)
     assert module.backbone.get_submodule("conv1").weight().shape[0] < 16  # the slimmed network was quantized

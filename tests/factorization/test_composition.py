@@ -28,7 +28,7 @@ def _trainer(callbacks, tmp_path=None, **kw):
 def test_factorized_layers_quantize_and_the_checkpoint_replays_both_changes(tmp_path):
     torch.manual_seed(0)
     model = ImageClassifier("resnet20", num_classes=4, lr=0.02)
-    callbacks = [QuantizationAwareTraining(start="1steps"), LowRankFactorization(kept_macs_ratio=0.5, round_to=4)]
+    callbacks = [QuantizationAwareTraining(start="1steps", engine="x86"), LowRankFactorization(kept_macs_ratio=0.5, round_to=4)]
     trainer = _trainer(callbacks, tmp_path, max_steps=3)
     trainer.fit(model, random_loader(48))
     int8_modules = {type(m).__module__ for m in model.model.modules()}

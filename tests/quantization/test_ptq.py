@@ -37,7 +37,7 @@ def test_quantize_dynamic_changes_only_linear_layers():
 
 def test_callback_calibrates_at_fit_end_and_test_runs_int8(make_trainer):
     model = UserClassifier()
-    trainer = make_trainer([PostTrainingQuantization(calibration_batches=2)], max_epochs=3)
+    trainer = make_trainer([PostTrainingQuantization(calibration_batches=2, engine="x86")], max_epochs=3)
     trainer.fit(model, random_loader())
     assert isinstance(model.net.conv1, nnq.Conv2d)
     assert trainer.test(model, random_loader(), verbose=False)[0]["test_acc"] > 0.4

@@ -90,8 +90,8 @@ def test_untraceable_model_fails_before_training_naming_the_module(make_trainer)
     with pytest.raises(ValueError, match=r"cannot trace module 'net.gate'.*skip=\['net.gate'\]"):
         trainer.fit(model, random_loader())
     assert trainer.global_step == 0
-    trainer = make_trainer([QuantizationAwareTraining(skip="net.gate")], max_steps=2)
-    trainer.fit(model, random_loader())  # the suggested skip works
+    trainer = make_trainer([QuantizationAwareTraining(skip="net.gate", engine="x86")], max_steps=2)
+    trainer.fit(model, random_loader())  # the suggested skip works (torch's int8 graph keeps the gate in fp32)
     assert isinstance(model.net.gate, _Gate) and isinstance(model.net.stem, nnq.Conv2d)
 
 
@@ -118,7 +118,8 @@ def test_qat_trains_real_weights_and_ends_with_int8_for_test_and_predict(make_tr
     model = UserClassifier()
     before = model.net.conv1.weight.detach().clone()
     recorder = _Recorder()
-    qat = QuantizationAwareTraining(start="2steps", freeze_bn=0.5, freeze_observers=0.75, log_every_n_steps=2)
+    qat = QuantizationAwareTraining(start="2steps", freeze_bn=0.5, freeze_observers=0.75, log_every_n_steps=2,
+                                    engine="x86")
     trainer = make_trainer([qat, recorder], max_steps=8, max_epochs=None)  # callback order: QAT acts first
     trainer.fit(model, random_loader())
     assert recorder.prepared == [False, False] + [True] * 6
@@ -178,7 +179,7 @@ def _fit_with_checkpoints(make_trainer, tmp_path, ckpt_path=None):
     torch.manual_seed(0)
     model = UserClassifier()
     qat = QuantizationAwareTraining(
-        start="1steps", freeze_bn="3steps", freeze_observers="6steps", convert_on_fit_end=False
+        start="1steps", freeze_bn="3steps", freeze_observers="6steps", convert_on_fit_end=False, engine="x86"
     )
     checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1, filename="{step}")
     trainer = make_trainer([qat, checkpoint], max_steps=8, max_epochs=None, enable_checkpointing=True)
@@ -236,7 +237,7 @@ def test_hand_pruned_weights_stay_zero_through_qat_training_and_int8(make_traine
     mask = torch.rand_like(model.net.conv2.weight) < 0.7
     with torch.no_grad():
         model.net.conv2.weight[mask] = 0.0
-    trainer = make_trainer([QuantizationAwareTraining(), KeepZero(mask)], max_steps=4, max_epochs=None)
+    trainer = make_trainer([QuantizationAwareTraining(engine="x86"), KeepZero(mask)], max_steps=4, max_epochs=None)
     trainer.fit(model, random_loader())
     int_weights = model.net.conv2.weight().int_repr()
     assert torch.all(int_weights[mask] == 0)
@@ -246,7 +247,7 @@ def test_hand_pruned_weights_stay_zero_through_qat_training_and_int8(make_traine
 @pytest.mark.parametrize("qat_first", [True, False], ids=["qat-listed-first", "pruning-listed-first"])
 def test_with_magnitude_pruning(make_trainer, qat_first):
     model = UserClassifier()
-    callbacks = [MagnitudePruning(final_sparsity=0.5), QuantizationAwareTraining()]
+    callbacks = [MagnitudePruning(final_sparsity=0.5), QuantizationAwareTraining(engine="x86")]
     trainer = make_trainer(callbacks[::-1] if qat_first else callbacks, max_steps=8, max_epochs=None)
     trainer.fit(model, random_loader())
     int_weights = [model.net.get_submodule(name).weight().int_repr() for name in ("conv1", "conv2")]

@@ -63,3 +63,35 @@ def test_x86_saturation_is_a_clip_of_the_codes_and_every_convolution_stays_int8(
     onnxruntime.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
     ops = [node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
     assert ops.count("QLinearConv") == 3 and not {"Conv", "FusedConv"} & set(ops)
+
+
+def test_default_engine_tests_the_very_file_export_ships(tmp_path):
+    from lightning_compress.commands.checkpoint import load_checkpoint
+    from lightning_compress.module import ImageClassifier
+    from lightning_compress.quantization import QuantizationAwareTraining
+    from tests.test_commands import trainer as make_trainer
+    from tests.toy import random_loader
+
+    torch.manual_seed(0)
+    qat = QuantizationAwareTraining(start="20steps", convert_on_fit_end=False)
+    assert qat.engine.name == "onnxruntime"
+    model = ImageClassifier("resnet20", num_classes=4, lr=0.05)
+    fit = make_trainer(tmp_path, [qat], steps=40)
+    fit.fit(model, random_loader(256, batch_size=16, shuffle=True, num_classes=4), random_loader(16, batch_size=16))
+    fit.save_checkpoint(tmp_path / "qat.ckpt")
+    in_process = qat.convert(model)  # no example inputs: the shapes recorded at start
+    assert isinstance(in_process, OnnxRuntimeNetwork) and model.model is in_process
+    images, labels = random_images(256, seed=1).tensors
+    loaded = load_checkpoint(tmp_path / "qat.ckpt")
+    export_artifacts(loaded.network, loaded.metadata, tmp_path / "out", images, labels, only=["onnx_int8"],
+                     latency_repeats=0)
+    shipped = OnnxRuntimeNetwork((tmp_path / "out" / "model_int8.onnx").read_bytes(), threads=1)
+    with torch.no_grad():
+        expected, got = in_process(images), shipped(images)
+    assert len(set(expected.argmax(1).tolist())) >= 2
+    assert torch.equal(expected, got)  # not close: the same numbers
+    loader = random_loader(256, batch_size=16, num_classes=4)
+    x, y = loader.dataset.tensors
+    tested = make_trainer(tmp_path).test(model, loader, verbose=False)[0]["test/acc"]
+    with torch.no_grad():
+        assert tested == pytest.approx(float((shipped(x).argmax(1) == y).float().mean()), abs=1e-6)
