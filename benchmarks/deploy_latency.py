@@ -1,7 +1,8 @@
 """Deployment latency on CPU: torch fp32 eager, onnxruntime fp32, torch int8 TorchScript (x86), onnxruntime's own
-``quantize_static`` (U8S8 QDQ) and our QDQ ONNX model (built from the learned parameters), side by side.
+``quantize_static`` (U8S8 QDQ), our QDQ ONNX model (built from the learned parameters) in onnxruntime and in
+OpenVINO, and the PT2E engine's int8 graph compiled by AOTInductor (``x86_inductor``), side by side.
 
-For each model, thread count and batch size the five variants are called in turn in one process after
+For each model, thread count and batch size the variants are called in turn in one process after
 warm-up (the order reversed on every other round, so no variant always runs right after another), and
 medians are reported, so load from other processes hits all alike; the 1-minute load average is recorded
 with every row. The structure onnxruntime actually runs is recorded too: the op types of each int8 model
@@ -10,7 +11,9 @@ left between the quantized ones). Networks have random
 weights with BatchNorm statistics calibrated on a few random batches (realistic ranges); the int8
 variants are calibrated on the same random batches: torch's static PTQ for ``x86`` (``save_quantized`` file,
 read back), onnxruntime's ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations) of the
-fp32 ONNX model, and ours (``PostTrainingQuantization``'s ``onnxruntime`` engine: the same file QAT exports).
+fp32 ONNX model, ours (``PostTrainingQuantization``'s ``onnxruntime`` engine: the same file QAT exports; OpenVINO
+reads that very file) and the ``x86_inductor`` engine's int8 graph as the ``model.pt2`` package ``export`` writes
+(compiled once per model, dynamic batch size; ``--runtimes`` leaves OpenVINO or AOTInductor out).
 
 Run:  python benchmarks/deploy_latency.py                 (all models, batch 1 and 64, 1 and 2 threads)
       python benchmarks/deploy_latency.py --models resnet20 --batches 1 --threads 1 --repeats 3
@@ -32,11 +35,17 @@ import torch
 
 from reporting import add_output_arguments, machine_info, run_settings, write_results
 from lightning_compress.core.onnx import OnnxRuntimeNetwork, onnx_bytes
+from lightning_compress.export.aoti import AotiNetwork, aoti_package
+from lightning_compress.export.openvino import OpenVinoNetwork
 from lightning_compress.models import create_model
 from lightning_compress.quantization import load_quantized, quantize_static, save_quantized
 
 MODELS = ("resnet20", "resnet56", "mobilenetv2", "resnet18")
-VARIANTS = ("torch_fp32", "ort_fp32", "torch_int8_x86", "ort_quantize_static", "ours_qdq")
+OPTIONAL_RUNTIMES = ("openvino", "aoti")
+"""Runtimes beside torch and onnxruntime: OpenVINO runs our QDQ file, AOTInductor the x86_inductor graph."""
+LABELS = {"torch_fp32": "torch fp32 eager", "ort_fp32": "onnxruntime fp32", "torch_int8_x86": "torch int8 `.pt` (x86)",
+          "ort_quantize_static": "onnxruntime int8 (`quantize_static`)", "ours_qdq": "ours: QDQ ONNX in onnxruntime",
+          "openvino_qdq": "ours: the same file in OpenVINO", "aoti_int8": "AOTInductor `.pt2` (x86_inductor)"}
 
 
 def calibrated_network(name: str, batches: list[torch.Tensor]) -> torch.nn.Module:
@@ -99,29 +108,33 @@ def median_ms(models: dict, x: torch.Tensor, repeats: int, warmup: int) -> dict[
 
 def markdown(result: dict) -> str:
     """The results table, the structure onnxruntime runs and the sizes, from the JSON result."""
+    variants = [v for v in LABELS if v in result["rows"][0]["ms"]]
     lines = [
         "# Deployment latency (CPU): fp32 vs int8, torch vs onnxruntime",
         "",
         f"Machine: {result['machine']['cpu']['model']}, flags {', '.join(result['machine']['cpu']['flags'])}; "
         f"{result['machine']['cpu_count']} cores, load average at the end {result['machine']['load_average_1_5_15']} "
-        f"(shared machine); torch {result['machine']['torch']}, onnxruntime {result['onnxruntime']}. Median ms per call, "
+        f"(shared machine); torch {result['machine']['torch']}, onnxruntime {result['onnxruntime']}, OpenVINO "
+        f"{result.get('openvino', '-')}. Median ms per call, "
         "random weights with BN statistics calibrated on random batches; int8 calibrated on the same batches.",
         "",
         f"Noise: {result['machine']['cpu_count']} cores shared with other jobs (1-minute load average recorded "
-        "with each row). Each cell is the median of the row's `repeats` calls, the five variants called in turn "
+        "with each row). Each cell is the median of the row's `repeats` calls, the variants called in turn "
         "(order reversed every other round), so load hits them alike and the ratios are the robust part. The "
         "2-thread rows compete with that load for both cores: torch's OpenMP threads spin and their eager and "
         "int8 cells are inflated many times, and any single 2-thread cell (onnxruntime ones too) can be off by 10x; read the 1-thread rows.",
         "",
-        "| model | threads | batch | load (1 min) | torch fp32 eager | onnxruntime fp32 | torch int8 `.pt` (x86) | "
-        "onnxruntime int8 (`quantize_static`) | ours: QDQ ONNX | ours vs ort fp32 | ours vs `quantize_static` |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | threads | batch | load (1 min) | " + " | ".join(LABELS[v] for v in variants) +
+        " | ours vs ort fp32 | ours vs `quantize_static` | fastest int8 |",
+        "|---|---:|---:|---:|" + "---:|" * (len(variants) + 3),
     ]
     for row in result["rows"]:
         ms = row["ms"]
+        int8 = [v for v in variants if v not in ("torch_fp32", "ort_fp32")]
+        fastest = min(int8, key=ms.__getitem__)
         lines.append(f"| {row['model']} | {row['threads']} | {row['batch']} | {row['load_average_1min']} | " + " | ".join(
-            f"{ms[v]:.3g}" for v in VARIANTS) + f" | {ms['ort_fp32'] / ms['ours_qdq']:.2f}x faster | "
-            f"{ms['ours_qdq'] / ms['ort_quantize_static']:.2f}x the latency |")
+            f"{ms[v]:.3g}" for v in variants) + f" | {ms['ort_fp32'] / ms['ours_qdq']:.2f}x faster | "
+            f"{ms['ours_qdq'] / ms['ort_quantize_static']:.2f}x the latency | {LABELS[fastest]} |")
     float_ops = {"Conv", "FusedConv", "Clip", "Relu", "Add", "Gemm", "MatMul"}
     lines += ["", "What onnxruntime runs (int8 models after its graph optimizations; float ops = "
               f"{'/'.join(sorted(float_ops))}):", "",
@@ -134,7 +147,8 @@ def markdown(result: dict) -> str:
                          f"{ops.get('DequantizeLinear', 0)} |")
     lines += ["", "Sizes (bytes): " + "; ".join(
         f"{name}: fp32 ONNX {r['bytes']['ort_fp32']:,}, quantize_static {r['bytes']['ort_quantize_static']:,}, "
-        f"ours {r['bytes']['ours_qdq']:,}" for name, r in {row["model"]: row for row in result["rows"]}.items()), ""]
+        f"ours {r['bytes']['ours_qdq']:,}" + (f", AOTInductor package {r['bytes']['aoti_int8']:,}"
+                                              if "aoti_int8" in r["bytes"] else "") for name, r in {row["model"]: row for row in result["rows"]}.items()), ""]
     return "\n".join(lines)
 
 
@@ -145,6 +159,8 @@ def main() -> None:
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per variant (batch 1: 5x)")
     parser.add_argument("--calibration-batches", type=int, default=4)
+    parser.add_argument("--runtimes", nargs="*", default=list(OPTIONAL_RUNTIMES), choices=OPTIONAL_RUNTIMES,
+                        help="optional runtimes beside torch and onnxruntime (default: all)")
     add_output_arguments(parser, "deploy_latency")
     args = parser.parse_args()
     generator = torch.Generator().manual_seed(0)
@@ -160,12 +176,21 @@ def main() -> None:
             save_quantized(x86, Path(folder) / "int8.pt", (calibration[0][:1],), "x86")
             x86_file = load_quantized(Path(folder) / "int8.pt")
         sizes = {"ort_fp32": len(fp32_onnx), "ort_quantize_static": len(ort_int8), "ours_qdq": len(ours.model_bytes())}
+        if "aoti" in args.runtimes:
+            graph = quantize_static(net, [(x,) for x in calibration], engine="x86_inductor")
+            package = Path(tempfile.mkdtemp()) / "model.pt2"
+            aoti_package(graph, calibration[0][:2], package)
+            sizes["aoti_int8"] = package.stat().st_size
         structure[name] = {"ort_quantize_static": optimized_ops(ort_int8), "ours_qdq": optimized_ops(ours.model_bytes())}
         for threads in args.threads:
             torch.set_num_threads(threads)
             models = {"torch_fp32": net, "ort_fp32": OnnxRuntimeNetwork(fp32_onnx, threads),
                       "torch_int8_x86": x86_file, "ort_quantize_static": OnnxRuntimeNetwork(ort_int8, threads),
                       "ours_qdq": OnnxRuntimeNetwork(ours.model_bytes(), threads)}
+            if "openvino" in args.runtimes:
+                models["openvino_qdq"] = OpenVinoNetwork(ours.model_bytes(), threads)
+            if "aoti" in args.runtimes:
+                models["aoti_int8"] = AotiNetwork(package)
             for batch in args.batches:
                 x = torch.randn(batch, 3, 32, 32, generator=generator)
                 repeats = args.repeats * (5 if batch == 1 else 1)
@@ -175,7 +200,7 @@ def main() -> None:
                              "bytes": sizes, "load_average_1min": load})
                 print(name, threads, batch, f"load {load}", {k: round(v, 3) for k, v in ms.items()}, flush=True)
     result = {"machine": machine_info(), "settings": run_settings(args), "rows": rows, "optimized_ops": structure,
-              "onnxruntime": __import__("onnxruntime").__version__}
+              "onnxruntime": __import__("onnxruntime").__version__, "openvino": __import__("openvino").__version__}
     write_results(args.name, result, markdown(result), args.results_dir)
 
 
