@@ -9,7 +9,7 @@ round by round in one process so that machine load hits them alike:
   update frequency as ModelPruning's (once per epoch);
 * ``model_pruning``: Lightning's ``ModelPruning("l1_unstructured", amount=0.9,
   use_global_unstructured=True)`` on the same layers;
-* ``qat``: ``QuantizationAwareTraining()`` (fake-quantized from step 0: the cost of training in int8);
+* ``qat``: ``QuantizationAwareTraining(engine="x86")`` (fake-quantized from step 0: the cost of training in int8);
 * ``kd_self``: ``KnowledgeDistillation(teacher="self")`` (one teacher forward per step);
 * ``report``: ``CompressionReport(latency_batch_sizes=())`` (its per-step hooks; the report itself is
   written after fit).
@@ -154,7 +154,7 @@ def compression_callbacks(config: str, module: ImageClassifier) -> list[Callback
         return [TimedMagnitudePruning(final_sparsity=0.9, scope="global", update_every="1ep", start=0.0,
                                       end="1ep")]
     if config == "qat":
-        return [QuantizationAwareTraining(convert_on_fit_end=False)]
+        return [QuantizationAwareTraining(convert_on_fit_end=False, engine="x86")]
     if config == "kd_self":
         return [KnowledgeDistillation(teacher="self", alpha=0.5)]
     if config == "report":

@@ -94,7 +94,9 @@ def layer_rows(network: nn.Module, example_input: torch.Tensor, int8_network: nn
 
 
 def _float_state(network: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.float() if v.is_floating_point() else v for k, v in network.state_dict().items()}
+    """The network's tensors (not a PT2E graph's mode flags), floating ones in fp32."""
+    return {k: v.float() if v.is_floating_point() else v for k, v in network.state_dict().items()
+            if isinstance(v, torch.Tensor)}
 
 
 def summarize(
@@ -211,6 +213,12 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
                   "|---:|---:|---:|---:|"]
         for batch, m in lat["batches"].items():
             lines.append(f"| {batch} | {m['dense_ms']:.2f} | {m['compressed_ms']:.2f} | {m['speedup']:.2f}x |")
+    runtimes = summary.get("runtimes")
+    if runtimes:
+        lines += ["", f"Deployed files, batch {runtimes['batch_size']}, {runtimes['threads']} thread, runs interleaved, "
+                  f"{runtimes['cpu']['model']} ({', '.join(runtimes['cpu']['flags'])}): fastest runtime "
+                  f"**{runtimes['fastest']['runtime']}**", "", "| artifact | median (ms) |", "|---|---:|"]
+        lines += [f"| {name} | {ms:.3g} |" for name, ms in runtimes["median_ms"].items()]
     acc = summary.get("accuracy")
     if acc:
         fmt = lambda v: "n/a" if v is None else f"{v:.4f}"

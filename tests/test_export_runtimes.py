@@ -45,6 +45,7 @@ def test_default_runtimes_follow_the_checkpoint_and_what_is_installed(monkeypatc
     assert select_artifacts(None, None) == ("packed", "onnx_fp32", "onnx_int8", "openvino")
     assert select_artifacts(None, "x86") == ("packed", "onnx_fp32", "onnx_int8", "openvino")
     assert select_artifacts(None, "x86_inductor") == ("packed", "aoti")
+    assert select_artifacts(None, "xnnpack") == ("packed", "executorch")
     assert select_artifacts(["aoti"], None) == ("packed", "aoti")  # fp32 packages only when asked: slow to build
     monkeypatch.setitem(RUNTIME_TABLE, "openvino", Runtime("openvino", ("openvino",), (), ("no_such_package",),
                                                            "pip install 'lightning-compress[openvino]'"))
@@ -133,7 +134,7 @@ def test_pt2e_checkpoint_ships_an_aoti_package_that_computes_what_it_was_checked
     result = _export(checkpoint, tmp_path / "out")
     entries = result.manifest["artifacts"]
     assert entries["aoti"]["status"] == "written" and entries["aoti"]["parity"]["agreement"] >= 0.95
-    assert entries["packed"]["status"] == "skipped" and "AOTInductor" in entries["packed"]["reason"]
+    assert entries["packed"]["status"] == "skipped" and "(aoti)" in entries["packed"]["reason"]
     assert {entries[k]["status"] for k in ("onnx_int8", "openvino")} == {"skipped"}
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json", "model.pt2"]
     artifact = load_artifact(tmp_path / "out")
@@ -149,11 +150,65 @@ def test_pt2e_checkpoint_ships_an_aoti_package_that_computes_what_it_was_checked
     assert tuple(artifact.logits(IMAGES[:1]).shape) == (1, 4)  # batch size stays dynamic
     assert result.manifest["latency"]["fastest"] == {"artifact": "aoti", "runtime": "aoti"}
 
+    main(["report", str(checkpoint), "--out", str(tmp_path / "report"), "--latency-repeats", "1", "--batch-sizes",
+          "2", "--runtime"])  # a PT2E checkpoint's int8 graph is timed in torch
+    summary = json.loads((tmp_path / "report" / "compression_report.json").read_text())
+    assert summary["latency"]["compressed_model"] == "int8" and summary["latency"]["batches"]["2"]["compressed_ms"] > 0
+
     # the README's lines run each runtime's file: model.pt2 beside an onnxruntime checkpoint's model_int8.onnx
     _export(qat_checkpoint, tmp_path / "onnx", ["onnxruntime"])
     (tmp_path / "out" / "model_int8.onnx").write_bytes((tmp_path / "onnx" / "model_int8.onnx").read_bytes())
     (tmp_path / "out").rename(tmp_path / "export")
+    from lightning_compress.export.executorch import pte_bytes
+    from lightning_compress.models import create_model
+
+    fp32 = create_model("resnet20", num_classes=4).eval()  # any .pte: the snippet's lines are what is tested
+    (tmp_path / "export" / "model.pte").write_bytes(pte_bytes(fp32, IMAGES[:2]))
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
     exec(readme_deploy_snippet().replace("32, 32", "16, 16"), scope)  # these checkpoints take 16x16 images
     assert tuple(scope["logits"].shape) == (4, 4) and scope["compiled"] is not None and scope["session"] is not None
+    assert scope["runner"] is not None and scope["method"] is not None
+
+
+def test_report_names_the_fastest_runtime_of_the_checkpoint(fp32_checkpoint, qat_checkpoint, tmp_path, capsys):
+    main(["report", str(fp32_checkpoint), "--out", str(tmp_path / "r"), "--latency-repeats", "2", "--batch-sizes",
+          "1", "--runtime", "onnxruntime", "openvino"])
+    runtimes = json.loads((tmp_path / "r" / "compression_report.json").read_text())["runtimes"]
+    assert set(runtimes["median_ms"]) == {"onnx_fp32", "openvino"}
+    assert runtimes["fastest"]["runtime"] in ("onnxruntime", "openvino") and runtimes["cpu"]["model"]
+    assert f"fastest runtime **{runtimes['fastest']['runtime']}**" in capsys.readouterr().out
+    main(["report", str(fp32_checkpoint), "--out", str(tmp_path / "none"), "--latency-repeats", "1",
+          "--batch-sizes", "--runtime"])
+    assert "runtimes" not in json.loads((tmp_path / "none" / "compression_report.json").read_text())
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(qat_checkpoint), "--out", str(tmp_path / "bad"), "--runtime", "aoti"])
+    assert exit_info.value.code == 2 and "train with engine='x86_inductor'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow  # ExecuTorch lowers and serializes the graph: half a minute on 2 busy cores
+def test_xnnpack_checkpoint_ships_an_executorch_program_that_computes_the_int8_graph(tmp_path, capsys):
+    from lightning_compress.quantization import pt2e
+
+    qat = QuantizationAwareTraining(engine="xnnpack", start="20steps", convert_on_fit_end=False)
+    checkpoint = write_checkpoint(tmp_path, callbacks=[qat], steps=40)
+    result = _export(checkpoint, tmp_path / "out")
+    entries = result.manifest["artifacts"]
+    assert entries["executorch"]["status"] == "written" and entries["executorch"]["parity"]["agreement"] >= 0.95
+    assert {entries[k]["status"] for k in ("packed", "onnx_int8", "openvino", "aoti")} == {"skipped"}
+    assert "(executorch)" in entries["packed"]["reason"] and "not selected" in entries["aoti"]["reason"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json", "model.pte"]
+    artifact = load_artifact(tmp_path / "out")
+    assert artifact.kind == "executorch"
+    with torch.no_grad():
+        int8 = pt2e.convert(load_checkpoint(checkpoint).network)(IMAGES)
+        shipped = artifact.logits(IMAGES)
+    assert len(set(int8.argmax(1).tolist())) >= 2
+    assert parity(int8, shipped).top1_agreement >= 0.99  # the checkpoint's in-process int8 graph
+    assert tuple(artifact.logits(IMAGES[:1]).shape) == (1, 4)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(checkpoint), "--to", str(tmp_path / "bad"), "--runtime", "aoti"])
+    assert exit_info.value.code == 2
+    assert "cannot run an int8 checkpoint of engine 'xnnpack'; train with engine='x86_inductor', or export with " \
+           "--runtime executorch" in capsys.readouterr().err

@@ -37,6 +37,7 @@ from lightning_compress.core.files import atomic_path, write_text_atomic
 from lightning_compress.core.machine import cpu_description
 from lightning_compress.core.onnx import OnnxRuntimeNetwork, onnx_bytes, require_onnx
 from lightning_compress.export.aoti import AotiNetwork, aoti_package
+from lightning_compress.export.executorch import ExecuTorchNetwork, pte_bytes
 from lightning_compress.export.onnx import onnx_metadata
 from lightning_compress.export.openvino import OpenVinoNetwork, require_openvino
 from lightning_compress.export.packed import PACKED_SUFFIX, VALUE_FORMATS, read_packed, write_packed
@@ -48,20 +49,21 @@ from lightning_compress.quantization.files import load_quantized, save_quantized
 from lightning_compress.quantization.prepare import frozen_copy, is_prepared
 from lightning_compress.quantization.qdq import qdq_network, qdq_onnx_bytes
 
-ARTIFACTS: tuple[str, ...] = ("packed", "onnx_fp32", "onnx_int8", "openvino", "aoti", "torchscript_int8")
+ARTIFACTS: tuple[str, ...] = (
+    "packed", "onnx_fp32", "onnx_int8", "openvino", "aoti", "executorch", "torchscript_int8")
 """What an export can hold: packed sparse weights; the fp32 ONNX model (fp32 checkpoints); the int8 QDQ ONNX
 model (QAT checkpoints of the FX engines); ``openvino``: that same ONNX file checked in OpenVINO (no file of its
-own); an AOTInductor package (fp32 checkpoints, or the int8 graph of the PT2E engine ``x86_inductor``); the int8
-TorchScript model of torch's own int8 engines (deprecated by torch). Which runtime runs which:
-:mod:`.runtimes`."""
+own); an AOTInductor package (fp32 checkpoints, or the int8 graph of the PT2E engine ``x86_inductor``); an
+ExecuTorch program for XNNPACK (fp32, or the int8 graph of the PT2E engine ``xnnpack``); the int8 TorchScript
+model of torch's own int8 engines (deprecated by torch). Which runtime runs which: :mod:`.runtimes`."""
 DEFAULT_ARTIFACTS: tuple[str, ...] = ("packed", "onnx_fp32", "onnx_int8")
 FILES = {"packed": "weights.lcpk", "onnx_fp32": "model_fp32.onnx", "onnx_int8": "model_int8.onnx",
-         "aoti": "model.pt2", "torchscript_int8": "model_int8.pt"}
+         "aoti": "model.pt2", "executorch": "model.pte", "torchscript_int8": "model_int8.pt"}
 """File names inside an export directory (``openvino`` reads the ONNX model's)."""
 MANIFEST = "manifest.json"
-_PREFERENCE = ("onnx_int8", "onnx_fp32", "aoti", "torchscript_int8", "packed")
+_PREFERENCE = ("onnx_int8", "onnx_fp32", "aoti", "executorch", "torchscript_int8", "packed")
 _RUNTIME_OF = {"onnx_fp32": "onnxruntime", "onnx_int8": "onnxruntime", "openvino": "openvino", "aoti": "aoti",
-               "torchscript_int8": "torch"}
+               "executorch": "executorch", "torchscript_int8": "torch"}
 
 
 # ------------------------------------------------------------------------------------- networks
@@ -272,8 +274,15 @@ def export_artifacts(
 
     def not_for_graph(artifact: str) -> None:
         if graph:
-            raise _NotApplicable(f"engine {engine!r} trains a PT2E graph, which deploys as the AOTInductor package "
-                                 f"(aoti); {artifact} needs a checkpoint of another engine")
+            raise _NotApplicable(f"engine {engine!r} trains a PT2E graph, which deploys by its runtime "
+                                 f"({ENGINE_TABLE[engine].runtime}); {artifact} needs a checkpoint of another engine")
+
+    def program_input(artifact: str, own_engine: str) -> nn.Module:
+        """What a compiled program takes: the fp32 network, or the int8 graph of its own PT2E engine."""
+        if qat and engine != own_engine:
+            raise _NotApplicable(f"{artifact} packages fp32 checkpoints and those of engine {own_engine!r}, not of "
+                                 f"engine {engine or 'x86'!r}")
+        return family.convert_qat(network, None, "") if graph and family else network
 
     def onnx_blob() -> tuple[str, bytes]:
         """The checkpoint's ONNX model, built once for onnxruntime and OpenVINO: ``(artifact, bytes)``."""
@@ -314,14 +323,17 @@ def export_artifacts(
         return FILES[name]
 
     def build_aoti() -> str:
-        if qat and not graph:
-            raise _NotApplicable(f"engine {engine or 'x86'!r} is an FX engine; AOTInductor packages fp32 checkpoints "
-                                 "and those of engine 'x86_inductor'")
-        model = family.convert_qat(network, None, "") if graph and family else network
-        aoti_package(model, images[:2], staging / FILES["aoti"])
+        aoti_package(program_input("an AOTInductor package", "x86_inductor"), images[:2], staging / FILES["aoti"])
         runners["aoti"] = AotiNetwork(staging / FILES["aoti"])
         check("aoti", _logits(runners["aoti"], images))
         return FILES["aoti"]
+
+    def build_executorch() -> str:
+        blob = pte_bytes(program_input("an ExecuTorch program", "xnnpack"), images[:2])
+        runners["executorch"] = ExecuTorchNetwork(blob)
+        check("executorch", _logits(runners["executorch"], images))
+        _write_bytes(staging / FILES["executorch"], blob)
+        return FILES["executorch"]
 
     def build_torchscript_int8() -> str:
         not_for_graph("TorchScript")
@@ -337,6 +349,7 @@ def export_artifacts(
 
     builders = {"packed": build_packed, "onnx_fp32": lambda: build_onnx("onnx_fp32"),
                 "onnx_int8": lambda: build_onnx("onnx_int8"), "openvino": build_openvino, "aoti": build_aoti,
+                "executorch": build_executorch,
                 "torchscript_int8": build_torchscript_int8}
     staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
@@ -429,7 +442,7 @@ class Artifact:
 
     Attributes:
         path: The file it was loaded from.
-        kind: ``"packed"``, ``"onnx"``, ``"aoti"`` or ``"torchscript_int8"``.
+        kind: ``"packed"``, ``"onnx"``, ``"aoti"``, ``"executorch"`` or ``"torchscript_int8"``.
         metadata: ``classes``, ``mean``, ``std``, ``input_size`` and the model description.
         logits: Maps a ``(N, 3, H, W)`` float batch of normalized images to ``(N, classes)`` logits.
     """
@@ -441,11 +454,12 @@ class Artifact:
 
 
 def load_artifact(path: str | os.PathLike[str]) -> Artifact:
-    """Load an exported model: an export directory, ``weights.lcpk``, an ``.onnx`` file, ``model.pt2`` or
-    ``model_int8.pt``.
+    """Load an exported model: an export directory, ``weights.lcpk``, an ``.onnx`` file, ``model.pt2``,
+    ``model.pte`` or ``model_int8.pt``.
 
     A directory is read through its best written model: the int8 ONNX model, else the fp32 ONNX model,
-    else the AOTInductor package, else the int8 TorchScript model, else the packed weights.
+    else the AOTInductor package, else the ExecuTorch program, else the int8 TorchScript model, else the packed
+    weights.
 
     Args:
         path: The artifact.
@@ -480,7 +494,7 @@ def load_artifact(path: str | os.PathLike[str]) -> Artifact:
         metadata = onnx_metadata(path)
         network = OnnxRuntimeNetwork(path.read_bytes())
         return Artifact(path, "onnx", metadata, _torch_logits(network))
-    if path.suffix in (".pt", ".pt2"):
+    if path.suffix in (".pt", ".pt2", ".pte"):
         manifest = path.parent / MANIFEST
         if not manifest.exists():
             raise ValueError(f"{path}: a {path.suffix} model needs the {MANIFEST} of its export directory beside it "
@@ -488,9 +502,12 @@ def load_artifact(path: str | os.PathLike[str]) -> Artifact:
         metadata = json.loads(manifest.read_text())["metadata"]
         if path.suffix == ".pt2":
             return Artifact(path, "aoti", metadata, _torch_logits(AotiNetwork(path)))
+        if path.suffix == ".pte":
+            return Artifact(path, "executorch", metadata, _torch_logits(ExecuTorchNetwork(path)))
         return Artifact(path, "torchscript_int8", metadata, _torch_logits(load_quantized(path)))
     raise ValueError(f"{path}: unknown model file type {path.suffix!r}; expected an export directory, "
-                     f"{FILES['packed']}, an .onnx file, {FILES['aoti']} or {FILES['torchscript_int8']}")
+                     f"{FILES['packed']}, an .onnx file, {FILES['aoti']}, {FILES['executorch']} or "
+                     f"{FILES['torchscript_int8']}")
 
 
 def _torch_logits(network: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

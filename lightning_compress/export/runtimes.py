@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from lightning_compress.core.onnx import EXPORT_EXTRA, MissingExtraError
 from lightning_compress.export.openvino import OPENVINO_EXTRA
-from lightning_compress.quantization.engines import ENGINE_TABLE, KernelFamily
+from lightning_compress.quantization.engines import EXECUTORCH_EXTRA, ONNX_ENGINES, TORCH_ENGINES
 
 ONNX_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
 
@@ -34,21 +34,21 @@ class Runtime:
     Attributes:
         name: What ``--runtime`` takes.
         artifacts: The artifacts it runs (``fp32`` and ``int8`` forms where they differ).
-        int8_families: The kernel families whose int8 checkpoints it runs.
+        int8_engines: The engines whose int8 checkpoints it runs.
         packages: Python packages the export needs to build and check its artifact.
         install: How to get them.
         fp32: Whether it runs fp32 checkpoints.
-        defaults: The checkpoints an export without ``--runtime`` builds it for: kernel families of int8
-            checkpoints, ``None`` for fp32 ones.
+        defaults: The checkpoints an export without ``--runtime`` builds it for: engines of int8 checkpoints,
+            ``None`` for fp32 ones.
     """
 
     name: str
     artifacts: tuple[str, ...]
-    int8_families: tuple[KernelFamily, ...]
+    int8_engines: tuple[str, ...]
     packages: tuple[str, ...] = ()
     install: str = ""
     fp32: bool = True
-    defaults: tuple[KernelFamily | None, ...] = ()
+    defaults: tuple[str | None, ...] = ()
 
     def installed(self) -> bool:
         """Whether every package it needs can be imported.
@@ -67,7 +67,7 @@ class Runtime:
         Returns:
             True if so.
         """
-        return self.fp32 if engine is None else ENGINE_TABLE[engine].family in self.int8_families
+        return self.fp32 if engine is None else engine in self.int8_engines
 
     def by_default(self, engine: str | None) -> bool:
         """Whether an export without ``--runtime`` builds it for a checkpoint of ``engine`` (None: fp32).
@@ -78,19 +78,20 @@ class Runtime:
         Returns:
             True if so.
         """
-        return (None if engine is None else ENGINE_TABLE[engine].family) in self.defaults
+        return engine in self.defaults
 
 
-_FX = (KernelFamily.TORCH_INT8, KernelFamily.QDQ_ONNX)
+_FX = (*TORCH_ENGINES, *ONNX_ENGINES)
 RUNTIME_TABLE: dict[str, Runtime] = {runtime.name: runtime for runtime in (
     Runtime("onnxruntime", ("onnx_fp32", "onnx_int8"), _FX, ONNX_PACKAGES, EXPORT_EXTRA, defaults=(None, *_FX)),
     Runtime("openvino", ("openvino",), _FX, ("openvino", *ONNX_PACKAGES), OPENVINO_EXTRA, defaults=(None, *_FX)),
-    Runtime("aoti", ("aoti",), (KernelFamily.PT2E,), defaults=(KernelFamily.PT2E,)),
-    Runtime("torch", ("torchscript_int8",), (KernelFamily.TORCH_INT8,), fp32=False),
+    Runtime("aoti", ("aoti",), ("x86_inductor",), defaults=("x86_inductor",)),
+    Runtime("executorch", ("executorch",), ("xnnpack",), ("executorch",), EXECUTORCH_EXTRA, defaults=("xnnpack",)),
+    Runtime("torch", ("torchscript_int8",), TORCH_ENGINES, fp32=False),
 )}
-"""Every runtime, by name: onnxruntime and OpenVINO run the same ONNX file; AOTInductor a ``.pt2`` package
-(fp32, or the PT2E engine's int8 graph; slow to build, so fp32 checkpoints get it only when asked); torch the int8
-TorchScript model of torch's own engines (deprecated by torch; only when asked)."""
+"""Every runtime, by name: onnxruntime and OpenVINO run the same ONNX file; AOTInductor a ``.pt2`` package and
+ExecuTorch a ``.pte`` program (fp32, or the int8 graph of their PT2E engine; slow to build, so fp32 checkpoints get
+them only when asked); torch the int8 TorchScript model of torch's own engines (deprecated by torch; when asked)."""
 RUNTIMES: tuple[str, ...] = tuple(RUNTIME_TABLE)
 
 
@@ -134,7 +135,7 @@ def _refusal(runtime: Runtime, engine: str | None) -> str:
     if engine is None:
         return f"runtime {runtime.name!r} runs int8 models only; export this fp32 checkpoint with --runtime " \
                f"{' '.join(r.name for r in RUNTIME_TABLE.values() if r.fp32)}"
-    engines = [e.name for e in ENGINE_TABLE.values() if e.family in runtime.int8_families]
+    engines = list(runtime.int8_engines)
     others = [r.name for r in RUNTIME_TABLE.values() if r.takes(engine)]
     return (f"runtime {runtime.name!r} cannot run an int8 checkpoint of engine {engine!r}; train with "
             f"engine={engines[0]!r}" + "".join(f" or engine={e!r}" for e in engines[1:])

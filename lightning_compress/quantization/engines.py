@@ -48,6 +48,7 @@ class Engine:
         reduced_range: Activations train on codes 0..127, so that no u8 x s8 pair of products overflows
             the int16 sums of x86 kernels without VNNI.
         symmetric_activations: Activations are int8 with zero-point 0 (the QDQ form TensorRT reads).
+        signed_activations: Activations are int8 codes -128..127 (XNNPACK's QS8) instead of uint8.
     """
 
     name: str
@@ -56,6 +57,7 @@ class Engine:
     runtime: str
     reduced_range: bool = False
     symmetric_activations: bool = False
+    signed_activations: bool = False
 
     def __str__(self) -> str:
         return self.name
@@ -72,6 +74,8 @@ ENGINE_TABLE: dict[str, Engine] = {engine.name: engine for engine in (
     Engine("onnxruntime_symmetric", KernelFamily.QDQ_ONNX, "onnxruntime, TensorRT", "onnxruntime",
            symmetric_activations=True),
     Engine("x86_inductor", KernelFamily.PT2E, "oneDNN through Inductor", "aoti", reduced_range=True),
+    Engine("xnnpack", KernelFamily.PT2E, "XNNPACK through ExecuTorch (ARM and x86 CPUs)", "executorch",
+           signed_activations=True),
 )}
 """Every int8 engine, by name."""
 ENGINES: tuple[str, ...] = tuple(ENGINE_TABLE)
@@ -84,12 +88,14 @@ TORCH_ENGINES: tuple[str, ...] = tuple(n for n, e in ENGINE_TABLE.items() if e.f
 ONNX_ENGINES: tuple[str, ...] = tuple(n for n, e in ENGINE_TABLE.items() if e.family is KernelFamily.QDQ_ONNX)
 """Engines whose int8 model is the QDQ ONNX run by onnxruntime (needs the ``[export]`` extra)."""
 PT2E_ENGINES: tuple[str, ...] = tuple(n for n, e in ENGINE_TABLE.items() if e.family is KernelFamily.PT2E)
-"""Engines prepared by torchao's PT2E flow (needs the ``[pt2e]`` extra): ``x86_inductor``. ``xnnpack`` waits for
-ExecuTorch, which ships ``XNNPACKQuantizer``."""
+"""Engines prepared by torchao's PT2E flow (needs the ``[pt2e]`` extra): ``x86_inductor``, and ``xnnpack``, whose
+``XNNPACKQuantizer`` ships with ExecuTorch (the ``[executorch]`` extra)."""
 FX_FAMILIES: tuple[KernelFamily, ...] = (KernelFamily.TORCH_INT8, KernelFamily.QDQ_ONNX)
 """The families torch.ao FX prepares (:mod:`~lightning_compress.quantization.prepare`)."""
 PT2E_EXTRA = "pip install 'lightning-compress[pt2e]'"
 """How to install torchao for the PT2E engines."""
+EXECUTORCH_EXTRA = "pip install 'lightning-compress[executorch]'"
+"""How to install ExecuTorch (the ``xnnpack`` engine's quantizer and runtime)."""
 
 REDUCED_QUANT_MAX = 127
 """Largest activation code of the reduced-range engines: no u8 x s8 pair of products overflows int16."""
@@ -145,6 +151,9 @@ def check_engine(engine: str | Engine, families: Collection[KernelFamily] = FX_F
         if importlib.util.find_spec("torchao") is None:
             raise MissingExtraError(
                 f"engine={name!r} needs the 'torchao' package, which is not installed: {PT2E_EXTRA}")
+        if parsed.runtime == "executorch" and importlib.util.find_spec("executorch") is None:
+            raise MissingExtraError(
+                f"engine={name!r} needs the 'executorch' package, which is not installed: {EXECUTORCH_EXTRA}")
         return parsed
     if name not in torch.backends.quantized.supported_engines:
         raise ValueError(

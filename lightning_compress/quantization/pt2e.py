@@ -29,7 +29,7 @@ import contextlib
 import copy
 import logging
 import operator
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -65,13 +65,20 @@ with _quiet_pytree_log():
     )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
     from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec, Quantizer
+    from torchao.quantization.pt2e.quantizer.utils import get_module_name_filter
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer
 
 MODES: tuple[str, ...] = ("qat", "static")
 """What preparation inserts: fake-quantization for training, or observers for calibration."""
 
-_QUANTIZERS: dict[str, type[Quantizer]] = {"x86_inductor": X86InductorQuantizer}
-"""Each PT2E engine's torchao quantizer."""
+def _xnnpack_quantizer() -> Quantizer:
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer  # [executorch] extra only
+
+    return XNNPACKQuantizer()
+
+
+_QUANTIZERS: dict[str, Callable[[], Quantizer]] = {"x86_inductor": X86InductorQuantizer, "xnnpack": _xnnpack_quantizer}
+"""Each PT2E engine's quantizer (torchao's; ExecuTorch's for ``xnnpack``)."""
 
 _aten = torch.ops.aten
 _MODE_ARGS = {_aten.batch_norm.default: 5, _aten.dropout.default: 2, _aten.feature_dropout.default: 2,
@@ -147,7 +154,8 @@ def quantization_config(engine: Engine, mode: str) -> QuantizationConfig:
 
     Weights: the plain ``FakeQuantize`` over the current range (``averaging_constant=1``), whose scales are the
     ones :func:`convert` quantizes with; the fused kernel rounds per-channel scales its own way (0.4 % off).
-    Activations: torchao's x86 recipe (fused kernel, ``eps=2**-12``), on 0..127 for reduced-range engines.
+    Activations: torchao's x86 recipe (fused kernel, ``eps=2**-12``), on 0..127 for reduced-range engines, int8
+    -128..127 for engines with signed activations (XNNPACK).
 
     Args:
         engine: A PT2E engine.
@@ -161,9 +169,9 @@ def quantization_config(engine: Engine, mode: str) -> QuantizationConfig:
                    else _ActivationObserver.with_args(eps=2**-12))
     weights = (_WeightFakeQuantize.with_args(observer=MovingAveragePerChannelMinMaxObserver, averaging_constant=1.0)
                if qat else _WeightObserver)
-    activation = QuantizationSpec(torch.uint8, activations, quant_min=0,
-                                  quant_max=REDUCED_QUANT_MAX if engine.reduced_range else 255,
-                                  qscheme=torch.per_tensor_affine)
+    low, high = (-128, 127) if engine.signed_activations else (0, REDUCED_QUANT_MAX if engine.reduced_range else 255)
+    activation = QuantizationSpec(torch.int8 if engine.signed_activations else torch.uint8, activations,
+                                  quant_min=low, quant_max=high, qscheme=torch.per_tensor_affine)
     weight = QuantizationSpec(torch.int8, weights, quant_min=-127, quant_max=127, qscheme=torch.per_channel_symmetric,
                               ch_axis=0)
     return QuantizationConfig(activation, activation, weight, None, is_qat=qat)
@@ -230,8 +238,12 @@ def prepare(network: nn.Module, engine: str | Engine = "x86_inductor", mode: str
     network.train(mode == "qat")
     before = {id(p) for p in network.parameters()}
     quantizer = _QUANTIZERS[engine.name]().set_global(quantization_config(engine, mode))
-    for name in skip:
-        quantizer.set_module_name_qconfig(name, None)
+    if hasattr(quantizer, "set_module_name_qconfig"):
+        for name in skip:
+            quantizer.set_module_name_qconfig(name, None)
+    elif skip:  # XNNPACKQuantizer takes no "None" config: leave the skipped modules' nodes out by a filter
+        skipped = [get_module_name_filter(name) for name in skip]
+        quantizer.set_filter_function(lambda node: not any(inside(node) for inside in skipped))
     exported = export_network(network, example_inputs)
     if mode == "qat":
         _check_bn_scales(exported)

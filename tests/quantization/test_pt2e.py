@@ -168,10 +168,10 @@ def test_static_calibration_with_a_skipped_module():
 
 
 def test_engines_are_checked_against_the_family_that_prepares_them():
-    assert PT2E_ENGINES == ("x86_inductor",)
+    assert PT2E_ENGINES == ("x86_inductor", "xnnpack")
     with pytest.raises(ValueError, match="engine 'x86_inductor' is a pt2e engine, which this does not prepare"):
         check_engine("x86_inductor")
-    with pytest.raises(ValueError, match=r"engine 'x86' is a torch-int8 engine.*it takes \['x86_inductor'\]"):
+    with pytest.raises(ValueError, match=r"engine 'x86' is a torch-int8 engine.*it takes \['x86_inductor', 'xnnpack'\]"):
         pt2e.prepare(ToyConvNet(), "x86", example_inputs=(IMAGES[:4],))
     with pytest.raises(ValueError, match="mode must be one of"):
         pt2e.prepare(ToyConvNet(), mode="dynamic", example_inputs=(IMAGES[:4],))
@@ -187,6 +187,9 @@ def test_a_pt2e_engine_without_torchao_names_the_extra(monkeypatch):
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *args: None if name == "torchao" else object())
     with pytest.raises(MissingExtraError, match=r"lightning-compress\[pt2e\]"):
         check_engine("x86_inductor", families=(KernelFamily.PT2E,))
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *args: None if name == "executorch" else object())
+    with pytest.raises(MissingExtraError, match=r"engine='xnnpack' needs the 'executorch'.*\[executorch\]"):
+        check_engine("xnnpack", families=(KernelFamily.PT2E,))
 
 
 def test_a_zero_batch_norm_scale_is_refused_for_qat():

@@ -194,5 +194,6 @@ def test_pause_and_resume_restore_what_was_observing():
 def test_pt2e_engines_pass_the_callbacks_argument_checks():
     assert QuantizationAwareTraining(engine="x86_inductor").engine.name == "x86_inductor"
     assert PostTrainingQuantization(engine="x86_inductor").engine.name == "x86_inductor"
-    with pytest.raises(ValueError, match=r"engine must be one of \[.*'x86_inductor'\], got 'xnnpack'"):
-        QuantizationAwareTraining(engine="xnnpack")
+    assert QuantizationAwareTraining(engine="xnnpack").engine.runtime == "executorch"
+    with pytest.raises(ValueError, match=r"engine must be one of \[.*'x86_inductor', 'xnnpack'\], got 'arm'"):
+        QuantizationAwareTraining(engine="arm")
