@@ -37,6 +37,28 @@ class MissingExtraError(ImportError):
     """An optional dependency is missing; the message names the pip command that installs it."""
 
 
+def require_packages(packages: tuple[str, ...], purpose: str, install: str) -> None:
+    """Fail with one line naming the pip command when one of ``packages`` cannot be imported.
+
+    Args:
+        packages: Module names to import.
+        purpose: What needs them, for the message.
+        install: The pip command that installs them.
+
+    Raises:
+        MissingExtraError: If one of them cannot be imported.
+
+    Example:
+        >>> require_packages(("json",), "reading JSON", "pip install nothing")
+    """
+    for module in packages:
+        try:
+            __import__(module)
+        except ImportError as err:
+            raise MissingExtraError(f"{purpose} needs the '{module}' package, which is not installed: "
+                                    f"{install}") from err
+
+
 def require_onnx(purpose: str) -> None:
     """Fail with one line naming the pip command when onnx, onnxruntime or onnxscript is missing.
 
@@ -49,12 +71,7 @@ def require_onnx(purpose: str) -> None:
     Example:
         >>> require_onnx("export")
     """
-    for module in ("onnx", "onnxruntime", "onnxscript"):
-        try:
-            __import__(module)
-        except ImportError as err:
-            raise MissingExtraError(f"{purpose} needs the '{module}' package, which is not installed: "
-                                    f"{EXPORT_EXTRA}") from err
+    require_packages(("onnx", "onnxruntime", "onnxscript"), purpose, EXPORT_EXTRA)
 
 
 @contextlib.contextmanager

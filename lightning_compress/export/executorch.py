@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_compress.core.onnx import MissingExtraError
+from lightning_compress.core.onnx import require_packages
 from lightning_compress.quantization.engines import EXECUTORCH_EXTRA
 
 MAX_BATCH = 1024
@@ -37,11 +37,7 @@ def require_executorch(purpose: str) -> None:
     Raises:
         MissingExtraError: If ``executorch`` cannot be imported.
     """
-    try:
-        import executorch.runtime  # noqa: F401
-    except ImportError as err:
-        raise MissingExtraError(f"{purpose} needs the 'executorch' package, which is not installed: "
-                                f"{EXECUTORCH_EXTRA}") from err
+    require_packages(("executorch.runtime",), purpose, EXECUTORCH_EXTRA)
 
 
 def pte_bytes(network: nn.Module, example: torch.Tensor) -> bytes:

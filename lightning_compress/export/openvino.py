@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_compress.core.onnx import MissingExtraError
+from lightning_compress.core.onnx import require_packages
 
 OPENVINO_EXTRA = "pip install 'lightning-compress[openvino]'"
 
@@ -34,11 +34,7 @@ def require_openvino(purpose: str) -> None:
     Example:
         >>> require_openvino("the openvino runtime")
     """
-    try:
-        import openvino  # noqa: F401
-    except ImportError as err:
-        raise MissingExtraError(f"{purpose} needs the 'openvino' package, which is not installed: "
-                                f"{OPENVINO_EXTRA}") from err
+    require_packages(("openvino",), purpose, OPENVINO_EXTRA)
 
 
 class OpenVinoNetwork(nn.Module):
