@@ -13,7 +13,8 @@ variants are calibrated on the same random batches: torch's static PTQ for ``x86
 read back), onnxruntime's ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations) of the
 fp32 ONNX model, ours (``PostTrainingQuantization``'s ``onnxruntime`` engine: the same file QAT exports; OpenVINO
 reads that very file) and the ``x86_inductor`` engine's int8 graph as the ``model.pt2`` package ``export`` writes
-(compiled once per model, dynamic batch size; ``--runtimes`` leaves OpenVINO or AOTInductor out).
+(compiled once per model, dynamic batch size), and the ``xnnpack`` engine's int8 graph as the ``model.pte``
+ExecuTorch program (``--runtimes`` leaves any of the three out).
 
 Run:  python benchmarks/deploy_latency.py                 (all models, batch 1 and 64, 1 and 2 threads)
       python benchmarks/deploy_latency.py --models resnet20 --batches 1 --threads 1 --repeats 3
@@ -36,16 +37,19 @@ import torch
 from reporting import add_output_arguments, machine_info, run_settings, write_results
 from lightning_compress.core.onnx import OnnxRuntimeNetwork, onnx_bytes
 from lightning_compress.export.aoti import AotiNetwork, aoti_package
+from lightning_compress.export.executorch import ExecuTorchNetwork, pte_bytes
 from lightning_compress.export.openvino import OpenVinoNetwork
 from lightning_compress.models import create_model
 from lightning_compress.quantization import load_quantized, quantize_static, save_quantized
 
 MODELS = ("resnet20", "resnet56", "mobilenetv2", "resnet18")
-OPTIONAL_RUNTIMES = ("openvino", "aoti")
-"""Runtimes beside torch and onnxruntime: OpenVINO runs our QDQ file, AOTInductor the x86_inductor graph."""
+OPTIONAL_RUNTIMES = ("openvino", "aoti", "executorch")
+"""Runtimes beside torch and onnxruntime: OpenVINO runs our QDQ file, AOTInductor the x86_inductor graph,
+ExecuTorch (XNNPACK) the xnnpack graph."""
 LABELS = {"torch_fp32": "torch fp32 eager", "ort_fp32": "onnxruntime fp32", "torch_int8_x86": "torch int8 `.pt` (x86)",
           "ort_quantize_static": "onnxruntime int8 (`quantize_static`)", "ours_qdq": "ours: QDQ ONNX in onnxruntime",
-          "openvino_qdq": "ours: the same file in OpenVINO", "aoti_int8": "AOTInductor `.pt2` (x86_inductor)"}
+          "openvino_qdq": "ours: the same file in OpenVINO", "aoti_int8": "AOTInductor `.pt2` (x86_inductor)",
+          "executorch_int8": "ExecuTorch `.pte` (xnnpack)"}
 
 
 def calibrated_network(name: str, batches: list[torch.Tensor]) -> torch.nn.Module:
@@ -147,8 +151,8 @@ def markdown(result: dict) -> str:
                          f"{ops.get('DequantizeLinear', 0)} |")
     lines += ["", "Sizes (bytes): " + "; ".join(
         f"{name}: fp32 ONNX {r['bytes']['ort_fp32']:,}, quantize_static {r['bytes']['ort_quantize_static']:,}, "
-        f"ours {r['bytes']['ours_qdq']:,}" + (f", AOTInductor package {r['bytes']['aoti_int8']:,}"
-                                              if "aoti_int8" in r["bytes"] else "") for name, r in {row["model"]: row for row in result["rows"]}.items()), ""]
+        f"ours {r['bytes']['ours_qdq']:,}" + "".join(
+            f", {LABELS[k]} {r['bytes'][k]:,}" for k in ("aoti_int8", "executorch_int8") if k in r["bytes"]) for name, r in {row["model"]: row for row in result["rows"]}.items()), ""]
     return "\n".join(lines)
 
 
@@ -181,6 +185,9 @@ def main() -> None:
             package = Path(tempfile.mkdtemp()) / "model.pt2"
             aoti_package(graph, calibration[0][:2], package)
             sizes["aoti_int8"] = package.stat().st_size
+        if "executorch" in args.runtimes:
+            program = pte_bytes(quantize_static(net, [(x,) for x in calibration], engine="xnnpack"), calibration[0])
+            sizes["executorch_int8"] = len(program)
         structure[name] = {"ort_quantize_static": optimized_ops(ort_int8), "ours_qdq": optimized_ops(ours.model_bytes())}
         for threads in args.threads:
             torch.set_num_threads(threads)
@@ -191,6 +198,8 @@ def main() -> None:
                 models["openvino_qdq"] = OpenVinoNetwork(ours.model_bytes(), threads)
             if "aoti" in args.runtimes:
                 models["aoti_int8"] = AotiNetwork(package)
+            if "executorch" in args.runtimes:
+                models["executorch_int8"] = ExecuTorchNetwork(program)
             for batch in args.batches:
                 x = torch.randn(batch, 3, 32, 32, generator=generator)
                 repeats = args.repeats * (5 if batch == 1 else 1)
