@@ -114,7 +114,7 @@ def markdown(result: dict) -> str:
     """The results table, the structure onnxruntime runs and the sizes, from the JSON result."""
     variants = [v for v in LABELS if v in result["rows"][0]["ms"]]
     lines = [
-        "# Deployment latency (CPU): fp32 vs int8, torch vs onnxruntime",
+        "# Deployment latency (CPU): fp32 vs int8 in torch, onnxruntime, OpenVINO, AOTInductor and ExecuTorch",
         "",
         f"Machine: {result['machine']['cpu']['model']}, flags {', '.join(result['machine']['cpu']['flags'])}; "
         f"{result['machine']['cpu_count']} cores, load average at the end {result['machine']['load_average_1_5_15']} "
