@@ -251,7 +251,7 @@ def test_architecture_records_of_a_compiled_network_replay_onto_an_uncompiled_on
 @pytest.mark.slow
 def test_qat_on_a_network_compiled_with_the_default_inductor_backend():
     model = compiled_classifier(backend="inductor")
-    trainer = fit(model, [QuantizationAwareTraining(start="2steps")], steps=8)
+    trainer = fit(model, [QuantizationAwareTraining(start="2steps", engine="x86")], steps=8)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the fp32 steps ran compiled
     assert isinstance(model.net.conv1, nnq.Conv2d) and not is_compiled(model.net)
     assert trainer.test(model, random_loader(), verbose=False)[0]["test_acc"] > 0.4

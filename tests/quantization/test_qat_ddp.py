@@ -11,7 +11,7 @@ from lightning_compress import MagnitudePruning, QuantizationAwareTraining
 
 model = UserClassifier()
 callbacks = [MagnitudePruning(final_sparsity=0.5, start=0.0, end=0.5, update_every=2),
-             QuantizationAwareTraining(start=0.25)]
+             QuantizationAwareTraining(start=0.25, engine="x86")]  # torch int8 weights compared
 trainer = pl.Trainer(strategy="ddp", devices=2, accelerator="cpu", max_epochs=2, callbacks=callbacks,
                      logger=False, enable_checkpointing=False, enable_progress_bar=False,
                      enable_model_summary=False)
