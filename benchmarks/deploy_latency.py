@@ -49,7 +49,7 @@ ExecuTorch (XNNPACK) the xnnpack graph."""
 LABELS = {"torch_fp32": "torch fp32 eager", "ort_fp32": "onnxruntime fp32", "torch_int8_x86": "torch int8 `.pt` (x86)",
           "ort_quantize_static": "onnxruntime int8 (`quantize_static`)", "ours_qdq": "ours: QDQ ONNX in onnxruntime",
           "openvino_qdq": "ours: the same file in OpenVINO", "aoti_int8": "AOTInductor `.pt2` (x86_inductor)",
-          "executorch_int8": "ExecuTorch `.pte` (xnnpack)"}
+          "executorch_int8": "ExecuTorch `.pte` (xnnpack; its pool: the fewest --threads)"}
 
 
 def calibrated_network(name: str, batches: list[torch.Tensor]) -> torch.nn.Module:
@@ -167,6 +167,10 @@ def main() -> None:
                         help="optional runtimes beside torch and onnxruntime (default: all)")
     add_output_arguments(parser, "deploy_latency")
     args = parser.parse_args()
+    if "executorch" in args.runtimes:  # its own thread pool, sized once, before any program runs
+        from executorch.extension.pybindings import portable_lib
+
+        portable_lib._unsafe_reset_threadpool(min(args.threads))
     generator = torch.Generator().manual_seed(0)
     calibration = [torch.randn(16, 3, 32, 32, generator=generator) for _ in range(args.calibration_batches)]
     rows, structure = [], {}

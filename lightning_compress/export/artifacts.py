@@ -407,6 +407,7 @@ def runtime_latencies(runners: Mapping[str, nn.Module], example: torch.Tensor, r
     medians = {name: round(statistics.median(values) * 1e3, 4) for name, values in times.items()}
     fastest = min(medians, key=medians.__getitem__)
     return {"batch_size": len(example), "threads": 1, "repeats": repeats, "cpu": cpu_description(),
+            **({"executorch_threads": "ExecuTorch's own pool, one thread per core"} if "executorch" in runners else {}),
             "median_ms": medians, "fastest": {"artifact": fastest, "runtime": _RUNTIME_OF[fastest]}}
 
 

@@ -72,24 +72,20 @@ def pte_bytes(network: nn.Module, example: torch.Tensor) -> bytes:
 class ExecuTorchNetwork(nn.Module):
     """An ExecuTorch program run by ExecuTorch's runtime, as an ``nn.Module``: CPU float tensors in, logits out.
 
-    ExecuTorch's thread pool is one per process; each call sizes it to ``threads``.
+    XNNPACK's kernels run on ExecuTorch's own thread pool (one per process, as many threads as the CPU has cores),
+    not on torch's threads.
 
     Args:
         source: The ``.pte`` file or its bytes.
-        threads: Threads of XNNPACK's kernels (default: torch's thread count at each call).
 
     Raises:
         MissingExtraError: Without the ``[executorch]`` extra.
     """
 
-    def __init__(self, source: str | os.PathLike[str] | bytes, threads: int | None = None) -> None:
+    def __init__(self, source: str | os.PathLike[str] | bytes) -> None:
         super().__init__()
         require_executorch("the executorch runtime")
-        from executorch.extension.pybindings import portable_lib
         from executorch.runtime import Runtime
-
-        self.threads = threads
-        self._pool = portable_lib
 
         if isinstance(source, bytes):  # the runtime reads files
             with tempfile.TemporaryDirectory() as folder:
@@ -100,9 +96,6 @@ class ExecuTorchNetwork(nn.Module):
             self._method = Runtime.get().load_program(Path(source)).load_method("forward")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        threads = self.threads or torch.get_num_threads()
-        if self._pool._threadpool_get_thread_count() != threads:
-            self._pool._unsafe_reset_threadpool(threads)
         inputs = images.detach().to("cpu", torch.float32)
         logits = [self._method.execute([chunk.contiguous()])[0] for chunk in inputs.split(MAX_BATCH)]
         return torch.cat(logits).to(images.device)
