@@ -10,10 +10,12 @@ from pathlib import Path
 import torch
 
 from lightning_compress.commands.checkpoint import NETWORK, LoadedCheckpoint, load_checkpoint
+from lightning_compress.core.architecture import ArchitectureRecord
 from lightning_compress.export import build_network, export_artifacts, int8_from_qat
 from lightning_compress.export.runtimes import RUNTIMES, select_artifacts
 from lightning_compress.quantization.engines import ENGINE_TABLE, ENGINES, KernelFamily
 from lightning_compress.quantization.families import family_of
+from lightning_compress.quantization.qat import recorded_inputs
 from lightning_compress.report import render_markdown, summarize, write_report
 
 
@@ -50,9 +52,8 @@ def main(argv: Sequence[str]) -> int:
     example = torch.randn(1, 3, *meta["input_size"])
     int8 = None
     if engine and ENGINE_TABLE[args.engine or engine].family is KernelFamily.PT2E:  # the graph takes its traced shape
-        specs = [r["payload"]["example_inputs"] for r in meta.get("architecture") or []
-                 if "example_inputs" in r["payload"]]
-        example = torch.randn(1, *specs[-1][0]["shape"][1:]) if specs else example
+        records = [ArchitectureRecord.from_dict(r) for r in meta.get("architecture") or []]
+        example = torch.randn_like((recorded_inputs(records, NETWORK) or (example,))[0][:1])
         int8 = family_of(args.engine or engine).convert_qat(loaded.network, (example.repeat(2, 1, 1, 1),), "")
     elif engine:
         int8 = int8_from_qat(loaded.network, args.engine or engine, (example,))

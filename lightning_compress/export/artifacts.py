@@ -307,9 +307,10 @@ def export_artifacts(
             raise _NotApplicable("the network holds quantization-aware-training fake-quant modules; its deployable "
                                  "form is onnx_int8" if qat else "the checkpoint is fp32: train with "
                                  "QuantizationAwareTraining to get an int8 model")
-        runners[name] = OnnxRuntimeNetwork(onnx_blob()[1], threads=1)
+        blob = onnx_blob()[1]
+        runners[name] = OnnxRuntimeNetwork(blob, threads=1)
         check(name, _logits(runners[name], images))
-        _write_bytes(staging / FILES[name], onnx_blob()[1])
+        _write_bytes(staging / FILES[name], blob)
         return FILES[name]
 
     def build_openvino() -> str:

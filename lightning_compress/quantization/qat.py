@@ -73,6 +73,20 @@ def replay_preparation(network: nn.Module, payload: Mapping[str, Any]) -> nn.Mod
     return family_of(payload["engine"]).prepare_qat(network, payload["skip"], payload.get("example_inputs", ()))
 
 
+def recorded_inputs(records: Sequence[ArchitectureRecord], network: str) -> tuple[torch.Tensor, ...] | None:
+    """Zeros of the input shapes the QAT record of ``network`` holds (exporting engines record them at ``start``).
+
+    Args:
+        records: Architecture records, oldest first.
+        network: The network's attribute name.
+
+    Returns:
+        The inputs, or None if no record of ``network`` holds shapes.
+    """
+    specs = [r.payload.get("example_inputs") for r in records if r.kind == RECORD_KIND and r.network == network]
+    return zero_inputs(specs[-1]) if specs and specs[-1] else None
+
+
 class QuantizationAwareTraining(CompressionCallback):
     """Quantization-aware training that ends in a real int8 model, for any LightningModule.
 
@@ -311,9 +325,7 @@ class QuantizationAwareTraining(CompressionCallback):
         attribute, net = find_network(pl_module, self.network_name or self.network)
         device = next(net.parameters(), torch.empty(0)).device
         if example_inputs is None and self._family.needs_example_inputs:
-            specs = [r.payload.get("example_inputs") for r in applied_records(pl_module)
-                     if r.kind == RECORD_KIND and r.network == attribute]
-            example_inputs = zero_inputs(specs[-1]) if specs and specs[-1] else None
+            example_inputs = recorded_inputs(applied_records(pl_module), attribute)
         try:  # a network never prepared raises ValueError
             int8 = self._family.convert_qat(net, example_inputs, attribute + ".")
         except (ConversionError, RuntimeError) as err:
