@@ -15,6 +15,7 @@ from lightning_compress.distillation import KnowledgeDistillation
 from lightning_compress.factorization import LowRankFactorization
 from lightning_compress.models import create_model, list_models
 from lightning_compress.module import ImageClassifier
+from lightning_compress.planning import CompressToTarget
 from lightning_compress.pruning import ChannelPruning, MagnitudePruning
 from lightning_compress.quantization import PostTrainingQuantization, QuantizationAwareTraining
 from lightning_compress.report import CompressionReport
@@ -25,6 +26,7 @@ __all__ = [
     "CIFARDataModule",
     "ChannelPruning",
     "CompressionCallback",
+    "CompressToTarget",
     "CompressionReport",
     "Declaration",
     "Effect",

@@ -41,7 +41,7 @@ class CompressionCLI(LightningCLI):
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of the ``lightning-compress`` console script (``args``: ``None`` reads ``sys.argv``).
 
-    File commands (``report``, ``export``, ``sensitivity``, ``predict --model``) go to
+    File commands (``report``, ``export``, ``sensitivity``, ``plan``, ``predict --model``) go to
     :mod:`lightning_compress.commands`; everything else to LightningCLI.
     """
     from lightning_compress import commands

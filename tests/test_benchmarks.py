@@ -118,6 +118,17 @@ def check_deploy_latency(result: dict[str, Any], markdown: str) -> None:
     assert "| resnet20 | ours_qdq | 21 | 9 | 0 |" in markdown
 
 
+def check_latency_model(result: dict[str, Any], markdown: str) -> None:
+    (row,) = result["rows"]
+    assert (row["model"], row["batch"], row["precision"], row["ratio"]) == ("resnet20", 8, "fp32", 0.6)
+    assert row["dense_ms"] > row["measured_ms"] > 0 and row["predicted_ms"] > 0 and row["checks"] == 1
+    assert row["target_ms"] == pytest.approx(0.6 * row["dense_ms"])
+    assert row["prediction_error"] == pytest.approx(row["predicted_ms"] / row["measured_ms"] - 1)
+    assert set(result["machine"]["cpu"]) == {"model", "flags", "bf16"}
+    assert f"| resnet20 | 8 | fp32 | 0.6x dense | {row['dense_ms']:.3f} |" in markdown
+    assert "Prediction within 10 %:" in markdown
+
+
 def check_saturation_cost(result: dict[str, Any], markdown: str) -> None:
     (row,) = result["results"]
     assert row["model"] == "resnet18" and row["clamps"] >= 20  # every quantized value of a ResNet-18
@@ -251,6 +262,11 @@ CASES = {
          "--runtimes", "openvino"),
         check_deploy_latency,
     ),
+    "latency_model": Case(
+        ("--models", "resnet20", "--batches", "8", "--precisions", "fp32", "--ratios", "0.6", "--rounds", "1",
+         "--repeats", "3", "--checks", "1"),
+        check_latency_model,
+    ),
     "saturation_cost": Case(
         ("--models", "resnet18", "--batches", "1", "--rounds", "1", "--repeats", "1", "--steps", "1"),
         check_saturation_cost,
@@ -290,7 +306,8 @@ CASES = {
         ("--models", "resnet20", "--batch-size", "2", "--steps", "1", "--rounds", "1"), check_train_throughput
     ),
 }
-SLOW = {"quickstart_time", "factorization"}  # ~30 s: the lightning-compress command in its own process; 3 ONNX exports
+SLOW = {"quickstart_time", "factorization", "latency_model"}
+"""~30-45 s: the lightning-compress command in its own process; 3 ONNX exports; a latency table and 4 ONNX exports."""
 
 
 @pytest.fixture(scope="module")

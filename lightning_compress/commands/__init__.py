@@ -1,4 +1,4 @@
-"""The ``report``, ``export``, ``predict`` and ``sensitivity`` subcommands of ``lightning-compress``.
+"""The ``report``, ``export``, ``predict``, ``sensitivity`` and ``plan`` subcommands of ``lightning-compress``.
 
 They work on files (checkpoints, exported models, images), not on a training run, so they are plain
 argparse commands dispatched by :func:`lightning_compress.cli.main` before LightningCLI sees the
@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("report", "export", "predict", "sensitivity")
+COMMANDS = ("report", "export", "predict", "sensitivity", "plan")
 
 
 def is_command(argv: Sequence[str]) -> bool:
@@ -50,13 +50,14 @@ def run(argv: Sequence[str]) -> int:
         The exit status.
     """
     try:
-        from lightning_compress.commands import export, predict, report, sensitivity
+        from lightning_compress.commands import export, plan, predict, report, sensitivity
 
-        module = {"report": report, "export": export, "predict": predict, "sensitivity": sensitivity}[argv[0]]
+        module = {"report": report, "export": export, "predict": predict, "sensitivity": sensitivity,
+                  "plan": plan}[argv[0]]
         return module.main(list(argv[1:]))
     except (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError, ValueError, ImportError) as err:
         message = " ".join(str(err).split()) or type(err).__name__
         if isinstance(err, ImportError) and "pip install" not in message:
-            message += f" (pip install 'lightning-compress[export]' installs the optional dependencies)"
+            message += " (pip install 'lightning-compress[export]' installs the optional dependencies)"
         print(f"lightning-compress {argv[0]}: error: {message}", file=sys.stderr)
         return 2

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from lightning_compress.commands.checkpoint import NETWORK, load_checkpoint
+from lightning_compress.commands.held_out import add_held_out_arguments, held_out_batches
 from lightning_compress.core.layers import select_weights, weight_label
-from lightning_compress.data import CIFARDataModule
 from lightning_compress.sensitivity import (
     DEFAULT_SPARSITIES,
     check_sparsities,
@@ -35,13 +35,7 @@ def main(argv: Sequence[str]) -> int:
                     "few batches, write sensitivity.csv, sensitivity.png and pruning_targets.yaml (MagnitudePruning "
                     "arguments: per-layer final_sparsity, scope: layerwise).")
     parser.add_argument("checkpoint", help="ImageClassifier checkpoint (.ckpt)")
-    parser.add_argument("--data-root", required=True, help="CIFARDataModule root (see its layouts)")
-    parser.add_argument("--dataset", choices=["cifar10", "cifar100"], default="cifar10")
-    parser.add_argument("--cache-dir", default=None, help="CIFARDataModule cache folder")
-    parser.add_argument("--val-size", type=int, default=5000, help="validation images held out (as in training)")
-    parser.add_argument("--seed", type=int, default=0, help="validation split seed (as in training)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--batches", type=int, default=4, help="validation batches per measurement")
+    add_held_out_arguments(parser)
     parser.add_argument("--sparsities", type=float, nargs="+", default=list(DEFAULT_SPARSITIES))
     parser.add_argument("--max-drop", type=float, default=0.01, help="tolerated accuracy drop per layer")
     parser.add_argument("--include", nargs="*", default=None, help="layer patterns (default: MagnitudePruning's rule)")
@@ -51,19 +45,8 @@ def main(argv: Sequence[str]) -> int:
     sparsities = check_sparsities(args.sparsities)
     if args.max_drop < 0:
         raise ValueError(f"--max-drop must be >= 0, got {args.max_drop}")
-    if args.batches < 1:
-        raise ValueError(f"--batches must be >= 1, got {args.batches}")
     loaded = load_checkpoint(args.checkpoint)
-    data = CIFARDataModule(args.data_root, dataset=args.dataset, download=False, batch_size=args.batch_size,
-                           val_size=args.val_size, seed=args.seed, cache_dir=args.cache_dir)
-    data.setup("validate")
-    if args.val_size == 0:
-        raise ValueError("--val-size must be > 0: sensitivity is measured on the validation split")
-    batches = []
-    for images, labels in data.val_dataloader():
-        batches.append((data.transform(images, train=False), labels))
-        if len(batches) == args.batches:
-            break
+    batches = held_out_batches(args)
     holder = nn.Module()  # names layers as in the LightningModule ("model.layer1.0.conv1")
     holder.add_module(NETWORK, loaded.network)
 

@@ -6,6 +6,7 @@ sparsity leaves dense kernels as slow as before.
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -74,47 +75,19 @@ def kept_channels(original: int, removed_fraction: float, round_to: int = 1) -> 
     return keep
 
 
-class ChannelPruning(CompressionCallback):
-    """Gradually remove whole channels during training, until a channel or MACs target is reached.
+class ChannelRemoval(CompressionCallback):
+    """Removing whole channels while training: the machinery ChannelPruning and target-driven planning share.
 
-    Between ``start`` and ``end`` channels are removed every ``update_every``, by an amount following
-    ``schedule``; training goes on between removals, so the network recovers as it shrinks. Every
-    coupled group (found by :mod:`~lightning_compress.pruning.slimming`) loses the same fraction, its
-    least important channels by ``importance``. Optimizers keep their identity, their state sliced to the
-    kept channels. Each removal appends a ``channel_slimming`` architecture record, so checkpoints
-    resume slimmed. Logs ``channels/<layer>`` and ``macs/ratio`` (current / dense MACs).
-
-    Args:
-        channel_ratio: Fraction of each group's channels removed by ``end``, in (0, 1).
-        kept_macs_ratio: Fraction of the dense MACs kept at ``end``, in (0, 1). Give exactly one of
-            ``channel_ratio`` and ``kept_macs_ratio``.
-        importance: ``"l1"``, ``"l2"``, ``"bn_scale"``, ``"taylor"`` or a criterion object
-            (:mod:`lightning_compress.pruning.importance`).
-        schedule: A name from :data:`~lightning_compress.pruning.schedules.SCHEDULES` or a callable; for
-            ``kept_macs_ratio`` it schedules the fraction of MACs removed.
-        start: When the first channels are removed (a :mod:`~lightning_compress.core.progress` position).
-        end: When the target is reached; at least one step of fine-tuning must follow.
-        update_every: Interval between removals: optimizer steps (int), ``"1ep"``, ``"50steps"`` or a
-            fraction of the run.
-        ignore: Globs of layers (qualified names, e.g. ``"model.layer3.*"``) whose output channels stay;
-            the classifier (the last ``Linear``) always stays.
-        network: Attribute of the LightningModule holding the network; ``None`` finds it.
-        round_to: Every group keeps a multiple of this many channels (at least ``round_to``), the block
-            width of convolution kernels; ``1`` keeps exact fractions. The speedups behind the default
-            are in ``benchmarks/results/channel_pruning.md`` and ``channel_pruning_round_to.md``.
-
-    Example:
-        >>> pruning = ChannelPruning(kept_macs_ratio=0.5, importance="l2", start=0.0, end=0.6, update_every="1ep")
-        >>> pruning.target
-        ('kept_macs_ratio', 0.5)
+    Between ``start`` and ``end`` channels are removed every ``update_every``; :meth:`_update` (the
+    subclass) decides how many each coupled group keeps at each removal, :meth:`_slim_to` removes the
+    least important ones by ``importance``, slices the optimizers' state, appends a ``channel_slimming``
+    record and logs ``channels/<layer>`` and ``macs/ratio``. Arguments as :class:`ChannelPruning`'s.
     """
 
     effect = Effect.ARCHITECTURE
 
     def __init__(
         self,
-        channel_ratio: float | None = None,
-        kept_macs_ratio: float | None = None,
         importance: ImportanceLike = "l1",
         schedule: ScheduleLike = "cubic",
         start: Position = 0.0,
@@ -125,14 +98,6 @@ class ChannelPruning(CompressionCallback):
         round_to: int = 8,
     ) -> None:
         super().__init__(network)
-        if (channel_ratio is None) == (kept_macs_ratio is None):
-            raise ValueError("give exactly one of channel_ratio (fraction of channels removed) and "
-                             f"kept_macs_ratio (fraction of MACs kept), got channel_ratio={channel_ratio!r}, "
-                             f"kept_macs_ratio={kept_macs_ratio!r}")
-        name, value = ("channel_ratio", channel_ratio) if channel_ratio is not None else ("kept_macs_ratio", kept_macs_ratio)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
-            raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
-        self.target = (name, float(value))
         if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
             raise ValueError(f"round_to must be an integer >= 1, got {round_to!r}")
         self.round_to = round_to
@@ -180,7 +145,7 @@ class ChannelPruning(CompressionCallback):
             called = getattr(pl_module, self.network_name)  # a compiled wrapper's input is its network's input
             example = first_sample(capture_network_input(pl_module, called, batch, batch_idx))
             if len(example) != 1 or not isinstance(example[0], torch.Tensor):
-                raise ValueError(f"ChannelPruning traces a network called with one tensor; {self.network_name!r} "
+                raise ValueError(f"{type(self).__name__} traces a network called with one tensor; {self.network_name!r} "
                                  f"is called with {len(example)} arguments")
             self._input_shape = list(example[0].shape)
             check_prunable(network, example[0], self._ignored)
@@ -189,7 +154,7 @@ class ChannelPruning(CompressionCallback):
         groups = self._groups(network)
         if not self._original_channels:
             self._original_channels = {name: group_channels(group) for name, group in groups.items()}
-            rank_zero_info(f"ChannelPruning: {len(groups)} coupled channel groups, "
+            rank_zero_info(f"{type(self).__name__}: {len(groups)} coupled channel groups, "
                            f"{sum(self._original_channels.values())} channels, target {self.target[0]}={self.target[1]}")
 
     def _example(self, network: nn.Module) -> torch.Tensor:
@@ -215,22 +180,26 @@ class ChannelPruning(CompressionCallback):
         self._last_update_step = step
         network = self.network_of(pl_module)
         example = self._example(network)
-        name, final = self.target
-        if name == "channel_ratio":
-            self._slim_to(trainer, pl_module, network, self._schedule(progress, 0.0, final))
-        else:
-            kept_macs = 1.0 - self._schedule(progress, 0.0, 1.0 - final)
-            self._slim_to_macs(trainer, pl_module, network, example, kept_macs)
+        self._update(trainer, pl_module, network, example, progress)
         check_finite(dict(network.named_parameters(prefix=self.network_name)), step, type(self).__name__)
         self._log(pl_module, network, example)
 
+    @abc.abstractmethod
+    def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module,
+                example: torch.Tensor, progress: float) -> None:
+        """Remove what is due at ``progress`` (0 at ``start``, 1 at ``end``) of the window, through :meth:`_slim_to`."""
+
+    def _keep(self, root: str, removed_fraction: float) -> int:
+        """Channels group ``root`` keeps at ``removed_fraction``: that fraction of its original ones removed."""
+        return kept_channels(self._original_channels[root], removed_fraction, self.round_to)
+
     def _slim_to(self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module,
                  removed_fraction: float) -> bool:
-        """Remove channels until each group has lost ``removed_fraction`` of its original channels."""
+        """Remove channels until each group keeps :meth:`_keep` of them at ``removed_fraction``."""
         plan: dict[str, list[int]] = {}
         if trainer.is_global_zero:
             for root, group in self._groups(network).items():
-                keep = kept_channels(self._original_channels[root], removed_fraction, self.round_to)
+                keep = self._keep(root, removed_fraction)
                 excess = group_channels(group) - keep
                 if excess > 0:
                     scores = self._importance(group)
@@ -245,21 +214,6 @@ class ChannelPruning(CompressionCallback):
             RECORD_KIND, self.network_name, {"input_shape": list(self._input_shape), "history": removal}))
         self.rewrap_distributed(trainer)
         return True
-
-    def _slim_to_macs(self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module,
-                      example: torch.Tensor, kept_macs: float) -> None:
-        """Raise the removed channel fraction until at most ``kept_macs`` of the dense MACs remain.
-
-        MACs fall roughly with the square of the kept fraction, so each round closes the square root of the
-        gap, approaching the target from above.
-        """
-        for _ in range(_MAX_MACS_ROUNDS):
-            ratio = count_macs(network, example) / self._dense_macs
-            if ratio <= kept_macs * 1.005:
-                return
-            kept = (1.0 - self._removed_fraction) * math.sqrt(kept_macs / ratio)
-            fraction = max(1.0 - kept, self._removed_fraction + 0.5 / max(self._original_channels.values()))
-            self._slim_to(trainer, pl_module, network, min(fraction, 1.0))
 
     def _log(self, pl_module: pl.LightningModule, network: nn.Module, example: torch.Tensor) -> None:
         groups = self._groups(network)
@@ -288,3 +242,88 @@ class ChannelPruning(CompressionCallback):
         self._removed_fraction = state_dict["removed_fraction"]
         self._last_update_step = state_dict["last_update_step"]
         self._graph = None  # traced again on the (already slimmed) network at the next batch
+
+
+class ChannelPruning(ChannelRemoval):
+    """Gradually remove whole channels during training, until a channel or MACs target is reached.
+
+    Between ``start`` and ``end`` channels are removed every ``update_every``, by an amount following
+    ``schedule``; training goes on between removals, so the network recovers as it shrinks. Every
+    coupled group (found by :mod:`~lightning_compress.pruning.slimming`) loses the same fraction, its
+    least important channels by ``importance``. Optimizers keep their identity, their state sliced to the
+    kept channels. Each removal appends a ``channel_slimming`` architecture record, so checkpoints
+    resume slimmed. Logs ``channels/<layer>`` and ``macs/ratio`` (current / dense MACs).
+
+    Args:
+        channel_ratio: Fraction of each group's channels removed by ``end``, in (0, 1).
+        kept_macs_ratio: Fraction of the dense MACs kept at ``end``, in (0, 1). Give exactly one of
+            ``channel_ratio`` and ``kept_macs_ratio``.
+        importance: ``"l1"``, ``"l2"``, ``"bn_scale"``, ``"taylor"`` or a criterion object
+            (:mod:`lightning_compress.pruning.importance`).
+        schedule: A name from :data:`~lightning_compress.pruning.schedules.SCHEDULES` or a callable; for
+            ``kept_macs_ratio`` it schedules the fraction of MACs removed.
+        start: When the first channels are removed (a :mod:`~lightning_compress.core.progress` position).
+        end: When the target is reached; at least one step of fine-tuning must follow.
+        update_every: Interval between removals: optimizer steps (int), ``"1ep"``, ``"50steps"`` or a
+            fraction of the run.
+        ignore: Globs of layers (qualified names, e.g. ``"model.layer3.*"``) whose output channels stay;
+            the classifier (the last ``Linear``) always stays.
+        network: Attribute of the LightningModule holding the network; ``None`` finds it.
+        round_to: Every group keeps a multiple of this many channels (at least ``round_to``), the block
+            width of convolution kernels; ``1`` keeps exact fractions. The speedups behind the default
+            are in ``benchmarks/results/channel_pruning.md`` and ``channel_pruning_round_to.md``.
+
+    Example:
+        >>> pruning = ChannelPruning(kept_macs_ratio=0.5, importance="l2", start=0.0, end=0.6, update_every="1ep")
+        >>> pruning.target
+        ('kept_macs_ratio', 0.5)
+    """
+
+    def __init__(
+        self,
+        channel_ratio: float | None = None,
+        kept_macs_ratio: float | None = None,
+        importance: ImportanceLike = "l1",
+        schedule: ScheduleLike = "cubic",
+        start: Position = 0.0,
+        end: Position = 0.5,
+        update_every: Interval = "1ep",
+        ignore: str | Sequence[str] | None = None,
+        network: str | None = None,
+        round_to: int = 8,
+    ) -> None:
+        if (channel_ratio is None) == (kept_macs_ratio is None):
+            raise ValueError("give exactly one of channel_ratio (fraction of channels removed) and "
+                             f"kept_macs_ratio (fraction of MACs kept), got channel_ratio={channel_ratio!r}, "
+                             f"kept_macs_ratio={kept_macs_ratio!r}")
+        name, value = ("channel_ratio", channel_ratio) if channel_ratio is not None else ("kept_macs_ratio", kept_macs_ratio)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+            raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
+        self.target = (name, float(value))
+        super().__init__(importance, schedule, start, end, update_every, ignore, network, round_to)
+
+    @override
+    def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module,
+                example: torch.Tensor, progress: float) -> None:
+        """Remove channels to the scheduled fraction of channels, or of MACs, at ``progress`` of the window."""
+        name, final = self.target
+        if name == "channel_ratio":
+            self._slim_to(trainer, pl_module, network, self._schedule(progress, 0.0, final))
+        else:
+            kept_macs = 1.0 - self._schedule(progress, 0.0, 1.0 - final)
+            self._slim_to_macs(trainer, pl_module, network, example, kept_macs)
+
+    def _slim_to_macs(self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module,
+                      example: torch.Tensor, kept_macs: float) -> None:
+        """Raise the removed channel fraction until at most ``kept_macs`` of the dense MACs remain.
+
+        MACs fall roughly with the square of the kept fraction, so each round closes the square root of the
+        gap, approaching the target from above.
+        """
+        for _ in range(_MAX_MACS_ROUNDS):
+            ratio = count_macs(network, example) / self._dense_macs
+            if ratio <= kept_macs * 1.005:
+                return
+            kept = (1.0 - self._removed_fraction) * math.sqrt(kept_macs / ratio)
+            fraction = max(1.0 - kept, self._removed_fraction + 0.5 / max(self._original_channels.values()))
+            self._slim_to(trainer, pl_module, network, min(fraction, 1.0))

@@ -1,6 +1,7 @@
 """One run of the whole set of callbacks on the dict-batch module, for the resume test (a subprocess).
 
-Usage: ``python resume_run.py OUT_DIR [--kill-at STEP] [--resume]``. With ``--kill-at`` the process kills
+Usage: ``python resume_run.py OUT_DIR [--kill-at STEP] [--resume] [--planned]``; ``--planned`` puts
+``CompressToTarget(macs_ratio=0.5)`` in ChannelPruning's place. With ``--kill-at`` the process kills
 itself with SIGKILL when that optimizer step starts (after ``ModelCheckpoint`` saved the previous one);
 with ``--resume`` it continues from ``OUT_DIR/last.ckpt`` (``fit(ckpt_path=...)``). At the end it saves the network's weights as
 they leave training (before the fit-end int8 conversion) to ``OUT_DIR/final.pt``.
@@ -20,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from lightning_compress import (
     ChannelPruning,
+    CompressToTarget,
     KnowledgeDistillation,
     MagnitudePruning,
     QuantizationAwareTraining,
@@ -42,6 +44,7 @@ def main() -> None:
     out = Path(sys.argv[1])
     kill_at = int(sys.argv[sys.argv.index("--kill-at") + 1]) if "--kill-at" in sys.argv else None
     resume = "--resume" in sys.argv
+    planned = "--planned" in sys.argv
     torch.set_num_threads(1)
     pl.seed_everything(0)
     teacher = ToyConvNet(num_classes=4)
@@ -49,7 +52,8 @@ def main() -> None:
         QuantizationAwareTraining(start="9steps", freeze_bn="13steps"),
         KnowledgeDistillation(teacher, alpha=0.5),
         MagnitudePruning(final_sparsity=0.6, start="2steps", end="8steps", update_every=2),
-        ChannelPruning(channel_ratio=0.5, start=0.0, end="6steps", update_every=2),
+        CompressToTarget(macs_ratio=0.5, start=0.0, end="6steps", update_every=2, round_to=2) if planned
+        else ChannelPruning(channel_ratio=0.5, start=0.0, end="6steps", update_every=2),
         ModelCheckpoint(dirpath=out, save_last=True, every_n_train_steps=1, save_top_k=0),
         SaveTrained(out / "final.pt"),
     ]

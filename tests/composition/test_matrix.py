@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_compress import (
     ChannelPruning,
     CompressionReport,
+    CompressToTarget,
     ImageClassifier,
     KnowledgeDistillation,
     LowRankFactorization,
@@ -43,6 +44,7 @@ def make_callbacks(names, report_dir=None):
         "magnitude": lambda: MagnitudePruning(final_sparsity=0.5, start=0.0, end="4steps", update_every=1),
         "qat": lambda: QuantizationAwareTraining(start="5steps"),
         "kd": lambda: KnowledgeDistillation(ToyConvNet(num_classes=4), alpha=0.5),
+        "target": lambda: CompressToTarget(macs_ratio=0.5, start=0.0, end="2steps", update_every=1, round_to=2),
     }
     callbacks = [factories[name]() for name in names]
     if report_dir is not None:
@@ -82,8 +84,10 @@ def check_case(kind, names, precision, tmp_path, report=False):
     weights = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
 
     # each technique's effect is there
-    if "channel" in names:
+    if "channel" in names or "target" in names:
         assert {r["kind"] for r in checkpoint["compression_architecture"]} >= {"channel_slimming"}
+    if "target" in names:
+        assert count_macs(network_of(module).eval(), example) <= 0.5 * dense_macs or "qat" in names
     if "magnitude" in names:
         pruning = next(cb for cb in callbacks if isinstance(cb, MagnitudePruning))
         layers = [name[len(prefix):] for name in pruning._names]
@@ -103,7 +107,7 @@ def check_case(kind, names, precision, tmp_path, report=False):
     fresh.on_load_checkpoint(checkpoint)
     fresh.load_state_dict(checkpoint["state_dict"])
     reloaded = network_of(fresh)
-    if "channel" in names:
+    if "channel" in names or "target" in names:
         assert count_macs(reloaded.eval(), example) < 0.8 * dense_macs
     differing = [key for key, value in reloaded.state_dict().items()
                  if not torch.equal(value, checkpoint["state_dict"][prefix + key])]
@@ -117,6 +121,14 @@ def check_case(kind, names, precision, tmp_path, report=False):
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("names", COMBINATIONS, ids="+".join)
 def test_user_dict_batch_module(names, precision, tmp_path):
+    check_case("dict_module", names, precision, tmp_path, report=len(names) == len(TECHNIQUES))
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("names", [("target", other) for other in TECHNIQUES[1:]] + [("target", *TECHNIQUES[1:])],
+                         ids="+".join)
+def test_compress_to_target_composes(names, precision, tmp_path):
+    """CompressToTarget in place of ChannelPruning: with each other technique and with all of them."""
     check_case("dict_module", names, precision, tmp_path, report=len(names) == len(TECHNIQUES))
 
 

@@ -1,7 +1,7 @@
 """Exact resume of the whole set of callbacks: killed with SIGKILL inside the compression windows, resumed with
 ``fit(ckpt_path=...)`` from the last step checkpoint, the run ends with weights bitwise equal to the uninterrupted run.
 
-The run (``resume_run.py``) chains ChannelPruning (steps 0-6), MagnitudePruning (2-8), QAT (from 9, BN frozen
+The run (``resume_run.py``) chains ChannelPruning (steps 0-6; or CompressToTarget, which plans at step 0), MagnitudePruning (2-8), QAT (from 9, BN frozen
 at 13) and KnowledgeDistillation on a user's dict-batch module, with a dataloader that resumes mid-epoch.
 """
 
@@ -24,15 +24,16 @@ def run(out: Path, *args: str) -> int:
 
 
 @pytest.mark.slow
-def test_killed_twice_inside_the_windows_ends_bitwise_equal(tmp_path):
+@pytest.mark.parametrize("variant", [(), ("--planned",)], ids=["channel_pruning", "compress_to_target"])
+def test_killed_twice_inside_the_windows_ends_bitwise_equal(variant, tmp_path):
     full, interrupted = tmp_path / "full", tmp_path / "interrupted"
     full.mkdir(), interrupted.mkdir()
-    assert run(full) == 0
+    assert run(full, *variant) == 0
     # killed while channels are being removed and masks grow (step 3), then while fake-quantized (step 11)
-    assert run(interrupted, "--kill-at", "3") == -signal.SIGKILL
-    assert run(interrupted, "--resume", "--kill-at", "11") == -signal.SIGKILL
+    assert run(interrupted, *variant, "--kill-at", "3") == -signal.SIGKILL
+    assert run(interrupted, *variant, "--resume", "--kill-at", "11") == -signal.SIGKILL
     assert not (interrupted / "final.pt").exists()
-    assert run(interrupted, "--resume") == 0
+    assert run(interrupted, *variant, "--resume") == 0
     expected, got = torch.load(full / "final.pt"), torch.load(interrupted / "final.pt")
     assert expected.keys() == got.keys()
     assert [key for key in expected if not torch.equal(expected[key], got[key])] == []

@@ -1,0 +1,140 @@
+"""How well the planner's latency model predicts a planned network's measured latency (issue 24).
+
+For each model, batch size and precision (fp32, or the int8 QDQ ONNX model the ``onnxruntime`` engine ships),
+``TargetPlanner`` builds the per-layer table on onnxruntime and calibrates it on the dense and the narrowest
+network; the greedy planner then plans for 1/2 and 1/3 of the dense latency, the planned network is built
+(channels really removed) and measured end to end, interleaved with the dense network over several rounds
+(medians). Reported: predicted vs measured milliseconds (the model's error) and measured vs the target
+(the issue asks <= 1.05x the target, prediction within 10 %). Networks have random weights with BatchNorm
+statistics from random batches, and the sensitivity that ranks the groups is measured on random inputs: the
+plan's *widths* are not those a trained network would get, but its latency is predicted and measured the
+same way (accuracy needs training: the suite's CompressToTarget rows).
+
+Run:  python benchmarks/latency_model.py                       (resnet56, mobilenetv2; batch 1, 64; fp32, int8)
+      python benchmarks/latency_model.py --models resnet20 --batches 1 --precisions fp32 --rounds 2
+Writes ``benchmarks/results/latency_model.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from deploy_latency import calibrated_network
+from reporting import add_output_arguments, machine_info, run_settings, write_results
+
+from lightning_compress.planning.latency import interleaved_ms
+from lightning_compress.planning.planner import Target, UnreachableTargetError, network_runner
+from lightning_compress.planning.target import TargetPlanner
+from lightning_compress.planning.widths import slimmed_copy
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["resnet56", "mobilenetv2"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 64])
+    parser.add_argument("--precisions", nargs="+", choices=["fp32", "int8"], default=["fp32", "int8"])
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.5, 1 / 3])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=50, help="timed calls per measurement")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the end-to-end check")
+    parser.add_argument("--round-to", type=int, default=8)
+    parser.add_argument("--checks", type=int, default=3, help="end-to-end checks per plan (1: the open-loop plan)")
+    add_output_arguments(parser, "latency_model")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    generator = torch.Generator().manual_seed(0)
+    calibration = [torch.randn(16, 3, 32, 32, generator=generator) for _ in range(4)]
+    held_out = [torch.randn(32, 3, 32, 32, generator=generator) for _ in range(2)]
+    rows, begin = [], time.time()
+    table_dir = Path(tempfile.mkdtemp(prefix="latency_tables_"))
+    for model in args.models:
+        network = calibrated_network(model, calibration).eval()
+        example = calibration[0][:1]
+        classifier = [n for n, m in network.named_modules() if isinstance(m, torch.nn.Linear)][-1:]
+        sensitivity = None  # measured with the first plan, reused by the others (same network, same inputs)
+        for batch_size in args.batches:
+            batch = torch.randn(batch_size, 3, 32, 32, generator=generator)
+            for precision in args.precisions:
+                int8 = precision == "int8"
+                started = time.time()
+                planner = TargetPlanner(network, example, Target("latency_ratio", max(args.ratios)), "onnxruntime",
+                                        batch_size, args.threads, int8, args.round_to, classifier,
+                                        table_dir / f"{precision}_b{batch_size}.json", args.repeats, calibration)
+                for ratio in args.ratios:
+                    try:
+                        plan = planner.with_target(Target("latency_ratio", ratio)).plan(
+                            network, held_out, checks=args.checks, sensitivity=sensitivity)
+                    except UnreachableTargetError:
+                        rows.append({"model": model, "batch": batch_size, "precision": precision,
+                                     "ratio": round(ratio, 4), "unreachable": planner.closest(),
+                                     "load_average_1min": round(os.getloadavg()[0], 2)})
+                        print(f"{model} b{batch_size} {precision} {ratio:.3g}x dense: unreachable, narrowest "
+                              f"{planner.closest():.3f} of dense (predicted)", flush=True)
+                        continue
+                    sensitivity = plan.details.pop("sensitivity")
+                    predicted = plan.details["predicted_ms"]
+                    planned = slimmed_copy(network, example, plan.widths)
+                    runners = {name: network_runner(net, batch, int8, "onnxruntime", args.threads, calibration)
+                                for name, net in (("dense", network), ("planned", planned))}
+                    measured = interleaved_ms(runners, batch.numpy(), args.repeats, args.rounds)
+                    target_ms = ratio * measured["dense"]
+                    row = {"model": model, "batch": batch_size, "precision": precision, "ratio": round(ratio, 4),
+                           "dense_ms": measured["dense"], "dense_predicted_ms": plan.details["dense_predicted_ms"],
+                           "target_ms": target_ms, "predicted_ms": predicted, "measured_ms": measured["planned"],
+                           "prediction_error": predicted / measured["planned"] - 1,
+                           "measured_over_target": measured["planned"] / target_ms,
+                           "first_plan": plan.details["checks"][0], "checks": len(plan.details["checks"]),
+                           "layers_in_table": len(planner.latency.table.entries),
+                           "latency_model": {"scale": planner.latency.scale, "offset_ms": planner.latency.offset},
+                           "seconds": round(time.time() - started, 1),
+                           "load_average_1min": round(os.getloadavg()[0], 2)}
+                    rows.append(row)
+                    print(f"{model} b{batch_size} {precision} {ratio:.3g}x dense: dense {row['dense_ms']:.3f} ms, "
+                          f"target {target_ms:.3f}, predicted {predicted:.3f}, measured {row['measured_ms']:.3f} "
+                          f"({row['prediction_error']:+.1%}; {row['measured_over_target']:.2f}x target)", flush=True)
+                    result = {"machine": machine_info(), "settings": run_settings(args), "rows": rows,
+                              "wall_seconds": round(time.time() - begin, 1)}
+                    write_results(args.name, result, render(result), args.results_dir)
+
+
+def render(result: dict) -> str:
+    machine = result["machine"]
+    lines = ["# Latency model: predicted vs measured (issue 24)", "",
+             f"Machine: {machine['cpu']['model']} ({machine['cpu_count']} CPUs; {' '.join(machine['cpu']['flags'])}), "
+             f"onnxruntime, {result['settings']['threads']} thread(s); load average (1 min) per row in the table. "
+             f"Interleaved rounds: {result['settings']['rounds']} x {result['settings']['repeats']} calls. Random "
+             "weights (BatchNorm statistics from random batches); plans ranked by sensitivity on random inputs. "
+             "*predicted* is the latency model's figure for the final plan, *measured* an independent interleaved "
+             "measurement after planning; *first plan* is the open-loop plan's own check (the planner re-plans "
+             "under a budget shrunk by a miss, up to *checks* end-to-end measurements).", "",
+             "| model | batch | precision | target | dense ms | target ms | predicted ms | measured ms | "
+             "prediction error | measured / target | first plan: measured / target | checks | load |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    measured = [row for row in result["rows"] if "unreachable" not in row]
+    for row in result["rows"]:
+        if "unreachable" in row:
+            lines.append(f"| {row['model']} | {row['batch']} | {row['precision']} | {row['ratio']:.3g}x dense | "
+                         f"unreachable: the narrowest network is predicted at {row['unreachable']:.2f} of dense "
+                         f"| | | | | | | | {row['load_average_1min']} |")
+            continue
+        lines.append(f"| {row['model']} | {row['batch']} | {row['precision']} | {row['ratio']:.3g}x dense | "
+                     f"{row['dense_ms']:.3f} | {row['target_ms']:.3f} | {row['predicted_ms']:.3f} | "
+                     f"{row['measured_ms']:.3f} | {row['prediction_error']:+.1%} | {row['measured_over_target']:.2f} | "
+                     f"{row['first_plan']['measured'] / row['ratio']:.2f} | {row['checks']} | "
+                     f"{row['load_average_1min']} |")
+    errors = [abs(row["prediction_error"]) for row in measured] or [0.0]
+    met = sum(row["measured_over_target"] <= 1.05 for row in measured)
+    lines += ["", f"Prediction within 10 %: {sum(e <= 0.10 for e in errors)} of {len(measured)} rows (largest error "
+              f"{max(errors):.1%}). Measured <= 1.05x target: {met} of {len(measured)} rows; "
+              f"{len(result['rows']) - len(measured)} target(s) unreachable by channel removal. "
+              f"Wall time {result['wall_seconds']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""CompressToTarget: name the latency (or size, or MACs) the deployed model must meet; the channels are planned.
+
+On the first batch the callback traces the network and calibrates a latency model on the deployment
+runtime (:class:`~lightning_compress.planning.target.TargetPlanner`), refusing an unreachable target
+before the first optimizer step. At ``start`` it measures each channel group's sensitivity on held-out
+batches, plans every group's width (:mod:`~lightning_compress.planning.planner`) and removes channels
+toward the plan by ``end`` with ChannelPruning's own machinery (records, optimizer state, resume). With a
+quantization callback in the Trainer the plan is for the int8 network that callback ships. After fit it
+measures the shipped network on the runtime and logs predicted against measured latency.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+from typing_extensions import override
+
+from lightning_compress.core.inputs import capture_network_input
+from lightning_compress.core.onnx import OnnxRuntimeNetwork
+from lightning_compress.core.progress import Interval, Position
+from lightning_compress.data.cache import default_cache_dir
+from lightning_compress.planning.latency import RUNTIMES, interleaved_ms, runtime_runner
+from lightning_compress.planning.planner import Plan, Target, network_runner
+from lightning_compress.planning.target import TargetPlanner
+from lightning_compress.pruning.channel import ChannelRemoval
+from lightning_compress.pruning.importance import ImportanceLike
+from lightning_compress.pruning.schedules import ScheduleLike
+from lightning_compress.quantization import PostTrainingQuantization, QuantizationAwareTraining
+from lightning_compress.quantization.engines import ONNX_ENGINES
+
+
+def default_table_path() -> Path:
+    """Where latency tables are cached: ``latency_tables`` in the package's cache folder
+    (:func:`~lightning_compress.data.cache.default_cache_dir`: ``$LIGHTNING_COMPRESS_CACHE`` or
+    ``~/.cache/lightning_compress``)."""
+    return default_cache_dir() / "latency_tables"
+
+
+class CompressToTarget(ChannelRemoval):
+    """Remove channels during training until the deployed network meets a latency, size or MACs target.
+
+    Give exactly one target. Latency is measured on ``runtime`` at ``batch_size`` and ``threads`` (the
+    deployment's), per layer in a table cached per CPU and runtime, calibrated on the dense and the
+    narrowest network measured end to end. Every coupled channel group gets its own width (multiples of
+    ``round_to``): the planner narrows first the groups whose removal costs the least output fidelity on
+    held-out batches per millisecond saved. Add ``QuantizationAwareTraining`` (an ONNX engine) to plan
+    for the int8 network it ships; add ``KnowledgeDistillation(teacher="self")`` to recover accuracy.
+
+    Logs ``plan/predicted`` (at ``start``), ``plan/measured_ms``, ``plan/predicted_ms`` and
+    ``plan/prediction_error`` (after fit), and the plan as TensorBoard text; :attr:`plan` and
+    :attr:`measured` hold them.
+
+    Args:
+        latency_ms: Milliseconds per batch on ``runtime``.
+        latency_ratio: Fraction of the dense network's latency, in (0, 1).
+        size_kb: Kilobytes of weights as shipped (int8: one byte each, fp32: four).
+        macs_ratio: Fraction of the dense MACs, in (0, 1) (no runtime measured).
+        runtime: ``"onnxruntime"`` or ``"openvino"``.
+        batch_size: The deployment's batch size.
+        threads: The deployment's inference threads.
+        sensitivity_batches: Validation batches (training batches without a validation loader) measuring
+            each group's sensitivity at ``start``.
+        table_path: JSON file caching the latency table (default: :func:`default_table_path`, one file per
+            runtime, batch size and threads).
+        repeats: Timed calls per latency measurement.
+        importance, schedule, start, end, update_every, ignore, network, round_to: As ``ChannelPruning``'s.
+
+    Example:
+        >>> CompressToTarget(latency_ratio=0.5, runtime="onnxruntime", batch_size=1, threads=1).target
+        ('latency_ratio', 0.5)
+    """
+
+    def __init__(
+        self,
+        latency_ms: float | None = None,
+        latency_ratio: float | None = None,
+        size_kb: float | None = None,
+        macs_ratio: float | None = None,
+        runtime: str = "onnxruntime",
+        batch_size: int = 1,
+        threads: int = 1,
+        sensitivity_batches: int = 4,
+        table_path: str | None = None,
+        repeats: int = 50,
+        importance: ImportanceLike = "l1",
+        schedule: ScheduleLike = "cubic",
+        start: Position = 0.0,
+        end: Position = 0.5,
+        update_every: Interval = "1ep",
+        ignore: str | Sequence[str] | None = None,
+        network: str | None = None,
+        round_to: int = 8,
+    ) -> None:
+        goal = Target.from_arguments(latency_ms=latency_ms, latency_ratio=latency_ratio, size_kb=size_kb,
+                                     macs_ratio=macs_ratio)
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+        for name, value in (("batch_size", batch_size), ("threads", threads),
+                            ("sensitivity_batches", sensitivity_batches), ("repeats", repeats)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        super().__init__(importance, schedule, start, end, update_every, ignore, network, round_to)
+        self.goal, self.target = goal, (goal.kind, goal.value)
+        self.runtime, self.batch_size, self.threads, self.repeats = runtime, batch_size, threads, repeats
+        self.sensitivity_batches = sensitivity_batches
+        self.table_path = table_path
+        self._importance_name = importance
+        self._int8 = False
+        self._planner: TargetPlanner | None = None
+        self._batch: tuple[Any, int] | None = None
+        self.plan: Plan | None = None
+        self.measured: dict[str, Any] | None = None
+
+    # ----------------------------------------------------------------------------------- set-up
+    @override
+    def setup_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Find whether the network ships int8 (a quantization callback) and run after its conversion."""
+        super().setup_fit(trainer, pl_module)
+        quantizers = [cb for cb in trainer.callbacks
+                      if isinstance(cb, (QuantizationAwareTraining, PostTrainingQuantization))]
+        self._int8 = bool(quantizers)
+        if self._int8 and self.goal.kind.startswith("latency") and quantizers[0].engine.name not in ONNX_ENGINES:
+            raise ValueError(f"CompressToTarget plans latency on {self.runtime}, which runs the QDQ ONNX model of the "
+                             f"engines {ONNX_ENGINES}; {type(quantizers[0]).__name__} has engine="
+                             f"{quantizers[0].engine.name!r}: train with one of {ONNX_ENGINES}")
+        # a new list: Lightning is iterating over the current one; teardown then follows the int8 conversion
+        trainer.callbacks = [cb for cb in trainer.callbacks if cb is not self] + [self]
+
+    def _table_path(self) -> Path:
+        if self.table_path is not None:
+            return Path(self.table_path)
+        return default_table_path() / f"{self.runtime}_b{self.batch_size}_t{self.threads}.json"
+
+    @override
+    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        """Trace as ChannelPruning does; before any plan, calibrate the latency model and refuse an unreachable target."""
+        super()._attach(trainer, pl_module, batch, batch_idx)
+        if self.plan is None and self._planner is None and trainer.is_global_zero:
+            network = self.network_of(pl_module)
+            example = self._example(network)
+            calibration = [capture_network_input(pl_module, getattr(pl_module, self.network_name), batch, batch_idx)[0]]
+            with torch.random.fork_rng(devices=[]):  # measuring must not move the training's random stream
+                self._planner = TargetPlanner(
+                    copy.deepcopy(network), example, self.goal, self.runtime, self.batch_size, self.threads,
+                    self._int8, self.round_to, self._ignored, self._table_path(), self.repeats, calibration)
+            self._planner.check_reachable()
+            rank_zero_info(f"CompressToTarget: {self.goal.kind}={self.goal.value:g} reachable (dense "
+                           f"{self._planner.dense_value:.4g}, narrowest {self._planner.closest():.4g} "
+                           f"{self.goal.unit}); planning at step {self.window.start}")
+
+    # ----------------------------------------------------------------------------------- planning
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        """Keep the batch at hand (sensitivity falls back on it), then remove channels as ChannelPruning does."""
+        self._batch = (batch, batch_idx)
+        try:
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        finally:
+            self._batch = None
+
+    @override
+    def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module,
+                example: torch.Tensor, progress: float) -> None:
+        """Plan at the first removal, then move every group toward its planned width as scheduled."""
+        if self.plan is None:
+            plan = None
+            if trainer.is_global_zero:
+                inputs = self._held_out_inputs(trainer, pl_module, *self._batch)
+                with torch.random.fork_rng(devices=[]):
+                    plan = self._planner.plan(copy.deepcopy(network), inputs, self._importance_name).as_dict()
+            self.plan = Plan.from_dict(trainer.strategy.broadcast(plan, src=0))
+            self._planner_done(trainer)
+            if self.plan.details.get("met") is False:
+                check = self.plan.details["checks"][-1]
+                rank_zero_warn(f"CompressToTarget: the planned network measured {check['measured']:.4g} "
+                               f"{self.goal.unit} end to end against {self.goal.kind}={self.goal.value:g} after "
+                               f"{len(self.plan.details['checks'])} check(s); channels are removed to the plan anyway "
+                               "(the latency table mis-predicts this network on this runtime)")
+        self._slim_to(trainer, pl_module, network, self._schedule(progress, 0.0, 1.0))
+
+    def _held_out_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                         batch_idx: int) -> list[torch.Tensor]:
+        """Network inputs of the first validation batches, or of the current training batch without a validation
+        loader (the training loader is never iterated here: its position belongs to the fit)."""
+        called = getattr(pl_module, self.network_name)
+        loop = trainer.fit_loop.epoch_loop.val_loop
+        if trainer.val_dataloaders is None and loop._data_source.is_defined():
+            loop.setup_data()
+        loaders = trainer.val_dataloaders
+        loader = (loaders[0] if isinstance(loaders, (list, tuple)) else loaders) if loaders else None
+        if loader is None:
+            rank_zero_warn("CompressToTarget: no validation loader; channel sensitivity is measured on the current "
+                           "training batch")
+            return [capture_network_input(pl_module, called, batch, batch_idx)[0]]
+        inputs = []
+        with torch.random.fork_rng(devices=[]):  # a loader's iterator draws its seed from the global generator
+            for index, held_out in enumerate(itertools.islice(loader, self.sensitivity_batches)):
+                held_out = pl_module._apply_batch_transfer_handler(held_out)
+                inputs.append(capture_network_input(pl_module, called, held_out, index)[0])
+        return inputs
+
+    def _planner_done(self, trainer: pl.Trainer) -> None:
+        plan = self.plan
+        rank_zero_info(f"CompressToTarget: plan ({plan.details.get('sensitivity_images', 0)} held-out images)\n"
+                       + plan.render())
+        for logger in trainer.loggers:
+            logger.log_metrics({"plan/predicted": float(plan.predicted)}, step=trainer.global_step)
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_text("plan/widths", plan.render(), trainer.global_step)
+
+    @override
+    def _keep(self, root: str, removed_fraction: float) -> int:
+        """``removed_fraction`` (0 -> 1 over the window) of the way from the original width to the planned one."""
+        original = self._original_channels[root]
+        planned = self.plan.widths.get(root, original)
+        keep = original - round(removed_fraction * (original - planned))
+        return min(original, max(planned, math.ceil(keep / self.round_to) * self.round_to))
+
+    # ----------------------------------------------------------------------------------- after fit
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """After a completed fit: measure the shipped network on the runtime against the plan's prediction."""
+        super().teardown(trainer, pl_module, stage)
+        if (stage != "fit" or trainer.interrupted or self.plan is None or not trainer.is_global_zero
+                or not self.goal.kind.startswith("latency") or self._input_shape is None):
+            return
+        network = getattr(pl_module, self.network_name)
+        batch = torch.zeros([self.batch_size, *self._input_shape[1:]])
+        if isinstance(network, OnnxRuntimeNetwork):
+            shipped = runtime_runner(network.model_bytes(), self.runtime, self.threads)
+        elif self._int8:
+            rank_zero_warn("CompressToTarget: the network was not converted to int8; its latency is not measured")
+            return
+        else:
+            shipped = network_runner(copy.deepcopy(self.network_of(pl_module)).cpu().float(), batch, False,
+                                     self.runtime, self.threads)
+        measured = interleaved_ms({"shipped": shipped}, batch.numpy(), self.repeats)["shipped"]
+        predicted = self.plan.details["predicted_ms"]
+        self.measured = {"measured_ms": measured, "predicted_ms": predicted, "prediction_error": predicted / measured - 1,
+                         "target_ms": self.plan.details.get("dense_predicted_ms", 0.0) * self.goal.value
+                         if self.goal.kind == "latency_ratio" else self.goal.value}
+        rank_zero_info(f"CompressToTarget: shipped network {measured:.4g} ms on {self.runtime} (predicted "
+                       f"{predicted:.4g} ms, target {self.measured['target_ms']:.4g} ms)")
+        for logger in trainer.loggers:
+            logger.log_metrics({f"plan/{key}": value for key, value in self.measured.items()}, step=trainer.global_step)
+            logger.save()
+
+    # ----------------------------------------------------------------------------------- state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """ChannelPruning's state and the plan (plain data)."""
+        return {**super().state_dict(), "plan": self.plan.as_dict() if self.plan is not None else None}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore them; a restored plan is carried on, never re-planned."""
+        super().load_state_dict(state_dict)
+        self.plan = Plan.from_dict(state_dict["plan"]) if state_dict.get("plan") is not None else None

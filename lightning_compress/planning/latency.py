@@ -1,0 +1,355 @@
+"""Per-layer latency measured on the runtime a model ships to, cached per machine.
+
+NetAdapt's lookup table (Yang et al., 2018): each convolution or linear layer of a candidate network is
+built alone as an ONNX model (fp32, or the int8 form onnxruntime fuses from a QDQ model: ``uint8`` codes
+in and out, ``int8`` per-channel weights), timed in the runtime at the deployment's batch size and thread
+count, and stored under its shape, so a network's candidate widths cost one measurement per new layer
+shape. :class:`LatencyTable` keeps the table in a JSON file per (CPU, runtime, batch size, threads).
+
+Example:
+    >>> table = LatencyTable(runtime="onnxruntime", batch_size=1, threads=1, repeats=5)
+    >>> shape = LayerShape("conv", 8, 8, (3, 3), (1, 1), (1, 1), (1, 1), 1, (8, 8))
+    >>> table.layer_ms(shape, int8=False) >= 0.0
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lightning_compress.core.files import write_text_atomic
+from lightning_compress.core.machine import cpu_description
+from lightning_compress.core.onnx import OPSET, onnx_session, require_onnx
+
+RUNTIMES = ("onnxruntime", "openvino")
+"""Runtimes a latency table can be measured on (both run ONNX models)."""
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What decides one layer's latency: its kind, channels, kernel geometry and input size.
+
+    Args:
+        kind: ``"conv"`` (``Conv2d``) or ``"linear"``.
+        in_channels: Input channels (features of a linear layer).
+        out_channels: Output channels.
+        kernel: Kernel height and width (``(1, 1)`` for a linear layer).
+        stride: Convolution stride.
+        padding: Convolution padding.
+        dilation: Convolution dilation.
+        groups: Convolution groups (``in_channels`` for a depthwise convolution).
+        size: Input height and width (``(1, 1)`` for a linear layer).
+    """
+
+    kind: str
+    in_channels: int
+    out_channels: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    size: tuple[int, int]
+
+    def key(self) -> str:
+        """The table key: every field, in order.
+
+        Example:
+            >>> LayerShape("linear", 64, 10, (1, 1), (1, 1), (0, 0), (1, 1), 1, (1, 1)).key()
+            'linear 64x10 k1x1 s1x1 p0x0 d1x1 g1 @1x1'
+        """
+        def pair(values: tuple[int, int]) -> str:
+            return f"{values[0]}x{values[1]}"
+
+        return (f"{self.kind} {self.in_channels}x{self.out_channels} k{pair(self.kernel)} s{pair(self.stride)} "
+                f"p{pair(self.padding)} d{pair(self.dilation)} g{self.groups} @{pair(self.size)}")
+
+    def macs(self) -> int:
+        """Multiply-accumulates of one image through the layer.
+
+        Example:
+            >>> LayerShape("conv", 3, 8, (3, 3), (1, 1), (1, 1), (1, 1), 1, (8, 8)).macs()
+            13824
+        """
+        height, width = self.output_size()
+        per_output = self.in_channels // self.groups * self.kernel[0] * self.kernel[1]
+        return self.out_channels * per_output * height * width
+
+    def output_size(self) -> tuple[int, int]:
+        """Output height and width."""
+        return tuple((self.size[i] + 2 * self.padding[i] - self.dilation[i] * (self.kernel[i] - 1) - 1)
+                     // self.stride[i] + 1 for i in range(2))
+
+    def parameters(self) -> int:
+        """Weights and bias elements."""
+        return self.out_channels * (self.in_channels // self.groups * self.kernel[0] * self.kernel[1] + 1)
+
+
+def layer_shapes(network: nn.Module, example: torch.Tensor) -> dict[str, LayerShape]:
+    """The shape of every ``Conv2d`` and ``Linear`` of ``network``, seen on one forward pass of ``example``.
+
+    Args:
+        network: The network (left unchanged).
+        example: An input batch.
+
+    Returns:
+        ``{layer name: LayerShape}`` in call order.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 4 * 4, 2))
+        >>> {name: s.key() for name, s in layer_shapes(net, torch.randn(1, 3, 4, 4)).items()}["2"]
+        'linear 128x2 k1x1 s1x1 p0x0 d1x1 g1 @1x1'
+    """
+    shapes: dict[str, LayerShape] = {}
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if isinstance(module, nn.Conv2d):
+                padding = module.padding if isinstance(module.padding, tuple) else (0, 0)
+                shapes.setdefault(name, LayerShape(
+                    "conv", module.in_channels, module.out_channels, tuple(module.kernel_size), tuple(module.stride),
+                    tuple(padding), tuple(module.dilation), module.groups, tuple(args[0].shape[-2:])))
+            else:
+                shapes.setdefault(name, LayerShape("linear", module.in_features, module.out_features,
+                                                   (1, 1), (1, 1), (0, 0), (1, 1), 1, (1, 1)))
+        return record
+
+    handles = [module.register_forward_pre_hook(hook(name)) for name, module in network.named_modules()
+               if isinstance(module, (nn.Conv2d, nn.Linear))]
+    modes = [(m, m.training) for m in network.modules()]
+    try:
+        network.eval()
+        with torch.no_grad():
+            network(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes:
+            module.training = training
+    return shapes
+
+
+def layer_onnx(shape: LayerShape, batch_size: int, int8: bool) -> bytes:
+    """One layer alone as an ONNX model, with random weights.
+
+    fp32: a ``Conv`` (or ``Gemm``) on float input. int8: ``DequantizeLinear -> Conv -> QuantizeLinear`` on
+    ``uint8`` codes with per-channel ``int8`` weights, which onnxruntime fuses into one int8 kernel, as it
+    does inside a QDQ network (no extra quantize/dequantize of the layer's own input and output).
+
+    Args:
+        shape: The layer.
+        batch_size: The input batch size.
+        int8: Build the int8 form.
+
+    Returns:
+        The serialized model.
+    """
+    require_onnx("latency tables")
+    from onnx import TensorProto, helper, numpy_helper
+
+    generator = np.random.default_rng(0)
+    per_output = shape.in_channels // shape.groups * shape.kernel[0] * shape.kernel[1]
+    if shape.kind == "conv":
+        weight_shape = [shape.out_channels, shape.in_channels // shape.groups, *shape.kernel]
+        input_shape = [batch_size, shape.in_channels, *shape.size]
+        output_shape = [batch_size, shape.out_channels, *shape.output_size()]
+    else:
+        weight_shape = [shape.out_channels, shape.in_channels]
+        input_shape, output_shape = [batch_size, shape.in_channels], [batch_size, shape.out_channels]
+    bias = numpy_helper.from_array(generator.standard_normal(shape.out_channels).astype(np.float32), "bias")
+    initializers, nodes = [bias], []
+    x, y = "x", "y"
+    if int8:
+        codes = generator.integers(-127, 128, size=weight_shape, dtype=np.int8)
+        initializers += [numpy_helper.from_array(codes, "w_codes"),
+                         numpy_helper.from_array(np.full(shape.out_channels, 1.0 / per_output, np.float32), "w_scale"),
+                         numpy_helper.from_array(np.zeros(shape.out_channels, np.int8), "w_zero"),
+                         numpy_helper.from_array(np.array(0.05, np.float32), "a_scale"),
+                         numpy_helper.from_array(np.array(128, np.uint8), "a_zero")]
+        nodes += [helper.make_node("DequantizeLinear", ["w_codes", "w_scale", "w_zero"], ["w"], axis=0),
+                  helper.make_node("DequantizeLinear", ["x", "a_scale", "a_zero"], ["x_float"])]
+        x, y = "x_float", "y_float"
+    else:
+        weight = (generator.standard_normal(weight_shape) / np.sqrt(per_output)).astype(np.float32)
+        initializers.append(numpy_helper.from_array(weight, "w"))
+    if shape.kind == "conv":
+        nodes.append(helper.make_node("Conv", [x, "w", "bias"], [y], kernel_shape=list(shape.kernel),
+                                      strides=list(shape.stride), dilations=list(shape.dilation), group=shape.groups,
+                                      pads=[shape.padding[0], shape.padding[1], shape.padding[0], shape.padding[1]]))
+    else:
+        nodes.append(helper.make_node("Gemm", [x, "w", "bias"], [y], transB=1))
+    if int8:
+        nodes.append(helper.make_node("QuantizeLinear", [y, "a_scale", "a_zero"], ["y"]))
+    element = TensorProto.UINT8 if int8 else TensorProto.FLOAT
+    graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", element, input_shape)],
+                              [helper.make_tensor_value_info("y", element, output_shape)], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    return model.SerializeToString()
+
+
+def runtime_runner(model: bytes, runtime: str, threads: int) -> Callable[[np.ndarray], Any]:
+    """A callable running the ONNX ``model`` in ``runtime`` on one input array.
+
+    Args:
+        model: ONNX bytes.
+        runtime: One of :data:`RUNTIMES`.
+        threads: Inference threads.
+
+    Returns:
+        ``run(array)``.
+    """
+    if runtime == "onnxruntime":
+        session = onnx_session(model, threads)
+        name = session.get_inputs()[0].name
+        return lambda array: session.run(None, {name: array})
+    from lightning_compress.core.onnx import require_packages
+
+    require_packages(("openvino",), "latency tables on openvino", "pip install 'lightning-compress[openvino]'")
+    import openvino
+
+    core = openvino.Core()
+    compiled = core.compile_model(core.read_model(model), "CPU", {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1})
+    request = compiled.create_infer_request()
+    return lambda array: request.infer([array])
+
+
+def median_ms(runner: Callable[[np.ndarray], Any], array: np.ndarray, repeats: int, warmup: int = 3) -> float:
+    """Median milliseconds of ``runner(array)`` over ``repeats`` timed calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        runner(array)
+    times = []
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        runner(array)
+        times.append(time.perf_counter() - begin)
+    return statistics.median(times) * 1e3
+
+
+def interleaved_ms(runners: Mapping[str, Callable[[np.ndarray], Any]], array: np.ndarray, repeats: int,
+                   rounds: int = 3) -> dict[str, float]:
+    """Each runner's median milliseconds over ``rounds`` rounds (the median of its per-round medians), the runners
+    taking turns and their order reversed every other round, so that load from other processes hits all alike.
+
+    Example:
+        >>> sorted(interleaved_ms({"a": lambda x: x, "b": lambda x: x * 2}, np.ones(4), repeats=3, rounds=2))
+        ['a', 'b']
+    """
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    names = list(runners)
+    for index in range(rounds):
+        for name in names if index % 2 == 0 else names[::-1]:
+            times[name].append(median_ms(runners[name], array, repeats))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _input_array(shape: LayerShape, batch_size: int, int8: bool) -> np.ndarray:
+    dims = [batch_size, shape.in_channels, *shape.size] if shape.kind == "conv" else [batch_size, shape.in_channels]
+    generator = np.random.default_rng(1)
+    if int8:
+        return generator.integers(0, 256, size=dims, dtype=np.uint8)
+    return generator.standard_normal(dims).astype(np.float32)
+
+
+class LatencyTable:
+    """Measured per-layer latency on one runtime, batch size and thread count, cached in a JSON file.
+
+    Each layer's figure is its model's median time minus the median time of running an empty model
+    (the runtime's fixed cost per call), so that a network's latency is predicted by the sum of its
+    layers plus one constant (:class:`~lightning_compress.planning.predict.LatencyModel` calibrates it).
+
+    Args:
+        runtime: One of :data:`RUNTIMES`.
+        batch_size: The deployment's batch size.
+        threads: The deployment's inference threads.
+        path: The JSON cache (read if it exists and was measured on this CPU with this runtime version;
+            written by :meth:`save`); ``None`` keeps the table in memory.
+        repeats: Timed calls per layer.
+
+    Example:
+        >>> LatencyTable(runtime="tensorrt")
+        Traceback (most recent call last):
+        ...
+        ValueError: runtime must be one of ('onnxruntime', 'openvino'), got 'tensorrt'
+    """
+
+    def __init__(self, runtime: str = "onnxruntime", batch_size: int = 1, threads: int = 1,
+                 path: str | os.PathLike[str] | None = None, repeats: int = 50) -> None:
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+        for name, value in (("batch_size", batch_size), ("threads", threads), ("repeats", repeats)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        self.runtime, self.batch_size, self.threads, self.repeats = runtime, batch_size, threads, repeats
+        self.path = Path(path) if path is not None else None
+        self.machine = {"cpu": cpu_description(), "runtime": runtime, "version": _runtime_version(runtime),
+                        "batch_size": batch_size, "threads": threads}
+        self.entries: dict[str, float] = {}
+        self.measured = 0
+        if self.path is not None and self.path.is_file():
+            stored = json.loads(self.path.read_text())
+            if stored.get("machine") == self.machine and stored.get("version") == CACHE_VERSION:
+                self.entries = {str(k): float(v) for k, v in stored["entries"].items()}
+
+    def layer_ms(self, shape: LayerShape, int8: bool) -> float:
+        """The layer's latency in milliseconds (measured on first request, then looked up).
+
+        Args:
+            shape: The layer.
+            int8: Its int8 form.
+
+        Returns:
+            Milliseconds, at least 0.
+        """
+        key = f"{'int8' if int8 else 'fp32'} {shape.key()}"
+        if key not in self.entries:
+            array = _input_array(shape, self.batch_size, int8)
+            layer = runtime_runner(layer_onnx(shape, self.batch_size, int8), self.runtime, self.threads)
+            empty = runtime_runner(_empty_onnx(array), self.runtime, self.threads)
+            self.entries[key] = max(0.0, median_ms(layer, array, self.repeats) - median_ms(empty, array, self.repeats))
+            self.measured += 1
+        return self.entries[key]
+
+    def network_ms(self, shapes: Mapping[str, LayerShape], int8: bool) -> float:
+        """The sum of the layers' latencies (no constant), in milliseconds."""
+        return sum(self.layer_ms(shape, int8) for shape in shapes.values())
+
+    def save(self) -> None:
+        """Write the table to :attr:`path` atomically (nothing without a path)."""
+        if self.path is not None:
+            payload = {"version": CACHE_VERSION, "machine": self.machine, "entries": self.entries}
+            write_text_atomic(self.path, json.dumps(payload, indent=1, sort_keys=True) + "\n")
+
+    def describe(self) -> dict[str, Any]:
+        """Where and how the table was measured, for reports."""
+        return {**self.machine, "layers_in_table": len(self.entries), "repeats": self.repeats}
+
+
+def _empty_onnx(array: np.ndarray) -> bytes:
+    import onnx
+    from onnx import helper
+
+    element = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "empty",
+                              [helper.make_tensor_value_info("x", element, list(array.shape))],
+                              [helper.make_tensor_value_info("y", element, list(array.shape))])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]).SerializeToString()
+
+
+def _runtime_version(runtime: str) -> str:
+    try:
+        module = __import__(runtime)
+    except ImportError:
+        return "not installed"
+    return str(getattr(module, "__version__", None) or getattr(module, "get_version", lambda: "?")())

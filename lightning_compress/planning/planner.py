@@ -1,0 +1,275 @@
+"""The planner: per group, the width that costs the least accuracy while the network meets a target.
+
+A NetAdapt-style greedy search (Yang et al., 2018), deterministic: from the dense widths, repeatedly take
+the one step (a group down to its next candidate width) that loses the least measured sensitivity per
+unit of target saved, until the prediction meets the target. Targets are a latency on the deployment
+runtime (absolute, or relative to the dense network's), an artifact size or a MACs ratio; latency is
+predicted from the measured per-layer table, calibrated on two end-to-end measurements
+(:class:`LatencyModel`).
+
+Example:
+    >>> space = ChannelSpace({"a": 16, "b": 16}, {}, {})
+    >>> sensitivity = {"a": {16: 0.0, 8: 0.1}, "b": {16: 0.0, 8: 0.5}}
+    >>> cost = lambda widths: sum(widths.values()) / 32
+    >>> greedy_widths(space, sensitivity, cost, budget=0.75, round_to=8)
+    {'a': 8, 'b': 16}
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_compress.core.onnx import onnx_bytes
+from lightning_compress.planning.latency import LatencyTable, LayerShape, runtime_runner
+from lightning_compress.planning.widths import ChannelSpace
+
+TARGET_KINDS = ("latency_ms", "latency_ratio", "size_kb", "macs_ratio")
+"""What a plan can be asked to meet: milliseconds on the runtime, a fraction of the dense network's
+latency, kilobytes of weights as shipped (int8: one byte each, fp32: four), a fraction of the dense MACs."""
+
+Widths = dict[str, int]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target: its kind (one of :data:`TARGET_KINDS`) and value.
+
+    Example:
+        >>> Target.from_arguments(latency_ms=None, latency_ratio=0.5, size_kb=None, macs_ratio=None)
+        Target(kind='latency_ratio', value=0.5)
+    """
+
+    kind: str
+    value: float
+
+    @classmethod
+    def from_arguments(cls, **arguments: float | None) -> Target:
+        """The one target among ``arguments`` that is not ``None``; ``ValueError`` naming them otherwise."""
+        given = {name: value for name, value in arguments.items() if value is not None}
+        if len(given) != 1:
+            raise ValueError(f"give exactly one target of {', '.join(arguments)}, got {given or 'none'}")
+        (kind, value), = given.items()
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+            raise ValueError(f"{kind} must be a positive number, got {value!r}")
+        if kind.endswith("_ratio") and not value < 1.0:
+            raise ValueError(f"{kind} must be in (0, 1), got {value!r}")
+        return cls(kind, float(value))
+
+    @property
+    def unit(self) -> str:
+        """How its values print."""
+        return {"latency_ms": "ms", "size_kb": "kB"}.get(self.kind, "x dense")
+
+
+def network_runner(network: nn.Module, example: torch.Tensor, int8: bool, runtime: str, threads: int,
+                   calibration: Sequence[torch.Tensor] = ()) -> Callable[[Any], Any]:
+    """``network`` as the runtime runs it: its ONNX export, or for ``int8`` the QDQ ONNX model the ``onnxruntime``
+    engine ships (ranges calibrated on ``calibration`` batches, else on ``example``).
+
+    Args:
+        network: The float network (unchanged).
+        example: An input batch to export with.
+        int8: Build the int8 model.
+        runtime: ``"onnxruntime"`` or ``"openvino"``.
+        threads: Inference threads.
+        calibration: Batches for the int8 model's ranges.
+
+    Returns:
+        ``run(array)`` (:func:`~lightning_compress.planning.latency.runtime_runner`).
+    """
+    if int8:
+        from lightning_compress.quantization import quantize_static
+
+        model = quantize_static(network, [(batch,) for batch in (calibration or [example])]).model_bytes()
+    else:
+        model = onnx_bytes(network, example)
+    return runtime_runner(model, runtime, threads)
+
+
+@dataclass
+class LatencyModel:
+    """Predicted latency: ``scale * (sum of the layers' table latencies) + offset`` milliseconds.
+
+    The table times each convolution and linear layer alone; :meth:`calibrate` fits ``scale`` and ``offset``
+    on two networks measured end to end (the dense one and the narrowest candidate), which absorbs what the
+    table leaves out (additions, activations, pooling, requantization between int8 layers, the call itself).
+
+    Args:
+        table: The per-layer table.
+        int8: Use the int8 latencies.
+        scale: Multiplies the table sum.
+        offset: Milliseconds added.
+    """
+
+    table: LatencyTable
+    int8: bool
+    scale: float = 1.0
+    offset: float = 0.0
+    references: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def layers_ms(self, shapes: Mapping[str, LayerShape]) -> float:
+        """The table sum for these layer shapes."""
+        return self.table.network_ms(shapes, self.int8)
+
+    def predict(self, shapes: Mapping[str, LayerShape]) -> float:
+        """Predicted milliseconds of a network with these layer shapes."""
+        return self.scale * self.layers_ms(shapes) + self.offset
+
+    def calibrate(self, references: Mapping[str, tuple[Mapping[str, LayerShape], float]]) -> None:
+        """Fit ``scale`` and ``offset`` to two ``{name: (layer shapes, measured ms)}`` references (one: offset only;
+        a scale <= 0, which only noise gives, is replaced by 1).
+
+        Example:
+            >>> class Table:  # a stand-in for a measured table: 0.01 ms per output channel
+            ...     def network_ms(self, shapes, int8):
+            ...         return sum(0.01 * shape.out_channels for shape in shapes.values())
+            >>> def conv(channels):
+            ...     return {"c": LayerShape("conv", 3, channels, (1, 1), (1, 1), (0, 0), (1, 1), 1, (1, 1))}
+            >>> model = LatencyModel(Table(), int8=False)
+            >>> model.calibrate({"dense": (conv(100), 1.6), "narrowest": (conv(50), 0.9)})
+            >>> round(model.scale, 4), round(model.offset, 4)
+            (1.4, 0.2)
+        """
+        points = [(self.layers_ms(shapes), measured, name) for name, (shapes, measured) in references.items()]
+        self.scale = 1.0
+        if len(points) == 2 and abs(points[0][0] - points[1][0]) > 1e-9:
+            (x0, y0, _), (x1, y1, _) = points
+            self.scale = (y0 - y1) / (x0 - x1)
+        if not self.scale > 0:
+            self.scale = 1.0
+        self.offset = sum(y - self.scale * x for x, y, _ in points) / len(points)
+        self.references = {name: {"layers_ms": x, "measured_ms": y} for x, y, name in points}
+
+
+def target_cost(target: Target, space: ChannelSpace, latency: LatencyModel | None, int8: bool
+                ) -> Callable[[Widths], float]:
+    """The function of group widths that ``target`` bounds, in the target's own units.
+
+    ``latency_ratio`` and ``macs_ratio`` are relative to the dense widths; latency targets need ``latency``.
+    """
+    def macs(widths: Widths) -> float:
+        return float(sum(shape.macs() for shape in space.shapes(widths).values()))
+
+    dense = dict(space.widths)
+    if target.kind == "macs_ratio":
+        total = macs(dense)
+        return lambda widths: macs(widths) / total
+    if target.kind == "size_kb":
+        per_weight = 1 if int8 else 4
+        return lambda widths: sum(s.parameters() for s in space.shapes(widths).values()) * per_weight / 1024
+    if latency is None:
+        raise ValueError(f"a {target.kind} target needs a latency model")
+    if target.kind == "latency_ms":
+        return lambda widths: latency.predict(space.shapes(widths))
+    reference = latency.predict(space.shapes(dense))
+    return lambda widths: latency.predict(space.shapes(widths)) / reference
+
+
+class UnreachableTargetError(ValueError):
+    """No candidate widths meet the target; the message names the closest reachable value."""
+
+
+def narrowest_widths(space: ChannelSpace, round_to: int) -> Widths:
+    """Every group at its narrowest candidate width."""
+    return {group: space.candidates(group, round_to)[-1] for group in space.widths}
+
+
+def greedy_widths(space: ChannelSpace, sensitivity: Mapping[str, Mapping[int, float]],
+                  cost: Callable[[Widths], float], budget: float, round_to: int) -> Widths:
+    """Greedy NetAdapt-style search: the widths whose ``cost`` is at most ``budget``, losing the least sensitivity.
+
+    Each step narrows one group to one of its narrower candidates: the step adding the least sensitivity per
+    unit of cost saved (ties: the first group name in sorted order, then the widest candidate). A step may
+    skip candidates, since a narrower layer is not always faster (kernels run fastest at some widths);
+    steps that save nothing are never taken.
+
+    Args:
+        space: The network's groups and candidates.
+        sensitivity: ``{group: {width: cost in accuracy terms}}`` (:func:`~lightning_compress.planning.widths.width_sensitivity`).
+        cost: What the target bounds (:func:`target_cost`).
+        budget: The target value.
+        round_to: Candidate widths are multiples of it.
+
+    Returns:
+        The widths, by group.
+
+    Raises:
+        UnreachableTargetError: If even the narrowest widths cost more than ``budget``.
+    """
+    narrowest = narrowest_widths(space, round_to)
+    closest = cost(narrowest)
+    if closest > budget:
+        raise UnreachableTargetError(f"the target {budget:.4g} cannot be reached by removing channels: the "
+                                     f"narrowest candidate network (every group at {round_to} channels or its "
+                                     f"narrowest) reaches {closest:.4g}")
+    widths, current = dict(space.widths), cost(dict(space.widths))
+    while current > budget:
+        best: tuple[float, str, int, float] | None = None
+        for group in sorted(widths):
+            candidates = space.candidates(group, round_to)
+            for narrower in candidates[candidates.index(widths[group]) + 1:]:
+                trial = cost({**widths, group: narrower})
+                saved = current - trial
+                if saved <= 0:
+                    continue
+                lost = max(sensitivity[group][narrower] - sensitivity[group][widths[group]], 0.0)
+                if best is None or lost / saved < best[0]:
+                    best = (lost / saved, group, narrower, trial)
+        if best is None:  # no single step saves anything any more (measurement noise): take the narrowest
+            return narrowest
+        _, group, narrower, current = best
+        widths[group] = narrower
+    return widths
+
+
+@dataclass
+class Plan:
+    """A plan: the widths per group and what they are predicted to cost.
+
+    Args:
+        target: What was asked.
+        int8: Whether the shipped network is int8.
+        widths: Kept channels per group (root layer name relative to the network).
+        dense_widths: The dense channels per group.
+        predicted: The plan's predicted value of the target's measure.
+        dense: The dense network's value of the same measure.
+        sensitivity: The summed sensitivity of the chosen widths (output distance, lower is better).
+        details: Latency model and table facts, for reports.
+    """
+
+    target: Target
+    int8: bool
+    widths: Widths
+    dense_widths: Widths
+    predicted: float
+    dense: float
+    sensitivity: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data (JSON, checkpoints)."""
+        return {"target": {"kind": self.target.kind, "value": self.target.value}, "int8": self.int8,
+                "widths": dict(self.widths), "dense_widths": dict(self.dense_widths), "predicted": self.predicted,
+                "dense": self.dense, "sensitivity": self.sensitivity, "details": self.details}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        """The inverse of :meth:`as_dict`."""
+        return cls(Target(data["target"]["kind"], float(data["target"]["value"])), bool(data["int8"]),
+                   {k: int(v) for k, v in data["widths"].items()}, {k: int(v) for k, v in data["dense_widths"].items()},
+                   float(data["predicted"]), float(data["dense"]), float(data["sensitivity"]), dict(data["details"]))
+
+    def render(self) -> str:
+        """The per-group plan as a markdown table, with the prediction."""
+        unit = self.target.unit
+        lines = [(f"target {self.target.kind} = {self.target.value:g} {unit} ({'int8' if self.int8 else 'fp32'}); "
+                  f"predicted {self.predicted:.4g} {unit}, dense {self.dense:.4g} {unit}"), "",
+                 "| group | dense channels | planned channels |", "|---|---:|---:|"]
+        lines += [f"| {group} | {self.dense_widths[group]} | {width} |" for group, width in self.widths.items()]
+        return "\n".join(lines)

@@ -1,0 +1,191 @@
+"""Planning one network to one target: the channel space, the calibrated latency model and the search, together.
+
+:class:`TargetPlanner` is what ``CompressToTarget`` and ``lightning-compress plan`` share: built on the
+dense network (tracing it, calibrating the latency model on two end-to-end measurements), it refuses an
+unreachable target at once (:meth:`~TargetPlanner.check_reachable`), plans on a trained network and
+held-out inputs (:meth:`~TargetPlanner.plan`), and measures a network end to end to check the prediction
+(:meth:`~TargetPlanner.measure`).
+
+Example:
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.Flatten(), nn.Linear(256, 2))
+    >>> planner = TargetPlanner(net, torch.randn(1, 3, 8, 8), Target("macs_ratio", 0.6), ignored=["4"])
+    >>> plan = planner.plan(net, [torch.randn(8, 3, 8, 8)])
+    >>> plan.predicted <= 0.6
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_compress.planning.latency import LatencyTable, interleaved_ms
+from lightning_compress.planning.planner import (
+    LatencyModel,
+    Plan,
+    Target,
+    UnreachableTargetError,
+    greedy_widths,
+    narrowest_widths,
+    network_runner,
+    target_cost,
+)
+from lightning_compress.planning.widths import channel_space, slimmed_copy, width_sensitivity
+from lightning_compress.pruning.importance import ImportanceLike
+
+
+class TargetPlanner:
+    """Plans the channel widths of one network for one target on one runtime.
+
+    Args:
+        network: The dense network (unchanged).
+        example: One input sample (batch of one) as the network receives it.
+        target: What the plan must meet.
+        runtime: ``"onnxruntime"`` or ``"openvino"`` (latency targets).
+        batch_size: The deployment's batch size (latency targets).
+        threads: The deployment's inference threads (latency targets).
+        int8: The shipped network is int8 (latency and size are those of its int8 form).
+        round_to: Widths are multiples of this (``ChannelPruning``'s ``round_to``).
+        ignored: Layers whose output channels stay (relative to ``network``).
+        table_path: JSON file caching the per-layer latency table.
+        repeats: Timed calls per measurement.
+        calibration: Input batches for the int8 model's ranges (end-to-end measurements).
+    """
+
+    def __init__(self, network: nn.Module, example: torch.Tensor, target: Target, runtime: str = "onnxruntime",
+                 batch_size: int = 1, threads: int = 1, int8: bool = False, round_to: int = 8,
+                 ignored: Sequence[str] = (), table_path: str | os.PathLike[str] | None = None, repeats: int = 50,
+                 calibration: Sequence[torch.Tensor] = ()) -> None:
+        self.target, self.int8, self.round_to, self.runtime = target, int8, round_to, runtime
+        self.threads, self.repeats = threads, repeats
+        self.example = example[:1].detach().cpu().float()
+        self.batch = self.example.expand(batch_size, *self.example.shape[1:]).contiguous()
+        self.calibration = [batch.detach().cpu().float() for batch in calibration]
+        network = copy.deepcopy(network).cpu().float()
+        begin = time.perf_counter()
+        self.space = channel_space(network, self.example, ignored)
+        self.latency: LatencyModel | None = None
+        if target.kind.startswith("latency"):
+            table = LatencyTable(runtime, batch_size, threads, table_path, repeats)
+            self.latency = LatencyModel(table, int8)
+            narrowest = narrowest_widths(self.space, round_to)
+            measured = self.measure(dense=network, narrowest=slimmed_copy(network, self.example, narrowest))
+            self.latency.calibrate({"dense": (self.space.shapes(self.space.widths), measured["dense"]),
+                                    "narrowest": (self.space.shapes(narrowest), measured["narrowest"])})
+            table.save()
+        self.cost = target_cost(target, self.space, self.latency, int8)
+        self.dense_value = self.cost(dict(self.space.widths))
+        self.setup_seconds = time.perf_counter() - begin
+
+    def measure(self, rounds: int = 3, **networks: nn.Module) -> dict[str, float]:
+        """Milliseconds of each network end to end on the runtime, at the batch size and threads planned for,
+        in interleaved rounds (:func:`~lightning_compress.planning.latency.interleaved_ms`)."""
+        runners = {name: network_runner(copy.deepcopy(network).cpu().float(), self.batch, self.int8, self.runtime,
+                                        self.threads, self.calibration) for name, network in networks.items()}
+        return interleaved_ms(runners, self.batch.numpy(), self.repeats, rounds)
+
+    def closest(self) -> float:
+        """The target measure of the narrowest candidate network: the most that channel removal can reach."""
+        return self.cost(narrowest_widths(self.space, self.round_to))
+
+    def check_reachable(self) -> None:
+        """Raise :class:`UnreachableTargetError` (naming the closest reachable value) if the target cannot be met."""
+        closest = self.closest()
+        if closest > self.target.value:
+            precision = "int8" if self.int8 else "fp32"
+            raise UnreachableTargetError(
+                f"{self.target.kind}={self.target.value:g} cannot be reached: the dense network is predicted at "
+                f"{self.dense_value:.4g} {self.target.unit} and the narrowest one channel removal can give (every "
+                f"group at {self.round_to} channels) at {closest:.4g} {self.target.unit} ({precision}"
+                + (f", {self.runtime}, batch {len(self.batch)}, {self.threads} thread(s)" if self.latency else "")
+                + f"); ask for {closest:.4g} {self.target.unit} or more"
+                + ("" if self.int8 or self.target.kind == "macs_ratio" else ", or quantize to int8"))
+
+    def with_target(self, target: Target) -> TargetPlanner:
+        """This planner (same network, table and calibration) for another target of the same kind family.
+
+        Example:
+            >>> from torch import nn
+            >>> net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 4, 3))
+            >>> planner = TargetPlanner(net, torch.randn(1, 3, 8, 8), Target("macs_ratio", 0.9), ignored=["2"])
+            >>> planner.with_target(Target("macs_ratio", 0.6)).plan(net, [torch.randn(4, 3, 8, 8)]).predicted <= 0.6
+            True
+        """
+        other = copy.copy(self)
+        other.target = target
+        other.cost = target_cost(target, self.space, self.latency, self.int8)
+        other.dense_value = other.cost(dict(self.space.widths))
+        return other
+
+    def plan(self, network: nn.Module, inputs: Sequence[torch.Tensor], importance: ImportanceLike = "l1",
+             checks: int = 3, sensitivity: dict[str, dict[int, float]] | None = None) -> Plan:
+        """The widths meeting the target that lose the least output fidelity on ``inputs``.
+
+        A latency plan is checked end to end: the planned network is built and measured beside the dense one;
+        if it misses the target, the search runs again with the budget shrunk by the miss (at most ``checks``
+        measurements). Every check is in the plan's ``details["checks"]``; ``details["measured_ms"]``,
+        ``details["prediction_error"]`` and ``details["met"]`` (whether it met the target) are the last one's.
+
+        Args:
+            network: The (trained) network, with the dense widths.
+            inputs: Held-out input batches for the sensitivity.
+            importance: ``ChannelPruning``'s channel criterion (gradient-free).
+            checks: End-to-end measurements at most (latency targets).
+            sensitivity: Already measured (:func:`~lightning_compress.planning.widths.width_sensitivity` of this
+                network on these inputs): not measured again.
+
+        Returns:
+            The :class:`~lightning_compress.planning.planner.Plan`.
+        """
+        self.check_reachable()
+        begin = time.perf_counter()
+        network = copy.deepcopy(network).cpu().float()
+        if sensitivity is None:
+            sensitivity = width_sensitivity(network, [x.detach().cpu().float() for x in inputs], self.space,
+                                            self.round_to, importance)
+        sensitivity_seconds = time.perf_counter() - begin
+        widths = greedy_widths(self.space, sensitivity, self.cost, self.target.value, self.round_to)
+        details: dict[str, Any] = {
+            "sensitivity_batches": len(inputs), "sensitivity_images": sum(len(x) for x in inputs),
+            "sensitivity_seconds": round(sensitivity_seconds, 2), "setup_seconds": round(self.setup_seconds, 2),
+            "round_to": self.round_to, "sensitivity": sensitivity}
+        if self.latency is not None:
+            details["latency_model"] = {"scale": self.latency.scale, "offset_ms": self.latency.offset,
+                                        "references": self.latency.references, **self.latency.table.describe()}
+            widths = self._checked(network, widths, sensitivity, importance, checks, details)
+            details["predicted_ms"] = self.latency.predict(self.space.shapes(widths))
+            details["dense_predicted_ms"] = self.latency.predict(self.space.shapes(self.space.widths))
+            details["measured_ms"] = details["checks"][-1]["measured_ms"]
+            details["prediction_error"] = details["predicted_ms"] / details["measured_ms"] - 1
+            details["met"] = details["checks"][-1]["measured"] <= self.target.value
+            self.latency.table.save()
+        return Plan(self.target, self.int8, widths, dict(self.space.widths), self.cost(widths), self.dense_value,
+                    sum(sensitivity[group][width] for group, width in widths.items()), details)
+
+    def _checked(self, network: nn.Module, widths: dict[str, int], sensitivity: dict[str, dict[int, float]],
+                 importance: ImportanceLike, checks: int, details: dict[str, Any]) -> dict[str, int]:
+        """Measure the planned network beside the dense one; re-plan under a budget shrunk by any miss."""
+        budget, details["checks"] = self.target.value, []
+        for _ in range(checks):
+            measured = self.measure(dense=network, planned=slimmed_copy(network, self.example, widths, importance))
+            value = measured["planned"] / (measured["dense"] if self.target.kind == "latency_ratio" else 1.0)
+            details["checks"].append({"budget": budget, "predicted": self.cost(widths), "measured": value,
+                                      "measured_ms": measured["planned"], "dense_measured_ms": measured["dense"]})
+            if value <= self.target.value:
+                break
+            budget *= self.target.value / value
+            try:
+                widths = greedy_widths(self.space, sensitivity, self.cost, budget, self.round_to)
+            except UnreachableTargetError:
+                break
+        return widths
+
+
+__all__ = ["TargetPlanner", "UnreachableTargetError"]

@@ -1,0 +1,103 @@
+"""CompressToTarget in real Trainers: plans at its start, removes channels to the plan, refuses an
+unreachable target before the first step, measures the shipped network after fit, resumes and reloads."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lightning_compress import CompressToTarget, KnowledgeDistillation, MagnitudePruning, QuantizationAwareTraining
+from lightning_compress.core.accounting import count_macs
+from lightning_compress.planning import UnreachableTargetError
+from lightning_compress.report import is_int8
+from tests.composition.modules import DictBatchModule, dict_loader
+from tests.events import read_scalars, read_texts
+from tests.toy import ToyConvNet, UserClassifier, random_loader
+
+STEPS = 8
+
+
+def fit(module, callbacks, tmp_path, precision="32-true", val=True, logger=False, ckpt_path=None, steps=STEPS):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1, save_top_k=0)
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", precision=precision, callbacks=[*callbacks, checkpoint],
+                         logger=logger, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, limit_val_batches=2, val_check_interval=4)
+    loaders = (random_loader(), random_loader(seed=1)) if val else (random_loader(),)
+    trainer.fit(module, *loaders, ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_macs_target_is_met_and_checkpoint_reloads_without_callbacks(tmp_path):
+    torch.manual_seed(0)
+    module = UserClassifier()
+    example = torch.randn(1, 3, 16, 16)
+    dense = count_macs(module.net, example)
+    target = CompressToTarget(macs_ratio=0.5, start=0.0, end="4steps", update_every=2, round_to=4)
+    fit(module, [target], tmp_path)
+    assert count_macs(module.net, example) <= 0.5 * dense
+    assert target.plan.predicted <= 0.5
+    assert {name: module.net.get_submodule(name).out_channels for name in target.plan.widths} == target.plan.widths
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert checkpoint["callbacks"]  # the plan is plain data in the callback state
+
+
+def test_latency_target_plans_measures_and_logs(tmp_path):
+    torch.manual_seed(0)
+    module = UserClassifier()
+    module.net = ToyConvNet(num_classes=4, width=32)  # wide enough that convolutions dominate its latency
+    # a batch of 64: milliseconds, well above the timer's noise on this tiny network
+    target = CompressToTarget(latency_ratio=0.7, start=0.0, end="4steps", update_every=2, round_to=4, batch_size=64,
+                              table_path=str(tmp_path / "table.json"), repeats=20)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    fit(module, [target], tmp_path, logger=logger)
+    assert (tmp_path / "table.json").is_file()
+    assert target.plan.details["predicted_ms"] > 0 and target.measured["measured_ms"] > 0
+    scalars = read_scalars(logger.log_dir)
+    assert {"plan/predicted", "plan/measured_ms", "plan/predicted_ms", "plan/prediction_error"} <= set(scalars)
+    assert "plan/widths" in read_texts(logger.log_dir)
+
+
+def test_unreachable_target_is_refused_before_the_first_step(tmp_path):
+    module = UserClassifier()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    target = CompressToTarget(macs_ratio=0.01, start=0.0, end="4steps", update_every=2, round_to=4)
+    with pytest.raises(UnreachableTargetError, match=r"macs_ratio=0.01 cannot be reached.*ask for 0\.\d+ x dense or more"):
+        fit(module, [target], tmp_path)
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({}, r"give exactly one target of latency_ms, latency_ratio, size_kb, macs_ratio, got none"),
+    ({"latency_ms": 1.0, "size_kb": 3.0}, r"give exactly one target"),
+    ({"latency_ratio": 1.5}, r"latency_ratio must be in \(0, 1\), got 1.5"),
+    ({"latency_ms": -1.0}, r"latency_ms must be a positive number, got -1.0"),
+    ({"latency_ms": 1.0, "runtime": "tensorrt"}, r"runtime must be one of \('onnxruntime', 'openvino'\), got 'tensorrt'"),
+    ({"latency_ms": 1.0, "batch_size": 0}, r"batch_size must be an integer >= 1, got 0"),
+])
+def test_bad_arguments_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CompressToTarget(**kwargs)
+
+
+def test_int8_plan_with_qat_measures_the_shipped_onnx_file(tmp_path):
+    torch.manual_seed(0)
+    module = DictBatchModule()
+    module.backbone = ToyConvNet(num_classes=4, width=32)
+    target = CompressToTarget(latency_ratio=0.8, start=0.0, end="3steps", update_every=1, round_to=4, batch_size=64,
+                              table_path=str(tmp_path / "table.json"), repeats=10)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = pl.Trainer(max_steps=STEPS, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[target, QuantizationAwareTraining(start="5steps"),
+                                                                checkpoint])
+    trainer.fit(module, dict_loader())
+    assert target.plan.int8 and is_int8(module.backbone)
+    assert target.measured["measured_ms"] > 0
+
+
+def test_x86_engine_is_refused_for_an_onnxruntime_latency_target(tmp_path):
+    target = CompressToTarget(latency_ratio=0.5, start=0.0, end="3steps", update_every=1, round_to=4)
+    with pytest.raises(ValueError, match=r"engine='x86': train with one of \('onnxruntime', 'onnxruntime_symmetric'\)"):
+        fit(UserClassifier(), [target, QuantizationAwareTraining(engine="x86", start="5steps")], tmp_path)

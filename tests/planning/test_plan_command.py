@@ -1,0 +1,54 @@
+"""``lightning-compress plan``: a real checkpoint, real validation images, a real onnxruntime measurement."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lightning_compress.cli import main
+from tests.test_cli import write_image_folder
+from tests.test_commands import write_checkpoint
+
+
+@pytest.fixture()
+def checkpoint_and_data(tmp_path):
+    write_image_folder(tmp_path / "tree", classes=10, per_class=3)
+    return write_checkpoint(tmp_path, num_classes=10), ["--data-root", str(tmp_path / "tree"), "--cache-dir",
+                                                         str(tmp_path / "cache"), "--val-size", "8", "--batch-size", "8"]
+
+
+def test_plan_prints_and_writes_a_plan_checked_end_to_end(checkpoint_and_data, tmp_path, capsys):
+    checkpoint, data = checkpoint_and_data
+    out = tmp_path / "plan.json"
+    main(["plan", str(checkpoint), "--latency-ratio", "0.6", "--table", str(tmp_path / "table.json"),
+          "--repeats", "20", "--out", str(out), *data])
+    printed = capsys.readouterr().out
+    assert "| layer3.0.conv1 | 64 |" in printed and "measured" in printed and "held-out top-1 on 8 images" in printed
+    result = json.loads(out.read_text())
+    assert result["plan"]["target"] == {"kind": "latency_ratio", "value": 0.6}
+    assert result["plan"]["predicted"] <= 0.6
+    assert result["measured_ms"]["planned"] > 0
+    assert all(width % 8 == 0 for width in result["plan"]["widths"].values())
+
+
+def test_macs_plan_needs_no_runtime(checkpoint_and_data, tmp_path, capsys):
+    checkpoint, data = checkpoint_and_data
+    main(["plan", str(checkpoint), "--macs-ratio", "0.5", "--out", str(tmp_path / "plan.json"), *data])
+    result = json.loads((tmp_path / "plan.json").read_text())
+    assert result["plan"]["predicted"] <= 0.5 and "measured_ms" not in result
+    assert "latency on" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--latency-ratio", "2"], "latency_ratio must be in (0, 1), got 2.0"),
+    (["--macs-ratio", "0.01"], "macs_ratio=0.01 cannot be reached"),
+    (["--latency-ms", "1", "--threads", "0"], "--threads must be >= 1, got 0"),
+])
+def test_bad_targets_are_one_line_and_exit_2(checkpoint_and_data, arguments, message, capsys):
+    checkpoint, data = checkpoint_and_data
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", str(checkpoint), *arguments, *data])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lightning-compress plan: error:") and message in err and err.count("\n") == 1

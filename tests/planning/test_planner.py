@@ -1,0 +1,129 @@
+"""The planning pieces alone: layer shapes and their ONNX models, the cached latency table, the channel space
+(checked against real slimming), the greedy search and the calibrated latency model."""
+
+from __future__ import annotations
+
+import json
+
+import onnxruntime
+import pytest
+import torch
+from torch import nn
+
+from lightning_compress.core.accounting import count_macs_per_module
+from lightning_compress.models import create_model
+from lightning_compress.planning.latency import LatencyTable, LayerShape, layer_onnx, layer_shapes
+from lightning_compress.planning.planner import (
+    LatencyModel,
+    Target,
+    UnreachableTargetError,
+    greedy_widths,
+    target_cost,
+)
+from lightning_compress.planning.target import TargetPlanner
+from lightning_compress.planning.widths import channel_space, slimmed_copy, width_sensitivity
+
+
+def test_layer_shapes_give_the_macs_torch_counts():
+    net = create_model("mobilenetv2", num_classes=10).eval()
+    example = torch.randn(1, 3, 32, 32)
+    shapes, counted = layer_shapes(net, example), count_macs_per_module(net, example)
+    assert any(s.groups == s.in_channels > 1 for s in shapes.values())  # depthwise convolutions are in
+    assert {name: s.macs() for name, s in shapes.items()} == {name: counted[name] for name in shapes}
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_layer_models_run_and_int8_fuses_into_one_int8_kernel(int8, tmp_path):
+    shape = LayerShape("conv", 16, 24, (3, 3), (2, 2), (1, 1), (1, 1), 1, (10, 10))
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = onnxruntime.InferenceSession(layer_onnx(shape, 2, int8), options, providers=["CPUExecutionProvider"])
+    x = (torch.randint(0, 256, (2, 16, 10, 10), dtype=torch.uint8) if int8 else torch.randn(2, 16, 10, 10)).numpy()
+    assert session.run(None, {"x": x})[0].shape == (2, 24, 5, 5)
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+    assert ("QLinearConv" in ops and "DequantizeLinear" not in ops) if int8 else "Conv" in ops
+
+
+def test_latency_table_is_cached_per_machine_and_runtime(tmp_path):
+    path = tmp_path / "table.json"
+    shape = LayerShape("linear", 64, 10, (1, 1), (1, 1), (0, 0), (1, 1), 1, (1, 1))
+    table = LatencyTable(path=path, repeats=5)
+    first = table.layer_ms(shape, int8=False)
+    table.layer_ms(shape, int8=True)
+    assert table.measured == 2
+    table.save()
+    again = LatencyTable(path=path, repeats=5)
+    assert again.layer_ms(shape, int8=False) == first and again.measured == 0
+    stored = json.loads(path.read_text())
+    stored["machine"]["cpu"]["model"] = "another CPU"
+    path.write_text(json.dumps(stored))
+    assert LatencyTable(path=path, repeats=5).entries == {}  # another machine's figures are not reused
+    assert LatencyTable(path=path, batch_size=4, repeats=5).entries == {}
+
+
+def test_channel_space_predicts_the_shapes_real_slimming_gives():
+    torch.manual_seed(0)
+    for name in ("resnet20", "mobilenetv2"):
+        net = create_model(name, num_classes=10).eval()
+        example = torch.randn(1, 3, 32, 32)
+        classifier = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+        space = channel_space(net, example, classifier)
+        generator = torch.Generator().manual_seed(1)
+        widths = {g: space.candidates(g, 8)[int(torch.randint(len(space.candidates(g, 8)), (1,), generator=generator))]
+                  for g in space.widths}
+        assert space.shapes(widths) == layer_shapes(slimmed_copy(net, example, widths), example), name
+
+
+def test_greedy_search_is_deterministic_meets_the_budget_and_spares_sensitive_groups():
+    net = create_model("resnet20", num_classes=10).eval()
+    example = torch.randn(1, 3, 32, 32)
+    space = channel_space(net, example, ["fc"])
+    cost = target_cost(Target("macs_ratio", 0.5), space, None, int8=False)
+    sensitivity = {g: {w: (10.0 if g == "layer3.1.conv1" else 0.01) * (space.widths[g] - w) for w in
+                       space.candidates(g, 8)} for g in space.widths}
+    widths = greedy_widths(space, sensitivity, cost, 0.5, 8)
+    assert cost(widths) <= 0.5
+    assert widths["layer3.1.conv1"] == 64  # the one expensive group is left whole
+    assert greedy_widths(space, sensitivity, cost, 0.5, 8) == widths
+    with pytest.raises(UnreachableTargetError, match=r"narrowest candidate network .* reaches 0\.1197"):
+        greedy_widths(space, sensitivity, cost, 0.01, 8)
+
+
+def test_sensitivity_is_zero_at_the_dense_width_and_grows_with_removal():
+    torch.manual_seed(0)
+    net = create_model("resnet20", num_classes=10).eval()
+    inputs = [torch.randn(16, 3, 32, 32)]
+    space = channel_space(net, inputs[0][:1], ["fc"])
+    costs = width_sensitivity(net, inputs, space, round_to=16)
+    assert all(costs[g][space.widths[g]] == 0.0 for g in costs)
+    assert costs["layer3.0.conv1"][16] > costs["layer3.0.conv1"][48] > 0.0
+
+
+def test_latency_model_is_calibrated_on_two_real_measurements():
+    net = create_model("resnet20", num_classes=10).eval()
+    planner = TargetPlanner(net, torch.randn(1, 3, 32, 32), Target("latency_ratio", 0.5), batch_size=8,
+                            ignored=["fc"], repeats=10)
+    references = planner.latency.references
+    assert set(references) == {"dense", "narrowest"}
+    for reference, widths in (("dense", planner.space.widths), ("narrowest", None)):
+        shapes = planner.space.shapes(widths or {g: planner.space.candidates(g, 8)[-1] for g in planner.space.widths})
+        assert planner.latency.predict(shapes) == pytest.approx(references[reference]["measured_ms"], rel=1e-6)
+    assert references["narrowest"]["measured_ms"] < references["dense"]["measured_ms"]
+
+
+def test_target_arguments_are_checked():
+    with pytest.raises(ValueError, match="give exactly one target of latency_ms, size_kb, got none"):
+        Target.from_arguments(latency_ms=None, size_kb=None)
+    with pytest.raises(ValueError, match="size_kb must be a positive number, got True"):
+        Target.from_arguments(size_kb=True)
+    table = LatencyTable(repeats=5)
+    table.network_ms = lambda shapes, int8: sum(0.01 * shape.out_channels for shape in shapes.values())
+    model = LatencyModel(table, int8=False)
+
+    def conv(channels):
+        return {"c": LayerShape("conv", 3, channels, (1, 1), (1, 1), (0, 0), (1, 1), 1, (1, 1))}
+
+    model.calibrate({"dense": (conv(100), 3.0), "narrowest": (conv(50), 3.2)})  # the narrower one measured slower
+    assert model.scale == 1.0 and model.offset == pytest.approx(2.35)  # noise inverted the slope: offset alone
