@@ -109,6 +109,9 @@ class CompressToTarget(ChannelRemoval):
                             ("sensitivity_batches", sensitivity_batches), ("repeats", repeats)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if importance == "taylor":
+            raise ValueError("importance='taylor' needs gradients, which the plan's sensitivity (measured without "
+                             "training) does not have: use one of 'l1', 'l2', 'bn_scale' or a gradient-free callable")
         super().__init__(importance, schedule, start, end, update_every, ignore, network, round_to)
         self.goal, self.target = goal, (goal.kind, goal.value)
         self.runtime, self.batch_size, self.threads, self.repeats = runtime, batch_size, threads, repeats

@@ -44,6 +44,7 @@ def test_macs_target_is_met_and_checkpoint_reloads_without_callbacks(tmp_path):
     assert checkpoint["callbacks"]  # the plan is plain data in the callback state
 
 
+@pytest.mark.slow
 def test_latency_target_plans_measures_and_logs(tmp_path):
     torch.manual_seed(0)
     module = UserClassifier()
@@ -76,6 +77,7 @@ def test_unreachable_target_is_refused_before_the_first_step(tmp_path):
     ({"latency_ms": -1.0}, r"latency_ms must be a positive number, got -1.0"),
     ({"latency_ms": 1.0, "runtime": "tensorrt"}, r"runtime must be one of \('onnxruntime', 'openvino'\), got 'tensorrt'"),
     ({"latency_ms": 1.0, "batch_size": 0}, r"batch_size must be an integer >= 1, got 0"),
+    ({"latency_ms": 1.0, "importance": "taylor"}, r"importance='taylor' needs gradients.*'l1', 'l2', 'bn_scale'"),
 ])
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):

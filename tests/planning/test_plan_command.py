@@ -18,6 +18,7 @@ def checkpoint_and_data(tmp_path):
                                                          str(tmp_path / "cache"), "--val-size", "8", "--batch-size", "8"]
 
 
+@pytest.mark.slow
 def test_plan_prints_and_writes_a_plan_checked_end_to_end(checkpoint_and_data, tmp_path, capsys):
     checkpoint, data = checkpoint_and_data
     out = tmp_path / "plan.json"
