@@ -5,7 +5,7 @@ trains ResNet-20 with them (ResNet-56 for the teacher), tests on the 10,000 test
 the trained network (``suite_measure.py``): params, non-zeros, MACs, packed and deployed artifact
 size, onnxruntime CPU latency at batch 1. Rows:
 
-    dense, gmp50, gmp90, nm24, channel50, qat, teacher, kd, kd_cached, kd_alpha05, lowrank, pipeline
+    dense, gmp50, gmp90, nm24, channel50, qat, teacher, kd, kd_cached, kd_alpha05, lowrank, pipeline, target50
 
 Budgets (``--budget``):
 
