@@ -30,7 +30,7 @@ from reporting import add_output_arguments, machine_info, run_settings, write_re
 from lightning_compress.planning.latency import interleaved_ms
 from lightning_compress.planning.planner import Target, UnreachableTargetError, network_runner
 from lightning_compress.planning.target import TargetPlanner
-from lightning_compress.planning.widths import slimmed_copy
+from lightning_compress.planning.widths import slimmed_copy, width_sensitivity
 
 
 def main() -> None:
@@ -52,11 +52,11 @@ def main() -> None:
     held_out = [torch.randn(32, 3, 32, 32, generator=generator) for _ in range(2)]
     rows, begin = [], time.time()
     table_dir = Path(tempfile.mkdtemp(prefix="latency_tables_"))
+    sensitivities: dict[str, dict] = {}
     for model in args.models:
         network = calibrated_network(model, calibration).eval()
         example = calibration[0][:1]
         classifier = [n for n, m in network.named_modules() if isinstance(m, torch.nn.Linear)][-1:]
-        sensitivity = None  # measured with the first plan, reused by the others (same network, same inputs)
         for batch_size in args.batches:
             batch = torch.randn(batch_size, 3, 32, 32, generator=generator)
             for precision in args.precisions:
@@ -65,10 +65,12 @@ def main() -> None:
                 planner = TargetPlanner(network, example, Target("latency_ratio", max(args.ratios)), "onnxruntime",
                                         batch_size, args.threads, int8, args.round_to, classifier,
                                         table_dir / f"{precision}_b{batch_size}.json", args.repeats, calibration)
+                if model not in sensitivities:  # one measurement per network, reused by every plan of it
+                    sensitivities[model] = width_sensitivity(network, held_out, planner.space, args.round_to)
                 for ratio in args.ratios:
                     try:
                         plan = planner.with_target(Target("latency_ratio", ratio)).plan(
-                            network, held_out, checks=args.checks, sensitivity=sensitivity)
+                            network, held_out, checks=args.checks, sensitivity=sensitivities[model])
                     except UnreachableTargetError:
                         rows.append({"model": model, "batch": batch_size, "precision": precision,
                                      "ratio": round(ratio, 4), "unreachable": planner.closest(),
@@ -76,7 +78,6 @@ def main() -> None:
                         print(f"{model} b{batch_size} {precision} {ratio:.3g}x dense: unreachable, narrowest "
                               f"{planner.closest():.3f} of dense (predicted)", flush=True)
                         continue
-                    sensitivity = plan.details.pop("sensitivity")
                     predicted = plan.details["predicted_ms"]
                     planned = slimmed_copy(network, example, plan.widths)
                     runners = {name: network_runner(net, batch, int8, "onnxruntime", args.threads, calibration)

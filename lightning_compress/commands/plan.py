@@ -84,7 +84,6 @@ def main(argv: Sequence[str]) -> int:
                             args.round_to, classifier, table, args.repeats, [x for x, _ in batches])
     plan = planner.plan(network, [x for x, _ in batches])
     planned = slimmed_copy(network, example, plan.widths)
-    plan.details.pop("sensitivity")
     result = {"plan": plan.as_dict(),
               "held_out_top1": {"dense": _top1(network, batches), "planned_before_fine_tuning": _top1(planned, batches),
                                 "images": sum(len(y) for _, y in batches)}}

@@ -117,7 +117,6 @@ class CompressToTarget(ChannelRemoval):
         self.runtime, self.batch_size, self.threads, self.repeats = runtime, batch_size, threads, repeats
         self.sensitivity_batches = sensitivity_batches
         self.table_path = table_path
-        self._importance_name = importance
         self._int8 = False
         self._planner: TargetPlanner | None = None
         self._batch: tuple[Any, int] | None = None
@@ -180,7 +179,7 @@ class CompressToTarget(ChannelRemoval):
             if trainer.is_global_zero:
                 inputs = self._held_out_inputs(trainer, pl_module, *self._batch)
                 with torch.random.fork_rng(devices=[]):
-                    plan = self._planner.plan(copy.deepcopy(network), inputs, self._importance_name).as_dict()
+                    plan = self._planner.plan(copy.deepcopy(network), inputs, self._importance).as_dict()
             self.plan = Plan.from_dict(trainer.strategy.broadcast(plan, src=0))
             self._planner_done(trainer)
             if self.plan.details.get("met") is False:

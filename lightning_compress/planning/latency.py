@@ -214,15 +214,9 @@ def runtime_runner(model: bytes, runtime: str, threads: int) -> Callable[[np.nda
         session = onnx_session(model, threads)
         name = session.get_inputs()[0].name
         return lambda array: session.run(None, {name: array})
-    from lightning_compress.core.onnx import require_packages
+    from lightning_compress.export.openvino import OpenVinoNetwork
 
-    require_packages(("openvino",), "latency tables on openvino", "pip install 'lightning-compress[openvino]'")
-    import openvino
-
-    core = openvino.Core()
-    compiled = core.compile_model(core.read_model(model), "CPU", {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1})
-    request = compiled.create_infer_request()
-    return lambda array: request.infer([array])
+    return OpenVinoNetwork(model, threads).compiled()
 
 
 def median_ms(runner: Callable[[np.ndarray], Any], array: np.ndarray, repeats: int, warmup: int = 3) -> float:

@@ -155,7 +155,7 @@ class TargetPlanner:
         details: dict[str, Any] = {
             "sensitivity_batches": len(inputs), "sensitivity_images": sum(len(x) for x in inputs),
             "sensitivity_seconds": round(sensitivity_seconds, 2), "setup_seconds": round(self.setup_seconds, 2),
-            "round_to": self.round_to, "sensitivity": sensitivity}
+            "round_to": self.round_to}
         if self.latency is not None:
             details["latency_model"] = {"scale": self.latency.scale, "offset_ms": self.latency.offset,
                                         "references": self.latency.references, **self.latency.table.describe()}
