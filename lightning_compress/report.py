@@ -42,6 +42,7 @@ from lightning_compress.core.files import atomic_path, write_text_atomic
 from lightning_compress.core.inputs import capture_network_input, first_sample
 from lightning_compress.core.progress import StepBudget, StepWindow
 from lightning_compress.export import VALUE_FORMATS, OnnxRuntimeNetwork, pack_state_dict
+from lightning_compress.planning import CompressToTarget, Plan
 
 
 def is_int8(network: nn.Module) -> bool:
@@ -200,6 +201,8 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
         lines += ["", "| technique | effect | optimizer steps |", "|---|---|---|"]
         lines += [f"| {d['callback']} | {d['effect']} | {d['start']}..{d['end'] if d['end'] is not None else 'fit end'} |"
                   for d in summary["techniques"]]
+    for planned in summary.get("plans", ()):
+        lines += ["", *render_plan(planned)]
     s = summary["sizes"]
     lines += ["", "| size | bytes |", "|---|---:|", f"| fp32 weights (torch.save) | {s['fp32_bytes']:,} |",
               f"| packed ({s['packed_values']} non-zeros + bitmask, lzma) | {s['packed_bytes']:,} |",
@@ -225,6 +228,21 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
         lines += ["", f"| {acc['metric']} | before | after |", "|---|---:|---:|",
                   f"| {acc.get('source', '')} | {fmt(acc.get('before'))} | {fmt(acc.get('after'))} |"]
     return "\n".join(lines) + "\n"
+
+
+def render_plan(planned: Mapping[str, Any]) -> list[str]:
+    """Markdown lines for one ``CompressToTarget`` plan in a report: the deployment, the per-group widths, and the
+    shipped network's measured latency against the prediction."""
+    plan = Plan.from_dict(planned["plan"])
+    lines = [(f"Planned by CompressToTarget for {planned['runtime']}, batch {planned['batch_size']}, "
+              f"{planned['threads']} thread(s): {plan.render()}")]
+    measured = planned.get("measured")
+    if measured:
+        met = "met" if measured["measured_ms"] <= measured["target_ms"] else "NOT met"
+        lines += ["", (f"Shipped network measured {measured['measured_ms']:.4g} ms against the target "
+                       f"{measured['target_ms']:.4g} ms ({met}); predicted {measured['predicted_ms']:.4g} ms "
+                       f"({measured['prediction_error']:+.1%}).")]
+    return lines
 
 
 def sparsity_figure(summary: Mapping[str, Any]) -> Any:
@@ -384,6 +402,9 @@ class CompressionReport(CompressionCallback):
         self.summary["techniques"] = [{"callback": d.callback, "effect": d.effect.value, "start": d.window.start,
                                        "end": d.window.end} for d in self.composition
                                        if d.effect is not Effect.REPORTS]
+        self.summary["plans"] = [{"plan": cb.plan.as_dict(), "runtime": cb.runtime, "batch_size": cb.batch_size,
+                                  "threads": cb.threads, "measured": cb.measure_shipped(pl_module)}
+                                 for cb in trainer.callbacks if isinstance(cb, CompressToTarget) and cb.plan is not None]
         directory = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)
         paths = write_report(self.summary, directory)
         self._log(trainer)

@@ -58,7 +58,7 @@ class CompressToTarget(ChannelRemoval):
 
     Logs ``plan/predicted`` (at ``start``), ``plan/measured_ms``, ``plan/predicted_ms`` and
     ``plan/prediction_error`` (after fit), and the plan as TensorBoard text; :attr:`plan` and
-    :attr:`measured` hold them.
+    :attr:`measured` hold them, and a ``CompressionReport`` in the same Trainer reports them.
 
     Args:
         latency_ms: Milliseconds per batch on ``runtime``.
@@ -231,18 +231,42 @@ class CompressToTarget(ChannelRemoval):
     # ----------------------------------------------------------------------------------- after fit
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """After a completed fit: measure the shipped network on the runtime against the plan's prediction."""
+        """After a completed fit: measure the shipped network on the runtime against the plan's prediction, log it."""
         super().teardown(trainer, pl_module, stage)
-        if (stage != "fit" or trainer.interrupted or self.plan is None or not trainer.is_global_zero
-                or not self.goal.kind.startswith("latency") or self._input_shape is None):
+        if stage != "fit" or trainer.interrupted or not trainer.is_global_zero:
             return
+        measured = self.measure_shipped(pl_module)
+        if measured is None:
+            return
+        rank_zero_info(f"CompressToTarget: shipped network {measured['measured_ms']:.4g} ms on {self.runtime} "
+                       f"(predicted {measured['predicted_ms']:.4g} ms, target {measured['target_ms']:.4g} ms)")
+        for logger in trainer.loggers:
+            logger.log_metrics({f"plan/{key}": value for key, value in measured.items()}, step=trainer.global_step)
+            logger.save()
+
+    def measure_shipped(self, pl_module: pl.LightningModule) -> dict[str, float] | None:
+        """The network as fit ships it, timed on the runtime beside the plan's prediction; measured once.
+
+        ``CompressionReport`` asks for it too, whichever of the two tears down first.
+
+        Args:
+            pl_module: The LightningModule after fit (its network converted to int8 when one ships).
+
+        Returns:
+            ``measured_ms``, ``predicted_ms``, ``prediction_error`` (predicted / measured - 1) and ``target_ms``;
+            ``None`` without a plan, for size and MACs targets, or when the int8 network was not converted.
+        """
+        if self.measured is not None:
+            return self.measured
+        if self.plan is None or not self.goal.kind.startswith("latency") or self._input_shape is None:
+            return None
         network = getattr(pl_module, self.network_name)
         batch = torch.zeros([self.batch_size, *self._input_shape[1:]])
         if isinstance(network, OnnxRuntimeNetwork):
             shipped = runtime_runner(network.model_bytes(), self.runtime, self.threads)
         elif self._int8:
             rank_zero_warn("CompressToTarget: the network was not converted to int8; its latency is not measured")
-            return
+            return None
         else:
             shipped = network_runner(copy.deepcopy(self.network_of(pl_module)).cpu().float(), batch, False,
                                      self.runtime, self.threads)
@@ -251,11 +275,7 @@ class CompressToTarget(ChannelRemoval):
         self.measured = {"measured_ms": measured, "predicted_ms": predicted, "prediction_error": predicted / measured - 1,
                          "target_ms": self.plan.details.get("dense_predicted_ms", 0.0) * self.goal.value
                          if self.goal.kind == "latency_ratio" else self.goal.value}
-        rank_zero_info(f"CompressToTarget: shipped network {measured:.4g} ms on {self.runtime} (predicted "
-                       f"{predicted:.4g} ms, target {self.measured['target_ms']:.4g} ms)")
-        for logger in trainer.loggers:
-            logger.log_metrics({f"plan/{key}": value for key, value in self.measured.items()}, step=trainer.global_step)
-            logger.save()
+        return self.measured
 
     # ----------------------------------------------------------------------------------- state
     @override

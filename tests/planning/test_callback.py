@@ -3,13 +3,15 @@ unreachable target before the first step, measures the shipped network after fit
 
 from __future__ import annotations
 
+import json
+
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_compress import CompressToTarget, KnowledgeDistillation, MagnitudePruning, QuantizationAwareTraining
+from lightning_compress import CompressionReport, CompressToTarget, QuantizationAwareTraining
 from lightning_compress.core.accounting import count_macs
 from lightning_compress.planning import UnreachableTargetError
 from lightning_compress.report import is_int8
@@ -91,12 +93,20 @@ def test_int8_plan_with_qat_measures_the_shipped_onnx_file(tmp_path):
     target = CompressToTarget(latency_ratio=0.8, start=0.0, end="3steps", update_every=1, round_to=4, batch_size=64,
                               table_path=str(tmp_path / "table.json"), repeats=10)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    # the report listed first: whichever tears down first, both hold the one measurement of the shipped file
+    report = CompressionReport(dirpath=str(tmp_path / "report"), latency_batch_sizes=())
     trainer = pl.Trainer(max_steps=STEPS, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[target, QuantizationAwareTraining(start="5steps"),
+                         enable_model_summary=False, callbacks=[report, target, QuantizationAwareTraining(start="5steps"),
                                                                 checkpoint])
     trainer.fit(module, dict_loader())
     assert target.plan.int8 and is_int8(module.backbone)
     assert target.measured["measured_ms"] > 0
+    written = json.loads((tmp_path / "report" / "compression_report.json").read_text())
+    assert written["plans"] == [{"plan": target.plan.as_dict(), "runtime": "onnxruntime", "batch_size": 64,
+                                 "threads": 1, "measured": target.measured}]
+    markdown = (tmp_path / "report" / "compression_report.md").read_text()
+    assert "Planned by CompressToTarget for onnxruntime, batch 64, 1 thread(s): target latency_ratio = 0.8" in markdown
+    assert f"Shipped network measured {target.measured['measured_ms']:.4g} ms against the target " in markdown
 
 
 def test_x86_engine_is_refused_for_an_onnxruntime_latency_target(tmp_path):
