@@ -46,3 +46,31 @@ def run_two_ranks(tmp_path: Path, body: str) -> tuple[Any, Any]:
     script.write_text(_PREAMBLE.format(root=str(ROOT)) + save + textwrap.dedent(body) + _EPILOGUE)
     subprocess.run([sys.executable, str(script)], check=True, cwd=tmp_path, timeout=300)
     return tuple(torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1))
+
+
+def run_two_ranks_launched_externally(tmp_path: Path, body: str) -> tuple[Any, Any]:
+    """As :func:`run_two_ranks`, but the two processes are started here, as ``torchrun`` or a cluster would
+    (``LOCAL_RANK`` set): Lightning launches nothing, and neither rank kills the other when one fails.
+
+    Returns:
+        What rank 0 and rank 1 saved.
+    """
+    import os
+    import socket
+
+    script = tmp_path / "each_rank.py"
+    save = f"def save(obj, trainer):\n    torch.save(obj, f'{tmp_path}/rank{{trainer.global_rank}}.pt')\n"
+    script.write_text(_PREAMBLE.format(root=str(ROOT)) + save + textwrap.dedent(body) + _EPILOGUE)
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "NODE_RANK": "0"}
+    ranks = [subprocess.Popen([sys.executable, str(script)], cwd=tmp_path,
+                              env={**env, "LOCAL_RANK": str(rank), "RANK": str(rank)}) for rank in (0, 1)]
+    try:
+        codes = [rank.wait(timeout=300) for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    assert codes == [0, 0], codes
+    return tuple(torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1))

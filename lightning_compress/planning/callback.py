@@ -30,7 +30,7 @@ from lightning_compress.core.onnx import OnnxRuntimeNetwork
 from lightning_compress.core.progress import Interval, Position
 from lightning_compress.data.cache import default_cache_dir
 from lightning_compress.planning.latency import RUNTIMES, interleaved_ms, runtime_runner
-from lightning_compress.planning.planner import Plan, Target, network_runner
+from lightning_compress.planning.planner import Plan, Target, UnreachableTargetError, network_runner
 from lightning_compress.planning.target import TargetPlanner
 from lightning_compress.pruning.channel import ChannelRemoval
 from lightning_compress.pruning.importance import ImportanceLike
@@ -119,6 +119,7 @@ class CompressToTarget(ChannelRemoval):
         self.table_path = table_path
         self._int8 = False
         self._planner: TargetPlanner | None = None
+        self._planned_on_rank_zero = False  # the latency model is calibrated (on rank 0) and the target reachable
         self._batch: tuple[Any, int] | None = None
         self.plan: Plan | None = None
         self.measured: dict[str, Any] | None = None
@@ -147,7 +148,10 @@ class CompressToTarget(ChannelRemoval):
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         """Trace as ChannelPruning does; before any plan, calibrate the latency model and refuse an unreachable target."""
         super()._attach(trainer, pl_module, batch, batch_idx)
-        if self.plan is None and self._planner is None and trainer.is_global_zero:
+        if self.plan is not None or self._planned_on_rank_zero:
+            return
+        refusal = None
+        if trainer.is_global_zero:
             network = self.network_of(pl_module)
             example = self._example(network)
             calibration = [capture_network_input(pl_module, getattr(pl_module, self.network_name), batch, batch_idx)[0]]
@@ -155,10 +159,18 @@ class CompressToTarget(ChannelRemoval):
                 self._planner = TargetPlanner(
                     copy.deepcopy(network), example, self.goal, self.runtime, self.batch_size, self.threads,
                     self._int8, self.round_to, self._ignored, self._table_path(), self.repeats, calibration)
-            self._planner.check_reachable()
-            rank_zero_info(f"CompressToTarget: {self.goal.kind}={self.goal.value:g} reachable (dense "
-                           f"{self._planner.dense_value:.4g}, narrowest {self._planner.closest():.4g} "
-                           f"{self.goal.unit}); planning at step {self.window.start}")
+            try:
+                self._planner.check_reachable()
+            except UnreachableTargetError as err:
+                refusal = str(err)
+        # every rank refuses together (a refusal on rank 0 alone would leave the others waiting in a collective)
+        refusal = trainer.strategy.broadcast(refusal, src=0)
+        self._planned_on_rank_zero = True
+        if refusal is not None:
+            raise UnreachableTargetError(refusal)
+        rank_zero_info(f"CompressToTarget: {self.goal.kind}={self.goal.value:g} reachable (dense "
+                       f"{self._planner.dense_value:.4g}, narrowest {self._planner.closest():.4g} "
+                       f"{self.goal.unit}); planning at step {self.window.start}")
 
     # ----------------------------------------------------------------------------------- planning
     @override
