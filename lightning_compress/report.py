@@ -42,18 +42,26 @@ from lightning_compress.core.files import atomic_path, write_text_atomic
 from lightning_compress.core.inputs import capture_network_input, first_sample
 from lightning_compress.core.progress import StepBudget, StepWindow
 from lightning_compress.export import VALUE_FORMATS, OnnxRuntimeNetwork, pack_state_dict
+from lightning_compress.export.executorch import ExecuTorchNetwork
 from lightning_compress.planning import CompressToTarget, Plan
 
 
 def is_int8(network: nn.Module) -> bool:
-    """Whether ``network`` holds converted int8 modules (``torch.ao.nn.quantized``) or is an int8 ONNX model.
+    """Whether ``network`` holds converted int8 modules (``torch.ao.nn.quantized``), is an int8 ONNX model or
+    ExecuTorch program, or a PT2E quantize/dequantize graph.
 
     Example:
         >>> is_int8(nn.Linear(2, 2))
         False
     """
-    return any(type(m).__module__.startswith("torch.ao.nn.quantized") or isinstance(m, OnnxRuntimeNetwork)
-               for m in network.modules())
+    return any(type(m).__module__.startswith("torch.ao.nn.quantized") or isinstance(m, (OnnxRuntimeNetwork,
+               ExecuTorchNetwork)) or _quantizes(m) for m in network.modules())
+
+
+def _quantizes(module: nn.Module) -> bool:
+    """Whether ``module`` is a graph with quantize ops (a converted PT2E graph)."""
+    return isinstance(module, torch.fx.GraphModule) and any(
+        "quantize_per" in str(node.target) for node in module.graph.nodes if node.op == "call_function")
 
 
 def _int8_layer_names(network: nn.Module | None) -> set[str]:

@@ -20,9 +20,10 @@ import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from lightning_compress.core.executorch import EXECUTORCH_EXTRA
 from lightning_compress.core.onnx import EXPORT_EXTRA, MissingExtraError
 from lightning_compress.export.openvino import OPENVINO_EXTRA
-from lightning_compress.quantization.engines import EXECUTORCH_EXTRA, ONNX_ENGINES, TORCH_ENGINES
+from lightning_compress.quantization.engines import ONNX_ENGINES, TORCH_ENGINES
 
 ONNX_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
 

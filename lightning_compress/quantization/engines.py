@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lightning_compress.core.executorch import EXECUTORCH_EXTRA
 from lightning_compress.core.onnx import MissingExtraError, require_onnx
 
 
@@ -94,8 +95,6 @@ FX_FAMILIES: tuple[KernelFamily, ...] = (KernelFamily.TORCH_INT8, KernelFamily.Q
 """The families torch.ao FX prepares (:mod:`~lightning_compress.quantization.prepare`)."""
 PT2E_EXTRA = "pip install 'lightning-compress[pt2e]'"
 """How to install torchao for the PT2E engines."""
-EXECUTORCH_EXTRA = "pip install 'lightning-compress[executorch]'"
-"""How to install ExecuTorch (the ``xnnpack`` engine's quantizer and runtime)."""
 
 REDUCED_QUANT_MAX = 127
 """Largest activation code of the reduced-range engines: no u8 x s8 pair of products overflows int16."""

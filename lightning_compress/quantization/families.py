@@ -24,11 +24,13 @@ import torch
 from torch import nn
 from typing_extensions import override
 
+from lightning_compress.core.executorch import ExecuTorchNetwork, pte_bytes
 from lightning_compress.core.layers import unwrap_compiled
 from lightning_compress.quantization import tracing
 from lightning_compress.quantization.check import check_conversion
 from lightning_compress.quantization.convert import convert
 from lightning_compress.quantization.engines import Engine, KernelFamily, check_engine
+from lightning_compress.quantization.observers import pause_observers, resume_observers
 from lightning_compress.quantization.prepare import (
     activation_scales,
     calibrate,
@@ -39,7 +41,6 @@ from lightning_compress.quantization.prepare import (
     prepare,
     weight_quantization_errors,
 )
-from lightning_compress.quantization.observers import pause_observers, resume_observers
 from lightning_compress.quantization.qdq import qdq_network
 
 ALL_FAMILIES: tuple[KernelFamily, ...] = tuple(KernelFamily)
@@ -150,7 +151,23 @@ class Family(abc.ABC):
     @abc.abstractmethod
     def calibrate_and_convert(self, network: nn.Module, batches: Iterable[tuple], skip: Sequence[str],
                               prefix: str = "") -> nn.Module:
-        """Static PTQ of a copy of ``network`` on ``batches``; the int8 model checked on the first batch."""
+        """Static PTQ of a copy of ``network`` on ``batches``; the shipped int8 model (:meth:`ship`) checked on
+        the first batch."""
+
+    def ship(self, int8: nn.Module, example_inputs: tuple | None, prefix: str) -> nn.Module:
+        """The int8 model as the engine's runtime runs it, so that ``trainer.test()`` measures the shipped file.
+
+        FX's int8 models already are (torch's kernels, or the QDQ ONNX file in onnxruntime).
+
+        Args:
+            int8: What :meth:`convert_qat` returned.
+            example_inputs: One batch of positional inputs (CPU), to build and check the program with.
+            prefix: How the caller names the network (``"model."``), for messages.
+
+        Returns:
+            The model to put in place.
+        """
+        return int8
 
 
 class FxFamily(Family):
@@ -268,7 +285,21 @@ class Pt2eFamily(Family):
         pt2e.calibrate(prepared, batches)
         int8 = pt2e.convert(prepared)
         check_conversion(pt2e.frozen_copy(prepared), int8, first, prefix)
-        return int8
+        return self.ship(int8, first, prefix)
+
+    @override
+    def ship(self, int8: nn.Module, example_inputs: tuple | None, prefix: str) -> nn.Module:
+        """``xnnpack``: the ExecuTorch program (``.pte``, XNNPACK kernels) built from the quantize/dequantize
+        graph and checked against it on ``example_inputs``; ``x86_inductor``: the graph itself."""
+        if self.engine.runtime != "executorch":
+            return int8
+        if example_inputs is None or len(example_inputs) != 1:
+            raise ValueError(f"engine {self.engine.name!r} ships an ExecuTorch program: pass one batch of the "
+                             "network's single input")
+        inputs = tuple(t.cpu() for t in example_inputs)
+        program = ExecuTorchNetwork(pte_bytes(copy.deepcopy(int8).cpu(), inputs[0]))
+        check_conversion(int8.cpu(), program, inputs, prefix)
+        return program
 
 
 def _first(batches: Iterable[tuple]) -> tuple[tuple, Iterable[tuple]]:

@@ -50,8 +50,9 @@ def quantize_static(
 
     Returns:
         The int8 network (CPU, eval mode); for the ONNX engines an
-        :class:`~lightning_compress.core.onnx.OnnxRuntimeNetwork` running the QDQ ONNX model; for PT2E engines
-        the quantize/dequantize graph.
+        :class:`~lightning_compress.core.onnx.OnnxRuntimeNetwork` running the QDQ ONNX model; for ``x86_inductor``
+        the quantize/dequantize graph; for ``xnnpack`` an :class:`~lightning_compress.core.executorch.ExecuTorchNetwork`
+        running the ExecuTorch program.
 
     Raises:
         ValueError: On an unknown engine, an untraceable network, or no calibration batch.

@@ -301,6 +301,8 @@ class QuantizationAwareTraining(CompressionCallback):
     def convert(self, pl_module: pl.LightningModule, example_inputs: tuple | None = None) -> nn.Module:
         """Convert the fake-quantized network to int8 (CPU), check it, and put it in place on ``pl_module``.
 
+        The int8 model is the engine's shipped form (``xnnpack``: the ExecuTorch program run by ExecuTorch's
+        runtime; the ONNX engines: the QDQ file in onnxruntime), so ``trainer.test()`` measures what ships.
         Right after conversion the int8 model runs ``example_inputs`` (a calibration batch) and is compared
         with the fake-quant model (:func:`~lightning_compress.quantization.check.check_conversion`). If it
         fails, a warning names the module and the ``skip`` pattern that avoids it, and the fake-quant
@@ -328,6 +330,7 @@ class QuantizationAwareTraining(CompressionCallback):
             example_inputs = recorded_inputs(applied_records(pl_module), attribute)
         try:  # a network never prepared raises ValueError
             int8 = self._family.convert_qat(net, example_inputs, attribute + ".")
+            int8 = self._family.ship(int8, example_inputs, attribute + ".")
         except (ConversionError, RuntimeError) as err:
             rank_zero_warn(f"QuantizationAwareTraining: int8 conversion ({self.engine}) failed, {attribute!r} stays "
                            f"fake-quantized: {err}")

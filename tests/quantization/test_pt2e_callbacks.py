@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -83,6 +85,51 @@ def test_ptq_calibrates_and_tests_an_int8_graph(make_trainer, precision):
     trainer.fit(model, random_loader())
     assert _is_int8_graph(model.net)
     assert trainer.test(model, random_loader(), verbose=False)[0]["test_acc"] > 0.4
+
+
+def _accuracy(logits, labels):
+    return float((logits.argmax(1) == labels).float().mean())
+
+
+def test_xnnpack_qat_tests_through_the_executorch_program_it_ships(make_trainer, tmp_path):
+    from executorch.runtime import Runtime
+
+    from lightning_compress.core.executorch import ExecuTorchNetwork
+
+    torch.manual_seed(0)
+    model, recorder = UserClassifier(), _Recorder()
+    qat = QuantizationAwareTraining(engine="xnnpack", start="2steps", freeze_bn=0.5, freeze_observers=0.75)
+    trainer = make_trainer([qat, recorder], max_steps=8, max_epochs=None)
+    trainer.fit(model, random_loader())
+    assert isinstance(model.net, ExecuTorchNetwork)
+    # the program, run by ExecuTorch's runtime straight from the bytes that ship, is what test() measured
+    path = tmp_path / "model.pte"
+    path.write_bytes(model.net.program_bytes())
+    method = Runtime.get().load_program(path).load_method("forward")
+    images, labels = random_loader().dataset.tensors
+    shipped = torch.cat([method.execute([chunk.contiguous()])[0] for chunk in images.split(16)])
+    test_acc = trainer.test(model, DataLoader(random_loader().dataset, batch_size=16), verbose=False)[0]["test_acc"]
+    assert test_acc == pytest.approx(_accuracy(shipped, labels), abs=1e-6)
+    with torch.no_grad():  # and it computes the int8 graph it was lowered from, near-ties aside
+        reference = recorder.reference(images)
+    assert (shipped.argmax(1) == reference.argmax(1)).float().mean() >= 0.9
+    # a copy and a checkpoint carry the program (bytes in a buffer), and the copy runs
+    copied = copy.deepcopy(model.net)
+    assert torch.equal(copied(images[:4]), model.net(images[:4]))
+    trainer.save_checkpoint(tmp_path / "int8.ckpt")
+    saved = torch.load(tmp_path / "int8.ckpt", weights_only=True)["state_dict"]["net.pte_program"]
+    assert saved.numpy().tobytes() == model.net.program_bytes()
+
+
+def test_xnnpack_ptq_ships_the_executorch_program():
+    from lightning_compress.core.executorch import ExecuTorchNetwork
+
+    model = UserClassifier()
+    net = model.net.eval()
+    int8 = quantize_static(net, [(IMAGES[i:i + 16],) for i in range(0, 64, 16)], engine="xnnpack")
+    assert isinstance(int8, ExecuTorchNetwork)
+    with torch.no_grad():
+        assert (int8(IMAGES).argmax(1) == net(IMAGES).argmax(1)).float().mean() >= 0.9
 
 
 def test_quantize_static_with_a_pt2e_engine_leaves_the_network_alone():
