@@ -39,12 +39,14 @@ class Case:
         check: Asserts on the written JSON (parsed) and markdown.
         name: ``--name`` to pass (the results files' base name); None: the script's default, its own name.
         extra_files: Other files the run must write into the results folder.
+        setup: Called with the test's temporary folder and the archive before the run (e.g. to train a checkpoint).
     """
 
     args: tuple[str, ...]
     check: Callable[[dict[str, Any], str], None]
     name: str | None = None
     extra_files: tuple[str, ...] = ()
+    setup: Callable[[Path, Path], None] | None = None
 
 
 def check_channel_pruning(result: dict[str, Any], markdown: str) -> None:
@@ -234,6 +236,29 @@ def check_tensorboard_screenshot(result: dict[str, Any], markdown: str) -> None:
         assert "Screenshot skipped" in markdown and result["chromium"] is None
 
 
+def train_row_checkpoint(tmp: Path, data: Path) -> None:
+    """A ResNet-20 checkpoint of a few steps, half its weights pruned, as the suite keeps one per row."""
+    import lightning.pytorch as pl
+
+    from lightning_compress import CIFARDataModule, ImageClassifier, MagnitudePruning
+
+    trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         callbacks=[MagnitudePruning(final_sparsity=0.5, start=0.0, end="2steps", update_every=1)])
+    trainer.fit(ImageClassifier("resnet20"), datamodule=CIFARDataModule(root=str(data), download=False, batch_size=4,
+                                                                      val_size=4, cache_dir=str(tmp / "cache")))
+    trainer.save_checkpoint(tmp / "row.ckpt")
+
+
+def check_split_gap(result: dict[str, Any], markdown: str) -> None:
+    (row,) = result["rows"]
+    assert row["checkpoint"] == "row.ckpt" and 0.3 < row["sparsity"] < 0.6
+    for measured in (row["as_trained"], row["bn_reestimated"]):
+        assert all(0 <= measured[split] <= 100 for split in ("train", "val", "test"))
+        assert len(measured["val_per_class"]) == len(measured["test_per_class"]) == 10
+    assert "| row.ckpt | " in markdown and "BN re-estimated" in markdown
+
+
 CASES = {
     "channel_pruning": Case(
         ("--models", "resnet20", "--round-to", "8", "--batches", "1", "--repeats", "1", "--rounds", "1",
@@ -302,6 +327,10 @@ CASES = {
         check_tensorboard_screenshot, name="tensorboard_smoke",
         extra_files=("tensorboard_smoke.png",) if CHROMIUM else (),
     ),
+    "split_gap": Case(
+        ("{tmp}/row.ckpt", "--data", "{data}", "--val-size", "4", "--bn-batches", "2", "--train-images", "8"),
+        check_split_gap, setup=train_row_checkpoint,
+    ),
     "train_throughput": Case(
         ("--models", "resnet20", "--batch-size", "2", "--steps", "1", "--rounds", "1"), check_train_throughput
     ),
@@ -350,6 +379,8 @@ def test_benchmark_writes_its_results(script, tmp_path, cifar_archive):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LIGHTNING_COMPRESS_CACHE": str(tmp_path / "cache")}
     files = [f"{name}.json", f"{name}.md", *case.extra_files]
     before = committed_versions(files)
+    if case.setup is not None:
+        case.setup(tmp_path, cifar_archive)
     completed = subprocess.run(
         [sys.executable, str(BENCHMARKS / f"{script}.py"), "--results-dir", str(out), *args],
         cwd=BENCHMARKS.parent, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,

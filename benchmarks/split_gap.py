@@ -1,0 +1,128 @@
+"""Why does a row score differently on the validation and the test split? (issue 25: GMP 90 %)
+
+For each checkpoint (the suite keeps one per row in ``runs/suite``): top-1 on the validation split (5,000
+held-out training images), the test split, and 5,000 of the images it trained on (no augmentation);
+the same after re-estimating the batch-norm statistics on augmented training batches; per-class
+accuracy on both splits; and the weights' sparsity. A gap that follows the training images (train >>
+val > test) is over-fitting to the training distribution; one that moves with the BN statistics is
+stale normalization; one concentrated in a few classes is a class-dependent effect.
+
+Usage::
+
+    python benchmarks/split_gap.py runs/suite/gmp90_cpu30_*.ckpt runs/suite/qat_cpu30_*.ckpt
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from reporting import SHARED_CIFAR10, add_output_arguments, machine_info, run_settings, write_results
+from torch import nn
+
+from lightning_compress import CIFARDataModule, ImageClassifier
+from lightning_compress.core.accounting import count_nonzero
+
+
+def predictions(network: nn.Module, data: CIFARDataModule, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    """Top-1 class of each image (eval mode, normalized, no augmentation)."""
+    network.eval()
+    with torch.no_grad():
+        return torch.cat([network(data.transform(images[i:i + batch], train=False)).argmax(1)
+                          for i in range(0, len(images), batch)])
+
+
+def reestimate_bn(network: nn.Module, data: CIFARDataModule, batches: int, batch_size: int = 128) -> nn.Module:
+    """A copy whose batch-norm statistics are the plain average over ``batches`` augmented training batches."""
+    network = copy.deepcopy(network)
+    norms = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average
+    generator = torch.Generator().manual_seed(0)
+    images = data.train_set.images
+    network.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            index = torch.randint(len(images), (batch_size,), generator=generator)
+            network(data.transform(images[index], train=True, generator=generator))
+    return network.eval()
+
+
+def split_accuracies(network: nn.Module, data: CIFARDataModule, train_images: int) -> dict[str, Any]:
+    """Top-1 (%) on validation, test and training images, and per class on validation and test."""
+    splits = {"val": data.val_set, "test": data.test_set}
+    out: dict[str, Any] = {}
+    for name, dataset in splits.items():
+        correct = predictions(network, data, dataset.images) == dataset.labels
+        out[name] = round(100 * correct.float().mean().item(), 2)
+        out[f"{name}_per_class"] = [round(100 * correct[dataset.labels == c].float().mean().item(), 1)
+                                    for c in range(len(data.classes))]
+    train = data.train_set
+    correct = predictions(network, data, train.images[:train_images]) == train.labels[:train_images]
+    out["train"] = round(100 * correct.float().mean().item(), 2)
+    return out
+
+
+def measure(path: Path, data: CIFARDataModule, bn_batches: int, train_images: int) -> dict[str, Any]:
+    """Every figure for one checkpoint."""
+    module = ImageClassifier.load_from_checkpoint(path, map_location="cpu")
+    network = module.model.float().cpu()
+    counts = count_nonzero(network)
+    return {"checkpoint": path.name, "sparsity": round(counts.total.sparsity, 4),
+            "as_trained": split_accuracies(network, data, train_images),
+            "bn_reestimated": split_accuracies(reestimate_bn(network, data, bn_batches), data, train_images)}
+
+
+def render(rows: list[dict[str, Any]], classes: list[str], settings: dict[str, Any], machine: dict[str, Any]) -> str:
+    """The markdown report."""
+    lines = ["# Validation vs test split, per checkpoint (`benchmarks/split_gap.py`)", "",
+             f"Machine: {machine['cpu']['model']}, torch {machine['torch']}; settings: {settings}.", "",
+             "| checkpoint | sparsity | train top-1 | val top-1 | test top-1 | val - test | BN re-estimated: val | "
+             "test | val - test |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        a, b = row["as_trained"], row["bn_reestimated"]
+        lines.append(f"| {row['checkpoint']} | {row['sparsity']:.1%} | {a['train']:.2f} | {a['val']:.2f} | "
+                     f"{a['test']:.2f} | {a['val'] - a['test']:+.2f} | {b['val']:.2f} | {b['test']:.2f} | "
+                     f"{b['val'] - b['test']:+.2f} |")
+    lines += ["", "Per class (as trained), validation - test, points:", "",
+              "| checkpoint | " + " | ".join(classes) + " |", "|---|" + "---:|" * len(classes)]
+    for row in rows:
+        a = row["as_trained"]
+        gaps = [v - t for v, t in zip(a["val_per_class"], a["test_per_class"])]
+        lines.append(f"| {row['checkpoint']} | " + " | ".join(f"{g:+.1f}" for g in gaps) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoints", nargs="+", type=Path)
+    parser.add_argument("--data", default=SHARED_CIFAR10)
+    parser.add_argument("--val-size", type=int, default=5000, help="as the checkpoints were trained (the suite's)")
+    parser.add_argument("--bn-batches", type=int, default=100)
+    parser.add_argument("--train-images", type=int, default=5000)
+    add_output_arguments(parser, "split_gap")
+    args = parser.parse_args(argv)
+    missing = [str(p) for p in args.checkpoints if not p.is_file()]
+    if missing:
+        parser.error(f"checkpoints not found: {', '.join(missing)}")
+    data = CIFARDataModule(root=args.data, download=False, val_size=args.val_size)
+    data.prepare_data()
+    data.setup("fit")
+    rows = []
+    for path in args.checkpoints:
+        rows.append(measure(path, data, args.bn_batches, args.train_images))
+        print(f"[split_gap] {path.name}: {rows[-1]['as_trained']['val']} val, {rows[-1]['as_trained']['test']} test",
+              flush=True)
+    machine, settings = machine_info(), run_settings(args, omit=("checkpoints",))
+    result = {"machine": machine, "settings": settings, "classes": list(data.classes), "rows": rows}
+    write_results(args.name, result, render(rows, list(data.classes), settings, machine), args.results_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
