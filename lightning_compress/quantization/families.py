@@ -17,13 +17,17 @@ from __future__ import annotations
 import abc
 import copy
 import itertools
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_compress.core.aoti import AotiNetwork, aoti_package, has_compiler
 from lightning_compress.core.executorch import ExecuTorchNetwork, pte_bytes
 from lightning_compress.core.layers import unwrap_compiled
 from lightning_compress.quantization import tracing
@@ -289,16 +293,27 @@ class Pt2eFamily(Family):
 
     @override
     def ship(self, int8: nn.Module, example_inputs: tuple | None, prefix: str) -> nn.Module:
-        """``xnnpack``: the ExecuTorch program (``.pte``, XNNPACK kernels) built from the quantize/dequantize
-        graph and checked against it on ``example_inputs``; ``x86_inductor``: the graph itself."""
-        if self.engine.runtime != "executorch":
-            return int8
+        """The engine's program built from the quantize/dequantize graph and checked against it on
+        ``example_inputs``: ``xnnpack``, the ExecuTorch program (``.pte``, XNNPACK kernels); ``x86_inductor``, the
+        AOTInductor package (``.pt2``, oneDNN int8 kernels; without a C++ compiler to build it, the graph itself,
+        with a warning)."""
         if example_inputs is None or len(example_inputs) != 1:
-            raise ValueError(f"engine {self.engine.name!r} ships an ExecuTorch program: pass one batch of the "
-                             "network's single input")
-        inputs = tuple(t.cpu() for t in example_inputs)
-        program = ExecuTorchNetwork(pte_bytes(copy.deepcopy(int8).cpu(), inputs[0]))
-        check_conversion(int8.cpu(), program, inputs, prefix)
+            raise ValueError(f"engine {self.engine.name!r} ships a compiled program: pass one batch of the network's "
+                             "single input")
+        images = example_inputs[0].cpu()
+        graph = copy.deepcopy(int8).cpu()
+        if self.engine.runtime == "executorch":
+            program: nn.Module = ExecuTorchNetwork(pte_bytes(graph, images))
+        elif not has_compiler():
+            rank_zero_warn(f"engine {self.engine.name!r}: no C++ compiler to build the AOTInductor package, so the "
+                           "int8 network stays the quantize/dequantize graph run by eager torch, not the shipped .pt2")
+            return int8
+        else:
+            example = images if len(images) > 1 else torch.cat([images, images])  # batch 1 would be specialized
+            with tempfile.TemporaryDirectory() as folder:
+                aoti_package(graph, example, Path(folder) / "model.pt2")
+                program = AotiNetwork(Path(folder) / "model.pt2")
+        check_conversion(int8.cpu(), program, (images,), prefix)
         return program
 
 

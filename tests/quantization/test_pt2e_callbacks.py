@@ -12,6 +12,7 @@ from torch import fx
 from torch.utils.data import DataLoader
 from torchao.quantization.pt2e import FakeQuantizeBase
 
+from lightning_compress.core.aoti import AotiNetwork
 from lightning_compress.core.architecture import checkpoint_records, restore_architecture
 from lightning_compress.pruning import ChannelPruning, MagnitudePruning
 from lightning_compress.quantization import (
@@ -52,7 +53,7 @@ class _Recorder(Callback):
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_qat_ends_with_an_int8_graph_that_tests_as_the_fake_quant_model(make_trainer, precision):
+def test_qat_ends_with_the_aoti_package_that_tests_as_the_fake_quant_model(make_trainer, precision):
     torch.manual_seed(0)
     model, recorder = UserClassifier(), _Recorder()
     qat = QuantizationAwareTraining(engine="x86_inductor", start="2steps", freeze_bn=0.5, freeze_observers=0.75,
@@ -61,7 +62,7 @@ def test_qat_ends_with_an_int8_graph_that_tests_as_the_fake_quant_model(make_tra
     trainer.fit(model, random_loader())
     assert recorder.prepared == [False, False] + [True] * 6
     assert all(recorder.optimizer_holds_network)
-    assert _is_int8_graph(model.net)
+    assert isinstance(model.net, AotiNetwork)  # the .pt2 that ships, oneDNN's int8 kernels: what test() runs
     assert qat.state_dict() == {"stage": "int8", "observers_frozen": True, "bn_frozen": True}
     metrics = trainer.callback_metrics
     assert 0 < float(metrics["quant/weight_error/net.conv1"]) < 0.05
@@ -77,13 +78,13 @@ def test_qat_ends_with_an_int8_graph_that_tests_as_the_fake_quant_model(make_tra
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_ptq_calibrates_and_tests_an_int8_graph(make_trainer, precision):
+def test_ptq_calibrates_and_tests_the_aoti_package(make_trainer, precision):
     torch.manual_seed(0)
     model = UserClassifier()
     trainer = make_trainer([PostTrainingQuantization(calibration_batches=2, engine="x86_inductor")], max_epochs=3,
                            precision=precision)
     trainer.fit(model, random_loader())
-    assert _is_int8_graph(model.net)
+    assert isinstance(model.net, AotiNetwork)
     assert trainer.test(model, random_loader(), verbose=False)[0]["test_acc"] > 0.4
 
 
@@ -132,11 +133,21 @@ def test_xnnpack_ptq_ships_the_executorch_program():
         assert (int8(IMAGES).argmax(1) == net(IMAGES).argmax(1)).float().mean() >= 0.9
 
 
+def test_without_a_compiler_the_x86_inductor_network_stays_the_graph(monkeypatch):
+    from lightning_compress.quantization import families
+
+    monkeypatch.setattr(families, "has_compiler", lambda: False)
+    net = UserClassifier().net.eval()
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler to build the AOTInductor package"):
+        int8 = quantize_static(net, [(IMAGES[:16],)], engine="x86_inductor")
+    assert _is_int8_graph(int8)
+
+
 def test_quantize_static_with_a_pt2e_engine_leaves_the_network_alone():
     model = UserClassifier()
     net = model.net.eval()
     int8 = quantize_static(net, [(IMAGES[i:i + 16],) for i in range(0, 64, 16)], engine="x86_inductor", skip="fc")
-    assert isinstance(net.conv1, torch.nn.Conv2d) and _is_int8_graph(int8)
+    assert isinstance(net.conv1, torch.nn.Conv2d) and isinstance(int8, AotiNetwork)
     with torch.no_grad():
         assert (int8(IMAGES[:1]).argmax(1) == net(IMAGES[:1]).argmax(1)).all()
         assert (int8(IMAGES).argmax(1) == net(IMAGES).argmax(1)).float().mean() >= 0.9
@@ -175,7 +186,7 @@ def test_a_checkpoint_inside_the_qat_window_resumes_bitwise(make_trainer, tmp_pa
         assert same(expected[key], got[key]), key
     assert got["net.graph_mode._extra_state"] == {"bn_frozen": True}
     int8_full, int8_resumed = qat.convert(full), qat.convert(resumed)
-    assert _is_int8_graph(int8_full)
+    assert isinstance(int8_full, AotiNetwork)
     with torch.no_grad():
         assert torch.equal(int8_full(IMAGES[:4]), int8_resumed(IMAGES[:4]))
 
@@ -185,12 +196,14 @@ def test_with_magnitude_and_channel_pruning_in_one_trainer(make_trainer):
     model = UserClassifier()
     callbacks = [ChannelPruning(channel_ratio=0.5, start=0.0, end="2steps", update_every=1, round_to=1),
                  MagnitudePruning(final_sparsity=0.5, start=0.0, end="6steps", update_every=1),
-                 QuantizationAwareTraining(engine="x86_inductor", start="3steps")]
+                 QuantizationAwareTraining(engine="x86_inductor", start="3steps"), recorder := _Recorder()]
     trainer = make_trainer(callbacks, max_steps=8, max_epochs=None)
     trainer.fit(model, random_loader())
-    assert _is_int8_graph(model.net)
+    assert isinstance(model.net, AotiNetwork)
     assert [r.kind for r in model.compression_architecture][-1] == "quantization_aware_training"
-    int8_weights = [t for t in model.net.buffers() if t.dtype == torch.int8 and t.dim() == 4]
+    graph = pt2e.convert(recorder.reference)  # what the package was compiled from
+    assert _is_int8_graph(graph)
+    int8_weights = [t for t in graph.buffers() if t.dtype == torch.int8 and t.dim() == 4]
     assert len(int8_weights) == 3 and int8_weights[1].shape[0] < 16  # conv1 lost channels before QAT
     zeros = sum(int(w.eq(0).sum()) for w in int8_weights[1:])
     assert zeros >= 0.45 * sum(w.numel() for w in int8_weights[1:]), "pruned zeros did not survive int8"
