@@ -42,20 +42,22 @@ from lightning_compress.core.files import atomic_path, write_text_atomic
 from lightning_compress.core.inputs import capture_network_input, first_sample
 from lightning_compress.core.progress import StepBudget, StepWindow
 from lightning_compress.export import VALUE_FORMATS, OnnxRuntimeNetwork, pack_state_dict
+from lightning_compress.export.aoti import AotiNetwork
 from lightning_compress.export.executorch import ExecuTorchNetwork
 from lightning_compress.planning import CompressToTarget, Plan
 
 
 def is_int8(network: nn.Module) -> bool:
-    """Whether ``network`` holds converted int8 modules (``torch.ao.nn.quantized``), is an int8 ONNX model or
-    ExecuTorch program, or a PT2E quantize/dequantize graph.
+    """Whether ``network`` holds converted int8 modules (``torch.ao.nn.quantized``), is an int8 ONNX model, an
+    ExecuTorch program or AOTInductor package (what the PT2E engines ship), or a PT2E quantize/dequantize graph.
 
     Example:
         >>> is_int8(nn.Linear(2, 2))
         False
     """
-    return any(type(m).__module__.startswith("torch.ao.nn.quantized") or isinstance(m, (OnnxRuntimeNetwork,
-               ExecuTorchNetwork)) or _quantizes(m) for m in network.modules())
+    return any(type(m).__module__.startswith("torch.ao.nn.quantized") or isinstance(m, OnnxRuntimeNetwork)
+               or (isinstance(m, (ExecuTorchNetwork, AotiNetwork)) and m.quantized) or _quantizes(m)
+               for m in network.modules())
 
 
 def _quantizes(module: nn.Module) -> bool:

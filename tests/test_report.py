@@ -99,3 +99,14 @@ def test_report_sees_the_int8_model_that_qat_puts_in_place(tmp_path, report_firs
     summary = report.summary
     assert summary["latency"]["compressed_model"] == "int8"  # timed the int8 model, not the fake-quant one
     assert summary["totals"]["layer_sparsity"] > 0.3
+
+
+def test_is_int8_tells_a_pt2e_engines_shipped_program_from_an_fp32_one():
+    from lightning_compress.export.executorch import ExecuTorchNetwork, pte_bytes
+    from lightning_compress.quantization import quantize_static
+    from lightning_compress.report import is_int8
+
+    net = UserClassifier().net.eval()
+    images = random_loader(16).dataset.tensors[0]
+    assert is_int8(quantize_static(net, [(images,)], engine="xnnpack"))
+    assert not is_int8(ExecuTorchNetwork(pte_bytes(net, images[:2])))

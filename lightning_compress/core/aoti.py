@@ -86,10 +86,12 @@ class AotiNetwork(nn.Module):
 
     Args:
         source: The ``.pt2`` file or its bytes.
+        quantized: Whether the package computes in int8 (a PT2E engine's conversion): :attr:`quantized`.
     """
 
-    def __init__(self, source: str | os.PathLike[str] | bytes) -> None:
+    def __init__(self, source: str | os.PathLike[str] | bytes, quantized: bool = False) -> None:
         super().__init__()
+        self.quantized = quantized
         package = source if isinstance(source, bytes) else Path(source).read_bytes()
         self.register_buffer("aoti_package", torch.frombuffer(bytearray(package), dtype=torch.uint8))
         self._runner: Any = None

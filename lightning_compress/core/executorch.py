@@ -79,14 +79,16 @@ class ExecuTorchNetwork(nn.Module):
 
     Args:
         source: The ``.pte`` file or its bytes.
+        quantized: Whether the program computes in int8 (a PT2E engine's conversion): :attr:`quantized`.
 
     Raises:
         MissingExtraError: Without the ``[executorch]`` extra.
     """
 
-    def __init__(self, source: str | os.PathLike[str] | bytes) -> None:
+    def __init__(self, source: str | os.PathLike[str] | bytes, quantized: bool = False) -> None:
         super().__init__()
         require_executorch("the executorch runtime")
+        self.quantized = quantized
         program = source if isinstance(source, bytes) else Path(source).read_bytes()
         self.register_buffer("pte_program", torch.frombuffer(bytearray(program), dtype=torch.uint8))
         self._method: Any = None

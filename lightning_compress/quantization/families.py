@@ -303,7 +303,7 @@ class Pt2eFamily(Family):
         images = example_inputs[0].cpu()
         graph = copy.deepcopy(int8).cpu()
         if self.engine.runtime == "executorch":
-            program: nn.Module = ExecuTorchNetwork(pte_bytes(graph, images))
+            program: nn.Module = ExecuTorchNetwork(pte_bytes(graph, images), quantized=True)
         elif not has_compiler():
             rank_zero_warn(f"engine {self.engine.name!r}: no C++ compiler to build the AOTInductor package, so the "
                            "int8 network stays the quantize/dequantize graph run by eager torch, not the shipped .pt2")
@@ -312,7 +312,7 @@ class Pt2eFamily(Family):
             example = images if len(images) > 1 else torch.cat([images, images])  # batch 1 would be specialized
             with tempfile.TemporaryDirectory() as folder:
                 aoti_package(graph, example, Path(folder) / "model.pt2")
-                program = AotiNetwork(Path(folder) / "model.pt2")
+                program = AotiNetwork(Path(folder) / "model.pt2", quantized=True)
         check_conversion(int8.cpu(), program, (images,), prefix)
         return program
 
