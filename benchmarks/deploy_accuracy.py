@@ -121,7 +121,7 @@ def main() -> None:
                                      100 * result.accuracy)
     summary = {
         "engine": engine.name, "images": len(labels), "optimizer_steps": steps, "train_seconds": round(train_s, 1),
-        "convert_seconds": round(convert_s, 1), "onnx_bytes": len(shipped.model_bytes()),
+        "convert_seconds": round(convert_s, 1), "onnx_bytes": len(shipped.program_bytes()),
         "fake_quant_accuracy": fq_acc, "int8_accuracy": int8_acc, "trainer_test_accuracy": 100 * float(tested),
         "shipped_accuracy": shipped_acc, "difference_points": shipped_acc - int8_acc,
         "top1_agreement": result.top1_agreement, "max_logit_error": result.max_logit_error,

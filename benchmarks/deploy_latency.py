@@ -183,7 +183,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             save_quantized(x86, Path(folder) / "int8.pt", (calibration[0][:1],), "x86")
             x86_file = load_quantized(Path(folder) / "int8.pt")
-        sizes = {"ort_fp32": len(fp32_onnx), "ort_quantize_static": len(ort_int8), "ours_qdq": len(ours.model_bytes())}
+        sizes = {"ort_fp32": len(fp32_onnx), "ort_quantize_static": len(ort_int8), "ours_qdq": len(ours.program_bytes())}
         if "aoti" in args.runtimes:
             graph = quantize_static(net, [(x,) for x in calibration], engine="x86_inductor")
             package = Path(tempfile.mkdtemp()) / "model.pt2"
@@ -192,14 +192,14 @@ def main() -> None:
         if "executorch" in args.runtimes:
             program = pte_bytes(quantize_static(net, [(x,) for x in calibration], engine="xnnpack"), calibration[0])
             sizes["executorch_int8"] = len(program)
-        structure[name] = {"ort_quantize_static": optimized_ops(ort_int8), "ours_qdq": optimized_ops(ours.model_bytes())}
+        structure[name] = {"ort_quantize_static": optimized_ops(ort_int8), "ours_qdq": optimized_ops(ours.program_bytes())}
         for threads in args.threads:
             torch.set_num_threads(threads)
             models = {"torch_fp32": net, "ort_fp32": OnnxRuntimeNetwork(fp32_onnx, threads),
                       "torch_int8_x86": x86_file, "ort_quantize_static": OnnxRuntimeNetwork(ort_int8, threads),
-                      "ours_qdq": OnnxRuntimeNetwork(ours.model_bytes(), threads)}
+                      "ours_qdq": OnnxRuntimeNetwork(ours.program_bytes(), threads)}
             if "openvino" in args.runtimes:
-                models["openvino_qdq"] = OpenVinoNetwork(ours.model_bytes(), threads)
+                models["openvino_qdq"] = OpenVinoNetwork(ours.program_bytes(), threads)
             if "aoti" in args.runtimes:
                 models["aoti_int8"] = AotiNetwork(package)
             if "executorch" in args.runtimes:

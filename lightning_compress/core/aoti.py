@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from lightning_compress.core.files import atomic_path
+from lightning_compress.core.programs import ProgramNetwork
 
 COMPILERS = ("c++", "g++", "clang++")
 """What Inductor may call to build the package (or the compiler named by ``CXX``)."""
@@ -77,57 +78,24 @@ def aoti_package(network: nn.Module, example: torch.Tensor, path: str | os.PathL
         raise RuntimeError(f"AOTInductor cannot compile this network: {type(err).__name__}: {first}") from err
 
 
-class AotiNetwork(nn.Module):
+class AotiNetwork(ProgramNetwork):
     """An AOTInductor package as an ``nn.Module``: CPU float tensors in, logits out.
 
-    The package's bytes are a ``uint8`` buffer, so ``state_dict``, ``copy.deepcopy`` and ``torch.save`` carry it;
-    it is loaded on first use. Inputs on another device are moved to CPU and the output is returned on the
-    input's device.
+    The package's bytes are a ``uint8`` buffer (:class:`~lightning_compress.core.programs.ProgramNetwork`), so
+    ``state_dict``, ``copy.deepcopy`` and ``torch.save`` carry it; it is loaded on first use.
 
     Args:
         source: The ``.pt2`` file or its bytes.
-        quantized: Whether the package computes in int8 (a PT2E engine's conversion): :attr:`quantized`.
+        quantized: Whether the package computes in int8 (a PT2E engine's conversion).
     """
 
+    buffer_name = "aoti_package"
+
     def __init__(self, source: str | os.PathLike[str] | bytes, quantized: bool = False) -> None:
-        super().__init__()
-        self.quantized = quantized
-        package = source if isinstance(source, bytes) else Path(source).read_bytes()
-        self.register_buffer("aoti_package", torch.frombuffer(bytearray(package), dtype=torch.uint8))
-        self._runner: Any = None
+        super().__init__(source if isinstance(source, bytes) else Path(source).read_bytes(), quantized)
 
-    def package_bytes(self) -> bytes:
-        """The ``.pt2`` package, serialized.
-
-        Returns:
-            The bytes.
-        """
-        return self.aoti_package.cpu().numpy().tobytes()
-
-    def runner(self) -> Any:
-        """The loaded package (loaded on first call).
-
-        Returns:
-            What ``torch._inductor.aoti_load_package`` returns.
-        """
-        if self._runner is None:
-            with tempfile.TemporaryDirectory() as folder:  # the loader reads files; it keeps what it extracts
-                path = Path(folder) / "model.pt2"
-                path.write_bytes(self.package_bytes())
-                self._runner = torch._inductor.aoti_load_package(str(path))
-        return self._runner
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.runner()(images.detach().to("cpu", torch.float32).contiguous()).to(images.device)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_runner"] = None  # a loaded package neither pickles nor deep-copies
-        return state
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        key = prefix + "aoti_package"
-        if key in state_dict:  # the stored package may differ in size from the current one
-            self.aoti_package = torch.empty_like(state_dict[key])
-            self._runner = None
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _load(self, program: bytes) -> Any:
+        with tempfile.TemporaryDirectory() as folder:  # the loader reads files; it keeps what it extracts
+            path = Path(folder) / "model.pt2"
+            path.write_bytes(program)
+            return torch._inductor.aoti_load_package(str(path))

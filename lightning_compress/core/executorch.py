@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from lightning_compress.core.onnx import require_packages
+from lightning_compress.core.programs import ProgramNetwork
 
 EXECUTORCH_EXTRA = "pip install 'lightning-compress[executorch]'"
 """How to install ExecuTorch (the ``xnnpack`` engine's quantizer and runtime)."""
@@ -69,67 +70,33 @@ def pte_bytes(network: nn.Module, example: torch.Tensor) -> bytes:
         raise RuntimeError(f"ExecuTorch cannot lower this network: {type(err).__name__}: {first}") from err
 
 
-class ExecuTorchNetwork(nn.Module):
+class ExecuTorchNetwork(ProgramNetwork):
     """An ExecuTorch program run by ExecuTorch's runtime, as an ``nn.Module``: CPU float tensors in, logits out.
 
-    The program's bytes are a ``uint8`` buffer, so ``state_dict``, ``copy.deepcopy`` and ``torch.save`` carry it;
-    the runtime loads it on first use. Inputs on another device are moved to CPU and the output is returned on
-    the input's device. XNNPACK's kernels run on ExecuTorch's own thread pool (one per process, as many threads
-    as the CPU has cores), not on torch's threads.
+    The program's bytes are a ``uint8`` buffer (:class:`~lightning_compress.core.programs.ProgramNetwork`), so
+    ``state_dict``, ``copy.deepcopy`` and ``torch.save`` carry it; the runtime loads it on first use. XNNPACK's
+    kernels run on ExecuTorch's own thread pool (one per process, as many threads as the CPU has cores), not on
+    torch's threads.
 
     Args:
         source: The ``.pte`` file or its bytes.
-        quantized: Whether the program computes in int8 (a PT2E engine's conversion): :attr:`quantized`.
+        quantized: Whether the program computes in int8 (a PT2E engine's conversion).
 
     Raises:
         MissingExtraError: Without the ``[executorch]`` extra.
     """
 
+    buffer_name = "pte_program"
+
     def __init__(self, source: str | os.PathLike[str] | bytes, quantized: bool = False) -> None:
-        super().__init__()
         require_executorch("the executorch runtime")
-        self.quantized = quantized
-        program = source if isinstance(source, bytes) else Path(source).read_bytes()
-        self.register_buffer("pte_program", torch.frombuffer(bytearray(program), dtype=torch.uint8))
-        self._method: Any = None
+        super().__init__(source if isinstance(source, bytes) else Path(source).read_bytes(), quantized)
 
-    def program_bytes(self) -> bytes:
-        """The ``.pte`` program, serialized.
+    def _load(self, program: bytes) -> Callable[[torch.Tensor], torch.Tensor]:
+        from executorch.runtime import Runtime
 
-        Returns:
-            The bytes.
-        """
-        return self.pte_program.cpu().numpy().tobytes()
-
-    def method(self) -> Any:
-        """The program's ``forward`` method, loaded by ExecuTorch's runtime on first call.
-
-        Returns:
-            The runtime's ``Method``.
-        """
-        if self._method is None:
-            from executorch.runtime import Runtime
-
-            with tempfile.TemporaryDirectory() as folder:  # the runtime reads files
-                path = Path(folder) / "model.pte"
-                path.write_bytes(self.program_bytes())
-                self._method = Runtime.get().load_program(path).load_method("forward")
-        return self._method
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        method = self.method()
-        inputs = images.detach().to("cpu", torch.float32)
-        logits = [method.execute([chunk.contiguous()])[0] for chunk in inputs.split(MAX_BATCH)]
-        return torch.cat(logits).to(images.device)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_method"] = None  # a loaded method neither pickles nor deep-copies
-        return state
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        key = prefix + "pte_program"
-        if key in state_dict:  # the stored program may differ in size from the current one
-            self.pte_program = torch.empty_like(state_dict[key])
-            self._method = None
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        with tempfile.TemporaryDirectory() as folder:  # the runtime reads files
+            path = Path(folder) / "model.pte"
+            path.write_bytes(program)
+            method = Runtime.get().load_program(path).load_method("forward")
+        return lambda images: torch.cat([method.execute([chunk])[0] for chunk in images.split(MAX_BATCH)])

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_compress.core.programs import ProgramNetwork
+
 OPSET = 18
 """ONNX opset of every exported model (per-axis DequantizeLinear needs >= 13)."""
 METADATA_KEY = "lightning_compress"
@@ -169,12 +171,11 @@ def onnx_session(source: str | os.PathLike[str] | bytes, threads: int = 1) -> An
         raise ValueError(f"onnxruntime cannot load the model: {str(err).strip().splitlines()[0]}") from err
 
 
-class OnnxRuntimeNetwork(nn.Module):
+class OnnxRuntimeNetwork(ProgramNetwork):
     """An ONNX model run by onnxruntime, as an ``nn.Module``: CPU float tensors in, logits out.
 
-    The model's bytes are a ``uint8`` buffer, so ``state_dict``, ``copy.deepcopy`` and ``torch.save`` carry
-    it; the session is created on first use. Inputs on another device are moved to CPU and the output
-    is returned on the input's device.
+    The model's bytes are a ``uint8`` buffer (:class:`~lightning_compress.core.programs.ProgramNetwork`), so
+    ``state_dict``, ``copy.deepcopy`` and ``torch.save`` carry it; the session is created on first use.
 
     Args:
         model: The ONNX model's bytes.
@@ -186,44 +187,13 @@ class OnnxRuntimeNetwork(nn.Module):
         torch.float32
     """
 
+    buffer_name = "onnx_model"
+
     def __init__(self, model: bytes, threads: int | None = None) -> None:
-        super().__init__()
-        self.register_buffer("onnx_model", torch.frombuffer(bytearray(model), dtype=torch.uint8))
+        super().__init__(model)
         self.threads = threads
-        self._session: Any = None
 
-    def model_bytes(self) -> bytes:
-        """The ONNX model, serialized.
-
-        Returns:
-            The bytes.
-        """
-        return self.onnx_model.cpu().numpy().tobytes()
-
-    def session(self) -> Any:
-        """The onnxruntime session (created on first call).
-
-        Returns:
-            The ``InferenceSession``.
-        """
-        if self._session is None:
-            self._session = onnx_session(self.model_bytes(), self.threads or torch.get_num_threads())
-        return self._session
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        session = self.session()
-        array = images.detach().to("cpu", torch.float32).contiguous().numpy()
-        logits = session.run(None, {session.get_inputs()[0].name: array})[0]
-        return torch.from_numpy(logits).to(images.device)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_session"] = None  # sessions neither pickle nor deep-copy
-        return state
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        key = prefix + "onnx_model"
-        if key in state_dict:  # the stored model may differ in size from the current one
-            self.onnx_model = torch.empty_like(state_dict[key])
-            self._session = None
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _load(self, program: bytes) -> Callable[[torch.Tensor], Any]:
+        session = onnx_session(program, self.threads or torch.get_num_threads())
+        name = session.get_inputs()[0].name
+        return lambda images: session.run(None, {name: images.numpy()})[0]

@@ -275,7 +275,7 @@ class CompressToTarget(ChannelRemoval):
         network = getattr(pl_module, self.network_name)
         batch = torch.zeros([self.batch_size, *self._input_shape[1:]])
         if isinstance(network, OnnxRuntimeNetwork):
-            shipped = runtime_runner(network.model_bytes(), self.runtime, self.threads)
+            shipped = runtime_runner(network.program_bytes(), self.runtime, self.threads)
         elif self._int8:
             rank_zero_warn("CompressToTarget: the network was not converted to int8; its latency is not measured")
             return None

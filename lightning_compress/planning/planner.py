@@ -86,7 +86,7 @@ def network_runner(network: nn.Module, example: torch.Tensor, int8: bool, runtim
     if int8:
         from lightning_compress.quantization import quantize_static
 
-        model = quantize_static(network, [(batch,) for batch in (calibration or [example])]).model_bytes()
+        model = quantize_static(network, [(batch,) for batch in (calibration or [example])]).program_bytes()
     else:
         model = onnx_bytes(network, example)
     return runtime_runner(model, runtime, threads)
