@@ -252,8 +252,13 @@ class MagnitudePruning(CompressionCallback):
         self._selected_at = len(applied_records(pl_module))
 
     def _follow_architecture(self, pl_module: pl.LightningModule) -> None:
-        """Select again if layers were replaced before the first mask (composition allows only that)."""
-        if not self._masked and len(applied_records(pl_module)) != self._selected_at:
+        """Select again if layers were replaced before the first mask (composition allows only that).
+
+        Not when a checkpoint's masks are pending: their weights were selected before those masks, and a later
+        replacement (a PT2E graph, which has no layer modules left) keeps the weights under the same names.
+        """
+        restoring = bool(self._pending_state and self._pending_state.get("masks"))
+        if not self._masked and not restoring and len(applied_records(pl_module)) != self._selected_at:
             self._select(pl_module)
 
     def _assign_finals(self, labels: list[str]) -> list[float]:

@@ -1,7 +1,8 @@
 """One run of the whole set of callbacks on the dict-batch module, for the resume test (a subprocess).
 
-Usage: ``python resume_run.py OUT_DIR [--kill-at STEP] [--resume] [--planned]``; ``--planned`` puts
-``CompressToTarget(macs_ratio=0.5)`` in ChannelPruning's place. With ``--kill-at`` the process kills
+Usage: ``python resume_run.py OUT_DIR [--kill-at STEP] [--resume] [--planned] [--engine NAME]``; ``--planned``
+puts ``CompressToTarget(macs_ratio=0.5)`` in ChannelPruning's place, ``--engine`` trains QAT with that engine
+(default: the callback's, ``onnxruntime``). With ``--kill-at`` the process kills
 itself with SIGKILL when that optimizer step starts (after ``ModelCheckpoint`` saved the previous one);
 with ``--resume`` it continues from ``OUT_DIR/last.ckpt`` (``fit(ckpt_path=...)``). At the end it saves the network's weights as
 they leave training (before the fit-end int8 conversion) to ``OUT_DIR/final.pt``.
@@ -37,7 +38,8 @@ class SaveTrained(pl.Callback):
         self.path = path
 
     def on_train_end(self, trainer, pl_module):
-        torch.save({k: v.clone() for k, v in pl_module.backbone.state_dict().items()}, self.path)
+        state = pl_module.backbone.state_dict()  # a PT2E graph keeps its mode flags as extra state (a dict)
+        torch.save({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}, self.path)
 
 
 def main() -> None:
@@ -45,11 +47,12 @@ def main() -> None:
     kill_at = int(sys.argv[sys.argv.index("--kill-at") + 1]) if "--kill-at" in sys.argv else None
     resume = "--resume" in sys.argv
     planned = "--planned" in sys.argv
+    engine = {"engine": sys.argv[sys.argv.index("--engine") + 1]} if "--engine" in sys.argv else {}
     torch.set_num_threads(1)
     pl.seed_everything(0)
     teacher = ToyConvNet(num_classes=4)
     callbacks = [
-        QuantizationAwareTraining(start="9steps", freeze_bn="13steps"),
+        QuantizationAwareTraining(start="9steps", freeze_bn="13steps", **engine),
         KnowledgeDistillation(teacher, alpha=0.5),
         MagnitudePruning(final_sparsity=0.6, start="2steps", end="8steps", update_every=2),
         CompressToTarget(macs_ratio=0.5, start=0.0, end="6steps", update_every=2, round_to=2) if planned
