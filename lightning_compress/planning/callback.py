@@ -168,9 +168,10 @@ class CompressToTarget(ChannelRemoval):
         self._planned_on_rank_zero = True
         if refusal is not None:
             raise UnreachableTargetError(refusal)
-        rank_zero_info(f"CompressToTarget: {self.goal.kind}={self.goal.value:g} reachable (dense "
-                       f"{self._planner.dense_value:.4g}, narrowest {self._planner.closest():.4g} "
-                       f"{self.goal.unit}); planning at step {self.window.start}")
+        if trainer.is_global_zero:  # only rank 0 has the planner (the message is built before rank_zero_info)
+            rank_zero_info(f"CompressToTarget: {self.goal.kind}={self.goal.value:g} reachable (dense "
+                           f"{self._planner.dense_value:.4g}, narrowest {self._planner.closest():.4g} "
+                           f"{self.goal.unit}); planning at step {self.window.start}")
 
     # ----------------------------------------------------------------------------------- planning
     @override
