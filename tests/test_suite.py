@@ -67,9 +67,10 @@ def _check_measured_rows(rows: dict[str, dict], markdown: str) -> None:
     assert qat["artifact"]["bytes"] < dense["artifact"]["bytes"] / 2  # int8 weights: about a quarter
     assert set(qat["latency_ms"]) & {"ort_int8", "torchscript_int8"}
     assert 0.0 <= dense["top1_deployed"] <= 100.0 and 0.0 <= qat["top1_deployed"] <= 100.0  # the shipped files
+    assert 0.0 <= dense["val_top1"] <= 100.0  # the validation split (held-out training images), beside test
     assert f"| dense | The dense ResNet-20: the reference of every row; top-1 of the deployed onnx fp32 file in " \
-           f"onnxruntime: {dense['top1_deployed']:.2f} % | {dense['top1']:.2f} | - | 272,474 | 272,474 | 40.8 | " \
-           "onnx fp32 " in markdown
+           f"onnxruntime: {dense['top1_deployed']:.2f} %; validation split (held-out training images) top-1: " \
+           f"{dense['val_top1']:.2f} % | {dense['top1']:.2f} | - | 272,474 | 272,474 | 40.8 | onnx fp32 " in markdown
     assert "## Budget: smoke" in markdown and "Targets (" in markdown and "- QAT int8: " in markdown
 
 
