@@ -256,11 +256,12 @@ def lowrank(ctx: Context) -> Plan:
 
 
 def pipeline(ctx: Context) -> Plan:
-    """Channel pruning to half the MACs (until 40 %) + magnitude pruning to 50 % (45-70 %) + KD + QAT (75 %)."""
+    """Channel pruning to half the MACs (until 40 %) + magnitude pruning to 50 % (45-70 %) + KD (alpha=0.5, the
+    setting the KD rows chose) + QAT (75 %)."""
     callback = _qat()
     return Plan(callbacks=[_channel(ctx, end=0.4),
                            _lc().MagnitudePruning(final_sparsity=0.5, start=0.45, end=0.7, update_every=ctx.every(40)),
-                           _kd(ctx), callback], qat=callback)
+                           _kd(ctx, alpha=0.5), callback], qat=callback)
 
 
 def dense(ctx: Context) -> Plan:
