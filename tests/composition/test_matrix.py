@@ -43,6 +43,7 @@ def make_callbacks(names, report_dir=None):
         "channel": lambda: ChannelPruning(channel_ratio=0.5, start=0.0, end="2steps", update_every=1),
         "magnitude": lambda: MagnitudePruning(final_sparsity=0.5, start=0.0, end="4steps", update_every=1),
         "qat": lambda: QuantizationAwareTraining(start="5steps"),
+        "qat_xnnpack": lambda: QuantizationAwareTraining(engine="xnnpack", start="5steps"),
         "kd": lambda: KnowledgeDistillation(ToyConvNet(num_classes=4), alpha=0.5),
         "target": lambda: CompressToTarget(macs_ratio=0.5, start=0.0, end="2steps", update_every=1, round_to=2),
     }
@@ -68,6 +69,11 @@ def fit(module, loader, callbacks, precision, tmp_path):
                          logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(module, loader)
     return trainer, tmp_path / "last.ckpt"
+
+
+def _same(value, saved):
+    """Equal state-dict entries: tensors element for element, extra state (a PT2E graph's) by value."""
+    return torch.equal(value, saved) if isinstance(value, torch.Tensor) else value == saved
 
 
 def check_case(kind, names, precision, tmp_path, report=False):
@@ -97,6 +103,9 @@ def check_case(kind, names, precision, tmp_path, report=False):
     if "qat" in names:
         assert is_int8(network_of(module))
         assert any("weight_fake_quant" in key for key in weights)
+    if "qat_xnnpack" in names:  # ends as the ExecuTorch program it ships; the checkpoint holds the PT2E QAT graph
+        assert is_int8(network_of(module)) and type(network_of(module)).__name__ == "ExecuTorchNetwork"
+        assert any("activation_post_process" in key for key in weights), sorted(weights)[:5]
     if "kd" in names:
         assert torch.isfinite(trainer.callback_metrics["distill/kd_loss"])
     if report:
@@ -110,7 +119,7 @@ def check_case(kind, names, precision, tmp_path, report=False):
     if "channel" in names or "target" in names:
         assert count_macs(reloaded.eval(), example) < 0.8 * dense_macs
     differing = [key for key, value in reloaded.state_dict().items()
-                 if not torch.equal(value, checkpoint["state_dict"][prefix + key])]
+                 if not _same(value, checkpoint["state_dict"][prefix + key])]
     assert differing == [], [(reloaded.state_dict()[k], checkpoint["state_dict"][prefix + k]) for k in differing[:2]]
     tester = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     fresh_again, test_loader = make_module(kind)
@@ -142,6 +151,26 @@ def test_image_classifier_whole_set(precision, tmp_path):
 @pytest.mark.parametrize("names", COMBINATIONS[:-1], ids="+".join)
 def test_image_classifier_pairs(names, precision, tmp_path):
     check_case("image_classifier", names, precision, tmp_path)
+
+
+PT2E_PAIRS = [("qat_xnnpack", other) for other in ("channel", "magnitude", "kd")]
+PT2E_WHOLE_SET = ("channel", "magnitude", "qat_xnnpack", "kd")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_pt2e_engine_whole_set(precision, tmp_path):
+    """QAT on torchao PT2E (engine='xnnpack', ending as its ExecuTorch program) with every other technique."""
+    check_case("dict_module", PT2E_WHOLE_SET, precision, tmp_path, report=True)
+
+
+@pytest.mark.slow
+@pytest.mark.pt2e_pairs
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("names", PT2E_PAIRS, ids="+".join)
+def test_pt2e_engine_pairs(names, precision, tmp_path):
+    """QAT on torchao PT2E with each other technique alone (about a minute each: ``-m pt2e_pairs``)."""
+    check_case("dict_module", names, precision, tmp_path)
 
 
 @pytest.mark.parametrize("order", [("qat", "channel"), ("channel", "qat")], ids="-".join)
