@@ -37,7 +37,7 @@ import torch
 from reporting import add_output_arguments, machine_info, run_settings, write_results
 from lightning_compress.core.onnx import OnnxRuntimeNetwork, onnx_bytes
 from lightning_compress.export.aoti import AotiNetwork, aoti_package
-from lightning_compress.export.executorch import ExecuTorchNetwork, pte_bytes
+from lightning_compress.export.executorch import ExecuTorchNetwork, pte_bytes, use_threads
 from lightning_compress.export.openvino import OpenVinoNetwork
 from lightning_compress.models import create_model
 from lightning_compress.quantization import load_quantized, quantize_static, save_quantized
@@ -168,9 +168,7 @@ def main() -> None:
     add_output_arguments(parser, "deploy_latency")
     args = parser.parse_args()
     if "executorch" in args.runtimes:  # its own thread pool, sized once, before any program runs
-        from executorch.extension.pybindings import portable_lib
-
-        portable_lib._unsafe_reset_threadpool(min(args.threads))
+        use_threads(min(args.threads))
     generator = torch.Generator().manual_seed(0)
     calibration = [torch.randn(16, 3, 32, 32, generator=generator) for _ in range(args.calibration_batches)]
     rows, structure = [], {}

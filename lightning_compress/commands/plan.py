@@ -21,7 +21,7 @@ from lightning_compress.commands.checkpoint import load_checkpoint
 from lightning_compress.commands.held_out import add_held_out_arguments, held_out_batches
 from lightning_compress.core.files import write_text_atomic
 from lightning_compress.core.layers import weighted_layers
-from lightning_compress.planning.callback import default_table_path
+from lightning_compress.planning.callback import default_table_file
 from lightning_compress.planning.latency import RUNTIMES
 from lightning_compress.planning.planner import Target
 from lightning_compress.planning.target import TargetPlanner
@@ -57,7 +57,8 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime")
     parser.add_argument("--deploy-batch-size", type=int, default=1, help="the deployment's batch size")
     parser.add_argument("--threads", type=int, default=1, help="the deployment's inference threads")
-    parser.add_argument("--int8", action="store_true", help="plan for the int8 network (QDQ ONNX) a QAT run ships")
+    parser.add_argument("--int8", action="store_true", help="plan for the int8 network a QAT run ships (QDQ ONNX; "
+                                                           "for executorch the xnnpack engine's program)")
     parser.add_argument("--round-to", type=int, default=8, help="widths are multiples of this")
     parser.add_argument("--repeats", type=int, default=50, help="timed calls per latency measurement")
     parser.add_argument("--table", default=None, help="latency table cache (JSON; default under "
@@ -78,8 +79,7 @@ def main(argv: Sequence[str]) -> int:
     network = loaded.network.eval()
     example = batches[0][0][:1]
     classifier = [name for name in weighted_layers(network) if isinstance(network.get_submodule(name), nn.Linear)][-1:]
-    table = Path(args.table) if args.table else (
-        default_table_path() / f"{args.runtime}_b{args.deploy_batch_size}_t{args.threads}.json")
+    table = Path(args.table) if args.table else default_table_file(args.runtime, args.deploy_batch_size, args.threads)
     planner = TargetPlanner(network, example, target, args.runtime, args.deploy_batch_size, args.threads, args.int8,
                             args.round_to, classifier, table, args.repeats, [x for x, _ in batches])
     plan = planner.plan(network, [x for x, _ in batches])

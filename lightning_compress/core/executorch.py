@@ -41,6 +41,23 @@ def require_executorch(purpose: str) -> None:
     require_packages(("executorch.runtime",), purpose, EXECUTORCH_EXTRA)
 
 
+def use_threads(threads: int) -> None:
+    """Size ExecuTorch's thread pool, which XNNPACK's kernels run on: one pool per process, shared by every
+    program (resized only when its size differs; never while a program runs).
+
+    Args:
+        threads: Threads in the pool.
+
+    Raises:
+        MissingExtraError: Without the ``[executorch]`` extra.
+    """
+    require_executorch("the executorch runtime")
+    from executorch.extension.pybindings import portable_lib
+
+    if portable_lib._threadpool_get_thread_count() != threads:
+        portable_lib._unsafe_reset_threadpool(threads)
+
+
 def pte_bytes(network: nn.Module, example: torch.Tensor) -> bytes:
     """The ExecuTorch program of ``network``, XNNPACK-delegated, batch size dynamic up to :data:`MAX_BATCH`.
 

@@ -16,6 +16,7 @@ from lightning_compress.core.executorch import (
     ExecuTorchNetwork,
     pte_bytes,
     require_executorch,
+    use_threads,
 )
 
-__all__ = ["EXPORT_BATCH", "MAX_BATCH", "ExecuTorchNetwork", "pte_bytes", "require_executorch"]
+__all__ = ["EXPORT_BATCH", "MAX_BATCH", "ExecuTorchNetwork", "pte_bytes", "require_executorch", "use_threads"]

@@ -25,11 +25,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_compress.core.executorch import ExecuTorchNetwork
 from lightning_compress.core.inputs import capture_network_input
 from lightning_compress.core.onnx import OnnxRuntimeNetwork
 from lightning_compress.core.progress import Interval, Position
 from lightning_compress.data.cache import default_cache_dir
-from lightning_compress.planning.latency import RUNTIMES, interleaved_ms, runtime_runner
+from lightning_compress.planning.latency import RUNTIMES, interleaved_ms, runtime_runner, table_runtime
 from lightning_compress.planning.planner import Plan, Target, UnreachableTargetError, network_runner
 from lightning_compress.planning.target import TargetPlanner
 from lightning_compress.pruning.channel import ChannelRemoval
@@ -46,6 +47,17 @@ def default_table_path() -> Path:
     return default_cache_dir() / "latency_tables"
 
 
+def default_table_file(runtime: str, batch_size: int, threads: int) -> Path:
+    """The cached latency table for one runtime, batch size and thread count, under :func:`default_table_path`
+    (ExecuTorch's plans read onnxruntime's table: :func:`~lightning_compress.planning.latency.table_runtime`).
+
+    Example:
+        >>> default_table_file("executorch", 64, 1).name
+        'onnxruntime_b64_t1.json'
+    """
+    return default_table_path() / f"{table_runtime(runtime)}_b{batch_size}_t{threads}.json"
+
+
 class CompressToTarget(ChannelRemoval):
     """Remove channels during training until the deployed network meets a latency, size or MACs target.
 
@@ -53,8 +65,10 @@ class CompressToTarget(ChannelRemoval):
     deployment's), per layer in a table cached per CPU and runtime, calibrated on the dense and the
     narrowest network measured end to end. Every coupled channel group gets its own width (multiples of
     ``round_to``): the planner narrows first the groups whose removal costs the least output fidelity on
-    held-out batches per millisecond saved. Add ``QuantizationAwareTraining`` (an ONNX engine) to plan
-    for the int8 network it ships; add ``KnowledgeDistillation(teacher="self")`` to recover accuracy.
+    held-out batches per millisecond saved. Add ``QuantizationAwareTraining`` (an ONNX engine; ``"xnnpack"`` for
+    ``runtime="executorch"``) to plan for the int8 network it ships; add ``KnowledgeDistillation(teacher="self")``
+    to recover accuracy. ExecuTorch's layers are costed by onnxruntime's table, calibrated and checked on
+    ExecuTorch programs of the whole network (each lowering takes seconds to a minute).
 
     Logs ``plan/predicted`` (at ``start``), ``plan/measured_ms``, ``plan/predicted_ms`` and
     ``plan/prediction_error`` (after fit), and the plan as TensorBoard text; :attr:`plan` and
@@ -65,7 +79,7 @@ class CompressToTarget(ChannelRemoval):
         latency_ratio: Fraction of the dense network's latency, in (0, 1).
         size_kb: Kilobytes of weights as shipped (int8: one byte each, fp32: four).
         macs_ratio: Fraction of the dense MACs, in (0, 1) (no runtime measured).
-        runtime: ``"onnxruntime"`` or ``"openvino"``.
+        runtime: ``"onnxruntime"``, ``"openvino"`` or ``"executorch"`` (XNNPACK).
         batch_size: The deployment's batch size.
         threads: The deployment's inference threads.
         sensitivity_batches: Validation batches (training batches without a validation loader) measuring
@@ -132,17 +146,18 @@ class CompressToTarget(ChannelRemoval):
         quantizers = [cb for cb in trainer.callbacks
                       if isinstance(cb, (QuantizationAwareTraining, PostTrainingQuantization))]
         self._int8 = bool(quantizers)
-        if self._int8 and self.goal.kind.startswith("latency") and quantizers[0].engine.name not in ONNX_ENGINES:
-            raise ValueError(f"CompressToTarget plans latency on {self.runtime}, which runs the QDQ ONNX model of the "
-                             f"engines {ONNX_ENGINES}; {type(quantizers[0]).__name__} has engine="
-                             f"{quantizers[0].engine.name!r}: train with one of {ONNX_ENGINES}")
+        engines = ("xnnpack",) if self.runtime == "executorch" else ONNX_ENGINES
+        if self._int8 and self.goal.kind.startswith("latency") and quantizers[0].engine.name not in engines:
+            raise ValueError(f"CompressToTarget plans latency on {self.runtime}, which runs the int8 program of the "
+                             f"engines {engines}; {type(quantizers[0]).__name__} has engine="
+                             f"{quantizers[0].engine.name!r}: train with one of {engines}")
         # a new list: Lightning is iterating over the current one; teardown then follows the int8 conversion
         trainer.callbacks = [cb for cb in trainer.callbacks if cb is not self] + [self]
 
     def _table_path(self) -> Path:
         if self.table_path is not None:
             return Path(self.table_path)
-        return default_table_path() / f"{self.runtime}_b{self.batch_size}_t{self.threads}.json"
+        return default_table_file(self.runtime, self.batch_size, self.threads)
 
     @override
     def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -275,7 +290,7 @@ class CompressToTarget(ChannelRemoval):
             return None
         network = getattr(pl_module, self.network_name)
         batch = torch.zeros([self.batch_size, *self._input_shape[1:]])
-        if isinstance(network, OnnxRuntimeNetwork):
+        if isinstance(network, (OnnxRuntimeNetwork, ExecuTorchNetwork)):  # the engine check matched it to the runtime
             shipped = runtime_runner(network.program_bytes(), self.runtime, self.threads)
         elif self._int8:
             rank_zero_warn("CompressToTarget: the network was not converted to int8; its latency is not measured")

@@ -32,8 +32,12 @@ from lightning_compress.core.files import write_text_atomic
 from lightning_compress.core.machine import cpu_description
 from lightning_compress.core.onnx import OPSET, onnx_session, require_onnx
 
-RUNTIMES = ("onnxruntime", "openvino")
-"""Runtimes a latency table can be measured on (both run ONNX models)."""
+TABLE_RUNTIMES = ("onnxruntime", "openvino")
+"""Runtimes a per-layer latency table is measured on (both run ONNX models, built one layer at a time)."""
+RUNTIMES = (*TABLE_RUNTIMES, "executorch")
+"""Runtimes a plan can target. ExecuTorch's layers are costed by onnxruntime's table (lowering one program per
+layer takes tens of seconds), scaled by the end-to-end ExecuTorch measurements the latency model is calibrated
+and checked on."""
 CACHE_VERSION = 1
 
 
@@ -199,17 +203,33 @@ def layer_onnx(shape: LayerShape, batch_size: int, int8: bool) -> bytes:
     return model.SerializeToString()
 
 
+def table_runtime(runtime: str) -> str:
+    """The runtime whose per-layer table costs ``runtime``'s layers: itself, or onnxruntime for ExecuTorch.
+
+    Example:
+        >>> table_runtime("openvino"), table_runtime("executorch")
+        ('openvino', 'onnxruntime')
+    """
+    return runtime if runtime in TABLE_RUNTIMES else "onnxruntime"
+
+
 def runtime_runner(model: bytes, runtime: str, threads: int) -> Callable[[np.ndarray], Any]:
-    """A callable running the ONNX ``model`` in ``runtime`` on one input array.
+    """A callable running ``model`` in ``runtime`` on one input array.
 
     Args:
-        model: ONNX bytes.
+        model: ONNX bytes; for ``"executorch"`` an ExecuTorch program's (its thread pool is resized to ``threads``).
         runtime: One of :data:`RUNTIMES`.
         threads: Inference threads.
 
     Returns:
         ``run(array)``.
     """
+    if runtime == "executorch":
+        from lightning_compress.core.executorch import ExecuTorchNetwork, use_threads
+
+        use_threads(threads)
+        program = ExecuTorchNetwork(model).loaded()
+        return lambda array: program(torch.from_numpy(array))
     if runtime == "onnxruntime":
         session = onnx_session(model, threads)
         name = session.get_inputs()[0].name
@@ -264,7 +284,7 @@ class LatencyTable:
     layers plus one constant (:class:`~lightning_compress.planning.predict.LatencyModel` calibrates it).
 
     Args:
-        runtime: One of :data:`RUNTIMES`.
+        runtime: One of :data:`TABLE_RUNTIMES`.
         batch_size: The deployment's batch size.
         threads: The deployment's inference threads.
         path: The JSON cache (read if it exists and was measured on this CPU with this runtime version;
@@ -280,8 +300,8 @@ class LatencyTable:
 
     def __init__(self, runtime: str = "onnxruntime", batch_size: int = 1, threads: int = 1,
                  path: str | os.PathLike[str] | None = None, repeats: int = 50) -> None:
-        if runtime not in RUNTIMES:
-            raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+        if runtime not in TABLE_RUNTIMES:
+            raise ValueError(f"runtime must be one of {TABLE_RUNTIMES}, got {runtime!r}")
         for name, value in (("batch_size", batch_size), ("threads", threads), ("repeats", repeats)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

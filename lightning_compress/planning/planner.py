@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_compress.core.executorch import pte_bytes
 from lightning_compress.core.onnx import onnx_bytes
 from lightning_compress.planning.latency import LatencyTable, LayerShape, runtime_runner
 from lightning_compress.planning.widths import ChannelSpace
@@ -70,25 +71,28 @@ class Target:
 def network_runner(network: nn.Module, example: torch.Tensor, int8: bool, runtime: str, threads: int,
                    calibration: Sequence[torch.Tensor] = ()) -> Callable[[Any], Any]:
     """``network`` as the runtime runs it: its ONNX export, or for ``int8`` the QDQ ONNX model the ``onnxruntime``
-    engine ships (ranges calibrated on ``calibration`` batches, else on ``example``).
+    engine ships (ranges calibrated on ``calibration`` batches, else on ``example``); for ``"executorch"`` its
+    XNNPACK program, or for ``int8`` the program the ``xnnpack`` engine ships.
 
     Args:
         network: The float network (unchanged).
         example: An input batch to export with.
         int8: Build the int8 model.
-        runtime: ``"onnxruntime"`` or ``"openvino"``.
+        runtime: One of :data:`~lightning_compress.planning.latency.RUNTIMES`.
         threads: Inference threads.
         calibration: Batches for the int8 model's ranges.
 
     Returns:
         ``run(array)`` (:func:`~lightning_compress.planning.latency.runtime_runner`).
     """
+    executorch = runtime == "executorch"
     if int8:
         from lightning_compress.quantization import quantize_static
 
-        model = quantize_static(network, [(batch,) for batch in (calibration or [example])]).program_bytes()
+        model = quantize_static(network, [(batch,) for batch in (calibration or [example])],
+                                engine="xnnpack" if executorch else "onnxruntime").program_bytes()
     else:
-        model = onnx_bytes(network, example)
+        model = pte_bytes(network, example) if executorch else onnx_bytes(network, example)
     return runtime_runner(model, runtime, threads)
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_compress.planning.latency import LatencyTable, interleaved_ms
+from lightning_compress.planning.latency import LatencyTable, interleaved_ms, table_runtime
 from lightning_compress.planning.planner import (
     LatencyModel,
     Plan,
@@ -48,7 +48,8 @@ class TargetPlanner:
         network: The dense network (unchanged).
         example: One input sample (batch of one) as the network receives it.
         target: What the plan must meet.
-        runtime: ``"onnxruntime"`` or ``"openvino"`` (latency targets).
+        runtime: One of :data:`~lightning_compress.planning.latency.RUNTIMES` (latency targets; ExecuTorch's layers
+            are costed by onnxruntime's table, calibrated on ExecuTorch programs).
         batch_size: The deployment's batch size (latency targets).
         threads: The deployment's inference threads (latency targets).
         int8: The shipped network is int8 (latency and size are those of its int8 form).
@@ -73,7 +74,7 @@ class TargetPlanner:
         self.space = channel_space(network, self.example, ignored)
         self.latency: LatencyModel | None = None
         if target.kind.startswith("latency"):
-            table = LatencyTable(runtime, batch_size, threads, table_path, repeats)
+            table = LatencyTable(table_runtime(runtime), batch_size, threads, table_path, repeats)
             self.latency = LatencyModel(table, int8)
             narrowest = narrowest_widths(self.space, round_to)
             measured = self.measure(dense=network, narrowest=slimmed_copy(network, self.example, narrowest))
@@ -158,7 +159,8 @@ class TargetPlanner:
             "round_to": self.round_to}
         if self.latency is not None:
             details["latency_model"] = {"scale": self.latency.scale, "offset_ms": self.latency.offset,
-                                        "references": self.latency.references, **self.latency.table.describe()}
+                                        "references": self.latency.references, **self.latency.table.describe(),
+                                        "calibrated_on": self.runtime}
             widths = self._checked(network, widths, sensitivity, importance, checks, details)
             details["predicted_ms"] = self.latency.predict(self.space.shapes(widths))
             details["dense_predicted_ms"] = self.latency.predict(self.space.shapes(self.space.widths))

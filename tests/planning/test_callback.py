@@ -77,7 +77,8 @@ def test_unreachable_target_is_refused_before_the_first_step(tmp_path):
     ({"latency_ms": 1.0, "size_kb": 3.0}, r"give exactly one target"),
     ({"latency_ratio": 1.5}, r"latency_ratio must be in \(0, 1\), got 1.5"),
     ({"latency_ms": -1.0}, r"latency_ms must be a positive number, got -1.0"),
-    ({"latency_ms": 1.0, "runtime": "tensorrt"}, r"runtime must be one of \('onnxruntime', 'openvino'\), got 'tensorrt'"),
+    ({"latency_ms": 1.0, "runtime": "tensorrt"},
+     r"runtime must be one of \('onnxruntime', 'openvino', 'executorch'\), got 'tensorrt'"),
     ({"latency_ms": 1.0, "batch_size": 0}, r"batch_size must be an integer >= 1, got 0"),
     ({"latency_ms": 1.0, "importance": "taylor"}, r"importance='taylor' needs gradients.*'l1', 'l2', 'bn_scale'"),
 ])
@@ -107,6 +108,13 @@ def test_int8_plan_with_qat_measures_the_shipped_onnx_file(tmp_path):
     markdown = (tmp_path / "report" / "compression_report.md").read_text()
     assert "Planned by CompressToTarget for onnxruntime, batch 64, 1 thread(s): target latency_ratio = 0.8" in markdown
     assert f"Shipped network measured {target.measured['measured_ms']:.4g} ms against the target " in markdown
+
+
+def test_an_executorch_latency_target_needs_the_xnnpack_engine(tmp_path):
+    target = CompressToTarget(latency_ratio=0.5, runtime="executorch", start=0.0, end="3steps", update_every=1)
+    with pytest.raises(ValueError, match=r"runs the int8 program of the engines \('xnnpack',\); "
+                                         r"QuantizationAwareTraining has engine='onnxruntime'"):
+        fit(UserClassifier(), [target, QuantizationAwareTraining(start="5steps")], tmp_path)
 
 
 def test_x86_engine_is_refused_for_an_onnxruntime_latency_target(tmp_path):

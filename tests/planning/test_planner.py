@@ -18,6 +18,7 @@ from lightning_compress.planning.planner import (
     Target,
     UnreachableTargetError,
     greedy_widths,
+    network_runner,
     target_cost,
 )
 from lightning_compress.planning.target import TargetPlanner
@@ -111,6 +112,27 @@ def test_latency_model_is_calibrated_on_two_real_measurements():
         shapes = planner.space.shapes(widths or {g: planner.space.candidates(g, 8)[-1] for g in planner.space.widths})
         assert planner.latency.predict(shapes) == pytest.approx(references[reference]["measured_ms"], rel=1e-6)
     assert references["narrowest"]["measured_ms"] < references["dense"]["measured_ms"]
+
+
+@pytest.mark.slow
+def test_executorch_plan_is_costed_by_onnxruntime_and_checked_on_the_program(tmp_path):
+    """ExecuTorch: layers from onnxruntime's table, the model calibrated and the plan checked on XNNPACK programs."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(32, 4, 1)).eval()
+    example = torch.randn(1, 3, 16, 16)
+    run = network_runner(net, example.expand(8, -1, -1, -1), False, "executorch", 1)
+    batch = torch.randn(8, 3, 16, 16)
+    assert torch.allclose(torch.as_tensor(run(batch.numpy())), net(batch), atol=1e-4)  # the program computes net
+    planner = TargetPlanner(net, example, Target("latency_ratio", 0.7), "executorch", batch_size=8, ignored=["4"],
+                            round_to=8, table_path=tmp_path / "table.json", repeats=10)
+    plan = planner.plan(net, [torch.randn(8, 3, 16, 16)], checks=1)
+    model = plan.details["latency_model"]
+    assert (model["runtime"], model["calibrated_on"]) == ("onnxruntime", "executorch")
+    assert json.loads((tmp_path / "table.json").read_text())["machine"]["runtime"] == "onnxruntime"
+    assert plan.widths != plan.dense_widths and 0 < plan.details["checks"][-1]["measured_ms"]
+    assert plan.details["checks"][0]["dense_measured_ms"] == pytest.approx(model["references"]["dense"]["measured_ms"],
+                                                                           rel=0.5)  # one runtime, one network
 
 
 def test_target_arguments_are_checked():
