@@ -165,11 +165,11 @@ def test_pt2e_engine_whole_set(precision, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.pt2e_pairs
+@pytest.mark.extended
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 @pytest.mark.parametrize("names", PT2E_PAIRS, ids="+".join)
 def test_pt2e_engine_pairs(names, precision, tmp_path):
-    """QAT on torchao PT2E with each other technique alone (about a minute each: ``-m pt2e_pairs``)."""
+    """QAT on torchao PT2E with each other technique alone (about a minute each: ``-m extended``)."""
     check_case("dict_module", names, precision, tmp_path)
 
 

@@ -110,6 +110,23 @@ def test_int8_plan_with_qat_measures_the_shipped_onnx_file(tmp_path):
     assert f"Shipped network measured {target.measured['measured_ms']:.4g} ms against the target " in markdown
 
 
+@pytest.mark.slow
+@pytest.mark.extended  # ~2-3 min: six lowerings with PT2E int8 (the fp32 ExecuTorch plan runs in CI)
+def test_int8_plan_for_executorch_measures_the_shipped_program(tmp_path):
+    torch.manual_seed(0)
+    module = DictBatchModule()
+    module.backbone = ToyConvNet(num_classes=4, width=32)
+    target = CompressToTarget(latency_ratio=0.8, runtime="executorch", start=0.0, end="3steps", update_every=1,
+                              round_to=4, batch_size=16, table_path=str(tmp_path / "table.json"), repeats=10)
+    qat = QuantizationAwareTraining(engine="xnnpack", start="5steps")
+    trainer = pl.Trainer(max_steps=STEPS, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, callbacks=[target, qat])
+    trainer.fit(module, dict_loader())
+    assert target.plan.int8 and target.plan.details["latency_model"]["calibrated_on"] == "executorch"
+    assert type(module.backbone).__name__ == "ExecuTorchNetwork" and is_int8(module.backbone)
+    assert target.measured["measured_ms"] > 0 and target.plan.details["checks"][-1]["measured_ms"] > 0
+
+
 def test_an_executorch_latency_target_needs_the_xnnpack_engine(tmp_path):
     target = CompressToTarget(latency_ratio=0.5, runtime="executorch", start=0.0, end="3steps", update_every=1)
     with pytest.raises(ValueError, match=r"runs the int8 program of the engines \('xnnpack',\); "
