@@ -23,7 +23,7 @@ from lightning_compress.core.files import write_text_atomic
 from lightning_compress.core.layers import weighted_layers
 from lightning_compress.planning.callback import default_table_file
 from lightning_compress.planning.latency import RUNTIMES
-from lightning_compress.planning.planner import Target
+from lightning_compress.planning.planner import ALLOCATIONS, Target
 from lightning_compress.planning.target import TargetPlanner
 from lightning_compress.planning.widths import slimmed_copy
 
@@ -60,6 +60,8 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--int8", action="store_true", help="plan for the int8 network a QAT run ships (QDQ ONNX; "
                                                            "for executorch the xnnpack engine's program)")
     parser.add_argument("--round-to", type=int, default=8, help="widths are multiples of this")
+    parser.add_argument("--allocation", choices=ALLOCATIONS, default="sensitivity",
+                        help="per-group widths by sensitivity, or one kept fraction for every group (the baseline)")
     parser.add_argument("--repeats", type=int, default=50, help="timed calls per latency measurement")
     parser.add_argument("--table", default=None, help="latency table cache (JSON; default under "
                                                       "$LIGHTNING_COMPRESS_CACHE or ~/.cache/lightning_compress)")
@@ -82,7 +84,7 @@ def main(argv: Sequence[str]) -> int:
     table = Path(args.table) if args.table else default_table_file(args.runtime, args.deploy_batch_size, args.threads)
     planner = TargetPlanner(network, example, target, args.runtime, args.deploy_batch_size, args.threads, args.int8,
                             args.round_to, classifier, table, args.repeats, [x for x, _ in batches])
-    plan = planner.plan(network, [x for x, _ in batches])
+    plan = planner.plan(network, [x for x, _ in batches], allocation=args.allocation)
     planned = slimmed_copy(network, example, plan.widths)
     result = {"plan": plan.as_dict(),
               "held_out_top1": {"dense": _top1(network, batches), "planned_before_fine_tuning": _top1(planned, batches),

@@ -31,7 +31,13 @@ from lightning_compress.core.onnx import OnnxRuntimeNetwork
 from lightning_compress.core.progress import Interval, Position
 from lightning_compress.data.cache import default_cache_dir
 from lightning_compress.planning.latency import RUNTIMES, interleaved_ms, runtime_runner, table_runtime
-from lightning_compress.planning.planner import Plan, Target, UnreachableTargetError, network_runner
+from lightning_compress.planning.planner import (
+    ALLOCATIONS,
+    Plan,
+    Target,
+    UnreachableTargetError,
+    network_runner,
+)
 from lightning_compress.planning.target import TargetPlanner
 from lightning_compress.pruning.channel import ChannelRemoval
 from lightning_compress.pruning.importance import ImportanceLike
@@ -88,6 +94,9 @@ class CompressToTarget(ChannelRemoval):
             runtime, batch size and threads).
         repeats: Timed calls per latency measurement.
         importance, schedule, start, end, update_every, ignore, network, round_to: As ``ChannelPruning``'s.
+        allocation: ``"sensitivity"`` (per-group widths, the least sensitive narrowed first) or ``"uniform"`` (one
+            kept fraction for every group, the largest that meets the target: the uniform baseline, measured on
+            the same runtime).
 
     Example:
         >>> CompressToTarget(latency_ratio=0.5, runtime="onnxruntime", batch_size=1, threads=1).target
@@ -114,6 +123,7 @@ class CompressToTarget(ChannelRemoval):
         ignore: str | Sequence[str] | None = None,
         network: str | None = None,
         round_to: int = 8,
+        allocation: str = "sensitivity",
     ) -> None:
         goal = Target.from_arguments(latency_ms=latency_ms, latency_ratio=latency_ratio, size_kb=size_kb,
                                      macs_ratio=macs_ratio)
@@ -123,13 +133,15 @@ class CompressToTarget(ChannelRemoval):
                             ("sensitivity_batches", sensitivity_batches), ("repeats", repeats)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
         if importance == "taylor":
             raise ValueError("importance='taylor' needs gradients, which the plan's sensitivity (measured without "
                              "training) does not have: use one of 'l1', 'l2', 'bn_scale' or a gradient-free callable")
         super().__init__(importance, schedule, start, end, update_every, ignore, network, round_to)
         self.goal, self.target = goal, (goal.kind, goal.value)
         self.runtime, self.batch_size, self.threads, self.repeats = runtime, batch_size, threads, repeats
-        self.sensitivity_batches = sensitivity_batches
+        self.sensitivity_batches, self.allocation = sensitivity_batches, allocation
         self.table_path = table_path
         self._int8 = False
         self._planner: TargetPlanner | None = None
@@ -207,7 +219,8 @@ class CompressToTarget(ChannelRemoval):
             if trainer.is_global_zero:
                 inputs = self._held_out_inputs(trainer, pl_module, *self._batch)
                 with torch.random.fork_rng(devices=[]):
-                    plan = self._planner.plan(copy.deepcopy(network), inputs, self._importance).as_dict()
+                    plan = self._planner.plan(copy.deepcopy(network), inputs, self._importance,
+                                              allocation=self.allocation).as_dict()
             self.plan = Plan.from_dict(trainer.strategy.broadcast(plan, src=0))
             self._planner_done(trainer)
             if self.plan.details.get("met") is False:

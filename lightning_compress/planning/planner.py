@@ -184,6 +184,21 @@ def narrowest_widths(space: ChannelSpace, round_to: int) -> Widths:
     return {group: space.candidates(group, round_to)[-1] for group in space.widths}
 
 
+def reachable_narrowest(space: ChannelSpace, cost: Callable[[Widths], float], budget: float, round_to: int) -> Widths:
+    """The narrowest widths, after checking that they meet ``budget``.
+
+    Raises:
+        UnreachableTargetError: If even they cost more than ``budget`` (the message names what they reach).
+    """
+    narrowest = narrowest_widths(space, round_to)
+    closest = cost(narrowest)
+    if closest > budget:
+        raise UnreachableTargetError(f"the target {budget:.4g} cannot be reached by removing channels: the "
+                                     f"narrowest candidate network (every group at {round_to} channels or its "
+                                     f"narrowest) reaches {closest:.4g}")
+    return narrowest
+
+
 def greedy_widths(space: ChannelSpace, sensitivity: Mapping[str, Mapping[int, float]],
                   cost: Callable[[Widths], float], budget: float, round_to: int) -> Widths:
     """Greedy NetAdapt-style search: the widths whose ``cost`` is at most ``budget``, losing the least sensitivity.
@@ -206,12 +221,7 @@ def greedy_widths(space: ChannelSpace, sensitivity: Mapping[str, Mapping[int, fl
     Raises:
         UnreachableTargetError: If even the narrowest widths cost more than ``budget``.
     """
-    narrowest = narrowest_widths(space, round_to)
-    closest = cost(narrowest)
-    if closest > budget:
-        raise UnreachableTargetError(f"the target {budget:.4g} cannot be reached by removing channels: the "
-                                     f"narrowest candidate network (every group at {round_to} channels or its "
-                                     f"narrowest) reaches {closest:.4g}")
+    narrowest = reachable_narrowest(space, cost, budget, round_to)
     widths, current = dict(space.widths), cost(dict(space.widths))
     while current > budget:
         best: tuple[float, str, int, float] | None = None
@@ -230,6 +240,46 @@ def greedy_widths(space: ChannelSpace, sensitivity: Mapping[str, Mapping[int, fl
         _, group, narrower, current = best
         widths[group] = narrower
     return widths
+
+
+ALLOCATIONS = ("sensitivity", "uniform")
+"""How a plan spreads the removal over the groups: by measured sensitivity (:func:`greedy_widths`), or one kept
+fraction for every group (:func:`uniform_widths`, the uniform baseline at the same measured target)."""
+
+
+def uniform_widths(space: ChannelSpace, cost: Callable[[Widths], float], budget: float, round_to: int,
+                   steps: int = 200) -> Widths:
+    """One kept fraction for every group, the largest whose ``cost`` is at most ``budget``.
+
+    Each group keeps the candidate width nearest to ``fraction * dense width`` (ties: the wider), so every group
+    shrinks alike, as ``ChannelPruning(channel_ratio=...)`` does; fractions are tried from 1 down in ``steps``.
+
+    Args:
+        space: The network's groups and candidates.
+        cost: What the target bounds (:func:`target_cost`).
+        budget: The target value.
+        round_to: Candidate widths are multiples of it.
+        steps: Fractions tried (1, 1 - 1/steps, ...).
+
+    Returns:
+        The widths, by group.
+
+    Raises:
+        UnreachableTargetError: If even the narrowest widths cost more than ``budget``.
+
+    Example:
+        >>> space = ChannelSpace({"a": 16, "b": 32}, {}, {})
+        >>> uniform_widths(space, lambda widths: sum(widths.values()) / 48, budget=0.5, round_to=8)
+        {'a': 8, 'b': 16}
+    """
+    narrowest = reachable_narrowest(space, cost, budget, round_to)
+    for step in range(steps, 0, -1):
+        fraction = step / steps
+        widths = {group: min(space.candidates(group, round_to), key=lambda w: (abs(w - fraction * dense), -w))
+                  for group, dense in space.widths.items()}
+        if cost(widths) <= budget:
+            return widths
+    return narrowest
 
 
 @dataclass
@@ -272,7 +322,8 @@ class Plan:
     def render(self) -> str:
         """The per-group plan as a markdown table, with the prediction."""
         unit = self.target.unit
-        lines = [(f"target {self.target.kind} = {self.target.value:g} {unit} ({'int8' if self.int8 else 'fp32'}); "
+        uniform = ", one fraction for every group" if self.details.get("allocation") == "uniform" else ""
+        lines = [(f"target {self.target.kind} = {self.target.value:g} {unit} ({'int8' if self.int8 else 'fp32'}{uniform}); "
                   f"predicted {self.predicted:.4g} {unit}, dense {self.dense:.4g} {unit}"), "",
                  "| group | dense channels | planned channels |", "|---|---:|---:|"]
         lines += [f"| {group} | {self.dense_widths[group]} | {width} |" for group, width in self.widths.items()]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -36,6 +36,7 @@ from lightning_compress.planning.planner import (
     narrowest_widths,
     network_runner,
     target_cost,
+    uniform_widths,
 )
 from lightning_compress.planning.widths import channel_space, slimmed_copy, width_sensitivity
 from lightning_compress.pruning.importance import ImportanceLike
@@ -126,7 +127,8 @@ class TargetPlanner:
         return other
 
     def plan(self, network: nn.Module, inputs: Sequence[torch.Tensor], importance: ImportanceLike = "l1",
-             checks: int = 3, sensitivity: dict[str, dict[int, float]] | None = None) -> Plan:
+             checks: int = 3, sensitivity: dict[str, dict[int, float]] | None = None,
+             allocation: str = "sensitivity") -> Plan:
         """The widths meeting the target that lose the least output fidelity on ``inputs``.
 
         A latency plan is checked end to end: the planned network is built and measured beside the dense one;
@@ -141,6 +143,8 @@ class TargetPlanner:
             checks: End-to-end measurements at most (latency targets).
             sensitivity: Already measured (:func:`~lightning_compress.planning.widths.width_sensitivity` of this
                 network on these inputs): not measured again.
+            allocation: One of :data:`~lightning_compress.planning.planner.ALLOCATIONS`: widths by sensitivity, or
+                one fraction for every group (the plan still records its summed sensitivity, for comparison).
 
         Returns:
             The :class:`~lightning_compress.planning.planner.Plan`.
@@ -152,16 +156,21 @@ class TargetPlanner:
             sensitivity = width_sensitivity(network, [x.detach().cpu().float() for x in inputs], self.space,
                                             self.round_to, importance)
         sensitivity_seconds = time.perf_counter() - begin
-        widths = greedy_widths(self.space, sensitivity, self.cost, self.target.value, self.round_to)
+        def search(budget: float) -> dict[str, int]:
+            if allocation == "uniform":
+                return uniform_widths(self.space, self.cost, budget, self.round_to)
+            return greedy_widths(self.space, sensitivity, self.cost, budget, self.round_to)
+
+        widths = search(self.target.value)
         details: dict[str, Any] = {
-            "sensitivity_batches": len(inputs), "sensitivity_images": sum(len(x) for x in inputs),
-            "sensitivity_seconds": round(sensitivity_seconds, 2), "setup_seconds": round(self.setup_seconds, 2),
-            "round_to": self.round_to}
+            "allocation": allocation, "sensitivity_batches": len(inputs),
+            "sensitivity_images": sum(len(x) for x in inputs), "sensitivity_seconds": round(sensitivity_seconds, 2),
+            "setup_seconds": round(self.setup_seconds, 2), "round_to": self.round_to}
         if self.latency is not None:
             details["latency_model"] = {"scale": self.latency.scale, "offset_ms": self.latency.offset,
                                         "references": self.latency.references, **self.latency.table.describe(),
                                         "calibrated_on": self.runtime}
-            widths = self._checked(network, widths, sensitivity, importance, checks, details)
+            widths = self._checked(network, widths, search, importance, checks, details)
             details["predicted_ms"] = self.latency.predict(self.space.shapes(widths))
             details["dense_predicted_ms"] = self.latency.predict(self.space.shapes(self.space.widths))
             details["measured_ms"] = details["checks"][-1]["measured_ms"]
@@ -171,7 +180,7 @@ class TargetPlanner:
         return Plan(self.target, self.int8, widths, dict(self.space.widths), self.cost(widths), self.dense_value,
                     sum(sensitivity[group][width] for group, width in widths.items()), details)
 
-    def _checked(self, network: nn.Module, widths: dict[str, int], sensitivity: dict[str, dict[int, float]],
+    def _checked(self, network: nn.Module, widths: dict[str, int], search: Callable[[float], dict[str, int]],
                  importance: ImportanceLike, checks: int, details: dict[str, Any]) -> dict[str, int]:
         """Measure the planned network beside the dense one; re-plan under a budget shrunk by any miss."""
         budget, details["checks"] = self.target.value, []
@@ -184,7 +193,7 @@ class TargetPlanner:
                 break
             budget *= self.target.value / value
             try:
-                widths = greedy_widths(self.space, sensitivity, self.cost, budget, self.round_to)
+                widths = search(budget)
             except UnreachableTargetError:
                 break
         return widths

@@ -46,6 +46,18 @@ def test_macs_target_is_met_and_checkpoint_reloads_without_callbacks(tmp_path):
     assert checkpoint["callbacks"]  # the plan is plain data in the callback state
 
 
+def test_uniform_allocation_plans_one_fraction_and_records_both_sensitivities(tmp_path):
+    torch.manual_seed(0)
+    module = UserClassifier()
+    example = torch.randn(1, 3, 16, 16)
+    dense = count_macs(module.net, example)
+    target = CompressToTarget(macs_ratio=0.5, allocation="uniform", start=0.0, end="4steps", update_every=2, round_to=4)
+    fit(module, [target], tmp_path)
+    assert target.plan.details["allocation"] == "uniform" and count_macs(module.net, example) <= 0.5 * dense
+    kept = {target.plan.widths[g] / target.plan.dense_widths[g] for g in target.plan.widths}
+    assert max(kept) - min(kept) <= 4 / min(target.plan.dense_widths.values())  # one fraction, up to rounding
+
+
 @pytest.mark.slow
 def test_latency_target_plans_measures_and_logs(tmp_path):
     torch.manual_seed(0)
@@ -80,6 +92,7 @@ def test_unreachable_target_is_refused_before_the_first_step(tmp_path):
     ({"latency_ms": 1.0, "runtime": "tensorrt"},
      r"runtime must be one of \('onnxruntime', 'openvino', 'executorch'\), got 'tensorrt'"),
     ({"latency_ms": 1.0, "batch_size": 0}, r"batch_size must be an integer >= 1, got 0"),
+    ({"macs_ratio": 0.5, "allocation": "greedy"}, r"allocation must be one of \('sensitivity', 'uniform'\), got 'greedy'"),
     ({"latency_ms": 1.0, "importance": "taylor"}, r"importance='taylor' needs gradients.*'l1', 'l2', 'bn_scale'"),
 ])
 def test_bad_arguments_are_named(kwargs, message):

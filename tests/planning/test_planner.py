@@ -20,6 +20,7 @@ from lightning_compress.planning.planner import (
     greedy_widths,
     network_runner,
     target_cost,
+    uniform_widths,
 )
 from lightning_compress.planning.target import TargetPlanner
 from lightning_compress.planning.widths import channel_space, slimmed_copy, width_sensitivity
@@ -90,6 +91,23 @@ def test_greedy_search_is_deterministic_meets_the_budget_and_spares_sensitive_gr
     assert greedy_widths(space, sensitivity, cost, 0.5, 8) == widths
     with pytest.raises(UnreachableTargetError, match=r"narrowest candidate network .* reaches 0\.1197"):
         greedy_widths(space, sensitivity, cost, 0.01, 8)
+
+
+def test_uniform_allocation_shrinks_every_group_alike_within_the_budget():
+    net = create_model("resnet20", num_classes=10).eval()
+    space = channel_space(net, torch.randn(1, 3, 32, 32), ["fc"])
+    cost = target_cost(Target("macs_ratio", 0.5), space, None, int8=False)
+    widths = uniform_widths(space, cost, 0.5, 8)
+    assert cost(widths) <= 0.5
+    by_dense = {}
+    for group, width in widths.items():
+        by_dense.setdefault(space.widths[group], set()).add(width)
+    assert all(len(kept) == 1 for kept in by_dense.values())  # groups of one dense width keep one width
+    assert by_dense == {16: {8}, 32: {24}, 64: {48}}  # one fraction (0.74), to multiples of 8: 16 -> 8 overshoots
+    looser = uniform_widths(space, cost, 0.7, 8)
+    assert all(looser[g] >= widths[g] for g in widths) and cost(looser) <= 0.7
+    with pytest.raises(UnreachableTargetError, match=r"reaches 0\.1197"):
+        uniform_widths(space, cost, 0.01, 8)
 
 
 def test_sensitivity_is_zero_at_the_dense_width_and_grows_with_removal():
