@@ -5,7 +5,8 @@ trains ResNet-20 with them (ResNet-56 for the teacher), tests on the 10,000 test
 the trained network (``suite_measure.py``): params, non-zeros, MACs, packed and deployed artifact
 size, onnxruntime CPU latency at batch 1. Rows:
 
-    dense, gmp50, gmp90, nm24, channel50, qat, teacher, kd, kd_cached, kd_alpha05, lowrank, pipeline, target50
+    dense, gmp50, gmp90, gmp90_early, gmp90_kd, nm24, teacher, kd, kd_alpha05, kd_cached, channel50, qat, lowrank,
+    pipeline, channel50_planned, target50, target50_uniform
 
 Budgets (``--budget``):
 
@@ -154,6 +155,19 @@ def _trainer(budget: Budget, callbacks: list[Any], precision: str | None = None,
                       max_epochs=budget.epochs, limit_train_batches=budget.limit_train_batches, **common)
 
 
+def planned_record(callbacks: list[Any]) -> dict[str, Any]:
+    """What a ``CompressToTarget`` among ``callbacks`` planned and measured, as ``{"target_plan": ...}`` (empty
+    without one): allocation, widths, predicted value, the end-to-end checks and the shipped network's latency."""
+    for callback in callbacks:
+        plan = getattr(callback, "plan", None)
+        if plan is not None and hasattr(callback, "measured"):
+            return {"target_plan": {"allocation": plan.details.get("allocation", "sensitivity"), "widths": plan.widths,
+                                    "target": plan.as_dict()["target"], "predicted": plan.predicted, "dense": plan.dense,
+                                    "sensitivity": plan.sensitivity, "checks": plan.details.get("checks", []),
+                                    "shipped": callback.measured}}
+    return {}
+
+
 def _test_acc(module: Any, data: Any, budget: Budget) -> float:
     return round(100 * _trainer(budget, [], fit=False).test(module, datamodule=data, verbose=False)[0]["test/acc"], 2)
 
@@ -292,6 +306,7 @@ class Suite:
             test = (data.transform(data.test_set.images[:limit], train=False), data.test_set.labels[:limit])
             measured = measure_network(network, int8, getattr(plan.qat, "engine", "x86"), budget.latency_repeats, test)
             measured["measure_notes"] = measured.pop("notes")
+            record.update(planned_record(plan.callbacks))
             record.update(status="ok", top1=top1, fit_s=round(fit_s, 1), epochs=epochs, notes=plan.notes, **measured)
             self.work_dir.mkdir(parents=True, exist_ok=True)
             if row == "teacher":

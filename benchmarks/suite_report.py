@@ -205,6 +205,7 @@ def targets(ok: dict[str, dict[str, Any]], budget: str = "cpu") -> list[str]:
         macs = ok["lowrank"]["macs"] / ok["channel50"]["macs"]
         out.append(f"- low-rank vs channel pruning: {gap:+.2f} points below it at {macs:.2f}x its MACs "
                    f"(limit {limits['lowrank']}): {'met' if gap <= limits['lowrank'] else 'NOT met'}")
+    out += target_lines(ok, dense)
     pipe = ok.get("pipeline")
     if pipe is None:
         out.append("- full pipeline: not measured")
@@ -219,6 +220,29 @@ def targets(ok: dict[str, dict[str, Any]], budget: str = "cpu") -> list[str]:
         out.append(f"- full pipeline: deployed artifact {smaller:.1f}x smaller than dense's fp32 ONNX (packed "
                    f"weights {packed:.1f}x), int8 {'-' if faster is None else f'{faster:.2f}x'} faster than dense on "
                    f"onnxruntime fp32 (batch 1, 1 thread), {d:+.2f} points below dense: {'met' if met else 'NOT met'}")
+    return out
+
+
+def target_lines(ok: dict[str, dict[str, Any]], dense: dict[str, Any]) -> list[str]:
+    """CompressToTarget's row against its target (the plan's last end-to-end check) and against the uniform widths
+    planned for the same measured target (issue 24: planned accuracy >= uniform's)."""
+    planned = ok.get("target50")
+    if planned is None or "target_plan" not in planned:
+        return []
+
+    def check(row: dict[str, Any]) -> str:
+        last = row["target_plan"]["checks"][-1] if row["target_plan"]["checks"] else None
+        return "no end-to-end check" if last is None else (
+            f"measured {last['measured']:.3f}x the dense latency ({last['measured_ms']:.3g} vs "
+            f"{last['dense_measured_ms']:.3g} ms)")
+
+    out = [f"- CompressToTarget at half the dense latency: {check(planned)}, "
+           f"{dense['top1'] - planned['top1']:+.2f} points below dense"]
+    uniform = ok.get("target50_uniform")
+    if uniform is not None and "target_plan" in uniform:
+        lead = planned["top1"] - uniform["top1"]
+        out.append(f"  - uniform widths at the same target ({check(uniform)}): {uniform['top1']:.2f} %; planned "
+                   f"{lead:+.2f} points above it: {'met' if lead >= 0 else 'NOT met'}")
     return out
 
 

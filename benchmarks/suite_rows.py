@@ -200,6 +200,14 @@ def target50(ctx: Context) -> Plan:
                                                   round_to=8, start=0.05, end=0.5, update_every=ctx.every(20))])
 
 
+def target50_uniform(ctx: Context) -> Plan:
+    """The uniform baseline beside ``target50``: the same target, runtime and schedule, one kept fraction for every
+    group (the largest that measures within half the dense latency) instead of widths by sensitivity."""
+    return Plan(callbacks=[_lc().CompressToTarget(latency_ratio=0.5, runtime="onnxruntime", batch_size=64, threads=1,
+                                                  round_to=8, start=0.05, end=0.5, update_every=ctx.every(20),
+                                                  allocation="uniform")])
+
+
 def _qat(start: float = 0.75) -> Any:
     # engine x86, as every recorded QAT row: suite_measure sizes torch's int8 TorchScript beside the shipped file
     return _lc().QuantizationAwareTraining(start=start, freeze_bn=start + 0.6 * (1 - start),
@@ -306,6 +314,7 @@ ROWS: dict[str, Row] = {
     "pipeline": Row(pipeline, ("pruning", "distillation", "quantization", "export"), needs=("teacher",), cost=1.9),
     "channel50_planned": Row(channel50_planned, ("pruning", "planning"), cost=0.8),
     "target50": Row(target50, ("pruning", "planning"), cost=0.8),
+    "target50_uniform": Row(target50_uniform, ("pruning", "planning"), cost=0.8),
 }
 """Every row, in table order."""
 BLOCK_ROWS: dict[str, tuple[str, ...]] = {
@@ -313,7 +322,7 @@ BLOCK_ROWS: dict[str, tuple[str, ...]] = {
     # 4-epoch block's evidence chose (RESULTS.md); the GMP 90 % fixes (distillation, an earlier schedule end)
     # beside it; kd (0.9) and kd_cached run with --only
     "cpu30": ("teacher", "dense", "qat", "gmp90", "kd_alpha05", "gmp90_kd", "lowrank", "channel50", "gmp90_early", "gmp50",
-              "nm24", "pipeline", "channel50_planned", "target50"),
+              "nm24", "pipeline", "channel50_planned", "target50", "target50_uniform"),
 }
 """Rows a budget runs when ``--only`` is not given, in queue order; a budget not named here runs every row."""
 ROW_VERSION = 2

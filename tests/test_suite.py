@@ -324,7 +324,7 @@ def test_queue_does_not_start_rows_whose_teacher_failed(tmp_path: Path) -> None:
 def test_report_says_which_cpu30_rows_are_done_and_queued(tmp_path: Path) -> None:
     markdown = suite_report.write_report(tmp_path).read_text()
     assert "## Budget: cpu30" in markdown and "No row has landed yet; estimated " in markdown
-    assert "**Done (0 of 14):** none yet. **Queued** (not run, failed, or measured with older code): teacher, dense," \
+    assert "**Done (0 of 15):** none yet. **Queued** (not run, failed, or measured with older code): teacher, dense," \
            in markdown and "`python benchmarks/suite.py --budget cpu30 --jobs 2`" in markdown
     budget, reason = suite_rows.resolve_budget("cpu30")
     runner = suite.Suite(budget, reason, "cifar10-jpeg.tar.gz", tmp_path, tmp_path / "work", side_by_side=2)
@@ -337,9 +337,9 @@ def test_report_says_which_cpu30_rows_are_done_and_queued(tmp_path: Path) -> Non
     markdown = suite_report.write_report(tmp_path).read_text()
     block = markdown[markdown.index("## Budget: cpu30"):]
     assert "No row has landed yet" not in block and "rows run 2 side by side" in block
-    assert "**Done (1 of 14):** lowrank. **Queued** (not run, failed, or measured with older code): teacher, dense, " \
+    assert "**Done (1 of 15):** lowrank. **Queued** (not run, failed, or measured with older code): teacher, dense, " \
            "qat, gmp90, kd_alpha05, gmp90_kd, channel50, gmp90_early, gmp50, nm24, pipeline, channel50_planned, " \
-           "target50." in block
+           "target50, target50_uniform." in block
     assert "| dense | The dense ResNet-20: the reference of every row | failed: RuntimeError: x |" in block
 
 
@@ -379,6 +379,34 @@ def test_targets_say_met_or_not() -> None:
            "(T=4, alpha=0.5)): +1.50 points below dense (limit 2.0): met" in lines
     assert "- low-rank vs channel pruning: +1.20 points below it at 1.05x its MACs (limit 1.0): NOT met" in lines
     assert lines.endswith("+2.00 points below dense: met") and "within 2.5 points" in lines
+
+
+def test_target_rows_are_read_against_their_check_and_the_uniform_widths() -> None:
+    def target_plan(measured: float) -> dict:
+        return {"checks": [{"measured": measured, "measured_ms": 10 * measured, "dense_measured_ms": 10.0}]}
+
+    ok = {"dense": _ok("dense", 80.0), "target50": _ok("target50", 79.0, target_plan=target_plan(0.48)),
+          "target50_uniform": _ok("target50_uniform", 79.4, target_plan=target_plan(0.5))}
+    lines = suite_report.target_lines(ok, ok["dense"])
+    assert lines == ["- CompressToTarget at half the dense latency: measured 0.480x the dense latency (4.8 vs 10 ms), "
+                     "+1.00 points below dense",
+                     "  - uniform widths at the same target (measured 0.500x the dense latency (5 vs 10 ms)): 79.40 %; "
+                     "planned -0.40 points above it: NOT met"]
+    assert suite_report.target_lines({"dense": ok["dense"]}, ok["dense"]) == []
+
+
+def test_planned_record_keeps_what_compress_to_target_planned_and_measured() -> None:
+    from lightning_compress import CompressToTarget
+    from lightning_compress.planning import Plan, Target
+
+    callback = CompressToTarget(latency_ratio=0.5, allocation="uniform")
+    assert suite.planned_record([callback]) == {}  # nothing planned yet
+    callback.plan = Plan(Target("latency_ratio", 0.5), False, {"a": 8}, {"a": 16}, 0.49, 1.0, 0.1,
+                         {"allocation": "uniform", "checks": [{"measured": 0.5}]})
+    callback.measured = {"measured_ms": 5.0}
+    record = suite.planned_record([object(), callback])["target_plan"]
+    assert record["allocation"] == "uniform" and record["widths"] == {"a": 8} and record["shipped"]["measured_ms"] == 5.0
+    assert record["target"] == {"kind": "latency_ratio", "value": 0.5} and record["checks"] == [{"measured": 0.5}]
 
 
 @pytest.mark.slow
