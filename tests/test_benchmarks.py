@@ -259,6 +259,26 @@ def check_split_gap(result: dict[str, Any], markdown: str) -> None:
     assert "| row.ckpt | " in markdown and "BN re-estimated" in markdown
 
 
+def check_deploy_parity(result: dict[str, Any], markdown: str) -> None:
+    (row,) = result["rows"]
+    assert (row["model"], row["engine"], row["steps"], row["export_status"]) == ("resnet20", "onnxruntime", 3, 0)
+    assert set(row["runtimes"]) == {"onnxruntime", "openvino"} and row["in_process"] == "OnnxRuntimeNetwork"
+    for runtime in row["runtimes"].values():
+        assert runtime["images"] == 16 and runtime["bytes"] > 100_000 and runtime["export_check"]["images"] == 16
+        assert 0.0 <= runtime["top1_agreement"] <= 1.0
+    assert "| resnet20 | onnxruntime | openvino | 16 | " in markdown
+
+
+def test_split_gap_fits_the_gap_against_test_accuracy():
+    sys.path.insert(0, str(BENCHMARKS))
+    import split_gap
+
+    rows = [{"as_trained": {"val": v, "test": t}} for v, t in ((84.0, 83.0), (86.0, 85.5), (88.0, 88.0))]
+    (_, line) = split_gap.trend(rows)
+    assert "-0.200 points of gap per point" in line and "r = -1.00" in line and "at 83.00 %: +1.00" in line
+    assert split_gap.trend(rows[:2]) == []
+
+
 CASES = {
     "channel_pruning": Case(
         ("--models", "resnet20", "--round-to", "8", "--batches", "1", "--repeats", "1", "--rounds", "1",
@@ -326,6 +346,11 @@ CASES = {
          *(() if CHROMIUM else ("--skip-screenshot",))),
         check_tensorboard_screenshot, name="tensorboard_smoke",
         extra_files=("tensorboard_smoke.png",) if CHROMIUM else (),
+    ),
+    "deploy_parity": Case(
+        ("--models", "resnet20", "--engines", "onnxruntime", "--steps", "3", "--images", "16", "--batch-size", "4",
+         "--data", "{data}"),
+        check_deploy_parity,
     ),
     "split_gap": Case(
         ("{tmp}/row.ckpt", "--data", "{data}", "--val-size", "4", "--bn-batches", "2", "--train-images", "8"),

@@ -1,0 +1,178 @@
+"""Every runtime's shipped file against the checkpoint's in-process int8 network, on real CIFAR-10 test images.
+
+Issue 23's check of the deploy path, per model and engine: quantization-aware fine-tuning
+(``QuantizationAwareTraining(engine=...)``, from a float checkpoint given with ``--init MODEL=CKPT``, e.g. a
+suite row's, else from scratch) for ``--steps`` optimizer steps, saved as a Lightning checkpoint; then
+``lightning-compress export CKPT --runtime ...`` exactly as a user runs it (the runtimes the engine ships to:
+``onnxruntime`` -> onnxruntime and OpenVINO, one QDQ file; ``xnnpack`` -> ExecuTorch ``.pte``;
+``x86_inductor`` -> AOTInductor ``.pt2``). Each file is then loaded from the export directory by its runtime and
+compared with the in-process int8 network (the engine's conversion of the same checkpoint, before any program
+is built: the QDQ model in onnxruntime, or the PT2E quantize/dequantize graph in eager torch) on the first
+``--images`` test images: top-1 agreement (strict, no near-tie tolerance) and accuracy of both. The export's
+own check (against the fake-quant network, on its seeded sample) is recorded beside it.
+
+Target (issue 23): agreement >= 99 % on 2,000 images and accuracy within 0.1 point, per runtime.
+
+Run:  python benchmarks/deploy_parity.py --init resnet20=runs/suite/kd_alpha05_cpu30_aeb1c6268c2a.ckpt
+      python benchmarks/deploy_parity.py --models resnet20 --engines onnxruntime --steps 20 --images 500
+Writes ``benchmarks/results/deploy_parity.{json,md}`` (or ``--results-dir``/``--name``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from reporting import SHARED_CIFAR10, add_output_arguments, machine_info, run_settings, write_results
+
+from lightning_compress.core.comparison import parity
+
+ENGINE_RUNTIMES = {"onnxruntime": ("onnxruntime", "openvino"), "xnnpack": ("executorch",), "x86_inductor": ("aoti",)}
+"""The runtimes each engine ships to (one export per engine)."""
+
+
+def shipped_networks(directory: Path, runtimes: tuple[str, ...]) -> dict[str, torch.nn.Module]:
+    """Each runtime's file from the export directory, loaded by that runtime."""
+    from lightning_compress.core.aoti import AotiNetwork
+    from lightning_compress.core.executorch import ExecuTorchNetwork
+    from lightning_compress.core.onnx import OnnxRuntimeNetwork
+    from lightning_compress.export.artifacts import FILES
+    from lightning_compress.export.openvino import OpenVinoNetwork
+
+    loaders = {"onnxruntime": lambda: OnnxRuntimeNetwork((directory / FILES["onnx_int8"]).read_bytes()),
+               "openvino": lambda: OpenVinoNetwork((directory / FILES["onnx_int8"]).read_bytes()),
+               "executorch": lambda: ExecuTorchNetwork(directory / FILES["executorch"]),
+               "aoti": lambda: AotiNetwork(directory / FILES["aoti"])}
+    return {runtime: loaders[runtime]() for runtime in runtimes}
+
+
+def logits_of(network: torch.nn.Module, images: torch.Tensor, batch: int = 250) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([network(images[i:i + batch]).float() for i in range(0, len(images), batch)])
+
+
+def measure(model: str, engine: str, args: argparse.Namespace, data: Any, work: Path) -> dict[str, Any]:
+    """Fine-tune with QAT, export, and compare every shipped file with the in-process int8 network."""
+    import lightning.pytorch as pl
+
+    from lightning_compress import ImageClassifier, QuantizationAwareTraining
+    from lightning_compress.commands.export import main as export
+    from lightning_compress.quantization.families import family_of
+
+    pl.seed_everything(0)
+    init = args.init.get(model)
+    module = (ImageClassifier.load_from_checkpoint(init, map_location="cpu") if init
+              else ImageClassifier(model, num_classes=10, lr=args.lr))
+    qat = QuantizationAwareTraining(engine=engine, start=0.0, freeze_bn=0.6, freeze_observers=0.8,
+                                    convert_on_fit_end=False)
+    trainer = pl.Trainer(max_steps=args.steps, accelerator="cpu", precision=args.precision, callbacks=[qat],
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
+    began = time.perf_counter()
+    trainer.fit(module, data)
+    train_s = time.perf_counter() - began
+    checkpoint = work / f"{model}_{engine}.ckpt"
+    trainer.save_checkpoint(checkpoint)
+
+    images = data.transform(data.test_set.images[:args.images], train=False)
+    labels = data.test_set.labels[:args.images]
+    began = time.perf_counter()
+    in_process = family_of(engine).convert_qat(copy.deepcopy(module.model).cpu().eval(), (images[:16],), "")
+    reference = logits_of(in_process, images)
+    convert_s = time.perf_counter() - began
+
+    runtimes = ENGINE_RUNTIMES[engine]
+    directory = work / f"export_{model}_{engine}"
+    began = time.perf_counter()
+    status = export([str(checkpoint), "--to", str(directory), "--overwrite", "--runtime", *runtimes,
+                     "--data-root", args.data, "--check-count", str(args.images), "--latency-repeats", "5"])
+    export_s = time.perf_counter() - began
+    manifest = json.loads((directory / "manifest.json").read_text())
+    row: dict[str, Any] = {"model": model, "engine": engine, "init": init, "steps": trainer.global_step,
+                           "train_s": round(train_s, 1), "convert_s": round(convert_s, 1),
+                           "export_s": round(export_s, 1), "export_status": status,
+                           "in_process": type(in_process).__name__, "images": len(labels), "runtimes": {}}
+    for runtime, network in shipped_networks(directory, runtimes).items():
+        result = parity(reference, logits_of(network, images), labels, tolerance=0.0)
+        artifact = "openvino" if runtime == "openvino" else {"onnxruntime": "onnx_int8"}.get(runtime, runtime)
+        exported = manifest["artifacts"].get(artifact, {})
+        row["runtimes"][runtime] = {
+            **result.to_dict(), "bytes": exported.get("bytes"), "export_check": exported.get("parity"),
+            "met": result.top1_agreement >= 0.99 and abs(result.accuracy - result.reference_accuracy) <= 0.001}
+    return row
+
+
+def render(rows: list[dict[str, Any]], machine: dict[str, Any], settings: dict[str, Any]) -> str:
+    """The markdown report."""
+    lines = ["# Shipped files vs the in-process int8 network, real CIFAR-10 test images (`benchmarks/deploy_parity.py`)",
+             "", f"Machine: {machine['cpu']['model']}, flags {', '.join(machine['cpu']['flags'])}; load average at "
+             f"the end {machine['load_average_1_5_15']}; torch {machine['torch']}. Settings: {settings}.", "",
+             "Target (issue 23): top-1 agreement >= 99 % and accuracy within 0.1 point, per runtime.", "",
+             "| model | engine | runtime | images | agreement | int8 network top-1 | file top-1 | difference | "
+             "file kB | met |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for row in rows:
+        for runtime, r in row["runtimes"].items():
+            size = "-" if r["bytes"] is None else f"{r['bytes'] / 1e3:,.0f}"
+            lines.append(f"| {row['model']} | {row['engine']} | {runtime} | {r['images']} | "
+                         f"{100 * r['top1_agreement']:.2f} % | {100 * r['reference_accuracy']:.2f} | "
+                         f"{100 * r['accuracy']:.2f} | {100 * (r['accuracy'] - r['reference_accuracy']):+.2f} | "
+                         f"{size} | {'met' if r['met'] else 'NOT met'} |")
+    lines += ["", "Per engine: QAT fine-tuning steps, seconds to train, convert and export (all runtimes of the "
+              "engine, with the export's own check):", ""]
+    lines += [f"- {row['model']}, {row['engine']}: {row['steps']} steps from "
+              f"{row['init'] or 'scratch'}; train {row['train_s']} s, convert {row['convert_s']} s, export "
+              f"{row['export_s']} s (exit {row['export_status']}); in-process int8 network: {row['in_process']}"
+              for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["resnet20", "mobilenetv2"])
+    parser.add_argument("--engines", nargs="+", default=list(ENGINE_RUNTIMES), choices=list(ENGINE_RUNTIMES))
+    parser.add_argument("--init", nargs="*", default=[], metavar="MODEL=CKPT",
+                        help="float checkpoint to fine-tune from, per model (default: from scratch)")
+    parser.add_argument("--steps", type=int, default=300, help="QAT fine-tuning steps")
+    parser.add_argument("--images", type=int, default=2000, help="test images compared")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=0.01, help="from scratch only (a checkpoint keeps its own)")
+    parser.add_argument("--precision", default="bf16-mixed")
+    parser.add_argument("--data", default=SHARED_CIFAR10)
+    parser.add_argument("--work-dir", default=None, help="checkpoints and exports (default: a temporary folder)")
+    add_output_arguments(parser, "deploy_parity")
+    args = parser.parse_args(argv)
+    pairs = [item.split("=", 1) for item in args.init]
+    if any(len(pair) != 2 or pair[0] not in args.models for pair in pairs):
+        parser.error(f"--init takes MODEL=CKPT with MODEL one of {args.models}, got {args.init}")
+    args.init = dict(pairs)
+
+    from lightning_compress import CIFARDataModule
+
+    data = CIFARDataModule(args.data, download=False, batch_size=args.batch_size, val_size=0)
+    data.prepare_data()
+    data.setup("fit")
+    data.setup("test")
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(args.work_dir or folder)
+        work.mkdir(parents=True, exist_ok=True)
+        for model in args.models:
+            for engine in args.engines:
+                rows.append(measure(model, engine, args, data, work))
+                print(f"[deploy_parity] {model} {engine}: "
+                      + ", ".join(f"{k} {100 * v['top1_agreement']:.2f} %" for k, v in rows[-1]["runtimes"].items()),
+                      flush=True)
+    machine, settings = machine_info(), run_settings(args)
+    write_results(args.name, {"machine": machine, "settings": settings, "rows": rows},
+                  render(rows, machine, settings), args.results_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
