@@ -67,8 +67,9 @@ def measure(model: str, engine: str, args: argparse.Namespace, data: Any, work: 
 
     pl.seed_everything(0)
     init = args.init.get(model)
-    module = (ImageClassifier.load_from_checkpoint(init, map_location="cpu") if init
-              else ImageClassifier(model, num_classes=10, lr=args.lr))
+    settings = {"lr": args.lr, "lr_schedule": "cosine", "warmup": 0.0}  # a fine-tuning schedule over --steps
+    module = (ImageClassifier.load_from_checkpoint(init, map_location="cpu", **settings) if init
+              else ImageClassifier(model, num_classes=10, **settings))
     qat = QuantizationAwareTraining(engine=engine, start=0.0, freeze_bn=0.6, freeze_observers=0.8,
                                     convert_on_fit_end=False)
     trainer = pl.Trainer(max_steps=args.steps, accelerator="cpu", precision=args.precision, callbacks=[qat],
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=300, help="QAT fine-tuning steps")
     parser.add_argument("--images", type=int, default=2000, help="test images compared")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=0.01, help="from scratch only (a checkpoint keeps its own)")
+    parser.add_argument("--lr", type=float, default=0.01, help="peak learning rate (cosine over --steps, no warm-up)")
     parser.add_argument("--precision", default="bf16-mixed")
     parser.add_argument("--data", default=SHARED_CIFAR10)
     parser.add_argument("--work-dir", default=None, help="checkpoints and exports (default: a temporary folder)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,27 @@ def measure(path: Path, data: CIFARDataModule, bn_batches: int, train_images: in
             "bn_reestimated": split_accuracies(reestimate_bn(network, data, bn_batches), data, train_images)}
 
 
+def trend(rows: list[dict[str, Any]]) -> list[str]:
+    """How the validation - test gap moves with test top-1 across the checkpoints (least squares), as lines.
+
+    Example:
+        >>> rows = [{"as_trained": {"val": v, "test": t}} for v, t in ((84.0, 83.0), (86.0, 85.5), (88.0, 88.0))]
+        >>> trend(rows)[1][:60]
+        'Gap against test top-1 over these 3 checkpoints: -0.200 poin'
+    """
+    if len(rows) < 3:
+        return []
+    tests = [row["as_trained"]["test"] for row in rows]
+    gaps = [row["as_trained"]["val"] - row["as_trained"]["test"] for row in rows]
+    if len(set(tests)) < 2 or len(set(gaps)) < 2:
+        return []
+    fit = statistics.linear_regression(tests, gaps)
+    return ["", f"Gap against test top-1 over these {len(rows)} checkpoints: {fit.slope:+.3f} points of gap per point of "
+                f"test top-1 (Pearson r = {statistics.correlation(tests, gaps):+.2f}); the gap predicted at "
+                f"{max(tests):.2f} % test top-1: {fit.intercept + fit.slope * max(tests):+.2f}, at {min(tests):.2f} %: "
+                f"{fit.intercept + fit.slope * min(tests):+.2f}."]
+
+
 def render(rows: list[dict[str, Any]], classes: list[str], settings: dict[str, Any], machine: dict[str, Any]) -> str:
     """The markdown report."""
     lines = ["# Validation vs test split, per checkpoint (`benchmarks/split_gap.py`)", "",
@@ -89,6 +111,7 @@ def render(rows: list[dict[str, Any]], classes: list[str], settings: dict[str, A
         lines.append(f"| {row['checkpoint']} | {row['sparsity']:.1%} | {a['train']:.2f} | {a['val']:.2f} | "
                      f"{a['test']:.2f} | {a['val'] - a['test']:+.2f} | {b['val']:.2f} | {b['test']:.2f} | "
                      f"{b['val'] - b['test']:+.2f} |")
+    lines += trend(rows)
     lines += ["", "Per class (as trained), validation - test, points:", "",
               "| checkpoint | " + " | ".join(classes) + " |", "|---|" + "---:|" * len(classes)]
     for row in rows:
