@@ -48,7 +48,8 @@ OPTIONAL_RUNTIMES = ("openvino", "aoti", "executorch")
 ExecuTorch (XNNPACK) the xnnpack graph."""
 LABELS = {"torch_fp32": "torch fp32 eager", "ort_fp32": "onnxruntime fp32", "torch_int8_x86": "torch int8 `.pt` (x86)",
           "ort_quantize_static": "onnxruntime int8 (`quantize_static`)", "ours_qdq": "ours: QDQ ONNX in onnxruntime",
-          "openvino_qdq": "ours: the same file in OpenVINO", "aoti_int8": "AOTInductor `.pt2` (x86_inductor)",
+          "openvino_qdq": "ours: the same file in OpenVINO", "openvino_ir": "OpenVINO IR of that file (`.xml`/`.bin`)",
+          "aoti_int8": "AOTInductor `.pt2` (x86_inductor)",
           "executorch_int8": "ExecuTorch `.pte` (xnnpack; its pool: the fewest --threads)"}
 
 
@@ -59,6 +60,29 @@ def calibrated_network(name: str, batches: list[torch.Tensor]) -> torch.nn.Modul
         for x in batches:
             net(x)
     return net.eval()
+
+
+class OpenVinoIr(torch.nn.Module):
+    """An ONNX model converted once to OpenVINO's own IR (``openvino.save_model``, weights kept as they are) and
+    compiled from the ``.xml``/``.bin`` pair, as a deployment that ships the IR would; ``compile_s`` times reading
+    and compiling the IR, ``onnx_compile_s`` the same from the ONNX file."""
+
+    def __init__(self, onnx_model: bytes, threads: int, folder: Path) -> None:
+        super().__init__()
+        import openvino
+
+        core, config = openvino.Core(), {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1}
+        xml = folder / "model.xml"
+        openvino.save_model(core.read_model(onnx_model), str(xml), compress_to_fp16=False)
+        start = time.perf_counter()
+        core.compile_model(core.read_model(onnx_model), "CPU", config)
+        self.onnx_compile_s = time.perf_counter() - start
+        start = time.perf_counter()
+        self.compiled = core.compile_model(core.read_model(str(xml)), "CPU", config)
+        self.compile_s = time.perf_counter() - start
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.compiled(images.numpy())[0].copy())
 
 
 def ort_quantize_static(fp32_onnx: bytes, batches: list[torch.Tensor]) -> bytes:
@@ -153,6 +177,10 @@ def markdown(result: dict) -> str:
         f"{name}: fp32 ONNX {r['bytes']['ort_fp32']:,}, quantize_static {r['bytes']['ort_quantize_static']:,}, "
         f"ours {r['bytes']['ours_qdq']:,}" + "".join(
             f", {LABELS[k]} {r['bytes'][k]:,}" for k in ("aoti_int8", "executorch_int8") if k in r["bytes"]) for name, r in {row["model"]: row for row in result["rows"]}.items()), ""]
+    if result.get("openvino_compile_s"):
+        lines += ["OpenVINO read + compile seconds, from the QDQ ONNX file vs from its IR: " + "; ".join(
+            f"{key}: {value['onnx']:.3g} vs {value['ir']:.3g}" for key, value in result["openvino_compile_s"].items()),
+            ""]
     return "\n".join(lines)
 
 
@@ -171,7 +199,7 @@ def main() -> None:
         use_threads(min(args.threads))
     generator = torch.Generator().manual_seed(0)
     calibration = [torch.randn(16, 3, 32, 32, generator=generator) for _ in range(args.calibration_batches)]
-    rows, structure = [], {}
+    rows, structure, compile_s = [], {}, {}
     for name in args.models:
         net = calibrated_network(name, calibration)
         fp32_onnx = onnx_bytes(net, calibration[0][:1])
@@ -198,6 +226,9 @@ def main() -> None:
                       "ours_qdq": OnnxRuntimeNetwork(ours.program_bytes(), threads)}
             if "openvino" in args.runtimes:
                 models["openvino_qdq"] = OpenVinoNetwork(ours.program_bytes(), threads)
+                models["openvino_ir"] = OpenVinoIr(ours.program_bytes(), threads, Path(tempfile.mkdtemp()))
+                compile_s[f"{name} {threads} thread(s)"] = {"onnx": round(models["openvino_ir"].onnx_compile_s, 3),
+                                                            "ir": round(models["openvino_ir"].compile_s, 3)}
             if "aoti" in args.runtimes:
                 models["aoti_int8"] = AotiNetwork(package)
             if "executorch" in args.runtimes:
@@ -211,6 +242,7 @@ def main() -> None:
                              "bytes": sizes, "load_average_1min": load})
                 print(name, threads, batch, f"load {load}", {k: round(v, 3) for k, v in ms.items()}, flush=True)
     result = {"machine": machine_info(), "settings": run_settings(args), "rows": rows, "optimized_ops": structure,
+              "openvino_compile_s": compile_s,
               "onnxruntime": __import__("onnxruntime").__version__, "openvino": __import__("openvino").__version__}
     write_results(args.name, result, markdown(result), args.results_dir)
 

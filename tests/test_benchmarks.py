@@ -109,7 +109,9 @@ def check_deploy_latency(result: dict[str, Any], markdown: str) -> None:
     (row,) = result["rows"]
     assert (row["model"], row["threads"], row["batch"], row["repeats"]) == ("resnet20", 1, 1, 5)
     assert set(row["ms"]) == {"torch_fp32", "ort_fp32", "torch_int8_x86", "ort_quantize_static", "ours_qdq",
-                              "openvino_qdq"}  # AOTInductor left out (--runtimes openvino): a minute of C++ build
+                              "openvino_qdq", "openvino_ir"}  # AOTInductor left out (--runtimes openvino): C++ build
+    (compile_s,) = result["openvino_compile_s"].values()
+    assert compile_s["onnx"] > 0 and compile_s["ir"] > 0 and "from the QDQ ONNX file vs from its IR" in markdown
     assert "ours: the same file in OpenVINO" in markdown and "fastest int8" in markdown
     assert all(ms > 0 for ms in row["ms"].values()) and row["load_average_1min"] >= 0
     assert row["bytes"]["ours_qdq"] < row["bytes"]["ort_fp32"] / 2  # int8 weights in the file
