@@ -5,7 +5,8 @@
 in turn from a copy and notes which layers' input and output channels moved, so any assignment of group
 widths maps to every layer's shape without tracing again. :func:`width_sensitivity` measures, for each group
 alone, how far the network's outputs move from the dense ones when the group is cut to each candidate width
-(its least important channels removed, as ``ChannelPruning`` would remove them).
+(its least important channels removed, as ``ChannelPruning`` would remove them; batch-norm statistics
+re-estimated on the same inputs before scoring, :func:`reestimate_norms`).
 
 Example:
     >>> net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 4, 3))
@@ -128,7 +129,8 @@ def output_distance(reference: torch.Tensor, output: torch.Tensor) -> float:
 def width_sensitivity(network: nn.Module, inputs: Sequence[torch.Tensor], space: ChannelSpace, round_to: int,
                       importance: ImportanceLike = "l1") -> dict[str, dict[int, float]]:
     """Per group and candidate width: the output distance from the dense network when that group alone keeps
-    that width (its least important channels by ``importance`` removed); ``network`` is unchanged.
+    that width (its least important channels by ``importance`` removed, then batch-norm statistics re-estimated on
+    ``inputs``, as for the dense reference: :func:`reestimate_norms`); ``network`` is unchanged.
 
     Args:
         network: The trained network.
@@ -141,8 +143,10 @@ def width_sensitivity(network: nn.Module, inputs: Sequence[torch.Tensor], space:
         ``{group: {width: distance}}``, the dense width at 0.
     """
     criterion = resolve_importance(importance)
-    with eval_mode(network), torch.no_grad():
-        reference = [network(batch) for batch in inputs]
+    dense_network = copy.deepcopy(network)
+    reestimate_norms(dense_network, inputs)
+    with eval_mode(dense_network), torch.no_grad():
+        reference = [dense_network(batch) for batch in inputs]
     costs: dict[str, dict[int, float]] = {}
     for name, dense in space.widths.items():
         clone = copy.deepcopy(network)
@@ -153,10 +157,40 @@ def width_sensitivity(network: nn.Module, inputs: Sequence[torch.Tensor], space:
             current = group_channels(group)
             scores = criterion(group)
             remove_channels(graph, {name: torch.argsort(scores.float(), stable=True)[:current - width].tolist()})
+            reestimate_norms(clone, inputs)
             with eval_mode(clone), torch.no_grad():
                 distances = [output_distance(ref, clone(batch)) for ref, batch in zip(reference, inputs)]
             costs[name][width] = sum(distances) / len(distances)
     return costs
+
+
+def reestimate_norms(network: nn.Module, inputs: Sequence[torch.Tensor]) -> None:
+    """Replace every batch-norm's running statistics by their plain average over ``inputs`` (forward passes with
+    only the norms in training mode), in place.
+
+    A network scored right after channels are cut carries statistics of channels that are gone, which ranks cuts
+    unlike their accuracy after fine-tuning; scored with re-estimated statistics it ranks them alike (adaptive
+    batch normalization, EagleEye: Li et al., 2020). Dense and cut networks are scored the same way.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+        >>> reestimate_norms(net, [torch.full((2, 3, 4, 4), 2.0)])
+        >>> bool(net[1].running_var.max() < 1e-3), net[1].momentum
+        (True, 0.1)
+    """
+    norms = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return
+    momenta = [norm.momentum for norm in norms]
+    with eval_mode(network), torch.no_grad():
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None  # cumulative average
+            norm.train()
+        for batch in inputs:
+            network(batch)
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
 
 
 def slimmed_copy(network: nn.Module, example: torch.Tensor, widths: Mapping[str, int],
