@@ -158,9 +158,10 @@ PT2E_WHOLE_SET = ("channel", "magnitude", "qat_xnnpack", "kd")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("precision", [pytest.param("32-true", marks=pytest.mark.extended), "bf16-mixed"])
 def test_pt2e_engine_whole_set(precision, tmp_path):
     """QAT on torchao PT2E (engine='xnnpack', ending as its ExecuTorch program) with every other technique."""
+    # fp32 is extended: the kill -9 resume test trains this whole set with engine='xnnpack' in fp32 by default
     check_case("dict_module", PT2E_WHOLE_SET, precision, tmp_path, report=True)
 
 
