@@ -7,8 +7,8 @@ suite row's, else from scratch) for ``--steps`` optimizer steps, saved as a Ligh
 ``onnxruntime`` -> onnxruntime and OpenVINO, one QDQ file; ``xnnpack`` -> ExecuTorch ``.pte``;
 ``x86_inductor`` -> AOTInductor ``.pt2``). Each file is then loaded from the export directory by its runtime and
 compared with the in-process int8 network (the engine's conversion of the same checkpoint, before any program
-is built: the QDQ model in onnxruntime, or the PT2E quantize/dequantize graph in eager torch) on the first
-``--images`` test images: top-1 agreement (strict, no near-tie tolerance) and accuracy of both. The export's
+is built: the QDQ model in onnxruntime, or the PT2E quantize/dequantize graph in eager torch) on ``--images``
+test images spread evenly over the split (every 5th of 10,000 for 2,000; the split is sorted by class): top-1 agreement (strict, no near-tie tolerance) and accuracy of both. The export's
 own check (against the fake-quant network, on its seeded sample) is recorded beside it.
 
 Target (issue 23): agreement >= 99 % on 2,000 images and accuracy within 0.1 point, per runtime.
@@ -52,6 +52,18 @@ def shipped_networks(directory: Path, runtimes: tuple[str, ...]) -> dict[str, to
     return {runtime: loaders[runtime]() for runtime in runtimes}
 
 
+def meets_target(result: dict[str, Any]) -> bool:
+    """Issue 23's target: top-1 agreement >= 99 % and accuracy within 0.1 point (counted in images, not floats).
+
+    Example:
+        >>> meets_target({"images": 2000, "top1_agreement": 0.996, "accuracy": 0.9315, "reference_accuracy": 0.9325})
+        True
+    """
+    images = result["images"]
+    differing = abs(round(result["accuracy"] * images) - round(result["reference_accuracy"] * images))
+    return result["top1_agreement"] >= 0.99 and differing <= 0.001 * images + 1e-9
+
+
 def logits_of(network: torch.nn.Module, images: torch.Tensor, batch: int = 250) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([network(images[i:i + batch]).float() for i in range(0, len(images), batch)])
@@ -81,8 +93,9 @@ def measure(model: str, engine: str, args: argparse.Namespace, data: Any, work: 
     checkpoint = work / f"{model}_{engine}.ckpt"
     trainer.save_checkpoint(checkpoint)
 
-    images = data.transform(data.test_set.images[:args.images], train=False)
-    labels = data.test_set.labels[:args.images]
+    every = torch.arange(0, len(data.test_set.labels), max(1, len(data.test_set.labels) // args.images))[:args.images]
+    images = data.transform(data.test_set.images[every], train=False)  # evenly spread: the split is sorted by class
+    labels = data.test_set.labels[every]
     began = time.perf_counter()
     in_process = family_of(engine).convert_qat(copy.deepcopy(module.model).cpu().eval(), (images[:16],), "")
     reference = logits_of(in_process, images)
@@ -103,9 +116,8 @@ def measure(model: str, engine: str, args: argparse.Namespace, data: Any, work: 
         result = parity(reference, logits_of(network, images), labels, tolerance=0.0)
         artifact = "openvino" if runtime == "openvino" else {"onnxruntime": "onnx_int8"}.get(runtime, runtime)
         exported = manifest["artifacts"].get(artifact, {})
-        row["runtimes"][runtime] = {
-            **result.to_dict(), "bytes": exported.get("bytes"), "export_check": exported.get("parity"),
-            "met": result.top1_agreement >= 0.99 and abs(result.accuracy - result.reference_accuracy) <= 0.001}
+        row["runtimes"][runtime] = {**result.to_dict(), "bytes": exported.get("bytes"),
+                                    "export_check": exported.get("parity"), "met": meets_target(result.to_dict())}
     return row
 
 
