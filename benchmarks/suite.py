@@ -18,8 +18,8 @@ Budgets (``--budget``):
   the CPU has native bf16, else fp32 (still 30 epochs); the rows of ``suite_rows.BLOCK_ROWS`` (KD at
   alpha=0.5). Estimated, not measured as a block: ~36 minutes per dense ResNet-20 row, ~1 h 45 min for
   the teacher, ~1 h 10 min per online-KD row with two rows side by side (~70 s per epoch per process, one
-  thread each), about 4 h 15 min for the block with ``--jobs 2`` on an otherwise idle 2-core EPYC
-  (``--plan-only`` prints the plan with each row's estimate).
+  thread each), about 6 h 50 min for the block's 16 rows with ``--jobs 2`` on an otherwise idle 2-core EPYC
+  (beside tests the rows ran ~1.5x longer; ``--plan-only`` prints the plan with each row's estimate).
 * ``gpu``: one CUDA GPU, data kept on the device, bf16, 15 epochs, batch 512 (sized for about 6
   minutes of H200 time for the table; ``device.sh`` runs it under a deadline, most informative rows first).
 

@@ -21,7 +21,7 @@ LIMITS: dict[str, dict[str, float]] = {
     "cpu30": {"gmp90": 2.0, "channel50": 1.0, "qat": 0.3, "lowrank": 1.0, "pipeline": 2.5},  # issue 25
 }
 """Points below dense (low-rank: below channel pruning) each target allows, per budget (others: ``cpu``'s)."""
-FIXES = {"gmp90": ("gmp90_kd", "gmp90_early"), "channel50": ("channel50_planned",)}
+FIXES = {"gmp90": ("gmp90_kd", "gmp90_early"), "channel50": ("channel50_planned",), "pipeline": ("pipeline_quarter",)}
 """Rows that try to fix a row's miss, read against the same target."""
 
 
@@ -206,20 +206,24 @@ def targets(ok: dict[str, dict[str, Any]], budget: str = "cpu") -> list[str]:
         out.append(f"- low-rank vs channel pruning: {gap:+.2f} points below it at {macs:.2f}x its MACs "
                    f"(limit {limits['lowrank']}): {'met' if gap <= limits['lowrank'] else 'NOT met'}")
     out += target_lines(ok, dense)
-    pipe = ok.get("pipeline")
-    if pipe is None:
+    if "pipeline" not in ok:
         out.append("- full pipeline: not measured")
-    else:
+    for row in ("pipeline", *FIXES["pipeline"]):
+        pipe = ok.get(row)
+        if pipe is None:
+            continue
         smaller = dense["artifact"]["bytes"] / pipe["artifact"]["bytes"]
         packed = dense["artifact"]["bytes"] / pipe["packed_bytes"]
         lat = pipe["latency_ms"]
         int8_ms = lat.get("ort_int8", lat.get("torchscript_int8"))
         faster = dense["latency_ms"]["ort_fp32"] / int8_ms if int8_ms else None
-        d = drop("pipeline")
+        d = drop(row)
         met = smaller >= 10 and faster is not None and faster >= 3 and d <= limits["pipeline"]
-        out.append(f"- full pipeline: deployed artifact {smaller:.1f}x smaller than dense's fp32 ONNX (packed "
+        label = "- full pipeline" if row == "pipeline" else f"  - fix `{row}`"
+        out.append(f"{label}: deployed artifact {smaller:.1f}x smaller than dense's fp32 ONNX (packed "
                    f"weights {packed:.1f}x), int8 {'-' if faster is None else f'{faster:.2f}x'} faster than dense on "
-                   f"onnxruntime fp32 (batch 1, 1 thread), {d:+.2f} points below dense: {'met' if met else 'NOT met'}")
+                   f"onnxruntime fp32 (batch 1, 1 thread; the two rows' latencies measured at their own times), "
+                   f"{d:+.2f} points below dense: {'met' if met else 'NOT met'}")
     return out
 
 

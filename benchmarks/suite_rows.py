@@ -175,8 +175,8 @@ def nm24(ctx: Context) -> Plan:
     return Plan(callbacks=[_lc().MagnitudePruning(pattern="2:4", start=0.05, end=0.6, update_every=ctx.every(40))])
 
 
-def _channel(ctx: Context, end: float = 0.5) -> Any:
-    return _lc().ChannelPruning(kept_macs_ratio=0.5, round_to=8, start=0.0, end=end, update_every=ctx.every(20))
+def _channel(ctx: Context, end: float = 0.5, macs: float = 0.5) -> Any:
+    return _lc().ChannelPruning(kept_macs_ratio=macs, round_to=8, start=0.0, end=end, update_every=ctx.every(20))
 
 
 def channel50(ctx: Context) -> Plan:
@@ -272,6 +272,15 @@ def pipeline(ctx: Context) -> Plan:
                            _kd(ctx, alpha=0.5), callback], qat=callback)
 
 
+def pipeline_quarter(ctx: Context) -> Plan:
+    """The pipeline with channel pruning to a quarter of the MACs (until 40 %) + GMP 50 % + KD (alpha=0.5) + QAT:
+    the fix tried for the pipeline's size and speed target, which half the MACs missed (2.0x faster, 4.8x smaller)."""
+    callback = _qat()
+    return Plan(callbacks=[_channel(ctx, end=0.4, macs=0.25),
+                           _lc().MagnitudePruning(final_sparsity=0.5, start=0.45, end=0.7, update_every=ctx.every(40)),
+                           _kd(ctx, alpha=0.5), callback], qat=callback)
+
+
 def dense(ctx: Context) -> Plan:
     """The dense ResNet-20: the reference of every row."""
     return Plan()
@@ -312,6 +321,8 @@ ROWS: dict[str, Row] = {
     "qat": Row(qat, ("quantization", "export"), cost=1.25),
     "lowrank": Row(lowrank, ("factorization",), cost=1.1),
     "pipeline": Row(pipeline, ("pruning", "distillation", "quantization", "export"), needs=("teacher",), cost=1.9),
+    "pipeline_quarter": Row(pipeline_quarter, ("pruning", "distillation", "quantization", "export"),
+                            needs=("teacher",), cost=1.7),
     "channel50_planned": Row(channel50_planned, ("pruning", "planning"), cost=0.8),
     "target50": Row(target50, ("pruning", "planning"), cost=0.8),
     "target50_uniform": Row(target50_uniform, ("pruning", "planning"), cost=0.8),
@@ -322,7 +333,7 @@ BLOCK_ROWS: dict[str, tuple[str, ...]] = {
     # 4-epoch block's evidence chose (RESULTS.md); the GMP 90 % fixes (distillation, an earlier schedule end)
     # beside it; kd (0.9) and kd_cached run with --only
     "cpu30": ("teacher", "dense", "qat", "gmp90", "kd_alpha05", "gmp90_kd", "lowrank", "channel50", "gmp90_early", "gmp50",
-              "nm24", "pipeline", "channel50_planned", "target50", "target50_uniform"),
+              "nm24", "pipeline", "channel50_planned", "target50", "target50_uniform", "pipeline_quarter"),
 }
 """Rows a budget runs when ``--only`` is not given, in queue order; a budget not named here runs every row."""
 ROW_VERSION = 2

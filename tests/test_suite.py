@@ -240,7 +240,7 @@ def test_plan_runs_the_teacher_first_and_kd_after_it() -> None:
         assert slots[row].start_s >= slots["teacher"].end_s
     for t in {slot.start_s for slot in slots.values()}:  # never more than two at a time
         assert sum(slot.start_s <= t < slot.end_s for slot in slots.values()) <= 2
-    assert 4.5 * 3600 < max(slot.end_s for slot in slots.values()) < 6 * 3600  # ~5 h 20 min at ~70 s/epoch
+    assert 6 * 3600 < max(slot.end_s for slot in slots.values()) < 7.5 * 3600  # ~6 h 50 min at ~70 s/epoch
     fp32, _ = suite_rows.resolve_budget("cpu30", NO_BF16)
     assert suite_queue.estimate_s("dense", fp32) > 1.5 * estimates["dense"]
     # a KD row asked for alone queues its teacher first; a landed teacher is not run again
@@ -324,7 +324,7 @@ def test_queue_does_not_start_rows_whose_teacher_failed(tmp_path: Path) -> None:
 def test_report_says_which_cpu30_rows_are_done_and_queued(tmp_path: Path) -> None:
     markdown = suite_report.write_report(tmp_path).read_text()
     assert "## Budget: cpu30" in markdown and "No row has landed yet; estimated " in markdown
-    assert "**Done (0 of 15):** none yet. **Queued** (not run, failed, or measured with older code): teacher, dense," \
+    assert "**Done (0 of 16):** none yet. **Queued** (not run, failed, or measured with older code): teacher, dense," \
            in markdown and "`python benchmarks/suite.py --budget cpu30 --jobs 2`" in markdown
     budget, reason = suite_rows.resolve_budget("cpu30")
     runner = suite.Suite(budget, reason, "cifar10-jpeg.tar.gz", tmp_path, tmp_path / "work", side_by_side=2)
@@ -337,9 +337,9 @@ def test_report_says_which_cpu30_rows_are_done_and_queued(tmp_path: Path) -> Non
     markdown = suite_report.write_report(tmp_path).read_text()
     block = markdown[markdown.index("## Budget: cpu30"):]
     assert "No row has landed yet" not in block and "rows run 2 side by side" in block
-    assert "**Done (1 of 15):** lowrank. **Queued** (not run, failed, or measured with older code): teacher, dense, " \
+    assert "**Done (1 of 16):** lowrank. **Queued** (not run, failed, or measured with older code): teacher, dense, " \
            "qat, gmp90, kd_alpha05, gmp90_kd, channel50, gmp90_early, gmp50, nm24, pipeline, channel50_planned, " \
-           "target50, target50_uniform." in block
+           "target50, target50_uniform, pipeline_quarter." in block
     assert "| dense | The dense ResNet-20: the reference of every row | failed: RuntimeError: x |" in block
 
 
@@ -379,6 +379,11 @@ def test_targets_say_met_or_not() -> None:
            "(T=4, alpha=0.5)): +1.50 points below dense (limit 2.0): met" in lines
     assert "- low-rank vs channel pruning: +1.20 points below it at 1.05x its MACs (limit 1.0): NOT met" in lines
     assert lines.endswith("+2.00 points below dense: met") and "within 2.5 points" in lines
+    ok["pipeline_quarter"] = _ok("pipeline_quarter", 79.0, artifact={"bytes": 80_000}, packed_bytes=40_000,
+                                 latency_ms={"ort_int8": 0.25})
+    lines = "\n".join(suite_report.targets(ok, "cpu30"))
+    assert "  - fix `pipeline_quarter`: deployed artifact 12.5x smaller than dense's fp32 ONNX (packed weights " \
+           "25.0x), int8 4.00x faster" in lines and lines.endswith("+1.00 points below dense: met")
 
 
 def test_target_rows_are_read_against_their_check_and_the_uniform_widths() -> None:
