@@ -27,6 +27,7 @@ from torch import nn
 
 from lightning_compress import CIFARDataModule, ImageClassifier
 from lightning_compress.core.accounting import count_nonzero
+from lightning_compress.planning.widths import reestimate_norms
 
 
 def predictions(network: nn.Module, data: CIFARDataModule, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
@@ -39,18 +40,12 @@ def predictions(network: nn.Module, data: CIFARDataModule, images: torch.Tensor,
 
 def reestimate_bn(network: nn.Module, data: CIFARDataModule, batches: int, batch_size: int = 128) -> nn.Module:
     """A copy whose batch-norm statistics are the plain average over ``batches`` augmented training batches."""
-    network = copy.deepcopy(network)
-    norms = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # cumulative average
     generator = torch.Generator().manual_seed(0)
     images = data.train_set.images
-    network.train()
-    with torch.no_grad():
-        for _ in range(batches):
-            index = torch.randint(len(images), (batch_size,), generator=generator)
-            network(data.transform(images[index], train=True, generator=generator))
+    inputs = [data.transform(images[torch.randint(len(images), (batch_size,), generator=generator)], train=True,
+                             generator=generator) for _ in range(batches)]
+    network = copy.deepcopy(network)
+    reestimate_norms(network, inputs)
     return network.eval()
 
 

@@ -83,6 +83,11 @@ class DictBatchModule(RestoresArchitecture, pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
 
+def same_entry(value, saved) -> bool:
+    """Equal state-dict entries: tensors element for element, extra state (a PT2E graph's) by value."""
+    return torch.equal(value, saved) if isinstance(value, torch.Tensor) else value == saved
+
+
 class KillAt(pl.Callback):
     """SIGKILL this process when optimizer step ``step`` starts (its checkpoint is on disk by then)."""
 

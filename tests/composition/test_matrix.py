@@ -28,7 +28,7 @@ from lightning_compress import (
 )
 from lightning_compress.core.accounting import count_macs
 from lightning_compress.report import is_int8
-from tests.composition.modules import DictBatchModule, dict_loader
+from tests.composition.modules import DictBatchModule, dict_loader, same_entry
 from tests.toy import ToyConvNet, random_loader
 
 TECHNIQUES = ("channel", "magnitude", "qat", "kd")
@@ -69,11 +69,6 @@ def fit(module, loader, callbacks, precision, tmp_path):
                          logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(module, loader)
     return trainer, tmp_path / "last.ckpt"
-
-
-def _same(value, saved):
-    """Equal state-dict entries: tensors element for element, extra state (a PT2E graph's) by value."""
-    return torch.equal(value, saved) if isinstance(value, torch.Tensor) else value == saved
 
 
 def check_case(kind, names, precision, tmp_path, report=False):
@@ -119,7 +114,7 @@ def check_case(kind, names, precision, tmp_path, report=False):
     if "channel" in names or "target" in names:
         assert count_macs(reloaded.eval(), example) < 0.8 * dense_macs
     differing = [key for key, value in reloaded.state_dict().items()
-                 if not _same(value, checkpoint["state_dict"][prefix + key])]
+                 if not same_entry(value, checkpoint["state_dict"][prefix + key])]
     assert differing == [], [(reloaded.state_dict()[k], checkpoint["state_dict"][prefix + k]) for k in differing[:2]]
     tester = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     fresh_again, test_loader = make_module(kind)

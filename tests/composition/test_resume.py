@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.composition.modules import same_entry
+
 SCRIPT = Path(__file__).with_name("resume_run.py")
 
 
@@ -37,7 +39,6 @@ def test_killed_twice_inside_the_windows_ends_bitwise_equal(variant, tmp_path):
     assert run(interrupted, *variant, "--resume") == 0
     expected, got = torch.load(full / "final.pt"), torch.load(interrupted / "final.pt")
     assert expected.keys() == got.keys()
-    same = lambda a, b: torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b  # noqa: E731
-    assert [key for key in expected if not same(expected[key], got[key])] == []
+    assert [key for key in expected if not same_entry(expected[key], got[key])] == []
     # the run really ended quantization-aware (FX: fake-quant modules; PT2E: its graph's observer modules)
     assert any("weight_fake_quant" in key or "activation_post_process" in key for key in got), list(got)[:8]
