@@ -120,6 +120,20 @@ def test_sensitivity_is_zero_at_the_dense_width_and_grows_with_removal():
     assert costs["layer3.0.conv1"][16] > costs["layer3.0.conv1"][48] > 0.0
 
 
+def test_sensitivity_scores_cuts_with_statistics_re_estimated_on_the_inputs():
+    torch.manual_seed(0)
+    net = create_model("resnet20", num_classes=10).eval()
+    inputs = [torch.randn(16, 3, 32, 32)]
+    space = channel_space(net, inputs[0][:1], ["fc"])
+    before = width_sensitivity(net, inputs, space, round_to=16)
+    for norm in (m for m in net.modules() if isinstance(m, nn.BatchNorm2d)):  # stale statistics: no effect
+        norm.running_mean.uniform_(-3, 3)
+        norm.running_var.uniform_(0.1, 5)
+    after = width_sensitivity(net, inputs, space, round_to=16)
+    flat = lambda costs: {(g, w): c for g, widths in costs.items() for w, c in widths.items()}  # noqa: E731
+    assert flat(after) == pytest.approx(flat(before), rel=1e-4, abs=1e-7) and max(flat(before).values()) > 0
+
+
 def test_latency_model_is_calibrated_on_two_real_measurements():
     net = create_model("resnet20", num_classes=10).eval()
     planner = TargetPlanner(net, torch.randn(1, 3, 32, 32), Target("latency_ratio", 0.5), batch_size=8,
