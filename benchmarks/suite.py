@@ -20,8 +20,8 @@ Budgets (``--budget``):
   the teacher, ~1 h 10 min per online-KD row with two rows side by side (~70 s per epoch per process, one
   thread each), about 6 h 50 min for the block's 16 rows with ``--jobs 2`` on an otherwise idle 2-core EPYC
   (beside tests the rows ran ~1.5x longer; ``--plan-only`` prints the plan with each row's estimate).
-* ``gpu``: one CUDA GPU, data kept on the device, bf16, 15 epochs, batch 512 (sized for about 6
-  minutes of H200 time for the table; ``device.sh`` runs it under a deadline, most informative rows first).
+* ``gpu``: one CUDA GPU, data kept on the device, bf16, 15 epochs, batch 512; ``device.sh`` runs it under
+  a deadline, most informative rows first (on an H200 its 8 minutes held nine of the twelve rows).
 
 Every row trains with the shipped recipes' optimizer settings (``recipes/baseline_resnet20.yaml``: SGD
 with Nesterov momentum, weight decay, cosine schedule, one warm-up epoch) and reports its deployed

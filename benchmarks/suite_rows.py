@@ -88,9 +88,8 @@ def resolve_budget(name: str, cpu: dict[str, Any] | None = None) -> tuple[Budget
             return Budget("cpu30", epochs=30, teacher_epochs=30), "bf16 autocast: the CPU has native bf16"
         return Budget("cpu30", epochs=30, teacher_epochs=30, precision="32-true"), f"fp32: {NO_BF16}"
     if name == "gpu":
-        # sized for ~6 minutes of H200 time for the whole table with device.sh's ordering (estimated,
-        # not yet measured: ~1.5 s per ResNet-20 epoch at batch 512 incl. Lightning's per-step work,
-        # ~8 s per row of fixed cost: CPU test, ONNX export, latency)
+        # device.sh's 8-minute deadline fits about nine rows in its ordering on an H200 (each row's wall
+        # time is in suite_gpu.jsonl)
         return (Budget("gpu", epochs=15, teacher_epochs=15, batch_size=512, accelerator="gpu", lr=0.2,
                        data_on_device=True, latency_repeats=300), "one CUDA GPU, data on the device")
     raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, got {name!r}")

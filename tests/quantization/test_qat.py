@@ -7,10 +7,12 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lightning_compress.core.onnx import OnnxRuntimeNetwork
 from lightning_compress.pruning import MagnitudePruning
 from lightning_compress.quantization import QuantizationAwareTraining
 from lightning_compress.quantization.convert import convert
 from lightning_compress.quantization.prepare import is_prepared
+from lightning_compress.report import is_int8
 from tests.toy import UserClassifier, random_loader
 
 
@@ -258,9 +260,24 @@ def test_with_magnitude_pruning(make_trainer, qat_first):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_gpu_fit_converts_on_cpu_and_refuses_gpu_test(make_trainer):
+def test_gpu_fit_ships_onnxruntime_and_tests_it_on_the_gpu_trainer(make_trainer):
+    """The default engine's int8 network is the onnxruntime program: a GPU trainer tests it (inputs go to the
+    CPU session, logits come back on the GPU) and reads what a CPU trainer reads."""
     model = UserClassifier()
     trainer = make_trainer([QuantizationAwareTraining()], accelerator="gpu", max_steps=4, max_epochs=None)
+    trainer.fit(model, random_loader())
+    assert isinstance(model.net, OnnxRuntimeNetwork) and is_int8(model.net)
+    on_gpu = trainer.test(model, random_loader(), verbose=False)[0]["test_acc"]
+    on_cpu = make_trainer([]).test(model, random_loader(), verbose=False)[0]["test_acc"]
+    assert on_gpu == pytest.approx(on_cpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_fit_converts_torch_int8_on_cpu_and_refuses_gpu_test(make_trainer):
+    model = UserClassifier()
+    trainer = make_trainer([QuantizationAwareTraining(engine="x86")], accelerator="gpu", max_steps=4,
+                           max_epochs=None)
     trainer.fit(model, random_loader())
     assert isinstance(model.net.conv1, nnq.Conv2d)
     with pytest.raises(RuntimeError, match="int8 kernels run on CPU only"):
