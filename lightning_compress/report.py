@@ -40,6 +40,7 @@ from lightning_compress.core.callback import CompressionCallback
 from lightning_compress.core.composition import Declaration, Effect
 from lightning_compress.core.files import atomic_path, write_text_atomic
 from lightning_compress.core.inputs import capture_network_input, first_sample
+from lightning_compress.core.onnx import MissingExtraError, onnx_bytes
 from lightning_compress.core.progress import StepBudget, StepWindow
 from lightning_compress.export import VALUE_FORMATS, OnnxRuntimeNetwork, pack_state_dict
 from lightning_compress.export.aoti import AotiNetwork
@@ -133,7 +134,9 @@ def summarize(
         int8_network: The int8 conversion of ``network``, if any: timed as the compressed model.
         accuracy: E.g. ``{"metric": "val/acc", "before": 0.1, "after": 0.9}``; ``None`` if unknown.
         values: Packed value format, ``"int8"`` or ``"fp16"``.
-        latency_batch_sizes: Batch sizes to time (median CPU time, models alternating); empty skips it.
+        latency_batch_sizes: Batch sizes to time (median CPU time, models alternating): the dense network in
+            eager torch and as fp32 ONNX in onnxruntime (the speed-up a deployment sees is against that one),
+            and the compressed model; empty skips it.
         latency_repeats: Timed forward passes per model and batch size, at least 1.
         prefix: Prepended to layer names (``"model."``: named as in the LightningModule).
 
@@ -168,15 +171,21 @@ def summarize(
         "compressed_model": "int8" if int8_network is not None else "float (no int8 model)",
         "repeats": latency_repeats, "threads": torch.get_num_threads(), "batches": {},
     }
+    baseline = _onnxruntime_baseline(dense, example_input, latency) if latency_batch_sizes else None
     for batch in latency_batch_sizes:
         images = example_input.expand(batch, *example_input.shape[1:]).contiguous()
-        dense_s, compressed_s = [], []
-        for _ in range(2):  # alternate so both models see the same machine load
-            dense_s.append(measure_latency(dense, images, repeats=latency_repeats, warmup=1))
-            compressed_s.append(measure_latency(compressed, images, repeats=latency_repeats, warmup=1))
-        dense_ms, compressed_ms = 1e3 * min(dense_s), 1e3 * min(compressed_s)
-        latency["batches"][str(batch)] = {"dense_ms": dense_ms, "compressed_ms": compressed_ms,
-                                          "speedup": dense_ms / compressed_ms}
+        models = {"dense": dense, "dense_onnxruntime": baseline, "compressed": compressed}
+        seconds: dict[str, list[float]] = {name: [] for name, model in models.items() if model is not None}
+        for _ in range(2):  # alternate so every model sees the same machine load
+            for name, timings in seconds.items():
+                timings.append(measure_latency(models[name], images, repeats=latency_repeats, warmup=1))
+        ms = {name: 1e3 * min(values) for name, values in seconds.items()}
+        timing = {"dense_ms": ms["dense"], "compressed_ms": ms["compressed"],
+                  "speedup": ms["dense"] / ms["compressed"]}
+        if baseline is not None:
+            timing.update(dense_onnxruntime_ms=ms["dense_onnxruntime"],
+                          speedup_vs_onnxruntime=ms["dense_onnxruntime"] / ms["compressed"])
+        latency["batches"][str(batch)] = timing
     return {
         "layers": rows,
         "totals": totals,
@@ -185,6 +194,19 @@ def summarize(
         "latency": latency,
         "accuracy": dict(accuracy) if accuracy else None,
     }
+
+
+def _onnxruntime_baseline(dense: nn.Module, example_input: torch.Tensor, latency: dict[str, Any]) -> nn.Module | None:
+    """The dense network as an fp32 ONNX model in onnxruntime, at torch's thread count: the baseline a deployment
+    would pick over eager torch. ``None`` (the reason in ``latency["onnxruntime_baseline"]``) if it cannot be
+    exported."""
+    try:
+        blob = onnx_bytes(copy.deepcopy(dense).cpu().float(), example_input)
+    except (RuntimeError, MissingExtraError) as err:
+        latency["onnxruntime_baseline"] = f"not timed: {err}"
+        return None
+    latency["onnxruntime_baseline"] = "the dense network as fp32 ONNX, onnxruntime"
+    return OnnxRuntimeNetwork(blob, threads=torch.get_num_threads())
 
 
 def render_markdown(summary: Mapping[str, Any]) -> str:
@@ -221,11 +243,14 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
         lines.append(f"| checkpoint file (with optimizer state) | {s['checkpoint_bytes']:,} |")
     lat = summary["latency"]
     if lat["batches"]:
-        lines += ["", f"CPU latency, median of {lat['repeats']} runs, {lat['threads']} thread(s); compressed model: "
-                  f"{lat['compressed_model']}", "", "| batch | dense fp32 (ms) | compressed (ms) | speed-up |",
-                  "|---:|---:|---:|---:|"]
+        lines += ["", (f"CPU latency, median of {lat['repeats']} runs, {lat['threads']} thread(s); compressed model: "
+                       f"{lat['compressed_model']}; onnxruntime baseline: {lat.get('onnxruntime_baseline', 'not timed')}"),
+                  "", ("| batch | dense fp32 eager torch (ms) | dense fp32 onnxruntime (ms) | compressed (ms) | "
+                       "speed-up vs onnxruntime fp32 | vs eager torch |"), "|---:|---:|---:|---:|---:|---:|"]
         for batch, m in lat["batches"].items():
-            lines.append(f"| {batch} | {m['dense_ms']:.2f} | {m['compressed_ms']:.2f} | {m['speedup']:.2f}x |")
+            ort = (f"{m['dense_onnxruntime_ms']:.2f} | {m['compressed_ms']:.2f} | **{m['speedup_vs_onnxruntime']:.2f}x**"
+                   if "dense_onnxruntime_ms" in m else f"- | {m['compressed_ms']:.2f} | -")
+            lines.append(f"| {batch} | {m['dense_ms']:.2f} | {ort} | {m['speedup']:.2f}x |")
     runtimes = summary.get("runtimes")
     if runtimes:
         lines += ["", f"Deployed files, batch {runtimes['batch_size']}, {runtimes['threads']} thread, runs interleaved, "
@@ -427,6 +452,8 @@ class CompressionReport(CompressionCallback):
                    "compression/size_ratio": s["sizes"]["ratio"], "compression/packed_bytes": s["sizes"]["packed_bytes"]}
         for batch, m in s["latency"]["batches"].items():
             scalars[f"compression/latency_speedup_b{batch}"] = m["speedup"]
+            if "speedup_vs_onnxruntime" in m:
+                scalars[f"compression/latency_speedup_vs_onnxruntime_b{batch}"] = m["speedup_vs_onnxruntime"]
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=trainer.global_step)
             if isinstance(logger, TensorBoardLogger):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
 
 from lightning_compress.pruning import MagnitudePruning
 from lightning_compress.report import CompressionReport, render_markdown, summarize
@@ -37,6 +38,9 @@ def test_summary_counts_layers_sizes_and_latency():
     assert set(summary["latency"]["batches"]) == {"1", "4"}
     for timing in summary["latency"]["batches"].values():  # the speed-up is dense over compressed, as timed
         assert timing["dense_ms"] > 0 and timing["speedup"] == pytest.approx(timing["dense_ms"] / timing["compressed_ms"])
+        assert timing["speedup_vs_onnxruntime"] == pytest.approx(timing["dense_onnxruntime_ms"] / timing["compressed_ms"])
+    assert summary["latency"]["onnxruntime_baseline"] == "the dense network as fp32 ONNX, onnxruntime"
+    assert "| dense fp32 eager torch (ms) | dense fp32 onnxruntime (ms) |" in render_markdown(summary)
     assert "| conv2 | Conv2d | 16x16x3x3 | 2,304 | 576 | 75.0% | 32 |" in render_markdown(summary)
 
 
@@ -55,6 +59,9 @@ def test_callback_reports_a_pruned_user_module_to_files_and_tensorboard(tmp_path
     scalars = read_scalars(tmp_path / "tb")
     assert scalars["compression/size_ratio"][-1][1] == pytest.approx(summary["sizes"]["ratio"], rel=1e-5)
     assert "compression/latency_speedup_b1" in scalars and "sparsity/report_layers" in scalars
+    ort = summary["latency"]["batches"]["1"]  # the baseline a deployment picks: the dense fp32 ONNX in onnxruntime
+    assert scalars["compression/latency_speedup_vs_onnxruntime_b1"][-1][1] == pytest.approx(
+        ort["dense_onnxruntime_ms"] / ort["compressed_ms"], rel=1e-5)
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "tensors": 0})
     events.Reload()
     assert "compression/layer_sparsity" in events.Tags()["images"]
@@ -62,9 +69,9 @@ def test_callback_reports_a_pruned_user_module_to_files_and_tensorboard(tmp_path
 
 
 def test_callback_records_accuracy_before_and_after(tmp_path):
-    from lightning_compress.module import ImageClassifier
-
     from lightning.pytorch.callbacks import Callback
+
+    from lightning_compress.module import ImageClassifier
 
     class Seen(Callback):
         values: list[float] = []
@@ -110,3 +117,22 @@ def test_is_int8_tells_a_pt2e_engines_shipped_program_from_an_fp32_one():
     images = random_loader(16).dataset.tensors[0]
     assert is_int8(quantize_static(net, [(images,)], engine="xnnpack"))
     assert not is_int8(ExecuTorchNetwork(pte_bytes(net, images[:2])))
+
+
+class _DataDependentBranch(nn.Module):
+    """Branches on its input's values: eager torch runs it, the ONNX exporter cannot."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+
+def test_summary_without_an_onnx_baseline_says_why_and_keeps_eager_timing():
+    summary = summarize(_DataDependentBranch(), torch.ones(1, 4), latency_batch_sizes=(1,), latency_repeats=2)
+    timing = summary["latency"]["batches"]["1"]
+    assert summary["latency"]["onnxruntime_baseline"].startswith("not timed: the ONNX exporter cannot export")
+    assert "speedup_vs_onnxruntime" not in timing and timing["speedup"] > 0
+    assert f"| 1 | {timing['dense_ms']:.2f} | - | {timing['compressed_ms']:.2f} | - |" in render_markdown(summary)
