@@ -181,9 +181,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[deploy_parity] {model} {engine}: "
                       + ", ".join(f"{k} {100 * v['top1_agreement']:.2f} %" for k, v in rows[-1]["runtimes"].items()),
                       flush=True)
-    machine, settings = machine_info(), run_settings(args)
-    write_results(args.name, {"machine": machine, "settings": settings, "rows": rows},
-                  render(rows, machine, settings), args.results_dir)
+                machine, settings = machine_info(), run_settings(args)  # after every engine: a stopped run keeps them
+                write_results(args.name, {"machine": machine, "settings": settings, "rows": rows},
+                              render(rows, machine, settings), args.results_dir)
     return 0
 
 

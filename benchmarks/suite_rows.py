@@ -193,7 +193,8 @@ def channel50_planned(ctx: Context) -> Plan:
 def target50(ctx: Context) -> Plan:
     """CompressToTarget: half the dense latency on onnxruntime (fp32, batch 64, 1 thread), planned at 5 % of the run.
 
-    Sensitivity on 4 validation batches; channels removed toward the plan until 50 % of the run (issue 24).
+    Sensitivity on the training batch of the planning step (the suite trains without a validation loop, so the
+    callback has no validation batches); channels removed toward the plan until 50 % of the run (issue 24).
     """
     return Plan(callbacks=[_lc().CompressToTarget(latency_ratio=0.5, runtime="onnxruntime", batch_size=64, threads=1,
                                                   round_to=8, start=0.05, end=0.5, update_every=ctx.every(20))])

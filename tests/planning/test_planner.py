@@ -22,7 +22,7 @@ from lightning_compress.planning.planner import (
     target_cost,
     uniform_widths,
 )
-from lightning_compress.planning.target import TargetPlanner
+from lightning_compress.planning.target import REMEASURE_ROUNDS, TargetPlanner
 from lightning_compress.planning.widths import channel_space, slimmed_copy, width_sensitivity
 
 
@@ -144,6 +144,31 @@ def test_latency_model_is_calibrated_on_two_real_measurements():
         shapes = planner.space.shapes(widths or {g: planner.space.candidates(g, 8)[-1] for g in planner.space.widths})
         assert planner.latency.predict(shapes) == pytest.approx(references[reference]["measured_ms"], rel=1e-6)
     assert references["narrowest"]["measured_ms"] < references["dense"]["measured_ms"]
+
+
+@pytest.mark.parametrize("again", [0.3, 0.9])
+def test_a_latency_target_is_measured_again_before_it_is_refused(again, monkeypatch, tmp_path):
+    """One calibration on a busy machine can put the narrowest network far too close to the dense one: the refusal
+    comes only if a second calibration, over more rounds, agrees."""
+    calls = []
+
+    def measure(self, rounds=3, **networks):  # the first calibration inflated, the second as ``again`` says
+        calls.append(rounds)
+        return {"dense": 10.0, "narrowest": 9.0 if len(calls) == 1 else 10.0 * again}
+
+    monkeypatch.setattr(TargetPlanner, "measure", measure)  # and a table that costs MACs (no timing noise)
+    monkeypatch.setattr(LatencyTable, "network_ms", lambda self, shapes, int8: sum(s.macs() for s in shapes.values()))
+    net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 4, 1)).eval()
+    planner = TargetPlanner(net, torch.randn(1, 3, 8, 8), Target("latency_ratio", 0.5), ignored=["2"],
+                            table_path=tmp_path / "table.json", repeats=2)
+    assert planner.closest() == pytest.approx(0.9)
+    if again < 0.5:
+        planner.check_reachable()
+        assert planner.closest() == pytest.approx(again) and planner.dense_value == pytest.approx(1.0)
+    else:
+        with pytest.raises(UnreachableTargetError, match=r"latency_ratio=0.5 cannot be reached.*at 0\.9 x dense"):
+            planner.check_reachable()
+    assert calls == [3, REMEASURE_ROUNDS]
 
 
 @pytest.mark.slow
