@@ -171,6 +171,37 @@ def test_a_latency_target_is_measured_again_before_it_is_refused(again, monkeypa
     assert calls == [3, REMEASURE_ROUNDS]
 
 
+@pytest.mark.parametrize("confirmed", [False, True])
+def test_a_missed_check_is_measured_again_before_the_budget_shrinks(confirmed, monkeypatch, tmp_path):
+    """A plan whose first end-to-end check misses is measured again over more rounds; only a confirmed miss
+    re-plans under a smaller budget (each shrink cuts channels the target did not ask for)."""
+    calls = []
+
+    def measure(self, rounds=3, **networks):  # the networks' MACs as milliseconds; the first check's plan inflated
+        calls.append(rounds)
+        ms = {name: float(count_macs_per_module(net, self.example).get("", 0)) for name, net in networks.items()}
+        if "planned" in networks and (rounds == 3 and len(calls) == 2 or confirmed and len(calls) == 3):
+            ms["planned"] = 0.8 * ms["dense"]
+        return ms
+
+    monkeypatch.setattr(TargetPlanner, "measure", measure)
+    monkeypatch.setattr(LatencyTable, "network_ms", lambda self, shapes, int8: sum(s.macs() for s in shapes.values()))
+    net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(32, 4, 1)).eval()
+    planner = TargetPlanner(net, torch.randn(1, 3, 8, 8), Target("latency_ratio", 0.5), ignored=["4"], round_to=8,
+                            table_path=tmp_path / "table.json", repeats=2)
+    sensitivity = {g: {w: 0.01 * (planner.space.widths[g] - w) for w in planner.space.candidates(g, 8)}
+                   for g in planner.space.widths}
+    plan = planner.plan(net, [], sensitivity=sensitivity)
+    checks = plan.details["checks"]
+    assert [check["rounds"] for check in checks] == ([REMEASURE_ROUNDS, 3] if confirmed else [REMEASURE_ROUNDS])
+    assert checks[0]["budget"] == 0.5 and plan.details["met"]
+    if confirmed:  # the confirmed miss (0.8) shrank the budget
+        assert checks[1]["budget"] == pytest.approx(0.5 * 0.5 / 0.8) and plan.predicted <= checks[1]["budget"]
+    else:
+        assert checks[0]["measured"] <= 0.5 and plan.predicted <= 0.5
+
+
 @pytest.mark.slow
 def test_executorch_plan_is_costed_by_onnxruntime_and_checked_on_the_program(tmp_path):
     """ExecuTorch: layers from onnxruntime's table, the model calibrated and the plan checked on XNNPACK programs."""
