@@ -235,10 +235,15 @@ def target_lines(ok: dict[str, dict[str, Any]], dense: dict[str, Any]) -> list[s
         return []
 
     def check(row: dict[str, Any]) -> str:
-        last = row["target_plan"]["checks"][-1] if row["target_plan"]["checks"] else None
-        return "no end-to-end check" if last is None else (
-            f"measured {last['measured']:.3f}x the dense latency ({last['measured_ms']:.3g} vs "
-            f"{last['dense_measured_ms']:.3g} ms)")
+        plan = row["target_plan"]
+        last = plan["checks"][-1] if plan["checks"] else None
+        if last is None:
+            return "no end-to-end check"
+        shrinks = "" if len(plan["checks"]) == 1 else (
+            f" after {len(plan['checks']) - 1} budget shrink(s) (checks measured "
+            + ", ".join(f"{c['measured']:.3f}x" for c in plan["checks"]) + ")")
+        return (f"planned at {plan['predicted']:.3f}x predicted{shrinks}, measured {last['measured']:.3f}x the dense "
+                f"latency ({last['measured_ms']:.3g} vs {last['dense_measured_ms']:.3g} ms)")
 
     out = [f"- CompressToTarget at half the dense latency: {check(planned)}, "
            f"{dense['top1'] - planned['top1']:+.2f} points below dense"]

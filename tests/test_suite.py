@@ -387,16 +387,18 @@ def test_targets_say_met_or_not() -> None:
 
 
 def test_target_rows_are_read_against_their_check_and_the_uniform_widths() -> None:
-    def target_plan(measured: float) -> dict:
-        return {"checks": [{"measured": measured, "measured_ms": 10 * measured, "dense_measured_ms": 10.0}]}
+    def target_plan(*measured: float) -> dict:
+        return {"predicted": 0.45, "checks": [{"measured": m, "measured_ms": 10 * m, "dense_measured_ms": 10.0}
+                                              for m in measured]}
 
-    ok = {"dense": _ok("dense", 80.0), "target50": _ok("target50", 79.0, target_plan=target_plan(0.48)),
+    ok = {"dense": _ok("dense", 80.0), "target50": _ok("target50", 79.0, target_plan=target_plan(0.55, 0.48)),
           "target50_uniform": _ok("target50_uniform", 79.4, target_plan=target_plan(0.5))}
     lines = suite_report.target_lines(ok, ok["dense"])
-    assert lines == ["- CompressToTarget at half the dense latency: measured 0.480x the dense latency (4.8 vs 10 ms), "
+    assert lines == ["- CompressToTarget at half the dense latency: planned at 0.450x predicted after 1 budget "
+                     "shrink(s) (checks measured 0.550x, 0.480x), measured 0.480x the dense latency (4.8 vs 10 ms), "
                      "+1.00 points below dense",
-                     "  - uniform widths at the same target (measured 0.500x the dense latency (5 vs 10 ms)): 79.40 %; "
-                     "planned -0.40 points above it: NOT met"]
+                     "  - uniform widths at the same target (planned at 0.450x predicted, measured 0.500x the dense "
+                     "latency (5 vs 10 ms)): 79.40 %; planned -0.40 points above it: NOT met"]
     assert suite_report.target_lines({"dense": ok["dense"]}, ok["dense"]) == []
 
 
