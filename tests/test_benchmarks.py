@@ -265,10 +265,13 @@ def check_deploy_parity(result: dict[str, Any], markdown: str) -> None:
     (row,) = result["rows"]
     assert (row["model"], row["engine"], row["steps"], row["export_status"]) == ("resnet20", "onnxruntime", 3, 0)
     assert set(row["runtimes"]) == {"onnxruntime", "openvino"} and row["in_process"] == "OnnxRuntimeNetwork"
+    assert row["tested"] == "OnnxRuntimeNetwork"  # the onnxruntime engine tests the QDQ model it converted to
     for runtime in row["runtimes"].values():
         assert runtime["images"] == 16 and runtime["bytes"] > 100_000 and runtime["export_check"]["images"] == 16
         assert 0.0 <= runtime["top1_agreement"] <= 1.0
-    assert "| resnet20 | onnxruntime | openvino | 16 | " in markdown
+        assert runtime["versus_tested"]["top1_agreement"] == runtime["top1_agreement"]  # one and the same reference
+    assert row["runtimes"]["onnxruntime"]["top1_agreement"] == 1.0  # the exported file is the tested model
+    assert "| resnet20 | onnxruntime | openvino | 16 | " in markdown and "agreement with what test() runs" in markdown
 
 
 def test_split_gap_fits_the_gap_against_test_accuracy():
