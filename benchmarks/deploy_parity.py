@@ -118,6 +118,8 @@ def measure(model: str, engine: str, args: argparse.Namespace, data: Any, work: 
                            "export_s": round(export_s, 1), "export_status": status,
                            "in_process": type(in_process).__name__, "images": len(labels), "runtimes": {}}
     row["tested"] = type(tested).__name__
+    # agreement says little about a network that predicts (almost) one class: how many it predicts is recorded
+    row["classes_predicted"] = int(reference.argmax(1).unique().numel())
     for runtime, network in shipped_networks(directory, runtimes).items():
         logits = logits_of(network, images)
         result = parity(reference, logits, labels, tolerance=0.0)
@@ -157,7 +159,8 @@ def render(rows: list[dict[str, Any]], machine: dict[str, Any], settings: dict[s
     lines += [f"- {row['model']}, {row['engine']}: {row['steps']} steps from "
               f"{row['init'] or 'scratch'}; train {row['train_s']} s, convert {row['convert_s']} s, export "
               f"{row['export_s']} s (exit {row['export_status']}); in-process int8 network: {row['in_process']}; "
-              f"test() runs: {row.get('tested', '-')}"
+              f"test() runs: {row.get('tested', '-')}; classes it predicts on these images: "
+              f"{row.get('classes_predicted', '-')}"
               for row in rows]
     return "\n".join(lines) + "\n"
 

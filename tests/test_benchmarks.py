@@ -266,6 +266,7 @@ def check_deploy_parity(result: dict[str, Any], markdown: str) -> None:
     assert (row["model"], row["engine"], row["steps"], row["export_status"]) == ("resnet20", "onnxruntime", 3, 0)
     assert set(row["runtimes"]) == {"onnxruntime", "openvino"} and row["in_process"] == "OnnxRuntimeNetwork"
     assert row["tested"] == "OnnxRuntimeNetwork"  # the onnxruntime engine tests the QDQ model it converted to
+    assert 1 <= row["classes_predicted"] <= 10 and "classes it predicts on these images: " in markdown
     for runtime in row["runtimes"].values():
         assert runtime["images"] == 16 and runtime["bytes"] > 100_000 and runtime["export_check"]["images"] == 16
         assert 0.0 <= runtime["top1_agreement"] <= 1.0
