@@ -110,21 +110,23 @@ def test_uniform_allocation_shrinks_every_group_alike_within_the_budget():
         uniform_widths(space, cost, 0.01, 8)
 
 
-def test_sensitivity_is_zero_at_the_dense_width_and_grows_with_removal():
+def _resnet20_with_inputs():
+    """A seeded ResNet-20, one batch of 16 random images, and its channel space (the classifier ignored)."""
     torch.manual_seed(0)
     net = create_model("resnet20", num_classes=10).eval()
     inputs = [torch.randn(16, 3, 32, 32)]
-    space = channel_space(net, inputs[0][:1], ["fc"])
+    return net, inputs, channel_space(net, inputs[0][:1], ["fc"])
+
+
+def test_sensitivity_is_zero_at_the_dense_width_and_grows_with_removal():
+    net, inputs, space = _resnet20_with_inputs()
     costs = width_sensitivity(net, inputs, space, round_to=16)
     assert all(costs[g][space.widths[g]] == 0.0 for g in costs)
     assert costs["layer3.0.conv1"][16] > costs["layer3.0.conv1"][48] > 0.0
 
 
 def test_sensitivity_scores_cuts_with_statistics_re_estimated_on_the_inputs():
-    torch.manual_seed(0)
-    net = create_model("resnet20", num_classes=10).eval()
-    inputs = [torch.randn(16, 3, 32, 32)]
-    space = channel_space(net, inputs[0][:1], ["fc"])
+    net, inputs, space = _resnet20_with_inputs()
     before = width_sensitivity(net, inputs, space, round_to=16)
     for norm in (m for m in net.modules() if isinstance(m, nn.BatchNorm2d)):  # stale statistics: no effect
         norm.running_mean.uniform_(-3, 3)
