@@ -101,9 +101,8 @@ def measure(model: str, engine: str, args: argparse.Namespace, data: Any, work: 
     in_process = family.convert_qat(copy.deepcopy(module.model).cpu().eval(), (images[:16],), "")
     reference = logits_of(in_process, images)
     convert_s = time.perf_counter() - began
-    # what QuantizationAwareTraining puts in place at fit end, so what trainer.test() measures: the program the
-    # engine ships (PT2E engines), else the int8 network itself
-    # as the callback does at fit end: the trained network converted, then shipped. Here (after a fit without
+    # what trainer.test() measures, built as QuantizationAwareTraining builds it at fit end: the trained network
+    # converted, then shipped (the PT2E engines' program, else the int8 network itself). Here (after a fit without
     # conversion) XNNPACK's lowering refuses the graph ("the same constant data tensor can't be used in NHWC format
     # in one place and NCHW in another"): recorded, and the file is compared with the in-process network only
     try:
