@@ -7,10 +7,16 @@
 # Results: benchmarks/results/ (suite_gpu.jsonl, RESULTS.md, suite.png), or $OUT/ when OUT is set; the
 # pytest log and the suite log go beside them (device_pytest.log, device_suite.log).
 #
-# Usage: benchmarks/device.sh [--dry-run] [--only ROW,ROW] [--deadline SECONDS]
+# Usage: benchmarks/device.sh [--dry-run] [--only ROW,ROW] [--deadline SECONDS] [--cpu30-teacher]
 #   --dry-run   on a CPU: no GPU needed, the suite at the smoke budget (data still indexed "on the device",
 #               i.e. the same code path on the CPU); the install is skipped when a venv is already active.
 #   --only      rows of the suite (default: all, the most informative first).
+#   --cpu30-teacher  first train the cpu30 block's ResNet-56 teacher here, with that budget's recipe (30 epochs,
+#               batch 128, bf16) on the GPU (suite.py --accelerator gpu): its record goes to
+#               $results/cpu30/suite_cpu30.jsonl, its checkpoint to $results/cpu30/work/; appended to
+#               benchmarks/results/suite_cpu30.jsonl and copied to runs/suite/ on the CPU machine, it serves the
+#               CPU queue's KD rows (the queue counts a teacher trained anywhere). With --dry-run: the smoke
+#               budget's teacher on the CPU.
 # Environment: CIFAR10 (the data; default: the first of ../shared/data/cifar10-jpeg.tar.gz,
 #   shared/data/cifar10-jpeg.tar.gz, .cache/cifar10-jpeg.tar.gz -- .cache/ is git-ignored, so a copy there
 #   can travel to a device machine as a carried path), OUT.
@@ -27,13 +33,16 @@ cd "$(dirname "$0")/.."
 
 dry_run=0
 deadline=480
+cpu30_teacher=0
 rows="dense,gmp90,qat,teacher,kd,channel50,pipeline,gmp50,nm24,kd_alpha05,kd_cached,lowrank"
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) dry_run=1 ;;
     --only) rows="$2"; shift ;;
     --deadline) deadline="$2"; shift ;;
-    *) echo "device.sh: unknown argument $1 (use --dry-run, --only ROWS, --deadline SECONDS)" >&2; exit 2 ;;
+    --cpu30-teacher) cpu30_teacher=1 ;;
+    *) echo "device.sh: unknown argument $1 (use --dry-run, --only ROWS, --deadline SECONDS, --cpu30-teacher)" >&2
+       exit 2 ;;
   esac
   shift
 done
@@ -77,6 +86,15 @@ else
   budget=gpu
   suite_args=(--budget gpu)
   python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'device.sh: no CUDA device (use --dry-run on a CPU)')"
+fi
+
+if [ "$cpu30_teacher" = 1 ]; then
+  if [ "$dry_run" = 1 ]; then teacher_args=(--budget smoke); else teacher_args=(--budget cpu30 --accelerator gpu); fi
+  say "the cpu30 teacher (${teacher_args[*]})"
+  python benchmarks/suite.py "${teacher_args[@]}" --only teacher --data "$data" --results-dir "$results/cpu30" \
+    --work-dir "$results/cpu30/work" > "$results/device_cpu30_teacher.log" 2>&1 || true
+  grep '^\[suite\] teacher: [{s]' "$results/device_cpu30_teacher.log" || tail -n 5 "$results/device_cpu30_teacher.log"
+  rm -rf "$results/cpu30/work/logs"
 fi
 
 say "pytest -m gpu"

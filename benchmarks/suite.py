@@ -20,6 +20,9 @@ Budgets (``--budget``):
   the teacher, ~1 h 10 min per online-KD row with two rows side by side (~70 s per epoch per process, one
   thread each), about 6 h 50 min for the block's 16 rows with ``--jobs 2`` on an otherwise idle 2-core EPYC
   (beside tests the rows ran ~1.5x longer; ``--plan-only`` prints the plan with each row's estimate).
+  ``--accelerator gpu`` trains rows with this recipe on a GPU instead (``device.sh --cpu30-teacher``: the
+  teacher on a lent GPU); each such row records ``trained_on``, the report says so, and the queue counts
+  the teacher wherever it trained.
 * ``gpu``: one CUDA GPU, data kept on the device, bf16, 15 epochs, batch 512; ``device.sh`` runs it under
   a deadline, most informative rows first (on an H200 its 8 minutes held nine of the twelve rows).
 
@@ -198,8 +201,9 @@ class Suite:
     """Runs rows of one budget, records each as a JSON line and re-renders the report after each."""
 
     def __init__(self, budget: Budget, budget_reason: str, data: str, results_dir: Path, work_dir: Path,
-                 force: bool = False, side_by_side: int = 1) -> None:
+                 force: bool = False, side_by_side: int = 1, accelerator: str | None = None) -> None:
         self.budget, self.budget_reason, self.data = budget, budget_reason, data
+        self.accelerator = accelerator or budget.accelerator  # where rows train (--accelerator)
         self.results_dir, self.work_dir, self.force = results_dir, work_dir, force
         self.side_by_side = side_by_side
         self.jsonl = results_dir / f"suite_{budget.name}.jsonl"
@@ -208,8 +212,11 @@ class Suite:
     def config(self, row: str) -> dict[str, Any]:
         """Everything a row's result depends on besides the code: recorded, and compared on rerun."""
         data = self.data if self.budget.name == "smoke" else Path(self.data).name
-        return {"row": row, "budget": asdict(self.budget), "optimizer": optimizer_settings(self.budget),
-                "row_version": ROW_VERSION, "seed": 0, "data": data}
+        config = {"row": row, "budget": asdict(self.budget), "optimizer": optimizer_settings(self.budget),
+                  "row_version": ROW_VERSION, "seed": 0, "data": data}
+        if self.accelerator != self.budget.accelerator:
+            config["trained_on"] = self.accelerator
+        return config
 
     def recorded(self) -> list[dict[str, Any]]:
         if not self.jsonl.exists():
@@ -219,16 +226,26 @@ class Suite:
             text = f.read()
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
-    def _is_recorded(self, row: str) -> dict[str, Any] | None:
+    def _is_recorded(self, row: str, any_accelerator: bool = False) -> dict[str, Any] | None:
+        """The latest record of ``row`` for this config and code; ``any_accelerator``: wherever it trained."""
         version, config = code_version(ROWS[row].sources), self.config(row)
+
+        def same(recorded: dict[str, Any]) -> bool:
+            if any_accelerator:
+                return {**recorded, "trained_on": None} == {**config, "trained_on": None}
+            return recorded == config
+
         for record in reversed(self.recorded()):
-            if record["config"] == config and record["code_version"] == version and record["status"] != "failed":
+            if same(record["config"]) and record["code_version"] == version and record["status"] != "failed":
                 return record
         return None
 
     def landed(self, row: str) -> bool:
-        """Whether ``row`` is recorded for this config and code (the teacher: and its checkpoint is there)."""
-        return self._is_recorded(row) is not None and (row != "teacher" or self.teacher_file().exists())
+        """Whether ``row`` is recorded for this config and code (the teacher: and its checkpoint is there,
+        trained on any accelerator: a teacher trained on a lent GPU serves the CPU block's KD rows)."""
+        if row == "teacher":
+            return self._is_recorded(row, any_accelerator=True) is not None and self.teacher_file().exists()
+        return self._is_recorded(row) is not None
 
     def _append(self, record: dict[str, Any]) -> None:
         """Append the row's line and regenerate the report, holding the lock on the JSON lines file: rows
@@ -259,7 +276,7 @@ class Suite:
 
         from lightning_compress import ImageClassifier
 
-        previous = None if (force or self.force) else self._is_recorded(row)
+        previous = None if (force or self.force) else self._is_recorded(row, any_accelerator=row == "teacher")
         if previous is not None and (row != "teacher" or self.teacher_file().exists()):
             print(f"[suite] {row}: recorded for this code and config, kept", flush=True)
             return previous
@@ -286,7 +303,10 @@ class Suite:
             pl.seed_everything(0, workers=True)
             module = ImageClassifier(plan.model, **optimizer_settings(budget), channels_last=True)
             data = datamodule(self.data, budget, **plan.data)
-            trainer = _trainer(replace(budget, epochs=epochs), [*plan.callbacks, _epoch_clock(row)], plan.precision)
+            trainer = _trainer(replace(budget, epochs=epochs, accelerator=self.accelerator),
+                               [*plan.callbacks, _epoch_clock(row)], plan.precision)
+            if self.accelerator != budget.accelerator:
+                record["trained_on"] = torch.cuda.get_device_name() if self.accelerator == "gpu" else self.accelerator
             start = time.perf_counter()
             trainer.fit(module, datamodule=data)
             fit_s = time.perf_counter() - start
@@ -355,6 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-on-device", action="store_true",
                         help="index training batches out of tensors on the device (the gpu budget's data path; "
                              "on a CPU: the same code path, for the dry run)")
+    parser.add_argument("--accelerator", choices=("cpu", "gpu"), default=None,
+                        help="train on this instead of the budget's accelerator, with the budget's epochs, batch, "
+                             "learning rate and precision (e.g. the cpu30 teacher on a lent GPU); recorded per row, "
+                             "testing and latency stay on this machine's CPU")
     parser.add_argument("--report", action="store_true", help="only re-render RESULTS.md from the recorded rows")
     args = parser.parse_args(argv)
     if args.report:
@@ -377,9 +401,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.epochs:
         budget = replace(budget, epochs=args.epochs, teacher_epochs=args.epochs)
         reason += f"; {args.epochs} epochs chosen for this run (--epochs)"
-    if budget.accelerator == "gpu" and not torch.cuda.is_available():
-        parser.error("--budget gpu needs a CUDA device")
-    suite = Suite(budget, reason, args.data, args.results_dir, args.work_dir, args.force, args.side_by_side)
+    if "gpu" in (budget.accelerator, args.accelerator) and not torch.cuda.is_available():
+        parser.error(f"--budget {args.budget}{' --accelerator gpu' if args.accelerator else ''} needs a CUDA device")
+    suite = Suite(budget, reason, args.data, args.results_dir, args.work_dir, args.force, args.side_by_side,
+                  args.accelerator)
     if args.plan_only or args.jobs:
         jobs, threads = args.jobs or 1, args.threads or 1
         if args.plan_only:

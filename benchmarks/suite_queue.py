@@ -261,4 +261,6 @@ def child_command(args: Any, row: str, threads: int, jobs: int) -> list[str]:
         command.append("--force")
     if args.data_on_device:
         command.append("--data-on-device")
+    if args.accelerator:
+        command += ["--accelerator", args.accelerator]
     return command

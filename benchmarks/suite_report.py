@@ -159,6 +159,9 @@ def render_block(budget: str, rows: list[dict[str, Any]]) -> list[str]:
         fp32, int8 = _latency(r)
         art = r.get("artifact", {})
         what = _describe(r["row"]) + "".join(f"; {n}" for n in r.get("notes", []))
+        if r.get("trained_on"):
+            what += (f"; trained on {r['trained_on']} (this budget's recipe), tested and timed on that machine's CPU "
+                     f"({_machine(r)}): its latency is not comparable with the other rows'")
         if "top1_deployed" in r:
             what += f"; top-1 of the deployed {r['artifact']['kind']} file in onnxruntime: {r['top1_deployed']:.2f} %"
         if r.get("val_top1") is not None:

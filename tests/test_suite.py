@@ -343,6 +343,30 @@ def test_report_says_which_cpu30_rows_are_done_and_queued(tmp_path: Path) -> Non
     assert "| dense | The dense ResNet-20: the reference of every row | failed: RuntimeError: x |" in block
 
 
+def test_a_teacher_trained_on_a_gpu_serves_the_cpu_block_and_says_so(tmp_path: Path) -> None:
+    budget, reason = suite_rows.resolve_budget("cpu30")
+    on_gpu = suite.Suite(budget, reason, "cifar10-jpeg.tar.gz", tmp_path, tmp_path / "work", accelerator="gpu")
+    on_cpu = suite.Suite(budget, reason, "cifar10-jpeg.tar.gz", tmp_path, tmp_path / "work")
+    assert on_gpu.config("teacher") == {**on_cpu.config("teacher"), "trained_on": "gpu"}
+    assert on_gpu.teacher_file() == on_cpu.teacher_file()
+    teacher = {"row": "teacher", "config": on_gpu.config("teacher"), "status": "ok", "top1": 87.0, "params": 855_770,
+               "nonzero": 855_770, "macs": 125_485_706, "fit_s": 200.0, "wall_s": 230.0, "trained_on": "NVIDIA H200",
+               "code_version": suite.code_version(suite_rows.ROWS["teacher"].sources), "machine": on_gpu.machine,
+               "budget_reason": reason}
+    on_cpu.jsonl.write_text(json.dumps(teacher) + "\n")
+    assert not on_cpu.landed("teacher")  # recorded, but its checkpoint is not here
+    on_cpu.teacher_file().parent.mkdir(parents=True)
+    on_cpu.teacher_file().write_bytes(b"checkpoint")
+    assert on_cpu.landed("teacher") and on_cpu.run_row("teacher") == teacher  # kept: the KD rows use it
+    assert on_cpu._is_recorded("teacher") is None  # other rows' records are matched exactly
+    args = suite.argparse.Namespace(budget="cpu30", data="d", results_dir=tmp_path, work_dir=tmp_path, epochs=None,
+                                    force=False, data_on_device=False, accelerator="gpu")
+    assert suite_queue.child_command(args, "teacher", 1, 2)[-2:] == ["--accelerator", "gpu"]
+    block = suite_report.write_report(tmp_path).read_text()
+    assert "| teacher | " in block and "; trained on NVIDIA H200 (this budget's recipe), tested and timed on that " \
+           "machine's CPU (" in block and "its latency is not comparable with the other rows'" in block
+
+
 def test_device_batches_cover_the_split_once_per_epoch() -> None:
     import torch
 
