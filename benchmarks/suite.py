@@ -5,8 +5,8 @@ trains ResNet-20 with them (ResNet-56 for the teacher), tests on the 10,000 test
 the trained network (``suite_measure.py``): params, non-zeros, MACs, packed and deployed artifact
 size, onnxruntime CPU latency at batch 1. Rows:
 
-    dense, gmp50, gmp90, gmp90_early, gmp90_kd, nm24, teacher, kd, kd_alpha05, kd_cached, channel50, qat, lowrank,
-    pipeline, channel50_planned, target50, target50_uniform
+    dense, gmp50, gmp90, gmp90_early, gmp90_kd, nm24, teacher, kd, kd_alpha05, kd_cached, channel50,
+    channel50_kd, qat, lowrank, pipeline, pipeline_quarter, channel50_planned, target50, target50_uniform
 
 Budgets (``--budget``):
 
@@ -18,7 +18,7 @@ Budgets (``--budget``):
   the CPU has native bf16, else fp32 (still 30 epochs); the rows of ``suite_rows.BLOCK_ROWS`` (KD at
   alpha=0.5). Estimated, not measured as a block: ~36 minutes per dense ResNet-20 row, ~1 h 45 min for
   the teacher, ~1 h 10 min per online-KD row with two rows side by side (~70 s per epoch per process, one
-  thread each), about 6 h 50 min for the block's 16 rows with ``--jobs 2`` on an otherwise idle 2-core EPYC
+  thread each), about 7 h 40 min for the block's 17 rows with ``--jobs 2`` on an otherwise idle 2-core EPYC
   (beside tests the rows ran ~1.5x longer; ``--plan-only`` prints the plan with each row's estimate).
   ``--accelerator gpu`` trains rows with this recipe on a GPU instead (``device.sh --cpu30-teacher``: the
   teacher on a lent GPU); each such row records ``trained_on``, the report says so, and the queue counts

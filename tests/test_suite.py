@@ -324,7 +324,7 @@ def test_queue_does_not_start_rows_whose_teacher_failed(tmp_path: Path) -> None:
 def test_report_says_which_cpu30_rows_are_done_and_queued(tmp_path: Path) -> None:
     markdown = suite_report.write_report(tmp_path).read_text()
     assert "## Budget: cpu30" in markdown and "No row has landed yet; estimated " in markdown
-    assert "**Done (0 of 16):** none yet. **Queued** (not run, failed, or measured with older code): teacher, dense," \
+    assert "**Done (0 of 17):** none yet. **Queued** (not run, failed, or measured with older code): teacher, dense," \
            in markdown and "`python benchmarks/suite.py --budget cpu30 --jobs 2`" in markdown
     budget, reason = suite_rows.resolve_budget("cpu30")
     runner = suite.Suite(budget, reason, "cifar10-jpeg.tar.gz", tmp_path, tmp_path / "work", side_by_side=2)
@@ -337,8 +337,8 @@ def test_report_says_which_cpu30_rows_are_done_and_queued(tmp_path: Path) -> Non
     markdown = suite_report.write_report(tmp_path).read_text()
     block = markdown[markdown.index("## Budget: cpu30"):]
     assert "No row has landed yet" not in block and "rows run 2 side by side" in block
-    assert "**Done (1 of 16):** lowrank. **Queued** (not run, failed, or measured with older code): teacher, dense, " \
-           "qat, gmp90, kd_alpha05, gmp90_kd, channel50, gmp90_early, gmp50, nm24, pipeline, channel50_planned, " \
+    assert "**Done (1 of 17):** lowrank. **Queued** (not run, failed, or measured with older code): teacher, dense, " \
+           "qat, gmp90, kd_alpha05, gmp90_kd, channel50, channel50_kd, gmp90_early, gmp50, nm24, pipeline, channel50_planned, " \
            "target50, target50_uniform, pipeline_quarter." in block
     assert "| dense | The dense ResNet-20: the reference of every row | failed: RuntimeError: x |" in block
 
