@@ -61,7 +61,8 @@ def main(argv: Sequence[str]) -> int:
                                                            "for executorch the xnnpack engine's program)")
     parser.add_argument("--round-to", type=int, default=8, help="widths are multiples of this")
     parser.add_argument("--allocation", choices=ALLOCATIONS, default="sensitivity",
-                        help="per-group widths by sensitivity, or one kept fraction for every group (the baseline)")
+                        help="sensitivity: channels traded between groups around the uniform widths; uniform: one kept "
+                             "fraction for every group (the baseline); greedy: narrowed from dense by sensitivity")
     parser.add_argument("--repeats", type=int, default=50, help="timed calls per latency measurement")
     parser.add_argument("--table", default=None, help="latency table cache (JSON; default under "
                                                       "$LIGHTNING_COMPRESS_CACHE or ~/.cache/lightning_compress)")

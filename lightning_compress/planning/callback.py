@@ -94,9 +94,10 @@ class CompressToTarget(ChannelRemoval):
             runtime, batch size and threads).
         repeats: Timed calls per latency measurement.
         importance, schedule, start, end, update_every, ignore, network, round_to: As ``ChannelPruning``'s.
-        allocation: ``"sensitivity"`` (per-group widths, the least sensitive narrowed first) or ``"uniform"`` (one
-            kept fraction for every group, the largest that meets the target: the uniform baseline, measured on
-            the same runtime).
+        allocation: ``"sensitivity"`` (from the uniform widths, channels traded between groups by sensitivity,
+            each group within 2x of its uniform width), ``"uniform"`` (one kept fraction for every group, the
+            largest that meets the target: the baseline, measured on the same runtime) or ``"greedy"`` (from
+            the dense widths, the least sensitive narrowed first, without bounds).
 
     Example:
         >>> CompressToTarget(latency_ratio=0.5, runtime="onnxruntime", batch_size=1, threads=1).target

@@ -32,6 +32,7 @@ from lightning_compress.planning.planner import (
     Plan,
     Target,
     UnreachableTargetError,
+    anchored_widths,
     greedy_widths,
     narrowest_widths,
     network_runner,
@@ -176,7 +177,8 @@ class TargetPlanner:
         def search(budget: float) -> dict[str, int]:
             if allocation == "uniform":
                 return uniform_widths(self.space, self.cost, budget, self.round_to)
-            return greedy_widths(self.space, sensitivity, self.cost, budget, self.round_to)
+            search = greedy_widths if allocation == "greedy" else anchored_widths
+            return search(self.space, sensitivity, self.cost, budget, self.round_to)
 
         widths = search(self.target.value)
         details: dict[str, Any] = {

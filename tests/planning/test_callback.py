@@ -92,7 +92,8 @@ def test_unreachable_target_is_refused_before_the_first_step(tmp_path):
     ({"latency_ms": 1.0, "runtime": "tensorrt"},
      r"runtime must be one of \('onnxruntime', 'openvino', 'executorch'\), got 'tensorrt'"),
     ({"latency_ms": 1.0, "batch_size": 0}, r"batch_size must be an integer >= 1, got 0"),
-    ({"macs_ratio": 0.5, "allocation": "greedy"}, r"allocation must be one of \('sensitivity', 'uniform'\), got 'greedy'"),
+    ({"macs_ratio": 0.5, "allocation": "netadapt"},
+     r"allocation must be one of \('sensitivity', 'uniform', 'greedy'\), got 'netadapt'"),
     ({"latency_ms": 1.0, "importance": "taylor"}, r"importance='taylor' needs gradients.*'l1', 'l2', 'bn_scale'"),
 ])
 def test_bad_arguments_are_named(kwargs, message):

@@ -17,6 +17,7 @@ from lightning_compress.planning.planner import (
     LatencyModel,
     Target,
     UnreachableTargetError,
+    anchored_widths,
     greedy_widths,
     network_runner,
     target_cost,
@@ -108,6 +109,29 @@ def test_uniform_allocation_shrinks_every_group_alike_within_the_budget():
     assert all(looser[g] >= widths[g] for g in widths) and cost(looser) <= 0.7
     with pytest.raises(UnreachableTargetError, match=r"reaches 0\.1197"):
         uniform_widths(space, cost, 0.01, 8)
+
+
+def test_anchored_search_trades_channels_around_the_uniform_widths():
+    net = create_model("resnet20", num_classes=10).eval()
+    space = channel_space(net, torch.randn(1, 3, 32, 32), ["fc"])
+    cost = target_cost(Target("macs_ratio", 0.5), space, None, int8=False)
+    # removal costs little everywhere except in layer3's stream and one inner convolution
+    expensive = {g for g in space.widths if g.startswith("layer3")}
+    sensitivity = {g: {w: (1.0 if g in expensive else 0.01) * (space.widths[g] - w) / space.widths[g] for w in
+                       space.candidates(g, 8)} for g in space.widths}
+    uniform = uniform_widths(space, cost, 0.5, 8)
+    widths = anchored_widths(space, sensitivity, cost, 0.5, 8)
+    assert cost(widths) <= 0.5 and widths != uniform
+    assert all(uniform[g] / 2 <= widths[g] <= 2 * uniform[g] for g in widths)  # no group far from uniform
+    assert any(widths[g] > uniform[g] for g in expensive)  # paid for by the cheap groups
+    assert sum(sensitivity[g][w] for g, w in widths.items()) < sum(sensitivity[g][w] for g, w in uniform.items())
+    assert anchored_widths(space, sensitivity, cost, 0.5, 8) == widths  # deterministic
+    free = greedy_widths(space, sensitivity, cost, 0.5, 8)
+    assert min(free[g] / uniform[g] for g in free) < 0.5  # what the bounds prevent: a group far below uniform
+    flat = {g: {w: 0.0 for w in space.candidates(g, 8)} for g in space.widths}
+    assert anchored_widths(space, flat, cost, 0.5, 8) == uniform  # nothing to gain: the uniform widths
+    with pytest.raises(UnreachableTargetError, match=r"reaches 0\.1197"):
+        anchored_widths(space, sensitivity, cost, 0.01, 8)
 
 
 def _resnet20_with_inputs():
