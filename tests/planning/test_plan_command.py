@@ -23,14 +23,14 @@ def test_plan_prints_and_writes_a_plan_checked_end_to_end(checkpoint_and_data, t
     checkpoint, data = checkpoint_and_data
     out = tmp_path / "plan.json"
     main(["plan", str(checkpoint), "--latency-ratio", "0.6", "--table", str(tmp_path / "table.json"),
-          "--repeats", "20", "--out", str(out), *data])
+          "--repeats", "20", "--round-to", "16", "--out", str(out), *data])
     printed = capsys.readouterr().out
     assert "| layer3.0.conv1 | 64 |" in printed and "measured" in printed and "held-out top-1 on 8 images" in printed
     result = json.loads(out.read_text())
     assert result["plan"]["target"] == {"kind": "latency_ratio", "value": 0.6}
     assert result["plan"]["predicted"] <= 0.6
     assert result["measured_ms"]["planned"] > 0
-    assert all(width % 8 == 0 for width in result["plan"]["widths"].values())
+    assert all(width % 16 == 0 for width in result["plan"]["widths"].values())
 
 
 def test_macs_plan_needs_no_runtime(checkpoint_and_data, tmp_path, capsys):
