@@ -446,13 +446,17 @@ def test_device_sh_dry_run(tmp_path: Path, cifar_archive: Path) -> None:
     env = {**_env(tmp_path), "OUT": str(out), "CIFAR10": str(cifar_archive),
            "VIRTUAL_ENV": os.environ.get("VIRTUAL_ENV") or sys.prefix,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    completed = subprocess.run(["bash", "benchmarks/device.sh", "--dry-run", "--only", "dense,qat,kd_cached"],
+    completed = subprocess.run(["bash", "benchmarks/device.sh", "--dry-run", "--cpu30-teacher", "--only", "kd_cached"],
                                cwd=BENCHMARKS.parent, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     assert "no install" in completed.stdout and "suite at the smoke budget" in completed.stdout
+    # --cpu30-teacher (dry run: the smoke budget's teacher): its record, and its checkpoint kept for the CPU queue
+    (kept,) = _records(out / "cpu30" / "suite_smoke.jsonl").values()
+    assert kept["row"] == "teacher" and kept["status"] == "ok"
+    assert [p.name for p in (out / "cpu30" / "work").iterdir()] == [f"teacher_smoke_1ep_{kept['code_version']}.ckpt"]
     rows = _records(out / "suite_smoke.jsonl")
-    _check_measured_rows(rows, (out / "RESULTS.md").read_text())
-    assert rows["dense"]["config"]["budget"]["data_on_device"] is True  # the gpu budget's data path
+    assert "| kd_cached | " in (out / "RESULTS.md").read_text()
+    assert rows["kd_cached"]["config"]["budget"]["data_on_device"] is True  # the gpu budget's data path
     teacher, cached = rows["teacher"], rows["kd_cached"]  # the KD row trained its teacher first
     assert teacher["status"] == "ok" and teacher["params"] > 3 * RESNET20_PARAMS and "top1_bf16_autocast" in teacher
     assert cached["status"] == "ok" and cached["params"] == RESNET20_PARAMS

@@ -255,9 +255,10 @@ def test_mobilenetv2_int8_onnx_runs_every_convolution_in_int8(mode, tmp_path):
     assert ops.count("QuantizeLinear") <= 3  # input, pooled features, classifier input
 
 
-@pytest.mark.parametrize("engine", ["onnxruntime", "onnxruntime_symmetric"])
+@pytest.mark.parametrize("engine", ["onnxruntime", pytest.param("onnxruntime_symmetric", marks=pytest.mark.extended)])
 def test_efficientnet_b0_ships_as_qdq_onnx_after_quantization_aware_training(engine):
-    """Squeeze-excitation, SiLU and stochastic depth (an fp32 leaf that follows the mode) through the ONNX engines."""
+    """Squeeze-excitation, SiLU and stochastic depth (an fp32 leaf that follows the mode) through the ONNX engines
+    (the symmetric one under ``-m extended``: half a minute, and ``test_qat``/``test_backend`` cover it on small nets)."""
     import warnings
 
     import lightning.pytorch as pl
