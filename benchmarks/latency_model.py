@@ -51,6 +51,12 @@ def main() -> None:
     calibration = [torch.randn(16, 3, 32, 32, generator=generator) for _ in range(4)]
     held_out = [torch.randn(32, 3, 32, 32, generator=generator) for _ in range(2)]
     rows, begin = [], time.time()
+
+    def write(rows: list[dict]) -> None:  # after every row, unreachable ones too: a stopped run keeps what it measured
+        result = {"machine": machine_info(), "settings": run_settings(args), "rows": rows,
+                  "wall_seconds": round(time.time() - begin, 1)}
+        write_results(args.name, result, render(result), args.results_dir)
+
     table_dir = Path(tempfile.mkdtemp(prefix="latency_tables_"))
     sensitivities: dict[str, dict] = {}
     for model in args.models:
@@ -77,6 +83,7 @@ def main() -> None:
                                      "load_average_1min": round(os.getloadavg()[0], 2)})
                         print(f"{model} b{batch_size} {precision} {ratio:.3g}x dense: unreachable, narrowest "
                               f"{planner.closest():.3f} of dense (predicted)", flush=True)
+                        write(rows)
                         continue
                     predicted = plan.details["predicted_ms"]
                     planned = slimmed_copy(network, example, plan.widths)
@@ -98,9 +105,7 @@ def main() -> None:
                     print(f"{model} b{batch_size} {precision} {ratio:.3g}x dense: dense {row['dense_ms']:.3f} ms, "
                           f"target {target_ms:.3f}, predicted {predicted:.3f}, measured {row['measured_ms']:.3f} "
                           f"({row['prediction_error']:+.1%}; {row['measured_over_target']:.2f}x target)", flush=True)
-                    result = {"machine": machine_info(), "settings": run_settings(args), "rows": rows,
-                              "wall_seconds": round(time.time() - begin, 1)}
-                    write_results(args.name, result, render(result), args.results_dir)
+                    write(rows)
 
 
 def render(result: dict) -> str:
@@ -128,10 +133,10 @@ def render(result: dict) -> str:
                      f"{row['measured_ms']:.3f} | {row['prediction_error']:+.1%} | {row['measured_over_target']:.2f} | "
                      f"{row['first_plan']['measured'] / row['ratio']:.2f} | {row['checks']} | "
                      f"{row['load_average_1min']} |")
-    errors = [abs(row["prediction_error"]) for row in measured] or [0.0]
+    errors = [abs(row["prediction_error"]) for row in measured]
     met = sum(row["measured_over_target"] <= 1.05 for row in measured)
     lines += ["", f"Prediction within 10 %: {sum(e <= 0.10 for e in errors)} of {len(measured)} rows (largest error "
-              f"{max(errors):.1%}). Measured <= 1.05x target: {met} of {len(measured)} rows; "
+              f"{max(errors, default=0.0):.1%}). Measured <= 1.05x target: {met} of {len(measured)} rows; "
               f"{len(result['rows']) - len(measured)} target(s) unreachable by channel removal. "
               f"Wall time {result['wall_seconds']:.0f} s.", ""]
     return "\n".join(lines)

@@ -315,7 +315,7 @@ CASES = {
     ),
     "latency_model": Case(
         ("--models", "resnet20", "--batches", "8", "--precisions", "fp32", "--ratios", "0.6", "--rounds", "1",
-         "--repeats", "3", "--checks", "1", "--round-to", "16"),
+         "--repeats", "3", "--checks", "1"),
         check_latency_model,
     ),
     "saturation_cost": Case(

@@ -22,13 +22,15 @@ def checkpoint_and_data(tmp_path):
 def test_plan_prints_and_writes_a_plan_checked_end_to_end(checkpoint_and_data, tmp_path, capsys):
     checkpoint, data = checkpoint_and_data
     out = tmp_path / "plan.json"
-    main(["plan", str(checkpoint), "--latency-ratio", "0.6", "--table", str(tmp_path / "table.json"),
+    # widths in steps of 16 (a small latency table): the narrowest network is then about half the dense one's
+    # latency, so the target leaves a margin for a busy machine's noise
+    main(["plan", str(checkpoint), "--latency-ratio", "0.75", "--table", str(tmp_path / "table.json"),
           "--repeats", "20", "--round-to", "16", "--out", str(out), *data])
     printed = capsys.readouterr().out
     assert "| layer3.0.conv1 | 64 |" in printed and "measured" in printed and "held-out top-1 on 8 images" in printed
     result = json.loads(out.read_text())
-    assert result["plan"]["target"] == {"kind": "latency_ratio", "value": 0.6}
-    assert result["plan"]["predicted"] <= 0.6
+    assert result["plan"]["target"] == {"kind": "latency_ratio", "value": 0.75}
+    assert result["plan"]["predicted"] <= 0.75
     assert result["measured_ms"]["planned"] > 0
     assert all(width % 16 == 0 for width in result["plan"]["widths"].values())
 
