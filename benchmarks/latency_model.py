@@ -27,8 +27,7 @@ import torch
 from deploy_latency import calibrated_network
 from reporting import add_output_arguments, machine_info, run_settings, write_results
 
-from lightning_compress.planning.latency import interleaved_ms
-from lightning_compress.planning.planner import Target, UnreachableTargetError, network_runner
+from lightning_compress.planning.planner import Target, UnreachableTargetError
 from lightning_compress.planning.target import TargetPlanner
 from lightning_compress.planning.widths import slimmed_copy, width_sensitivity
 
@@ -64,7 +63,6 @@ def main() -> None:
         example = calibration[0][:1]
         classifier = [n for n, m in network.named_modules() if isinstance(m, torch.nn.Linear)][-1:]
         for batch_size in args.batches:
-            batch = torch.randn(batch_size, 3, 32, 32, generator=generator)
             for precision in args.precisions:
                 int8 = precision == "int8"
                 started = time.time()
@@ -87,9 +85,7 @@ def main() -> None:
                         continue
                     predicted = plan.details["predicted_ms"]
                     planned = slimmed_copy(network, example, plan.widths)
-                    runners = {name: network_runner(net, batch, int8, "onnxruntime", args.threads, calibration)
-                                for name, net in (("dense", network), ("planned", planned))}
-                    measured = interleaved_ms(runners, batch.numpy(), args.repeats, args.rounds)
+                    measured = planner.measure(args.rounds, dense=planner.dense_network, planned=planned)
                     target_ms = ratio * measured["dense"]
                     row = {"model": model, "batch": batch_size, "precision": precision, "ratio": round(ratio, 4),
                            "dense_ms": measured["dense"], "dense_predicted_ms": plan.details["dense_predicted_ms"],

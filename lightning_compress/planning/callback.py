@@ -36,7 +36,7 @@ from lightning_compress.planning.planner import (
     Plan,
     Target,
     UnreachableTargetError,
-    network_runner,
+    runtime_program,
 )
 from lightning_compress.planning.target import TargetPlanner
 from lightning_compress.pruning.channel import ChannelRemoval
@@ -76,8 +76,8 @@ class CompressToTarget(ChannelRemoval):
     to recover accuracy. ExecuTorch's layers are costed by onnxruntime's table, calibrated and checked on
     ExecuTorch programs of the whole network (each lowering takes seconds to a minute).
 
-    Logs ``plan/predicted`` (at ``start``), ``plan/measured_ms``, ``plan/predicted_ms`` and
-    ``plan/prediction_error`` (after fit), and the plan as TensorBoard text; :attr:`plan` and
+    Logs ``plan/predicted`` (at ``start``), ``plan/measured_ms``, ``plan/dense_ms`` (timed beside it),
+    ``plan/predicted_ms`` and ``plan/prediction_error`` (after fit), and the plan as TensorBoard text; :attr:`plan` and
     :attr:`measured` hold them, and a ``CompressionReport`` in the same Trainer reports them.
 
     Args:
@@ -280,43 +280,59 @@ class CompressToTarget(ChannelRemoval):
         measured = self.measure_shipped(pl_module)
         if measured is None:
             return
+        beside = f", dense {measured['dense_ms']:.4g} ms timed beside it" if "dense_ms" in measured else ""
         rank_zero_info(f"CompressToTarget: shipped network {measured['measured_ms']:.4g} ms on {self.runtime} "
-                       f"(predicted {measured['predicted_ms']:.4g} ms, target {measured['target_ms']:.4g} ms)")
+                       f"(predicted {measured['predicted_ms']:.4g} ms, target {measured['target_ms']:.4g} ms{beside})")
         for logger in trainer.loggers:
             logger.log_metrics({f"plan/{key}": value for key, value in measured.items()}, step=trainer.global_step)
             logger.save()
 
     def measure_shipped(self, pl_module: pl.LightningModule) -> dict[str, float] | None:
-        """The network as fit ships it, timed on the runtime beside the plan's prediction; measured once.
+        """The network as fit ships it, timed on the runtime beside the dense network; measured once.
 
+        The plan's prediction is a fraction of the dense network's predicted latency; it is compared at the dense
+        network's latency measured now, interleaved with the shipped one, so the machine's load when the latency
+        model was calibrated (the first batch) and now does not count as prediction error. A fit resumed after
+        planning has no dense network: its prediction is the absolute one, calibrated in the first process.
         ``CompressionReport`` asks for it too, whichever of the two tears down first.
 
         Args:
             pl_module: The LightningModule after fit (its network converted to int8 when one ships).
 
         Returns:
-            ``measured_ms``, ``predicted_ms``, ``prediction_error`` (predicted / measured - 1) and ``target_ms``;
-            ``None`` without a plan, for size and MACs targets, or when the int8 network was not converted.
+            ``measured_ms``, ``predicted_ms``, ``prediction_error`` (predicted / measured - 1), ``target_ms`` and,
+            when the dense network was timed beside it, ``dense_ms``; ``None`` without a plan, for size and MACs
+            targets, or when the int8 network was not converted.
         """
         if self.measured is not None:
             return self.measured
         if self.plan is None or not self.goal.kind.startswith("latency") or self._input_shape is None:
             return None
         network = getattr(pl_module, self.network_name)
-        batch = torch.zeros([self.batch_size, *self._input_shape[1:]])
         if isinstance(network, (OnnxRuntimeNetwork, ExecuTorchNetwork)):  # the engine check matched it to the runtime
-            shipped = runtime_runner(network.program_bytes(), self.runtime, self.threads)
+            shipped: nn.Module | bytes = network.program_bytes()
         elif self._int8:
             rank_zero_warn("CompressToTarget: the network was not converted to int8; its latency is not measured")
             return None
         else:
-            shipped = network_runner(copy.deepcopy(self.network_of(pl_module)).cpu().float(), batch, False,
-                                     self.runtime, self.threads)
-        measured = interleaved_ms({"shipped": shipped}, batch.numpy(), self.repeats)["shipped"]
-        predicted = self.plan.details["predicted_ms"]
-        self.measured = {"measured_ms": measured, "predicted_ms": predicted, "prediction_error": predicted / measured - 1,
-                         "target_ms": self.plan.details.get("dense_predicted_ms", 0.0) * self.goal.value
-                         if self.goal.kind == "latency_ratio" else self.goal.value}
+            shipped = copy.deepcopy(self.network_of(pl_module)).cpu().float()
+        details = self.plan.details
+        if self._planner is not None:
+            measured = self._planner.measure(dense=self._planner.dense_network, shipped=shipped)
+            dense_ms = measured["dense"]
+            predicted = details["predicted_ms"] / details["dense_predicted_ms"] * dense_ms
+            self.measured = {"dense_ms": dense_ms}
+        else:
+            batch = torch.zeros([self.batch_size, *self._input_shape[1:]])
+            program = shipped if isinstance(shipped, bytes) else runtime_program(shipped, batch, False, self.runtime)
+            measured = interleaved_ms({"shipped": runtime_runner(program, self.runtime, self.threads)}, batch.numpy(),
+                                      self.repeats)
+            dense_ms, predicted = details.get("dense_predicted_ms", 0.0), details["predicted_ms"]
+            self.measured = {}
+        self.measured.update({
+            "measured_ms": measured["shipped"], "predicted_ms": predicted,
+            "prediction_error": predicted / measured["shipped"] - 1,
+            "target_ms": dense_ms * self.goal.value if self.goal.kind == "latency_ratio" else self.goal.value})
         return self.measured
 
     # ----------------------------------------------------------------------------------- state

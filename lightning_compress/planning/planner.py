@@ -28,7 +28,7 @@ from torch import nn
 
 from lightning_compress.core.executorch import pte_bytes
 from lightning_compress.core.onnx import onnx_bytes
-from lightning_compress.planning.latency import LatencyTable, LayerShape, runtime_runner
+from lightning_compress.planning.latency import LatencyTable, LayerShape
 from lightning_compress.planning.widths import ChannelSpace
 
 TARGET_KINDS = ("latency_ms", "latency_ratio", "size_kb", "macs_ratio")
@@ -69,9 +69,9 @@ class Target:
         return {"latency_ms": "ms", "size_kb": "kB"}.get(self.kind, "x dense")
 
 
-def network_runner(network: nn.Module, example: torch.Tensor, int8: bool, runtime: str, threads: int,
-                   calibration: Sequence[torch.Tensor] = ()) -> Callable[[Any], Any]:
-    """``network`` as the runtime runs it: its ONNX export, or for ``int8`` the QDQ ONNX model the ``onnxruntime``
+def runtime_program(network: nn.Module, example: torch.Tensor, int8: bool, runtime: str,
+                    calibration: Sequence[torch.Tensor] = ()) -> bytes:
+    """``network`` as the runtime loads it: its ONNX export, or for ``int8`` the QDQ ONNX model the ``onnxruntime``
     engine ships (ranges calibrated on ``calibration`` batches, else on ``example``); for ``"executorch"`` its
     XNNPACK program, or for ``int8`` the program the ``xnnpack`` engine ships.
 
@@ -80,21 +80,18 @@ def network_runner(network: nn.Module, example: torch.Tensor, int8: bool, runtim
         example: An input batch to export with.
         int8: Build the int8 model.
         runtime: One of :data:`~lightning_compress.planning.latency.RUNTIMES`.
-        threads: Inference threads.
         calibration: Batches for the int8 model's ranges.
 
     Returns:
-        ``run(array)`` (:func:`~lightning_compress.planning.latency.runtime_runner`).
+        The serialized model (ONNX or ``.pte`` bytes).
     """
     executorch = runtime == "executorch"
     if int8:
         from lightning_compress.quantization import quantize_static
 
-        model = quantize_static(network, [(batch,) for batch in (calibration or [example])],
-                                engine="xnnpack" if executorch else "onnxruntime").program_bytes()
-    else:
-        model = pte_bytes(network, example) if executorch else onnx_bytes(network, example)
-    return runtime_runner(model, runtime, threads)
+        return quantize_static(network, [(batch,) for batch in (calibration or [example])],
+                               engine="xnnpack" if executorch else "onnxruntime").program_bytes()
+    return pte_bytes(network, example) if executorch else onnx_bytes(network, example)
 
 
 @dataclass
@@ -324,6 +321,7 @@ def anchored_widths(space: ChannelSpace, sensitivity: Mapping[str, Mapping[int, 
 
     while True:
         best: tuple[float, Widths] | None = None
+        current = summed(widths)
         for wider in sorted(widths):
             index = allowed[wider].index(widths[wider])
             if index == 0:
@@ -336,7 +334,7 @@ def anchored_widths(space: ChannelSpace, sensitivity: Mapping[str, Mapping[int, 
                                 if cost(trial := {**widened, narrower: width}) <= budget), None)
                           for narrower in sorted(set(widths) - {wider})]
             for trial in filter(None, trials):
-                gain = summed(widths) - summed(trial)
+                gain = current - summed(trial)
                 if gain > 1e-12 and (best is None or gain > best[0]):
                     best = (gain, trial)
         if best is None:

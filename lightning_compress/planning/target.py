@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_compress.planning.latency import LatencyTable, interleaved_ms, table_runtime
+from lightning_compress.planning.latency import LatencyTable, interleaved_ms, runtime_runner, table_runtime
 from lightning_compress.planning.planner import (
     LatencyModel,
     Plan,
@@ -35,7 +35,7 @@ from lightning_compress.planning.planner import (
     anchored_widths,
     greedy_widths,
     narrowest_widths,
-    network_runner,
+    runtime_program,
     target_cost,
     uniform_widths,
 )
@@ -78,8 +78,11 @@ class TargetPlanner:
         begin = time.perf_counter()
         self.space = channel_space(network, self.example, ignored)
         self.latency: LatencyModel | None = None
-        self._network = network
+        self.dense_network = network
+        self.narrowest_network: nn.Module | None = None
+        self._programs: dict[int, bytes] = {}
         if target.kind.startswith("latency"):
+            self.narrowest_network = slimmed_copy(network, self.example, narrowest_widths(self.space, round_to))
             table = LatencyTable(table_runtime(runtime), batch_size, threads, table_path, repeats)
             self.latency = LatencyModel(table, int8)
             self._calibrate(rounds=3)
@@ -90,17 +93,38 @@ class TargetPlanner:
 
     def _calibrate(self, rounds: int) -> None:
         """Fit the latency model to the dense and the narrowest network measured end to end."""
-        narrowest = narrowest_widths(self.space, self.round_to)
-        measured = self.measure(rounds, dense=self._network,
-                                narrowest=slimmed_copy(self._network, self.example, narrowest))
-        self.latency.calibrate({"dense": (self.space.shapes(self.space.widths), measured["dense"]),
-                                "narrowest": (self.space.shapes(narrowest), measured["narrowest"])})
+        measured = self.measure(rounds, dense=self.dense_network, narrowest=self.narrowest_network)
+        self.latency.calibrate({
+            "dense": (self.space.shapes(self.space.widths), measured["dense"]),
+            "narrowest": (self.space.shapes(narrowest_widths(self.space, self.round_to)), measured["narrowest"])})
 
-    def measure(self, rounds: int = 3, **networks: nn.Module) -> dict[str, float]:
-        """Milliseconds of each network end to end on the runtime, at the batch size and threads planned for,
-        in interleaved rounds (:func:`~lightning_compress.planning.latency.interleaved_ms`)."""
-        runners = {name: network_runner(copy.deepcopy(network).cpu().float(), self.batch, self.int8, self.runtime,
-                                        self.threads, self.calibration) for name, network in networks.items()}
+    def program(self, network: nn.Module | bytes) -> bytes:
+        """``network`` as the runtime loads it (:func:`~lightning_compress.planning.planner.runtime_program`); the
+        dense and the narrowest network's programs are built once, a program given as bytes is returned as is."""
+        if isinstance(network, bytes):
+            return network
+        if id(network) in self._programs:
+            return self._programs[id(network)]
+        program = runtime_program(copy.deepcopy(network).cpu().float(), self.batch, self.int8, self.runtime,
+                                  self.calibration)
+        if network is self.dense_network or network is self.narrowest_network:
+            self._programs[id(network)] = program
+        return program
+
+    def measure(self, rounds: int = 3, **networks: nn.Module | bytes) -> dict[str, float]:
+        """Milliseconds of each network (or runtime program) end to end on the runtime, at the batch size and
+        threads planned for, in interleaved rounds (:func:`~lightning_compress.planning.latency.interleaved_ms`).
+
+        Example:
+            >>> from torch import nn
+            >>> net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 4, 3))
+            >>> planner = TargetPlanner(net, torch.randn(1, 3, 8, 8), Target("latency_ratio", 0.9), ignored=["2"],
+            ...                         repeats=2)
+            >>> sorted(planner.measure(1, dense=planner.dense_network, narrowest=planner.narrowest_network))
+            ['dense', 'narrowest']
+        """
+        runners = {name: runtime_runner(self.program(network), self.runtime, self.threads)
+                   for name, network in networks.items()}
         return interleaved_ms(runners, self.batch.numpy(), self.repeats, rounds)
 
     def closest(self) -> float:
@@ -211,10 +235,10 @@ class TargetPlanner:
         for _ in range(checks):
             planned = slimmed_copy(network, self.example, widths, importance)
             rounds = 3
-            measured = self.measure(rounds, dense=network, planned=planned)
+            measured = self.measure(rounds, dense=self.dense_network, planned=planned)
             if value_of(measured) > self.target.value:
                 rounds = REMEASURE_ROUNDS
-                measured = self.measure(rounds, dense=network, planned=planned)
+                measured = self.measure(rounds, dense=self.dense_network, planned=planned)
             value = value_of(measured)
             details["checks"].append({"budget": budget, "predicted": self.cost(widths), "measured": value,
                                       "measured_ms": measured["planned"], "dense_measured_ms": measured["dense"],

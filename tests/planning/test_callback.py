@@ -14,6 +14,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning_compress import CompressionReport, CompressToTarget, QuantizationAwareTraining
 from lightning_compress.core.accounting import count_macs
 from lightning_compress.planning import UnreachableTargetError
+from lightning_compress.planning.latency import LatencyTable
+from lightning_compress.planning.target import TargetPlanner
 from lightning_compress.report import is_int8
 from tests.composition.modules import DictBatchModule, dict_loader
 from tests.events import read_scalars, read_texts
@@ -73,6 +75,35 @@ def test_latency_target_plans_measures_and_logs(tmp_path):
     scalars = read_scalars(logger.log_dir)
     assert {"plan/predicted", "plan/measured_ms", "plan/predicted_ms", "plan/prediction_error"} <= set(scalars)
     assert "plan/widths" in read_texts(logger.log_dir)
+
+
+def test_the_shipped_latency_is_compared_at_the_dense_latency_timed_beside_it(monkeypatch, tmp_path):
+    """The machine twice as busy after fit as when the latency model was calibrated (first batch): the prediction, a
+    fraction of the dense network's, is compared at the dense network's time measured beside the shipped one, so
+    the load is not counted as prediction error."""
+    load = {"factor": 1.0}
+
+    def measure(self, rounds=3, **networks):  # milliseconds: the network's MACs times the machine's load
+        return {name: load["factor"] * count_macs(network, self.example) for name, network in networks.items()}
+
+    class BusierAfterTraining(pl.Callback):
+        def on_train_end(self, trainer, pl_module):
+            load["factor"] = 2.0
+
+    monkeypatch.setattr(TargetPlanner, "measure", measure)  # and a table that costs MACs (no timing noise)
+    monkeypatch.setattr(LatencyTable, "network_ms", lambda self, shapes, int8: sum(s.macs() for s in shapes.values()))
+    torch.manual_seed(0)
+    module = UserClassifier()
+    example = torch.randn(1, 3, 16, 16)
+    dense = count_macs(module.net, example)
+    target = CompressToTarget(latency_ratio=0.6, start=0.0, end="4steps", update_every=2, round_to=4,
+                              table_path=str(tmp_path / "table.json"))
+    fit(module, [target, BusierAfterTraining()], tmp_path)
+    measured = target.measured
+    assert measured["dense_ms"] == pytest.approx(2.0 * dense)
+    assert measured["measured_ms"] == pytest.approx(2.0 * count_macs(module.net, example))
+    assert measured["target_ms"] == pytest.approx(0.6 * 2.0 * dense)
+    assert measured["prediction_error"] == pytest.approx(0.0, abs=0.02)  # compared with the calibration: -50 %
 
 
 def test_unreachable_target_is_refused_before_the_first_step(tmp_path):

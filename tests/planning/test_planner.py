@@ -12,14 +12,20 @@ from torch import nn
 
 from lightning_compress.core.accounting import count_macs_per_module
 from lightning_compress.models import create_model
-from lightning_compress.planning.latency import LatencyTable, LayerShape, layer_onnx, layer_shapes
+from lightning_compress.planning.latency import (
+    LatencyTable,
+    LayerShape,
+    layer_onnx,
+    layer_shapes,
+    runtime_runner,
+)
 from lightning_compress.planning.planner import (
     LatencyModel,
     Target,
     UnreachableTargetError,
     anchored_widths,
     greedy_widths,
-    network_runner,
+    runtime_program,
     target_cost,
     uniform_widths,
 )
@@ -235,7 +241,7 @@ def test_executorch_plan_is_costed_by_onnxruntime_and_checked_on_the_program(tmp
     net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
                         nn.Conv2d(32, 4, 1)).eval()
     example = torch.randn(1, 3, 16, 16)
-    run = network_runner(net, example.expand(8, -1, -1, -1), False, "executorch", 1)
+    run = runtime_runner(runtime_program(net, example.expand(8, -1, -1, -1), False, "executorch"), "executorch", 1)
     batch = torch.randn(8, 3, 16, 16)
     assert torch.allclose(torch.as_tensor(run(batch.numpy())), net(batch), atol=1e-4)  # the program computes net
     planner = TargetPlanner(net, example, Target("latency_ratio", 0.7), "executorch", batch_size=8, ignored=["4"],
