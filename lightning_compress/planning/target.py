@@ -140,6 +140,7 @@ class TargetPlanner:
         closest = self.closest()
         if closest > self.target.value and self.latency is not None:
             self._calibrate(rounds=REMEASURE_ROUNDS)
+            self.cost = target_cost(self.target, self.space, self.latency, self.int8)  # the dense reference too
             self.dense_value = self.cost(dict(self.space.widths))
             closest = self.closest()
         if closest > self.target.value:
