@@ -1,12 +1,14 @@
 """One benchmark suite: every technique side by side on CIFAR-10, same seed and budget, row by row.
 
 Each row is a function building its callbacks from the public API of ``lightning_compress``; the suite
-trains ResNet-20 with them (ResNet-56 for the teacher), tests on the 10,000 test images and measures
-the trained network (``suite_measure.py``): params, non-zeros, MACs, packed and deployed artifact
+trains ResNet-20 with them (or the network the row names: ResNet-56 for the teacher), tests on the 10,000 test
+images and measures the trained network (``suite_measure.py``): params, non-zeros, MACs, packed and deployed artifact
 size, onnxruntime CPU latency at batch 1. Rows:
 
     dense, gmp50, gmp90, gmp90_early, gmp90_kd, nm24, teacher, kd, kd_alpha05, kd_cached, channel50,
-    channel50_kd, qat, lowrank, pipeline, pipeline_quarter, channel50_planned, target50, target50_uniform
+    channel50_kd, qat, lowrank, pipeline, pipeline_quarter, channel50_planned, target50, target50_uniform,
+    and issue 24's targets on other networks (run with ``--only``): mobilenetv2_dense,
+    {resnet56,mobilenetv2}_target{50,33}[_uniform] (ResNet-56's dense reference is the teacher row)
 
 Budgets (``--budget``):
 

@@ -196,22 +196,22 @@ def channel50_planned(ctx: Context) -> Plan:
                                                   update_every=ctx.every(20))])
 
 
-def target50(ctx: Context) -> Plan:
-    """CompressToTarget: half the dense latency on onnxruntime (fp32, batch 64, 1 thread), planned at 5 % of the run.
+def _target(ratio: float, model: str = "resnet20", allocation: str = "sensitivity") -> Callable[[Context], Plan]:
+    def row(ctx: Context) -> Plan:
+        return Plan(model=model, callbacks=[_lc().CompressToTarget(
+            latency_ratio=ratio, runtime="onnxruntime", batch_size=64, threads=1, round_to=8, start=0.05, end=0.5,
+            update_every=ctx.every(20), allocation=allocation)])
+    how = ("one kept fraction for every group (the largest that measures within the target): the uniform baseline"
+           if allocation == "uniform" else "widths by sensitivity around the uniform ones")
+    row.__doc__ = (f"CompressToTarget on {model}: {ratio:.2g}x the dense latency on onnxruntime (fp32, batch 64, 1 "
+                   f"thread), {how}; planned at 5 % of the run on the planning step's training batch (the suite "
+                   "trains without a validation loop), channels removed toward the plan until 50 % (issue 24).")
+    return row
 
-    Sensitivity on the training batch of the planning step (the suite trains without a validation loop, so the
-    callback has no validation batches); channels removed toward the plan until 50 % of the run (issue 24).
-    """
-    return Plan(callbacks=[_lc().CompressToTarget(latency_ratio=0.5, runtime="onnxruntime", batch_size=64, threads=1,
-                                                  round_to=8, start=0.05, end=0.5, update_every=ctx.every(20))])
 
-
-def target50_uniform(ctx: Context) -> Plan:
-    """The uniform baseline beside ``target50``: the same target, runtime and schedule, one kept fraction for every
-    group (the largest that measures within half the dense latency) instead of widths by sensitivity."""
-    return Plan(callbacks=[_lc().CompressToTarget(latency_ratio=0.5, runtime="onnxruntime", batch_size=64, threads=1,
-                                                  round_to=8, start=0.05, end=0.5, update_every=ctx.every(20),
-                                                  allocation="uniform")])
+def mobilenetv2_dense(ctx: Context) -> Plan:
+    """The dense MobileNetV2 (CIFAR variant): the reference of its CompressToTarget rows."""
+    return Plan(model="mobilenetv2")
 
 
 def _qat(start: float = 0.75) -> Any:
@@ -331,8 +331,15 @@ ROWS: dict[str, Row] = {
     "pipeline_quarter": Row(pipeline_quarter, ("pruning", "distillation", "quantization", "export"),
                             needs=("teacher",), cost=1.7),
     "channel50_planned": Row(channel50_planned, ("pruning", "planning"), cost=0.8),
-    "target50": Row(target50, ("pruning", "planning"), cost=0.8),
-    "target50_uniform": Row(target50_uniform, ("pruning", "planning"), cost=0.8),
+    "target50": Row(_target(0.5), ("pruning", "planning"), cost=0.8),
+    "target50_uniform": Row(_target(0.5, allocation="uniform"), ("pruning", "planning"), cost=0.8),
+    # issue 24's networks at 1/2 and 1/3 of the dense latency; ResNet-56's dense reference is the teacher row;
+    # costs: ResNet-56 3x ResNet-20 (the teacher's), MobileNetV2 guessed from its MACs and depthwise layers
+    "mobilenetv2_dense": Row(mobilenetv2_dense, cost=2.5),
+    **{f"{model}_target{round(100 * ratio)}{suffix}": Row(_target(ratio, model, allocation), ("pruning", "planning"),
+                                                          cost=cost * (0.8 if ratio == 0.5 else 0.7))
+       for model, cost in (("resnet56", 3.0), ("mobilenetv2", 2.5)) for ratio in (0.5, 1 / 3)
+       for suffix, allocation in (("", "sensitivity"), ("_uniform", "uniform"))},
 }
 """Every row, in table order."""
 BLOCK_ROWS: dict[str, tuple[str, ...]] = {
@@ -343,6 +350,14 @@ BLOCK_ROWS: dict[str, tuple[str, ...]] = {
               "gmp50", "nm24", "pipeline", "channel50_planned", "target50", "target50_uniform", "pipeline_quarter"),
 }
 """Rows a budget runs when ``--only`` is not given, in queue order; a budget not named here runs every row."""
+TARGET_ROWS: dict[str, tuple[str, str, str]] = {
+    "target50": ("target50_uniform", "dense", "half"),
+    **{f"{model}_target{percent}": (f"{model}_target{percent}_uniform", dense, words)
+       for model, dense in (("resnet56", "teacher"), ("mobilenetv2", "mobilenetv2_dense"))
+       for percent, words in ((50, "half"), (33, "a third of"))},
+}
+"""CompressToTarget rows read in the targets: planned row -> (its uniform baseline, its dense network's row, the
+target in words)."""
 ROW_VERSION = 2
 """Bump when the suite's own way of training or measuring a row changes (invalidates recorded rows).
 2: the recipe's optimizer settings in the config; every row measures its deployed file's own top-1."""

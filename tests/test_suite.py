@@ -417,13 +417,20 @@ def test_target_rows_are_read_against_their_check_and_the_uniform_widths() -> No
 
     ok = {"dense": _ok("dense", 80.0), "target50": _ok("target50", 79.0, target_plan=target_plan(0.55, 0.48)),
           "target50_uniform": _ok("target50_uniform", 79.4, target_plan=target_plan(0.5))}
-    lines = suite_report.target_lines(ok, ok["dense"])
-    assert lines == ["- CompressToTarget at half the dense latency: planned at 0.450x predicted after 1 budget "
-                     "shrink(s) (checks measured 0.550x, 0.480x), measured 0.480x the dense latency (4.8 vs 10 ms), "
-                     "+1.00 points below dense",
+    lines = suite_report.target_lines(ok)
+    assert lines == ["- `target50`, CompressToTarget at half the dense latency: planned at 0.450x predicted after 1 "
+                     "budget shrink(s) (checks measured 0.550x, 0.480x), measured 0.480x the dense latency (4.8 vs 10 "
+                     "ms), +1.00 points below dense (`dense`)",
                      "  - uniform widths at the same target (planned at 0.450x predicted, measured 0.500x the dense "
                      "latency (5 vs 10 ms)): 79.40 %; planned -0.40 points above it: NOT met"]
-    assert suite_report.target_lines({"dense": ok["dense"]}, ok["dense"]) == []
+    assert suite_report.target_lines({"dense": ok["dense"]}) == []
+    shipped = {"measured_ms": 5.4, "dense_ms": 10.0, "prediction_error": -0.1}  # 0.54x: above 1.05 x 0.5
+    ok["resnet56_target50"] = _ok("resnet56_target50", 78.0, target_plan={
+        **target_plan(0.49), "target": {"kind": "latency_ratio", "value": 0.5}, "shipped": shipped})
+    lines = suite_report.target_lines(ok)
+    assert lines[2] == ("- `resnet56_target50`, CompressToTarget at half the dense latency: planned at 0.450x predicted, "
+                        "measured 0.490x the dense latency (4.9 vs 10 ms); shipped 0.540x the dense latency timed "
+                        "beside it after fit (ABOVE 1.05x the target), predicted -10.0%")  # no teacher row: no drop
 
 
 def test_planned_record_keeps_what_compress_to_target_planned_and_measured() -> None:
@@ -462,3 +469,19 @@ def test_device_sh_dry_run(tmp_path: Path, cifar_archive: Path) -> None:
     assert cached["status"] == "ok" and cached["params"] == RESNET20_PARAMS
     assert "pytest exit 0" in completed.stdout or "pytest exit 5" in completed.stdout
     assert (out / "device_pytest.log").exists() and not (out / ".suite_work").exists()
+
+
+def test_target_rows_plan_each_network_at_its_fraction_with_its_uniform_baseline_beside_it() -> None:
+    from lightning_compress import CompressToTarget
+
+    ctx = suite_rows.Context(suite_rows.resolve_budget("smoke")[0], steps=100, teacher_path=lambda: "")
+    for planned, (uniform, dense, _) in suite_rows.TARGET_ROWS.items():
+        model = "resnet20" if planned.startswith("target") else planned.split("_target")[0]
+        ratio = {"50": 0.5, "33": 1 / 3}[planned.rsplit("target", 1)[1]]
+        for row, allocation in ((planned, "sensitivity"), (uniform, "uniform")):
+            plan = suite_rows.ROWS[row].plan(ctx)
+            (callback,) = plan.callbacks
+            assert isinstance(callback, CompressToTarget) and plan.model == model
+            assert callback.target == ("latency_ratio", ratio) and callback.allocation == allocation
+            assert (callback.batch_size, callback.threads, callback.round_to) == (64, 1, 8)
+        assert suite_rows.ROWS[dense].plan(ctx).model == model and not suite_rows.ROWS[dense].plan(ctx).callbacks
