@@ -44,6 +44,9 @@ from lightning_compress.pruning.importance import ImportanceLike
 
 REMEASURE_ROUNDS = 7
 """Interleaved rounds of a measurement taken again before it refuses a latency target or shrinks a plan's budget."""
+GROW_BELOW = 0.9
+"""A latency plan measured within its target but below this fraction of its prediction is re-planned under a budget
+grown by the over-prediction."""
 
 
 class TargetPlanner:
@@ -175,8 +178,9 @@ class TargetPlanner:
         """The widths meeting the target that lose the least output fidelity on ``inputs``.
 
         A latency plan is checked end to end: the planned network is built and measured beside the dense one;
-        if it misses the target, the search runs again with the budget shrunk by the miss (at most ``checks``
-        measurements). Every check is in the plan's ``details["checks"]``; ``details["measured_ms"]``,
+        if it misses the target, the search runs again with the budget shrunk by the miss; if it measures well
+        within the target but below its prediction, with the budget grown by the over-prediction (at most
+        ``checks`` measurements). Every check is in the plan's ``details["checks"]``; ``details["measured_ms"]``,
         ``details["prediction_error"]`` and ``details["met"]`` (whether it met the target) are the last one's.
 
         Args:
@@ -226,14 +230,21 @@ class TargetPlanner:
 
     def _checked(self, network: nn.Module, widths: dict[str, int], search: Callable[[float], dict[str, int]],
                  importance: ImportanceLike, checks: int, details: dict[str, Any]) -> dict[str, int]:
-        """Measure the planned network beside the dense one; re-plan under a budget shrunk by any miss (a miss is
-        measured again over more rounds first: on a busy machine one measurement can be tens of percent off, and
-        each shrink cuts channels the target did not ask for)."""
+        """Measure the planned network beside the dense one and correct the budget by what was measured.
+
+        A miss is measured again over more rounds first (on a busy machine one measurement can be tens of percent
+        off, and each shrink cuts channels the target did not ask for), then re-planned under a budget shrunk by
+        it. A plan within the target measuring below :data:`GROW_BELOW` of its prediction, with two checks left,
+        is re-planned under a budget grown by the over-prediction (channels were cut that the target did not ask
+        for); if the grown plan misses, the widths that met are measured again and kept. The last check measured the returned
+        widths, unless the checks ran out on a miss: the widths re-planned under the shrunk budget are returned.
+        """
         def value_of(measured: dict[str, float]) -> float:
             return measured["planned"] / (measured["dense"] if self.target.kind == "latency_ratio" else 1.0)
 
         budget, details["checks"] = self.target.value, []
-        for _ in range(checks):
+        met: tuple[dict[str, int], float] | None = None  # widths measured within the target, their budget
+        for left in range(checks, 0, -1):
             planned = slimmed_copy(network, self.example, widths, importance)
             rounds = 3
             measured = self.measure(rounds, dense=self.dense_network, planned=planned)
@@ -244,13 +255,24 @@ class TargetPlanner:
             details["checks"].append({"budget": budget, "predicted": self.cost(widths), "measured": value,
                                       "measured_ms": measured["planned"], "dense_measured_ms": measured["dense"],
                                       "rounds": rounds})
-            if value <= self.target.value:
+            if value > self.target.value and met is not None:  # grown too far: back to the widths that met
+                widths, budget = met
+                continue
+            predicted = details["checks"][-1]["predicted"]
+            if value <= self.target.value and (value >= GROW_BELOW * predicted or left < 3 or met is not None):
                 break
-            budget *= self.target.value / value
+            if value <= self.target.value:  # over-predicted: a plan predicted this much more measures the budget
+                met = (widths, budget)
+                budget *= predicted / value
+            else:
+                budget *= self.target.value / value
             try:
-                widths = search(budget)
+                grown_or_shrunk = search(budget)
             except UnreachableTargetError:
                 break
+            if grown_or_shrunk == widths:
+                break
+            widths = grown_or_shrunk
         return widths
 
 

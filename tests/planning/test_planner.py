@@ -234,6 +234,41 @@ def test_a_missed_check_is_measured_again_before_the_budget_shrinks(confirmed, m
         assert checks[0]["measured"] <= 0.5 and plan.predicted <= 0.5
 
 
+@pytest.mark.parametrize("later", [0.55, 1.0])
+def test_a_plan_measured_well_below_its_target_is_grown(later, monkeypatch, tmp_path):
+    """The latency model over-predicts the first plan (measured at 0.6 of its prediction): the budget grows by the
+    margin. Measured at 0.55 of the prediction again, the grown plan is kept; measured as predicted (the machine's
+    load changed), it misses, and the widths that met are measured again and kept."""
+    planned_calls = []
+
+    def measure(self, rounds=3, **networks):  # the networks' MACs as milliseconds, the planned one scaled
+        ms = {name: float(count_macs_per_module(net, self.example).get("", 0)) for name, net in networks.items()}
+        if "planned" in networks:
+            planned_calls.append(rounds)
+            ms["planned"] *= 0.6 if len(planned_calls) == 1 else later
+        return ms
+
+    monkeypatch.setattr(TargetPlanner, "measure", measure)
+    monkeypatch.setattr(LatencyTable, "network_ms", lambda self, shapes, int8: sum(s.macs() for s in shapes.values()))
+    net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(32, 4, 1)).eval()
+    planner = TargetPlanner(net, torch.randn(1, 3, 8, 8), Target("latency_ratio", 0.5), ignored=["4"], round_to=8,
+                            table_path=tmp_path / "table.json", repeats=2)
+    sensitivity = {g: {w: 0.01 * (planner.space.widths[g] - w) for w in planner.space.candidates(g, 8)}
+                   for g in planner.space.widths}
+    plan = planner.plan(net, [], sensitivity=sensitivity)
+    checks = plan.details["checks"]
+    first = checks[0]
+    assert first["predicted"] <= 0.5 and first["measured"] == pytest.approx(0.6 * first["predicted"], rel=1e-3)
+    assert checks[1]["budget"] == pytest.approx(0.5 / 0.6) and checks[1]["predicted"] > 0.5
+    assert plan.details["met"] and checks[-1]["measured"] <= 0.5
+    if later < 1.0:  # the grown plan met: kept
+        assert len(checks) == 2 and plan.predicted == checks[1]["predicted"]
+    else:  # it missed (measured again first): the first widths, measured again
+        assert [c["rounds"] for c in checks] == [3, REMEASURE_ROUNDS, 3]
+        assert len(checks) == 3 and plan.predicted == first["predicted"] == checks[2]["predicted"]
+
+
 @pytest.mark.slow
 def test_executorch_plan_is_costed_by_onnxruntime_and_checked_on_the_program(tmp_path):
     """ExecuTorch: layers from onnxruntime's table, the model calibrated and the plan checked on XNNPACK programs."""
