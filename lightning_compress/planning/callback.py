@@ -321,18 +321,18 @@ class CompressToTarget(ChannelRemoval):
             measured = self._planner.measure(dense=self._planner.dense_network, shipped=shipped)
             dense_ms = measured["dense"]
             predicted = details["predicted_ms"] / details["dense_predicted_ms"] * dense_ms
-            self.measured = {"dense_ms": dense_ms}
+            beside = {"dense_ms": dense_ms}
         else:
             batch = torch.zeros([self.batch_size, *self._input_shape[1:]])
             program = shipped if isinstance(shipped, bytes) else runtime_program(shipped, batch, False, self.runtime)
             measured = interleaved_ms({"shipped": runtime_runner(program, self.runtime, self.threads)}, batch.numpy(),
                                       self.repeats)
             dense_ms, predicted = details.get("dense_predicted_ms", 0.0), details["predicted_ms"]
-            self.measured = {}
-        self.measured.update({
-            "measured_ms": measured["shipped"], "predicted_ms": predicted,
+            beside = {}
+        self.measured = {
+            **beside, "measured_ms": measured["shipped"], "predicted_ms": predicted,
             "prediction_error": predicted / measured["shipped"] - 1,
-            "target_ms": dense_ms * self.goal.value if self.goal.kind == "latency_ratio" else self.goal.value})
+            "target_ms": dense_ms * self.goal.value if self.goal.kind == "latency_ratio" else self.goal.value}
         return self.measured
 
     # ----------------------------------------------------------------------------------- state

@@ -106,6 +106,28 @@ def test_the_shipped_latency_is_compared_at_the_dense_latency_timed_beside_it(mo
     assert measured["prediction_error"] == pytest.approx(0.0, abs=0.02)  # compared with the calibration: -50 %
 
 
+def test_a_fit_resumed_after_planning_times_the_shipped_network_against_the_plan_alone(monkeypatch, tmp_path):
+    """The resumed process has the plan (callback state) but no dense network to time beside the shipped one: the
+    shipped network is timed on the runtime alone, against the plan's absolute prediction."""
+    def measure(self, rounds=3, **networks):  # the planning process: milliseconds = MACs
+        return {name: float(count_macs(network, self.example)) for name, network in networks.items()}
+
+    monkeypatch.setattr(TargetPlanner, "measure", measure)
+    monkeypatch.setattr(LatencyTable, "network_ms", lambda self, shapes, int8: sum(s.macs() for s in shapes.values()))
+    arguments = {"latency_ratio": 0.6, "start": 0.0, "end": "4steps", "update_every": 2, "round_to": 4,
+                 "table_path": str(tmp_path / "table.json"), "repeats": 3}
+    torch.manual_seed(0)
+    first = CompressToTarget(**arguments)
+    fit(UserClassifier(), [first], tmp_path, steps=5)
+    resumed, module = CompressToTarget(**arguments), UserClassifier()
+    fit(module, [resumed], tmp_path, ckpt_path=tmp_path / "last.ckpt")
+    assert resumed.plan.widths == first.plan.widths and resumed._planner is None
+    measured = resumed.measured
+    assert "dense_ms" not in measured and measured["measured_ms"] > 0  # a real onnxruntime time, not the fake's
+    assert measured["predicted_ms"] == first.plan.details["predicted_ms"]
+    assert measured["target_ms"] == pytest.approx(0.6 * first.plan.details["dense_predicted_ms"])
+
+
 def test_unreachable_target_is_refused_before_the_first_step(tmp_path):
     module = UserClassifier()
     before = {k: v.clone() for k, v in module.state_dict().items()}
