@@ -2,9 +2,9 @@
 
 For each model, batch size and precision (fp32, or the int8 QDQ ONNX model the ``onnxruntime`` engine ships),
 ``TargetPlanner`` builds the per-layer table on onnxruntime and calibrates it on the dense and the narrowest
-network; the greedy planner then plans for 1/2 and 1/3 of the dense latency, the planned network is built
-(channels really removed) and measured end to end, interleaved with the dense network over several rounds
-(medians). Reported: predicted vs measured milliseconds (the model's error) and measured vs the target
+network; the planner (its default allocation) plans for 1/2 and 1/3 of the dense latency, the planned network
+is built (channels really removed) and measured end to end, interleaved with the dense network over several
+rounds (medians). Reported: predicted vs measured milliseconds (the model's error) and measured vs the target
 (the issue asks <= 1.05x the target, prediction within 10 %). Networks have random weights with BatchNorm
 statistics from random batches, and the sensitivity that ranks the groups is measured on random inputs: the
 plan's *widths* are not those a trained network would get, but its latency is predicted and measured the
