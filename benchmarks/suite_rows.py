@@ -184,8 +184,10 @@ def channel50(ctx: Context) -> Plan:
 
 
 def channel50_kd(ctx: Context) -> Plan:
-    """Channel pruning as ``channel50``, recovering with distillation from the ResNet-56 teacher (T=4, alpha=0.5):
-    the fix tried for its 1.0-point target, as ``gmp90_kd`` for GMP 90 %."""
+    """Channel pruning as ``channel50`` with distillation from the ResNet-56 teacher (T=4, alpha=0.5).
+
+    The fix tried for its 1.0-point target, as ``gmp90_kd`` for GMP 90 %.
+    """
     return Plan(callbacks=[_channel(ctx), _kd(ctx, alpha=0.5)])
 
 
