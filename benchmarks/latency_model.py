@@ -113,7 +113,8 @@ def render(result: dict) -> str:
              "weights (BatchNorm statistics from random batches); plans ranked by sensitivity on random inputs. "
              "*predicted* is the latency model's figure for the final plan, *measured* an independent interleaved "
              "measurement after planning; *first plan* is the open-loop plan's own check (the planner re-plans "
-             "under a budget shrunk by a miss, up to *checks* end-to-end measurements).", "",
+             "under a budget shrunk by a miss, or grown by an over-prediction, up to *checks* end-to-end "
+             "measurements).", "",
              "| model | batch | precision | target | dense ms | target ms | predicted ms | measured ms | "
              "prediction error | measured / target | first plan: measured / target | checks | load |",
              "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
