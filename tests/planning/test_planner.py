@@ -203,6 +203,20 @@ def test_a_latency_target_is_measured_again_before_it_is_refused(again, monkeypa
     assert calls == [3, REMEASURE_ROUNDS]
 
 
+def _plan_checked_by(measure, monkeypatch, tmp_path):
+    """A half-latency plan of a small convolution stack whose end-to-end checks ``measure`` gives, costed by a table
+    of MACs (no timing noise), with sensitivity growing with the channels cut."""
+    monkeypatch.setattr(TargetPlanner, "measure", measure)
+    monkeypatch.setattr(LatencyTable, "network_ms", lambda self, shapes, int8: sum(s.macs() for s in shapes.values()))
+    net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(32, 4, 1)).eval()
+    planner = TargetPlanner(net, torch.randn(1, 3, 8, 8), Target("latency_ratio", 0.5), ignored=["4"], round_to=8,
+                            table_path=tmp_path / "table.json", repeats=2)
+    sensitivity = {g: {w: 0.01 * (planner.space.widths[g] - w) for w in planner.space.candidates(g, 8)}
+                   for g in planner.space.widths}
+    return planner.plan(net, [], sensitivity=sensitivity)
+
+
 @pytest.mark.parametrize("confirmed", [False, True])
 def test_a_missed_check_is_measured_again_before_the_budget_shrinks(confirmed, monkeypatch, tmp_path):
     """A plan whose first end-to-end check misses is measured again over more rounds; only a confirmed miss
@@ -216,15 +230,7 @@ def test_a_missed_check_is_measured_again_before_the_budget_shrinks(confirmed, m
             ms["planned"] = 0.8 * ms["dense"]
         return ms
 
-    monkeypatch.setattr(TargetPlanner, "measure", measure)
-    monkeypatch.setattr(LatencyTable, "network_ms", lambda self, shapes, int8: sum(s.macs() for s in shapes.values()))
-    net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-                        nn.Conv2d(32, 4, 1)).eval()
-    planner = TargetPlanner(net, torch.randn(1, 3, 8, 8), Target("latency_ratio", 0.5), ignored=["4"], round_to=8,
-                            table_path=tmp_path / "table.json", repeats=2)
-    sensitivity = {g: {w: 0.01 * (planner.space.widths[g] - w) for w in planner.space.candidates(g, 8)}
-                   for g in planner.space.widths}
-    plan = planner.plan(net, [], sensitivity=sensitivity)
+    plan = _plan_checked_by(measure, monkeypatch, tmp_path)
     checks = plan.details["checks"]
     assert [check["rounds"] for check in checks] == ([REMEASURE_ROUNDS, 3] if confirmed else [REMEASURE_ROUNDS])
     assert checks[0]["budget"] == 0.5 and plan.details["met"]
@@ -248,15 +254,7 @@ def test_a_plan_measured_well_below_its_target_is_grown(later, monkeypatch, tmp_
             ms["planned"] *= 0.6 if len(planned_calls) == 1 else later
         return ms
 
-    monkeypatch.setattr(TargetPlanner, "measure", measure)
-    monkeypatch.setattr(LatencyTable, "network_ms", lambda self, shapes, int8: sum(s.macs() for s in shapes.values()))
-    net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-                        nn.Conv2d(32, 4, 1)).eval()
-    planner = TargetPlanner(net, torch.randn(1, 3, 8, 8), Target("latency_ratio", 0.5), ignored=["4"], round_to=8,
-                            table_path=tmp_path / "table.json", repeats=2)
-    sensitivity = {g: {w: 0.01 * (planner.space.widths[g] - w) for w in planner.space.candidates(g, 8)}
-                   for g in planner.space.widths}
-    plan = planner.plan(net, [], sensitivity=sensitivity)
+    plan = _plan_checked_by(measure, monkeypatch, tmp_path)
     checks = plan.details["checks"]
     first = checks[0]
     assert first["predicted"] <= 0.5 and first["measured"] == pytest.approx(0.6 * first["predicted"], rel=1e-3)
