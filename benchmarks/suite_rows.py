@@ -294,6 +294,13 @@ def dense(ctx: Context) -> Plan:
     return Plan()
 
 
+TARGET_MODELS = {"resnet56": ("teacher", 3.0), "mobilenetv2": ("mobilenetv2_dense", 2.5)}
+"""Issue 24's networks beside ResNet-20: their dense reference row and training cost relative to ResNet-20 (ResNet-56:
+the teacher's; MobileNetV2: guessed from its MACs and depthwise layers)."""
+TARGET_FRACTIONS = {50: (0.5, "half"), 33: (1 / 3, "a third of")}
+"""Issue 24's latency targets, by the percent in a row's name: the fraction of the dense latency, in words."""
+
+
 @dataclass(frozen=True)
 class Row:
     """One row of the table.
@@ -335,12 +342,11 @@ ROWS: dict[str, Row] = {
     "channel50_planned": Row(channel50_planned, ("pruning", "planning"), cost=0.8),
     "target50": Row(_target(0.5), ("pruning", "planning"), cost=0.8),
     "target50_uniform": Row(_target(0.5, allocation="uniform"), ("pruning", "planning"), cost=0.8),
-    # issue 24's networks at 1/2 and 1/3 of the dense latency; ResNet-56's dense reference is the teacher row;
-    # costs: ResNet-56 3x ResNet-20 (the teacher's), MobileNetV2 guessed from its MACs and depthwise layers
+    # issue 24's networks at 1/2 and 1/3 of the dense latency (ResNet-56's dense reference is the teacher row)
     "mobilenetv2_dense": Row(mobilenetv2_dense, cost=2.5),
-    **{f"{model}_target{round(100 * ratio)}{suffix}": Row(_target(ratio, model, allocation), ("pruning", "planning"),
-                                                          cost=cost * (0.8 if ratio == 0.5 else 0.7))
-       for model, cost in (("resnet56", 3.0), ("mobilenetv2", 2.5)) for ratio in (0.5, 1 / 3)
+    **{f"{model}_target{percent}{suffix}": Row(_target(ratio, model, allocation), ("pruning", "planning"),
+                                               cost=cost * (0.8 if ratio == 0.5 else 0.7))
+       for model, (_, cost) in TARGET_MODELS.items() for percent, (ratio, _) in TARGET_FRACTIONS.items()
        for suffix, allocation in (("", "sensitivity"), ("_uniform", "uniform"))},
 }
 """Every row, in table order."""
@@ -355,8 +361,7 @@ BLOCK_ROWS: dict[str, tuple[str, ...]] = {
 TARGET_ROWS: dict[str, tuple[str, str, str]] = {
     "target50": ("target50_uniform", "dense", "half"),
     **{f"{model}_target{percent}": (f"{model}_target{percent}_uniform", dense, words)
-       for model, dense in (("resnet56", "teacher"), ("mobilenetv2", "mobilenetv2_dense"))
-       for percent, words in ((50, "half"), (33, "a third of"))},
+       for model, (dense, _) in TARGET_MODELS.items() for percent, (_, words) in TARGET_FRACTIONS.items()},
 }
 """CompressToTarget rows read in the targets: planned row -> (its uniform baseline, its dense network's row, the
 target in words)."""
