@@ -30,7 +30,7 @@ from lightning_compress.core.inputs import capture_network_input
 from lightning_compress.core.onnx import OnnxRuntimeNetwork
 from lightning_compress.core.progress import Interval, Position
 from lightning_compress.data.cache import default_cache_dir
-from lightning_compress.planning.latency import RUNTIMES, interleaved_ms, runtime_runner, table_runtime
+from lightning_compress.planning.latency import RUNTIMES, table_runtime, timed_programs
 from lightning_compress.planning.planner import (
     ALLOCATIONS,
     Plan,
@@ -325,8 +325,7 @@ class CompressToTarget(ChannelRemoval):
         else:
             batch = torch.zeros([self.batch_size, *self._input_shape[1:]])
             program = shipped if isinstance(shipped, bytes) else runtime_program(shipped, batch, False, self.runtime)
-            measured = interleaved_ms({"shipped": runtime_runner(program, self.runtime, self.threads)}, batch.numpy(),
-                                      self.repeats)
+            measured = timed_programs({"shipped": program}, self.runtime, self.threads, batch.numpy(), self.repeats)
             dense_ms, predicted = details.get("dense_predicted_ms", 0.0), details["predicted_ms"]
             beside = {}
         self.measured = {

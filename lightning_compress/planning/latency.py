@@ -268,6 +268,19 @@ def interleaved_ms(runners: Mapping[str, Callable[[np.ndarray], Any]], array: np
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def timed_programs(programs: Mapping[str, bytes], runtime: str, threads: int, array: np.ndarray, repeats: int,
+                   rounds: int = 3) -> dict[str, float]:
+    """Each runtime program's milliseconds on ``array`` (:func:`runtime_runner`, :func:`interleaved_ms`).
+
+    Example:
+        >>> timed_programs({"empty": _empty_onnx(np.ones(4, np.float32))}, "onnxruntime", 1, np.ones(4, np.float32),
+        ...                repeats=2, rounds=1)["empty"] >= 0
+        True
+    """
+    runners = {name: runtime_runner(program, runtime, threads) for name, program in programs.items()}
+    return interleaved_ms(runners, array, repeats, rounds)
+
+
 def _input_array(shape: LayerShape, batch_size: int, int8: bool) -> np.ndarray:
     dims = [batch_size, shape.in_channels, *shape.size] if shape.kind == "conv" else [batch_size, shape.in_channels]
     generator = np.random.default_rng(1)

@@ -182,6 +182,31 @@ def narrowest_widths(space: ChannelSpace, round_to: int) -> Widths:
     return {group: space.candidates(group, round_to)[-1] for group in space.widths}
 
 
+FLOOR_TOLERANCE = 0.02
+"""A narrower width level is kept while the table predicts it within this fraction of the fastest level."""
+
+
+def fastest_floor(space: ChannelSpace, latency: LatencyModel, round_to: int) -> int:
+    """The narrowest width level worth planning with: every group capped at a level (a multiple of ``round_to``),
+    the table sum is taken per level, and levels below the narrowest one within :data:`FLOOR_TOLERANCE` of the
+    fastest are dropped, since a runtime's kernels need not get faster as channels shrink (onnxruntime's int8
+    convolution runs 8 channels slower than 16).
+
+    Args:
+        space: The channel space.
+        latency: The latency model (its per-layer table).
+        round_to: Width levels are multiples of this.
+
+    Returns:
+        The floor for :attr:`~lightning_compress.planning.widths.ChannelSpace.floor`.
+    """
+    levels = range(round_to, max(space.widths.values()) + 1, round_to)
+    sums = {level: latency.layers_ms(space.shapes({group: min(dense, level) for group, dense in space.widths.items()}))
+            for level in levels}
+    fastest = min(sums.values())
+    return min(level for level, value in sums.items() if value <= fastest * (1 + FLOOR_TOLERANCE))
+
+
 def reachable_narrowest(space: ChannelSpace, cost: Callable[[Widths], float], budget: float, round_to: int) -> Widths:
     """The narrowest widths, after checking that they meet ``budget``.
 
@@ -192,8 +217,9 @@ def reachable_narrowest(space: ChannelSpace, cost: Callable[[Widths], float], bu
     closest = cost(narrowest)
     if closest > budget:
         raise UnreachableTargetError(f"the target {budget:.4g} cannot be reached by removing channels: the "
-                                     f"narrowest candidate network (every group at {round_to} channels or its "
-                                     f"narrowest) reaches {closest:.4g}")
+                                     f"narrowest candidate network (every group at "
+                                     f"{max(round_to, space.floor)} channels or its narrowest) reaches "
+                                     f"{closest:.4g}")
     return narrowest
 
 

@@ -21,18 +21,20 @@ import copy
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_compress.planning.latency import LatencyTable, interleaved_ms, runtime_runner, table_runtime
+from lightning_compress.planning.latency import LatencyTable, table_runtime, timed_programs
 from lightning_compress.planning.planner import (
     LatencyModel,
     Plan,
     Target,
     UnreachableTargetError,
     anchored_widths,
+    fastest_floor,
     greedy_widths,
     narrowest_widths,
     runtime_program,
@@ -43,10 +45,13 @@ from lightning_compress.planning.widths import channel_space, slimmed_copy, widt
 from lightning_compress.pruning.importance import ImportanceLike
 
 REMEASURE_ROUNDS = 7
-"""Interleaved rounds of a measurement taken again before it refuses a latency target or shrinks a plan's budget."""
+"""Interleaved rounds of a measurement taken again before it refuses a latency target or shrinks or grows a plan's
+budget."""
 GROW_BELOW = 0.9
-"""A latency plan measured within its target but below this fraction of its prediction is re-planned under a budget
-grown by the over-prediction."""
+"""A latency plan measured within its target but below this fraction of its prediction (over
+:data:`REMEASURE_ROUNDS` rounds) is re-planned under a budget grown by the over-prediction."""
+GROW_CHECKS = 3
+"""Checks a plan needs left to grow: its own, the grown plan's, and the fallback's if the grown plan misses."""
 
 
 class TargetPlanner:
@@ -85,13 +90,14 @@ class TargetPlanner:
         self.narrowest_network: nn.Module | None = None
         self._programs: dict[int, bytes] = {}
         if target.kind.startswith("latency"):
-            self.narrowest_network = slimmed_copy(network, self.example, narrowest_widths(self.space, round_to))
             table = LatencyTable(table_runtime(runtime), batch_size, threads, table_path, repeats)
             self.latency = LatencyModel(table, int8)
+            self.space = replace(self.space, floor=fastest_floor(self.space, self.latency, round_to))
+            self.narrowest_network = slimmed_copy(network, self.example, narrowest_widths(self.space, round_to))
             self._calibrate(rounds=3)
             table.save()
-        self.cost = target_cost(target, self.space, self.latency, int8)
-        self.dense_value = self.cost(dict(self.space.widths))
+        else:
+            self._use_target(target)
         self.setup_seconds = time.perf_counter() - begin
 
     def _calibrate(self, rounds: int) -> None:
@@ -100,6 +106,13 @@ class TargetPlanner:
         self.latency.calibrate({
             "dense": (self.space.shapes(self.space.widths), measured["dense"]),
             "narrowest": (self.space.shapes(narrowest_widths(self.space, self.round_to)), measured["narrowest"])})
+        self._use_target(self.target)  # its cost, and the dense reference, from the new calibration
+
+    def _use_target(self, target: Target) -> None:
+        """Cost widths against ``target`` (and the dense network's value) with the current latency model."""
+        self.target = target
+        self.cost = target_cost(target, self.space, self.latency, self.int8)
+        self.dense_value = self.cost(dict(self.space.widths))
 
     def program(self, network: nn.Module | bytes) -> bytes:
         """``network`` as the runtime loads it (:func:`~lightning_compress.planning.planner.runtime_program`); the
@@ -116,7 +129,7 @@ class TargetPlanner:
 
     def measure(self, rounds: int = 3, **networks: nn.Module | bytes) -> dict[str, float]:
         """Milliseconds of each network (or runtime program) end to end on the runtime, at the batch size and
-        threads planned for, in interleaved rounds (:func:`~lightning_compress.planning.latency.interleaved_ms`).
+        threads planned for, in interleaved rounds (:func:`~lightning_compress.planning.latency.timed_programs`).
 
         Example:
             >>> from torch import nn
@@ -126,9 +139,8 @@ class TargetPlanner:
             >>> sorted(planner.measure(1, dense=planner.dense_network, narrowest=planner.narrowest_network))
             ['dense', 'narrowest']
         """
-        runners = {name: runtime_runner(self.program(network), self.runtime, self.threads)
-                   for name, network in networks.items()}
-        return interleaved_ms(runners, self.batch.numpy(), self.repeats, rounds)
+        programs = {name: self.program(network) for name, network in networks.items()}
+        return timed_programs(programs, self.runtime, self.threads, self.batch.numpy(), self.repeats, rounds)
 
     def closest(self) -> float:
         """The target measure of the narrowest candidate network: the most that channel removal can reach."""
@@ -143,15 +155,14 @@ class TargetPlanner:
         closest = self.closest()
         if closest > self.target.value and self.latency is not None:
             self._calibrate(rounds=REMEASURE_ROUNDS)
-            self.cost = target_cost(self.target, self.space, self.latency, self.int8)  # the dense reference too
-            self.dense_value = self.cost(dict(self.space.widths))
             closest = self.closest()
         if closest > self.target.value:
             precision = "int8" if self.int8 else "fp32"
             raise UnreachableTargetError(
                 f"{self.target.kind}={self.target.value:g} cannot be reached: the dense network is predicted at "
                 f"{self.dense_value:.4g} {self.target.unit} and the narrowest one channel removal can give (every "
-                f"group at {self.round_to} channels) at {closest:.4g} {self.target.unit} ({precision}"
+                f"group at {max(self.round_to, self.space.floor)} channels) at {closest:.4g} {self.target.unit} "
+                f"({precision}"
                 + (f", {self.runtime}, batch {len(self.batch)}, {self.threads} thread(s)" if self.latency else "")
                 + f"); ask for {closest:.4g} {self.target.unit} or more"
                 + ("" if self.int8 or self.target.kind == "macs_ratio" else ", or quantize to int8"))
@@ -167,9 +178,7 @@ class TargetPlanner:
             True
         """
         other = copy.copy(self)
-        other.target = target
-        other.cost = target_cost(target, self.space, self.latency, self.int8)
-        other.dense_value = other.cost(dict(self.space.widths))
+        other._use_target(target)
         return other
 
     def plan(self, network: nn.Module, inputs: Sequence[torch.Tensor], importance: ImportanceLike = "l1",
@@ -213,7 +222,7 @@ class TargetPlanner:
         details: dict[str, Any] = {
             "allocation": allocation, "sensitivity_batches": len(inputs),
             "sensitivity_images": sum(len(x) for x in inputs), "sensitivity_seconds": round(sensitivity_seconds, 2),
-            "setup_seconds": round(self.setup_seconds, 2), "round_to": self.round_to}
+            "setup_seconds": round(self.setup_seconds, 2), "round_to": self.round_to, "floor": self.space.floor}
         if self.latency is not None:
             details["latency_model"] = {"scale": self.latency.scale, "offset_ms": self.latency.offset,
                                         "references": self.latency.references, **self.latency.table.describe(),
@@ -234,32 +243,37 @@ class TargetPlanner:
 
         A miss is measured again over more rounds first (on a busy machine one measurement can be tens of percent
         off, and each shrink cuts channels the target did not ask for), then re-planned under a budget shrunk by
-        it. A plan within the target measuring below :data:`GROW_BELOW` of its prediction, with two checks left,
-        is re-planned under a budget grown by the over-prediction (channels were cut that the target did not ask
-        for); if the grown plan misses, the widths that met are measured again and kept. The last check measured the returned
-        widths, unless the checks ran out on a miss: the widths re-planned under the shrunk budget are returned.
+        it. A plan within the target measuring below :data:`GROW_BELOW` of its prediction (again over more rounds),
+        with :data:`GROW_CHECKS` checks left, is re-planned under a budget grown by the over-prediction (channels
+        were cut that the target did not ask for); if the grown plan misses, the widths that met are measured again
+        and kept. The last check measured the returned widths, unless the checks ran out on a miss: the widths
+        re-planned under the shrunk budget are returned.
         """
         def value_of(measured: dict[str, float]) -> float:
             return measured["planned"] / (measured["dense"] if self.target.kind == "latency_ratio" else 1.0)
+
+        def acted_on(value: float, predicted: float, may_grow: bool) -> bool:  # a miss, or would grow the plan
+            return value > self.target.value or (may_grow and value < GROW_BELOW * predicted)
 
         budget, details["checks"] = self.target.value, []
         met: tuple[dict[str, int], float] | None = None  # widths measured within the target, their budget
         for left in range(checks, 0, -1):
             planned = slimmed_copy(network, self.example, widths, importance)
+            predicted = self.cost(widths)
+            may_grow = met is None and left >= GROW_CHECKS  # room for the grown plan's check and a fallback's
             rounds = 3
             measured = self.measure(rounds, dense=self.dense_network, planned=planned)
-            if value_of(measured) > self.target.value:
+            if acted_on(value_of(measured), predicted, may_grow):
                 rounds = REMEASURE_ROUNDS
                 measured = self.measure(rounds, dense=self.dense_network, planned=planned)
             value = value_of(measured)
-            details["checks"].append({"budget": budget, "predicted": self.cost(widths), "measured": value,
+            details["checks"].append({"budget": budget, "predicted": predicted, "measured": value,
                                       "measured_ms": measured["planned"], "dense_measured_ms": measured["dense"],
                                       "rounds": rounds})
             if value > self.target.value and met is not None:  # grown too far: back to the widths that met
                 widths, budget = met
                 continue
-            predicted = details["checks"][-1]["predicted"]
-            if value <= self.target.value and (value >= GROW_BELOW * predicted or left < 3 or met is not None):
+            if not acted_on(value, predicted, may_grow):
                 break
             if value <= self.target.value:  # over-predicted: a plan predicted this much more measures the budget
                 met = (widths, budget)

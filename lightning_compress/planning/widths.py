@@ -46,21 +46,26 @@ class ChannelSpace:
         widths: Dense channels of each group, by root layer name (relative to the network).
         layers: Dense shape of every ``Conv2d``/``Linear``.
         moves: Per group, ``(layer, "in" | "out", channels per group channel)`` for every layer it resizes.
+        floor: No candidate below this width (but a group's dense width): narrower layers that the runtime runs
+            no faster (:func:`~lightning_compress.planning.planner.fastest_floor`).
     """
 
     widths: dict[str, int]
     layers: dict[str, LayerShape]
     moves: dict[str, list[tuple[str, str, int]]]
+    floor: int = 0
 
     def candidates(self, group: str, round_to: int) -> list[int]:
-        """The widths a group may keep, widest first: its dense width, then the multiples of ``round_to`` below.
+        """The widths a group may keep, widest first: its dense width, then the multiples of ``round_to`` below
+        down to :attr:`floor`.
 
         Example:
-            >>> ChannelSpace({"a": 20}, {}, {}).candidates("a", 8)
-            [20, 16, 8]
+            >>> space = ChannelSpace({"a": 20}, {}, {})
+            >>> space.candidates("a", 8), replace(space, floor=16).candidates("a", 8)
+            ([20, 16, 8], [20, 16])
         """
         dense = self.widths[group]
-        return [dense] + [w for w in range((dense - 1) // round_to * round_to, 0, -round_to)]
+        return [dense] + [w for w in range((dense - 1) // round_to * round_to, 0, -round_to) if w >= self.floor]
 
     def shapes(self, widths: Mapping[str, int]) -> dict[str, LayerShape]:
         """Every layer's shape when the groups keep ``widths`` (groups not named stay dense)."""

@@ -203,6 +203,34 @@ def test_a_latency_target_is_measured_again_before_it_is_refused(again, monkeypa
     assert calls == [3, REMEASURE_ROUNDS]
 
 
+@pytest.mark.parametrize("slow_below", [0, 16])
+def test_widths_the_runtime_runs_no_faster_are_not_candidates(slow_below, monkeypatch, tmp_path):
+    """A table where layers with fewer than ``slow_below`` output channels cost 4x their MACs (as onnxruntime's int8
+    convolution runs 8 channels slower than 16): the floor rises to 16, the narrowest network calibrated on and
+    every candidate keep 16 channels or more; a table costing MACs keeps the floor at ``round_to``."""
+    def network_ms(self, shapes, int8):
+        return sum(s.macs() * (4 if s.out_channels < slow_below else 1) for s in shapes.values())
+
+    measured = {}
+
+    def measure(self, rounds=3, **networks):
+        measured.update({name: [m.out_channels for m in net.modules() if isinstance(m, nn.Conv2d)]
+                         for name, net in networks.items()})
+        return {name: float(count_macs_per_module(net, self.example).get("", 0)) for name, net in networks.items()}
+
+    monkeypatch.setattr(TargetPlanner, "measure", measure)
+    monkeypatch.setattr(LatencyTable, "network_ms", network_ms)
+    net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(32, 4, 1)).eval()
+    planner = TargetPlanner(net, torch.randn(1, 3, 8, 8), Target("latency_ratio", 0.5), ignored=["4"], round_to=8,
+                            table_path=tmp_path / "table.json", repeats=2)
+    floor = 16 if slow_below else 8
+    assert planner.space.floor == floor and measured["narrowest"] == [floor, floor, 4]
+    assert all(min(planner.space.candidates(g, 8)) == floor for g in planner.space.widths)
+    plan = planner.plan(net, [torch.randn(4, 3, 8, 8)], checks=1)
+    assert min(plan.widths.values()) >= floor and plan.details["floor"] == floor
+
+
 def _plan_checked_by(measure, monkeypatch, tmp_path):
     """A half-latency plan of a small convolution stack whose end-to-end checks ``measure`` gives, costed by a table
     of MACs (no timing noise), with sensitivity growing with the channels cut."""
@@ -242,29 +270,49 @@ def test_a_missed_check_is_measured_again_before_the_budget_shrinks(confirmed, m
 
 @pytest.mark.parametrize("later", [0.55, 1.0])
 def test_a_plan_measured_well_below_its_target_is_grown(later, monkeypatch, tmp_path):
-    """The latency model over-predicts the first plan (measured at 0.6 of its prediction): the budget grows by the
-    margin. Measured at 0.55 of the prediction again, the grown plan is kept; measured as predicted (the machine's
-    load changed), it misses, and the widths that met are measured again and kept."""
+    """The latency model over-predicts the first plan (measured at 0.6 of its prediction, and again over more
+    rounds): the budget grows by the margin. Measured at 0.55 of the prediction again, the grown plan is kept;
+    measured as predicted (the machine's load changed), it misses, and the widths that met are measured again and
+    kept."""
     planned_calls = []
 
     def measure(self, rounds=3, **networks):  # the networks' MACs as milliseconds, the planned one scaled
         ms = {name: float(count_macs_per_module(net, self.example).get("", 0)) for name, net in networks.items()}
         if "planned" in networks:
             planned_calls.append(rounds)
-            ms["planned"] *= 0.6 if len(planned_calls) == 1 else later
+            ms["planned"] *= 0.6 if len(planned_calls) <= 2 else later
         return ms
 
     plan = _plan_checked_by(measure, monkeypatch, tmp_path)
     checks = plan.details["checks"]
     first = checks[0]
     assert first["predicted"] <= 0.5 and first["measured"] == pytest.approx(0.6 * first["predicted"], rel=1e-3)
+    assert planned_calls[:2] == [3, REMEASURE_ROUNDS] and first["rounds"] == REMEASURE_ROUNDS  # confirmed first
     assert checks[1]["budget"] == pytest.approx(0.5 / 0.6) and checks[1]["predicted"] > 0.5
     assert plan.details["met"] and checks[-1]["measured"] <= 0.5
     if later < 1.0:  # the grown plan met: kept
         assert len(checks) == 2 and plan.predicted == checks[1]["predicted"]
     else:  # it missed (measured again first): the first widths, measured again
-        assert [c["rounds"] for c in checks] == [3, REMEASURE_ROUNDS, 3]
+        assert [c["rounds"] for c in checks] == [REMEASURE_ROUNDS, REMEASURE_ROUNDS, 3]
         assert len(checks) == 3 and plan.predicted == first["predicted"] == checks[2]["predicted"]
+
+
+def test_a_plan_measured_below_its_prediction_once_is_not_grown(monkeypatch, tmp_path):
+    """One low measurement (a load spike on the dense network's turn reads the same as an over-prediction) is
+    measured again over more rounds; measured as predicted there, the plan is kept as it was."""
+    planned_calls = []
+
+    def measure(self, rounds=3, **networks):
+        ms = {name: float(count_macs_per_module(net, self.example).get("", 0)) for name, net in networks.items()}
+        if "planned" in networks:
+            planned_calls.append(rounds)
+            ms["dense"] *= 1.0 / 0.6 if len(planned_calls) == 1 else 1.0
+        return ms
+
+    plan = _plan_checked_by(measure, monkeypatch, tmp_path)
+    checks = plan.details["checks"]
+    assert planned_calls == [3, REMEASURE_ROUNDS] and len(checks) == 1
+    assert checks[0]["measured"] == pytest.approx(checks[0]["predicted"], rel=1e-3) and plan.details["met"]
 
 
 @pytest.mark.slow
