@@ -121,7 +121,11 @@ class LatencyModel:
 
     def predict(self, shapes: Mapping[str, LayerShape]) -> float:
         """Predicted milliseconds of a network with these layer shapes."""
-        return self.scale * self.layers_ms(shapes) + self.offset
+        return self.predict_sum(self.layers_ms(shapes))
+
+    def predict_sum(self, layers_ms: float) -> float:
+        """Predicted milliseconds of a network whose layers' table latencies sum to ``layers_ms``."""
+        return self.scale * layers_ms + self.offset
 
     def calibrate(self, references: Mapping[str, tuple[Mapping[str, LayerShape], float]]) -> None:
         """Fit ``scale`` and ``offset`` to two ``{name: (layer shapes, measured ms)}`` references (one: offset only;
@@ -153,7 +157,8 @@ def target_cost(target: Target, space: ChannelSpace, latency: LatencyModel | Non
                 ) -> Callable[[Widths], float]:
     """The function of group widths that ``target`` bounds, in the target's own units.
 
-    ``latency_ratio`` and ``macs_ratio`` are relative to the dense widths; latency targets need ``latency``.
+    ``latency_ratio`` and ``macs_ratio`` are relative to the dense widths; latency targets need ``latency``, and
+    follow it when it is calibrated again.
     """
     def macs(widths: Widths) -> float:
         return float(sum(shape.macs() for shape in space.shapes(widths).values()))
@@ -169,8 +174,8 @@ def target_cost(target: Target, space: ChannelSpace, latency: LatencyModel | Non
         raise ValueError(f"a {target.kind} target needs a latency model")
     if target.kind == "latency_ms":
         return lambda widths: latency.predict(space.shapes(widths))
-    reference = latency.predict(space.shapes(dense))
-    return lambda widths: latency.predict(space.shapes(widths)) / reference
+    dense_layers_ms = latency.layers_ms(space.shapes(dense))  # the reference follows every calibration
+    return lambda widths: latency.predict(space.shapes(widths)) / latency.predict_sum(dense_layers_ms)
 
 
 class UnreachableTargetError(ValueError):

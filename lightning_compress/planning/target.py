@@ -96,8 +96,7 @@ class TargetPlanner:
             self.narrowest_network = slimmed_copy(network, self.example, narrowest_widths(self.space, round_to))
             self._calibrate(rounds=3)
             table.save()
-        else:
-            self._use_target(target)
+        self.cost = target_cost(target, self.space, self.latency, int8)
         self.setup_seconds = time.perf_counter() - begin
 
     def _calibrate(self, rounds: int) -> None:
@@ -106,13 +105,11 @@ class TargetPlanner:
         self.latency.calibrate({
             "dense": (self.space.shapes(self.space.widths), measured["dense"]),
             "narrowest": (self.space.shapes(narrowest_widths(self.space, self.round_to)), measured["narrowest"])})
-        self._use_target(self.target)  # its cost, and the dense reference, from the new calibration
 
-    def _use_target(self, target: Target) -> None:
-        """Cost widths against ``target`` (and the dense network's value) with the current latency model."""
-        self.target = target
-        self.cost = target_cost(target, self.space, self.latency, self.int8)
-        self.dense_value = self.cost(dict(self.space.widths))
+    @property
+    def dense_value(self) -> float:
+        """The dense network's value of the target measure (under the current calibration)."""
+        return self.cost(dict(self.space.widths))
 
     def program(self, network: nn.Module | bytes) -> bytes:
         """``network`` as the runtime loads it (:func:`~lightning_compress.planning.planner.runtime_program`); the
@@ -168,7 +165,8 @@ class TargetPlanner:
                 + ("" if self.int8 or self.target.kind == "macs_ratio" else ", or quantize to int8"))
 
     def with_target(self, target: Target) -> TargetPlanner:
-        """This planner (same network, table and calibration) for another target of the same kind family.
+        """This planner (same network, table and calibration, shared: a calibration either makes holds for both) for
+        another target of the same kind family.
 
         Example:
             >>> from torch import nn
@@ -178,7 +176,7 @@ class TargetPlanner:
             True
         """
         other = copy.copy(self)
-        other._use_target(target)
+        other.target, other.cost = target, target_cost(target, self.space, self.latency, self.int8)
         return other
 
     def plan(self, network: nn.Module, inputs: Sequence[torch.Tensor], importance: ImportanceLike = "l1",

@@ -203,6 +203,27 @@ def test_a_latency_target_is_measured_again_before_it_is_refused(again, monkeypa
     assert calls == [3, REMEASURE_ROUNDS]
 
 
+def test_a_planner_for_another_target_shares_the_calibration_it_makes(monkeypatch, tmp_path):
+    """A planner copied for another target that calibrates again (before refusing) calibrates the original too:
+    both cost against the new dense reference (a stale reference once made the original report 0.975x dense
+    for a network the copy measured at 0.77x)."""
+    calls = []
+
+    def measure(self, rounds=3, **networks):
+        calls.append(rounds)
+        return {"dense": 10.0, "narrowest": 9.0} if len(calls) == 1 else {"dense": 20.0, "narrowest": 6.0}
+
+    monkeypatch.setattr(TargetPlanner, "measure", measure)
+    monkeypatch.setattr(LatencyTable, "network_ms", lambda self, shapes, int8: sum(s.macs() for s in shapes.values()))
+    net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 4, 1)).eval()
+    planner = TargetPlanner(net, torch.randn(1, 3, 8, 8), Target("latency_ratio", 0.95), ignored=["2"],
+                            table_path=tmp_path / "table.json", repeats=2)
+    other = planner.with_target(Target("latency_ratio", 0.5))
+    other.check_reachable()
+    assert calls == [3, REMEASURE_ROUNDS]
+    assert planner.closest() == pytest.approx(0.3) == other.closest() and planner.dense_value == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize("slow_below", [0, 16])
 def test_widths_the_runtime_runs_no_faster_are_not_candidates(slow_below, monkeypatch, tmp_path):
     """A table where layers with fewer than ``slow_below`` output channels cost 4x their MACs (as onnxruntime's int8
