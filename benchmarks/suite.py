@@ -7,6 +7,7 @@ size, onnxruntime CPU latency at batch 1. Rows:
 
     dense, gmp50, gmp90, gmp90_early, gmp90_kd, nm24, teacher, kd, kd_alpha05, kd_cached, channel50,
     channel50_kd, qat, lowrank, pipeline, pipeline_quarter, channel50_planned, target50, target50_uniform,
+    target50_lowrank (Tucker-2 ranks tuned to the same measured latency),
     and issue 24's targets on other networks (run with ``--only``): mobilenetv2_dense,
     {resnet56,mobilenetv2}_target{50,33}[_uniform] (ResNet-56's dense reference is the teacher row)
 

@@ -211,6 +211,81 @@ def _target(ratio: float, model: str = "resnet20", allocation: str = "sensitivit
     return row
 
 
+def ranks_at_latency(ratio: float, model: str = "resnet20", method: str = "tucker2", round_to: int = 8,
+                     rounds: int = 5) -> tuple[dict[str, int], dict[str, float]]:
+    """Ranks for ``LowRankFactorization`` whose network measures within ``ratio`` x the dense latency on
+    onnxruntime (fp32, batch 64, 1 thread), as ``CompressToTarget``'s rows are planned: one fraction of every
+    factorized layer's full rank (multiples of ``round_to``), the largest whose factorized network measures within
+    the target beside the dense one (interleaved rounds). Latency depends on the ranks only, so the network's
+    random initial weights time as the trained ones will.
+
+    Returns:
+        ``({layer name relative to the network: rank}, {"fraction", "measured_ratio", "macs_ratio"})``.
+    """
+    import copy
+
+    import torch
+    from torch import nn
+
+    from lightning_compress.core.accounting import count_macs
+    from lightning_compress.core.onnx import onnx_bytes
+    from lightning_compress.factorization.blocks import (
+        factorized_structure,
+        is_factorizable,
+        layer_method,
+        max_rank,
+    )
+    from lightning_compress.models import create_model
+    from lightning_compress.planning.latency import timed_programs
+
+    network = create_model(model, num_classes=10).eval()
+    layers = [name for name, m in network.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    layers = [name for name in layers[1:-1] if is_factorizable(network.get_submodule(name))]  # the callback's default
+    example, batch = torch.zeros(1, 3, 32, 32), torch.zeros(64, 3, 32, 32)
+    dense_macs = count_macs(network, example)
+    dense_program = onnx_bytes(network, batch)
+
+    def factorized(fraction: float) -> tuple[nn.Module, dict[str, int]]:
+        copied, ranks = copy.deepcopy(network), {}
+        for name in layers:
+            layer = copied.get_submodule(name)
+            layer_kind = layer_method(layer, method)
+            full = max_rank(layer, layer_kind)
+            ranks[name] = min(full, max(round_to, round(fraction * full / round_to) * round_to))
+            parent, _, child = name.rpartition(".")
+            setattr(copied.get_submodule(parent) if parent else copied, child,
+                    factorized_structure(layer, layer_kind, ranks[name]))
+        return copied.eval(), ranks
+
+    for step in range(19, 0, -1):
+        fraction = step / 20
+        candidate, ranks = factorized(fraction)
+        macs_ratio = count_macs(candidate, example) / dense_macs
+        if macs_ratio > ratio:  # no faster than its MACs: not worth timing
+            continue
+        measured = timed_programs({"dense": dense_program, "factorized": onnx_bytes(candidate, batch)}, "onnxruntime",
+                                  1, batch.numpy(), repeats=20, rounds=rounds)
+        if measured["factorized"] <= ratio * measured["dense"]:
+            return ranks, {"fraction": fraction, "measured_ratio": measured["factorized"] / measured["dense"],
+                           "macs_ratio": macs_ratio}
+    raise Skip(f"no uniform rank fraction of {model} measures within {ratio}x the dense latency")
+
+
+def _lowrank_at_latency(ratio: float) -> Callable[[Context], Plan]:
+    def row(ctx: Context) -> Plan:
+        ranks, tuned = ranks_at_latency(ratio)
+        callback = _lc().LowRankFactorization(ranks={f"*.{name}": rank for name, rank in ranks.items()},
+                                              method="tucker2", start=0.3)
+        note = (f"ranks tuned to {ratio:.2g}x the dense latency (onnxruntime fp32, batch 64, 1 thread): "
+                f"{tuned['fraction']:.2f} of each layer's full rank, measured {tuned['measured_ratio']:.3f}x beside the "
+                f"dense network, {tuned['macs_ratio']:.3f} of the MACs")
+        return Plan(callbacks=[callback], notes=[note])
+    row.__doc__ = (f"LowRankFactorization (Tucker-2 at 30 % of the run) with ranks tuned to {ratio:.2g}x the dense "
+                   "latency on onnxruntime (fp32, batch 64, 1 thread): the factorization baseline beside the "
+                   "CompressToTarget rows (issue 24).")
+    return row
+
+
 def mobilenetv2_dense(ctx: Context) -> Plan:
     """The dense MobileNetV2 (CIFAR variant): the reference of its CompressToTarget rows."""
     return Plan(model="mobilenetv2")
@@ -342,6 +417,7 @@ ROWS: dict[str, Row] = {
     "channel50_planned": Row(channel50_planned, ("pruning", "planning"), cost=0.8),
     "target50": Row(_target(0.5), ("pruning", "planning"), cost=0.8),
     "target50_uniform": Row(_target(0.5, allocation="uniform"), ("pruning", "planning"), cost=0.8),
+    "target50_lowrank": Row(_lowrank_at_latency(0.5), ("factorization", "planning/latency.py"), cost=1.1),
     # issue 24's networks at 1/2 and 1/3 of the dense latency (ResNet-56's dense reference is the teacher row)
     "mobilenetv2_dense": Row(mobilenetv2_dense, cost=2.5),
     **{f"{model}_target{percent}{suffix}": Row(_target(ratio, model, allocation), ("pruning", "planning"),

@@ -485,3 +485,36 @@ def test_target_rows_plan_each_network_at_its_fraction_with_its_uniform_baseline
             assert callback.target == ("latency_ratio", ratio) and callback.allocation == allocation
             assert (callback.batch_size, callback.threads, callback.round_to) == (64, 1, 8)
         assert suite_rows.ROWS[dense].plan(ctx).model == model and not suite_rows.ROWS[dense].plan(ctx).callbacks
+
+
+def test_lowrank_at_latency_row_tunes_ranks_on_measured_time_and_factorizes_every_layer(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The factorization baseline of the target rows: the largest uniform rank fraction measuring within half the
+    dense time (here a stand-in clock: a program's bytes), carried out by ``LowRankFactorization`` on every layer
+    it selects by default."""
+    import lightning.pytorch as pl
+
+    from lightning_compress import ImageClassifier, LowRankFactorization
+    from lightning_compress.planning import latency
+    from tests.toy import random_loader
+
+    ratios = []
+
+    def timed_programs(programs, runtime, threads, array, repeats, rounds=3):  # time = the program's bytes
+        ratios.append(len(programs["factorized"]) / len(programs["dense"]))
+        return {name: float(len(program)) for name, program in programs.items()}
+
+    monkeypatch.setattr(latency, "timed_programs", timed_programs)
+    ranks, tuned = suite_rows.ranks_at_latency(0.5)
+    assert tuned["measured_ratio"] <= 0.5 and tuned["macs_ratio"] <= 0.5 and 0 < tuned["fraction"] < 1
+    assert ratios[-1] == tuned["measured_ratio"] and all(r > 0.5 for r in ratios[:-1])  # the largest that met
+    assert set(ranks.values()) <= {8, 16, 24, 32, 40, 48, 56, 64}
+    ctx = suite_rows.Context(suite_rows.resolve_budget("smoke")[0], steps=100, teacher_path=lambda: "")
+    plan = suite_rows.ROWS["target50_lowrank"].plan(ctx)
+    (callback,) = plan.callbacks
+    assert isinstance(callback, LowRankFactorization) and f"{tuned['fraction']:.2f} of each layer" in plan.notes[0]
+    module = ImageClassifier("resnet20", num_classes=4)
+    trainer = pl.Trainer(max_steps=4, callbacks=[callback], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module, random_loader(n=32, batch_size=8, size=32))
+    assert {name: rank for name, (_, rank) in callback._factorized.items()} == ranks
