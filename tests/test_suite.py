@@ -498,10 +498,12 @@ def test_lowrank_at_latency_row_tunes_ranks_on_measured_time_and_factorizes_ever
     from lightning_compress.planning import latency
     from tests.toy import random_loader
 
-    ratios = []
+    ratios, as_slow_as_dense = [], []
 
     def timed_programs(programs, runtime, threads, array, repeats, rounds=3):  # time = the program's bytes
         ratios.append(len(programs["factorized"]) / len(programs["dense"]))
+        if as_slow_as_dense:
+            return {"dense": 10.0, "factorized": 10.0}
         return {name: float(len(program)) for name, program in programs.items()}
 
     monkeypatch.setattr(latency, "timed_programs", timed_programs)
@@ -510,6 +512,8 @@ def test_lowrank_at_latency_row_tunes_ranks_on_measured_time_and_factorizes_ever
     assert ratios[-1] == tuned["measured_ratio"] and all(r > 0.5 for r in ratios[:-1])  # the largest that met
     assert set(ranks.values()) <= {8, 16, 24, 32, 40, 48, 56, 64}
     ctx = suite_rows.Context(suite_rows.resolve_budget("smoke")[0], steps=100, teacher_path=lambda: "")
+    search = suite_rows.ranks_at_latency
+    monkeypatch.setattr(suite_rows, "ranks_at_latency", lambda ratio: (ranks, tuned))  # searched once, above
     plan = suite_rows.ROWS["target50_lowrank"].plan(ctx)
     (callback,) = plan.callbacks
     assert isinstance(callback, LowRankFactorization) and f"{tuned['fraction']:.2f} of each layer" in plan.notes[0]
@@ -518,3 +522,7 @@ def test_lowrank_at_latency_row_tunes_ranks_on_measured_time_and_factorizes_ever
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
     trainer.fit(module, random_loader(n=32, batch_size=8, size=32))
     assert {name: rank for name, (_, rank) in callback._factorized.items()} == ranks
+    as_slow_as_dense.append(True)
+    with pytest.raises(suite_rows.Skip, match=r"within 0.2x the dense latency; closest: 0\.\d\d of full rank .* "
+                                              r"measured 1\.000x \(10\.0 vs 10\.0 ms\)"):
+        search(0.2)
