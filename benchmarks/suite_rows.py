@@ -226,45 +226,40 @@ def ranks_at_latency(ratio: float, model: str = "resnet20", method: str = "tucke
     Raises:
         Skip: If no fraction measures within the target (the reason names the closest measured).
     """
-    import copy
-
     import torch
-    from torch import nn
 
     from lightning_compress.core.accounting import count_macs
+    from lightning_compress.core.layers import select_layers
     from lightning_compress.core.onnx import onnx_bytes
     from lightning_compress.factorization.blocks import (
-        factorized_structure,
+        FACTORIZABLE_TYPES,
         is_factorizable,
         layer_method,
         max_rank,
     )
+    from lightning_compress.factorization.callback import replay_factorization
     from lightning_compress.models import create_model
     from lightning_compress.planning.latency import timed_programs
 
     network = create_model(model, num_classes=10).eval()
-    layers = [name for name, m in network.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    layers = [name for name in layers[1:-1] if is_factorizable(network.get_submodule(name))]  # the callback's default
+    methods = {name: layer_method(network.get_submodule(name), method)  # the callback's default layers
+               for name in select_layers(network, layer_types=FACTORIZABLE_TYPES)
+               if is_factorizable(network.get_submodule(name))}
+    full = {name: max_rank(network.get_submodule(name), kind) for name, kind in methods.items()}
     example, batch = torch.zeros(1, 3, 32, 32), torch.zeros(64, 3, 32, 32)
     dense_macs = count_macs(network, example)
     dense_program = onnx_bytes(network, batch)
-
-    def factorized(fraction: float) -> tuple[nn.Module, dict[str, int]]:
-        copied, ranks = copy.deepcopy(network), {}
-        for name in layers:
-            layer = copied.get_submodule(name)
-            layer_kind = layer_method(layer, method)
-            full = max_rank(layer, layer_kind)
-            ranks[name] = min(full, max(round_to, round(fraction * full / round_to) * round_to))
-            parent, _, child = name.rpartition(".")
-            setattr(copied.get_submodule(parent) if parent else copied, child,
-                    factorized_structure(layer, layer_kind, ranks[name]))
-        return copied.eval(), ranks
-
     closest: dict[str, float] = {}
+    seen: list[dict[str, int]] = []
     for step in range(19, 0, -1):
         fraction = step / 20
-        candidate, ranks = factorized(fraction)
+        ranks = {name: min(limit, max(round_to, round(fraction * limit / round_to) * round_to))
+                 for name, limit in full.items()}
+        if ranks in seen:  # a smaller fraction that rounds to the same ranks: the same network
+            continue
+        seen.append(ranks)
+        candidate = replay_factorization(create_model(model, num_classes=10).eval(), {"layers": [
+            {"name": name, "method": methods[name], "rank": rank} for name, rank in ranks.items()]})
         macs_ratio = count_macs(candidate, example) / dense_macs
         if macs_ratio > ratio:  # no faster than its MACs: not worth timing
             continue
