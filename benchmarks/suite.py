@@ -148,6 +148,37 @@ def _epoch_clock(row: str) -> Any:
     return EpochClock()
 
 
+def _yield_to_timing() -> Any:
+    """A callback holding the machine's timing lock shared during each training step, so that a latency measured
+    by another process (the other row's planning, checks or fit-end measurement: they hold it exclusively) runs
+    with this row paused, not beside its training."""
+    import contextlib
+
+    import lightning.pytorch as pl
+
+    from lightning_compress.core.timing_lock import shared_timing
+
+    class YieldToTiming(pl.Callback):
+        def __init__(self) -> None:
+            self.held = contextlib.ExitStack()
+
+        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                                 batch_idx: int) -> None:
+            self.held.enter_context(shared_timing())
+
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                               batch_idx: int) -> None:
+            self.held.close()
+
+        def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+            self.held.close()
+
+        def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            self.held.close()
+
+    return YieldToTiming()
+
+
 def _trainer(budget: Budget, callbacks: list[Any], precision: str | None = None, fit: bool = True) -> Any:
     import lightning.pytorch as pl
 
@@ -307,7 +338,7 @@ class Suite:
             module = ImageClassifier(plan.model, **optimizer_settings(budget), channels_last=True)
             data = datamodule(self.data, budget, **plan.data)
             trainer = _trainer(replace(budget, epochs=epochs, accelerator=self.accelerator),
-                               [*plan.callbacks, _epoch_clock(row)], plan.precision)
+                               [_yield_to_timing(), *plan.callbacks, _epoch_clock(row)], plan.precision)
             if self.accelerator != budget.accelerator:
                 record["trained_on"] = torch.cuda.get_device_name() if self.accelerator == "gpu" else self.accelerator
             start = time.perf_counter()

@@ -20,18 +20,20 @@ import torch
 from torch import nn
 
 from lightning_compress.core.accounting import count_macs, count_nonzero, count_parameters
+from lightning_compress.core.timing_lock import exclusive_timing
 
 EXAMPLE = (1, 3, 32, 32)
 
 
 def _median_ms(run, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        run()
     times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
+    with exclusive_timing():  # the other row's training pauses (its steps hold the lock shared: suite.py)
+        for _ in range(warmup):
+            run()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
     return round(1e3 * statistics.median(times), 4)
 
 

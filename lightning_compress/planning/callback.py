@@ -38,7 +38,7 @@ from lightning_compress.planning.planner import (
     UnreachableTargetError,
     runtime_program,
 )
-from lightning_compress.planning.target import TargetPlanner
+from lightning_compress.planning.target import REMEASURE_ROUNDS, TargetPlanner
 from lightning_compress.pruning.channel import ChannelRemoval
 from lightning_compress.pruning.importance import ImportanceLike
 from lightning_compress.pruning.schedules import ScheduleLike
@@ -294,14 +294,16 @@ class CompressToTarget(ChannelRemoval):
         network's latency measured now, interleaved with the shipped one, so the machine's load when the latency
         model was calibrated (the first batch) and now does not count as prediction error. A fit resumed after
         planning has no dense network: its prediction is the absolute one, calibrated in the first process.
-        ``CompressionReport`` asks for it too, whichever of the two tears down first.
+        ``CompressionReport`` asks for it too, whichever of the two tears down first. A network measuring above the
+        target is measured again over more rounds (as the plan's checks are).
 
         Args:
             pl_module: The LightningModule after fit (its network converted to int8 when one ships).
 
         Returns:
-            ``measured_ms``, ``predicted_ms``, ``prediction_error`` (predicted / measured - 1), ``target_ms`` and,
-            when the dense network was timed beside it, ``dense_ms``; ``None`` without a plan, for size and MACs
+            ``measured_ms``, ``predicted_ms``, ``prediction_error`` (predicted / measured - 1), ``target_ms``,
+            ``rounds`` (interleaved rounds of the measurement) and, when the dense network was timed beside it,
+            ``dense_ms``; ``None`` without a plan, for size and MACs
             targets, or when the int8 network was not converted.
         """
         if self.measured is not None:
@@ -317,22 +319,35 @@ class CompressToTarget(ChannelRemoval):
         else:
             shipped = copy.deepcopy(self.network_of(pl_module)).cpu().float()
         details = self.plan.details
-        if self._planner is not None:
-            measured = self._planner.measure(dense=self._planner.dense_network, shipped=shipped)
-            dense_ms = measured["dense"]
-            predicted = details["predicted_ms"] / details["dense_predicted_ms"] * dense_ms
-            beside = {"dense_ms": dense_ms}
+        rounds = 3
+        measured = self._time_shipped(shipped, rounds)
+        if measured["measured_ms"] > measured["target_ms"]:  # a miss is measured again, as the plan's checks are
+            rounds = REMEASURE_ROUNDS
+            measured = self._time_shipped(shipped, rounds)
+        if "dense_ms" in measured:
+            predicted = details["predicted_ms"] / details["dense_predicted_ms"] * measured["dense_ms"]
         else:
-            batch = torch.zeros([self.batch_size, *self._input_shape[1:]])
-            program = shipped if isinstance(shipped, bytes) else runtime_program(shipped, batch, False, self.runtime)
-            measured = timed_programs({"shipped": program}, self.runtime, self.threads, batch.numpy(), self.repeats)
-            dense_ms, predicted = details.get("dense_predicted_ms", 0.0), details["predicted_ms"]
-            beside = {}
-        self.measured = {
-            **beside, "measured_ms": measured["shipped"], "predicted_ms": predicted,
-            "prediction_error": predicted / measured["shipped"] - 1,
-            "target_ms": dense_ms * self.goal.value if self.goal.kind == "latency_ratio" else self.goal.value}
+            predicted = details["predicted_ms"]
+        self.measured = {**measured, "predicted_ms": predicted,
+                         "prediction_error": predicted / measured["measured_ms"] - 1, "rounds": rounds}
         return self.measured
+
+    def _time_shipped(self, shipped: nn.Module | bytes, rounds: int) -> dict[str, float]:
+        """``measured_ms`` and ``target_ms`` of the shipped network over ``rounds`` interleaved rounds, and
+        ``dense_ms`` when the dense network is at hand to time beside it (not in a fit resumed after planning)."""
+        ratio = self.goal.kind == "latency_ratio"
+        if self._planner is not None:
+            measured = self._planner.measure(rounds, dense=self._planner.dense_network, shipped=shipped)
+            dense_ms = measured["dense"]
+            return {"dense_ms": dense_ms, "measured_ms": measured["shipped"],
+                    "target_ms": dense_ms * self.goal.value if ratio else self.goal.value}
+        batch = torch.zeros([self.batch_size, *self._input_shape[1:]])
+        program = shipped if isinstance(shipped, bytes) else runtime_program(shipped, batch, False, self.runtime)
+        measured = timed_programs({"shipped": program}, self.runtime, self.threads, batch.numpy(), self.repeats,
+                                  rounds)
+        dense_ms = self.plan.details.get("dense_predicted_ms", 0.0)
+        return {"measured_ms": measured["shipped"],
+                "target_ms": dense_ms * self.goal.value if ratio else self.goal.value}
 
     # ----------------------------------------------------------------------------------- state
     @override

@@ -31,6 +31,7 @@ from torch import nn
 from lightning_compress.core.files import write_text_atomic
 from lightning_compress.core.machine import cpu_description
 from lightning_compress.core.onnx import OPSET, onnx_session, require_onnx
+from lightning_compress.core.timing_lock import exclusive_timing
 
 TABLE_RUNTIMES = ("onnxruntime", "openvino")
 """Runtimes a per-layer latency table is measured on (both run ONNX models, built one layer at a time)."""
@@ -270,7 +271,8 @@ def interleaved_ms(runners: Mapping[str, Callable[[np.ndarray], Any]], array: np
 
 def timed_programs(programs: Mapping[str, bytes], runtime: str, threads: int, array: np.ndarray, repeats: int,
                    rounds: int = 3) -> dict[str, float]:
-    """Each runtime program's milliseconds on ``array`` (:func:`runtime_runner`, :func:`interleaved_ms`).
+    """Each runtime program's milliseconds on ``array`` (:func:`runtime_runner`, :func:`interleaved_ms`), timed
+    holding the machine's timing lock (:func:`~lightning_compress.core.timing_lock.exclusive_timing`).
 
     Example:
         >>> timed_programs({"empty": _empty_onnx(np.ones(4, np.float32))}, "onnxruntime", 1, np.ones(4, np.float32),
@@ -278,7 +280,8 @@ def timed_programs(programs: Mapping[str, bytes], runtime: str, threads: int, ar
         True
     """
     runners = {name: runtime_runner(program, runtime, threads) for name, program in programs.items()}
-    return interleaved_ms(runners, array, repeats, rounds)
+    with exclusive_timing():
+        return interleaved_ms(runners, array, repeats, rounds)
 
 
 def _input_array(shape: LayerShape, batch_size: int, int8: bool) -> np.ndarray:
@@ -344,7 +347,9 @@ class LatencyTable:
             array = _input_array(shape, self.batch_size, int8)
             layer = runtime_runner(layer_onnx(shape, self.batch_size, int8), self.runtime, self.threads)
             empty = runtime_runner(_empty_onnx(array), self.runtime, self.threads)
-            self.entries[key] = max(0.0, median_ms(layer, array, self.repeats) - median_ms(empty, array, self.repeats))
+            with exclusive_timing():
+                self.entries[key] = max(0.0, median_ms(layer, array, self.repeats) - median_ms(empty, array,
+                                                                                            self.repeats))
             self.measured += 1
         return self.entries[key]
 
