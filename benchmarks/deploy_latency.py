@@ -36,6 +36,7 @@ import torch
 
 from reporting import add_output_arguments, machine_info, run_settings, write_results
 from lightning_compress.core.onnx import OnnxRuntimeNetwork, onnx_bytes
+from lightning_compress.core.timing_lock import exclusive_timing
 from lightning_compress.export.aoti import AotiNetwork, aoti_package
 from lightning_compress.export.executorch import ExecuTorchNetwork, pte_bytes, use_threads
 from lightning_compress.export.openvino import OpenVinoNetwork
@@ -121,7 +122,7 @@ def optimized_ops(model: bytes) -> dict[str, int]:
 
 
 def median_ms(models: dict, x: torch.Tensor, repeats: int, warmup: int) -> dict[str, float]:
-    with torch.no_grad():
+    with torch.no_grad(), exclusive_timing():  # processes holding the timing lock shared (suite rows) pause
         for _ in range(warmup):
             for model in models.values():
                 model(x)

@@ -78,6 +78,7 @@ def main() -> None:
                     except UnreachableTargetError:
                         rows.append({"model": model, "batch": batch_size, "precision": precision,
                                      "ratio": round(ratio, 4), "unreachable": planner.closest(),
+                                     "floor": planner.space.floor,
                                      "load_average_1min": round(os.getloadavg()[0], 2)})
                         print(f"{model} b{batch_size} {precision} {ratio:.3g}x dense: unreachable, narrowest "
                               f"{planner.closest():.3f} of dense (predicted)", flush=True)
@@ -93,6 +94,7 @@ def main() -> None:
                            "prediction_error": predicted / measured["planned"] - 1,
                            "measured_over_target": measured["planned"] / target_ms,
                            "first_plan": plan.details["checks"][0], "checks": len(plan.details["checks"]),
+                           "floor": plan.details["floor"],
                            "layers_in_table": len(planner.latency.table.entries),
                            "latency_model": {"scale": planner.latency.scale, "offset_ms": planner.latency.offset},
                            "seconds": round(time.time() - started, 1),
@@ -114,22 +116,23 @@ def render(result: dict) -> str:
              "*predicted* is the latency model's figure for the final plan, *measured* an independent interleaved "
              "measurement after planning; *first plan* is the open-loop plan's own check (the planner re-plans "
              "under a budget shrunk by a miss, or grown by an over-prediction, up to *checks* end-to-end "
-             "measurements).", "",
+             "measurements). *floor*: the narrowest width any group may take (the narrowest width level within 2 % of "
+             "the fastest, from the per-layer table; below it the runtime's kernels get no faster).", "",
              "| model | batch | precision | target | dense ms | target ms | predicted ms | measured ms | "
-             "prediction error | measured / target | first plan: measured / target | checks | load |",
-             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "prediction error | measured / target | first plan: measured / target | checks | floor | load |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     measured = [row for row in result["rows"] if "unreachable" not in row]
     for row in result["rows"]:
         if "unreachable" in row:
             lines.append(f"| {row['model']} | {row['batch']} | {row['precision']} | {row['ratio']:.3g}x dense | "
                          f"unreachable: the narrowest network is predicted at {row['unreachable']:.2f} of dense "
-                         f"| | | | | | | | {row['load_average_1min']} |")
+                         f"| | | | | | | | {row.get('floor', '')} | {row['load_average_1min']} |")
             continue
         lines.append(f"| {row['model']} | {row['batch']} | {row['precision']} | {row['ratio']:.3g}x dense | "
                      f"{row['dense_ms']:.3f} | {row['target_ms']:.3f} | {row['predicted_ms']:.3f} | "
                      f"{row['measured_ms']:.3f} | {row['prediction_error']:+.1%} | {row['measured_over_target']:.2f} | "
                      f"{row['first_plan']['measured'] / row['ratio']:.2f} | {row['checks']} | "
-                     f"{row['load_average_1min']} |")
+                     f"{row.get('floor', '')} | {row['load_average_1min']} |")
     errors = [abs(row["prediction_error"]) for row in measured]
     met = sum(row["measured_over_target"] <= 1.05 for row in measured)
     lines += ["", f"Prediction within 10 %: {sum(e <= 0.10 for e in errors)} of {len(measured)} rows (largest error "

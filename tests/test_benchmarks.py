@@ -127,10 +127,12 @@ def check_latency_model(result: dict[str, Any], markdown: str) -> None:
     assert (row["model"], row["batch"], row["precision"], row["ratio"]) == ("resnet20", 8, "fp32", 0.6)
     assert row["dense_ms"] > row["measured_ms"] > 0 and row["predicted_ms"] > 0 and row["checks"] == 1
     assert row["target_ms"] == pytest.approx(0.6 * row["dense_ms"])
+    assert row["floor"] >= 8 and row["floor"] % 8 == 0  # a width level (multiple of --round-to)
     assert row["prediction_error"] == pytest.approx(row["predicted_ms"] / row["measured_ms"] - 1)
     assert set(result["machine"]["cpu"]) == {"model", "flags", "bf16"}
     assert f"| resnet20 | 8 | fp32 | 0.6x dense | {row['dense_ms']:.3f} |" in markdown
     assert "Prediction within 10 %:" in markdown
+    assert f"| {row['checks']} | {row['floor']} | {row['load_average_1min']} |" in markdown
 
 
 def check_saturation_cost(result: dict[str, Any], markdown: str) -> None:
