@@ -102,9 +102,9 @@ def measure(model: str, engine: str, args: argparse.Namespace, data: Any, work: 
     reference = logits_of(in_process, images)
     convert_s = time.perf_counter() - began
     # what trainer.test() measures, built as QuantizationAwareTraining builds it at fit end: the trained network
-    # converted, then shipped (the PT2E engines' program, else the int8 network itself). Here (after a fit without
-    # conversion) XNNPACK's lowering refuses the graph ("the same constant data tensor can't be used in NHWC format
-    # in one place and NCHW in another"): recorded, and the file is compared with the in-process network only
+    # converted, then shipped (the PT2E engines' program, else the int8 network itself); a program that cannot be
+    # built is recorded as such (a channels_last network's XNNPACK lowering failed so until core.executorch lowered
+    # a default-format copy) and the file is compared with the in-process network only
     try:
         tested = family.ship(family.convert_qat(module.model.cpu().eval(), (images[:16],), ""), (images[:16],), "")
         tested_name, tested_logits = type(tested).__name__, logits_of(tested, images)

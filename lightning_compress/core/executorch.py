@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from collections.abc import Callable
@@ -62,7 +63,9 @@ def pte_bytes(network: nn.Module, example: torch.Tensor) -> bytes:
     """The ExecuTorch program of ``network``, XNNPACK-delegated, batch size dynamic up to :data:`MAX_BATCH`.
 
     Args:
-        network: The network (fp32, or a PT2E quantize/dequantize graph), in eval mode, on CPU.
+        network: The network (fp32, or a PT2E quantize/dequantize graph), in eval mode, on CPU; lowered from a copy
+            whose tensors are in the default memory format (XNNPACK's layout pass refuses weights that a
+            ``channels_last`` network, e.g. ``ImageClassifier(channels_last=True)``, keeps in NHWC strides).
         example: An input batch (repeated to :data:`EXPORT_BATCH` images).
 
     Returns:
@@ -80,7 +83,8 @@ def pte_bytes(network: nn.Module, example: torch.Tensor) -> bytes:
     example = example.repeat(-(-EXPORT_BATCH // len(example)), *([1] * (example.dim() - 1)))[:EXPORT_BATCH]
     try:
         with torch.no_grad():
-            program = torch.export.export(network.eval(), (example,), dynamic_shapes=({0: batch},))
+            contiguous = copy.deepcopy(network).to(memory_format=torch.contiguous_format)
+            program = torch.export.export(contiguous.eval(), (example.contiguous(),), dynamic_shapes=({0: batch},))
             return to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
     except Exception as err:  # torch.export and ExecuTorch raise many types
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""

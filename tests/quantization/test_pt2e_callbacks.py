@@ -122,6 +122,23 @@ def test_xnnpack_qat_tests_through_the_executorch_program_it_ships(make_trainer,
     assert saved.numpy().tobytes() == model.net.program_bytes()
 
 
+def test_xnnpack_qat_ships_a_channels_last_network(make_trainer):
+    """``ImageClassifier(channels_last=True)`` (the quickstart recipe's setting) keeps its weights in NHWC strides,
+    which XNNPACK's layout pass refused: the conversion fell back to the fake-quantized network with a warning.
+    The program is lowered from a default-format copy; the user's network keeps its own format."""
+    from lightning_compress.core.executorch import ExecuTorchNetwork, pte_bytes
+
+    torch.manual_seed(0)
+    model = UserClassifier()
+    model.net = model.net.to(memory_format=torch.channels_last)
+    qat = QuantizationAwareTraining(engine="xnnpack", start="2steps", freeze_bn=0.5, freeze_observers=0.75)
+    make_trainer([qat], max_steps=6, max_epochs=None).fit(model, random_loader())
+    assert isinstance(model.net, ExecuTorchNetwork)
+    float_net = UserClassifier().net.to(memory_format=torch.channels_last).eval()
+    assert pte_bytes(float_net, IMAGES[:2])
+    assert float_net.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_xnnpack_ptq_ships_the_executorch_program():
     from lightning_compress.core.executorch import ExecuTorchNetwork
 
