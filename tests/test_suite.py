@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -526,3 +527,21 @@ def test_lowrank_at_latency_row_tunes_ranks_on_measured_time_and_factorizes_ever
     with pytest.raises(suite_rows.Skip, match=r"within 0.2x the dense latency; closest: 0\.\d\d of full rank .* "
                                               r"measured 1\.000x \(10\.0 vs 10\.0 ms\)"):
         search(0.2)
+
+
+def test_a_rows_training_step_waits_while_another_process_measures(tmp_path, monkeypatch):
+    """The suite's rows hold the timing lock shared during each training step: a step starting while another
+    process times (the other row's planning or fit-end measurement) waits for it, then lets it go at step end."""
+    from lightning_compress.core.timing_lock import LOCK_ENVIRONMENT, held_mode
+    from tests.core.test_timing_lock import hold_in_another_process
+
+    monkeypatch.setenv(LOCK_ENVIRONMENT, str(tmp_path / "timing.lock"))
+    callback = suite._yield_to_timing()
+    holder = hold_in_another_process("exclusive", 1.0, tmp_path)
+    began = time.perf_counter()
+    callback.on_train_batch_start(None, None, None, 0)
+    waited = time.perf_counter() - began
+    assert held_mode() == "shared"
+    callback.on_train_batch_end(None, None, None, None, 0)
+    holder.wait()
+    assert waited > 0.5 and held_mode() is None
