@@ -36,7 +36,7 @@ import torch
 
 from reporting import add_output_arguments, machine_info, run_settings, write_results
 from lightning_compress.core.onnx import OnnxRuntimeNetwork, onnx_bytes
-from lightning_compress.core.timing_lock import exclusive_timing
+from lightning_compress.core.timing_lock import exclusive_timing, shared_timing
 from lightning_compress.export.aoti import AotiNetwork, aoti_package
 from lightning_compress.export.executorch import ExecuTorchNetwork, pte_bytes, use_threads
 from lightning_compress.export.openvino import OpenVinoNetwork
@@ -202,46 +202,49 @@ def main() -> None:
     calibration = [torch.randn(16, 3, 32, 32, generator=generator) for _ in range(args.calibration_batches)]
     rows, structure, compile_s = [], {}, {}
     for name in args.models:
-        net = calibrated_network(name, calibration)
-        fp32_onnx = onnx_bytes(net, calibration[0][:1])
-        ort_int8 = ort_quantize_static(fp32_onnx, calibration)
-        ours = quantize_static(net, [(x,) for x in calibration], engine="onnxruntime")
-        x86 = quantize_static(net, [(x,) for x in calibration], engine="x86")
-        with tempfile.TemporaryDirectory() as folder:
-            save_quantized(x86, Path(folder) / "int8.pt", (calibration[0][:1],), "x86")
-            x86_file = load_quantized(Path(folder) / "int8.pt")
-        sizes = {"ort_fp32": len(fp32_onnx), "ort_quantize_static": len(ort_int8), "ours_qdq": len(ours.program_bytes())}
-        if "aoti" in args.runtimes:
-            graph = quantize_static(net, [(x,) for x in calibration], engine="x86_inductor")
-            package = Path(tempfile.mkdtemp()) / "model.pt2"
-            aoti_package(graph, calibration[0][:2], package)
-            sizes["aoti_int8"] = package.stat().st_size
-        if "executorch" in args.runtimes:
-            program = pte_bytes(quantize_static(net, [(x,) for x in calibration], engine="xnnpack"), calibration[0])
-            sizes["executorch_int8"] = len(program)
-        structure[name] = {"ort_quantize_static": optimized_ops(ort_int8), "ours_qdq": optimized_ops(ours.program_bytes())}
-        for threads in args.threads:
-            torch.set_num_threads(threads)
-            models = {"torch_fp32": net, "ort_fp32": OnnxRuntimeNetwork(fp32_onnx, threads),
-                      "torch_int8_x86": x86_file, "ort_quantize_static": OnnxRuntimeNetwork(ort_int8, threads),
-                      "ours_qdq": OnnxRuntimeNetwork(ours.program_bytes(), threads)}
-            if "openvino" in args.runtimes:
-                models["openvino_qdq"] = OpenVinoNetwork(ours.program_bytes(), threads)
-                models["openvino_ir"] = OpenVinoIr(ours.program_bytes(), threads, Path(tempfile.mkdtemp()))
-                compile_s[f"{name} {threads} thread(s)"] = {"onnx": round(models["openvino_ir"].onnx_compile_s, 3),
-                                                            "ir": round(models["openvino_ir"].compile_s, 3)}
+        # builds hold the timing lock shared: another process's measurement waits for them (and this one's
+        # timing, exclusive, for the other's)
+        with shared_timing():
+            net = calibrated_network(name, calibration)
+            fp32_onnx = onnx_bytes(net, calibration[0][:1])
+            ort_int8 = ort_quantize_static(fp32_onnx, calibration)
+            ours = quantize_static(net, [(x,) for x in calibration], engine="onnxruntime")
+            x86 = quantize_static(net, [(x,) for x in calibration], engine="x86")
+            with tempfile.TemporaryDirectory() as folder:
+                save_quantized(x86, Path(folder) / "int8.pt", (calibration[0][:1],), "x86")
+                x86_file = load_quantized(Path(folder) / "int8.pt")
+            sizes = {"ort_fp32": len(fp32_onnx), "ort_quantize_static": len(ort_int8), "ours_qdq": len(ours.program_bytes())}
             if "aoti" in args.runtimes:
-                models["aoti_int8"] = AotiNetwork(package)
+                graph = quantize_static(net, [(x,) for x in calibration], engine="x86_inductor")
+                package = Path(tempfile.mkdtemp()) / "model.pt2"
+                aoti_package(graph, calibration[0][:2], package)
+                sizes["aoti_int8"] = package.stat().st_size
             if "executorch" in args.runtimes:
-                models["executorch_int8"] = ExecuTorchNetwork(program)
-            for batch in args.batches:
-                x = torch.randn(batch, 3, 32, 32, generator=generator)
-                repeats = args.repeats * (5 if batch == 1 else 1)
-                load = round(os.getloadavg()[0], 2)
-                ms = median_ms(models, x, repeats, warmup=2)
-                rows.append({"model": name, "threads": threads, "batch": batch, "repeats": repeats, "ms": ms,
-                             "bytes": sizes, "load_average_1min": load})
-                print(name, threads, batch, f"load {load}", {k: round(v, 3) for k, v in ms.items()}, flush=True)
+                program = pte_bytes(quantize_static(net, [(x,) for x in calibration], engine="xnnpack"), calibration[0])
+                sizes["executorch_int8"] = len(program)
+            structure[name] = {"ort_quantize_static": optimized_ops(ort_int8), "ours_qdq": optimized_ops(ours.program_bytes())}
+            for threads in args.threads:
+                torch.set_num_threads(threads)
+                models = {"torch_fp32": net, "ort_fp32": OnnxRuntimeNetwork(fp32_onnx, threads),
+                          "torch_int8_x86": x86_file, "ort_quantize_static": OnnxRuntimeNetwork(ort_int8, threads),
+                          "ours_qdq": OnnxRuntimeNetwork(ours.program_bytes(), threads)}
+                if "openvino" in args.runtimes:
+                    models["openvino_qdq"] = OpenVinoNetwork(ours.program_bytes(), threads)
+                    models["openvino_ir"] = OpenVinoIr(ours.program_bytes(), threads, Path(tempfile.mkdtemp()))
+                    compile_s[f"{name} {threads} thread(s)"] = {"onnx": round(models["openvino_ir"].onnx_compile_s, 3),
+                                                                "ir": round(models["openvino_ir"].compile_s, 3)}
+                if "aoti" in args.runtimes:
+                    models["aoti_int8"] = AotiNetwork(package)
+                if "executorch" in args.runtimes:
+                    models["executorch_int8"] = ExecuTorchNetwork(program)
+                for batch in args.batches:
+                    x = torch.randn(batch, 3, 32, 32, generator=generator)
+                    repeats = args.repeats * (5 if batch == 1 else 1)
+                    load = round(os.getloadavg()[0], 2)
+                    ms = median_ms(models, x, repeats, warmup=2)
+                    rows.append({"model": name, "threads": threads, "batch": batch, "repeats": repeats, "ms": ms,
+                                 "bytes": sizes, "load_average_1min": load})
+                    print(name, threads, batch, f"load {load}", {k: round(v, 3) for k, v in ms.items()}, flush=True)
     result = {"machine": machine_info(), "settings": run_settings(args), "rows": rows, "optimized_ops": structure,
               "openvino_compile_s": compile_s,
               "onnxruntime": __import__("onnxruntime").__version__, "openvino": __import__("openvino").__version__}
