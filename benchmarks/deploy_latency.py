@@ -37,8 +37,8 @@ import torch
 from reporting import add_output_arguments, machine_info, run_settings, write_results
 from lightning_compress.core.onnx import OnnxRuntimeNetwork, onnx_bytes
 from lightning_compress.core.timing_lock import exclusive_timing, shared_timing
-from lightning_compress.export.aoti import AotiNetwork, aoti_package
-from lightning_compress.export.executorch import ExecuTorchNetwork, pte_bytes, use_threads
+from lightning_compress.export.aoti import AotiNetwork
+from lightning_compress.export.executorch import ExecuTorchNetwork, use_threads
 from lightning_compress.export.openvino import OpenVinoNetwork
 from lightning_compress.models import create_model
 from lightning_compress.quantization import load_quantized, quantize_static, save_quantized
@@ -214,14 +214,14 @@ def main() -> None:
                 save_quantized(x86, Path(folder) / "int8.pt", (calibration[0][:1],), "x86")
                 x86_file = load_quantized(Path(folder) / "int8.pt")
             sizes = {"ort_fp32": len(fp32_onnx), "ort_quantize_static": len(ort_int8), "ours_qdq": len(ours.program_bytes())}
-            if "aoti" in args.runtimes:
-                graph = quantize_static(net, [(x,) for x in calibration], engine="x86_inductor")
-                package = Path(tempfile.mkdtemp()) / "model.pt2"
-                aoti_package(graph, calibration[0][:2], package)
-                sizes["aoti_int8"] = package.stat().st_size
-            if "executorch" in args.runtimes:
-                program = pte_bytes(quantize_static(net, [(x,) for x in calibration], engine="xnnpack"), calibration[0])
-                sizes["executorch_int8"] = len(program)
+            shipped = {}  # the PT2E engines' quantize_static returns the program it ships (AOTI package, .pte)
+            for runtime, engine in (("aoti", "x86_inductor"), ("executorch", "xnnpack")):
+                if runtime in args.runtimes:
+                    shipped[runtime] = quantize_static(net, [(x,) for x in calibration], engine=engine)
+                    if not isinstance(shipped[runtime], (AotiNetwork, ExecuTorchNetwork)):
+                        raise SystemExit(f"deploy_latency: {engine} did not ship a program here (AOTInductor needs a "
+                                         f"C++ compiler); leave {runtime} out with --runtimes")
+                    sizes[f"{runtime}_int8"] = len(shipped[runtime].program_bytes())
             structure[name] = {"ort_quantize_static": optimized_ops(ort_int8), "ours_qdq": optimized_ops(ours.program_bytes())}
             for threads in args.threads:
                 torch.set_num_threads(threads)
@@ -233,10 +233,7 @@ def main() -> None:
                     models["openvino_ir"] = OpenVinoIr(ours.program_bytes(), threads, Path(tempfile.mkdtemp()))
                     compile_s[f"{name} {threads} thread(s)"] = {"onnx": round(models["openvino_ir"].onnx_compile_s, 3),
                                                                 "ir": round(models["openvino_ir"].compile_s, 3)}
-                if "aoti" in args.runtimes:
-                    models["aoti_int8"] = AotiNetwork(package)
-                if "executorch" in args.runtimes:
-                    models["executorch_int8"] = ExecuTorchNetwork(program)
+                models.update({f"{runtime}_int8": program for runtime, program in shipped.items()})
                 for batch in args.batches:
                     x = torch.randn(batch, 3, 32, 32, generator=generator)
                     repeats = args.repeats * (5 if batch == 1 else 1)

@@ -109,7 +109,8 @@ def check_deploy_latency(result: dict[str, Any], markdown: str) -> None:
     (row,) = result["rows"]
     assert (row["model"], row["threads"], row["batch"], row["repeats"]) == ("resnet20", 1, 1, 5)
     assert set(row["ms"]) == {"torch_fp32", "ort_fp32", "torch_int8_x86", "ort_quantize_static", "ours_qdq",
-                              "openvino_qdq", "openvino_ir"}  # AOTInductor left out (--runtimes openvino): C++ build
+                              "openvino_qdq", "openvino_ir", "executorch_int8"}  # AOTInductor left out: C++ build
+    assert 0 < row["bytes"]["executorch_int8"] < row["bytes"]["ort_fp32"] / 2  # the xnnpack engine's int8 program
     (compile_s,) = result["openvino_compile_s"].values()
     assert compile_s["onnx"] > 0 and compile_s["ir"] > 0 and "from the QDQ ONNX file vs from its IR" in markdown
     assert "ours: the same file in OpenVINO" in markdown and "fastest int8" in markdown
@@ -312,7 +313,7 @@ CASES = {
     ),
     "deploy_latency": Case(
         ("--models", "resnet20", "--batches", "1", "--threads", "1", "--repeats", "1", "--calibration-batches", "1",
-         "--runtimes", "openvino"),
+         "--runtimes", "openvino", "executorch"),
         check_deploy_latency,
     ),
     "latency_model": Case(
