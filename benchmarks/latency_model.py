@@ -96,7 +96,7 @@ def main() -> None:
                            "first_plan": plan.details["checks"][0], "checks": len(plan.details["checks"]),
                            "floor": plan.details["floor"],
                            "layers_in_table": len(planner.latency.table.entries),
-                           "latency_model": {"scale": planner.latency.scale, "offset_ms": planner.latency.offset},
+                           "latency_model": planner.latency.describe(),
                            "seconds": round(time.time() - started, 1),
                            "load_average_1min": round(os.getloadavg()[0], 2)}
                     rows.append(row)

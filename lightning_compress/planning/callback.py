@@ -68,8 +68,8 @@ class CompressToTarget(ChannelRemoval):
     """Remove channels during training until the deployed network meets a latency, size or MACs target.
 
     Give exactly one target. Latency is measured on ``runtime`` at ``batch_size`` and ``threads`` (the
-    deployment's), per layer in a table cached per CPU and runtime, calibrated on the dense and the
-    narrowest network measured end to end. Every coupled channel group gets its own width (multiples of
+    deployment's), per layer in a table cached per CPU and runtime, calibrated on the dense, the narrowest
+    and the uniform widths meeting the target, measured end to end. Every coupled channel group gets its own width (multiples of
     ``round_to``): the planner narrows first the groups whose removal costs the least output fidelity on
     held-out batches per millisecond saved. Add ``QuantizationAwareTraining`` (an ONNX engine; ``"xnnpack"`` for
     ``runtime="executorch"``) to plan for the int8 network it ships; add ``KnowledgeDistillation(teacher="self")``
@@ -335,19 +335,16 @@ class CompressToTarget(ChannelRemoval):
     def _time_shipped(self, shipped: nn.Module | bytes, rounds: int) -> dict[str, float]:
         """``measured_ms`` and ``target_ms`` of the shipped network over ``rounds`` interleaved rounds, and
         ``dense_ms`` when the dense network is at hand to time beside it (not in a fit resumed after planning)."""
-        ratio = self.goal.kind == "latency_ratio"
         if self._planner is not None:
             measured = self._planner.measure(rounds, dense=self._planner.dense_network, shipped=shipped)
-            dense_ms = measured["dense"]
-            return {"dense_ms": dense_ms, "measured_ms": measured["shipped"],
-                    "target_ms": dense_ms * self.goal.value if ratio else self.goal.value}
-        batch = torch.zeros([self.batch_size, *self._input_shape[1:]])
-        program = shipped if isinstance(shipped, bytes) else runtime_program(shipped, batch, False, self.runtime)
-        measured = timed_programs({"shipped": program}, self.runtime, self.threads, batch.numpy(), self.repeats,
-                                  rounds)
-        dense_ms = self.plan.details.get("dense_predicted_ms", 0.0)
-        return {"measured_ms": measured["shipped"],
-                "target_ms": dense_ms * self.goal.value if ratio else self.goal.value}
+            timed, dense_ms = {"dense_ms": measured["dense"], "measured_ms": measured["shipped"]}, measured["dense"]
+        else:
+            batch = torch.zeros([self.batch_size, *self._input_shape[1:]])
+            program = shipped if isinstance(shipped, bytes) else runtime_program(shipped, batch, False, self.runtime)
+            measured = timed_programs({"shipped": program}, self.runtime, self.threads, batch.numpy(), self.repeats,
+                                      rounds)
+            timed, dense_ms = {"measured_ms": measured["shipped"]}, self.plan.details.get("dense_predicted_ms", 0.0)
+        return {**timed, "target_ms": self.goal.value * (dense_ms if self.goal.kind == "latency_ratio" else 1.0)}
 
     # ----------------------------------------------------------------------------------- state
     @override

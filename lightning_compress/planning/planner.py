@@ -5,7 +5,7 @@ uniform widths that meet the target, trading channels between groups while the s
 (:func:`anchored_widths`); or NetAdapt-style (Yang et al., 2018) from the dense widths, repeatedly taking the
 step that loses the least measured sensitivity per unit of target saved (:func:`greedy_widths`). Targets are a latency on the deployment
 runtime (absolute, or relative to the dense network's), an artifact size or a MACs ratio; latency is
-predicted from the measured per-layer table, calibrated on two end-to-end measurements
+predicted from the measured per-layer table, calibrated on networks measured end to end
 (:class:`LatencyModel`).
 
 Example:
@@ -96,23 +96,24 @@ def runtime_program(network: nn.Module, example: torch.Tensor, int8: bool, runti
 
 @dataclass
 class LatencyModel:
-    """Predicted latency: ``scale * (sum of the layers' table latencies) + offset`` milliseconds.
+    """Predicted latency: the sum of the layers' table latencies mapped to end-to-end milliseconds.
 
-    The table times each convolution and linear layer alone; :meth:`calibrate` fits ``scale`` and ``offset``
-    on two networks measured end to end (the dense one and the narrowest candidate), which absorbs what the
-    table leaves out (additions, activations, pooling, requantization between int8 layers, the call itself).
+    The table times each convolution and linear layer alone; :meth:`calibrate` maps its sum to the latency of
+    whole networks measured end to end (the dense one, the narrowest candidate and the uniform widths meeting the
+    target), piecewise linearly through those points, which absorbs what the table leaves out (additions,
+    activations, pooling, requantization between int8 layers, the call itself) and how that share changes with
+    width: one line through the dense and the narrowest network under-predicts the widths in between.
 
     Args:
         table: The per-layer table.
         int8: Use the int8 latencies.
-        scale: Multiplies the table sum.
-        offset: Milliseconds added.
+        knots: ``(table sum, measured ms)`` points the prediction passes through, by table sum; one point: the
+            table's milliseconds shifted through it. Empty: the table sum itself.
     """
 
     table: LatencyTable
     int8: bool
-    scale: float = 1.0
-    offset: float = 0.0
+    knots: list[tuple[float, float]] = field(default_factory=list)
     references: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def layers_ms(self, shapes: Mapping[str, LayerShape]) -> float:
@@ -124,12 +125,22 @@ class LatencyModel:
         return self.predict_sum(self.layers_ms(shapes))
 
     def predict_sum(self, layers_ms: float) -> float:
-        """Predicted milliseconds of a network whose layers' table latencies sum to ``layers_ms``."""
-        return self.scale * layers_ms + self.offset
+        """Predicted milliseconds of a network whose layers' table latencies sum to ``layers_ms``: linear between
+        the two knots around it, the outer segments extended beyond them."""
+        if len(self.knots) < 2:
+            x, y = self.knots[0] if self.knots else (0.0, 0.0)
+            return layers_ms - x + y
+        segment = next((i for i in range(1, len(self.knots) - 1) if layers_ms < self.knots[i][0]),
+                       len(self.knots) - 1)
+        (x0, y0), (x1, y1) = self.knots[segment - 1], self.knots[segment]
+        return y0 + (layers_ms - x0) * (y1 - y0) / (x1 - x0)
 
     def calibrate(self, references: Mapping[str, tuple[Mapping[str, LayerShape], float]]) -> None:
-        """Fit ``scale`` and ``offset`` to two ``{name: (layer shapes, measured ms)}`` references (one: offset only;
-        a scale <= 0, which only noise gives, is replaced by 1).
+        """Pass the prediction through ``{name: (layer shapes, measured ms)}`` references.
+
+        A reference whose measurement does not grow with the table sum beside its neighbours (only noise gives
+        that) is left out, the inner ones first; the two outer ones left disagreeing are replaced by their mean
+        (the table's milliseconds shifted through it).
 
         Example:
             >>> class Table:  # a stand-in for a measured table: 0.01 ms per output channel
@@ -138,19 +149,23 @@ class LatencyModel:
             >>> def conv(channels):
             ...     return {"c": LayerShape("conv", 3, channels, (1, 1), (1, 1), (0, 0), (1, 1), 1, (1, 1))}
             >>> model = LatencyModel(Table(), int8=False)
-            >>> model.calibrate({"dense": (conv(100), 1.6), "narrowest": (conv(50), 0.9)})
-            >>> round(model.scale, 4), round(model.offset, 4)
-            (1.4, 0.2)
+            >>> model.calibrate({"dense": (conv(100), 1.6), "narrowest": (conv(50), 0.9), "uniform": (conv(70), 1.3)})
+            >>> round(model.predict(conv(60)), 4), round(model.predict(conv(85)), 4)
+            (1.1, 1.45)
         """
         points = [(self.layers_ms(shapes), measured, name) for name, (shapes, measured) in references.items()]
-        self.scale = 1.0
-        if len(points) == 2 and abs(points[0][0] - points[1][0]) > 1e-9:
-            (x0, y0, _), (x1, y1, _) = points
-            self.scale = (y0 - y1) / (x0 - x1)
-        if not self.scale > 0:
-            self.scale = 1.0
-        self.offset = sum(y - self.scale * x for x, y, _ in points) / len(points)
         self.references = {name: {"layers_ms": x, "measured_ms": y} for x, y, name in points}
+        knots = sorted((x, y) for x, y, _ in points)
+        while len(knots) > 2 and (bad := next((i for i in range(1, len(knots)) if not (
+                knots[i][0] > knots[i - 1][0] and knots[i][1] > knots[i - 1][1])), None)) is not None:
+            del knots[min(max(bad, 1), len(knots) - 2)]  # an inner knot of the segment that does not grow
+        if len(knots) == 2 and not (knots[1][0] > knots[0][0] and knots[1][1] > knots[0][1]):
+            knots = [(sum(x for x, _ in knots) / 2, sum(y for _, y in knots) / 2)]
+        self.knots = knots
+
+    def describe(self) -> dict[str, Any]:
+        """The calibration as plain data: its references and knots."""
+        return {"references": self.references, "knots": [list(knot) for knot in self.knots]}
 
 
 def target_cost(target: Target, space: ChannelSpace, latency: LatencyModel | None, int8: bool

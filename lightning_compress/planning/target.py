@@ -1,7 +1,7 @@
 """Planning one network to one target: the channel space, the calibrated latency model and the search, together.
 
 :class:`TargetPlanner` is what ``CompressToTarget`` and ``lightning-compress plan`` share: built on the
-dense network (tracing it, calibrating the latency model on two end-to-end measurements), it refuses an
+dense network (tracing it, calibrating the latency model on networks measured end to end), it refuses an
 unreachable target at once (:meth:`~TargetPlanner.check_reachable`), plans on a trained network and
 held-out inputs (:meth:`~TargetPlanner.plan`), and measures a network end to end to check the prediction
 (:meth:`~TargetPlanner.measure`).
@@ -89,24 +89,41 @@ class TargetPlanner:
         self.latency: LatencyModel | None = None
         self.dense_network = network
         self.narrowest_network: nn.Module | None = None
+        self._references: dict[str, tuple[dict[str, int], nn.Module]] = {}
         self._programs: dict[int, bytes] = {}
         if target.kind.startswith("latency"):
             table = LatencyTable(table_runtime(runtime), batch_size, threads, table_path, repeats)
             self.latency = LatencyModel(table, int8)
             with exclusive_timing():  # the table's layers and the calibration timed on a machine kept quiet
                 self.space = replace(self.space, floor=fastest_floor(self.space, self.latency, round_to))
-                self.narrowest_network = slimmed_copy(network, self.example, narrowest_widths(self.space, round_to))
+                narrowest = narrowest_widths(self.space, round_to)
+                self.narrowest_network = slimmed_copy(network, self.example, narrowest)
+                self._references = {"dense": (dict(self.space.widths), network),
+                                    "narrowest": (narrowest, self.narrowest_network)}
                 self._calibrate(rounds=3)
+                self._add_uniform_reference(network)
             table.save()
         self.cost = target_cost(target, self.space, self.latency, int8)
         self.setup_seconds = time.perf_counter() - begin
 
     def _calibrate(self, rounds: int) -> None:
-        """Fit the latency model to the dense and the narrowest network measured end to end."""
-        measured = self.measure(rounds, dense=self.dense_network, narrowest=self.narrowest_network)
-        self.latency.calibrate({
-            "dense": (self.space.shapes(self.space.widths), measured["dense"]),
-            "narrowest": (self.space.shapes(narrowest_widths(self.space, self.round_to)), measured["narrowest"])})
+        """Fit the latency model to the reference networks measured end to end, in interleaved rounds."""
+        measured = self.measure(rounds, **{name: net for name, (_, net) in self._references.items()})
+        self.latency.calibrate({name: (self.space.shapes(widths), measured[name])
+                                for name, (widths, _) in self._references.items()})
+
+    def _add_uniform_reference(self, network: nn.Module) -> None:
+        """Calibrate again with a third network: the uniform widths the first calibration predicts to meet the
+        target, so the prediction passes through a measurement near the widths the plan will have (none when the
+        target looks unreachable, or those widths are the dense or the narrowest ones)."""
+        try:
+            cost = target_cost(self.target, self.space, self.latency, self.int8)
+            widths = uniform_widths(self.space, cost, self.target.value, self.round_to)
+        except UnreachableTargetError:
+            return
+        if all(widths != known for known, _ in self._references.values()):
+            self._references["uniform"] = (widths, slimmed_copy(network, self.example, widths))
+            self._calibrate(rounds=3)
 
     @property
     def dense_value(self) -> float:
@@ -115,14 +132,14 @@ class TargetPlanner:
 
     def program(self, network: nn.Module | bytes) -> bytes:
         """``network`` as the runtime loads it (:func:`~lightning_compress.planning.planner.runtime_program`); the
-        dense and the narrowest network's programs are built once, a program given as bytes is returned as is."""
+        reference networks' programs are built once, a program given as bytes is returned as is."""
         if isinstance(network, bytes):
             return network
         if id(network) in self._programs:
             return self._programs[id(network)]
         program = runtime_program(copy.deepcopy(network).cpu().float(), self.batch, self.int8, self.runtime,
                                   self.calibration)
-        if network is self.dense_network or network is self.narrowest_network:
+        if any(network is reference for _, reference in self._references.values()):
             self._programs[id(network)] = program
         return program
 
@@ -224,8 +241,7 @@ class TargetPlanner:
             "sensitivity_images": sum(len(x) for x in inputs), "sensitivity_seconds": round(sensitivity_seconds, 2),
             "setup_seconds": round(self.setup_seconds, 2), "round_to": self.round_to, "floor": self.space.floor}
         if self.latency is not None:
-            details["latency_model"] = {"scale": self.latency.scale, "offset_ms": self.latency.offset,
-                                        "references": self.latency.references, **self.latency.table.describe(),
+            details["latency_model"] = {**self.latency.describe(), **self.latency.table.describe(),
                                         "calibrated_on": self.runtime}
             widths = self._checked(network, widths, search, importance, checks, details)
             details["predicted_ms"] = self.latency.predict(self.space.shapes(widths))

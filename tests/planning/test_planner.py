@@ -166,16 +166,45 @@ def test_sensitivity_scores_cuts_with_statistics_re_estimated_on_the_inputs():
     assert flat(after) == pytest.approx(flat(before), rel=1e-4, abs=1e-7) and max(flat(before).values()) > 0
 
 
-def test_latency_model_is_calibrated_on_two_real_measurements():
+def test_latency_model_is_calibrated_on_three_real_measurements():
+    """The dense, the narrowest and the uniform widths the first calibration predicts at the target, each measured
+    end to end: the prediction passes through all three."""
     net = create_model("resnet20", num_classes=10).eval()
     planner = TargetPlanner(net, torch.randn(1, 3, 32, 32), Target("latency_ratio", 0.5), batch_size=8,
                             ignored=["fc"], repeats=10)
     references = planner.latency.references
-    assert set(references) == {"dense", "narrowest"}
-    for reference, widths in (("dense", planner.space.widths), ("narrowest", None)):
-        shapes = planner.space.shapes(widths or {g: planner.space.candidates(g, 8)[-1] for g in planner.space.widths})
-        assert planner.latency.predict(shapes) == pytest.approx(references[reference]["measured_ms"], rel=1e-6)
-    assert references["narrowest"]["measured_ms"] < references["dense"]["measured_ms"]
+    assert set(references) == {"dense", "narrowest", "uniform"}
+    narrowest = {g: planner.space.candidates(g, 8)[-1] for g in planner.space.widths}
+    for reference, widths in (("dense", planner.space.widths), ("narrowest", narrowest)):
+        assert references[reference]["layers_ms"] == pytest.approx(planner.latency.layers_ms(
+            planner.space.shapes(widths)))
+    assert references["narrowest"]["layers_ms"] < references["uniform"]["layers_ms"] < references["dense"]["layers_ms"]
+    measured = sorted(reference["measured_ms"] for reference in references.values())
+    assert [ms for _, ms in planner.latency.knots] == pytest.approx(measured)  # all three kept (grow with width)
+    for knot_sum, knot_ms in planner.latency.knots:
+        assert planner.latency.predict_sum(knot_sum) == pytest.approx(knot_ms, rel=1e-6)
+
+
+def _model_through(*points):
+    model = LatencyModel(table=None, int8=False)
+    model.layers_ms = lambda shapes: shapes  # shapes stand for their table sum here
+    model.calibrate({f"p{i}": point for i, point in enumerate(points)})
+    return model
+
+
+def test_latency_model_is_piecewise_linear_and_extends_its_outer_segments():
+    model = _model_through((10.0, 20.0), (4.0, 6.0), (6.0, 12.0))
+    assert [model.predict_sum(x) for x in (4.0, 5.0, 6.0, 8.0, 10.0)] == pytest.approx([6.0, 9.0, 12.0, 16.0, 20.0])
+    assert model.predict_sum(2.0) == pytest.approx(0.0) and model.predict_sum(12.0) == pytest.approx(24.0)
+
+
+def test_latency_model_drops_a_reference_measured_out_of_order():
+    """A noisy middle measurement (slower than the dense network) is left out; two references measured out of order
+    leave the table's milliseconds shifted through their mean."""
+    model = _model_through((10.0, 20.0), (4.0, 6.0), (6.0, 21.0))
+    assert model.knots == [(4.0, 6.0), (10.0, 20.0)] and set(model.references) == {"p0", "p1", "p2"}
+    model = _model_through((10.0, 5.0), (4.0, 6.0))
+    assert model.knots == [(7.0, 5.5)] and model.predict_sum(9.0) == pytest.approx(7.5)
 
 
 @pytest.mark.parametrize("again", [0.3, 0.9])
@@ -209,9 +238,10 @@ def test_a_planner_for_another_target_shares_the_calibration_it_makes(monkeypatc
     for a network the copy measured at 0.77x)."""
     calls = []
 
-    def measure(self, rounds=3, **networks):
+    def measure(self, rounds=3, **networks):  # 3 rounds: the first calibration and its uniform reference
         calls.append(rounds)
-        return {"dense": 10.0, "narrowest": 9.0} if len(calls) == 1 else {"dense": 20.0, "narrowest": 6.0}
+        first = {"dense": 10.0, "narrowest": 9.0, "uniform": 9.5}
+        return first if rounds == 3 else {"dense": 20.0, "narrowest": 6.0, "uniform": 13.0}
 
     monkeypatch.setattr(TargetPlanner, "measure", measure)
     monkeypatch.setattr(LatencyTable, "network_ms", lambda self, shapes, int8: sum(s.macs() for s in shapes.values()))
@@ -220,7 +250,7 @@ def test_a_planner_for_another_target_shares_the_calibration_it_makes(monkeypatc
                             table_path=tmp_path / "table.json", repeats=2)
     other = planner.with_target(Target("latency_ratio", 0.5))
     other.check_reachable()
-    assert calls == [3, REMEASURE_ROUNDS]
+    assert calls == [3, 3, REMEASURE_ROUNDS]
     assert planner.closest() == pytest.approx(0.3) == other.closest() and planner.dense_value == pytest.approx(1.0)
 
 
@@ -273,10 +303,11 @@ def test_a_missed_check_is_measured_again_before_the_budget_shrinks(confirmed, m
     calls = []
 
     def measure(self, rounds=3, **networks):  # the networks' MACs as milliseconds; the first check's plan inflated
-        calls.append(rounds)
         ms = {name: float(count_macs_per_module(net, self.example).get("", 0)) for name, net in networks.items()}
-        if "planned" in networks and (rounds == 3 and len(calls) == 2 or confirmed and len(calls) == 3):
-            ms["planned"] = 0.8 * ms["dense"]
+        if "planned" in networks:
+            calls.append(rounds)
+            if rounds == 3 and len(calls) == 1 or confirmed and len(calls) == 2:
+                ms["planned"] = 0.8 * ms["dense"]
         return ms
 
     plan = _plan_checked_by(measure, monkeypatch, tmp_path)
@@ -362,12 +393,3 @@ def test_target_arguments_are_checked():
         Target.from_arguments(latency_ms=None, size_kb=None)
     with pytest.raises(ValueError, match="size_kb must be a positive number, got True"):
         Target.from_arguments(size_kb=True)
-    table = LatencyTable(repeats=5)
-    table.network_ms = lambda shapes, int8: sum(0.01 * shape.out_channels for shape in shapes.values())
-    model = LatencyModel(table, int8=False)
-
-    def conv(channels):
-        return {"c": LayerShape("conv", 3, channels, (1, 1), (1, 1), (0, 0), (1, 1), 1, (1, 1))}
-
-    model.calibrate({"dense": (conv(100), 3.0), "narrowest": (conv(50), 3.2)})  # the narrower one measured slower
-    assert model.scale == 1.0 and model.offset == pytest.approx(2.35)  # noise inverted the slope: offset alone
