@@ -38,7 +38,10 @@ Results are written as they come: one JSON line per row appended to
 then ``RESULTS.md`` (+ ``suite.png``) regenerated atomically from every budget's file, so a stopped run
 keeps what it measured. A row already recorded with the same config and the same code version (hash of
 the package sources the row uses) is skipped, so the table can be completed over several runs;
-``--force`` re-measures.
+``--force`` re-measures. A row in training saves its whole training state after every epoch
+(``<work-dir>/partial/<row>_<budget>_<code version>.ckpt``, atomically); a row stopped midway (the session ended)
+resumes from there when run again on the same code, and records ``resumed_after_epochs``; the state is removed
+when the row lands.
 
 ``--jobs N`` runs N rows side by side, each as its own ``suite.py --only <row> --threads 1`` process
 (``suite_queue.py``): the teacher first, the KD rows once it has landed; one line per row start and end
@@ -146,6 +149,21 @@ def _epoch_clock(row: str) -> Any:
                   f"{time.perf_counter() - self.start:.0f} s", flush=True)
 
     return EpochClock()
+
+
+def _epoch_checkpoint(path: Path) -> Any:
+    """A callback saving the row's whole training state to ``path`` after every epoch (atomically), so a row
+    stopped midway (the session ended, the machine went down) resumes from its last epoch, not from scratch."""
+    import lightning.pytorch as pl
+
+    from lightning_compress.core.files import atomic_path
+
+    class EpochCheckpoint(pl.Callback):
+        def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            with atomic_path(path) as tmp:
+                trainer.save_checkpoint(tmp)
+
+    return EpochCheckpoint()
 
 
 def _yield_to_timing() -> Any:
@@ -322,6 +340,7 @@ class Suite:
                                   "budget_reason": self.budget_reason, "machine": self.machine,
                                   "side_by_side": self.side_by_side, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         print(f"[suite] {row}: start ({budget.name}, {epochs} epochs)", flush=True)
+        partial = self.work_dir / "partial" / f"{row}_{budget.name}_{record['code_version']}.ckpt"
         try:
             plan = ROWS[row].plan(ctx)
         except Skip as reason:
@@ -338,11 +357,16 @@ class Suite:
             module = ImageClassifier(plan.model, **optimizer_settings(budget), channels_last=True)
             data = datamodule(self.data, budget, **plan.data)
             trainer = _trainer(replace(budget, epochs=epochs, accelerator=self.accelerator),
-                               [_yield_to_timing(), *plan.callbacks, _epoch_clock(row)], plan.precision)
+                               [_yield_to_timing(), *plan.callbacks, _epoch_clock(row), _epoch_checkpoint(partial)],
+                               plan.precision)
             if self.accelerator != budget.accelerator:
                 record["trained_on"] = torch.cuda.get_device_name() if self.accelerator == "gpu" else self.accelerator
+            resume = partial if partial.exists() else None
+            if resume is not None:  # fit_s and wall_s then count this process's part only
+                record["resumed_after_epochs"] = torch.load(resume, map_location="cpu", weights_only=True)["epoch"] + 1
+                print(f"[suite] {row}: resuming after epoch {record['resumed_after_epochs']} ({resume})", flush=True)
             start = time.perf_counter()
-            trainer.fit(module, datamodule=data)
+            trainer.fit(module, datamodule=data, ckpt_path=resume)
             fit_s = time.perf_counter() - start
             record["precision"] = plan.precision or budget.precision
             int8 = None
@@ -370,6 +394,7 @@ class Suite:
                 trainer.save_checkpoint(self.work_dir / f"{row}_{budget.name}_{record['code_version']}.ckpt")
             record["wall_s"] = round(time.perf_counter() - start, 1)
             record["load_average_1_5_15"] = [round(v, 2) for v in os.getloadavg()]
+            partial.unlink(missing_ok=True)
         except Exception as err:  # recorded, so the table says what broke; other rows go on
             record.update(status="failed", reason=f"{type(err).__name__}: {err}"[:500])
             traceback.print_exc()

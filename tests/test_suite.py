@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.data.cifar_fakes import write_image_tree, write_tarball
 
@@ -156,6 +157,53 @@ def test_recorded_row_is_kept_and_changed_code_is_rerun(tmp_path: Path, monkeypa
     assert other._is_recorded("dense") is None  # other data: another config
     monkeypatch.setattr(suite, "code_version", lambda sources: "0" * 12)
     assert runner._is_recorded("dense") is None  # changed code: measured again
+
+
+class _Stopped(Exception):
+    pass
+
+
+def test_a_row_stopped_midway_resumes_after_its_last_epoch(tmp_path: Path, cifar_archive: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    """The session ends during the second of two epochs: the rerun restores the state saved after the first,
+    trains the second only, and lands the same network as a run never stopped; the saved state is then removed."""
+    from dataclasses import replace
+
+    budget = replace(suite_rows.resolve_budget("smoke")[0], epochs=2)
+    straight = suite.Suite(budget, "test", str(cifar_archive), tmp_path / "straight", tmp_path / "straight_work")
+    assert straight.run_row("dense")["status"] == "ok"
+    runner = suite.Suite(budget, "test", str(cifar_archive), tmp_path / "results", tmp_path / "work")
+    clock = suite._epoch_clock
+
+    def stopped_in_epoch_two(row):
+        callback = clock(row)
+        start = callback.on_train_epoch_start
+
+        def on_train_epoch_start(trainer, pl_module):
+            if trainer.current_epoch == 1:
+                raise _Stopped
+            start(trainer, pl_module)
+
+        callback.on_train_epoch_start = on_train_epoch_start
+        return callback
+
+    monkeypatch.setattr(suite, "_epoch_clock", stopped_in_epoch_two)
+    assert runner.run_row("dense")["status"] == "failed"
+    partial = list((tmp_path / "work/partial").glob("dense_smoke_*.ckpt"))
+    assert len(partial) == 1
+    monkeypatch.setattr(suite, "_epoch_clock", clock)
+    capsys.readouterr()
+    record = runner.run_row("dense", force=True)
+    printed = capsys.readouterr().out
+    assert record["status"] == "ok" and record["resumed_after_epochs"] == 1
+    assert "[suite] dense: epoch 2/2" in printed and "epoch 1/2" not in printed
+    assert not partial[0].exists()
+    kept = [torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+            for path in (tmp_path / f"{folder}/dense_smoke_{record['code_version']}.ckpt"
+                         for folder in ("straight_work", "work"))]
+    assert kept[0].keys() == kept[1].keys()
+    assert all(torch.equal(kept[0][key], kept[1][key]) for key in kept[0])
 
 
 def test_code_version_follows_the_row_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
