@@ -43,7 +43,14 @@ def lock_path() -> Path:
 
 
 class _ProcessLock:
-    """This process's hold on one lock file: a stack of the modes asked for, one open file for all of them."""
+    """This process's hold on one lock file: a stack of the modes asked for, one open file for all of them.
+
+    A measurement waiting for the lock is not starved by shared holders taking turns (two training rows whose
+    steps overlap would never leave the lock free together): every change of hold passes a turnstile, a second
+    file that a waiting measurement holds exclusively, so new shared holds queue behind it while the current
+    ones finish. A process never holds the lock while it waits at the turnstile (a shared hold growing
+    exclusive gives the lock up first), so two processes cannot wait for each other.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -56,11 +63,17 @@ class _ProcessLock:
         if self.handle is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.handle = open(self.path, "a")  # noqa: SIM115 - held across calls, closed when released
-        operation = {"exclusive": fcntl.LOCK_EX, "shared": fcntl.LOCK_SH, None: fcntl.LOCK_UN}[mode]
-        fcntl.flock(self.handle, operation)
         if mode is None:
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
             self.handle.close()
             self.handle = None
+            return
+        exclusive = mode == "exclusive"
+        if exclusive:
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+        with open(self.path.with_name(self.path.name + ".turnstile"), "a") as turnstile:
+            fcntl.flock(turnstile, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            fcntl.flock(self.handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
 
     def strongest(self) -> str | None:
         return "exclusive" if "exclusive" in self.modes else (self.modes[0] if self.modes else None)

@@ -74,3 +74,36 @@ def test_shared_holders_do_not_wait_for_each_other_but_a_measurement_waits_for_t
         waited = time.perf_counter() - begin
     holder.wait()
     assert waited > 0.5
+
+
+TAKING_TURNS = """
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("timing_lock", sys.argv[1])
+lock = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(lock)
+open(sys.argv[2], "w").close()
+end = time.monotonic() + float(sys.argv[3])
+while time.monotonic() < end:  # a training row: steps holding the lock shared, a moment free between them
+    with lock.shared_timing():
+        time.sleep(0.2)
+"""
+
+
+def test_a_measurement_is_not_starved_by_shared_holders_taking_turns(lock_file, tmp_path):
+    """Two processes whose shared holds overlap (one starts its step while the other's runs) never leave the lock
+    free together; a measurement still gets it within about one step."""
+    rows = []
+    for index, offset in enumerate((0.0, 0.1)):
+        ready = tmp_path / f"row{index}.ready"
+        rows.append(subprocess.Popen([sys.executable, "-c", TAKING_TURNS, str(MODULE), str(ready), "6"]))
+        while not ready.exists():
+            time.sleep(0.01)
+        time.sleep(offset)
+    time.sleep(0.5)
+    begin = time.perf_counter()
+    with exclusive_timing():
+        waited = time.perf_counter() - begin
+        time.sleep(0.3)  # measuring: neither row steps
+    for row in rows:
+        row.kill()
+    assert waited < 1.0
