@@ -82,7 +82,8 @@ class CompressToTarget(ChannelRemoval):
 
     Args:
         latency_ms: Milliseconds per batch on ``runtime``.
-        latency_ratio: Fraction of the dense network's latency, in (0, 1).
+        latency_ratio: Fraction of the dense network's latency, in (0, 1): of the fp32 dense network, also when
+            the network ships int8 (with ``QuantizationAwareTraining``).
         size_kb: Kilobytes of weights as shipped (int8: one byte each, fp32: four).
         macs_ratio: Fraction of the dense MACs, in (0, 1) (no runtime measured).
         runtime: ``"onnxruntime"``, ``"openvino"`` or ``"executorch"`` (XNNPACK).
@@ -324,8 +325,9 @@ class CompressToTarget(ChannelRemoval):
         if measured["measured_ms"] > measured["target_ms"]:  # a miss is measured again, as the plan's checks are
             rounds = REMEASURE_ROUNDS
             measured = self._time_shipped(shipped, rounds)
-        if "dense_ms" in measured:
-            predicted = details["predicted_ms"] / details["dense_predicted_ms"] * measured["dense_ms"]
+        if "dense_ms" in measured:  # the prediction carried to the machine's load now, by the reference timed beside
+            reference_ms = details.get("reference_ms", details["dense_predicted_ms"])
+            predicted = details["predicted_ms"] / reference_ms * measured["dense_ms"]
         else:
             predicted = details["predicted_ms"]
         self.measured = {**measured, "predicted_ms": predicted,
@@ -336,14 +338,16 @@ class CompressToTarget(ChannelRemoval):
         """``measured_ms`` and ``target_ms`` of the shipped network over ``rounds`` interleaved rounds, and
         ``dense_ms`` when the dense network is at hand to time beside it (not in a fit resumed after planning)."""
         if self._planner is not None:
-            measured = self._planner.measure(rounds, dense=self._planner.dense_network, shipped=shipped)
+            measured = self._planner.measure(rounds, dense=self._planner.ratio_reference, shipped=shipped)
             timed, dense_ms = {"dense_ms": measured["dense"], "measured_ms": measured["shipped"]}, measured["dense"]
         else:
             batch = torch.zeros([self.batch_size, *self._input_shape[1:]])
             program = shipped if isinstance(shipped, bytes) else runtime_program(shipped, batch, False, self.runtime)
             measured = timed_programs({"shipped": program}, self.runtime, self.threads, batch.numpy(), self.repeats,
                                       rounds)
-            timed, dense_ms = {"measured_ms": measured["shipped"]}, self.plan.details.get("dense_predicted_ms", 0.0)
+            details = self.plan.details
+            timed, dense_ms = {"measured_ms": measured["shipped"]}, details.get("reference_ms",
+                                                                              details.get("dense_predicted_ms", 0.0))
         return {**timed, "target_ms": self.goal.value * (dense_ms if self.goal.kind == "latency_ratio" else 1.0)}
 
     # ----------------------------------------------------------------------------------- state

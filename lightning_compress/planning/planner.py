@@ -109,12 +109,15 @@ class LatencyModel:
         int8: Use the int8 latencies.
         knots: ``(table sum, measured ms)`` points the prediction passes through, by table sum; one point: the
             table's milliseconds shifted through it. Empty: the table sum itself.
+        baseline_ms: Milliseconds of the network a latency ratio is of, when that is not a network this model
+            predicts (an int8 plan's ratio is of the fp32 dense network), measured in the calibration's rounds.
     """
 
     table: LatencyTable
     int8: bool
     knots: list[tuple[float, float]] = field(default_factory=list)
     references: dict[str, dict[str, float]] = field(default_factory=dict)
+    baseline_ms: float | None = None
 
     def layers_ms(self, shapes: Mapping[str, LayerShape]) -> float:
         """The table sum for these layer shapes."""
@@ -164,15 +167,17 @@ class LatencyModel:
         self.knots = knots
 
     def describe(self) -> dict[str, Any]:
-        """The calibration as plain data: its references and knots."""
-        return {"references": self.references, "knots": [list(knot) for knot in self.knots]}
+        """The calibration as plain data: its references, knots and baseline."""
+        return {"references": self.references, "knots": [list(knot) for knot in self.knots],
+                "baseline_ms": self.baseline_ms}
 
 
 def target_cost(target: Target, space: ChannelSpace, latency: LatencyModel | None, int8: bool
                 ) -> Callable[[Widths], float]:
     """The function of group widths that ``target`` bounds, in the target's own units.
 
-    ``latency_ratio`` and ``macs_ratio`` are relative to the dense widths; latency targets need ``latency``, and
+    ``latency_ratio`` and ``macs_ratio`` are relative to the dense widths (a latency ratio to the fp32 dense
+    network's :attr:`LatencyModel.baseline_ms` when the model has one); latency targets need ``latency``, and
     follow it when it is calibrated again.
     """
     def macs(widths: Widths) -> float:
@@ -190,7 +195,8 @@ def target_cost(target: Target, space: ChannelSpace, latency: LatencyModel | Non
     if target.kind == "latency_ms":
         return lambda widths: latency.predict(space.shapes(widths))
     dense_layers_ms = latency.layers_ms(space.shapes(dense))  # the reference follows every calibration
-    return lambda widths: latency.predict(space.shapes(widths)) / latency.predict_sum(dense_layers_ms)
+    return lambda widths: latency.predict(space.shapes(widths)) / (latency.baseline_ms or
+                                                                    latency.predict_sum(dense_layers_ms))
 
 
 class UnreachableTargetError(ValueError):

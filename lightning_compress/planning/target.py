@@ -91,9 +91,12 @@ class TargetPlanner:
         self.narrowest_network: nn.Module | None = None
         self._references: dict[str, tuple[dict[str, int], nn.Module]] = {}
         self._programs: dict[int, bytes] = {}
+        self.ratio_reference: nn.Module | bytes = network  # what a latency ratio is of, timed beside
         if target.kind.startswith("latency"):
             table = LatencyTable(table_runtime(runtime), batch_size, threads, table_path, repeats)
             self.latency = LatencyModel(table, int8)
+            if int8:  # an int8 plan's ratio is of the network the user starts from: the fp32 dense one
+                self.ratio_reference = runtime_program(copy.deepcopy(network), self.batch, False, runtime)
             with exclusive_timing():  # the table's layers and the calibration timed on a machine kept quiet
                 self.space = replace(self.space, floor=fastest_floor(self.space, self.latency, round_to))
                 narrowest = narrowest_widths(self.space, round_to)
@@ -107,8 +110,13 @@ class TargetPlanner:
         self.setup_seconds = time.perf_counter() - begin
 
     def _calibrate(self, rounds: int) -> None:
-        """Fit the latency model to the reference networks measured end to end, in interleaved rounds."""
-        measured = self.measure(rounds, **{name: net for name, (_, net) in self._references.items()})
+        """Fit the latency model to the reference networks measured end to end, in interleaved rounds (an int8
+        plan's fp32 dense network in the same rounds: the baseline of its latency ratio)."""
+        networks: dict[str, nn.Module | bytes] = {name: net for name, (_, net) in self._references.items()}
+        if self.int8:
+            networks["dense_fp32"] = self.ratio_reference
+        measured = self.measure(rounds, **networks)
+        self.latency.baseline_ms = measured.get("dense_fp32")
         self.latency.calibrate({name: (self.space.shapes(widths), measured[name])
                                 for name, (widths, _) in self._references.items()})
 
@@ -175,7 +183,8 @@ class TargetPlanner:
         if closest > self.target.value:
             precision = "int8" if self.int8 else "fp32"
             raise UnreachableTargetError(
-                f"{self.target.kind}={self.target.value:g} cannot be reached: the dense network is predicted at "
+                f"{self.target.kind}={self.target.value:g} cannot be reached: the dense "
+                f"{'int8 ' if self.int8 else ''}network is predicted at "
                 f"{self.dense_value:.4g} {self.target.unit} and the narrowest one channel removal can give (every "
                 f"group at {max(self.round_to, self.space.floor)} channels) at {closest:.4g} {self.target.unit} "
                 f"({precision}"
@@ -246,6 +255,7 @@ class TargetPlanner:
             widths = self._checked(network, widths, search, importance, checks, details)
             details["predicted_ms"] = self.latency.predict(self.space.shapes(widths))
             details["dense_predicted_ms"] = self.latency.predict(self.space.shapes(self.space.widths))
+            details["reference_ms"] = self.latency.baseline_ms or details["dense_predicted_ms"]
             details["measured_ms"] = details["checks"][-1]["measured_ms"]
             details["prediction_error"] = details["predicted_ms"] / details["measured_ms"] - 1
             details["met"] = details["checks"][-1]["measured"] <= self.target.value
@@ -278,10 +288,10 @@ class TargetPlanner:
             predicted = self.cost(widths)
             may_grow = met is None and left >= GROW_CHECKS  # room for the grown plan's check and a fallback's
             rounds = 3
-            measured = self.measure(rounds, dense=self.dense_network, planned=planned)
+            measured = self.measure(rounds, dense=self.ratio_reference, planned=planned)
             if acted_on(value_of(measured), predicted, may_grow):
                 rounds = REMEASURE_ROUNDS
-                measured = self.measure(rounds, dense=self.dense_network, planned=planned)
+                measured = self.measure(rounds, dense=self.ratio_reference, planned=planned)
             value = value_of(measured)
             details["checks"].append({"budget": budget, "predicted": predicted, "measured": value,
                                       "measured_ms": measured["planned"], "dense_measured_ms": measured["dense"],

@@ -393,3 +393,38 @@ def test_target_arguments_are_checked():
         Target.from_arguments(latency_ms=None, size_kb=None)
     with pytest.raises(ValueError, match="size_kb must be a positive number, got True"):
         Target.from_arguments(size_kb=True)
+
+
+def test_an_int8_latency_ratio_is_of_the_fp32_dense_network_timed_beside(monkeypatch, tmp_path):
+    """The user's baseline is the fp32 network they start from: an int8 plan's ratio divides by the fp32 dense
+    network's milliseconds, measured in the calibration's rounds and beside every check, so a third of the dense
+    latency is reachable with int8 where fp32 channel removal alone cannot reach it."""
+    beside = []
+
+    def measure(self, rounds=3, **networks):  # int8 programs at 0.4x their fp32 MACs; the fp32 dense at its MACs
+        beside.append(networks["dense"] if "planned" in networks else None)
+        ms = {name: 0.4 * float(count_macs_per_module(net, self.example).get("", 0))
+              for name, net in networks.items() if isinstance(net, nn.Module)}
+        dense_macs = float(count_macs_per_module(self.dense_network, self.example).get("", 0))
+        if "dense_fp32" in networks:
+            ms["dense_fp32"] = dense_macs
+        if "planned" in networks:
+            ms["dense"] = dense_macs
+        return ms
+
+    monkeypatch.setattr(TargetPlanner, "measure", measure)
+    monkeypatch.setattr(LatencyTable, "network_ms", lambda self, shapes, int8: sum(s.macs() for s in shapes.values()))
+    net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(32, 4, 1)).eval()
+    planner = TargetPlanner(net, torch.randn(1, 3, 8, 8), Target("latency_ratio", 1 / 3), int8=True, ignored=["4"],
+                            table_path=tmp_path / "table.json", repeats=2)
+    assert isinstance(planner.ratio_reference, bytes)  # the fp32 dense program, not the int8 one
+    assert planner.dense_value == pytest.approx(0.4, rel=1e-3)  # int8 dense: 0.4x the fp32 dense
+    sensitivity = {group: {w: (planner.space.widths[group] - w) / 32 for w in planner.space.candidates(group, 8)}
+                   for group in planner.space.widths}
+    plan = planner.plan(net, [], sensitivity=sensitivity)
+    assert plan.details["met"] and plan.predicted <= 1 / 3 < planner.dense_value
+    assert plan.details["reference_ms"] == pytest.approx(planner.latency.baseline_ms)
+    assert all(program is planner.ratio_reference for program in beside if program is not None) and any(beside)
+    check = plan.details["checks"][-1]
+    assert check["dense_measured_ms"] == pytest.approx(planner.latency.baseline_ms)
