@@ -9,7 +9,8 @@ size, onnxruntime CPU latency at batch 1. Rows:
     channel50_kd, qat, lowrank, pipeline, pipeline_quarter, channel50_planned, target50, target50_uniform,
     target50_lowrank (Tucker-2 ranks tuned to the same measured latency),
     and issue 24's targets on other networks (run with ``--only``): mobilenetv2_dense,
-    {resnet56,mobilenetv2}_target{50,33}[_uniform] (ResNet-56's dense reference is the teacher row)
+    {resnet56,mobilenetv2}_target{50,33}[_uniform] (ResNet-56's dense reference is the teacher row),
+    {resnet56,mobilenetv2}_target33_int8[_uniform] (the int8 QDQ file at a third of the fp32 dense latency)
 
 Budgets (``--budget``):
 
@@ -78,7 +79,7 @@ from typing import Any
 
 import torch
 from reporting import RESULTS_DIR, SHARED_CIFAR10, cpu_description, machine_info
-from suite_measure import export_function, measure_network
+from suite_measure import EXAMPLE, export_function, measure_network
 from suite_queue import child_command, plan_lines, plan_queue, run_queue
 from suite_report import write_report
 from suite_rows import (
@@ -327,6 +328,7 @@ class Suite:
         import lightning.pytorch as pl
 
         from lightning_compress import ImageClassifier
+        from lightning_compress.planning.planner import UnreachableTargetError
 
         previous = None if (force or self.force) else self._is_recorded(row, any_accelerator=row == "teacher")
         if previous is not None and (row != "teacher" or self.teacher_file().exists()):
@@ -371,7 +373,8 @@ class Suite:
             record["precision"] = plan.precision or budget.precision
             int8 = None
             if plan.qat is not None:
-                int8 = export_function("int8_from_qat")(module.model.cpu(), plan.qat.engine)
+                int8 = export_function("int8_from_qat")(module.model.cpu(), plan.qat.engine,
+                                                        (torch.randn(*EXAMPLE),))
             network = module.model
             measured_on = module.model
             if int8 is not None:
@@ -395,6 +398,8 @@ class Suite:
             record["wall_s"] = round(time.perf_counter() - start, 1)
             record["load_average_1_5_15"] = [round(v, 2) for v in os.getloadavg()]
             partial.unlink(missing_ok=True)
+        except UnreachableTargetError as err:  # the callback refused the target before training, as designed
+            record.update(status="skipped", reason=f"target refused before training: {err}"[:500])
         except Exception as err:  # recorded, so the table says what broke; other rows go on
             record.update(status="failed", reason=f"{type(err).__name__}: {err}"[:500])
             traceback.print_exc()

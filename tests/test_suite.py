@@ -206,6 +206,23 @@ def test_a_row_stopped_midway_resumes_after_its_last_epoch(tmp_path: Path, cifar
     assert all(torch.equal(kept[0][key], kept[1][key]) for key in kept[0])
 
 
+def test_a_target_refused_before_training_is_recorded_as_skipped(tmp_path: Path, cifar_archive: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning.pytorch as pl
+
+    from lightning_compress.planning.planner import UnreachableTargetError
+
+    class Refuses(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            raise UnreachableTargetError("latency_ratio=0.1 cannot be reached: ... ask for 0.35 x dense or more")
+
+    monkeypatch.setitem(suite_rows.ROWS, "dense", suite_rows.Row(lambda ctx: suite_rows.Plan(callbacks=[Refuses()])))
+    runner = suite.Suite(suite_rows.resolve_budget("smoke")[0], "test", str(cifar_archive), tmp_path, tmp_path / "w")
+    record = runner.run_row("dense")
+    assert record["status"] == "skipped"
+    assert record["reason"].startswith("target refused before training: latency_ratio=0.1 cannot be reached")
+
+
 def test_code_version_follows_the_row_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("module.py", "pruning/magnitude.py", "quantization/qat.py"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -526,13 +543,17 @@ def test_target_rows_plan_each_network_at_its_fraction_with_its_uniform_baseline
     ctx = suite_rows.Context(suite_rows.resolve_budget("smoke")[0], steps=100, teacher_path=lambda: "")
     for planned, (uniform, dense, _) in suite_rows.TARGET_ROWS.items():
         model = "resnet20" if planned.startswith("target") else planned.split("_target")[0]
-        ratio = {"50": 0.5, "33": 1 / 3}[planned.rsplit("target", 1)[1]]
+        percent, _, int8 = planned.rsplit("target", 1)[1].partition("_")
+        ratio = {"50": 0.5, "33": 1 / 3}[percent]
         for row, allocation in ((planned, "sensitivity"), (uniform, "uniform")):
             plan = suite_rows.ROWS[row].plan(ctx)
-            (callback,) = plan.callbacks
+            callback, *qat = plan.callbacks
             assert isinstance(callback, CompressToTarget) and plan.model == model
             assert callback.target == ("latency_ratio", ratio) and callback.allocation == allocation
             assert (callback.batch_size, callback.threads, callback.round_to) == (64, 1, 8)
+            # int8 rows ship the QDQ file onnxruntime runs; the suite converts (and tests) the QAT network
+            assert [q.engine.name for q in qat] == (["onnxruntime"] if int8 == "int8" else []) and plan.qat in (
+                *qat, None) and (plan.qat is None) == (not qat)
         assert suite_rows.ROWS[dense].plan(ctx).model == model and not suite_rows.ROWS[dense].plan(ctx).callbacks
 
 

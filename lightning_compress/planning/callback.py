@@ -43,7 +43,9 @@ from lightning_compress.pruning.channel import ChannelRemoval
 from lightning_compress.pruning.importance import ImportanceLike
 from lightning_compress.pruning.schedules import ScheduleLike
 from lightning_compress.quantization import PostTrainingQuantization, QuantizationAwareTraining
+from lightning_compress.quantization.convert import convert
 from lightning_compress.quantization.engines import ONNX_ENGINES
+from lightning_compress.quantization.prepare import is_prepared
 
 
 def default_table_path() -> Path:
@@ -146,6 +148,7 @@ class CompressToTarget(ChannelRemoval):
         self.sensitivity_batches, self.allocation = sensitivity_batches, allocation
         self.table_path = table_path
         self._int8 = False
+        self._engine: str | None = None
         self._planner: TargetPlanner | None = None
         self._planned_on_rank_zero = False  # the latency model is calibrated (on rank 0) and the target reachable
         self._batch: tuple[Any, int] | None = None
@@ -160,6 +163,7 @@ class CompressToTarget(ChannelRemoval):
         quantizers = [cb for cb in trainer.callbacks
                       if isinstance(cb, (QuantizationAwareTraining, PostTrainingQuantization))]
         self._int8 = bool(quantizers)
+        self._engine = quantizers[0].engine.name if quantizers else None
         engines = ("xnnpack",) if self.runtime == "executorch" else ONNX_ENGINES
         if self._int8 and self.goal.kind.startswith("latency") and quantizers[0].engine.name not in engines:
             raise ValueError(f"CompressToTarget plans latency on {self.runtime}, which runs the int8 program of the "
@@ -305,7 +309,8 @@ class CompressToTarget(ChannelRemoval):
             ``measured_ms``, ``predicted_ms``, ``prediction_error`` (predicted / measured - 1), ``target_ms``,
             ``rounds`` (interleaved rounds of the measurement) and, when the dense network was timed beside it,
             ``dense_ms``; ``None`` without a plan, for size and MACs
-            targets, or when the int8 network was not converted.
+            targets, or when the int8 network was neither converted nor prepared for an ONNX engine (whose QDQ
+            file is then built from the prepared network and measured).
         """
         if self.measured is not None:
             return self.measured
@@ -314,6 +319,10 @@ class CompressToTarget(ChannelRemoval):
         network = getattr(pl_module, self.network_name)
         if isinstance(network, (OnnxRuntimeNetwork, ExecuTorchNetwork)):  # the engine check matched it to the runtime
             shipped: nn.Module | bytes = network.program_bytes()
+        elif self._int8 and self._engine in ONNX_ENGINES and is_prepared(self.network_of(pl_module)):
+            # not converted at fit end (convert_on_fit_end=False): the QDQ file `lightning-compress export` ships
+            example = torch.zeros([1, *self._input_shape[1:]])
+            shipped = convert(copy.deepcopy(self.network_of(pl_module)), self._engine, (example,)).program_bytes()
         elif self._int8:
             rank_zero_warn("CompressToTarget: the network was not converted to int8; its latency is not measured")
             return None

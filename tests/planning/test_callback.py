@@ -201,6 +201,23 @@ def test_int8_plan_with_qat_measures_the_shipped_onnx_file(tmp_path):
     assert f"Shipped network measured {target.measured['measured_ms']:.4g} ms against the target " in markdown
 
 
+def test_int8_plan_measures_the_qdq_file_export_ships_when_qat_does_not_convert(tmp_path):
+    """``QuantizationAwareTraining(convert_on_fit_end=False)`` leaves the network prepared: the QDQ file built from
+    it (what ``lightning-compress export`` ships) is measured beside the fp32 dense network."""
+    torch.manual_seed(0)
+    module = DictBatchModule()
+    module.backbone = ToyConvNet(num_classes=4, width=32)
+    target = CompressToTarget(latency_ratio=0.8, start=0.0, end="3steps", update_every=1, round_to=4, batch_size=64,
+                              table_path=str(tmp_path / "table.json"), repeats=10)
+    trainer = pl.Trainer(max_steps=STEPS, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False,
+                         callbacks=[target, QuantizationAwareTraining(start="5steps", convert_on_fit_end=False)])
+    trainer.fit(module, dict_loader())
+    assert target.plan.int8 and not is_int8(module.backbone)
+    measured = target.measured
+    assert measured["measured_ms"] > 0 and measured["target_ms"] == pytest.approx(0.8 * measured["dense_ms"])
+
+
 @pytest.mark.slow
 @pytest.mark.extended  # ~2-3 min: six lowerings with PT2E int8 (the fp32 ExecuTorch plan runs in CI)
 def test_int8_plan_for_executorch_measures_the_shipped_program(tmp_path):
