@@ -162,7 +162,7 @@ def _epoch_checkpoint(path: Path) -> Any:
     class EpochCheckpoint(pl.Callback):
         def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
             with atomic_path(path) as tmp:
-                trainer.save_checkpoint(tmp)
+                trainer.save_checkpoint(tmp, weights_only=False)
 
     return EpochCheckpoint()
 
@@ -392,9 +392,9 @@ class Suite:
             self.work_dir.mkdir(parents=True, exist_ok=True)
             if row == "teacher":
                 record["top1_bf16_autocast"] = _autocast_test_acc(module, data, budget)
-                trainer.save_checkpoint(self.teacher_file())
+                trainer.save_checkpoint(self.teacher_file(), weights_only=False)
             else:  # kept for questions asked after the row (e.g. the GMP validation/test gap), reloadable alone
-                trainer.save_checkpoint(self.work_dir / f"{row}_{budget.name}_{record['code_version']}.ckpt")
+                trainer.save_checkpoint(self.work_dir / f"{row}_{budget.name}_{record['code_version']}.ckpt", weights_only=False)
             record["wall_s"] = round(time.perf_counter() - start, 1)
             record["load_average_1_5_15"] = [round(v, 2) for v in os.getloadavg()]
             partial.unlink(missing_ok=True)
