@@ -7,7 +7,8 @@ size, onnxruntime CPU latency at batch 1. Rows:
 
     dense, gmp50, gmp90, gmp90_early, gmp90_kd, nm24, teacher, kd, kd_alpha05, kd_cached, channel50,
     channel50_kd, qat, lowrank, pipeline, pipeline_quarter, channel50_planned, target50, target50_uniform,
-    target50_lowrank (Tucker-2 ranks tuned to the same measured latency),
+    target50_lowrank (Tucker-2 ranks tuned to the same measured latency), target50_factorized (CompressToTarget
+    planning widths and Tucker-2 ranks together),
     and issue 24's targets on other networks (run with ``--only``): mobilenetv2_dense,
     {resnet56,mobilenetv2}_target{50,33}[_uniform] (ResNet-56's dense reference is the teacher row),
     {resnet56,mobilenetv2}_target33_int8[_uniform] (the int8 QDQ file at a third of the fp32 dense latency)

@@ -199,15 +199,16 @@ def channel50_planned(ctx: Context) -> Plan:
 
 
 def _target(ratio: float, model: str = "resnet20", allocation: str = "sensitivity",
-            int8: bool = False) -> Callable[[Context], Plan]:
+            int8: bool = False, factorize: bool = False) -> Callable[[Context], Plan]:
     def row(ctx: Context) -> Plan:
         target = _lc().CompressToTarget(
             latency_ratio=ratio, runtime="onnxruntime", batch_size=64, threads=1, round_to=8, start=0.05, end=0.5,
-            update_every=ctx.every(20), allocation=allocation)
+            update_every=ctx.every(20), allocation=allocation, factorize=factorize)
         qat = _qat(engine="onnxruntime") if int8 else None
         return Plan(model=model, callbacks=[target, *([qat] if qat else [])], qat=qat)
     how = ("one kept fraction for every group (the largest that measures within the target): the uniform baseline"
-           if allocation == "uniform" else "widths by sensitivity around the uniform ones")
+           if allocation == "uniform" else "widths by sensitivity around the uniform ones"
+           + (" and Tucker-2 ranks where they pay (factorized at 50 %)" if factorize else ""))
     shipped = ("the int8 QDQ file (QAT, engine onnxruntime, from 75 % of the run) against the fp32 dense network"
                if int8 else "fp32")
     row.__doc__ = (f"CompressToTarget on {model}: {ratio:.2g}x the dense latency on onnxruntime ({shipped}, batch "
@@ -428,6 +429,7 @@ ROWS: dict[str, Row] = {
     "channel50_planned": Row(channel50_planned, ("pruning", "planning"), cost=0.8),
     "target50": Row(_target(0.5), ("pruning", "planning"), cost=0.8),
     "target50_uniform": Row(_target(0.5, allocation="uniform"), ("pruning", "planning"), cost=0.8),
+    "target50_factorized": Row(_target(0.5, factorize=True), ("pruning", "planning", "factorization"), cost=0.8),
     "target50_lowrank": Row(_lowrank_at_latency(0.5), ("factorization", "planning/latency.py"), cost=1.1),
     # issue 24's networks at 1/2 and 1/3 of the dense latency (ResNet-56's dense reference is the teacher row)
     "mobilenetv2_dense": Row(mobilenetv2_dense, cost=TARGET_MODELS["mobilenetv2"][1]),
@@ -452,6 +454,7 @@ BLOCK_ROWS: dict[str, tuple[str, ...]] = {
 """Rows a budget runs when ``--only`` is not given, in queue order; a budget not named here runs every row."""
 TARGET_ROWS: dict[str, tuple[str, str, str]] = {
     "target50": ("target50_uniform", "dense", "half"),
+    "target50_factorized": ("target50_uniform", "dense", "half"),
     **{f"{model}_target{percent}": (f"{model}_target{percent}_uniform", dense, words)
        for model, (dense, _) in TARGET_MODELS.items() for percent, (_, words) in TARGET_FRACTIONS.items()},
     **{f"{model}_target33_int8": (f"{model}_target33_int8_uniform", dense, "a third of")

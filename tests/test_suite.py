@@ -543,7 +543,7 @@ def test_target_rows_plan_each_network_at_its_fraction_with_its_uniform_baseline
     ctx = suite_rows.Context(suite_rows.resolve_budget("smoke")[0], steps=100, teacher_path=lambda: "")
     for planned, (uniform, dense, _) in suite_rows.TARGET_ROWS.items():
         model = "resnet20" if planned.startswith("target") else planned.split("_target")[0]
-        percent, _, int8 = planned.rsplit("target", 1)[1].partition("_")
+        percent, _, suffix = planned.rsplit("target", 1)[1].partition("_")
         ratio = {"50": 0.5, "33": 1 / 3}[percent]
         for row, allocation in ((planned, "sensitivity"), (uniform, "uniform")):
             plan = suite_rows.ROWS[row].plan(ctx)
@@ -551,8 +551,9 @@ def test_target_rows_plan_each_network_at_its_fraction_with_its_uniform_baseline
             assert isinstance(callback, CompressToTarget) and plan.model == model
             assert callback.target == ("latency_ratio", ratio) and callback.allocation == allocation
             assert (callback.batch_size, callback.threads, callback.round_to) == (64, 1, 8)
+            assert callback.factorize == (suffix == "factorized" and row == planned)
             # int8 rows ship the QDQ file onnxruntime runs; the suite converts (and tests) the QAT network
-            assert [q.engine.name for q in qat] == (["onnxruntime"] if int8 == "int8" else []) and plan.qat in (
+            assert [q.engine.name for q in qat] == (["onnxruntime"] if suffix == "int8" else []) and plan.qat in (
                 *qat, None) and (plan.qat is None) == (not qat)
         assert suite_rows.ROWS[dense].plan(ctx).model == model and not suite_rows.ROWS[dense].plan(ctx).callbacks
 

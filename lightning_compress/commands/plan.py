@@ -4,7 +4,9 @@ Traces the checkpoint's network, calibrates the latency model on the runtime (pe
 and narrowest networks measured end to end), measures each channel group's sensitivity on validation
 batches, plans, then builds the planned network, measures it end to end and prints the plan with the
 predicted and measured latency and the held-out top-1 of the planned network before fine-tuning.
-``--out`` writes it all as JSON (``CompressToTarget`` carries such a plan out while training).
+``--out`` writes it all as JSON (``CompressToTarget`` carries such a plan out while training). ``--factorize``
+plans Tucker-2 ranks of the ``k x k`` convolutions beside the widths, built and measured the same way
+(``CompressToTarget(factorize=True)`` carries them out).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from lightning_compress.core.layers import weighted_layers
 from lightning_compress.planning.callback import default_table_file
 from lightning_compress.planning.latency import RUNTIMES
 from lightning_compress.planning.planner import ALLOCATIONS, Target
+from lightning_compress.planning.ranks import planned_copy
 from lightning_compress.planning.target import TargetPlanner
-from lightning_compress.planning.widths import reestimate_norms, slimmed_copy
+from lightning_compress.planning.widths import reestimate_norms
 
 
 def _top1(network: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
@@ -63,6 +66,9 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--allocation", choices=ALLOCATIONS, default="sensitivity",
                         help="sensitivity: channels traded between groups around the uniform widths; uniform: one kept "
                              "fraction for every group (the baseline); greedy: narrowed from dense by sensitivity")
+    parser.add_argument("--factorize", action="store_true",
+                        help="also plan Tucker-2 ranks of the kxk convolutions, where the latency and fidelity they "
+                             "save beat narrower channels")
     parser.add_argument("--repeats", type=int, default=50, help="timed calls per latency measurement")
     parser.add_argument("--table", default=None, help="latency table cache (JSON; default under "
                                                       "$LIGHTNING_COMPRESS_CACHE or ~/.cache/lightning_compress)")
@@ -85,8 +91,8 @@ def main(argv: Sequence[str]) -> int:
     table = Path(args.table) if args.table else default_table_file(args.runtime, args.deploy_batch_size, args.threads)
     planner = TargetPlanner(network, example, target, args.runtime, args.deploy_batch_size, args.threads, args.int8,
                             args.round_to, classifier, table, args.repeats, [x for x, _ in batches])
-    plan = planner.plan(network, [x for x, _ in batches], allocation=args.allocation)
-    planned = slimmed_copy(network, example, plan.widths)
+    plan = planner.plan(network, [x for x, _ in batches], allocation=args.allocation, factorize=args.factorize)
+    planned = planned_copy(network, example, plan.widths, plan.ranks)
     reestimate_norms(planned, [x for x, _ in batches])  # scored as the plan's sensitivity scores its cuts
     result = {"plan": plan.as_dict(),
               "held_out_top1": {"dense": _top1(network, batches), "planned_before_fine_tuning": _top1(planned, batches),

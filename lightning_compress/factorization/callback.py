@@ -53,6 +53,39 @@ def replay_factorization(network: nn.Module, payload: Mapping[str, Any]) -> nn.M
     return network
 
 
+def swap_in_factorized(callback: CompressionCallback, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                       network: nn.Module, layers: Mapping[str, tuple[str, int]]) -> None:
+    """Replace ``layers`` (``{name relative to the network: (method, rank)}``) of a network in training by
+    factorized blocks initialized from their weights, in place: the optimizers' parameters and state move onto the
+    factors, distributed wrappers are rebuilt, and a ``low_rank_factorization`` record lets a reload rebuild them.
+
+    Args:
+        callback: The callback doing it (its network name; it rewraps distributed strategies).
+        trainer: The Trainer.
+        pl_module: The LightningModule holding ``network``.
+        network: The network (``callback.network_of(pl_module)``).
+        layers: What to factorize.
+
+    Raises:
+        FloatingPointError: If a factor is not finite.
+    """
+    replacements: dict[torch.Tensor, list[torch.Tensor]] = {}
+    for name, (method, rank) in layers.items():
+        layer = network.get_submodule(name)
+        block = factorize_layer(layer, method, rank)
+        replacements[layer.weight] = [module.weight for module in block]
+        if layer.bias is not None:
+            replacements[layer.bias] = [block[-1].bias]
+        network.set_submodule(name, block)
+    replace_parameters(trainer.optimizers, replacements)
+    callback.rewrap_distributed(trainer)
+    append_record(pl_module, ArchitectureRecord(RECORD_KIND, callback.network_name, {
+        "layers": [{"name": name, "method": method, "rank": rank} for name, (method, rank) in layers.items()]}))
+    check_finite({f"{callback.network_name}.{name}.{key}": value for name in layers
+                  for key, value in network.get_submodule(name).named_parameters()},
+                 trainer.global_step, type(callback).__name__)
+
+
 def _check_ranks(ranks: Any) -> int | dict[str, int] | None:
     def valid(rank: Any) -> bool:
         return not isinstance(rank, bool) and isinstance(rank, int) and rank >= 1
@@ -258,22 +291,8 @@ class LowRankFactorization(CompressionCallback):
             rank_zero_warn(f"LowRankFactorization: no layer is cheaper factorized at target {self.target}; "
                            "the network stays as it is")
             return
-        replacements: dict[torch.Tensor, list[torch.Tensor]] = {}
-        for name, (method, rank) in plan.items():
-            layer = network.get_submodule(name)
-            block = factorize_layer(layer, method, rank)
-            replacements[layer.weight] = [module.weight for module in block]
-            if layer.bias is not None:
-                replacements[layer.bias] = [block[-1].bias]
-            network.set_submodule(name, block)
-        replace_parameters(trainer.optimizers, replacements)
-        self.rewrap_distributed(trainer)
+        swap_in_factorized(self, trainer, pl_module, network, plan)
         self._factorized = dict(plan)
-        append_record(pl_module, ArchitectureRecord(RECORD_KIND, self.network_name, {
-            "layers": [{"name": name, "method": method, "rank": rank} for name, (method, rank) in plan.items()]}))
-        check_finite({f"{self.network_name}.{name}.{key}": value for name in plan
-                      for key, value in network.get_submodule(name).named_parameters()},
-                     trainer.global_step, type(self).__name__)
         for name, (_, rank) in plan.items():
             pl_module.log(f"factorization/{self.network_name}.{name}/rank", float(rank))
         ratio = count_macs(network, self._example) / self._dense_macs

@@ -15,6 +15,7 @@ import copy
 import itertools
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,16 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_compress.core.accounting import count_macs
+from lightning_compress.core.composition import Declaration
 from lightning_compress.core.executorch import ExecuTorchNetwork
 from lightning_compress.core.inputs import capture_network_input
 from lightning_compress.core.onnx import OnnxRuntimeNetwork
-from lightning_compress.core.progress import Interval, Position
+from lightning_compress.core.progress import Interval, Position, StepBudget
 from lightning_compress.data.cache import default_cache_dir
+from lightning_compress.factorization import LowRankFactorization
+from lightning_compress.factorization.blocks import max_rank
+from lightning_compress.factorization.callback import swap_in_factorized
 from lightning_compress.planning.latency import RUNTIMES, table_runtime, timed_programs
 from lightning_compress.planning.planner import (
     ALLOCATIONS,
@@ -38,6 +44,7 @@ from lightning_compress.planning.planner import (
     UnreachableTargetError,
     runtime_program,
 )
+from lightning_compress.planning.ranks import METHOD
 from lightning_compress.planning.target import REMEASURE_ROUNDS, TargetPlanner
 from lightning_compress.pruning.channel import ChannelRemoval
 from lightning_compress.pruning.importance import ImportanceLike
@@ -101,6 +108,10 @@ class CompressToTarget(ChannelRemoval):
             each group within 2x of its uniform width), ``"uniform"`` (one kept fraction for every group, the
             largest that meets the target: the baseline, measured on the same runtime) or ``"greedy"`` (from
             the dense widths, the least sensitive narrowed first, without bounds).
+        factorize: Also plan a Tucker-2 rank for ``k x k`` convolutions where the latency it saves lets the widths
+            keep more fidelity than the factorization costs (:func:`~lightning_compress.planning.planner.
+            factorized_plan`); those layers are factorized at ``end``, after the last channel removal, as
+            ``LowRankFactorization`` factorizes (its record, the optimizer state moved onto the factors).
 
     Example:
         >>> CompressToTarget(latency_ratio=0.5, runtime="onnxruntime", batch_size=1, threads=1).target
@@ -128,6 +139,7 @@ class CompressToTarget(ChannelRemoval):
         network: str | None = None,
         round_to: int = 8,
         allocation: str = "sensitivity",
+        factorize: bool = False,
     ) -> None:
         goal = Target.from_arguments(latency_ms=latency_ms, latency_ratio=latency_ratio, size_kb=size_kb,
                                      macs_ratio=macs_ratio)
@@ -145,7 +157,7 @@ class CompressToTarget(ChannelRemoval):
         super().__init__(importance, schedule, start, end, update_every, ignore, network, round_to)
         self.goal, self.target = goal, (goal.kind, goal.value)
         self.runtime, self.batch_size, self.threads, self.repeats = runtime, batch_size, threads, repeats
-        self.sensitivity_batches, self.allocation = sensitivity_batches, allocation
+        self.sensitivity_batches, self.allocation, self.factorize = sensitivity_batches, allocation, factorize
         self.table_path = table_path
         self._int8 = False
         self._engine: str | None = None
@@ -155,6 +167,12 @@ class CompressToTarget(ChannelRemoval):
         self.plan: Plan | None = None
         self.measured: dict[str, Any] | None = None
 
+    @override
+    def declaration(self, budget: StepBudget) -> Declaration:
+        """ChannelPruning's; with ``factorize``, it also replaces layers (a weight mask must start after it)."""
+        declared = super().declaration(budget)
+        return replace(declared, details={**declared.details, "replaces_layers": True}) if self.factorize else declared
+
     # ----------------------------------------------------------------------------------- set-up
     @override
     def setup_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -162,6 +180,9 @@ class CompressToTarget(ChannelRemoval):
         super().setup_fit(trainer, pl_module)
         quantizers = [cb for cb in trainer.callbacks
                       if isinstance(cb, (QuantizationAwareTraining, PostTrainingQuantization))]
+        if self.factorize and any(isinstance(cb, LowRankFactorization) for cb in trainer.callbacks):
+            raise ValueError("CompressToTarget(factorize=True) plans the factorizations itself: remove "
+                             "LowRankFactorization from the Trainer, or set factorize=False")
         self._int8 = bool(quantizers)
         self._engine = quantizers[0].engine.name if quantizers else None
         engines = ("xnnpack",) if self.runtime == "executorch" else ONNX_ENGINES
@@ -226,7 +247,7 @@ class CompressToTarget(ChannelRemoval):
                 inputs = self._held_out_inputs(trainer, pl_module, *self._batch)
                 with torch.random.fork_rng(devices=[]):
                     plan = self._planner.plan(copy.deepcopy(network), inputs, self._importance,
-                                              allocation=self.allocation).as_dict()
+                                              allocation=self.allocation, factorize=self.factorize).as_dict()
             self.plan = Plan.from_dict(trainer.strategy.broadcast(plan, src=0))
             self._planner_done(trainer)
             if self.plan.details.get("met") is False:
@@ -236,6 +257,23 @@ class CompressToTarget(ChannelRemoval):
                                f"{len(self.plan.details['checks'])} check(s); channels are removed to the plan anyway "
                                "(the latency table mis-predicts this network on this runtime)")
         self._slim_to(trainer, pl_module, network, self._schedule(progress, 0.0, 1.0))
+        if progress >= 1.0 and self.plan.ranks:  # the widths are final: factorize at the planned ranks
+            swap_in_factorized(self, trainer, pl_module, network, {
+                name: (METHOD, min(rank, max_rank(network.get_submodule(name), METHOD)))
+                for name, rank in self.plan.ranks.items()})
+            for name, rank in self.plan.ranks.items():
+                pl_module.log(f"factorization/{self.network_name}.{name}/rank", float(rank))
+
+    @override
+    def _log(self, pl_module: pl.LightningModule, network: nn.Module, example: torch.Tensor) -> None:
+        """As ChannelPruning logs; once the network is factorized (the traced groups no longer match its layers),
+        the planned widths it was slimmed to."""
+        if self.plan is None or not self.plan.ranks or self._last_update_step < self.window.end:
+            super()._log(pl_module, network, example)
+            return
+        for root, width in self.plan.widths.items():
+            pl_module.log(f"channels/{self.network_name}.{root}", float(width))
+        pl_module.log("macs/ratio", count_macs(network, example) / self._dense_macs)
 
     def _held_out_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                          batch_idx: int) -> list[torch.Tensor]:

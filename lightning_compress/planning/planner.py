@@ -29,6 +29,7 @@ from torch import nn
 from lightning_compress.core.executorch import pte_bytes
 from lightning_compress.core.onnx import onnx_bytes
 from lightning_compress.planning.latency import LatencyTable, LayerShape
+from lightning_compress.planning.ranks import Ranks, factored_shapes
 from lightning_compress.planning.widths import ChannelSpace
 
 TARGET_KINDS = ("latency_ms", "latency_ratio", "size_kb", "macs_ratio")
@@ -172,31 +173,35 @@ class LatencyModel:
                 "baseline_ms": self.baseline_ms}
 
 
-def target_cost(target: Target, space: ChannelSpace, latency: LatencyModel | None, int8: bool
-                ) -> Callable[[Widths], float]:
+def target_cost(target: Target, space: ChannelSpace, latency: LatencyModel | None, int8: bool,
+                ranks: Mapping[str, int] | None = None) -> Callable[[Widths], float]:
     """The function of group widths that ``target`` bounds, in the target's own units.
 
     ``latency_ratio`` and ``macs_ratio`` are relative to the dense widths (a latency ratio to the fp32 dense
     network's :attr:`LatencyModel.baseline_ms` when the model has one); latency targets need ``latency``, and
-    follow it when it is calibrated again.
+    follow it when it is calibrated again. With ``ranks``, those layers are costed factorized
+    (:func:`~lightning_compress.planning.ranks.factored_shapes`); the dense reference stays unfactorized.
     """
-    def macs(widths: Widths) -> float:
-        return float(sum(shape.macs() for shape in space.shapes(widths).values()))
+    def shapes(widths: Widths, ranked: Mapping[str, int] | None = ranks) -> dict[str, LayerShape]:
+        return factored_shapes(space.shapes(widths), ranked or {})
+
+    def macs(widths: Widths, ranked: Mapping[str, int] | None = ranks) -> float:
+        return float(sum(shape.macs() for shape in shapes(widths, ranked).values()))
 
     dense = dict(space.widths)
     if target.kind == "macs_ratio":
-        total = macs(dense)
+        total = macs(dense, None)
         return lambda widths: macs(widths) / total
     if target.kind == "size_kb":
         per_weight = 1 if int8 else 4
-        return lambda widths: sum(s.parameters() for s in space.shapes(widths).values()) * per_weight / 1024
+        return lambda widths: sum(s.parameters() for s in shapes(widths).values()) * per_weight / 1024
     if latency is None:
         raise ValueError(f"a {target.kind} target needs a latency model")
     if target.kind == "latency_ms":
-        return lambda widths: latency.predict(space.shapes(widths))
+        return lambda widths: latency.predict(shapes(widths))
     dense_layers_ms = latency.layers_ms(space.shapes(dense))  # the reference follows every calibration
-    return lambda widths: latency.predict(space.shapes(widths)) / (latency.baseline_ms or
-                                                                    latency.predict_sum(dense_layers_ms))
+    return lambda widths: latency.predict(shapes(widths)) / (latency.baseline_ms or
+                                                             latency.predict_sum(dense_layers_ms))
 
 
 class UnreachableTargetError(ValueError):
@@ -394,6 +399,62 @@ def anchored_widths(space: ChannelSpace, sensitivity: Mapping[str, Mapping[int, 
         widths = best[1]
 
 
+def factorized_plan(sensitivity: Mapping[str, Mapping[int, float]],
+                    rank_costs: Mapping[str, Mapping[int, float]], cost_of: Callable[[Ranks], Callable[[Widths], float]],
+                    search: Callable[[Callable[[Widths], float]], Widths], trials: int = 4) -> tuple[Widths, Ranks]:
+    """Widths and Tucker-2 ranks: factorize one more layer at a time while the plan meeting the budget loses less.
+
+    From the widths ``search`` plans without factorization, each round ranks every layer's candidate ranks by the
+    sensitivity they add per unit of cost they save at the current widths, plans the widths again for the
+    ``trials`` best (what a factorization saves lets groups keep channels) and keeps the one whose summed
+    sensitivity (widths' and ranks', one scale) is lowest, if lower than the current plan's; it stops when none is.
+
+    Args:
+        sensitivity: ``{group: {width: output distance}}``.
+        rank_costs: ``{layer: {rank: output distance}}`` (:func:`~lightning_compress.planning.ranks.rank_sensitivity`).
+        cost_of: The target's cost function of the widths with these ranks factorized (:func:`target_cost`).
+        search: Widths meeting the target under a cost function (raises :class:`UnreachableTargetError`).
+        trials: Candidates planned in full per round.
+
+    Returns:
+        ``(widths, ranks)``.
+
+    Example:
+        >>> space = ChannelSpace({"a": 16}, {}, {})
+        >>> cost_of = lambda ranks: lambda widths: widths["a"] / 16 - (0.45 if ranks else 0.0)
+        >>> search = lambda cost: uniform_widths(space, cost, 0.6, 8)
+        >>> factorized_plan({"a": {16: 0.0, 8: 1.0}}, {"conv": {4: 0.1}}, cost_of, search)
+        ({'a': 16}, {'conv': 4})
+    """
+    def summed(widths: Widths, ranks: Ranks) -> float:
+        return (sum(sensitivity[group][width] for group, width in widths.items())
+                + sum(rank_costs[layer][rank] for layer, rank in ranks.items()))
+
+    ranks: Ranks = {}
+    widths = search(cost_of(ranks))
+    total = summed(widths, ranks)
+    while True:
+        current = cost_of(ranks)(widths)
+        scored = []
+        for layer in sorted(set(rank_costs) - set(ranks)):
+            for rank, lost in sorted(rank_costs[layer].items()):
+                saved = current - cost_of({**ranks, layer: rank})(widths)
+                if saved > 0:
+                    scored.append((max(lost, 0.0) / saved, layer, rank))
+        chosen = None
+        for _, layer, rank in sorted(scored)[:trials]:
+            trial = {**ranks, layer: rank}
+            try:
+                trial_widths = search(cost_of(trial))
+            except UnreachableTargetError:
+                continue
+            if (trial_total := summed(trial_widths, trial)) < total:
+                total, chosen = trial_total, (trial_widths, trial)
+        if chosen is None:
+            return widths, ranks
+        widths, ranks = chosen
+
+
 @dataclass
 class Plan:
     """A plan: the widths per group and what they are predicted to cost.
@@ -405,8 +466,9 @@ class Plan:
         dense_widths: The dense channels per group.
         predicted: The plan's predicted value of the target's measure.
         dense: The dense network's value of the same measure.
-        sensitivity: The summed sensitivity of the chosen widths (output distance, lower is better).
+        sensitivity: The summed sensitivity of the chosen widths and ranks (output distance, lower is better).
         details: Latency model and table facts, for reports.
+        ranks: Tucker-2 rank per factorized layer (relative to the network; applied after the widths).
     """
 
     target: Target
@@ -417,19 +479,22 @@ class Plan:
     dense: float
     sensitivity: float
     details: dict[str, Any] = field(default_factory=dict)
+    ranks: Ranks = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data (JSON, checkpoints)."""
         return {"target": {"kind": self.target.kind, "value": self.target.value}, "int8": self.int8,
                 "widths": dict(self.widths), "dense_widths": dict(self.dense_widths), "predicted": self.predicted,
-                "dense": self.dense, "sensitivity": self.sensitivity, "details": self.details}
+                "dense": self.dense, "sensitivity": self.sensitivity, "details": self.details,
+                "ranks": dict(self.ranks)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Plan:
         """The inverse of :meth:`as_dict`."""
         return cls(Target(data["target"]["kind"], float(data["target"]["value"])), bool(data["int8"]),
                    {k: int(v) for k, v in data["widths"].items()}, {k: int(v) for k, v in data["dense_widths"].items()},
-                   float(data["predicted"]), float(data["dense"]), float(data["sensitivity"]), dict(data["details"]))
+                   float(data["predicted"]), float(data["dense"]), float(data["sensitivity"]), dict(data["details"]),
+                   {k: int(v) for k, v in data.get("ranks", {}).items()})
 
     def render(self) -> str:
         """The per-group plan as a markdown table, with the prediction."""
@@ -439,4 +504,7 @@ class Plan:
                   f"predicted {self.predicted:.4g} {unit}, dense {self.dense:.4g} {unit}"), "",
                  "| group | dense channels | planned channels |", "|---|---:|---:|"]
         lines += [f"| {group} | {self.dense_widths[group]} | {width} |" for group, width in self.widths.items()]
+        if self.ranks:
+            lines += ["", "| factorized layer (Tucker-2) | rank |", "|---|---:|"]
+            lines += [f"| {layer} | {rank} |" for layer, rank in self.ranks.items()]
         return "\n".join(lines)

@@ -35,12 +35,20 @@ from lightning_compress.planning.planner import (
     Target,
     UnreachableTargetError,
     anchored_widths,
+    factorized_plan,
     fastest_floor,
     greedy_widths,
     narrowest_widths,
     runtime_program,
     target_cost,
     uniform_widths,
+)
+from lightning_compress.planning.ranks import (
+    Ranks,
+    factored_shapes,
+    planned_copy,
+    rank_candidates,
+    rank_sensitivity,
 )
 from lightning_compress.planning.widths import channel_space, slimmed_copy, width_sensitivity
 from lightning_compress.pruning.importance import ImportanceLike
@@ -209,8 +217,9 @@ class TargetPlanner:
 
     def plan(self, network: nn.Module, inputs: Sequence[torch.Tensor], importance: ImportanceLike = "l1",
              checks: int = 3, sensitivity: dict[str, dict[int, float]] | None = None,
-             allocation: str = "sensitivity") -> Plan:
-        """The widths meeting the target that lose the least output fidelity on ``inputs``.
+             allocation: str = "sensitivity", factorize: bool = False) -> Plan:
+        """The widths (and, with ``factorize``, Tucker-2 ranks) meeting the target that lose the least output
+        fidelity on ``inputs``.
 
         A latency plan is checked end to end: the planned network is built and measured beside the dense one;
         if it misses the target, the search runs again with the budget shrunk by the miss; if it measures well
@@ -227,6 +236,9 @@ class TargetPlanner:
                 network on these inputs): not measured again.
             allocation: One of :data:`~lightning_compress.planning.planner.ALLOCATIONS`: widths by sensitivity, or
                 one fraction for every group (the plan still records its summed sensitivity, for comparison).
+            factorize: Also plan Tucker-2 factorizations of ``k x k`` convolutions
+                (:func:`~lightning_compress.planning.planner.factorized_plan`), each rank's sensitivity measured on
+                ``inputs`` (:func:`~lightning_compress.planning.ranks.rank_sensitivity`).
 
         Returns:
             The :class:`~lightning_compress.planning.planner.Plan`.
@@ -234,46 +246,64 @@ class TargetPlanner:
         self.check_reachable()
         begin = time.perf_counter()
         network = copy.deepcopy(network).cpu().float()
+        batches = [x.detach().cpu().float() for x in inputs]
         if sensitivity is None:
-            sensitivity = width_sensitivity(network, [x.detach().cpu().float() for x in inputs], self.space,
-                                            self.round_to, importance)
+            sensitivity = width_sensitivity(network, batches, self.space, self.round_to, importance)
+        rank_costs: dict[str, dict[int, float]] = {}
+        if factorize:
+            candidates = {name: ranks for name, shape in self.space.layers.items()
+                          if (ranks := rank_candidates(shape, self.round_to))}
+            rank_costs = rank_sensitivity(network, batches, candidates)
         sensitivity_seconds = time.perf_counter() - begin
-        def search(budget: float) -> dict[str, int]:
-            if allocation == "uniform":
-                return uniform_widths(self.space, self.cost, budget, self.round_to)
-            search = greedy_widths if allocation == "greedy" else anchored_widths
-            return search(self.space, sensitivity, self.cost, budget, self.round_to)
 
-        widths = search(self.target.value)
+        def cost_of(ranks: Ranks) -> Callable[[dict[str, int]], float]:
+            return target_cost(self.target, self.space, self.latency, self.int8, ranks)
+
+        def widths_for(cost: Callable[[dict[str, int]], float], budget: float) -> dict[str, int]:
+            if allocation == "uniform":
+                return uniform_widths(self.space, cost, budget, self.round_to)
+            search = greedy_widths if allocation == "greedy" else anchored_widths
+            return search(self.space, sensitivity, cost, budget, self.round_to)
+
+        def search(budget: float) -> tuple[dict[str, int], Ranks]:
+            if not rank_costs:
+                return widths_for(self.cost, budget), {}
+            return factorized_plan(sensitivity, rank_costs, cost_of, lambda cost: widths_for(cost, budget))
+
+        widths, ranks = search(self.target.value)
         details: dict[str, Any] = {
             "allocation": allocation, "sensitivity_batches": len(inputs),
             "sensitivity_images": sum(len(x) for x in inputs), "sensitivity_seconds": round(sensitivity_seconds, 2),
-            "setup_seconds": round(self.setup_seconds, 2), "round_to": self.round_to, "floor": self.space.floor}
+            "setup_seconds": round(self.setup_seconds, 2), "round_to": self.round_to, "floor": self.space.floor,
+            "factorize": factorize}
         if self.latency is not None:
             details["latency_model"] = {**self.latency.describe(), **self.latency.table.describe(),
                                         "calibrated_on": self.runtime}
-            widths = self._checked(network, widths, search, importance, checks, details)
-            details["predicted_ms"] = self.latency.predict(self.space.shapes(widths))
+            widths, ranks = self._checked(network, (widths, ranks), search, cost_of, importance, checks, details)
+            details["predicted_ms"] = self.latency.predict(factored_shapes(self.space.shapes(widths), ranks))
             details["dense_predicted_ms"] = self.latency.predict(self.space.shapes(self.space.widths))
             details["reference_ms"] = self.latency.baseline_ms or details["dense_predicted_ms"]
             details["measured_ms"] = details["checks"][-1]["measured_ms"]
             details["prediction_error"] = details["predicted_ms"] / details["measured_ms"] - 1
             details["met"] = details["checks"][-1]["measured"] <= self.target.value
             self.latency.table.save()
-        return Plan(self.target, self.int8, widths, dict(self.space.widths), self.cost(widths), self.dense_value,
-                    sum(sensitivity[group][width] for group, width in widths.items()), details)
+        summed = (sum(sensitivity[group][width] for group, width in widths.items())
+                  + sum(rank_costs[layer][rank] for layer, rank in ranks.items()))
+        return Plan(self.target, self.int8, widths, dict(self.space.widths), cost_of(ranks)(widths), self.dense_value,
+                    summed, details, ranks)
 
-    def _checked(self, network: nn.Module, widths: dict[str, int], search: Callable[[float], dict[str, int]],
-                 importance: ImportanceLike, checks: int, details: dict[str, Any]) -> dict[str, int]:
+    def _checked(self, network: nn.Module, layout: tuple[dict[str, int], Ranks],
+                 search: Callable[[float], tuple[dict[str, int], Ranks]], cost_of: Callable[[Ranks], Callable],
+                 importance: ImportanceLike, checks: int, details: dict[str, Any]) -> tuple[dict[str, int], Ranks]:
         """Measure the planned network beside the dense one and correct the budget by what was measured.
 
         A miss is measured again over more rounds first (on a busy machine one measurement can be tens of percent
         off, and each shrink cuts channels the target did not ask for), then re-planned under a budget shrunk by
         it. A plan within the target measuring below :data:`GROW_BELOW` of its prediction (again over more rounds),
         with :data:`GROW_CHECKS` checks left, is re-planned under a budget grown by the over-prediction (channels
-        were cut that the target did not ask for); if the grown plan misses, the widths that met are measured again
-        and kept. The last check measured the returned widths, unless the checks ran out on a miss: the widths
-        re-planned under the shrunk budget are returned.
+        were cut that the target did not ask for); if the grown plan misses, the plan that met is measured again
+        and kept. The last check measured the returned plan, unless the checks ran out on a miss: the plan
+        re-planned under the shrunk budget is returned.
         """
         def value_of(measured: dict[str, float]) -> float:
             return measured["planned"] / (measured["dense"] if self.target.kind == "latency_ratio" else 1.0)
@@ -282,10 +312,11 @@ class TargetPlanner:
             return value > self.target.value or (may_grow and value < GROW_BELOW * predicted)
 
         budget, details["checks"] = self.target.value, []
-        met: tuple[dict[str, int], float] | None = None  # widths measured within the target, their budget
+        met: tuple[tuple[dict[str, int], Ranks], float] | None = None  # a plan measured within the target, its budget
         for left in range(checks, 0, -1):
-            planned = slimmed_copy(network, self.example, widths, importance)
-            predicted = self.cost(widths)
+            widths, ranks = layout
+            planned = planned_copy(network, self.example, widths, ranks, importance)
+            predicted = cost_of(ranks)(widths)
             may_grow = met is None and left >= GROW_CHECKS  # room for the grown plan's check and a fallback's
             rounds = 3
             measured = self.measure(rounds, dense=self.ratio_reference, planned=planned)
@@ -296,13 +327,13 @@ class TargetPlanner:
             details["checks"].append({"budget": budget, "predicted": predicted, "measured": value,
                                       "measured_ms": measured["planned"], "dense_measured_ms": measured["dense"],
                                       "rounds": rounds})
-            if value > self.target.value and met is not None:  # grown too far: back to the widths that met
-                widths, budget = met
+            if value > self.target.value and met is not None:  # grown too far: back to the plan that met
+                layout, budget = met
                 continue
             if not acted_on(value, predicted, may_grow):
                 break
             if value <= self.target.value:  # over-predicted: a plan predicted this much more measures the budget
-                met = (widths, budget)
+                met = (layout, budget)
                 budget *= predicted / value
             else:
                 budget *= self.target.value / value
@@ -310,10 +341,10 @@ class TargetPlanner:
                 grown_or_shrunk = search(budget)
             except UnreachableTargetError:
                 break
-            if grown_or_shrunk == widths:
+            if grown_or_shrunk == layout:
                 break
-            widths = grown_or_shrunk
-        return widths
+            layout = grown_or_shrunk
+        return layout
 
 
 __all__ = ["TargetPlanner", "UnreachableTargetError"]

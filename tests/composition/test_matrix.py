@@ -42,10 +42,14 @@ def make_callbacks(names, report_dir=None):
     factories = {
         "channel": lambda: ChannelPruning(channel_ratio=0.5, start=0.0, end="2steps", update_every=1),
         "magnitude": lambda: MagnitudePruning(final_sparsity=0.5, start=0.0, end="4steps", update_every=1),
+        # after a factorization (layers replaced by new parameters: a mask starts after it)
+        "magnitude_late": lambda: MagnitudePruning(final_sparsity=0.5, start="3steps", end="4steps", update_every=1),
         "qat": lambda: QuantizationAwareTraining(start="5steps"),
         "qat_xnnpack": lambda: QuantizationAwareTraining(engine="xnnpack", start="5steps"),
         "kd": lambda: KnowledgeDistillation(ToyConvNet(num_classes=4), alpha=0.5),
         "target": lambda: CompressToTarget(macs_ratio=0.5, start=0.0, end="2steps", update_every=1, round_to=2),
+        "target_factorized": lambda: CompressToTarget(macs_ratio=0.5, start=0.0, end="2steps", update_every=1,
+                                                      round_to=2, factorize=True),
     }
     callbacks = [factories[name]() for name in names]
     if report_dir is not None:
@@ -85,11 +89,14 @@ def check_case(kind, names, precision, tmp_path, report=False):
     weights = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
 
     # each technique's effect is there
+    planned = {"target", "target_factorized"} & set(names)
     if "channel" in names or "target" in names:
         assert {r["kind"] for r in checkpoint["compression_architecture"]} >= {"channel_slimming"}
-    if "target" in names:
+    if planned:
         assert count_macs(network_of(module).eval(), example) <= 0.5 * dense_macs or "qat" in names
-    if "magnitude" in names:
+    if "target_factorized" in names:
+        assert {r["kind"] for r in checkpoint["compression_architecture"]} >= {"low_rank_factorization"}
+    if {"magnitude", "magnitude_late"} & set(names):
         pruning = next(cb for cb in callbacks if isinstance(cb, MagnitudePruning))
         layers = [name[len(prefix):] for name in pruning._names]
         pruned = [weights[name] for name in layers]
@@ -111,7 +118,7 @@ def check_case(kind, names, precision, tmp_path, report=False):
     fresh.on_load_checkpoint(checkpoint)
     fresh.load_state_dict(checkpoint["state_dict"])
     reloaded = network_of(fresh)
-    if "channel" in names or "target" in names:
+    if "channel" in names or planned:
         assert count_macs(reloaded.eval(), example) < 0.8 * dense_macs
     differing = [key for key, value in reloaded.state_dict().items()
                  if not same_entry(value, checkpoint["state_dict"][prefix + key])]
@@ -133,6 +140,20 @@ def test_user_dict_batch_module(names, precision, tmp_path):
                          ids="+".join)
 def test_compress_to_target_composes(names, precision, tmp_path):
     """CompressToTarget in place of ChannelPruning: with each other technique and with all of them."""
+    check_case("dict_module", names, precision, tmp_path, report=len(names) == len(TECHNIQUES))
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("names", [("target_factorized", other) for other in ("magnitude_late", "qat", "kd")]
+                         + [("target_factorized", "magnitude_late", "qat", "kd")], ids="+".join)
+def test_a_factorizing_target_composes(names, precision, tmp_path, monkeypatch):
+    """CompressToTarget(factorize=True), its plan made to factorize (every channel cut dear), with each other
+    technique and with all of them: the factorization happens at its end, before QAT, and reloads."""
+    from lightning_compress.planning import target as target_module
+
+    monkeypatch.setattr(target_module, "width_sensitivity", lambda network, inputs, space, round_to, importance: {
+        group: {width: 1 - width / dense for width in space.candidates(group, round_to)}
+        for group, dense in space.widths.items()})
     check_case("dict_module", names, precision, tmp_path, report=len(names) == len(TECHNIQUES))
 
 

@@ -13,7 +13,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_compress import CompressionReport, CompressToTarget, QuantizationAwareTraining
 from lightning_compress.core.accounting import count_macs
+from lightning_compress.core.architecture import restore_architecture
 from lightning_compress.planning import UnreachableTargetError
+from lightning_compress.planning import target as target_module
 from lightning_compress.planning.latency import LatencyTable
 from lightning_compress.planning.target import TargetPlanner
 from lightning_compress.report import is_int8
@@ -46,6 +48,59 @@ def test_macs_target_is_met_and_checkpoint_reloads_without_callbacks(tmp_path):
     assert {name: module.net.get_submodule(name).out_channels for name in target.plan.widths} == target.plan.widths
     checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert checkpoint["callbacks"]  # the plan is plain data in the callback state
+
+
+def _channels_dear(network, inputs, space, round_to, importance="l1"):
+    """A width sensitivity where every cut is dear (each group's cut fraction): factorizations pay for widths."""
+    return {group: {width: 1 - width / dense for width in space.candidates(group, round_to)}
+            for group, dense in space.widths.items()}
+
+
+def test_a_factorizing_plan_factorizes_at_end_and_the_checkpoint_reloads_and_resumes(monkeypatch, tmp_path):
+    """``factorize=True``: the planned ranks are factorized after the last channel removal (optimizer state moved
+    onto the factors); the network meets the plan's MACs; a fresh module rebuilds it from the checkpoint's records,
+    and a fit resumed after the factorization ends where the uninterrupted one did."""
+    monkeypatch.setattr(target_module, "width_sensitivity", _channels_dear)
+    example = torch.randn(1, 3, 16, 16)
+
+    def run(folder, steps=12, ckpt_path=None):  # four batches an epoch, unshuffled
+        torch.manual_seed(0)
+        module = UserClassifier()
+        target = CompressToTarget(macs_ratio=0.4, start=0.0, end="4steps", update_every=2, round_to=4, factorize=True)
+        fit(module, [target], folder, val=False, ckpt_path=ckpt_path, steps=steps)
+        return module, target
+
+    dense = count_macs(UserClassifier().net, example)
+    module, target = run(tmp_path / "straight")
+    assert target.plan.ranks and target.plan.details["factorize"]
+    for name, rank in target.plan.ranks.items():
+        block = module.net.get_submodule(name)
+        assert isinstance(block, torch.nn.Sequential) and block[1].in_channels == min(rank, block[0].in_channels)
+    assert count_macs(module.net, example) / dense == pytest.approx(target.plan.predicted, rel=1e-6)
+    checkpoint = torch.load(tmp_path / "straight" / "last.ckpt", weights_only=True)
+    fresh = UserClassifier()
+    restore_architecture(fresh, checkpoint)
+    fresh.load_state_dict(checkpoint["state_dict"])
+    assert torch.allclose(fresh.eval()(example), module.eval()(example), atol=1e-5)
+    run(tmp_path / "part", steps=8)  # stopped at the end of the epoch after the factorization (step 4)
+    resumed, _ = run(tmp_path / "resumed", ckpt_path=tmp_path / "part" / "last.ckpt")
+    for key, value in module.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+
+
+def test_factorize_beside_another_layer_swap_or_an_early_mask_is_refused_before_the_first_step(tmp_path):
+    from lightning_compress import LowRankFactorization, MagnitudePruning
+
+    module = UserClassifier()
+    before = {key: value.clone() for key, value in module.state_dict().items()}
+    with pytest.raises(ValueError, match=r"CompressToTarget\(factorize=True\) plans the factorizations itself"):
+        fit(module, [CompressToTarget(macs_ratio=0.5, end="4steps", factorize=True),
+                     LowRankFactorization(kept_macs_ratio=0.5, start=0.9)], tmp_path)  # windows apart
+    with pytest.raises(ValueError, match="MagnitudePruning starts masking at step 0, but CompressToTarget replaces "
+                                         "layers until step 4"):
+        fit(module, [CompressToTarget(macs_ratio=0.5, end="4steps", factorize=True),
+                     MagnitudePruning(final_sparsity=0.5)], tmp_path)
+    assert all(torch.equal(value, before[key]) for key, value in module.state_dict().items())
 
 
 def test_uniform_allocation_plans_one_fraction_and_records_both_sensitivities(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from lightning_compress.cli import main
 from tests.test_cli import write_image_folder
@@ -43,6 +44,24 @@ def test_macs_plan_needs_no_runtime(checkpoint_and_data, tmp_path, capsys):
     result = json.loads((tmp_path / "plan.json").read_text())
     assert result["plan"]["predicted"] <= 0.5 and "measured_ms" not in result
     assert "latency on" not in capsys.readouterr().out
+
+
+def test_factorize_plans_tucker2_ranks_and_builds_them(checkpoint_and_data, tmp_path, capsys):
+    """At a MACs target well below what the widths alone keep cheaply, ranks are planned beside them; the network
+    the command builds (and scores) has the planned MACs."""
+    from lightning_compress.commands.checkpoint import load_checkpoint
+    from lightning_compress.core.accounting import count_macs
+    from lightning_compress.planning.ranks import planned_copy
+
+    checkpoint, data = checkpoint_and_data
+    main(["plan", str(checkpoint), "--macs-ratio", "0.3", "--factorize", "--out", str(tmp_path / "plan.json"), *data])
+    plan = json.loads((tmp_path / "plan.json").read_text())["plan"]
+    assert plan["ranks"] and plan["predicted"] <= 0.3 and plan["details"]["factorize"]
+    assert "| factorized layer (Tucker-2) | rank |" in capsys.readouterr().out
+    network = load_checkpoint(checkpoint).network.eval()
+    example = torch.randn(1, 3, 32, 32)
+    built = planned_copy(network, example, plan["widths"], plan["ranks"])
+    assert count_macs(built, example) / count_macs(network, example) == pytest.approx(plan["predicted"], rel=1e-3)
 
 
 @pytest.mark.parametrize("arguments, message", [

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import onnxruntime
@@ -21,6 +22,7 @@ from lightning_compress.planning.latency import (
 )
 from lightning_compress.planning.planner import (
     LatencyModel,
+    Plan,
     Target,
     UnreachableTargetError,
     anchored_widths,
@@ -28,6 +30,12 @@ from lightning_compress.planning.planner import (
     runtime_program,
     target_cost,
     uniform_widths,
+)
+from lightning_compress.planning.ranks import (
+    factored_copy,
+    factored_shapes,
+    rank_candidates,
+    rank_sensitivity,
 )
 from lightning_compress.planning.target import REMEASURE_ROUNDS, TargetPlanner
 from lightning_compress.planning.widths import channel_space, slimmed_copy, width_sensitivity
@@ -179,9 +187,10 @@ def test_latency_model_is_calibrated_on_three_real_measurements():
         assert references[reference]["layers_ms"] == pytest.approx(planner.latency.layers_ms(
             planner.space.shapes(widths)))
     assert references["narrowest"]["layers_ms"] < references["uniform"]["layers_ms"] < references["dense"]["layers_ms"]
-    measured = sorted(reference["measured_ms"] for reference in references.values())
-    assert [ms for _, ms in planner.latency.knots] == pytest.approx(measured)  # all three kept (grow with width)
-    for knot_sum, knot_ms in planner.latency.knots:
+    points = {(reference["layers_ms"], reference["measured_ms"]) for reference in references.values()}
+    knots = planner.latency.knots  # all three, unless noise on a busy machine inverted two (then one is left out)
+    assert len(knots) >= 2 and set(knots) <= points and all(b[1] > a[1] for a, b in itertools.pairwise(knots))
+    for knot_sum, knot_ms in knots:
         assert planner.latency.predict_sum(knot_sum) == pytest.approx(knot_ms, rel=1e-6)
 
 
@@ -428,3 +437,48 @@ def test_an_int8_latency_ratio_is_of_the_fp32_dense_network_timed_beside(monkeyp
     assert all(program is planner.ratio_reference for program in beside if program is not None) and any(beside)
     check = plan.details["checks"][-1]
     assert check["dense_measured_ms"] == pytest.approx(planner.latency.baseline_ms)
+
+
+def test_factorized_shapes_are_the_layers_factorize_layer_builds():
+    net = create_model("resnet20", num_classes=10).eval()
+    example = torch.randn(1, 3, 32, 32)
+    space = channel_space(net, example, ignored=["fc"])
+    ranks = {"layer3.0.conv1": 16, "layer2.1.conv2": 8}  # the first one strided
+    assert factored_shapes(space.shapes(space.widths), ranks) == layer_shapes(factored_copy(net, ranks), example)
+    layers = space.layers
+    assert rank_candidates(layers["layer3.1.conv1"], 8) == [16, 32]  # a quarter and a half of 64
+    assert rank_candidates(layers["layer1.0.conv1"], 8) == [8]  # a quarter of 16 is below one multiple of 8
+    assert rank_candidates(layers["conv1"], 8) == [] and rank_candidates(layers["fc"], 8) == []
+
+
+def test_rank_sensitivity_grows_as_the_rank_falls():
+    net, inputs, _ = _resnet20_with_inputs()
+    costs = rank_sensitivity(net, inputs, {"layer3.1.conv1": [8, 32]})
+    assert costs["layer3.1.conv1"][8] > costs["layer3.1.conv1"][32] > 0.0
+
+
+def test_a_factorizing_plan_is_checked_on_the_factorized_network(monkeypatch, tmp_path):
+    """Costed by MACs (a stand-in table and clock), ranks let the widths stay wider at the same budget; the check
+    builds and measures the factorized network, which measures what was predicted."""
+    measured = []
+
+    def measure(self, rounds=3, **networks):
+        ms = {name: float(count_macs_per_module(net, self.example).get("", 0)) for name, net in networks.items()}
+        if "planned" in networks:
+            measured.append(ms["planned"] / ms["dense"])
+        return ms
+
+    monkeypatch.setattr(TargetPlanner, "measure", measure)
+    monkeypatch.setattr(LatencyTable, "network_ms", lambda self, shapes, int8: sum(s.macs() for s in shapes.values()))
+    net, inputs, _ = _resnet20_with_inputs()
+    planner = TargetPlanner(net, inputs[0][:1], Target("latency_ratio", 0.4), ignored=["fc"],
+                            table_path=tmp_path / "table.json", repeats=2)
+    # channels dear (each group's cut fraction), ranks as measured (a random network loses little to them)
+    sensitivity = {group: {width: 1 - width / dense for width in planner.space.candidates(group, 8)}
+                   for group, dense in planner.space.widths.items()}
+    plain = planner.plan(net, inputs, sensitivity=sensitivity)
+    factorized = planner.plan(net, inputs, sensitivity=sensitivity, factorize=True)
+    assert factorized.ranks and not plain.ranks and factorized.details["met"]
+    assert factorized.sensitivity < plain.sensitivity
+    assert measured[-1] == pytest.approx(factorized.predicted, rel=1e-6)
+    assert Plan.from_dict(factorized.as_dict()) == factorized
