@@ -99,14 +99,14 @@ def main(argv: Sequence[str]) -> int:
                                 "images": sum(len(y) for _, y in batches)}}
     print(plan.render())
     if planner.latency is not None:
-        check = plan.details["checks"][-1]
-        predicted, measured = plan.details["predicted_ms"], check["measured_ms"]
-        result["measured_ms"] = {"planned": measured, "dense": check["dense_measured_ms"],
-                                 "prediction_error": predicted / measured - 1}
+        check, unit = plan.details["checks"][-1], plan.target.unit
+        result["measured_ms"] = {"planned": check["measured_ms"], "dense": check["dense_measured_ms"],
+                                 "prediction_error": plan.details["prediction_error"]}
         print(f"latency on {args.runtime} (batch {args.deploy_batch_size}, {args.threads} thread(s)), measured "
-              f"beside the dense network: predicted {predicted:.4g} ms, measured {measured:.4g} ms "
-              f"({predicted / measured - 1:+.1%}); dense {check['dense_measured_ms']:.4g} ms; target "
-              f"{'met' if plan.details['met'] else 'MISSED'} after {len(plan.details['checks'])} check(s)")
+              f"beside the dense network: predicted {check['predicted']:.4g} {unit}, measured {check['measured']:.4g} "
+              f"{unit} ({plan.details['prediction_error']:+.1%}); planned {check['measured_ms']:.4g} ms, dense "
+              f"{check['dense_measured_ms']:.4g} ms; target {'met' if plan.details['met'] else 'MISSED'} after "
+              f"{len(plan.details['checks'])} check(s)")
     top1 = result["held_out_top1"]
     print(f"held-out top-1 on {top1['images']} images: dense {top1['dense']:.4f}, planned before fine-tuning "
           f"{top1['planned_before_fine_tuning']:.4f} (its batch-norm statistics re-estimated on those images; "

@@ -482,3 +482,21 @@ def test_a_factorizing_plan_is_checked_on_the_factorized_network(monkeypatch, tm
     assert factorized.sensitivity < plain.sensitivity
     assert measured[-1] == pytest.approx(factorized.predicted, rel=1e-6)
     assert Plan.from_dict(factorized.as_dict()) == factorized
+
+
+def test_a_ratio_plans_prediction_error_is_measured_beside_the_dense_network(monkeypatch, tmp_path):
+    """The machine runs twice as slow at the check as at the calibration: the plan's ratio error is the ratio's
+    (0), not the milliseconds' (+100 %): the dense network timed beside it carries the load."""
+    def measure(self, rounds=3, **networks):  # milliseconds = MACs at calibration, twice that at the checks
+        load = 2.0 if "planned" in networks else 1.0
+        return {name: load * float(count_macs_per_module(net, self.example).get("", 0))
+                for name, net in networks.items()}
+
+    monkeypatch.setattr(TargetPlanner, "measure", measure)
+    monkeypatch.setattr(LatencyTable, "network_ms", lambda self, shapes, int8: sum(s.macs() for s in shapes.values()))
+    net, inputs, _ = _resnet20_with_inputs()
+    planner = TargetPlanner(net, inputs[0][:1], Target("latency_ratio", 0.5), ignored=["fc"],
+                            table_path=tmp_path / "table.json", repeats=2)
+    plan = planner.plan(net, inputs)
+    assert plan.details["prediction_error"] == pytest.approx(0.0, abs=1e-6)
+    assert plan.details["predicted_ms"] / plan.details["measured_ms"] == pytest.approx(0.5, rel=1e-6)
