@@ -25,10 +25,9 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from lightning_compress.core.accounting import eval_mode
 from lightning_compress.factorization.blocks import factorize_layer, max_rank
 from lightning_compress.planning.latency import LayerShape
-from lightning_compress.planning.widths import output_distance, reestimate_norms, slimmed_copy
+from lightning_compress.planning.widths import mean_distance, reference_outputs, slimmed_copy
 from lightning_compress.pruning.importance import ImportanceLike
 
 METHOD = "tucker2"
@@ -100,20 +99,9 @@ def rank_sensitivity(network: nn.Module, inputs: Sequence[torch.Tensor], candida
     Returns:
         ``{layer: {rank: distance}}``.
     """
-    dense = copy.deepcopy(network)
-    reestimate_norms(dense, inputs)
-    with eval_mode(dense), torch.no_grad():
-        reference = [dense(batch) for batch in inputs]
-    costs: dict[str, dict[int, float]] = {}
-    for name, ranks in candidates.items():
-        costs[name] = {}
-        for rank in ranks:
-            factored = factored_copy(network, {name: rank})
-            reestimate_norms(factored, inputs)
-            with eval_mode(factored), torch.no_grad():
-                distances = [output_distance(ref, factored(batch)) for ref, batch in zip(reference, inputs)]
-            costs[name][rank] = sum(distances) / len(distances)
-    return costs
+    reference = reference_outputs(network, inputs)
+    return {name: {rank: mean_distance(factored_copy(network, {name: rank}), inputs, reference) for rank in ranks}
+            for name, ranks in candidates.items()}
 
 
 __all__ = ["METHOD", "RANK_FRACTIONS", "Ranks", "factored_copy", "factored_shapes", "planned_copy", "rank_candidates",

@@ -148,10 +148,7 @@ def width_sensitivity(network: nn.Module, inputs: Sequence[torch.Tensor], space:
         ``{group: {width: distance}}``, the dense width at 0.
     """
     criterion = resolve_importance(importance)
-    dense_network = copy.deepcopy(network)
-    reestimate_norms(dense_network, inputs)
-    with eval_mode(dense_network), torch.no_grad():
-        reference = [dense_network(batch) for batch in inputs]
+    reference = reference_outputs(network, inputs)
     costs: dict[str, dict[int, float]] = {}
     for name, dense in space.widths.items():
         clone = copy.deepcopy(network)
@@ -162,11 +159,26 @@ def width_sensitivity(network: nn.Module, inputs: Sequence[torch.Tensor], space:
             current = group_channels(group)
             scores = criterion(group)
             remove_channels(graph, {name: torch.argsort(scores.float(), stable=True)[:current - width].tolist()})
-            reestimate_norms(clone, inputs)
-            with eval_mode(clone), torch.no_grad():
-                distances = [output_distance(ref, clone(batch)) for ref, batch in zip(reference, inputs)]
-            costs[name][width] = sum(distances) / len(distances)
+            costs[name][width] = mean_distance(clone, inputs, reference)
     return costs
+
+
+def reference_outputs(network: nn.Module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The outputs a cut network is scored against: a copy of ``network``'s, its batch-norm statistics re-estimated
+    on ``inputs`` (:func:`reestimate_norms`), as every scored network's are."""
+    dense = copy.deepcopy(network)
+    reestimate_norms(dense, inputs)
+    with eval_mode(dense), torch.no_grad():
+        return [dense(batch) for batch in inputs]
+
+
+def mean_distance(network: nn.Module, inputs: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> float:
+    """Mean :func:`output_distance` of ``network`` (its batch-norm statistics re-estimated on ``inputs``, in place)
+    from ``reference`` over ``inputs``."""
+    reestimate_norms(network, inputs)
+    with eval_mode(network), torch.no_grad():
+        distances = [output_distance(ref, network(batch)) for ref, batch in zip(reference, inputs)]
+    return sum(distances) / len(distances)
 
 
 def reestimate_norms(network: nn.Module, inputs: Sequence[torch.Tensor]) -> None:
