@@ -66,6 +66,7 @@ Run:  python benchmarks/suite.py --budget cpu                      (every row)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import math
@@ -399,6 +400,8 @@ class Suite:
             record["wall_s"] = round(time.perf_counter() - start, 1)
             record["load_average_1_5_15"] = [round(v, 2) for v in os.getloadavg()]
             partial.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # the folder goes with its last row's state; others' stay
+                partial.parent.rmdir()
         except UnreachableTargetError as err:  # the callback refused the target before training, as designed
             record.update(status="skipped", reason=f"target refused before training: {err}"[:500])
         except Exception as err:  # recorded, so the table says what broke; other rows go on
