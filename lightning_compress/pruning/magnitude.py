@@ -254,12 +254,14 @@ class MagnitudePruning(CompressionCallback):
     def _follow_architecture(self, pl_module: pl.LightningModule) -> None:
         """Select again if layers were replaced before the first mask (composition allows only that).
 
-        Not when a checkpoint's masks are pending: their weights were selected before those masks, and a later
-        replacement (a PT2E graph, which has no layer modules left) keeps the weights under the same names.
+        Not when a checkpoint's pending masks name the weights selected: a replacement after the masks (a PT2E
+        graph, which has no layer modules left) keeps the weights under the same names. Masks naming other weights
+        were taken after a replacement the checkpoint rebuilds (a factorization), so the selection follows it.
         """
-        restoring = bool(self._pending_state and self._pending_state.get("masks"))
-        if not self._masked and not restoring and len(applied_records(pl_module)) != self._selected_at:
-            self._select(pl_module)
+        pending = set((self._pending_state or {}).get("masks") or ())
+        if self._masked or len(applied_records(pl_module)) == self._selected_at or pending == set(self._names):
+            return
+        self._select(pl_module)
 
     def _assign_finals(self, labels: list[str]) -> list[float]:
         """The final sparsity of each layer: the first ``final_sparsity`` key its label matches."""
@@ -346,6 +348,7 @@ class MagnitudePruning(CompressionCallback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Leave plain zeros in the weights, report the per-layer table, drop the masks."""
+        self._follow_architecture(pl_module)  # a finished run resumed skips on_train_start
         params = self._resolve(pl_module)
         self._enforce(params)
         table = self._summary_table(params)

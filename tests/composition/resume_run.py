@@ -1,8 +1,10 @@
 """One run of the whole set of callbacks on the dict-batch module, for the resume test (a subprocess).
 
-Usage: ``python resume_run.py OUT_DIR [--kill-at STEP] [--resume] [--planned] [--engine NAME]``; ``--planned``
-puts ``CompressToTarget(macs_ratio=0.5)`` in ChannelPruning's place, ``--engine`` trains QAT with that engine
-(default: the callback's, ``onnxruntime``). With ``--kill-at`` the process kills
+Usage: ``python resume_run.py OUT_DIR [--kill-at STEP] [--resume] [--planned | --factorized] [--engine NAME]``;
+``--planned`` puts ``CompressToTarget(macs_ratio=0.5)`` in ChannelPruning's place, ``--factorized`` the same with
+``factorize=True`` (its plan made to factorize: every channel cut priced dear; the layers are factorized at its end,
+step 6, so MagnitudePruning masks from step 7), ``--engine`` trains QAT with that engine (default: the callback's,
+``onnxruntime``). With ``--kill-at`` the process kills
 itself with SIGKILL when that optimizer step starts (after ``ModelCheckpoint`` saved the previous one);
 with ``--resume`` it continues from ``OUT_DIR/last.ckpt`` (``fit(ckpt_path=...)``). At the end it saves the network's weights as
 they leave training (before the fit-end int8 conversion) to ``OUT_DIR/final.pt``.
@@ -42,13 +44,25 @@ class SaveTrained(pl.Callback):
         torch.save({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}, self.path)
 
 
+def dear_channel_cuts(network, inputs, space, round_to, importance):
+    """A width sensitivity that prices every channel cut by the share removed (a random network's plan keeps no
+    factorization otherwise)."""
+    return {group: {width: 1 - width / dense for width in space.candidates(group, round_to)}
+            for group, dense in space.widths.items()}
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     kill_at = int(sys.argv[sys.argv.index("--kill-at") + 1]) if "--kill-at" in sys.argv else None
     resume = "--resume" in sys.argv
-    planned = "--planned" in sys.argv
+    factorized = "--factorized" in sys.argv
+    planned = factorized or "--planned" in sys.argv
     engine = {"engine": sys.argv[sys.argv.index("--engine") + 1]} if "--engine" in sys.argv else {}
     torch.set_num_threads(1)
+    if factorized:
+        from lightning_compress.planning import target
+
+        target.width_sensitivity = dear_channel_cuts
     pl.seed_everything(0)
     teacher = ToyConvNet(num_classes=4)
     callbacks = [
@@ -56,9 +70,9 @@ def main() -> None:
         # has its own tests
         QuantizationAwareTraining(start="9steps", freeze_bn="13steps", convert_on_fit_end=False, **engine),
         KnowledgeDistillation(teacher, alpha=0.5),
-        MagnitudePruning(final_sparsity=0.6, start="2steps", end="8steps", update_every=2),
-        CompressToTarget(macs_ratio=0.5, start=0.0, end="6steps", update_every=2, round_to=2) if planned
-        else ChannelPruning(channel_ratio=0.5, start=0.0, end="6steps", update_every=2),
+        MagnitudePruning(final_sparsity=0.6, start="7steps" if factorized else "2steps", end="8steps", update_every=2),
+        CompressToTarget(macs_ratio=0.5, start=0.0, end="6steps", update_every=2, round_to=2, factorize=factorized)
+        if planned else ChannelPruning(channel_ratio=0.5, start=0.0, end="6steps", update_every=2),
         ModelCheckpoint(dirpath=out, save_last=True, every_n_train_steps=1, save_top_k=0),
         SaveTrained(out / "final.pt"),
     ]

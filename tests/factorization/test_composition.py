@@ -64,6 +64,41 @@ def test_magnitude_pruning_masks_the_factor_layers_after_the_factorization():
     assert sparsity == pytest.approx(0.5, abs=0.02)
 
 
+def test_masks_taken_after_the_factorization_resume_onto_the_rebuilt_factor_layers(tmp_path):
+    """A checkpoint saved once masks exist on the factor layers resumes: the rebuilt factors are re-selected."""
+
+    class Stopped(Exception):
+        pass
+
+    class StopAtStep4(pl.Callback):  # the next epoch's first batch (a plain DataLoader restarts its epoch)
+        def on_train_batch_start(self, trainer, *args):
+            if trainer.global_step == 4:
+                raise Stopped
+
+    def run(*extra, folder, ckpt_path=None):
+        torch.manual_seed(0)
+        model = UserClassifier()
+        pruning = MagnitudePruning(final_sparsity=0.5, start="1steps", end="6steps", update_every=1)
+        saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / folder, save_last=True, every_n_train_steps=1,
+                                             save_top_k=0)
+        trainer = _trainer([pruning, LowRankFactorization(ranks=8), saver, *extra], tmp_path, max_steps=8)
+        trainer.fit(model, random_loader(64), ckpt_path=ckpt_path)
+        return model, pruning
+
+    straight, _ = run(folder="straight")
+    with pytest.raises(Stopped):  # factorized at step 0, masks on the factors from step 1, saved after step 4
+        run(StopAtStep4(), folder="stopped")
+    resumed, pruning = run(folder="resumed", ckpt_path=tmp_path / "stopped" / "last.ckpt")
+    assert [name for name in pruning._names if ".conv" in name] == [f"net.conv{i}.{j}.weight" for i in (1, 2)
+                                                                     for j in range(3)]
+    factors = [m.weight for m in (*resumed.net.conv1, *resumed.net.conv2)]
+    assert sum(int((w == 0).sum()) for w in factors) / sum(w.numel() for w in factors) == pytest.approx(0.5, abs=0.02)
+    expected, got = straight.state_dict(), resumed.state_dict()
+    assert [k for k in expected if not torch.equal(expected[k], got[k])] == []
+    finished, _ = run(folder="again", ckpt_path=tmp_path / "straight" / "last.ckpt")  # nothing left to train
+    assert [k for k in expected if not torch.equal(expected[k], finished.state_dict()[k])] == []
+
+
 def test_magnitude_pruning_may_not_mask_before_the_factorization():
     trainer = _trainer([MagnitudePruning(final_sparsity=0.5, start=0.0, end=0.5), LowRankFactorization(ranks=4)],
                        max_steps=4)
