@@ -20,6 +20,7 @@ from torch import nn
 from lightning_compress import (
     ChannelPruning,
     CompressionReport,
+    CompressToTarget,
     ImageClassifier,
     KnowledgeDistillation,
     LowRankFactorization,
@@ -33,7 +34,7 @@ from lightning_compress.core.architecture import restore_architecture
 from lightning_compress.core.layers import is_compiled, unwrap_compiled
 from lightning_compress.core.onnx import OnnxRuntimeNetwork
 from lightning_compress.quantization.prepare import is_prepared
-from tests.toy import ToyConvNet, UserClassifier, random_loader
+from tests.toy import ToyConvNet, UserClassifier, channels_dear, random_loader
 
 BACKEND = "eager"
 X = torch.randn(8, 3, 16, 16)
@@ -103,6 +104,23 @@ def test_low_rank_factorization_reaches_its_macs_ratio():
     assert macs_ratio(model.net) <= 0.62
     assert float(trainer.callback_metrics["macs/ratio"]) == pytest.approx(macs_ratio(model.net))
     assert not isinstance(model.net.conv2, nn.Conv2d)  # replaced by its factors
+    assert_runs_what_it_wraps(model.net)
+
+
+@pytest.mark.parametrize("factorize", [False, True], ids=["channels", "channels_and_ranks"])
+def test_compress_to_target_meets_its_plan_and_the_wrapper_recompiles(factorize, monkeypatch):
+    from lightning_compress.planning import target as target_module
+
+    if factorize:  # every channel cut priced dear: the plan factorizes, at the callback's end
+        monkeypatch.setattr(target_module, "width_sensitivity", channels_dear)
+    model = compiled_classifier()
+    target = CompressToTarget(macs_ratio=0.5, start=0.0, end="2steps", update_every=1, round_to=2,
+                              factorize=factorize)
+    fit(model, [target])
+    assert macs_ratio(model.net) <= 0.5 and target.plan.predicted <= 0.5
+    assert bool(target.plan.ranks) == factorize
+    assert isinstance(model.net.conv1, nn.Conv2d) != factorize  # replaced by its factors when planned so
+    assert is_compiled(model.net)
     assert_runs_what_it_wraps(model.net)
 
 

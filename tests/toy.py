@@ -74,3 +74,12 @@ def random_images(n: int = 64, num_classes: int = 4, size: int = 16, seed: int =
 def random_loader(n: int = 64, batch_size: int = 16, shuffle: bool = False, seed: int = 0, **kw) -> DataLoader:
     """A DataLoader over :func:`random_images` (no workers: fast start-up in tests)."""
     return DataLoader(random_images(n, seed=seed, **kw), batch_size=batch_size, shuffle=shuffle)
+
+
+def channels_dear(network, inputs, space, round_to, importance="l1"):
+    """A stand-in for ``planning.widths.width_sensitivity`` where every cut is dear (each group's cut fraction), so
+    that a plan with ``factorize=True`` factorizes (a random network's plan keeps no factorization otherwise):
+    ``monkeypatch.setattr(lightning_compress.planning.target, "width_sensitivity", channels_dear)``.
+    """
+    return {group: {width: 1 - width / dense for width in space.candidates(group, round_to)}
+            for group, dense in space.widths.items()}

@@ -30,7 +30,7 @@ from lightning_compress import (
     QuantizationAwareTraining,
 )
 from tests.composition.modules import DictBatchModule, KillAt, dict_loader
-from tests.toy import ToyConvNet
+from tests.toy import ToyConvNet, channels_dear
 
 STEPS = 16
 
@@ -44,13 +44,6 @@ class SaveTrained(pl.Callback):
         torch.save({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}, self.path)
 
 
-def dear_channel_cuts(network, inputs, space, round_to, importance):
-    """A width sensitivity that prices every channel cut by the share removed (a random network's plan keeps no
-    factorization otherwise)."""
-    return {group: {width: 1 - width / dense for width in space.candidates(group, round_to)}
-            for group, dense in space.widths.items()}
-
-
 def main() -> None:
     out = Path(sys.argv[1])
     kill_at = int(sys.argv[sys.argv.index("--kill-at") + 1]) if "--kill-at" in sys.argv else None
@@ -62,7 +55,7 @@ def main() -> None:
     if factorized:
         from lightning_compress.planning import target
 
-        target.width_sensitivity = dear_channel_cuts
+        target.width_sensitivity = channels_dear
     pl.seed_everything(0)
     teacher = ToyConvNet(num_classes=4)
     callbacks = [

@@ -29,7 +29,7 @@ from lightning_compress import (
 from lightning_compress.core.accounting import count_macs
 from lightning_compress.report import is_int8
 from tests.composition.modules import DictBatchModule, dict_loader, same_entry
-from tests.toy import ToyConvNet, random_loader
+from tests.toy import ToyConvNet, channels_dear, random_loader
 
 TECHNIQUES = ("channel", "magnitude", "qat", "kd")
 COMBINATIONS = [pair for pair in itertools.combinations(TECHNIQUES, 2)] + [TECHNIQUES]
@@ -151,9 +151,7 @@ def test_a_factorizing_target_composes(names, precision, tmp_path, monkeypatch):
     technique and with all of them: the factorization happens at its end, before QAT, and reloads."""
     from lightning_compress.planning import target as target_module
 
-    monkeypatch.setattr(target_module, "width_sensitivity", lambda network, inputs, space, round_to, importance: {
-        group: {width: 1 - width / dense for width in space.candidates(group, round_to)}
-        for group, dense in space.widths.items()})
+    monkeypatch.setattr(target_module, "width_sensitivity", channels_dear)
     check_case("dict_module", names, precision, tmp_path, report=len(names) == len(TECHNIQUES))
 
 

@@ -21,7 +21,7 @@ from lightning_compress.planning.target import TargetPlanner
 from lightning_compress.report import is_int8
 from tests.composition.modules import DictBatchModule, dict_loader
 from tests.events import read_scalars, read_texts
-from tests.toy import ToyConvNet, UserClassifier, random_loader
+from tests.toy import ToyConvNet, UserClassifier, channels_dear, random_loader
 
 STEPS = 8
 
@@ -50,17 +50,11 @@ def test_macs_target_is_met_and_checkpoint_reloads_without_callbacks(tmp_path):
     assert checkpoint["callbacks"]  # the plan is plain data in the callback state
 
 
-def _channels_dear(network, inputs, space, round_to, importance="l1"):
-    """A width sensitivity where every cut is dear (each group's cut fraction): factorizations pay for widths."""
-    return {group: {width: 1 - width / dense for width in space.candidates(group, round_to)}
-            for group, dense in space.widths.items()}
-
-
 def test_a_factorizing_plan_factorizes_at_end_and_the_checkpoint_reloads_and_resumes(monkeypatch, tmp_path):
     """``factorize=True``: the planned ranks are factorized after the last channel removal (optimizer state moved
     onto the factors); the network meets the plan's MACs; a fresh module rebuilds it from the checkpoint's records,
     and a fit resumed after the factorization ends where the uninterrupted one did."""
-    monkeypatch.setattr(target_module, "width_sensitivity", _channels_dear)
+    monkeypatch.setattr(target_module, "width_sensitivity", channels_dear)
     example = torch.randn(1, 3, 16, 16)
 
     def run(folder, steps=12, ckpt_path=None):  # four batches an epoch, unshuffled
