@@ -267,9 +267,16 @@ def test_efficientnet_b0_ships_as_qdq_onnx_after_quantization_aware_training(eng
     from lightning_compress import ImageClassifier
 
     torch.manual_seed(0)
-    module = ImageClassifier(model=torchvision.models.efficientnet_b0(num_classes=10), num_classes=10)
+    network = torchvision.models.efficientnet_b0(num_classes=10)
+    # batch-norm statistics of the data seen (cumulative), as a trained network has: with torchvision's momentum
+    # (0.01) three steps leave them at their initial values, eval-mode activations saturate, and the conversion
+    # check's verdict turned on which CPU's int8 kernels rounded a value one step differently
+    for layer in network.modules():
+        if isinstance(layer, torch.nn.BatchNorm2d):
+            layer.momentum = None
+    module = ImageClassifier(model=network, num_classes=10)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(12, 3, 32, 32),
-                                                                        torch.randint(0, 10, (12,))), batch_size=4)
+                                                                        torch.randint(0, 10, (12,))), batch_size=12)
     trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_test_batches=1,
                          callbacks=[QuantizationAwareTraining(engine=engine)])
