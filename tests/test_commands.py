@@ -235,10 +235,14 @@ def test_a_checkpoint_carrying_code_is_refused_and_the_code_never_runs(checkpoin
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
-def test_teacher_and_load_from_checkpoint_refuse_the_payload_too(checkpoint, tmp_path):
+def test_teacher_and_load_from_checkpoint_refuse_the_payload_too(checkpoint, tmp_path, monkeypatch):
     from lightning_compress import KnowledgeDistillation
 
     path, marker = write_payload_checkpoint(checkpoint, tmp_path)
+    with monkeypatch.context() as env:  # the teacher is read as data even where torch's default is switched off
+        env.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+        with pytest.raises(ValueError, match="cannot rebuild the teacher"):
+            KnowledgeDistillation(teacher=str(path))
     with pytest.raises(Exception):
         KnowledgeDistillation(teacher=str(path))
     with pytest.raises(Exception):

@@ -159,7 +159,7 @@ def load_teacher(
     if not issubclass(cls, RestoresArchitecture):  # compressed checkpoints of any class load back
         cls = type(cls.__name__, (RestoresArchitecture, cls), {"__module__": cls.__module__})
     try:
-        return cls.load_from_checkpoint(teacher, map_location="cpu")
+        return cls.load_from_checkpoint(teacher, map_location="cpu", weights_only=True)  # data, never code
     except Exception as err:  # corrupt file, or hyperparameters the class does not accept
         raise ValueError(
             f"cannot rebuild the teacher {cls.__name__} from checkpoint {teacher!r}: {type(err).__name__}: {err}"
