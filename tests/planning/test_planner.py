@@ -39,6 +39,7 @@ from lightning_compress.planning.ranks import (
 )
 from lightning_compress.planning.target import REMEASURE_ROUNDS, TargetPlanner
 from lightning_compress.planning.widths import channel_space, slimmed_copy, width_sensitivity
+from tests.toy import channels_dear
 
 
 def test_layer_shapes_give_the_macs_torch_counts():
@@ -474,8 +475,7 @@ def test_a_factorizing_plan_is_checked_on_the_factorized_network(monkeypatch, tm
     planner = TargetPlanner(net, inputs[0][:1], Target("latency_ratio", 0.4), ignored=["fc"],
                             table_path=tmp_path / "table.json", repeats=2)
     # channels dear (each group's cut fraction), ranks as measured (a random network loses little to them)
-    sensitivity = {group: {width: 1 - width / dense for width in planner.space.candidates(group, 8)}
-                   for group, dense in planner.space.widths.items()}
+    sensitivity = channels_dear(net, inputs, planner.space, 8)
     plain = planner.plan(net, inputs, sensitivity=sensitivity)
     factorized = planner.plan(net, inputs, sensitivity=sensitivity, factorize=True)
     assert factorized.ranks and not plain.ranks and factorized.details["met"]
