@@ -179,7 +179,9 @@ def test_latency_model_is_calibrated_on_three_real_measurements():
     """The dense, the narrowest and the uniform widths the first calibration predicts at the target, each measured
     end to end: the prediction passes through all three."""
     net = create_model("resnet20", num_classes=10).eval()
-    planner = TargetPlanner(net, torch.randn(1, 3, 32, 32), Target("latency_ratio", 0.5), batch_size=8,
+    # 0.7: reachable on every CPU seen (at batch 8 the narrowest network measured 0.54x the dense one on an AMX Xeon,
+    # so a 0.5 target had no uniform widths to measure there)
+    planner = TargetPlanner(net, torch.randn(1, 3, 32, 32), Target("latency_ratio", 0.7), batch_size=8,
                             ignored=["fc"], repeats=10)
     references = planner.latency.references
     assert set(references) == {"dense", "narrowest", "uniform"}
