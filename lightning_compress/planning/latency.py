@@ -15,9 +15,11 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -238,6 +240,51 @@ def runtime_runner(model: bytes, runtime: str, threads: int) -> Callable[[np.nda
     from lightning_compress.export.openvino import OpenVinoNetwork
 
     return OpenVinoNetwork(model, threads).compiled()
+
+
+def channel_block(runtime: str, int8: bool) -> int:
+    """The channel block of the runtime's blocked convolution layout on this CPU, or 0 where it has none.
+
+    onnxruntime's fp32 convolutions run in its NCHWc layout, channels in blocks of the CPU's vector width (8 floats
+    on AVX2, 16 on AVX-512): a convolution whose input channels fill a block takes blocked input, one with fewer
+    runs on plain input and reorders its output. A width between two multiples of the block runs no faster in a
+    network than the next multiple up, which a layer timed alone does not show, so plans keep widths above the
+    block at its multiples (:attr:`~lightning_compress.planning.widths.ChannelSpace.block`). The block is read from
+    the graph onnxruntime optimizes for this CPU: the fewest input channels (of 8 and 16) a convolution takes in
+    blocks. int8 kernels, OpenVINO and ExecuTorch get 0 (no block known to matter).
+
+    Args:
+        runtime: One of :data:`RUNTIMES`.
+        int8: The network runs int8.
+
+    Returns:
+        The block (8 or 16), or 0.
+
+    Example:
+        >>> channel_block("onnxruntime", int8=False) in (0, 8, 16), channel_block("executorch", int8=False)
+        (True, 0)
+    """
+    return 0 if int8 or runtime != "onnxruntime" else _onnxruntime_block()
+
+
+@functools.cache
+def _onnxruntime_block() -> int:
+    require_onnx("latency tables")
+    import onnx
+    import onnxruntime
+
+    for channels in (8, 16):
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3  # its warning that the optimized file fits this CPU only
+        with tempfile.TemporaryDirectory() as folder:
+            options.optimized_model_filepath = os.path.join(folder, "optimized.onnx")
+            shape = LayerShape("conv", channels, channels, (3, 3), (1, 1), (1, 1), (1, 1), 1, (8, 8))
+            onnxruntime.InferenceSession(layer_onnx(shape, 1, int8=False), options,
+                                         providers=["CPUExecutionProvider"])
+            nodes = onnx.load(options.optimized_model_filepath).graph.node
+        if any(node.op_type == "ReorderInput" for node in nodes):
+            return channels
+    return 0
 
 
 def median_ms(runner: Callable[[np.ndarray], Any], array: np.ndarray, repeats: int, warmup: int = 3) -> float:

@@ -218,9 +218,10 @@ FLOOR_TOLERANCE = 0.02
 
 
 def fastest_floor(space: ChannelSpace, latency: LatencyModel, round_to: int) -> int:
-    """The narrowest width level worth planning with: every group capped at a level (a multiple of ``round_to``),
-    the table sum is taken per level, and levels below the narrowest one within :data:`FLOOR_TOLERANCE` of the
-    fastest are dropped, since a runtime's kernels need not get faster as channels shrink (onnxruntime's int8
+    """The narrowest width level worth planning with: every group capped at a level (a multiple of ``round_to``;
+    above the space's :attr:`~lightning_compress.planning.widths.ChannelSpace.block`, of the block), the table sum
+    is taken per level, and levels below the narrowest one within :data:`FLOOR_TOLERANCE` of the fastest are
+    dropped, since a runtime's kernels need not get faster as channels shrink (onnxruntime's int8
     convolution runs 8 channels slower than 16).
 
     Args:
@@ -231,7 +232,8 @@ def fastest_floor(space: ChannelSpace, latency: LatencyModel, round_to: int) -> 
     Returns:
         The floor for :attr:`~lightning_compress.planning.widths.ChannelSpace.floor`.
     """
-    levels = range(round_to, max(space.widths.values()) + 1, round_to)
+    levels = [level for level in range(round_to, max(space.widths.values()) + 1, round_to)
+              if not space.block or level <= space.block or level % space.block == 0]
     sums = {level: latency.layers_ms(space.shapes({group: min(dense, level) for group, dense in space.widths.items()}))
             for level in levels}
     fastest = min(sums.values())

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from lightning_compress.core.timing_lock import exclusive_timing
-from lightning_compress.planning.latency import LatencyTable, table_runtime, timed_programs
+from lightning_compress.planning.latency import LatencyTable, channel_block, table_runtime, timed_programs
 from lightning_compress.planning.planner import (
     LatencyModel,
     Plan,
@@ -106,6 +106,7 @@ class TargetPlanner:
             if int8:  # an int8 plan's ratio is of the network the user starts from: the fp32 dense one
                 self.ratio_reference = runtime_program(copy.deepcopy(network), self.batch, False, runtime)
             with exclusive_timing():  # the table's layers and the calibration timed on a machine kept quiet
+                self.space = replace(self.space, block=channel_block(runtime, int8))
                 self.space = replace(self.space, floor=fastest_floor(self.space, self.latency, round_to))
                 narrowest = narrowest_widths(self.space, round_to)
                 self.narrowest_network = slimmed_copy(network, self.example, narrowest)
@@ -276,6 +277,7 @@ class TargetPlanner:
             "allocation": allocation, "sensitivity_batches": len(inputs),
             "sensitivity_images": sum(len(x) for x in inputs), "sensitivity_seconds": round(sensitivity_seconds, 2),
             "setup_seconds": round(self.setup_seconds, 2), "round_to": self.round_to, "floor": self.space.floor,
+            "block": self.space.block,
             "factorize": factorize}
         if self.latency is not None:
             details["latency_model"] = {**self.latency.describe(), **self.latency.table.describe(),

@@ -48,24 +48,31 @@ class ChannelSpace:
         moves: Per group, ``(layer, "in" | "out", channels per group channel)`` for every layer it resizes.
         floor: No candidate below this width (but a group's dense width): narrower layers that the runtime runs
             no faster (:func:`~lightning_compress.planning.planner.fastest_floor`).
+        block: Above this width, only its multiples are candidates (0: no such rule): the runtime's channel
+            block, where a width between two multiples runs no faster than the next one up
+            (:func:`~lightning_compress.planning.latency.channel_block`).
     """
 
     widths: dict[str, int]
     layers: dict[str, LayerShape]
     moves: dict[str, list[tuple[str, str, int]]]
     floor: int = 0
+    block: int = 0
 
     def candidates(self, group: str, round_to: int) -> list[int]:
         """The widths a group may keep, widest first: its dense width, then the multiples of ``round_to`` below
-        down to :attr:`floor`.
+        down to :attr:`floor`, above :attr:`block` only its multiples.
 
         Example:
-            >>> space = ChannelSpace({"a": 20}, {}, {})
+            >>> space = ChannelSpace({"a": 20, "b": 64}, {}, {})
             >>> space.candidates("a", 8), replace(space, floor=16).candidates("a", 8)
             ([20, 16, 8], [20, 16])
+            >>> replace(space, block=16).candidates("b", 8)
+            [64, 48, 32, 16, 8]
         """
         dense = self.widths[group]
-        return [dense] + [w for w in range((dense - 1) // round_to * round_to, 0, -round_to) if w >= self.floor]
+        return [dense] + [w for w in range((dense - 1) // round_to * round_to, 0, -round_to)
+                          if w >= self.floor and (not self.block or w <= self.block or w % self.block == 0)]
 
     def shapes(self, widths: Mapping[str, int]) -> dict[str, LayerShape]:
         """Every layer's shape when the groups keep ``widths`` (groups not named stay dense)."""

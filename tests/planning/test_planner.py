@@ -12,10 +12,12 @@ import torch
 from torch import nn
 
 from lightning_compress.core.accounting import count_macs_per_module
+from lightning_compress.core.machine import cpu_description
 from lightning_compress.models import create_model
 from lightning_compress.planning.latency import (
     LatencyTable,
     LayerShape,
+    channel_block,
     layer_onnx,
     layer_shapes,
     runtime_runner,
@@ -292,6 +294,38 @@ def test_widths_the_runtime_runs_no_faster_are_not_candidates(slow_below, monkey
     assert all(min(planner.space.candidates(g, 8)) == floor for g in planner.space.widths)
     plan = planner.plan(net, [torch.randn(4, 3, 8, 8)], checks=1)
     assert min(plan.widths.values()) >= floor and plan.details["floor"] == floor
+
+
+def test_the_channel_block_is_the_one_onnxruntime_lays_fp32_convolutions_out_in_on_this_cpu():
+    """onnxruntime's NCHWc block is the CPU's float vector width: 16 with AVX-512, 8 with AVX2; int8 and the other
+    runtimes have none the planner knows of."""
+    flags = cpu_description()["flags"]
+    expected = 16 if "avx512f" in flags else 8 if "avx2" in flags else None
+    if expected is None:
+        pytest.skip(f"no AVX2 on this CPU ({flags}): onnxruntime's block not known here")
+    assert channel_block("onnxruntime", int8=False) == expected
+    assert {channel_block("onnxruntime", int8=True), channel_block("openvino", int8=False),
+            channel_block("executorch", int8=False)} == {0}
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_widths_above_the_runtime_block_are_its_multiples(int8, monkeypatch, tmp_path):
+    """With a block of 16 (AVX-512 onnxruntime, fp32) a 64-channel group plans among 64/48/32/16/8 channels, never 24,
+    40 or 56, which run as slow as the next multiple of 16 in a network; an int8 plan keeps every multiple of 8."""
+    monkeypatch.setattr("lightning_compress.planning.target.channel_block",
+                        lambda runtime, int8: 0 if int8 else 16)
+    monkeypatch.setattr(TargetPlanner, "measure", lambda self, rounds=3, **networks: {
+        name: float(count_macs_per_module(net, self.example).get("", 0)) if isinstance(net, nn.Module) else 1e9
+        for name, net in networks.items()})
+    monkeypatch.setattr(LatencyTable, "network_ms", lambda self, shapes, int8: sum(s.macs() for s in shapes.values()))
+    net = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(64, 4, 1)).eval()
+    planner = TargetPlanner(net, torch.randn(1, 3, 8, 8), Target("latency_ratio", 0.3), ignored=["4"], round_to=8,
+                            int8=int8, table_path=tmp_path / "table.json", repeats=2)
+    candidates = {w for g in planner.space.widths for w in planner.space.candidates(g, 8)}
+    assert candidates == ({8, 16, 24, 32, 40, 48, 56, 64} if int8 else {8, 16, 32, 48, 64})
+    plan = planner.plan(net, [torch.randn(4, 3, 8, 8)], checks=1)
+    assert plan.details["block"] == (0 if int8 else 16) and set(plan.widths.values()) <= candidates
 
 
 def _plan_checked_by(measure, monkeypatch, tmp_path):
