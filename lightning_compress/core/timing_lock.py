@@ -48,8 +48,8 @@ class _ProcessLock:
     A measurement waiting for the lock is not starved by shared holders taking turns (two training rows whose
     steps overlap would never leave the lock free together): every change of hold passes a turnstile, a second
     file that a waiting measurement holds exclusively, so new shared holds queue behind it while the current
-    ones finish. A process never holds the lock while it waits at the turnstile (a shared hold growing
-    exclusive gives the lock up first), so two processes cannot wait for each other.
+    ones finish. A process never holds the lock while it waits at the turnstile (a hold changing mode, growing
+    exclusive or back to shared, gives the lock up first), so two processes cannot wait for each other.
     """
 
     def __init__(self, path: Path) -> None:
@@ -69,8 +69,8 @@ class _ProcessLock:
             self.handle = None
             return
         exclusive = mode == "exclusive"
-        if exclusive:
-            fcntl.flock(self.handle, fcntl.LOCK_UN)
+        # never wait at the turnstile holding the lock: a waiting measurement holds the turnstile until it has the lock
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
         with open(self.path.with_name(self.path.name + ".turnstile"), "a") as turnstile:
             fcntl.flock(turnstile, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             fcntl.flock(self.handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)

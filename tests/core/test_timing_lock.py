@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -107,3 +108,41 @@ def test_a_measurement_is_not_starved_by_shared_holders_taking_turns(lock_file, 
     for row in rows:
         row.kill()
     assert waited < 1.0
+
+
+MEASURING_INSIDE_A_STEP = """
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("timing_lock", sys.argv[1])
+lock = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(lock)
+with lock.shared_timing():  # a training row's step that measures (CompressToTarget planning)
+    with lock.exclusive_timing():
+        open(sys.argv[2], "w").close()
+        time.sleep(1.0)
+    time.sleep(0.5)  # back to its shared hold, then done
+"""
+
+
+def test_a_measurement_waiting_while_another_process_measures_inside_its_step_gets_the_lock(lock_file, tmp_path):
+    """Two rows planning at once: one measures inside its training step (shared, then exclusive) while the other
+    waits to measure. Giving the exclusive hold back to the shared one must not wait at the turnstile the waiting
+    measurement holds (it did, holding the lock exclusively: both rows stopped for good)."""
+    ready = tmp_path / "measuring.ready"
+    row = subprocess.Popen([sys.executable, "-c", MEASURING_INSIDE_A_STEP, str(MODULE), str(ready)])
+    while not ready.exists():
+        assert row.poll() is None, "the row exited before measuring"
+        time.sleep(0.01)
+    got = threading.Event()
+
+    def measure() -> None:
+        with exclusive_timing():
+            got.set()
+
+    waiter = threading.Thread(target=measure, daemon=True)
+    waiter.start()
+    try:
+        assert got.wait(timeout=10), "deadlock: the waiting measurement never got the lock"
+        assert row.wait(timeout=10) == 0
+    finally:
+        row.kill()  # frees a deadlocked waiter
+        waiter.join(timeout=5)
