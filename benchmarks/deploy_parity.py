@@ -14,6 +14,7 @@ own check (against the fake-quant network, on its seeded sample) is recorded bes
 Target (issue 23): agreement >= 99 % on 2,000 images and accuracy within 0.1 point, per runtime.
 
 Run:  python benchmarks/deploy_parity.py --init resnet20=runs/suite/kd_alpha05_cpu30_aeb1c6268c2a.ckpt
+      python benchmarks/deploy_parity.py --models mobilenetv2 --work-dir runs/parity_mnv2 --reuse --images 10000
       python benchmarks/deploy_parity.py --models resnet20 --engines onnxruntime --steps 20 --images 500
 Writes ``benchmarks/results/deploy_parity.{json,md}`` (or ``--results-dir``/``--name``).
 """
@@ -79,19 +80,24 @@ def measure(model: str, engine: str, args: argparse.Namespace, data: Any, work: 
 
     pl.seed_everything(0)
     init = args.init.get(model)
-    settings = {"lr": args.lr, "lr_schedule": "cosine", "warmup": 0.0}  # a fine-tuning schedule over --steps
-    module = (ImageClassifier.load_from_checkpoint(init, map_location="cpu", **settings) if init
-              else ImageClassifier(model, num_classes=10, **settings))
-    qat = QuantizationAwareTraining(engine=engine, start=0.0, freeze_bn=0.6, freeze_observers=0.8,
-                                    convert_on_fit_end=False)
-    trainer = pl.Trainer(max_steps=args.steps, accelerator="cpu", precision=args.precision, callbacks=[qat],
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
-    began = time.perf_counter()
-    trainer.fit(module, data)
-    train_s = time.perf_counter() - began
     checkpoint = work / f"{model}_{engine}.ckpt"
-    trainer.save_checkpoint(checkpoint)
+    directory = work / f"export_{model}_{engine}"
+    reused = args.reuse and checkpoint.is_file() and (directory / "manifest.json").is_file()
+    if reused:  # an earlier run's fine-tuned checkpoint and export, reloaded without callbacks
+        module, steps, train_s = ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu"), None, None
+    else:
+        settings = {"lr": args.lr, "lr_schedule": "cosine", "warmup": 0.0}  # a fine-tuning schedule over --steps
+        module = (ImageClassifier.load_from_checkpoint(init, map_location="cpu", **settings) if init
+                  else ImageClassifier(model, num_classes=10, **settings))
+        qat = QuantizationAwareTraining(engine=engine, start=0.0, freeze_bn=0.6, freeze_observers=0.8,
+                                        convert_on_fit_end=False)
+        trainer = pl.Trainer(max_steps=args.steps, accelerator="cpu", precision=args.precision, callbacks=[qat],
+                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
+        began = time.perf_counter()
+        trainer.fit(module, data)
+        steps, train_s = trainer.global_step, time.perf_counter() - began
+        trainer.save_checkpoint(checkpoint)
 
     every = torch.arange(0, len(data.test_set.labels), max(1, len(data.test_set.labels) // args.images))[:args.images]
     images = data.transform(data.test_set.images[every], train=False)  # evenly spread: the split is sorted by class
@@ -112,15 +118,15 @@ def measure(model: str, engine: str, args: argparse.Namespace, data: Any, work: 
         tested_name, tested_logits = f"not built: {str(err).splitlines()[0][:160]}", None
 
     runtimes = ENGINE_RUNTIMES[engine]
-    directory = work / f"export_{model}_{engine}"
     began = time.perf_counter()
-    status = export([str(checkpoint), "--to", str(directory), "--overwrite", "--runtime", *runtimes,
-                     "--data-root", args.data, "--check-count", str(args.images), "--latency-repeats", "5"])
-    export_s = time.perf_counter() - began
+    status = None if reused else export([str(checkpoint), "--to", str(directory), "--overwrite", "--runtime",
+                                         *runtimes, "--data-root", args.data, "--check-count", str(args.images),
+                                         "--latency-repeats", "5"])
+    export_s = None if reused else time.perf_counter() - began
     manifest = json.loads((directory / "manifest.json").read_text())
-    row: dict[str, Any] = {"model": model, "engine": engine, "init": init, "steps": trainer.global_step,
-                           "train_s": round(train_s, 1), "convert_s": round(convert_s, 1),
-                           "export_s": round(export_s, 1), "export_status": status,
+    row: dict[str, Any] = {"model": model, "engine": engine, "init": init, "steps": steps, "reused": reused,
+                           "train_s": train_s and round(train_s, 1), "convert_s": round(convert_s, 1),
+                           "export_s": export_s and round(export_s, 1), "export_status": status,
                            "in_process": type(in_process).__name__, "images": len(labels), "runtimes": {}}
     row["tested"] = tested_name
     # agreement says little about a network that predicts (almost) one class: how many it predicts is recorded
@@ -134,8 +140,29 @@ def measure(model: str, engine: str, args: argparse.Namespace, data: Any, work: 
         row["runtimes"][runtime] = {**result.to_dict(), "bytes": exported.get("bytes"),
                                     "export_check": exported.get("parity"), "met": meets_target(result.to_dict()),
                                     "versus_tested": versus_tested,
-                                    "met_versus_tested": versus_tested is not None and meets_target(versus_tested)}
+                                    "met_versus_tested": versus_tested is not None and meets_target(versus_tested),
+                                    **disagreements(reference, logits, labels)}
     return row
+
+
+def disagreements(reference: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    """Where the file's top-1 differs from the reference's: how near a tie the reference was there (median top-2
+    softmax margin, beside the median over all images) and which of the two was right.
+
+    Example:
+        >>> ref, out = torch.tensor([[2.0, 0.0], [1.0, 0.9]]), torch.tensor([[2.0, 0.0], [0.9, 1.0]])
+        >>> disagreements(ref, out, torch.tensor([0, 1]))["file_right_reference_wrong"]
+        1
+    """
+    top2 = reference.softmax(1).topk(2, dim=1).values
+    margin = top2[:, 0] - top2[:, 1]
+    differ = reference.argmax(1) != logits.argmax(1)
+    reference_right, file_right = reference.argmax(1) == labels, logits.argmax(1) == labels
+    return {"disagreeing": int(differ.sum()),
+            "disagreeing_median_margin": float(margin[differ].median()) if differ.any() else None,
+            "median_margin": float(margin.median()),
+            "file_right_reference_wrong": int((file_right & ~reference_right).sum()),
+            "reference_right_file_wrong": int((reference_right & ~file_right).sum())}
 
 
 def render(rows: list[dict[str, Any]], machine: dict[str, Any], settings: dict[str, Any]) -> str:
@@ -160,11 +187,22 @@ def render(rows: list[dict[str, Any]], machine: dict[str, Any], settings: dict[s
                          f"{100 * r['top1_agreement']:.2f} % | {100 * r['reference_accuracy']:.2f} | "
                          f"{100 * r['accuracy']:.2f} | {100 * (r['accuracy'] - r['reference_accuracy']):+.2f} | "
                          f"{'met' if r['met'] else 'NOT met'} | {versus} | {size} |")
+    lines += ["", "Where a file and the int8 network disagree (top-2 softmax margin of the int8 network's output):", ""]
+    lines += [f"- {row['model']}, engine {row['engine']}, {runtime}: "
+              f"{r['disagreeing']} images, median margin there "
+              + ("-" if r["disagreeing_median_margin"] is None else f"{r['disagreeing_median_margin']:.3f}")
+              + f" (all images: {r['median_margin']:.3f}); the file right where the network is wrong on "
+              f"{r['file_right_reference_wrong']}, wrong where it is right on {r['reference_right_file_wrong']}"
+              for row in rows for runtime, r in row["runtimes"].items() if "disagreeing" in r]
     lines += ["", "Per engine: QAT fine-tuning steps, seconds to train, convert and export (all runtimes of the "
               "engine, with the export's own check):", ""]
-    lines += [f"- {row['model']}, {row['engine']}: {row['steps']} steps from "
-              f"{row['init'] or 'scratch'}; train {row['train_s']} s, convert {row['convert_s']} s, export "
-              f"{row['export_s']} s (exit {row['export_status']}); in-process int8 network: {row['in_process']}; "
+    lines += [f"- {row['model']}, {row['engine']}: "
+              + ("the checkpoint and export of an earlier run in the work folder (`--reuse`); "
+                 if row.get("reused") else
+                 f"{row['steps']} steps from {row['init'] or 'scratch'}; train {row['train_s']} s, ")
+              + f"convert {row['convert_s']} s"
+              + ("" if row.get("reused") else f", export {row['export_s']} s (exit {row['export_status']})")
+              + f"; in-process int8 network: {row['in_process']}; "
               f"test() runs: {row.get('tested', '-')}; classes it predicts on these images: "
               f"{row.get('classes_predicted', '-')}"
               for row in rows]
@@ -184,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="bf16-mixed")
     parser.add_argument("--data", default=SHARED_CIFAR10)
     parser.add_argument("--work-dir", default=None, help="checkpoints and exports (default: a temporary folder)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="compare the checkpoint and export an earlier run left in --work-dir again (no training "
+                             "or export), e.g. on more --images")
     add_output_arguments(parser, "deploy_parity")
     args = parser.parse_args(argv)
     pairs = [item.split("=", 1) for item in args.init]

@@ -264,9 +264,37 @@ def check_split_gap(result: dict[str, Any], markdown: str) -> None:
     assert "| row.ckpt | " in markdown and "BN re-estimated" in markdown
 
 
+DEPLOY_PARITY_ARGS = ("--models", "resnet20", "--engines", "onnxruntime", "--images", "16", "--batch-size", "4",
+                      "--data", "{data}", "--work-dir", "{tmp}/work")
+
+
+def deploy_parity_to_reuse(tmp: Path, data: Path) -> None:
+    """A first deploy_parity run (3 QAT steps, export) into ``{tmp}/work``, its results checked; the case then
+    compares its checkpoint and export again with ``--reuse``."""
+    args = [arg.replace("{data}", str(data)).replace("{tmp}", str(tmp)) for arg in DEPLOY_PARITY_ARGS]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LIGHTNING_COMPRESS_CACHE": str(tmp / "cache")}
+    completed = subprocess.run([sys.executable, str(BENCHMARKS / "deploy_parity.py"), "--results-dir", str(tmp),
+                                "--steps", "3", *args], check=False, cwd=BENCHMARKS.parent, env=env,
+                               capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert completed.returncode == 0, (completed.stdout + completed.stderr)[-6000:]
+    check_deploy_parity(json.loads((tmp / "deploy_parity.json").read_text()), (tmp / "deploy_parity.md").read_text())
+
+
+def check_deploy_parity_reused(result: dict[str, Any], markdown: str) -> None:
+    (row,) = result["rows"]
+    assert row["reused"] and row["steps"] is None and row["export_status"] is None
+    assert row["runtimes"]["onnxruntime"]["top1_agreement"] == 1.0 and row["runtimes"]["openvino"]["images"] == 16
+    assert "the checkpoint and export of an earlier run in the work folder (`--reuse`)" in markdown
+    for runtime in row["runtimes"].values():
+        assert runtime["disagreeing"] == round((1 - runtime["top1_agreement"]) * 16)
+        assert 0.0 <= runtime["median_margin"] <= 1.0
+    assert "- resnet20, engine onnxruntime, onnxruntime: 0 images, median margin there -" in markdown
+
+
 def check_deploy_parity(result: dict[str, Any], markdown: str) -> None:
     (row,) = result["rows"]
     assert (row["model"], row["engine"], row["steps"], row["export_status"]) == ("resnet20", "onnxruntime", 3, 0)
+    assert not row["reused"]
     assert set(row["runtimes"]) == {"onnxruntime", "openvino"} and row["in_process"] == "OnnxRuntimeNetwork"
     assert row["tested"] == "OnnxRuntimeNetwork"  # the onnxruntime engine tests the QDQ model it converted to
     assert 1 <= row["classes_predicted"] <= 10 and "classes it predicts on these images: " in markdown
@@ -356,11 +384,7 @@ CASES = {
         check_tensorboard_screenshot, name="tensorboard_smoke",
         extra_files=("tensorboard_smoke.png",) if CHROMIUM else (),
     ),
-    "deploy_parity": Case(
-        ("--models", "resnet20", "--engines", "onnxruntime", "--steps", "3", "--images", "16", "--batch-size", "4",
-         "--data", "{data}"),
-        check_deploy_parity,
-    ),
+    "deploy_parity": Case((*DEPLOY_PARITY_ARGS, "--reuse"), check_deploy_parity_reused, setup=deploy_parity_to_reuse),
     "split_gap": Case(
         ("{tmp}/row.ckpt", "--data", "{data}", "--val-size", "4", "--bn-batches", "2", "--train-images", "8"),
         check_split_gap, setup=train_row_checkpoint,
