@@ -82,6 +82,12 @@ def _machine(record: dict[str, Any]) -> str:
             f"{gpu}, torch {m.get('torch')}")
 
 
+def _other_machines(rows: list[dict[str, Any]]) -> list[str]:
+    """The machines rows of a block ran on besides the first row's (rows trained on a GPU say where on their own)."""
+    others = [_machine(r) for r in rows if not r.get("trained_on") and _machine(r) != _machine(rows[0])]
+    return list(dict.fromkeys(others))
+
+
 def _loads(rows: list[dict[str, Any]]) -> str:
     loads = [r["load_average_1_5_15"][0] for r in rows if r.get("load_average_1_5_15")]
     return "-" if not loads else f"{min(loads):g}" if len(loads) == 1 else f"{min(loads):g} to {max(loads):g}"
@@ -143,7 +149,9 @@ def render_block(budget: str, rows: list[dict[str, Any]]) -> list[str]:
              + f"; {rows[0].get('budget_reason', '')}. Tested on the CPU "
              + ("(all 10,000 test images)" if not b.get("limit_test_batches") else f"({b['limit_test_batches']} test batches)")
              + ", int8 rows with the converted int8 network.",
-             f"Machine: {_machine(rows[0])}; load average (1 min) after each row: {_loads(rows)}"
+             f"Machine: {_machine(rows[0])}"
+             + "".join(f"; {other} for the rows that say so" for other in _other_machines(rows))
+             + f"; load average (1 min) after each row: {_loads(rows)}"
              + _side_by_side(rows) + ".", "",
              *([*queue_status(budget, rows), ""] if budget in BLOCK_ROWS else []),
              "| row | what | top-1 % | Δ vs dense | params | non-zeros | MMACs | deployed artifact kB | "
@@ -162,6 +170,8 @@ def render_block(budget: str, rows: list[dict[str, Any]]) -> list[str]:
         if r.get("trained_on"):
             what += (f"; trained on {r['trained_on']} (this budget's recipe), tested and timed on that machine's CPU "
                      f"({_machine(r)}): its latency is not comparable with the other rows'")
+        elif _machine(r) != _machine(rows[0]):
+            what += f"; ran on {_machine(r)}: its latency is comparable only with rows of that machine"
         if "top1_deployed" in r:
             what += f"; top-1 of the deployed {r['artifact']['kind']} file in onnxruntime: {r['top1_deployed']:.2f} %"
         if r.get("val_top1") is not None:

@@ -409,6 +409,25 @@ def test_report_says_which_cpu30_rows_are_done_and_queued(tmp_path: Path) -> Non
     assert "| dense | The dense ResNet-20: the reference of every row | failed: RuntimeError: x |" in block
 
 
+def test_a_block_names_every_machine_its_rows_ran_on(tmp_path: Path) -> None:
+    budget, reason = suite_rows.resolve_budget("cpu30")
+    runner = suite.Suite(budget, reason, "cifar10-jpeg.tar.gz", tmp_path, tmp_path / "work")
+    dense = {"row": "dense", "config": runner.config("dense"), "status": "ok", "top1": 86.0, "params": 272_474,
+             "nonzero": 272_474, "macs": 40_000_000, "fit_s": 100.0, "wall_s": 110.0, "budget_reason": reason,
+             "artifact": {"kind": "onnx fp32", "bytes": 1_100_000}, "packed_bytes": 800_000,
+             "code_version": suite.code_version(suite_rows.ROWS["dense"].sources), "machine": runner.machine}
+    xeon = {**runner.machine, "cpu": {"model": "Intel(R) Xeon(R) Processor", "flags": ["avx2", "amx_int8"]}}
+    other = {**dense, "row": "channel50", "config": runner.config("channel50"), "machine": xeon,
+             "code_version": suite.code_version(suite_rows.ROWS["channel50"].sources)}
+    runner.jsonl.write_text(json.dumps(dense) + "\n" + json.dumps(other) + "\n")
+    block = suite_report.write_report(tmp_path).read_text()
+    first = suite_report._machine(dense)
+    assert f"Machine: {first}; Intel(R) Xeon(R) Processor (" in block and " for the rows that say so; load" in block
+    line = next(line for line in block.splitlines() if line.startswith("| channel50 |"))
+    assert "; ran on Intel(R) Xeon(R) Processor (" in line and "comparable only with rows of that machine" in line
+    assert "; ran on " not in next(line for line in block.splitlines() if line.startswith("| dense |"))
+
+
 def test_a_teacher_trained_on_a_gpu_serves_the_cpu_block_and_says_so(tmp_path: Path) -> None:
     budget, reason = suite_rows.resolve_budget("cpu30")
     on_gpu = suite.Suite(budget, reason, "cifar10-jpeg.tar.gz", tmp_path, tmp_path / "work", accelerator="gpu")
