@@ -12,15 +12,18 @@ same way (accuracy needs training: the suite's CompressToTarget rows).
 
 Run:  python benchmarks/latency_model.py                       (resnet56, mobilenetv2; batch 1, 64; fp32, int8)
       python benchmarks/latency_model.py --models resnet20 --batches 1 --precisions fp32 --rounds 2
+      python benchmarks/latency_model.py --render benchmarks/results/latency_model.json   (the markdown again)
 Writes ``benchmarks/results/latency_model.{json,md}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -43,8 +46,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the end-to-end check")
     parser.add_argument("--round-to", type=int, default=8)
     parser.add_argument("--checks", type=int, default=3, help="end-to-end checks per plan (1: the open-loop plan)")
+    parser.add_argument("--render", type=Path, default=None, metavar="JSON",
+                        help="only write the markdown again from a results file this script wrote (no measuring)")
     add_output_arguments(parser, "latency_model")
     args = parser.parse_args()
+    if args.render is not None:
+        result = json.loads(args.render.read_text())
+        write_results(args.name, result, render(result), args.results_dir)
+        return
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(0)
     calibration = [torch.randn(16, 3, 32, 32, generator=generator) for _ in range(4)]
@@ -69,8 +78,10 @@ def main() -> None:
                 planner = TargetPlanner(network, example, Target("latency_ratio", max(args.ratios)), "onnxruntime",
                                         batch_size, args.threads, int8, args.round_to, classifier,
                                         table_dir / f"{precision}_b{batch_size}.json", args.repeats, calibration)
-                if model not in sensitivities:  # one measurement per network, reused by every plan of it
-                    sensitivities[model] = width_sensitivity(network, held_out, planner.space, args.round_to)
+                if model not in sensitivities:  # one measurement per network, reused by every plan of it: at every
+                    # multiple of round_to (planners differ in floor and channel block, so in candidates)
+                    every_width = replace(planner.space, floor=0, block=0)
+                    sensitivities[model] = width_sensitivity(network, held_out, every_width, args.round_to)
                 for ratio in args.ratios:
                     try:
                         plan = planner.with_target(Target("latency_ratio", ratio)).plan(
@@ -86,14 +97,16 @@ def main() -> None:
                         continue
                     predicted = plan.details["predicted_ms"]
                     planned = slimmed_copy(network, example, plan.widths)
-                    measured = planner.measure(args.rounds, dense=planner.dense_network, planned=planned)
+                    # beside what the ratio is of: the fp32 dense network, for an int8 plan too
+                    measured = planner.measure(args.rounds, dense=planner.ratio_reference, planned=planned)
                     target_ms = ratio * measured["dense"]
                     row = {"model": model, "batch": batch_size, "precision": precision, "ratio": round(ratio, 4),
                            "dense_ms": measured["dense"], "dense_predicted_ms": plan.details["dense_predicted_ms"],
                            "target_ms": target_ms, "predicted_ms": predicted, "measured_ms": measured["planned"],
                            "prediction_error": predicted / measured["planned"] - 1,
                            "measured_over_target": measured["planned"] / target_ms,
-                           "first_plan": plan.details["checks"][0], "checks": len(plan.details["checks"]),
+                           "first_plan": plan.details["checks"][0], "last_check": plan.details["checks"][-1],
+                           "checks": len(plan.details["checks"]), "block": plan.details["block"],
                            "floor": plan.details["floor"],
                            "layers_in_table": len(planner.latency.table.entries),
                            "latency_model": planner.latency.describe(),
@@ -104,6 +117,20 @@ def main() -> None:
                           f"target {target_ms:.3f}, predicted {predicted:.3f}, measured {row['measured_ms']:.3f} "
                           f"({row['prediction_error']:+.1%}; {row['measured_over_target']:.2f}x target)", flush=True)
                     write(rows)
+
+
+def ratio_error(row: dict) -> float:
+    """The prediction error in the target's unit: the plan's predicted fraction of the dense latency (its predicted
+    milliseconds over what the ratio is of at calibration: the fp32 dense network's measured milliseconds for an int8
+    plan, else the dense network's prediction) against the fraction measured beside the dense network.
+
+    Example:
+        >>> ratio_error({"predicted_ms": 6.0, "dense_predicted_ms": 12.0, "latency_model": {"baseline_ms": None},
+        ...              "measured_ms": 5.0, "dense_ms": 10.0})
+        0.0
+    """
+    predicted = row["predicted_ms"] / (row["latency_model"].get("baseline_ms") or row["dense_predicted_ms"])
+    return predicted / (row["measured_ms"] / row["dense_ms"]) - 1
 
 
 def render(result: dict) -> str:
@@ -117,23 +144,31 @@ def render(result: dict) -> str:
              "measurement after planning; *first plan* is the open-loop plan's own check (the planner re-plans "
              "under a budget shrunk by a miss, or grown by an over-prediction, up to *checks* end-to-end "
              "measurements). *floor*: the narrowest width any group may take (the narrowest width level within 2 % of "
-             "the fastest, from the per-layer table; below it the runtime's kernels get no faster).", "",
+             "the fastest, from the per-layer table; below it the runtime's kernels get no faster). *dense ms*: the "
+             "fp32 dense network, timed in the same rounds as the planned one (an int8 plan's ratio is of it too).",
+             "",
+             ("*prediction error* is in the target's unit, as the planner reports it: the predicted fraction of the "
+              "dense latency against the fraction measured beside the dense network (so the machine's speed since "
+              "the calibration is not counted); *ms error*: the calibration's milliseconds against the milliseconds "
+              "measured now (that drift counted)."), "",
              "| model | batch | precision | target | dense ms | target ms | predicted ms | measured ms | "
-             "prediction error | measured / target | first plan: measured / target | checks | floor | load |",
-             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "prediction error | ms error | measured / target | first plan: measured / target | checks | floor | load |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     measured = [row for row in result["rows"] if "unreachable" not in row]
+    ratio_errors = {id(row): ratio_error(row) for row in measured}
     for row in result["rows"]:
         if "unreachable" in row:
             lines.append(f"| {row['model']} | {row['batch']} | {row['precision']} | {row['ratio']:.3g}x dense | "
                          f"unreachable: the narrowest network is predicted at {row['unreachable']:.2f} of dense "
-                         f"| | | | | | | | {row.get('floor', '')} | {row['load_average_1min']} |")
+                         f"| | | | | | | | | {row.get('floor', '')} | {row['load_average_1min']} |")
             continue
         lines.append(f"| {row['model']} | {row['batch']} | {row['precision']} | {row['ratio']:.3g}x dense | "
                      f"{row['dense_ms']:.3f} | {row['target_ms']:.3f} | {row['predicted_ms']:.3f} | "
-                     f"{row['measured_ms']:.3f} | {row['prediction_error']:+.1%} | {row['measured_over_target']:.2f} | "
+                     f"{row['measured_ms']:.3f} | {ratio_errors[id(row)]:+.1%} | {row['prediction_error']:+.1%} | "
+                     f"{row['measured_over_target']:.2f} | "
                      f"{row['first_plan']['measured'] / row['ratio']:.2f} | {row['checks']} | "
                      f"{row.get('floor', '')} | {row['load_average_1min']} |")
-    errors = [abs(row["prediction_error"]) for row in measured]
+    errors = [abs(error) for error in ratio_errors.values()]
     met = sum(row["measured_over_target"] <= 1.05 for row in measured)
     lines += ["", f"Prediction within 10 %: {sum(e <= 0.10 for e in errors)} of {len(measured)} rows (largest error "
               f"{max(errors, default=0.0):.1%}). Measured <= 1.05x target: {met} of {len(measured)} rows; "

@@ -124,14 +124,18 @@ def check_deploy_latency(result: dict[str, Any], markdown: str) -> None:
 
 
 def check_latency_model(result: dict[str, Any], markdown: str) -> None:
-    (row,) = result["rows"]
+    row, int8 = result["rows"]  # int8 after fp32: its planner has other candidates (no channel block), same sensitivity
     assert (row["model"], row["batch"], row["precision"], row["ratio"]) == ("resnet20", 8, "fp32", 0.6)
+    assert (int8["precision"], int8["ratio"]) == ("int8", 0.6) and ("unreachable" in int8 or int8["block"] == 0)
+    assert row["block"] in (0, 8, 16)
     assert row["dense_ms"] > row["measured_ms"] > 0 and row["predicted_ms"] > 0 and row["checks"] == 1
     assert row["target_ms"] == pytest.approx(0.6 * row["dense_ms"])
     assert row["floor"] >= 8 and row["floor"] % 8 == 0  # a width level (multiple of --round-to)
     assert row["prediction_error"] == pytest.approx(row["predicted_ms"] / row["measured_ms"] - 1)
     assert set(result["machine"]["cpu"]) == {"model", "flags", "bf16"}
     assert f"| resnet20 | 8 | fp32 | 0.6x dense | {row['dense_ms']:.3f} |" in markdown
+    ratio_error = row["predicted_ms"] / row["dense_predicted_ms"] / (row["measured_ms"] / row["dense_ms"]) - 1
+    assert f"| {ratio_error:+.1%} | {row['prediction_error']:+.1%} | " in markdown
     assert "Prediction within 10 %:" in markdown
     assert f"| {row['checks']} | {row['floor']} | {row['load_average_1min']} |" in markdown
 
@@ -345,7 +349,7 @@ CASES = {
         check_deploy_latency,
     ),
     "latency_model": Case(
-        ("--models", "resnet20", "--batches", "8", "--precisions", "fp32", "--ratios", "0.6", "--rounds", "1",
+        ("--models", "resnet20", "--batches", "8", "--precisions", "fp32", "int8", "--ratios", "0.6", "--rounds", "1",
          "--repeats", "3", "--checks", "1"),
         check_latency_model,
     ),
