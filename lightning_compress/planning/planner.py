@@ -232,8 +232,7 @@ def fastest_floor(space: ChannelSpace, latency: LatencyModel, round_to: int) -> 
     Returns:
         The floor for :attr:`~lightning_compress.planning.widths.ChannelSpace.floor`.
     """
-    levels = [level for level in range(round_to, max(space.widths.values()) + 1, round_to)
-              if not space.block or level <= space.block or level % space.block == 0]
+    levels = [level for level in range(round_to, max(space.widths.values()) + 1, round_to) if space.fits_block(level)]
     sums = {level: latency.layers_ms(space.shapes({group: min(dense, level) for group, dense in space.widths.items()}))
             for level in levels}
     fastest = min(sums.values())

@@ -72,7 +72,16 @@ class ChannelSpace:
         """
         dense = self.widths[group]
         return [dense] + [w for w in range((dense - 1) // round_to * round_to, 0, -round_to)
-                          if w >= self.floor and (not self.block or w <= self.block or w % self.block == 0)]
+                          if w >= self.floor and self.fits_block(w)]
+
+    def fits_block(self, width: int) -> bool:
+        """Whether ``width`` keeps the :attr:`block` rule: no block, at most one block, or a multiple of it.
+
+        Example:
+            >>> [ChannelSpace({}, {}, {}, block=16).fits_block(w) for w in (8, 24, 32)]
+            [True, False, True]
+        """
+        return not self.block or width <= self.block or width % self.block == 0
 
     def shapes(self, widths: Mapping[str, int]) -> dict[str, LayerShape]:
         """Every layer's shape when the groups keep ``widths`` (groups not named stay dense)."""
