@@ -186,10 +186,10 @@ class CompressToTarget(ChannelRemoval):
         self._int8 = bool(quantizers)
         self._engine = quantizers[0].engine.name if quantizers else None
         engines = ("xnnpack",) if self.runtime == "executorch" else ONNX_ENGINES
-        if self._int8 and self.goal.kind.startswith("latency") and quantizers[0].engine.name not in engines:
+        if self._int8 and self.goal.kind.startswith("latency") and self._engine not in engines:
             raise ValueError(f"CompressToTarget plans latency on {self.runtime}, which runs the int8 program of the "
-                             f"engines {engines}; {type(quantizers[0]).__name__} has engine="
-                             f"{quantizers[0].engine.name!r}: train with one of {engines}")
+                             f"engines {engines}; {type(quantizers[0]).__name__} has engine={self._engine!r}: "
+                             f"train with one of {engines}")
         # a new list: Lightning is iterating over the current one; teardown then follows the int8 conversion
         trainer.callbacks = [cb for cb in trainer.callbacks if cb is not self] + [self]
 
