@@ -84,10 +84,11 @@ def measure(model: str, engine: str, args: argparse.Namespace, data: Any, work: 
     directory = work / f"export_{model}_{engine}"
     reused = args.reuse and checkpoint.is_file() and (directory / "manifest.json").is_file()
     if reused:  # an earlier run's fine-tuned checkpoint and export, reloaded without callbacks
-        module, steps, train_s = ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu"), None, None
+        module = ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True)  # data only
+        steps, train_s = None, None
     else:
         settings = {"lr": args.lr, "lr_schedule": "cosine", "warmup": 0.0}  # a fine-tuning schedule over --steps
-        module = (ImageClassifier.load_from_checkpoint(init, map_location="cpu", **settings) if init
+        module = (ImageClassifier.load_from_checkpoint(init, map_location="cpu", weights_only=True, **settings) if init
                   else ImageClassifier(model, num_classes=10, **settings))
         qat = QuantizationAwareTraining(engine=engine, start=0.0, freeze_bn=0.6, freeze_observers=0.8,
                                         convert_on_fit_end=False)

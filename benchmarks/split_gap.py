@@ -66,7 +66,7 @@ def split_accuracies(network: nn.Module, data: CIFARDataModule, train_images: in
 
 def measure(path: Path, data: CIFARDataModule, bn_batches: int, train_images: int) -> dict[str, Any]:
     """Every figure for one checkpoint."""
-    module = ImageClassifier.load_from_checkpoint(path, map_location="cpu")
+    module = ImageClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)  # data, never code
     network = module.model.float().cpu()
     counts = count_nonzero(network)
     return {"checkpoint": path.name, "sparsity": round(counts.total.sparsity, 4),
