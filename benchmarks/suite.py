@@ -10,7 +10,7 @@ size, onnxruntime CPU latency at batch 1. Rows:
     target50_lowrank (Tucker-2 ranks tuned to the same measured latency), target50_factorized (CompressToTarget
     planning widths and Tucker-2 ranks together),
     and issue 24's targets on other networks (run with ``--only``): mobilenetv2_dense,
-    {resnet56,mobilenetv2}_target{50,33}[_uniform] (ResNet-56's dense reference is the teacher row),
+    {resnet56,mobilenetv2}_target{50,33}[_uniform|_lowrank] (ResNet-56's dense reference is the teacher row),
     {resnet56,mobilenetv2}_target33_int8[_uniform] (the int8 QDQ file at a third of the fp32 dense latency)
 
 Budgets (``--budget``):

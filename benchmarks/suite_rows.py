@@ -282,18 +282,18 @@ def ranks_at_latency(ratio: float, model: str = "resnet20", method: str = "tucke
                   if closest else "none timed"))
 
 
-def _lowrank_at_latency(ratio: float) -> Callable[[Context], Plan]:
+def _lowrank_at_latency(ratio: float, model: str = "resnet20") -> Callable[[Context], Plan]:
     def row(ctx: Context) -> Plan:
-        ranks, tuned = ranks_at_latency(ratio)
+        ranks, tuned = ranks_at_latency(ratio, model)
         callback = _lc().LowRankFactorization(ranks={f"*.{name}": rank for name, rank in ranks.items()},
                                               method="tucker2", start=0.3)
         note = (f"ranks tuned to {ratio:.2g}x the dense latency (onnxruntime fp32, batch 64, 1 thread): "
                 f"{tuned['fraction']:.2f} of each layer's full rank, measured {tuned['measured_ratio']:.3f}x beside the "
                 f"dense network, {tuned['macs_ratio']:.3f} of the MACs")
-        return Plan(callbacks=[callback], notes=[note])
-    row.__doc__ = (f"LowRankFactorization (Tucker-2 at 30 % of the run) with ranks tuned to {ratio:.2g}x the dense "
-                   "latency on onnxruntime (fp32, batch 64, 1 thread): the factorization baseline beside the "
-                   "CompressToTarget rows (issue 24).")
+        return Plan(model=model, callbacks=[callback], notes=[note])
+    row.__doc__ = (f"LowRankFactorization on {model} (Tucker-2 at 30 % of the run) with ranks tuned to {ratio:.2g}x "
+                   "the dense latency on onnxruntime (fp32, batch 64, 1 thread): the factorization baseline beside "
+                   "the CompressToTarget rows (issue 24).")
     return row
 
 
@@ -437,6 +437,9 @@ ROWS: dict[str, Row] = {
                                                cost=cost * (0.8 if ratio == 0.5 else 0.7))
        for model, (_, cost) in TARGET_MODELS.items() for percent, (ratio, _) in TARGET_FRACTIONS.items()
        for suffix, allocation in (("", "sensitivity"), ("_uniform", "uniform"))},
+    **{f"{model}_target{percent}_lowrank": Row(_lowrank_at_latency(ratio, model), ("factorization", "planning/latency.py"),
+                                               cost=cost * 1.1)
+       for model, (_, cost) in TARGET_MODELS.items() for percent, (ratio, _) in TARGET_FRACTIONS.items()},
     # 1/3 with int8, where fp32 channel removal cannot reach it (ResNet-56: closest 0.35x)
     **{f"{model}_target33_int8{suffix}": Row(_target(1 / 3, model, allocation, int8=True),
                                              ("pruning", "planning", "quantization", "export"), cost=cost * 0.8)

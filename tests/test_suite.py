@@ -603,8 +603,12 @@ def test_lowrank_at_latency_row_tunes_ranks_on_measured_time_and_factorizes_ever
     assert set(ranks.values()) <= {8, 16, 24, 32, 40, 48, 56, 64}
     ctx = suite_rows.Context(suite_rows.resolve_budget("smoke")[0], steps=100, teacher_path=lambda: "")
     search = suite_rows.ranks_at_latency
-    monkeypatch.setattr(suite_rows, "ranks_at_latency", lambda ratio: (ranks, tuned))  # searched once, above
+    asked = []
+    monkeypatch.setattr(suite_rows, "ranks_at_latency",  # searched once, above
+                        lambda ratio, model="resnet20": asked.append((ratio, model)) or (ranks, tuned))
+    assert suite_rows.ROWS["resnet56_target33_lowrank"].plan(ctx).model == "resnet56"
     plan = suite_rows.ROWS["target50_lowrank"].plan(ctx)
+    assert asked == [(1 / 3, "resnet56"), (0.5, "resnet20")] and plan.model == "resnet20"
     (callback,) = plan.callbacks
     assert isinstance(callback, LowRankFactorization) and f"{tuned['fraction']:.2f} of each layer" in plan.notes[0]
     module = ImageClassifier("resnet20", num_classes=4)
