@@ -123,6 +123,34 @@ def check_deploy_latency(result: dict[str, Any], markdown: str) -> None:
     assert "| resnet20 | ours_qdq | 21 | 9 | 0 |" in markdown
 
 
+def planned_resnet20_suite(tmp: Path, data: Path) -> None:
+    """A suite results file holding one planned ResNet-20 row: every channel group at 8 (16 for the last stage)."""
+    import torch
+
+    from lightning_compress.models import create_model
+    from lightning_compress.planning.widths import channel_space
+
+    space = channel_space(create_model("resnet20", num_classes=10).eval(), torch.zeros(1, 3, 32, 32), ["fc"])
+    widths = {group: 16 if dense == 64 else 8 for group, dense in space.widths.items()}
+    record = {"row": "target50", "code_version": "abc", "target_plan": {"widths": widths}}
+    (tmp / "suite.jsonl").write_text(json.dumps({"row": "dense"}) + "\n" + json.dumps(record) + "\n")
+
+
+def check_latency_in_context(result: dict[str, Any], markdown: str) -> None:
+    dense, planned = result["networks"]
+    assert (dense["name"], planned["name"], planned["commit"]) == ("dense", "target50", "abc")
+    assert result["settings"]["block"] in (0, 8, 16) and "suite" not in result["settings"]
+    for network in (dense, planned):
+        classes = network["classes"]
+        # every convolution of the network is in the table and in the profile, in the same class
+        assert sum(c["layers"] for c in classes) == sum(c["profiled_layers"] for c in classes) == 21
+        assert all(c["layers"] == c["profiled_layers"] for c in classes)
+        assert 0 < network["convolutions_in_network_ms"] <= network["profile_ms"] and network["table_ms"] > 0
+        assert network["measured_ms"] > 0
+    assert planned["table_ms"] < dense["table_ms"] and {c["in"] for c in planned["classes"]} == {3, 8, 16}
+    assert "| dense |" in markdown and "## target50" in markdown and "in the network / table" in markdown
+
+
 def check_latency_model(result: dict[str, Any], markdown: str) -> None:
     row, int8 = result["rows"]  # int8 after fp32: its planner has other candidates (no channel block), same sensitivity
     assert (row["model"], row["batch"], row["precision"], row["ratio"]) == ("resnet20", 8, "fp32", 0.6)
@@ -347,6 +375,11 @@ CASES = {
         ("--models", "resnet20", "--batches", "1", "--threads", "1", "--repeats", "1", "--calibration-batches", "1",
          "--runtimes", "openvino", "executorch"),
         check_deploy_latency,
+    ),
+    "latency_in_context": Case(
+        ("--model", "resnet20", "--rows", "target50", "--suite", "{tmp}/suite.jsonl", "--batch", "2", "--calls", "2",
+         "--repeats", "2", "--rounds", "1"),
+        check_latency_in_context, setup=planned_resnet20_suite,
     ),
     "latency_model": Case(
         ("--models", "resnet20", "--batches", "8", "--precisions", "fp32", "int8", "--ratios", "0.6", "--rounds", "1",
