@@ -73,13 +73,13 @@ def profiled_convolutions(model: bytes, array: Any, threads: int, calls: int) ->
 
 def table_classes(table: LatencyTable, shapes: dict, block: int) -> dict[tuple, list[float]]:
     """The table's milliseconds of each layer (convolutions), by the shape class onnxruntime runs it as."""
+    def padded(channels: int, blocked: bool = True) -> int:  # onnxruntime's NCHWc pads channels to its block
+        return -(-channels // block) * block if block and blocked else channels
+
     by_class: dict[tuple, list[float]] = defaultdict(list)
     for shape in shapes.values():
         if shape.kind != "conv":
             continue
-        def padded(channels: int, blocked: bool = True) -> int:  # onnxruntime's NCHWc pads channels to its block
-            return -(-channels // block) * block if block and blocked else channels
-
         # input fewer than a block: plain NCHW in (the kernel for a network's first layers)
         by_class[(padded(shape.in_channels, shape.in_channels > block), padded(shape.out_channels), tuple(shape.kernel), tuple(shape.size), tuple(shape.output_size()))].append(
             table.layer_ms(shape, int8=False))
