@@ -4,7 +4,10 @@ NetAdapt's lookup table (Yang et al., 2018): each convolution or linear layer of
 built alone as an ONNX model (fp32, or the int8 form onnxruntime fuses from a QDQ model: ``uint8`` codes
 in and out, ``int8`` per-channel weights), timed in the runtime at the deployment's batch size and thread
 count, and stored under its shape, so a network's candidate widths cost one measurement per new layer
-shape. :class:`LatencyTable` keeps the table in a JSON file per (CPU, runtime, batch size, threads).
+shape. Each layer is timed in rounds taking turns with a fixed reference convolution and stored in the
+reference's units, so that a machine whose speed drifts between (or during) measurements still gives layers
+costs that compare. :class:`LatencyTable` keeps the table in a JSON file per (CPU, runtime, batch size,
+threads).
 
 Example:
     >>> table = LatencyTable(runtime="onnxruntime", batch_size=1, threads=1, repeats=5)
@@ -41,7 +44,9 @@ RUNTIMES = (*TABLE_RUNTIMES, "executorch")
 """Runtimes a plan can target. ExecuTorch's layers are costed by onnxruntime's table (lowering one program per
 layer takes tens of seconds), scaled by the end-to-end ExecuTorch measurements the latency model is calibrated
 and checked on."""
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+MEASURE_ROUNDS = 5
+"""Rounds in which a layer and the reference take turns; an entry is the median of the rounds' ratios."""
 
 
 @dataclass(frozen=True)
@@ -287,7 +292,7 @@ def _onnxruntime_block() -> int:
     return 0
 
 
-def median_ms(runner: Callable[[np.ndarray], Any], array: np.ndarray, repeats: int, warmup: int = 3) -> float:
+def median_ms(runner: Callable[[Any], Any], array: Any, repeats: int, warmup: int = 3) -> float:
     """Median milliseconds of ``runner(array)`` over ``repeats`` timed calls after ``warmup`` untimed ones."""
     for _ in range(warmup):
         runner(array)
@@ -299,21 +304,34 @@ def median_ms(runner: Callable[[np.ndarray], Any], array: np.ndarray, repeats: i
     return statistics.median(times) * 1e3
 
 
+def round_medians(calls: Mapping[str, Callable[[], Any]], repeats: int, rounds: int,
+                  warmup: int = 3) -> dict[str, list[float]]:
+    """Each call's median milliseconds in each of ``rounds`` rounds, the calls taking turns and their order
+    reversed every other round, so that load from other processes hits all alike.
+
+    Example:
+        >>> sorted(len(ms) for ms in round_medians({"a": lambda: 1, "b": lambda: 2}, repeats=3, rounds=2).values())
+        [2, 2]
+    """
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    names = list(calls)
+    for index in range(rounds):
+        for name in names if index % 2 == 0 else names[::-1]:
+            times[name].append(median_ms(lambda _, call=calls[name]: call(), None, repeats, warmup))
+    return times
+
+
 def interleaved_ms(runners: Mapping[str, Callable[[np.ndarray], Any]], array: np.ndarray, repeats: int,
                    rounds: int = 3) -> dict[str, float]:
-    """Each runner's median milliseconds over ``rounds`` rounds (the median of its per-round medians), the runners
-    taking turns and their order reversed every other round, so that load from other processes hits all alike.
+    """Each runner's median milliseconds on ``array`` over ``rounds`` interleaved rounds (the median of its
+    per-round medians, :func:`round_medians`).
 
     Example:
         >>> sorted(interleaved_ms({"a": lambda x: x, "b": lambda x: x * 2}, np.ones(4), repeats=3, rounds=2))
         ['a', 'b']
     """
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    names = list(runners)
-    for index in range(rounds):
-        for name in names if index % 2 == 0 else names[::-1]:
-            times[name].append(median_ms(runners[name], array, repeats))
-    return {name: statistics.median(values) for name, values in times.items()}
+    calls = {name: functools.partial(runner, array) for name, runner in runners.items()}
+    return {name: statistics.median(values) for name, values in round_medians(calls, repeats, rounds).items()}
 
 
 def timed_programs(programs: Mapping[str, bytes], runtime: str, threads: int, array: np.ndarray, repeats: int,
@@ -339,12 +357,18 @@ def _input_array(shape: LayerShape, batch_size: int, int8: bool) -> np.ndarray:
     return generator.standard_normal(dims).astype(np.float32)
 
 
+REFERENCE_LAYER = LayerShape("conv", 32, 32, (3, 3), (1, 1), (1, 1), (1, 1), 1, (16, 16))
+"""The fp32 convolution every table entry is measured against (a ResNet-20 middle-stage layer)."""
+
+
 class LatencyTable:
     """Measured per-layer latency on one runtime, batch size and thread count, cached in a JSON file.
 
-    Each layer's figure is its model's median time minus the median time of running an empty model
-    (the runtime's fixed cost per call), so that a network's latency is predicted by the sum of its
-    layers plus one constant (:class:`~lightning_compress.planning.predict.LatencyModel` calibrates it).
+    A layer's figure is its model's time minus an empty model's on the same input (the runtime's fixed cost per
+    call), divided by :data:`REFERENCE_LAYER`'s figure timed in the same rounds: the table stores layers in the
+    reference's units, and gives milliseconds at the reference's speed when the table is first used in this
+    process. A network's latency is predicted by the sum of its layers mapped through end-to-end measurements
+    (:class:`~lightning_compress.planning.planner.LatencyModel` calibrates it).
 
     Args:
         runtime: One of :data:`TABLE_RUNTIMES`.
@@ -352,7 +376,7 @@ class LatencyTable:
         threads: The deployment's inference threads.
         path: The JSON cache (read if it exists and was measured on this CPU with this runtime version;
             written by :meth:`save`); ``None`` keeps the table in memory.
-        repeats: Timed calls per layer.
+        repeats: Timed calls per layer (spread over :data:`MEASURE_ROUNDS` rounds).
 
     Example:
         >>> LatencyTable(runtime="tensorrt")
@@ -374,13 +398,22 @@ class LatencyTable:
                         "batch_size": batch_size, "threads": threads}
         self.entries: dict[str, float] = {}
         self.measured = 0
+        self._reference_ms: float | None = None
         if self.path is not None and self.path.is_file():
             stored = json.loads(self.path.read_text())
             if stored.get("machine") == self.machine and stored.get("version") == CACHE_VERSION:
                 self.entries = {str(k): float(v) for k, v in stored["entries"].items()}
 
+    @property
+    def reference_ms(self) -> float:
+        """The reference layer's milliseconds, timed once per table object (on first use)."""
+        if self._reference_ms is None:
+            with exclusive_timing():
+                self._reference_ms = statistics.median(self._round_ms({})["reference"])
+        return self._reference_ms
+
     def layer_ms(self, shape: LayerShape, int8: bool) -> float:
-        """The layer's latency in milliseconds (measured on first request, then looked up).
+        """The layer's latency in milliseconds at the reference's speed (measured on first request, then looked up).
 
         Args:
             shape: The layer.
@@ -392,13 +425,32 @@ class LatencyTable:
         key = f"{'int8' if int8 else 'fp32'} {shape.key()}"
         if key not in self.entries:
             array = _input_array(shape, self.batch_size, int8)
-            layer = runtime_runner(layer_onnx(shape, self.batch_size, int8), self.runtime, self.threads)
-            empty = runtime_runner(_empty_onnx(array), self.runtime, self.threads)
             with exclusive_timing():
-                self.entries[key] = max(0.0, median_ms(layer, array, self.repeats) - median_ms(empty, array,
-                                                                                            self.repeats))
+                rounds = self._round_ms({"layer": (self._runner(layer_onnx(shape, self.batch_size, int8)), array)})
+            self.entries[key] = statistics.median(max(0.0, layer) / max(reference, 1e-6) for layer, reference
+                                                  in zip(rounds["layer"], rounds["reference"], strict=True))
             self.measured += 1
-        return self.entries[key]
+        return self.entries[key] * self.reference_ms
+
+    def _round_ms(self, programs: Mapping[str, tuple[Callable[[np.ndarray], Any], np.ndarray]]
+                  ) -> dict[str, list[float]]:
+        """Per round, each program's and the reference's milliseconds less the empty model's on the same input."""
+        calls = dict(self._reference_calls)
+        for name, (runner, array) in programs.items():
+            calls[name] = functools.partial(runner, array)
+            calls[f"{name} empty"] = functools.partial(self._runner(_empty_onnx(array)), array)
+        rounds = round_medians(calls, max(1, self.repeats // MEASURE_ROUNDS), MEASURE_ROUNDS, warmup=1)
+        return {name: [ms - empty for ms, empty in zip(rounds[name], rounds[f"{name} empty"], strict=True)]
+                for name in (*programs, "reference")}
+
+    @functools.cached_property
+    def _reference_calls(self) -> dict[str, Callable[[], Any]]:
+        array = _input_array(REFERENCE_LAYER, self.batch_size, False)
+        return {"reference": functools.partial(self._runner(layer_onnx(REFERENCE_LAYER, self.batch_size, False)), array),
+                "reference empty": functools.partial(self._runner(_empty_onnx(array)), array)}
+
+    def _runner(self, model: bytes) -> Callable[[np.ndarray], Any]:
+        return runtime_runner(model, self.runtime, self.threads)
 
     def network_ms(self, shapes: Mapping[str, LayerShape], int8: bool) -> float:
         """The sum of the layers' latencies (no constant), in milliseconds."""
@@ -407,12 +459,14 @@ class LatencyTable:
     def save(self) -> None:
         """Write the table to :attr:`path` atomically (nothing without a path)."""
         if self.path is not None:
-            payload = {"version": CACHE_VERSION, "machine": self.machine, "entries": self.entries}
+            payload = {"version": CACHE_VERSION, "machine": self.machine, "reference": REFERENCE_LAYER.key(),
+                       "entries": self.entries}
             write_text_atomic(self.path, json.dumps(payload, indent=1, sort_keys=True) + "\n")
 
     def describe(self) -> dict[str, Any]:
         """Where and how the table was measured, for reports."""
-        return {**self.machine, "layers_in_table": len(self.entries), "repeats": self.repeats}
+        return {**self.machine, "layers_in_table": len(self.entries), "repeats": self.repeats,
+                "reference_layer": REFERENCE_LAYER.key(), "reference_layer_ms": self._reference_ms}
 
 
 def _empty_onnx(array: np.ndarray) -> bytes:

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
@@ -272,17 +273,21 @@ class TargetPlanner:
                 return widths_for(self.cost, budget), {}
             return factorized_plan(sensitivity, rank_costs, cost_of, lambda cost: widths_for(cost, budget))
 
-        widths, ranks = search(self.target.value)
         details: dict[str, Any] = {
             "allocation": allocation, "sensitivity_batches": len(inputs),
             "sensitivity_images": sum(len(x) for x in inputs), "sensitivity_seconds": round(sensitivity_seconds, 2),
             "setup_seconds": round(self.setup_seconds, 2), "round_to": self.round_to, "floor": self.space.floor,
             "block": self.space.block,
             "factorize": factorize}
+        # a latency search measures new table layers as it goes: one hold of the lock for all of them and the
+        # checks, not a wait per layer for other processes' work to pause
+        with exclusive_timing() if self.latency is not None else contextlib.nullcontext():
+            widths, ranks = search(self.target.value)
+            if self.latency is not None:
+                widths, ranks = self._checked(network, (widths, ranks), search, cost_of, importance, checks, details)
         if self.latency is not None:
             details["latency_model"] = {**self.latency.describe(), **self.latency.table.describe(),
                                         "calibrated_on": self.runtime}
-            widths, ranks = self._checked(network, (widths, ranks), search, cost_of, importance, checks, details)
             details["predicted_ms"] = self.latency.predict(factored_shapes(self.space.shapes(widths), ranks))
             details["dense_predicted_ms"] = self.latency.predict(self.space.shapes(self.space.widths))
             details["reference_ms"] = self.latency.baseline_ms or details["dense_predicted_ms"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 
 import onnxruntime
 import pytest
@@ -14,6 +15,7 @@ from torch import nn
 from lightning_compress.core.accounting import count_macs_per_module
 from lightning_compress.core.machine import cpu_description
 from lightning_compress.models import create_model
+from lightning_compress.planning import latency as latency_module
 from lightning_compress.planning.latency import (
     LatencyTable,
     LayerShape,
@@ -75,12 +77,40 @@ def test_latency_table_is_cached_per_machine_and_runtime(tmp_path):
     assert table.measured == 2
     table.save()
     again = LatencyTable(path=path, repeats=5)
-    assert again.layer_ms(shape, int8=False) == first and again.measured == 0
+    assert again.entries == table.entries and again.measured == 0
+    assert again.layer_ms(shape, int8=False) == pytest.approx(first / table.reference_ms * again.reference_ms)
     stored = json.loads(path.read_text())
     stored["machine"]["cpu"]["model"] = "another CPU"
     path.write_text(json.dumps(stored))
     assert LatencyTable(path=path, repeats=5).entries == {}  # another machine's figures are not reused
     assert LatencyTable(path=path, batch_size=4, repeats=5).entries == {}
+
+
+def test_latency_table_layers_compare_when_the_machine_slows_between_them(monkeypatch):
+    """Each layer is timed against the reference in the same rounds: a machine twice as slow while the second
+    layer is measured leaves the two layers' ratio that of their costs (it doubled in milliseconds alone)."""
+    costs = {"reference": 1e-3, "small": 0.5e-3, "large": 2e-3, "empty": 0.05e-3}
+    speed = {"factor": 1.0}
+
+    def layer_program(shape, batch_size, int8):
+        return {32: b"reference", 8: b"small", 16: b"large"}[shape.out_channels]
+
+    def runner(model, runtime, threads):
+        def run(array):
+            end = time.perf_counter() + costs[model.decode()] * speed["factor"]
+            while time.perf_counter() < end:
+                pass
+        return run
+
+    monkeypatch.setattr(latency_module, "layer_onnx", layer_program)
+    monkeypatch.setattr(latency_module, "_empty_onnx", lambda array: b"empty")
+    monkeypatch.setattr(latency_module, "runtime_runner", runner)
+    table = LatencyTable(repeats=10)
+    small = table.layer_ms(LayerShape("conv", 8, 8, (3, 3), (1, 1), (1, 1), (1, 1), 1, (8, 8)), int8=False)
+    speed["factor"] = 2.0
+    large = table.layer_ms(LayerShape("conv", 8, 16, (3, 3), (1, 1), (1, 1), (1, 1), 1, (8, 8)), int8=False)
+    assert large / small == pytest.approx((2 - 0.05) / (0.5 - 0.05), rel=0.1)
+    assert table.describe()["reference_layer_ms"] == pytest.approx(0.95, rel=0.15)
 
 
 def test_channel_space_predicts_the_shapes_real_slimming_gives():
