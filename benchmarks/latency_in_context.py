@@ -13,6 +13,7 @@ against the profile's, and per network the table sum, the profile's total and th
 Run:  python benchmarks/latency_in_context.py        (ResNet-56, batch 64, the suite's resnet56_target50 rows)
       python benchmarks/latency_in_context.py --model resnet20 --rows target50 target50_uniform
       python benchmarks/latency_in_context.py --model mobilenetv2 --rows --name latency_in_context_mobilenetv2
+      python benchmarks/latency_in_context.py --model mobilenetv2 --rows --plans benchmarks/results/latency_model.json
 Writes ``benchmarks/results/latency_in_context.{json,md}``.
 """
 
@@ -86,12 +87,27 @@ def table_classes(table: LatencyTable, shapes: dict, block: int) -> dict[tuple, 
     return by_class
 
 
+def planned_widths(result: dict, model: str, batch: int) -> dict[str, dict[str, int]]:
+    """The fp32 widths a ``latency_model.py`` results file planned for ``model`` at ``batch``, by target.
+
+    Example:
+        >>> planned_widths({"rows": [{"model": "resnet20", "batch": 64, "precision": "fp32", "ratio": 0.5,
+        ...                           "widths": {"conv1": 8}}, {"model": "resnet20", "batch": 1, "ratio": 0.5}]},
+        ...                "resnet20", 64)
+        {'plan 0.5x': {'conv1': 8}}
+    """
+    return {f"plan {row['ratio']:.3g}x": row["widths"] for row in result["rows"]
+            if row["model"] == model and row["batch"] == batch and row.get("precision") == "fp32" and "widths" in row}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="resnet56")
     parser.add_argument("--rows", nargs="*", default=["resnet56_target50", "resnet56_target50_uniform"],
                         help="suite rows whose planned widths to profile (the last record of each in --suite)")
     parser.add_argument("--suite", type=Path, default=RESULTS_DIR / "suite_cpu30.jsonl")
+    parser.add_argument("--plans", type=Path, default=None, metavar="JSON",
+                        help="also profile the fp32 widths a latency_model.py results file planned for --model at --batch")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--calls", type=int, default=20, help="profiled calls per network")
@@ -112,6 +128,8 @@ def main() -> None:
             records[record["row"]] = record
     widths = {"dense": dict(space.widths), **{row: records[row]["target_plan"]["widths"] for row in args.rows
                                                 if row in records}}
+    if args.plans is not None:
+        widths.update(planned_widths(json.loads(args.plans.read_text()), args.model, args.batch))
     batch = example.expand(args.batch, *example.shape[1:]).contiguous()
     programs = {name: onnx_bytes(slimmed_copy(network, example, kept) if name != "dense" else network, batch)
                 for name, kept in widths.items()}

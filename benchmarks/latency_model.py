@@ -110,6 +110,7 @@ def main() -> None:
                            "floor": plan.details["floor"],
                            "layers_in_table": len(planner.latency.table.entries),
                            "latency_model": planner.latency.describe(),
+                           "table": planner.latency.table.describe(), "widths": plan.widths,
                            "seconds": round(time.time() - started, 1),
                            "load_average_1min": round(os.getloadavg()[0], 2)}
                     rows.append(row)
