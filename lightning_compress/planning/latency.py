@@ -292,22 +292,11 @@ def _onnxruntime_block() -> int:
     return 0
 
 
-def median_ms(runner: Callable[[Any], Any], array: Any, repeats: int, warmup: int = 3) -> float:
-    """Median milliseconds of ``runner(array)`` over ``repeats`` timed calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        runner(array)
-    times = []
-    for _ in range(repeats):
-        begin = time.perf_counter()
-        runner(array)
-        times.append(time.perf_counter() - begin)
-    return statistics.median(times) * 1e3
-
-
 def round_medians(calls: Mapping[str, Callable[[], Any]], repeats: int, rounds: int,
                   warmup: int = 3) -> dict[str, list[float]]:
-    """Each call's median milliseconds in each of ``rounds`` rounds, the calls taking turns and their order
-    reversed every other round, so that load from other processes hits all alike.
+    """Each call's median milliseconds in each of ``rounds`` rounds of ``repeats`` timed calls, the calls taking
+    turns one call at a time (their order reversed every other round), so that a machine whose speed drifts
+    within seconds, or load from other processes, hits all alike.
 
     Example:
         >>> sorted(len(ms) for ms in round_medians({"a": lambda: 1, "b": lambda: 2}, repeats=3, rounds=2).values())
@@ -316,8 +305,18 @@ def round_medians(calls: Mapping[str, Callable[[], Any]], repeats: int, rounds: 
     times: dict[str, list[float]] = {name: [] for name in calls}
     names = list(calls)
     for index in range(rounds):
-        for name in names if index % 2 == 0 else names[::-1]:
-            times[name].append(median_ms(lambda _, call=calls[name]: call(), None, repeats, warmup))
+        order = names if index % 2 == 0 else names[::-1]
+        for _ in range(warmup):
+            for name in order:
+                calls[name]()
+        samples: dict[str, list[float]] = {name: [] for name in names}
+        for _ in range(repeats):
+            for name in order:
+                begin = time.perf_counter()
+                calls[name]()
+                samples[name].append(time.perf_counter() - begin)
+        for name in names:
+            times[name].append(statistics.median(samples[name]) * 1e3)
     return times
 
 

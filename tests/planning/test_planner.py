@@ -22,6 +22,7 @@ from lightning_compress.planning.latency import (
     channel_block,
     layer_onnx,
     layer_shapes,
+    round_medians,
     runtime_runner,
 )
 from lightning_compress.planning.planner import (
@@ -111,6 +112,24 @@ def test_latency_table_layers_compare_when_the_machine_slows_between_them(monkey
     large = table.layer_ms(LayerShape("conv", 8, 16, (3, 3), (1, 1), (1, 1), (1, 1), 1, (8, 8)), int8=False)
     assert large / small == pytest.approx((2 - 0.05) / (0.5 - 0.05), rel=0.1)
     assert table.describe()["reference_layer_ms"] == pytest.approx(0.95, rel=0.15)
+
+
+def test_round_medians_take_turns_call_by_call_so_a_drifting_machine_keeps_the_ratio():
+    """The machine slows steadily while measuring (each call a little slower than the one before): timed in
+    blocks, the program measured second would read 1.7x slower than it is; taking turns call by call, both see
+    the same drift."""
+    calls = {"count": 0}
+
+    def program(cost):
+        def run():
+            calls["count"] += 1
+            end = time.perf_counter() + cost * (1 + calls["count"] / 20)
+            while time.perf_counter() < end:
+                pass
+        return run
+
+    medians = round_medians({"small": program(0.2e-3), "large": program(0.4e-3)}, repeats=20, rounds=1, warmup=0)
+    assert medians["large"][0] / medians["small"][0] == pytest.approx(2.0, rel=0.05)
 
 
 def test_channel_space_predicts_the_shapes_real_slimming_gives():
