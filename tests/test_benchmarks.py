@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from collections.abc import Callable
@@ -149,6 +150,15 @@ def check_latency_in_context(result: dict[str, Any], markdown: str) -> None:
         assert network["measured_ms"] > 0
     assert planned["table_ms"] < dense["table_ms"] and {c["in"] for c in planned["classes"]} == {3, 8, 16}
     assert "| dense |" in markdown and "## target50" in markdown and "in the network / table" in markdown
+
+
+def check_timing_turns(result: dict[str, Any], markdown: str) -> None:
+    (row,) = result["rows"]
+    assert row["batch"] == 8 and set(row["ratios"]) == {"blocks", "turns"}
+    assert all(len(ratios) == 2 and all(0 < r < 1 for r in ratios) for ratios in row["ratios"].values())
+    assert row["spread"]["turns"] == pytest.approx((max(row["ratios"]["turns"]) - min(row["ratios"]["turns"]))
+                                                   / statistics.median(row["ratios"]["turns"]))
+    assert f"| 8 | turns | {row['ratios']['turns'][0]:.3f}, " in markdown and "| 8 | blocks |" in markdown
 
 
 def check_latency_model(result: dict[str, Any], markdown: str) -> None:
@@ -380,6 +390,10 @@ CASES = {
         ("--model", "resnet20", "--rows", "target50", "--suite", "{tmp}/suite.jsonl", "--batch", "2", "--calls", "2",
          "--repeats", "2", "--rounds", "1"),
         check_latency_in_context, setup=planned_resnet20_suite,
+    ),
+    "timing_turns": Case(
+        ("--model", "resnet20", "--batches", "8", "--measurements", "2", "--repeats", "3", "--rounds", "2"),
+        check_timing_turns,
     ),
     "latency_model": Case(
         ("--models", "resnet20", "--batches", "8", "--precisions", "fp32", "int8", "--ratios", "0.6", "--rounds", "1",
