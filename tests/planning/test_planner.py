@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import time
 
 import onnxruntime
 import pytest
@@ -87,22 +86,32 @@ def test_latency_table_is_cached_per_machine_and_runtime(tmp_path):
     assert LatencyTable(path=path, batch_size=4, repeats=5).entries == {}
 
 
+class _Clock:
+    """A stand-in for ``time`` in the latency module: programs advance it by their cost, so timing is exact."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
 def test_latency_table_layers_compare_when_the_machine_slows_between_them(monkeypatch):
     """Each layer is timed against the reference in the same rounds: a machine twice as slow while the second
     layer is measured leaves the two layers' ratio that of their costs (it doubled in milliseconds alone)."""
     costs = {"reference": 1e-3, "small": 0.5e-3, "large": 2e-3, "empty": 0.05e-3}
     speed = {"factor": 1.0}
+    clock = _Clock()
 
     def layer_program(shape, batch_size, int8):
         return {32: b"reference", 8: b"small", 16: b"large"}[shape.out_channels]
 
     def runner(model, runtime, threads):
         def run(array):
-            end = time.perf_counter() + costs[model.decode()] * speed["factor"]
-            while time.perf_counter() < end:
-                pass
+            clock.now += costs[model.decode()] * speed["factor"]
         return run
 
+    monkeypatch.setattr(latency_module, "time", clock)
     monkeypatch.setattr(latency_module, "layer_onnx", layer_program)
     monkeypatch.setattr(latency_module, "_empty_onnx", lambda array: b"empty")
     monkeypatch.setattr(latency_module, "runtime_runner", runner)
@@ -110,24 +119,23 @@ def test_latency_table_layers_compare_when_the_machine_slows_between_them(monkey
     small = table.layer_ms(LayerShape("conv", 8, 8, (3, 3), (1, 1), (1, 1), (1, 1), 1, (8, 8)), int8=False)
     speed["factor"] = 2.0
     large = table.layer_ms(LayerShape("conv", 8, 16, (3, 3), (1, 1), (1, 1), (1, 1), 1, (8, 8)), int8=False)
-    assert large / small == pytest.approx((2 - 0.05) / (0.5 - 0.05), rel=0.1)
-    assert table.describe()["reference_layer_ms"] == pytest.approx(0.95, rel=0.15)
+    assert large / small == pytest.approx((2 - 0.05) / (0.5 - 0.05))
+    assert table.describe()["reference_layer_ms"] == pytest.approx(0.95)
 
 
-def test_round_medians_take_turns_call_by_call_so_a_drifting_machine_keeps_the_ratio():
+def test_round_medians_take_turns_call_by_call_so_a_drifting_machine_keeps_the_ratio(monkeypatch):
     """The machine slows steadily while measuring (each call a little slower than the one before): timed in
     blocks, the program measured second would read 1.7x slower than it is; taking turns call by call, both see
     the same drift."""
-    calls = {"count": 0}
+    clock, calls = _Clock(), {"count": 0}
 
     def program(cost):
         def run():
             calls["count"] += 1
-            end = time.perf_counter() + cost * (1 + calls["count"] / 20)
-            while time.perf_counter() < end:
-                pass
+            clock.now += cost * (1 + calls["count"] / 20)
         return run
 
+    monkeypatch.setattr(latency_module, "time", clock)
     medians = round_medians({"small": program(0.2e-3), "large": program(0.4e-3)}, repeats=20, rounds=1, warmup=0)
     assert medians["large"][0] / medians["small"][0] == pytest.approx(2.0, rel=0.05)
 
