@@ -150,7 +150,8 @@ def main() -> None:
                          "measured_ms": end_to_end[name], "classes": classes})
         print(f"{name}: table {networks[-1]['table_ms']:.1f} ms, in the network {total:.1f} ms (profile), "
               f"{end_to_end[name]:.1f} ms end to end", flush=True)
-    result = {"machine": machine_info(), "settings": {**run_settings(args, omit=("suite",)), "block": block},
+    result = {"machine": machine_info(), "settings": {**run_settings(args, omit=("suite", "plans")), "block": block,
+                                                      "plans": args.plans and args.plans.name},
               "networks": networks}
     write_results(args.name, result, render(result), args.results_dir)
 
