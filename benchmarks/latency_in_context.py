@@ -28,7 +28,14 @@ from typing import Any
 
 import torch
 from deploy_latency import calibrated_network
-from reporting import RESULTS_DIR, add_output_arguments, machine_info, run_settings, write_results
+from reporting import (
+    RESULTS_DIR,
+    add_output_arguments,
+    machine_info,
+    machine_line,
+    run_settings,
+    write_results,
+)
 
 from lightning_compress.core.onnx import onnx_bytes
 from lightning_compress.planning.latency import LatencyTable, channel_block, timed_programs
@@ -160,7 +167,7 @@ def render(result: dict) -> str:
     """The markdown of a result."""
     settings, machine = result["settings"], result["machine"]
     lines = ["# Per-layer table against the layers inside the network (issue 24)", "",
-             (f"Machine: {machine['cpu']['model']} ({machine['cpu_count']} CPUs; {' '.join(machine['cpu']['flags'])}); onnxruntime, {settings['model']}, batch {settings['batch']}, "
+             (f"{machine_line(machine)}; onnxruntime, {settings['model']}, batch {settings['batch']}, "
              f"{settings['threads']} thread(s), channel block {settings['block']}. Random weights. *table*: the "
              "planner's per-layer latency table (each convolution timed alone, plain NCHW in and out); *in the "
              "network*: onnxruntime's profile of the whole network, each convolution with the layout reorder after "

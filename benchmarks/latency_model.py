@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from deploy_latency import calibrated_network
-from reporting import add_output_arguments, machine_info, run_settings, write_results
+from reporting import add_output_arguments, machine_info, machine_line, run_settings, write_results
 
 from lightning_compress.planning.planner import Target, UnreachableTargetError
 from lightning_compress.planning.target import TargetPlanner
@@ -137,7 +137,7 @@ def ratio_error(row: dict) -> float:
 def render(result: dict) -> str:
     machine = result["machine"]
     lines = ["# Latency model: predicted vs measured (issue 24)", "",
-             f"Machine: {machine['cpu']['model']} ({machine['cpu_count']} CPUs; {' '.join(machine['cpu']['flags'])}), "
+             f"{machine_line(machine)}, "
              f"onnxruntime, {result['settings']['threads']} thread(s); load average (1 min) per row in the table. "
              f"Interleaved rounds: {result['settings']['rounds']} x {result['settings']['repeats']} calls. Random "
              "weights (BatchNorm statistics from random batches); plans ranked by sensitivity on random inputs. "

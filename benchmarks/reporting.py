@@ -41,6 +41,16 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def machine_line(machine: dict[str, Any]) -> str:
+    """``Machine: <CPU model> (<n> CPUs; <ISA flags>)`` for a results file's markdown, from :func:`machine_info`.
+
+    Example:
+        >>> machine_line({"cpu": {"model": "Xeon", "flags": ["avx2", "amx_tile"]}, "cpu_count": 2})
+        'Machine: Xeon (2 CPUs; avx2 amx_tile)'
+    """
+    return f"Machine: {machine['cpu']['model']} ({machine['cpu_count']} CPUs; {' '.join(machine['cpu']['flags'])})"
+
+
 def add_output_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     """Add ``--name`` and ``--results-dir``: where :func:`write_results` puts a benchmark's files.
 

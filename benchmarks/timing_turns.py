@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from deploy_latency import calibrated_network
-from reporting import add_output_arguments, machine_info, run_settings, write_results
+from reporting import add_output_arguments, machine_info, machine_line, run_settings, write_results
 
 from lightning_compress.core.onnx import onnx_bytes
 from lightning_compress.core.timing_lock import exclusive_timing
@@ -90,8 +90,7 @@ def main() -> None:
 def render(result: dict) -> str:
     machine, settings = result["machine"], result["settings"]
     lines = ["# Timing a latency ratio: blocks or turns (issue 24)", "",
-             (f"Machine: {machine['cpu']['model']} ({machine['cpu_count']} CPUs; {' '.join(machine['cpu']['flags'])}),"
-              f" onnxruntime, {settings['threads']} thread(s). {settings['model']} with every channel group at half its"
+             (f"{machine_line(machine)}, onnxruntime, {settings['threads']} thread(s). {settings['model']} with every channel group at half its"
               f" width (at least 8) against the dense network, random weights; each measurement {settings['rounds']}"
               f" rounds x {settings['repeats']} calls per network, the two ways alternating, one after another. "
               "*spread*: (largest - smallest) / median of the measurements."), "",
