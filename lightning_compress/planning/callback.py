@@ -162,6 +162,7 @@ class CompressToTarget(ChannelRemoval):
         self._int8 = False
         self._engine: str | None = None
         self._planner: TargetPlanner | None = None
+        self._dense_at_setup: nn.Module | None = None  # timed beside the shipped network in a fit resumed after planning
         self._planned_on_rank_zero = False  # the latency model is calibrated (on rank 0) and the target reachable
         self._batch: tuple[Any, int] | None = None
         self.plan: Plan | None = None
@@ -184,6 +185,8 @@ class CompressToTarget(ChannelRemoval):
             raise ValueError("CompressToTarget(factorize=True) plans the factorizations itself: remove "
                              "LowRankFactorization from the Trainer, or set factorize=False")
         self._int8 = bool(quantizers)
+        if self.goal.kind.startswith("latency") and trainer.is_global_zero:  # before a checkpoint's records replay
+            self._dense_at_setup = copy.deepcopy(self.network_of(pl_module)).cpu().float()
         self._engine = quantizers[0].engine.name if quantizers else None
         engines = ("xnnpack",) if self.runtime == "executorch" else ONNX_ENGINES
         if self._int8 and self.goal.kind.startswith("latency") and self._engine not in engines:
@@ -213,6 +216,7 @@ class CompressToTarget(ChannelRemoval):
                 self._planner = TargetPlanner(
                     copy.deepcopy(network), example, self.goal, self.runtime, self.batch_size, self.threads,
                     self._int8, self.round_to, self._ignored, self._table_path(), self.repeats, calibration)
+            self._dense_at_setup = None  # the planner holds the dense network
             try:
                 self._planner.check_reachable()
             except UnreachableTargetError as err:
@@ -336,7 +340,9 @@ class CompressToTarget(ChannelRemoval):
         The plan's prediction is a fraction of the dense network's predicted latency; it is compared at the dense
         network's latency measured now, interleaved with the shipped one, so the machine's load when the latency
         model was calibrated (the first batch) and now does not count as prediction error. A fit resumed after
-        planning has no dense network: its prediction is the absolute one, calibrated in the first process.
+        planning times the network as it was at ``setup``, before the checkpoint's records slimmed it, as the dense
+        one (only if its MACs are the dense network's: else the prediction is the absolute one, calibrated in the
+        first process).
         ``CompressionReport`` asks for it too, whichever of the two tears down first. A network measuring above the
         target is measured again over more rounds (as the plan's checks are).
 
@@ -383,19 +389,32 @@ class CompressToTarget(ChannelRemoval):
 
     def _time_shipped(self, shipped: nn.Module | bytes, rounds: int) -> dict[str, float]:
         """``measured_ms`` and ``target_ms`` of the shipped network over ``rounds`` interleaved rounds, and
-        ``dense_ms`` when the dense network is at hand to time beside it (not in a fit resumed after planning)."""
+        ``dense_ms`` when a dense network is at hand to time beside it (:meth:`_dense_for_timing`)."""
         if self._planner is not None:
             measured = self._planner.measure(rounds, dense=self._planner.ratio_reference, shipped=shipped)
-            timed, dense_ms = {"dense_ms": measured["dense"], "measured_ms": measured["shipped"]}, measured["dense"]
         else:
             batch = torch.zeros([self.batch_size, *self._input_shape[1:]])
-            program = shipped if isinstance(shipped, bytes) else runtime_program(shipped, batch, False, self.runtime)
-            measured = timed_programs({"shipped": program}, self.runtime, self.threads, batch.numpy(), self.repeats,
-                                      rounds)
+            programs = {"shipped": shipped if isinstance(shipped, bytes)
+                        else runtime_program(shipped, batch, False, self.runtime)}
+            dense = self._dense_for_timing()
+            if dense is not None:
+                programs["dense"] = runtime_program(dense, batch, False, self.runtime)
+            measured = timed_programs(programs, self.runtime, self.threads, batch.numpy(), self.repeats, rounds)
+        timed = {"measured_ms": measured["shipped"]}
+        if "dense" in measured:
+            timed["dense_ms"] = dense_ms = measured["dense"]
+        else:
             details = self.plan.details
-            timed, dense_ms = {"measured_ms": measured["shipped"]}, details.get("reference_ms",
-                                                                              details.get("dense_predicted_ms", 0.0))
+            dense_ms = details.get("reference_ms", details.get("dense_predicted_ms", 0.0))
         return {**timed, "target_ms": self.goal.value * (dense_ms if self.goal.kind == "latency_ratio" else 1.0)}
+
+    def _dense_for_timing(self) -> nn.Module | None:
+        """The network as it was at ``setup`` when it is the dense float one (its MACs the dense network's, not
+        prepared for quantization): a module loaded already slimmed is not."""
+        dense = self._dense_at_setup
+        if dense is None or is_prepared(dense):
+            return None
+        return dense if count_macs(dense, torch.zeros(self._input_shape)) == self._dense_macs else None
 
     # ----------------------------------------------------------------------------------- state
     @override

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import lightning.pytorch as pl
+import onnx
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -15,6 +16,7 @@ from lightning_compress import CompressionReport, CompressToTarget, Quantization
 from lightning_compress.core.accounting import count_macs
 from lightning_compress.core.architecture import restore_architecture
 from lightning_compress.planning import UnreachableTargetError
+from lightning_compress.planning import callback as callback_module
 from lightning_compress.planning import target as target_module
 from lightning_compress.planning.latency import LatencyTable
 from lightning_compress.planning.target import TargetPlanner
@@ -179,24 +181,54 @@ def test_a_shipped_network_measuring_above_the_target_is_measured_again_before_i
     assert target.measured["measured_ms"] <= target.measured["target_ms"]
 
 
-def test_a_fit_resumed_after_planning_times_the_shipped_network_against_the_plan_alone(monkeypatch, tmp_path):
-    """The resumed process has the plan (callback state) but no dense network to time beside the shipped one: the
-    shipped network is timed on the runtime alone, against the plan's absolute prediction."""
+def _planned_then_resumed(monkeypatch, tmp_path, slimmed_before_fit=False):
+    """Plan in a first fit (milliseconds = MACs), resume it from the last checkpoint with every timing on the runtime
+    recorded (milliseconds = the program's size in kB): the first callback, the resumed one and the timed programs."""
     def measure(self, rounds=3, **networks):  # the planning process: milliseconds = MACs
         return {name: float(count_macs(network, self.example)) for name, network in networks.items()}
 
+    timed = {}
+
+    def timed_programs(programs, runtime, threads, array, repeats, rounds=3):
+        timed.update(programs)
+        return {name: len(program) / 1000 for name, program in programs.items()}
+
     monkeypatch.setattr(TargetPlanner, "measure", measure)
     monkeypatch.setattr(LatencyTable, "network_ms", lambda self, shapes, int8: sum(s.macs() for s in shapes.values()))
+    monkeypatch.setattr(callback_module, "timed_programs", timed_programs)
     arguments = {"latency_ratio": 0.6, "start": 0.0, "end": "4steps", "update_every": 2, "round_to": 4,
                  "table_path": str(tmp_path / "table.json"), "repeats": 3}
     torch.manual_seed(0)
     first = CompressToTarget(**arguments)
     fit(UserClassifier(), [first], tmp_path, steps=5)
     resumed, module = CompressToTarget(**arguments), UserClassifier()
+    if slimmed_before_fit:  # the user rebuilt the slimmed network from the checkpoint before resuming
+        restore_architecture(module, torch.load(tmp_path / "last.ckpt", weights_only=True))
     fit(module, [resumed], tmp_path, ckpt_path=tmp_path / "last.ckpt")
     assert resumed.plan.widths == first.plan.widths and resumed._planner is None
+    return first, resumed, timed
+
+
+def test_a_fit_resumed_after_planning_times_the_dense_network_beside_the_shipped_one(monkeypatch, tmp_path):
+    """The resumed process has the plan (callback state) and the network as built before the checkpoint slimmed it:
+    that dense network is timed beside the shipped one, and the prediction carried to its time."""
+    first, resumed, timed = _planned_then_resumed(monkeypatch, tmp_path)
+    convs = [tuple(m.weight.shape) for m in UserClassifier().net.modules() if isinstance(m, torch.nn.Conv2d)]
+    exported = [tuple(t.dims) for t in onnx.load_from_string(timed["dense"]).graph.initializer if len(t.dims) == 4]
+    assert sorted(exported) == sorted(convs)  # the dense widths, not the plan's
+    measured, details = resumed.measured, first.plan.details
+    assert measured["dense_ms"] == len(timed["dense"]) / 1000 > measured["measured_ms"]
+    assert measured["predicted_ms"] == pytest.approx(details["predicted_ms"] / details["reference_ms"]
+                                                     * measured["dense_ms"])
+    assert measured["target_ms"] == pytest.approx(0.6 * measured["dense_ms"])
+
+
+def test_a_network_slimmed_before_the_resumed_fit_is_not_taken_for_the_dense_one(monkeypatch, tmp_path):
+    """A module rebuilt slimmed before ``fit(ckpt_path=...)`` has no dense network at ``setup``: the shipped network
+    is timed alone, against the plan's absolute prediction."""
+    first, resumed, timed = _planned_then_resumed(monkeypatch, tmp_path, slimmed_before_fit=True)
     measured = resumed.measured
-    assert "dense_ms" not in measured and measured["measured_ms"] > 0  # a real onnxruntime time, not the fake's
+    assert sorted(timed) == ["shipped"] and "dense_ms" not in measured and measured["measured_ms"] > 0
     assert measured["predicted_ms"] == first.plan.details["predicted_ms"]
     assert measured["target_ms"] == pytest.approx(0.6 * first.plan.details["dense_predicted_ms"])
 
