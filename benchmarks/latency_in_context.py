@@ -43,8 +43,9 @@ from lightning_compress.planning.widths import channel_space, slimmed_copy
 
 
 def profiled_convolutions(model: bytes, array: Any, threads: int, calls: int) -> tuple[dict[tuple, list[float]], float]:
-    """Milliseconds per call of each convolution in onnxruntime's profile, a following reorder charged to it, by
-    shape class ``(in channels, out channels as run, kernel, size in, size out)``; and the profile's total."""
+    """Milliseconds per call of each convolution in onnxruntime's profile (``calls`` calls after a warm-up call), a
+    following reorder charged to it, by shape class ``(in channels, out channels as run, kernel, size in, size out)``;
+    and the profile's total."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -54,13 +55,15 @@ def profiled_convolutions(model: bytes, array: Any, threads: int, calls: int) ->
         options.profile_file_prefix = str(Path(folder) / "profile")
         session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         feed = {session.get_inputs()[0].name: array}
-        for _ in range(calls):
+        for _ in range(calls + 1):  # the first call (weights packed, buffers allocated) is a warm-up, not counted
             session.run(None, feed)
         events = json.loads(Path(session.end_profiling()).read_text())
+    runs = [event for event in events if event.get("cat") == "Session" and event["name"] == "model_run"]
+    warm_from = runs[0]["ts"] + runs[0]["dur"]
     per_node: dict[str, list] = {}  # convolution node -> [class, milliseconds over every call]
     total, last = 0.0, None
     for event in events:
-        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
+        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time") or event["ts"] < warm_from:
             continue
         args, ms = event["args"], event["dur"] / 1e3 / calls
         total += ms
