@@ -38,6 +38,7 @@ from reporting import (
 )
 
 from lightning_compress.core.onnx import onnx_bytes
+from lightning_compress.core.timing_lock import exclusive_timing
 from lightning_compress.planning.latency import LatencyTable, channel_block, timed_programs
 from lightning_compress.planning.widths import channel_space, slimmed_copy
 
@@ -144,22 +145,23 @@ def main() -> None:
     programs = {name: onnx_bytes(slimmed_copy(network, example, kept) if name != "dense" else network, batch)
                 for name, kept in widths.items()}
     block = channel_block("onnxruntime", int8=False)
-    table = LatencyTable("onnxruntime", args.batch, args.threads, None, args.repeats)
-    end_to_end = timed_programs(programs, "onnxruntime", args.threads, batch.numpy(), args.repeats, args.rounds)
     networks = []
-    for name, kept in widths.items():
-        tabled = table_classes(table, space.shapes(kept), block)
-        profiled, total = profiled_convolutions(programs[name], batch.numpy(), args.threads, args.calls)
-        classes = [{"in": key[0], "out": key[1], "kernel": list(key[2]), "size": list(key[3]), "size_out": list(key[4]),
-                    "layers": len(tabled.get(key, ())), "profiled_layers": len(profiled.get(key, ())),
-                    "table_ms": sum(tabled.get(key, ())), "in_network_ms": sum(profiled.get(key, ()))}
-                   for key in sorted(set(tabled) | set(profiled))]
-        networks.append({"name": name, "commit": records.get(name, {}).get("code_version"), "widths": kept,
-                         "table_ms": sum(c["table_ms"] for c in classes), "profile_ms": total,
-                         "convolutions_in_network_ms": sum(c["in_network_ms"] for c in classes),
-                         "measured_ms": end_to_end[name], "classes": classes})
-        print(f"{name}: table {networks[-1]['table_ms']:.1f} ms, in the network {total:.1f} ms (profile), "
-              f"{end_to_end[name]:.1f} ms end to end", flush=True)
+    with exclusive_timing():  # the table, the end-to-end medians and the profiles on a machine kept quiet
+        table = LatencyTable("onnxruntime", args.batch, args.threads, None, args.repeats)
+        end_to_end = timed_programs(programs, "onnxruntime", args.threads, batch.numpy(), args.repeats, args.rounds)
+        for name, kept in widths.items():
+            tabled = table_classes(table, space.shapes(kept), block)
+            profiled, total = profiled_convolutions(programs[name], batch.numpy(), args.threads, args.calls)
+            classes = [{"in": key[0], "out": key[1], "kernel": list(key[2]), "size": list(key[3]), "size_out": list(key[4]),
+                        "layers": len(tabled.get(key, ())), "profiled_layers": len(profiled.get(key, ())),
+                        "table_ms": sum(tabled.get(key, ())), "in_network_ms": sum(profiled.get(key, ()))}
+                       for key in sorted(set(tabled) | set(profiled))]
+            networks.append({"name": name, "commit": records.get(name, {}).get("code_version"), "widths": kept,
+                             "table_ms": sum(c["table_ms"] for c in classes), "profile_ms": total,
+                             "convolutions_in_network_ms": sum(c["in_network_ms"] for c in classes),
+                             "measured_ms": end_to_end[name], "classes": classes})
+            print(f"{name}: table {networks[-1]['table_ms']:.1f} ms, in the network {total:.1f} ms (profile), "
+                  f"{end_to_end[name]:.1f} ms end to end", flush=True)
     result = {"machine": machine_info(), "settings": {**run_settings(args, omit=("suite", "plans")), "block": block,
                                                       "plans": args.plans and args.plans.name},
               "networks": networks}
@@ -175,12 +177,18 @@ def render(result: dict) -> str:
              "planner's per-layer latency table (each convolution timed alone, plain NCHW in and out); *in the "
              "network*: onnxruntime's profile of the whole network, each convolution with the layout reorder after "
              "it; *end to end*: interleaved medians of whole calls. Classes: input channels -> output channels as "
-             "onnxruntime runs them (padded to its block), kernel, size in -> out."), "",
-             "| network | table ms | in the network ms (profile) | end to end ms | in the network / table |",
-             "|---|---:|---:|---:|---:|"]
+             "onnxruntime runs them (padded to its block), kernel, size in -> out. *table / end to end, as fractions "
+             "of dense*: the ratio a plan is checked by (the table's milliseconds scale with its reference "
+             "convolution, timed once)."), "",
+             "| network | table ms | in the network ms (profile) | end to end ms | in the network / table "
+             "| table / end to end | as fractions of dense |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    dense = result["networks"][0]
     for network in result["networks"]:
+        fractions = (network["table_ms"] / dense["table_ms"]) / (network["measured_ms"] / dense["measured_ms"])
         lines.append(f"| {network['name']} | {network['table_ms']:.2f} | {network['profile_ms']:.2f} | "
-                     f"{network['measured_ms']:.2f} | {network['profile_ms'] / network['table_ms']:.2f} |")
+                     f"{network['measured_ms']:.2f} | {network['profile_ms'] / network['table_ms']:.2f} | "
+                     f"{network['table_ms'] / network['measured_ms']:.2f} | {fractions:.3f} |")
     for network in result["networks"]:
         lines += ["", f"## {network['name']}", "",
                   "| class | layers | table ms | in the network ms | in the network / table |", "|---|---:|---:|---:|---:|"]
