@@ -330,6 +330,7 @@ class Suite:
         import lightning.pytorch as pl
 
         from lightning_compress import ImageClassifier
+        from lightning_compress.core.timing_lock import shared_timing
         from lightning_compress.planning.planner import UnreachableTargetError
 
         previous = None if (force or self.force) else self._is_recorded(row, any_accelerator=row == "teacher")
@@ -372,31 +373,33 @@ class Suite:
             start = time.perf_counter()
             trainer.fit(module, datamodule=data, ckpt_path=resume)
             fit_s = time.perf_counter() - start
-            record["precision"] = plan.precision or budget.precision
-            int8 = None
-            if plan.qat is not None:
-                int8 = export_function("int8_from_qat")(module.model.cpu(), plan.qat.engine,
-                                                        (torch.randn(*EXAMPLE),))
-            network = module.model
-            measured_on = module.model
-            if int8 is not None:
-                module.model = int8
-            top1 = _test_acc(module, data, budget)
-            record["val_top1"] = _val_acc(module, data, budget)
-            module.model = measured_on
-            # the deployed file's own accuracy, on the same test images
-            limit = None if budget.limit_test_batches is None else budget.limit_test_batches * 256
-            test = (data.transform(data.test_set.images[:limit], train=False), data.test_set.labels[:limit])
-            measured = measure_network(network, int8, getattr(plan.qat, "engine", "x86"), budget.latency_repeats, test)
-            measured["measure_notes"] = measured.pop("notes")
-            record.update(planned_record(plan.callbacks))
-            record.update(status="ok", top1=top1, fit_s=round(fit_s, 1), epochs=epochs, notes=plan.notes, **measured)
-            self.work_dir.mkdir(parents=True, exist_ok=True)
-            if row == "teacher":
-                record["top1_bf16_autocast"] = _autocast_test_acc(module, data, budget)
-                trainer.save_checkpoint(self.teacher_file(), weights_only=False)
-            else:  # kept for questions asked after the row (e.g. the GMP validation/test gap), reloadable alone
-                trainer.save_checkpoint(self.work_dir / f"{row}_{budget.name}_{record['code_version']}.ckpt", weights_only=False)
+            # the other row's latency measurements wait for this evaluation and export, not timed beside them
+            with shared_timing():
+                record["precision"] = plan.precision or budget.precision
+                int8 = None
+                if plan.qat is not None:
+                    int8 = export_function("int8_from_qat")(module.model.cpu(), plan.qat.engine,
+                                                            (torch.randn(*EXAMPLE),))
+                network = module.model
+                measured_on = module.model
+                if int8 is not None:
+                    module.model = int8
+                top1 = _test_acc(module, data, budget)
+                record["val_top1"] = _val_acc(module, data, budget)
+                module.model = measured_on
+                # the deployed file's own accuracy, on the same test images
+                limit = None if budget.limit_test_batches is None else budget.limit_test_batches * 256
+                test = (data.transform(data.test_set.images[:limit], train=False), data.test_set.labels[:limit])
+                measured = measure_network(network, int8, getattr(plan.qat, "engine", "x86"), budget.latency_repeats, test)
+                measured["measure_notes"] = measured.pop("notes")
+                record.update(planned_record(plan.callbacks))
+                record.update(status="ok", top1=top1, fit_s=round(fit_s, 1), epochs=epochs, notes=plan.notes, **measured)
+                self.work_dir.mkdir(parents=True, exist_ok=True)
+                if row == "teacher":
+                    record["top1_bf16_autocast"] = _autocast_test_acc(module, data, budget)
+                    trainer.save_checkpoint(self.teacher_file(), weights_only=False)
+                else:  # kept for questions asked after the row (e.g. the GMP validation/test gap), reloadable alone
+                    trainer.save_checkpoint(self.work_dir / f"{row}_{budget.name}_{record['code_version']}.ckpt", weights_only=False)
             record["wall_s"] = round(time.perf_counter() - start, 1)
             record["load_average_1_5_15"] = [round(v, 2) for v in os.getloadavg()]
             partial.unlink(missing_ok=True)
