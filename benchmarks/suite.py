@@ -172,7 +172,8 @@ def _epoch_checkpoint(path: Path) -> Any:
 def _yield_to_timing() -> Any:
     """A callback holding the machine's timing lock shared during each training step, so that a latency measured
     by another process (the other row's planning, checks or fit-end measurement: they hold it exclusively) runs
-    with this row paused, not beside its training."""
+    with this row paused, not beside its training. ``held`` is open to the caller: a row enters it before loading
+    its data, and the first step's end lets it go."""
     import contextlib
 
     import lightning.pytorch as pl
@@ -355,14 +356,17 @@ class Suite:
             return record
         except Exception as err:  # e.g. the teacher could not be trained
             plan = err
+        yielding = _yield_to_timing()
         try:
             if isinstance(plan, Exception):
                 raise plan
+            # data loading and set-up until the first step end hold the lock shared too (not beside another's timing)
+            yielding.held.enter_context(shared_timing())
             pl.seed_everything(0, workers=True)
             module = ImageClassifier(plan.model, **optimizer_settings(budget), channels_last=True)
             data = datamodule(self.data, budget, **plan.data)
             trainer = _trainer(replace(budget, epochs=epochs, accelerator=self.accelerator),
-                               [_yield_to_timing(), *plan.callbacks, _epoch_clock(row), _epoch_checkpoint(partial)],
+                               [yielding, *plan.callbacks, _epoch_clock(row), _epoch_checkpoint(partial)],
                                plan.precision)
             if self.accelerator != budget.accelerator:
                 record["trained_on"] = torch.cuda.get_device_name() if self.accelerator == "gpu" else self.accelerator
@@ -410,6 +414,8 @@ class Suite:
         except Exception as err:  # recorded, so the table says what broke; other rows go on
             record.update(status="failed", reason=f"{type(err).__name__}: {err}"[:500])
             traceback.print_exc()
+        finally:
+            yielding.held.close()
         self._append(record)
         print(f"[suite] {row}: {json.dumps({k: record.get(k) for k in ('status', 'top1', 'fit_s', 'reason')})}",
               flush=True)

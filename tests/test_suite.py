@@ -641,19 +641,23 @@ def test_a_rows_training_step_waits_while_another_process_measures(tmp_path, mon
 
 
 def test_a_rows_evaluation_after_fit_holds_the_timing_lock_shared(tmp_path, cifar_archive, monkeypatch):
-    """After fit a row tests, converts, exports and measures its network: another process's latency measurement
-    (the other row's fit-end reading) waits for that work instead of timing beside it; the hold ends with the row."""
+    """A row loads its data before fit, and after fit tests, converts, exports and measures its network: another
+    process's latency measurement (the other row's checks or fit-end reading) waits for that work instead of timing
+    beside it; the hold ends with the row."""
     from lightning_compress.core.timing_lock import LOCK_ENVIRONMENT, held_mode
 
     monkeypatch.setenv(LOCK_ENVIRONMENT, str(tmp_path / "timing.lock"))
     seen = []
-    for name in ("_test_acc", "_val_acc"):
-        def recording(*args, evaluate=getattr(suite, name), **kwargs):
-            seen.append(held_mode())
-            return evaluate(*args, **kwargs)
 
-        monkeypatch.setattr(suite, name, recording)
+    def recording(call):
+        def recorded(*args, **kwargs):
+            seen.append(held_mode())
+            return call(*args, **kwargs)
+        return recorded
+
+    for name in ("datamodule", "_test_acc", "_val_acc"):
+        monkeypatch.setattr(suite, name, recording(getattr(suite, name)))
     runner = suite.Suite(suite_rows.resolve_budget("smoke")[0], "test", str(cifar_archive), tmp_path / "results",
                          tmp_path / "work")
     assert runner.run_row("dense")["status"] == "ok"
-    assert seen == ["shared", "shared"] and held_mode() is None
+    assert seen == ["shared", "shared", "shared"] and held_mode() is None
