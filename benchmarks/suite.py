@@ -172,8 +172,7 @@ def _epoch_checkpoint(path: Path) -> Any:
 def _yield_to_timing() -> Any:
     """A callback holding the machine's timing lock shared during each training step, so that a latency measured
     by another process (the other row's planning, checks or fit-end measurement: they hold it exclusively) runs
-    with this row paused, not beside its training. ``held`` is open to the caller: a row enters it before loading
-    its data, and the first step's end lets it go."""
+    with this row paused, not beside its training; :meth:`hold_until_first_step` also covers the set-up before it."""
     import contextlib
 
     import lightning.pytorch as pl
@@ -183,6 +182,10 @@ def _yield_to_timing() -> Any:
     class YieldToTiming(pl.Callback):
         def __init__(self) -> None:
             self.held = contextlib.ExitStack()
+
+        def hold_until_first_step(self) -> None:
+            """Hold the lock shared from now (data loading, set-up) until the first training step ends."""
+            self.held.enter_context(shared_timing())
 
         def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                                  batch_idx: int) -> None:
@@ -360,8 +363,7 @@ class Suite:
         try:
             if isinstance(plan, Exception):
                 raise plan
-            # data loading and set-up until the first step end hold the lock shared too (not beside another's timing)
-            yielding.held.enter_context(shared_timing())
+            yielding.hold_until_first_step()  # data loading and set-up: not beside another process's timing
             pl.seed_everything(0, workers=True)
             module = ImageClassifier(plan.model, **optimizer_settings(budget), channels_last=True)
             data = datamodule(self.data, budget, **plan.data)
