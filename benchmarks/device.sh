@@ -100,9 +100,9 @@ fi
 say "pytest -m gpu"
 pytest_status=0
 # only the files that hold gpu tests: a device image without the optional runtimes (torchao, ExecuTorch,
-# import-linter) still collects them
+# import-linter) still collects them; its own options (no pyproject addopts: the image may lack pytest-xdist)
 mapfile -t gpu_tests < <(grep -rlE "pytest\.mark\.gpu" tests --include='*.py' | sort)
-python -m pytest -m gpu -q -p no:cacheprovider "${gpu_tests[@]}" > "$results/device_pytest.log" 2>&1 || pytest_status=$?
+python -m pytest -o addopts="" -m gpu -q -p no:cacheprovider "${gpu_tests[@]}" > "$results/device_pytest.log" 2>&1 || pytest_status=$?
 tail -n 3 "$results/device_pytest.log"
 # exit 5: no test selected (nothing marked gpu); anything else non-zero is a failure, reported at the end
 

@@ -1,5 +1,9 @@
 """Test-wide settings: small thread pools (CI has 2 cores), deterministic seeds, and each test holding the
-machine's timing lock shared (a benchmark timing on the same machine measures between tests, not beside them)."""
+machine's timing lock shared (a benchmark timing on the same machine measures between tests, not beside them).
+
+The run has two pytest-xdist workers (pyproject addopts), each with its own private lock: a test's measurements
+run beside the other worker's test, as on any busy machine (tests check relations between readings taken in
+turns, not figures)."""
 
 import os
 import tempfile
