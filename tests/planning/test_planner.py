@@ -385,6 +385,11 @@ def test_widths_above_the_runtime_block_are_its_multiples(int8, monkeypatch, tmp
     assert plan.details["block"] == (0 if int8 else 16) and set(plan.widths.values()) <= candidates
 
 
+def macs_as_ms(networks, example):
+    """Each network's MACs standing in for its milliseconds (a measurement without timing noise)."""
+    return {name: float(count_macs_per_module(net, example).get("", 0)) for name, net in networks.items()}
+
+
 def _plan_checked_by(measure, monkeypatch, tmp_path):
     """A half-latency plan of a small convolution stack whose end-to-end checks ``measure`` gives, costed by a table
     of MACs (no timing noise), with sensitivity growing with the channels cut."""
@@ -406,7 +411,7 @@ def test_a_missed_check_is_measured_again_before_the_budget_shrinks(confirmed, m
     calls = []
 
     def measure(self, rounds=3, **networks):  # the networks' MACs as milliseconds; the first check's plan inflated
-        ms = {name: float(count_macs_per_module(net, self.example).get("", 0)) for name, net in networks.items()}
+        ms = macs_as_ms(networks, self.example)
         if "planned" in networks:
             calls.append(rounds)
             if rounds == 3 and len(calls) == 1 or confirmed and len(calls) == 2:
@@ -432,7 +437,7 @@ def test_a_plan_measured_well_below_its_target_is_grown(later, monkeypatch, tmp_
     planned_calls = []
 
     def measure(self, rounds=3, **networks):  # the networks' MACs as milliseconds, the planned one scaled
-        ms = {name: float(count_macs_per_module(net, self.example).get("", 0)) for name, net in networks.items()}
+        ms = macs_as_ms(networks, self.example)
         if "planned" in networks:
             planned_calls.append(rounds)
             ms["planned"] *= 0.6 if len(planned_calls) <= 2 else later
@@ -459,7 +464,7 @@ def test_a_plan_measured_a_few_percent_below_its_prediction_is_grown(fraction, a
     planned_calls = []
 
     def measure(self, rounds=3, **networks):
-        ms = {name: float(count_macs_per_module(net, self.example).get("", 0)) for name, net in networks.items()}
+        ms = macs_as_ms(networks, self.example)
         if "planned" in networks:
             planned_calls.append(rounds)
             ms["planned"] *= fraction
@@ -479,7 +484,7 @@ def test_a_plan_measured_below_its_prediction_once_is_not_grown(monkeypatch, tmp
     planned_calls = []
 
     def measure(self, rounds=3, **networks):
-        ms = {name: float(count_macs_per_module(net, self.example).get("", 0)) for name, net in networks.items()}
+        ms = macs_as_ms(networks, self.example)
         if "planned" in networks:
             planned_calls.append(rounds)
             ms["dense"] *= 1.0 / 0.6 if len(planned_calls) == 1 else 1.0
@@ -578,7 +583,7 @@ def test_a_factorizing_plan_is_checked_on_the_factorized_network(monkeypatch, tm
     measured = []
 
     def measure(self, rounds=3, **networks):
-        ms = {name: float(count_macs_per_module(net, self.example).get("", 0)) for name, net in networks.items()}
+        ms = macs_as_ms(networks, self.example)
         if "planned" in networks:
             measured.append(ms["planned"] / ms["dense"])
         return ms
