@@ -7,19 +7,25 @@
 # Results: benchmarks/results/ (suite_gpu.jsonl, RESULTS.md, suite.png), or $OUT/ when OUT is set; the
 # pytest log and the suite log go beside them (device_pytest.log, device_suite.log).
 #
-# Usage: benchmarks/device.sh [--dry-run] [--only ROW,ROW] [--deadline SECONDS] [--cpu30-teacher]
+# Usage: benchmarks/device.sh [--dry-run] [--only ROW,ROW] [--deadline SECONDS] [--cpu30 ROW,ROW] [--cpu30-teacher]
 #   --dry-run   on a CPU: no GPU needed, the suite at the smoke budget (data still indexed "on the device",
 #               i.e. the same code path on the CPU); the install is skipped when a venv is already active.
-#   --only      rows of the suite (default: all, the most informative first).
-#   --cpu30-teacher  first train the cpu30 block's ResNet-56 teacher here, with that budget's recipe (30 epochs,
-#               batch 128, bf16) on the GPU (suite.py --accelerator gpu): its record goes to
-#               $results/cpu30/suite_cpu30.jsonl, its checkpoint to $results/cpu30/work/; appended to
-#               benchmarks/results/suite_cpu30.jsonl and copied to runs/suite/ on the CPU machine, it serves the
-#               CPU queue's KD rows (the queue counts a teacher trained anywhere). With --dry-run: the smoke
-#               budget's teacher on the CPU.
+#   --only      rows of the suite at the gpu budget (default: all, the most informative first; "" for none).
+#   --cpu30     first train these rows of the cpu30 budget here, with that budget's recipe (30 epochs, batch 128,
+#               bf16) on the GPU, all side by side (suite.py --budget cpu30 --accelerator gpu --jobs N), within the
+#               deadline: e.g. issue 24's MobileNetV2 rows (mobilenetv2_dense, mobilenetv2_target50[_uniform],
+#               mobilenetv2_target33[_uniform]), ~9 h each on a 2-core CPU. Records go to
+#               $results/cpu30/suite_cpu30.jsonl, checkpoints and each row's log to $CPU30_WORK; a row the
+#               deadline stops keeps its state of its last epoch in $CPU30_WORK/partial/ and resumes from it when
+#               run again with that folder (on a GPU, or on the CPU: suite.py --work-dir). Appended to
+#               benchmarks/results/suite_cpu30.jsonl (and the teacher's checkpoint copied to runs/suite/ on the
+#               CPU machine, for the CPU queue's KD rows), the records join the CPU-trained ones. With --dry-run:
+#               the smoke budget on the CPU.
+#   --cpu30-teacher  --cpu30 teacher (the cpu30 block's ResNet-56 teacher).
 # Environment: CIFAR10 (the data; default: the first of ../shared/data/cifar10-jpeg.tar.gz,
 #   shared/data/cifar10-jpeg.tar.gz, .cache/cifar10-jpeg.tar.gz -- .cache/ is git-ignored, so a copy there
-#   can travel to a device machine as a carried path), OUT.
+#   can travel to a device machine as a carried path), OUT, CPU30_WORK (default: $results/cpu30/work; a carried
+#   folder with an earlier call's partial/ resumes its rows).
 # On an image with torch preinstalled and no package index (the lent H200, 2026-12-04): put its venv first
 # on PATH and set VIRTUAL_ENV to it (no install then), bring what it lacks as wheels on PYTHONPATH, e.g.
 #   export PATH=/opt/torch/.venv/bin:$PATH VIRTUAL_ENV=/opt/torch/.venv
@@ -33,15 +39,16 @@ cd "$(dirname "$0")/.."
 
 dry_run=0
 deadline=480
-cpu30_teacher=0
+cpu30_rows=""
 rows="dense,gmp90,qat,teacher,kd,channel50,pipeline,gmp50,nm24,kd_alpha05,kd_cached,lowrank"
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) dry_run=1 ;;
     --only) rows="$2"; shift ;;
     --deadline) deadline="$2"; shift ;;
-    --cpu30-teacher) cpu30_teacher=1 ;;
-    *) echo "device.sh: unknown argument $1 (use --dry-run, --only ROWS, --deadline SECONDS, --cpu30-teacher)" >&2
+    --cpu30) cpu30_rows="$2"; shift ;;
+    --cpu30-teacher) cpu30_rows="teacher" ;;
+    *) echo "device.sh: unknown argument $1 (use --dry-run, --only ROWS, --deadline SECONDS, --cpu30 ROWS, --cpu30-teacher)" >&2
        exit 2 ;;
   esac
   shift
@@ -88,13 +95,23 @@ else
   python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'device.sh: no CUDA device (use --dry-run on a CPU)')"
 fi
 
-if [ "$cpu30_teacher" = 1 ]; then
-  if [ "$dry_run" = 1 ]; then teacher_args=(--budget smoke); else teacher_args=(--budget cpu30 --accelerator gpu); fi
-  say "the cpu30 teacher (${teacher_args[*]})"
-  python benchmarks/suite.py "${teacher_args[@]}" --only teacher --data "$data" --results-dir "$results/cpu30" \
-    --work-dir "$results/cpu30/work" > "$results/device_cpu30_teacher.log" 2>&1 || true
-  grep '^\[suite\] teacher: [{s]' "$results/device_cpu30_teacher.log" || tail -n 5 "$results/device_cpu30_teacher.log"
-  rm -rf "$results/cpu30/work/logs"
+if [ -n "$cpu30_rows" ]; then
+  if [ "$dry_run" = 1 ]; then cpu30_args=(--budget smoke); else cpu30_args=(--budget cpu30 --accelerator gpu); fi
+  IFS=, read -ra cpu30_list <<< "$cpu30_rows"
+  left=$((deadline - (SECONDS - started) - 10))
+  say "cpu30 rows $cpu30_rows side by side (${cpu30_args[*]}), at most ${left}s"
+  cpu30_status=0
+  timeout --signal=TERM --kill-after=30 "$left" \
+    python benchmarks/suite.py "${cpu30_args[@]}" --only "$cpu30_rows" --jobs "${#cpu30_list[@]}" --data "$data" \
+    --results-dir "$results/cpu30" --work-dir "${CPU30_WORK:-$results/cpu30/work}" \
+    > "$results/device_cpu30.log" 2>&1 || cpu30_status=$?
+  grep '^\[suite\]' "$results/device_cpu30.log" || tail -n 5 "$results/device_cpu30.log"
+  say "cpu30 rows: exit $cpu30_status (124: stopped at the deadline, each row's last epoch kept)"
+  if [ $((deadline - (SECONDS - started))) -lt 60 ]; then
+    say "deadline reached: pytest -m gpu and the $budget budget's rows not run"
+    if [ "$cpu30_status" = 124 ]; then exit 0; fi
+    exit "$cpu30_status"
+  fi
 fi
 
 say "pytest -m gpu"
@@ -106,6 +123,9 @@ python -m pytest -o addopts="" -m gpu -q -p no:cacheprovider "${gpu_tests[@]}" >
 tail -n 3 "$results/device_pytest.log"
 # exit 5: no test selected (nothing marked gpu); anything else non-zero is a failure, reported at the end
 
+if [ -z "$rows" ]; then
+  say "done: pytest exit $pytest_status, no rows at the $budget budget (--only \"\"), results in $results"; exit 0
+fi
 left=$((deadline - (SECONDS - started) - 10))
 if [ "$left" -lt 30 ]; then
   say "no time left for the suite (deadline ${deadline}s)"; exit 1

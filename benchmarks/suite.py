@@ -25,9 +25,9 @@ Budgets (``--budget``):
   the teacher, ~1 h 10 min per online-KD row with two rows side by side (~70 s per epoch per process, one
   thread each), about 7 h 40 min for the block's 17 rows with ``--jobs 2`` on an otherwise idle 2-core EPYC
   (beside tests the rows ran ~1.5x longer; ``--plan-only`` prints the plan with each row's estimate).
-  ``--accelerator gpu`` trains rows with this recipe on a GPU instead (``device.sh --cpu30-teacher``: the
-  teacher on a lent GPU); each such row records ``trained_on``, the report says so, and the queue counts
-  the teacher wherever it trained.
+  ``--accelerator gpu`` trains rows with this recipe on a GPU instead (``device.sh --cpu30 ROWS``: rows side
+  by side on a lent GPU, e.g. the teacher or the MobileNetV2 rows); each such row records ``trained_on``, the
+  report says so, and the queue counts the teacher wherever it trained.
 * ``gpu``: one CUDA GPU, data kept on the device, bf16, 15 epochs, batch 512; ``device.sh`` runs it under
   a deadline, most informative rows first (on an H200 its 8 minutes held nine of the twelve rows).
 
@@ -191,15 +191,19 @@ def _yield_to_timing() -> Any:
                                  batch_idx: int) -> None:
             self.held.enter_context(shared_timing())
 
+        def release(self) -> None:
+            """Let go of the lock, wherever it was taken (a step, or the set-up before the first one)."""
+            self.held.close()
+
         def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                                batch_idx: int) -> None:
-            self.held.close()
+            self.release()
 
         def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-            self.held.close()
+            self.release()
 
         def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-            self.held.close()
+            self.release()
 
     return YieldToTiming()
 
@@ -417,7 +421,7 @@ class Suite:
             record.update(status="failed", reason=f"{type(err).__name__}: {err}"[:500])
             traceback.print_exc()
         finally:
-            yielding.held.close()
+            yielding.release()
         self._append(record)
         print(f"[suite] {row}: {json.dumps({k: record.get(k) for k in ('status', 'top1', 'fit_s', 'reason')})}",
               flush=True)

@@ -538,14 +538,20 @@ def test_device_sh_dry_run(tmp_path: Path, cifar_archive: Path) -> None:
     env = {**_env(tmp_path), "OUT": str(out), "CIFAR10": str(cifar_archive),
            "VIRTUAL_ENV": os.environ.get("VIRTUAL_ENV") or sys.prefix,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    completed = subprocess.run(["bash", "benchmarks/device.sh", "--dry-run", "--cpu30-teacher", "--only", "kd_cached"],
-                               cwd=BENCHMARKS.parent, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+    completed = subprocess.run(["bash", "benchmarks/device.sh", "--dry-run", "--cpu30", "teacher,dense", "--only",
+                                "kd_cached"], cwd=BENCHMARKS.parent, env=env, capture_output=True, text=True,
+                               timeout=TIMEOUT_S, check=False)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     assert "no install" in completed.stdout and "suite at the smoke budget" in completed.stdout
-    # --cpu30-teacher (dry run: the smoke budget's teacher): its record, and its checkpoint kept for the CPU queue
-    (kept,) = _records(out / "cpu30" / "suite_smoke.jsonl").values()
-    assert kept["row"] == "teacher" and kept["status"] == "ok"
-    assert [p.name for p in (out / "cpu30" / "work").iterdir()] == [f"teacher_smoke_1ep_{kept['code_version']}.ckpt"]
+    # --cpu30 (dry run: the smoke budget): both rows side by side, their records, checkpoints (the teacher's kept
+    # for the CPU queue) and logs in the work folder, no partial state left once they landed
+    kept = _records(out / "cpu30" / "suite_smoke.jsonl")
+    assert sorted(kept) == ["dense", "teacher"] and {r["status"] for r in kept.values()} == {"ok"}
+    assert {r["side_by_side"] for r in kept.values()} == {2}
+    work = out / "cpu30" / "work"
+    assert sorted(p.name for p in work.iterdir()) == [f"dense_smoke_{kept['dense']['code_version']}.ckpt", "logs",
+                                                      f"teacher_smoke_1ep_{kept['teacher']['code_version']}.ckpt"]
+    assert sorted(p.name for p in (work / "logs").iterdir()) == ["smoke_dense.log", "smoke_teacher.log"]
     rows = _records(out / "suite_smoke.jsonl")
     assert "| kd_cached | " in (out / "RESULTS.md").read_text()
     assert rows["kd_cached"]["config"]["budget"]["data_on_device"] is True  # the gpu budget's data path
