@@ -154,11 +154,11 @@ class Family(abc.ABC):
 
     @abc.abstractmethod
     def calibrate_and_convert(self, network: nn.Module, batches: Iterable[tuple], skip: Sequence[str],
-                              prefix: str = "") -> nn.Module:
+                              prefix: str = "", check: bool = True) -> nn.Module:
         """Static PTQ of a copy of ``network`` on ``batches``; the shipped int8 model (:meth:`ship`) checked on
-        the first batch."""
+        the first batch (unless not ``check``: a program built only to be timed)."""
 
-    def ship(self, int8: nn.Module, example_inputs: tuple | None, prefix: str) -> nn.Module:
+    def ship(self, int8: nn.Module, example_inputs: tuple | None, prefix: str, check: bool = True) -> nn.Module:
         """The int8 model as the engine's runtime runs it, so that ``trainer.test()`` measures the shipped file.
 
         FX's int8 models already are (torch's kernels, or the QDQ ONNX file in onnxruntime).
@@ -167,6 +167,7 @@ class Family(abc.ABC):
             int8: What :meth:`convert_qat` returned.
             example_inputs: One batch of positional inputs (CPU), to build and check the program with.
             prefix: How the caller names the network (``"model."``), for messages.
+            check: Compare the program with ``int8`` on ``example_inputs``.
 
         Returns:
             The model to put in place.
@@ -219,14 +220,15 @@ class FxFamily(Family):
 
     @override
     def calibrate_and_convert(self, network: nn.Module, batches: Iterable[tuple], skip: Sequence[str],
-                              prefix: str = "") -> nn.Module:
+                              prefix: str = "", check: bool = True) -> nn.Module:
 
         prepared = prepare(copy.deepcopy(network).cpu(), self.engine, mode="static", skip=skip)
         first, batches = _first(batches)
         calibrate(prepared, batches)
-        reference = qdq_network(prepared, saturate_at_trained_range=True)
+        reference = qdq_network(prepared, saturate_at_trained_range=True) if check else None
         int8 = convert(prepared, self.engine, first)
-        check_conversion(reference, int8, first, prefix)
+        if reference is not None:
+            check_conversion(reference, int8, first, prefix)
         return int8
 
 
@@ -279,7 +281,7 @@ class Pt2eFamily(Family):
 
     @override
     def calibrate_and_convert(self, network: nn.Module, batches: Iterable[tuple], skip: Sequence[str],
-                              prefix: str = "") -> nn.Module:
+                              prefix: str = "", check: bool = True) -> nn.Module:
         """Static PTQ; the check compares the int8 graph with the fp32 network (a calibrated PT2E graph has no
         fake-quant form other than its conversion)."""
         pt2e = _pt2e()
@@ -288,11 +290,12 @@ class Pt2eFamily(Family):
         prepared = pt2e.prepare(network, self.engine, "static", skip, example_inputs=zero_inputs(input_specs(first)))
         pt2e.calibrate(prepared, batches)
         int8 = pt2e.convert(prepared)
-        check_conversion(pt2e.frozen_copy(prepared), int8, first, prefix)
-        return self.ship(int8, first, prefix)
+        if check:
+            check_conversion(pt2e.frozen_copy(prepared), int8, first, prefix)
+        return self.ship(int8, first, prefix, check)
 
     @override
-    def ship(self, int8: nn.Module, example_inputs: tuple | None, prefix: str) -> nn.Module:
+    def ship(self, int8: nn.Module, example_inputs: tuple | None, prefix: str, check: bool = True) -> nn.Module:
         """The engine's program built from the quantize/dequantize graph and checked against it on
         ``example_inputs``: ``xnnpack``, the ExecuTorch program (``.pte``, XNNPACK kernels); ``x86_inductor``, the
         AOTInductor package (``.pt2``, oneDNN int8 kernels; without a C++ compiler to build it, the graph itself,
@@ -313,7 +316,8 @@ class Pt2eFamily(Family):
             with tempfile.TemporaryDirectory() as folder:
                 aoti_package(graph, example, Path(folder) / "model.pt2")
                 program = AotiNetwork(Path(folder) / "model.pt2", quantized=True)
-        check_conversion(int8.cpu(), program, (images,), prefix)
+        if check:
+            check_conversion(int8.cpu(), program, (images,), prefix)
         return program
 
 

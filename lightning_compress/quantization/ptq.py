@@ -36,6 +36,7 @@ def quantize_static(
     batches: Iterable[tuple],
     engine: str = DEFAULT_ENGINE,
     skip: str | Sequence[str] | None = None,
+    check: bool = True,
 ) -> nn.Module:
     """Static int8 post-training quantization: calibrate on ``batches``, then convert.
 
@@ -47,6 +48,9 @@ def quantize_static(
         engine: One of :data:`~lightning_compress.quantization.engines.ENGINES` (``"x86_inductor"``: exported
             with ``torch.export`` on the first batch's shapes, ``[pt2e]`` extra).
         skip: Glob patterns of module names (relative to ``network``) kept in fp32.
+        check: Run the int8 model on the first batch and compare it with the fake-quant one. ``False`` only for a
+            model that is timed, not used: e.g. the planner's randomly initialized narrow networks, whose
+            near-constant logits any kernel's rounding reorders.
 
     Returns:
         The int8 network (CPU, eval mode); for the ONNX engines an
@@ -56,8 +60,8 @@ def quantize_static(
 
     Raises:
         ValueError: On an unknown engine, an untraceable network, or no calibration batch.
-        ConversionError: If the int8 model fails on the first calibration batch or computes something
-            else than the fake-quant model (the message names the module and the ``skip`` pattern).
+        ConversionError: With ``check``, if the int8 model fails on the first calibration batch or computes
+            something else than the fake-quant model (the message names the module and the ``skip`` pattern).
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
@@ -67,14 +71,15 @@ def quantize_static(
     """
     network = unwrap_compiled(network)
     skip_names = resolve_skip(network, [skip] if isinstance(skip, str) else list(skip or []))
-    return _calibrate_and_convert(network, batches, engine, skip_names)
+    return _calibrate_and_convert(network, batches, engine, skip_names, check=check)
 
 
 def _calibrate_and_convert(
-    network: nn.Module, batches: Iterable[tuple], engine: str | Engine, skip_names: Sequence[str], prefix: str = ""
+    network: nn.Module, batches: Iterable[tuple], engine: str | Engine, skip_names: Sequence[str], prefix: str = "",
+    check: bool = True,
 ) -> nn.Module:
     """Calibrate a copy, convert it, and check the int8 model on the first batch (its engine's family)."""
-    return family_of(engine).calibrate_and_convert(network, batches, skip_names, prefix)
+    return family_of(engine).calibrate_and_convert(network, batches, skip_names, prefix, check)
 
 
 def quantize_dynamic(

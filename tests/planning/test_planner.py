@@ -496,6 +496,23 @@ def test_a_plan_measured_below_its_prediction_once_is_not_grown(monkeypatch, tmp
     assert checks[0]["measured"] == pytest.approx(checks[0]["predicted"], rel=1e-3) and plan.details["met"]
 
 
+def test_an_int8_program_built_to_be_timed_is_not_held_to_the_conversion_check(monkeypatch):
+    """The planner times int8 programs of networks nobody ships (the narrowest widths at random initialization, whose
+    near-constant logits any kernel's rounding reorders: a ResNet-56 at 8 channels on an AVX2-only CPU), so a check
+    that would refuse them does not stop the plan."""
+    from lightning_compress.quantization import families
+    from lightning_compress.quantization.check import ConversionError
+
+    def refuse(*args, **kwargs):
+        raise ConversionError("refused")
+
+    monkeypatch.setattr(families, "check_conversion", refuse)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    batch = torch.randn(4, 3, 8, 8)
+    program = runtime_program(net, batch, True, "onnxruntime", [batch])
+    assert runtime_runner(program, "onnxruntime", 1)(batch.numpy())[0].shape == (4, 4, 8, 8)
+
+
 @pytest.mark.slow
 def test_executorch_plan_is_costed_by_onnxruntime_and_checked_on_the_program(tmp_path):
     """ExecuTorch: layers from onnxruntime's table, the model calibrated and the plan checked on XNNPACK programs."""

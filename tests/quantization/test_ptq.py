@@ -21,6 +21,27 @@ def test_quantize_static_is_close_to_fp32_and_leaves_the_network_alone():
     assert error < 0.05
 
 
+@pytest.mark.parametrize("engine", ["onnxruntime", "x86", pytest.param("xnnpack", marks=pytest.mark.slow)])
+def test_quantize_static_without_check_converts_what_the_check_would_refuse(monkeypatch, engine):
+    """``check=False`` (a model built to be timed) converts without comparing: a check that refuses every model
+    stops the default call and is never reached without it."""
+    if engine == "xnnpack":
+        pytest.importorskip("executorch")
+    from lightning_compress.quantization import families
+    from lightning_compress.quantization.check import ConversionError
+
+    def refuse(*args, **kwargs):
+        raise ConversionError("refused")
+
+    monkeypatch.setattr(families, "check_conversion", refuse)
+    net = ToyConvNet().eval()
+    x = random_images(16).tensors[0]
+    with pytest.raises(ConversionError, match="refused"):
+        quantize_static(net, [(x,)], engine=engine)
+    int8 = quantize_static(net, [(x,)], engine=engine, check=False)
+    assert int8(x).shape == net(x).shape
+
+
 def test_quantize_static_needs_batches():
     with pytest.raises(ValueError, match="at least one calibration batch"):
         quantize_static(ToyConvNet(), [])
