@@ -39,13 +39,9 @@ def _median_ms(run, repeats: int, warmup: int) -> float:
 
 def onnx_latency_ms(blob: bytes, repeats: int, warmup: int = 10, threads: int = 1) -> float:
     """Median onnxruntime CPU latency (ms) of an ONNX model at batch 1, ``threads`` intra-op threads."""
-    import onnxruntime
+    from lightning_compress.core.onnx import onnx_session
 
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    session = onnxruntime.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
+    session = onnx_session(blob, threads)
     feed = {session.get_inputs()[0].name: torch.randn(*EXAMPLE).numpy()}
     return _median_ms(lambda: session.run(None, feed), repeats, warmup)
 
@@ -98,13 +94,9 @@ def onnx_top1(blob: bytes, images: torch.Tensor, labels: torch.Tensor, batch_siz
 
     ``threads``: onnxruntime's intra-op threads (None: its default, every core).
     """
-    import onnxruntime
+    from lightning_compress.core.onnx import onnx_session
 
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    session = onnxruntime.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
+    session = onnx_session(blob, threads or 0)  # 0: onnxruntime's default
     name = session.get_inputs()[0].name
     correct = 0
     for start in range(0, len(labels), batch_size):

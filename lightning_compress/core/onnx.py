@@ -136,15 +136,67 @@ def onnx_bytes(network: nn.Module, example: torch.Tensor | tuple, metadata: Mapp
     if metadata is not None:
         entry = model.metadata_props.add()
         entry.key, entry.value = METADATA_KEY, json.dumps(dict(metadata))
+    own_int8_initializers(model)
     return model.SerializeToString()
 
 
+def own_int8_initializers(model: Any) -> bool:
+    """Give each node its own copy of an int8 initializer it shares with other nodes, in place.
+
+    The exporter stores equal constants once (two convolutions' all-zero weight zero-points become one tensor);
+    onnxruntime's exact int8 mode (:data:`PRECISE_INT8`) rewrites each weight's int8 tensors to uint8 and fails
+    on a tensor it has rewritten already ("Attempt to replace the existing tensor").
+
+    Args:
+        model: An ``onnx.ModelProto``.
+
+    Returns:
+        Whether anything was copied.
+
+    Example:
+        >>> from onnx import TensorProto, helper
+        >>> zero = helper.make_tensor("zero", TensorProto.INT8, [1], [0])
+        >>> nodes = [helper.make_node("DequantizeLinear", ["codes", "scale", "zero"], [f"w{i}"]) for i in (1, 2)]
+        >>> graph = helper.make_graph(nodes, "g", [], [], [zero])
+        >>> model = helper.make_model(graph)
+        >>> own_int8_initializers(model), [list(node.input) for node in model.graph.node]
+        (True, [['codes', 'scale', 'zero'], ['codes', 'scale', 'zero.1']])
+    """
+    from onnx import TensorProto
+
+    graph = model.graph
+    int8 = {t.name: t for t in graph.initializer if t.data_type == TensorProto.INT8}
+    names = {t.name for t in graph.initializer} | {output for node in graph.node for output in node.output}
+    copies: dict[str, int] = {}
+    for node in graph.node:
+        for position, name in enumerate(node.input):
+            if name not in int8:
+                continue
+            copies[name] = copies.get(name, -1) + 1
+            if copies[name] == 0:  # the first user keeps the original
+                continue
+            while f"{name}.{copies[name]}" in names:
+                copies[name] += 1
+            tensor = graph.initializer.add()
+            tensor.CopyFrom(int8[name])
+            tensor.name = node.input[position] = f"{name}.{copies[name]}"
+            names.add(tensor.name)
+    return any(count > 0 for count in copies.values())
+
+
+PRECISE_INT8 = {"session.x64quantprecision": "1"}
+"""onnxruntime's session configuration for exact int8 products on x86 CPUs without VNNI (AVX2, AVX-512 without
+VNNI): there its default uint8 x int8 kernels sum pairs of products into saturating int16 (``vpmaddubsw``), and a
+network's answers change; this makes it multiply uint8 x uint8 instead (no effect on CPUs with VNNI)."""
+
+
 def onnx_session(source: str | os.PathLike[str] | bytes, threads: int = 1) -> Any:
-    """An onnxruntime CPU session (all graph optimizations: QDQ fusion into int8 kernels).
+    """An onnxruntime CPU session (all graph optimizations: QDQ fusion into int8 kernels; exact int8 products on
+    every x86 CPU, :data:`PRECISE_INT8`).
 
     Args:
         source: An ONNX file or its bytes.
-        threads: Intra-op threads.
+        threads: Intra-op threads (0: onnxruntime's default).
 
     Returns:
         The ``onnxruntime.InferenceSession``.
@@ -164,6 +216,13 @@ def onnx_session(source: str | os.PathLike[str] | bytes, threads: int = 1) -> An
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    for key, value in PRECISE_INT8.items():
+        options.add_session_config_entry(key, value)
+    import onnx
+
+    model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(str(source))
+    if own_int8_initializers(model):  # a file written before its initializers were unshared
+        source = model.SerializeToString()
     try:
         return onnxruntime.InferenceSession(source if isinstance(source, bytes) else str(source), options,
                                             providers=["CPUExecutionProvider"])
