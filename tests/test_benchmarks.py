@@ -358,6 +358,15 @@ def test_split_gap_fits_the_gap_against_test_accuracy():
     assert split_gap.trend(rows[:2]) == []
 
 
+def check_int8_exactness(result: dict[str, Any], markdown: str) -> None:
+    readings = result["readings"]
+    assert result["exact_code"] == 127 and len(readings) == 4
+    precise = next(read for runtime, read in readings.items() if "onnx_session" in runtime)
+    assert precise == [127]  # our sessions are exact on every x86 CPU
+    assert all(read in ([127], [64]) for read in readings.values())  # exact, or pairs saturated in int16
+    assert markdown.count(" | yes |") + markdown.count(" | NO |") == 4
+
+
 CASES = {
     "channel_pruning": Case(
         ("--models", "resnet20", "--round-to", "8", "--batches", "1", "--repeats", "1", "--rounds", "1",
@@ -400,6 +409,7 @@ CASES = {
          "--repeats", "3", "--checks", "1"),
         check_latency_model,
     ),
+    "int8_exactness": Case((), check_int8_exactness),
     "saturation_cost": Case(
         ("--models", "resnet18", "--batches", "1", "--rounds", "1", "--repeats", "1", "--steps", "1"),
         check_saturation_cost,
