@@ -50,6 +50,8 @@ class Engine:
             the int16 sums of x86 kernels without VNNI.
         symmetric_activations: Activations are int8 with zero-point 0 (the QDQ form TensorRT reads).
         signed_activations: Activations are int8 codes -128..127 (XNNPACK's QS8) instead of uint8.
+        int32_bias: The kernels add each bias as int32 codes of input scale x weight scale (XNNPACK), so the
+            converted graph rounds its biases to those codes and computes what the program does.
     """
 
     name: str
@@ -59,6 +61,7 @@ class Engine:
     reduced_range: bool = False
     symmetric_activations: bool = False
     signed_activations: bool = False
+    int32_bias: bool = False
 
     def __str__(self) -> str:
         return self.name
@@ -76,7 +79,7 @@ ENGINE_TABLE: dict[str, Engine] = {engine.name: engine for engine in (
            symmetric_activations=True),
     Engine("x86_inductor", KernelFamily.PT2E, "oneDNN through Inductor", "aoti", reduced_range=True),
     Engine("xnnpack", KernelFamily.PT2E, "XNNPACK through ExecuTorch (ARM and x86 CPUs)", "executorch",
-           signed_activations=True),
+           signed_activations=True, int32_bias=True),
 )}
 """Every int8 engine, by name."""
 ENGINES: tuple[str, ...] = tuple(ENGINE_TABLE)

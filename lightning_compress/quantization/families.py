@@ -274,7 +274,7 @@ class Pt2eFamily(Family):
         """The quantize/dequantize graph, on the network's device (its ops run wherever the network did)."""
         pt2e = _pt2e()
         device = _device(network)
-        int8 = pt2e.convert(network)  # raises its "never prepared" error
+        int8 = pt2e.convert(network, self.engine.int32_bias)  # raises its "never prepared" error
         if example_inputs is not None:
             check_conversion(pt2e.frozen_copy(network), int8, example_inputs, prefix)
         return int8.to(device)
@@ -289,7 +289,7 @@ class Pt2eFamily(Family):
         network = copy.deepcopy(unwrap_compiled(network)).cpu()
         prepared = pt2e.prepare(network, self.engine, "static", skip, example_inputs=zero_inputs(input_specs(first)))
         pt2e.calibrate(prepared, batches)
-        int8 = pt2e.convert(prepared)
+        int8 = pt2e.convert(prepared, self.engine.int32_bias)
         if check:
             check_conversion(pt2e.frozen_copy(prepared), int8, first, prefix)
         return self.ship(int8, first, prefix, check)

@@ -393,7 +393,7 @@ def frozen_copy(prepared: fx.GraphModule) -> fx.GraphModule:
     return model.eval()
 
 
-def convert(prepared: fx.GraphModule) -> fx.GraphModule:
+def convert(prepared: fx.GraphModule, int32_bias: bool = False) -> fx.GraphModule:
     """The quantize/dequantize graph of a prepared (QAT-trained or calibrated) graph, in eval mode.
 
     It runs in eager mode as the int8 model computes (integer weights, activations rounded to their codes);
@@ -401,6 +401,9 @@ def convert(prepared: fx.GraphModule) -> fx.GraphModule:
 
     Args:
         prepared: A graph from :func:`prepare`.
+        int32_bias: Round the biases of int8 convolutions and linears to int32 codes
+            (:func:`round_biases_to_int32`), for an engine whose kernels add them so
+            (:attr:`~lightning_compress.quantization.engines.Engine.int32_bias`).
 
     Returns:
         The converted graph (batch size still dynamic).
@@ -414,7 +417,77 @@ def convert(prepared: fx.GraphModule) -> fx.GraphModule:
     _fold_conv_bn(model)
     int8 = convert_pt2e(model)
     _follow_module_mode(int8)
+    if int32_bias:
+        round_biases_to_int32(int8)
     return int8.eval()
+
+
+_q = torch.ops.quantized_decomposed
+_ACTIVATIONS_FUSED = (_aten.relu.default, _aten.relu_.default, _aten.hardtanh.default, _aten.hardtanh_.default,
+                      _aten.clamp.default)
+"""Activations an int8 kernel applies before quantizing its output (ExecuTorch fuses them into the op)."""
+
+
+def round_biases_to_int32(graph_module: fx.GraphModule) -> int:
+    """Round each int8 convolution's and linear's float bias to what an int32-bias kernel adds, in place.
+
+    An op is int8 when its input is quantized per tensor, its weight per channel or per tensor, and its output
+    (after a fused activation) quantized: XNNPACK then adds the bias as ``round(bias / (input scale x weight
+    scale))`` int32 codes, which can move an output across a rounding boundary that the float bias would not.
+
+    Args:
+        graph_module: A converted graph (:func:`convert`).
+
+    Returns:
+        How many biases were rounded.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1))
+        >>> prepared = prepare(net, mode="static", example_inputs=(torch.randn(2, 3, 8, 8),))
+        >>> calibrate(prepared, [(torch.randn(4, 3, 8, 8),)])
+        1
+        >>> round_biases_to_int32(convert(prepared))  # the last conv's output is not quantized: its bias stays
+        1
+    """
+    graph, values = graph_module.graph, _constants(graph_module)
+    rounded = 0
+    for op in [node for node in graph.nodes if node.target in (*_CONVS, _aten.linear.default)]:
+        scale = _bias_scale(op, values)
+        if scale is None:
+            continue
+        bias = values[op.args[2]]
+        codes = _q.quantize_per_channel.default(bias, scale, torch.zeros_like(scale, dtype=torch.int64), 0,
+                                                -(2**31), 2**31 - 1, torch.int32)
+        name = f"{op.name}_int32_bias"
+        graph_module.register_buffer(name, (codes.double() * scale.double()).to(bias.dtype))
+        with graph.inserting_before(op):
+            op.args = (*op.args[:2], graph.get_attr(name), *op.args[3:])
+        rounded += 1
+    _erase_dead(graph)
+    graph.lint()
+    graph_module.recompile()
+    return rounded
+
+
+def _bias_scale(op: fx.Node, values: dict[fx.Node, Any]) -> torch.Tensor | None:
+    """The int32 scale of ``op``'s bias (input scale x weight scale, per output channel), if ``op`` is int8."""
+    if len(op.args) < 3 or op.args[2] not in values:
+        return None
+    x, weight, bias = op.args[:3]
+    if getattr(x, "target", None) is not _q.dequantize_per_tensor.default:
+        return None
+    if getattr(weight, "target", None) is _q.dequantize_per_channel.default and weight.args[3] == 0:
+        weight_scale = values[weight.args[1]].float()
+    elif getattr(weight, "target", None) is _q.dequantize_per_tensor.default:
+        weight_scale = torch.full(values[bias].shape, float(weight.args[1]))
+    else:
+        return None
+    outputs = list(op.users)
+    if len(outputs) == 1 and outputs[0].target in _ACTIVATIONS_FUSED:
+        outputs = list(outputs[0].users)
+    if not outputs or any(user.target is not _q.quantize_per_tensor.default for user in outputs):
+        return None
+    return weight_scale * float(x.args[1])
 
 
 def _constants(graph_module: fx.GraphModule) -> dict[fx.Node, Any]:

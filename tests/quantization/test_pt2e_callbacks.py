@@ -274,3 +274,37 @@ def test_pt2e_engines_pass_the_callbacks_argument_checks():
     assert QuantizationAwareTraining(engine="xnnpack").engine.runtime == "executorch"
     with pytest.raises(ValueError, match=r"engine must be one of \[.*'x86_inductor', 'xnnpack'\], got 'arm'"):
         QuantizationAwareTraining(engine="arm")
+
+
+class _BiasedConvs(torch.nn.Module):
+    """Two biased convolutions, each followed by a ReLU: every output is an int8 kernel's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv2(torch.relu(self.conv1(x))))
+
+
+def test_xnnpack_graph_adds_the_int32_biases_the_executorch_program_adds():
+    from lightning_compress.core.executorch import ExecuTorchNetwork, pte_bytes
+    from lightning_compress.quantization.families import family_of
+
+    torch.manual_seed(0)
+    net, images = _BiasedConvs().eval(), random_images(256, seed=3).tensors[0] * 2
+    prepared = pt2e.prepare(net, "xnnpack", "static", example_inputs=(images[:4],))
+    pt2e.calibrate(prepared, [(images[i:i + 64],) for i in range(0, 256, 64)])
+    rounded, float_bias = pt2e.convert(prepared, int32_bias=True), pt2e.convert(prepared)
+    program = ExecuTorchNetwork(pte_bytes(rounded, images[:2]), quantized=True)
+    with torch.no_grad():
+        shipped = program(images)
+        differing = {name: int((graph(images) != shipped).sum()) for name, graph in
+                     (("rounded", rounded), ("float bias", float_bias))}
+    # XNNPACK adds round(bias / (input scale x weight scale)) in int32: the float bias moves ~0.1 % of the codes
+    assert differing["float bias"] > 20 and differing["rounded"] <= differing["float bias"] // 20, differing
+    biases = [rounded.get_buffer(node.args[2].target) for node in rounded.graph.nodes
+              if node.target is torch.ops.aten.conv2d.default]
+    assert len(biases) == 2 and all(bias.abs().sum() > 0 for bias in biases)
+    assert family_of("xnnpack").engine.int32_bias and not family_of("x86_inductor").engine.int32_bias
