@@ -12,7 +12,8 @@ weights with BatchNorm statistics calibrated on a few random batches (realistic 
 variants are calibrated on the same random batches: torch's static PTQ for ``x86`` (``save_quantized`` file,
 read back), onnxruntime's ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations) of the
 fp32 ONNX model, ours (``PostTrainingQuantization``'s ``onnxruntime`` engine: the same file QAT exports; OpenVINO
-reads that very file) and the ``x86_inductor`` engine's int8 graph as the ``model.pt2`` package ``export`` writes
+reads that very file; and the ``onnxruntime_7bit`` engine's file, whose weights fit onnxruntime's fast kernels
+exactly on CPUs without VNNI) and the ``x86_inductor`` engine's int8 graph as the ``model.pt2`` package ``export`` writes
 (compiled once per model, dynamic batch size), and the ``xnnpack`` engine's int8 graph as the ``model.pte``
 ExecuTorch program (``--runtimes`` leaves any of the three out).
 
@@ -49,6 +50,7 @@ OPTIONAL_RUNTIMES = ("openvino", "aoti", "executorch")
 ExecuTorch (XNNPACK) the xnnpack graph."""
 LABELS = {"torch_fp32": "torch fp32 eager", "ort_fp32": "onnxruntime fp32", "torch_int8_x86": "torch int8 `.pt` (x86)",
           "ort_quantize_static": "onnxruntime int8 (`quantize_static`)", "ours_qdq": "ours: QDQ ONNX in onnxruntime",
+          "ours_7bit": "ours, 7-bit weights (`onnxruntime_7bit`), in onnxruntime",
           "openvino_qdq": "ours: the same file in OpenVINO", "openvino_ir": "OpenVINO IR of that file (`.xml`/`.bin`)",
           "aoti_int8": "AOTInductor `.pt2` (x86_inductor)",
           "executorch_int8": "ExecuTorch `.pte` (xnnpack; its pool: the fewest --threads)"}
@@ -138,6 +140,7 @@ def median_ms(models: dict, x: torch.Tensor, repeats: int, warmup: int) -> dict[
 def markdown(result: dict) -> str:
     """The results table, the structure onnxruntime runs and the sizes, from the JSON result."""
     variants = [v for v in LABELS if v in result["rows"][0]["ms"]]
+    seven = "ours_7bit" in variants
     lines = [
         "# Deployment latency (CPU): fp32 vs int8 in torch, onnxruntime, OpenVINO, AOTInductor and ExecuTorch",
         "",
@@ -154,8 +157,9 @@ def markdown(result: dict) -> str:
         "int8 cells are inflated many times, and any single 2-thread cell (onnxruntime ones too) can be off by 10x; read the 1-thread rows.",
         "",
         "| model | threads | batch | load (1 min) | " + " | ".join(LABELS[v] for v in variants) +
-        " | ours vs ort fp32 | ours vs `quantize_static` | fastest int8 |",
-        "|---|---:|---:|---:|" + "---:|" * (len(variants) + 3),
+        " | ours vs ort fp32 | ours vs `quantize_static` | " + ("7-bit vs ort fp32 | " if seven else "")
+        + "fastest int8 |",
+        "|---|---:|---:|---:|" + "---:|" * (len(variants) + 3 + seven),
     ]
     for row in result["rows"]:
         ms = row["ms"]
@@ -163,7 +167,8 @@ def markdown(result: dict) -> str:
         fastest = min(int8, key=ms.__getitem__)
         lines.append(f"| {row['model']} | {row['threads']} | {row['batch']} | {row['load_average_1min']} | " + " | ".join(
             f"{ms[v]:.3g}" for v in variants) + f" | {ms['ort_fp32'] / ms['ours_qdq']:.2f}x faster | "
-            f"{ms['ours_qdq'] / ms['ort_quantize_static']:.2f}x the latency | {LABELS[fastest]} |")
+            f"{ms['ours_qdq'] / ms['ort_quantize_static']:.2f}x the latency | "
+            + (f"{ms['ort_fp32'] / ms['ours_7bit']:.2f}x faster | " if seven else "") + f"{LABELS[fastest]} |")
     float_ops = {"Conv", "FusedConv", "Clip", "Relu", "Add", "Gemm", "MatMul"}
     lines += ["", "What onnxruntime runs (int8 models after its graph optimizations; float ops = "
               f"{'/'.join(sorted(float_ops))}):", "",
@@ -177,7 +182,7 @@ def markdown(result: dict) -> str:
     lines += ["", "Sizes (bytes): " + "; ".join(
         f"{name}: fp32 ONNX {r['bytes']['ort_fp32']:,}, quantize_static {r['bytes']['ort_quantize_static']:,}, "
         f"ours {r['bytes']['ours_qdq']:,}" + "".join(
-            f", {LABELS[k]} {r['bytes'][k]:,}" for k in ("aoti_int8", "executorch_int8") if k in r["bytes"]) for name, r in {row["model"]: row for row in result["rows"]}.items()), ""]
+            f", {LABELS[k]} {r['bytes'][k]:,}" for k in ("ours_7bit", "aoti_int8", "executorch_int8") if k in r["bytes"]) for name, r in {row["model"]: row for row in result["rows"]}.items()), ""]
     if result.get("openvino_compile_s"):
         lines += ["OpenVINO read + compile seconds, from the QDQ ONNX file vs from its IR: " + "; ".join(
             f"{key}: {value['onnx']:.3g} vs {value['ir']:.3g}" for key, value in result["openvino_compile_s"].items()),
@@ -209,11 +214,13 @@ def main() -> None:
             fp32_onnx = onnx_bytes(net, calibration[0][:1])
             ort_int8 = ort_quantize_static(fp32_onnx, calibration)
             ours = quantize_static(net, [(x,) for x in calibration], engine="onnxruntime")
+            ours_7bit = quantize_static(net, [(x,) for x in calibration], engine="onnxruntime_7bit")
             x86 = quantize_static(net, [(x,) for x in calibration], engine="x86")
             with tempfile.TemporaryDirectory() as folder:
                 save_quantized(x86, Path(folder) / "int8.pt", (calibration[0][:1],), "x86")
                 x86_file = load_quantized(Path(folder) / "int8.pt")
-            sizes = {"ort_fp32": len(fp32_onnx), "ort_quantize_static": len(ort_int8), "ours_qdq": len(ours.program_bytes())}
+            sizes = {"ort_fp32": len(fp32_onnx), "ort_quantize_static": len(ort_int8), "ours_qdq": len(ours.program_bytes()),
+                     "ours_7bit": len(ours_7bit.program_bytes())}
             shipped = {}  # the PT2E engines' quantize_static returns the program it ships (AOTI package, .pte)
             for runtime, engine in (("aoti", "x86_inductor"), ("executorch", "xnnpack")):
                 if runtime in args.runtimes:
@@ -227,7 +234,8 @@ def main() -> None:
                 torch.set_num_threads(threads)
                 models = {"torch_fp32": net, "ort_fp32": OnnxRuntimeNetwork(fp32_onnx, threads),
                           "torch_int8_x86": x86_file, "ort_quantize_static": OnnxRuntimeNetwork(ort_int8, threads),
-                          "ours_qdq": OnnxRuntimeNetwork(ours.program_bytes(), threads)}
+                          "ours_qdq": OnnxRuntimeNetwork(ours.program_bytes(), threads),
+                          "ours_7bit": OnnxRuntimeNetwork(ours_7bit.program_bytes(), threads)}
                 if "openvino" in args.runtimes:
                     models["openvino_qdq"] = OpenVinoNetwork(ours.program_bytes(), threads)
                     models["openvino_ir"] = OpenVinoIr(ours.program_bytes(), threads, Path(tempfile.mkdtemp()))

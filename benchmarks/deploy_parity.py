@@ -4,12 +4,13 @@ Issue 23's check of the deploy path, per model and engine: quantization-aware fi
 (``QuantizationAwareTraining(engine=...)``, from a float checkpoint given with ``--init MODEL=CKPT``, e.g. a
 suite row's, else from scratch) for ``--steps`` optimizer steps, saved as a Lightning checkpoint; then
 ``lightning-compress export CKPT --runtime ...`` exactly as a user runs it (the runtimes the engine ships to:
-``onnxruntime`` -> onnxruntime and OpenVINO, one QDQ file; ``xnnpack`` -> ExecuTorch ``.pte``;
+``onnxruntime`` and ``onnxruntime_7bit`` -> onnxruntime and OpenVINO, one QDQ file; ``xnnpack`` -> ExecuTorch ``.pte``;
 ``x86_inductor`` -> AOTInductor ``.pt2``). Each file is then loaded from the export directory by its runtime and
 compared with the in-process int8 network (the engine's conversion of the same checkpoint, before any program
 is built: the QDQ model in onnxruntime, or the PT2E quantize/dequantize graph in eager torch) on ``--images``
 test images spread evenly over the split (every 5th of 10,000 for 2,000; the split is sorted by class): top-1 agreement (strict, no near-tie tolerance) and accuracy of both. The export's
-own check (against the fake-quant network, on its seeded sample) is recorded beside it.
+own check (against the fake-quant network, on its seeded sample) is recorded beside it; for an engine whose
+kernels add int32 biases (``xnnpack``), so is the agreement with its graph before the biases are rounded.
 
 Target (issue 23): agreement >= 99 % on 2,000 images and accuracy within 0.1 point, per runtime.
 
@@ -34,7 +35,8 @@ from reporting import SHARED_CIFAR10, add_output_arguments, machine_info, run_se
 
 from lightning_compress.core.comparison import parity
 
-ENGINE_RUNTIMES = {"onnxruntime": ("onnxruntime", "openvino"), "xnnpack": ("executorch",), "x86_inductor": ("aoti",)}
+ENGINE_RUNTIMES = {"onnxruntime": ("onnxruntime", "openvino"), "onnxruntime_7bit": ("onnxruntime", "openvino"),
+                   "xnnpack": ("executorch",), "x86_inductor": ("aoti",)}
 """The runtimes each engine ships to (one export per engine)."""
 
 
@@ -108,6 +110,11 @@ def measure(model: str, engine: str, args: argparse.Namespace, data: Any, work: 
     in_process = family.convert_qat(copy.deepcopy(module.model).cpu().eval(), (images[:16],), "")
     reference = logits_of(in_process, images)
     convert_s = time.perf_counter() - began
+    float_bias = None  # an int32-bias engine's graph before its biases are rounded: what the rounding changes
+    if family.engine.int32_bias:
+        from lightning_compress.quantization import pt2e
+
+        float_bias = logits_of(pt2e.convert(copy.deepcopy(module.model).cpu().eval()), images)
     # what trainer.test() measures, built as QuantizationAwareTraining builds it at fit end: the trained network
     # converted, then shipped (the PT2E engines' program, else the int8 network itself); a program that cannot be
     # built is recorded as such (a channels_last network's XNNPACK lowering failed so until core.executorch lowered
@@ -141,6 +148,8 @@ def measure(model: str, engine: str, args: argparse.Namespace, data: Any, work: 
         row["runtimes"][runtime] = {**result.to_dict(), "bytes": exported.get("bytes"),
                                     "export_check": exported.get("parity"), "met": meets_target(result.to_dict()),
                                     "versus_tested": versus_tested,
+                                    "versus_float_bias": None if float_bias is None else
+                                    parity(float_bias, logits, labels, tolerance=0.0).to_dict(),
                                     "met_versus_tested": versus_tested is not None and meets_target(versus_tested),
                                     **disagreements(reference, logits, labels)}
     return row
@@ -195,6 +204,10 @@ def render(rows: list[dict[str, Any]], machine: dict[str, Any], settings: dict[s
               + f" (all images: {r['median_margin']:.3f}); the file right where the network is wrong on "
               f"{r['file_right_reference_wrong']}, wrong where it is right on {r['reference_right_file_wrong']}"
               for row in rows for runtime, r in row["runtimes"].items() if "disagreeing" in r]
+    lines += [f"- {row['model']}, engine {row['engine']}, {runtime}, against the same graph with its biases left in "
+              f"float (not rounded to the int32 codes the kernels add): {100 * f['top1_agreement']:.2f} % agreement, "
+              f"its top-1 {100 * f['reference_accuracy']:.2f} ({100 * (r['accuracy'] - f['reference_accuracy']):+.2f})"
+              for row in rows for runtime, r in row["runtimes"].items() if (f := r.get("versus_float_bias"))]
     lines += ["", "Per engine: QAT fine-tuning steps, seconds to train, convert and export (all runtimes of the "
               "engine, with the export's own check):", ""]
     lines += [f"- {row['model']}, {row['engine']}: "

@@ -110,7 +110,8 @@ def check_deploy_latency(result: dict[str, Any], markdown: str) -> None:
     (row,) = result["rows"]
     assert (row["model"], row["threads"], row["batch"], row["repeats"]) == ("resnet20", 1, 1, 5)
     assert set(row["ms"]) == {"torch_fp32", "ort_fp32", "torch_int8_x86", "ort_quantize_static", "ours_qdq",
-                              "openvino_qdq", "openvino_ir", "executorch_int8"}  # AOTInductor left out: C++ build
+                              "ours_7bit", "openvino_qdq", "openvino_ir", "executorch_int8"}  # AOTI left out: C++ build
+    assert "7-bit vs ort fp32" in markdown and row["bytes"]["ours_7bit"] < row["bytes"]["ort_fp32"] / 2
     assert 0 < row["bytes"]["executorch_int8"] < row["bytes"]["ort_fp32"] / 2  # the xnnpack engine's int8 program
     (compile_s,) = result["openvino_compile_s"].values()
     assert compile_s["onnx"] > 0 and compile_s["ir"] > 0 and "from the QDQ ONNX file vs from its IR" in markdown
@@ -360,11 +361,12 @@ def test_split_gap_fits_the_gap_against_test_accuracy():
 
 def check_int8_exactness(result: dict[str, Any], markdown: str) -> None:
     readings = result["readings"]
-    assert result["exact_code"] == 127 and len(readings) == 4
-    precise = next(read for runtime, read in readings.items() if "onnx_session" in runtime)
+    assert result["exact_code"] == 127 and set(readings) == {"127", "63"} and len(readings["127"]) == 4
+    precise = next(read for runtime, read in readings["127"].items() if "onnx_session" in runtime)
     assert precise == [127]  # our sessions are exact on every x86 CPU
-    assert all(read in ([127], [64]) for read in readings.values())  # exact, or pairs saturated in int16
-    assert markdown.count(" | yes |") + markdown.count(" | NO |") == 4
+    assert all(read in ([127], [64]) for read in readings["127"].values())  # exact, or pairs saturated in int16
+    assert all(read == [63] for read in readings["63"].values())  # 7-bit weights: exact in every runtime
+    assert markdown.count(" | yes |") + markdown.count(" | NO |") == 8
 
 
 CASES = {

@@ -50,6 +50,9 @@ class Engine:
             the int16 sums of x86 kernels without VNNI.
         symmetric_activations: Activations are int8 with zero-point 0 (the QDQ form TensorRT reads).
         signed_activations: Activations are int8 codes -128..127 (XNNPACK's QS8) instead of uint8.
+        weight_quant_max: Weights are int8 codes -weight_quant_max..weight_quant_max per channel. 63 (7 bits):
+            no u8 x s8 pair of products overflows the int16 sums of x86 kernels without VNNI, and onnxruntime's
+            exact mode keeps its fast kernels for such layers (it converts only weights outside -64..63).
         int32_bias: The kernels add each bias as int32 codes of input scale x weight scale (XNNPACK), so the
             converted graph rounds its biases to those codes and computes what the program does.
     """
@@ -61,6 +64,7 @@ class Engine:
     reduced_range: bool = False
     symmetric_activations: bool = False
     signed_activations: bool = False
+    weight_quant_max: int = 127
     int32_bias: bool = False
 
     def __str__(self) -> str:
@@ -75,6 +79,8 @@ ENGINE_TABLE: dict[str, Engine] = {engine.name: engine for engine in (
     Engine("onednn", KernelFamily.TORCH_INT8, "oneDNN", "torch", reduced_range=True),
     Engine("qnnpack", KernelFamily.TORCH_INT8, "QNNPACK (ARM, mobile)", "torch"),
     Engine("onnxruntime", KernelFamily.QDQ_ONNX, "onnxruntime U8S8", "onnxruntime"),
+    Engine("onnxruntime_7bit", KernelFamily.QDQ_ONNX, "onnxruntime U8S8, 7-bit weights (exact at full speed on x86 "
+           "without VNNI)", "onnxruntime", weight_quant_max=63),
     Engine("onnxruntime_symmetric", KernelFamily.QDQ_ONNX, "onnxruntime, TensorRT", "onnxruntime",
            symmetric_activations=True),
     Engine("x86_inductor", KernelFamily.PT2E, "oneDNN through Inductor", "aoti", reduced_range=True),

@@ -152,8 +152,9 @@ class _WeightObserver(_Float32Input, PerChannelMinMaxObserver):
 def quantization_config(engine: Engine, mode: str) -> QuantizationConfig:
     """What the engine's quantizer puts on activations and weights (numerics as ``qconfigs.py``).
 
-    Weights: the plain ``FakeQuantize`` over the current range (``averaging_constant=1``), whose scales are the
-    ones :func:`convert` quantizes with; the fused kernel rounds per-channel scales its own way (0.4 % off).
+    Weights: codes within the engine's ``weight_quant_max``, the plain ``FakeQuantize`` over the current range
+    (``averaging_constant=1``), whose scales are the ones :func:`convert` quantizes with; the fused kernel rounds
+    per-channel scales its own way (0.4 % off).
     Activations: torchao's x86 recipe (fused kernel, ``eps=2**-12``), on 0..127 for reduced-range engines, int8
     -128..127 for engines with signed activations (XNNPACK).
 
@@ -172,8 +173,8 @@ def quantization_config(engine: Engine, mode: str) -> QuantizationConfig:
     low, high = (-128, 127) if engine.signed_activations else (0, REDUCED_QUANT_MAX if engine.reduced_range else 255)
     activation = QuantizationSpec(torch.int8 if engine.signed_activations else torch.uint8, activations,
                                   quant_min=low, quant_max=high, qscheme=torch.per_tensor_affine)
-    weight = QuantizationSpec(torch.int8, weights, quant_min=-127, quant_max=127, qscheme=torch.per_channel_symmetric,
-                              ch_axis=0)
+    weight = QuantizationSpec(torch.int8, weights, quant_min=-engine.weight_quant_max,
+                              quant_max=engine.weight_quant_max, qscheme=torch.per_channel_symmetric, ch_axis=0)
     return QuantizationConfig(activation, activation, weight, None, is_qat=qat)
 
 

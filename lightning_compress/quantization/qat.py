@@ -105,9 +105,10 @@ class QuantizationAwareTraining(CompressionCallback):
         start: When to start QAT (a fraction of the run, ``"<n>ep"`` or ``"<n>steps"``); default: at once.
         freeze_observers: When to stop updating quantization ranges; ``None`` keeps them updating.
         freeze_bn: When to freeze batch-norm statistics of fused Conv-BN layers; ``None`` never.
-        engine: int8 engine: ``"onnxruntime"`` / ``"onnxruntime_symmetric"`` (the int8 QDQ ONNX model, run
-            by onnxruntime: ``trainer.test()`` measures the file a deployment ships; symmetric activations
-            make it TensorRT-compatible), torch's ``"x86"``, ``"onednn"``, ``"qnnpack"``, or ``"x86_inductor"``
+        engine: int8 engine: ``"onnxruntime"`` / ``"onnxruntime_7bit"`` / ``"onnxruntime_symmetric"`` (the int8
+            QDQ ONNX model, run by onnxruntime: ``trainer.test()`` measures the file a deployment ships; 7-bit
+            weights run exactly at full speed on x86 CPUs without VNNI; symmetric activations make it
+            TensorRT-compatible), torch's ``"x86"``, ``"onednn"``, ``"qnnpack"``, or ``"x86_inductor"``
             (torch.export + torchao PT2E, ``[pt2e]`` extra: the network is exported on its first QAT batch, and
             the int8 model is a quantize/dequantize graph that Inductor compiles); see
             :data:`~lightning_compress.quantization.engines.ENGINES` and ``docs/quantization-design.md``.

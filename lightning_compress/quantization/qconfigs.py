@@ -1,7 +1,7 @@
 """What each engine trains with: torch.ao observers, fake-quantizers and the patterns quantized together.
 
 Weights are int8 symmetric per channel on -127..127 (zero-point 0, so pruned zeros stay exactly zero;
-QNNPACK requires the symmetric grid). Activations are 8-bit per tensor: ``quint8`` affine on 0..255, on
+QNNPACK requires the symmetric grid), on -63..63 for ``onnxruntime_7bit``. Activations are 8-bit per tensor: ``quint8`` affine on 0..255, on
 0..127 for the reduced-range engines, ``qint8`` symmetric for ``onnxruntime_symmetric``
 (``docs/quantization-design.md`` says why).
 
@@ -59,6 +59,11 @@ def _activation_format(engine: Engine) -> dict:
         return {"quant_min": -128, "quant_max": 127, "dtype": torch.qint8, "qscheme": torch.per_tensor_symmetric}
     quant_max = REDUCED_QUANT_MAX if engine.reduced_range else 255
     return {"quant_min": 0, "quant_max": quant_max, "dtype": torch.quint8, "qscheme": torch.per_tensor_affine}
+
+
+def _weight_format(engine: Engine) -> dict:
+    return {"quant_min": -engine.weight_quant_max, "quant_max": engine.weight_quant_max, "dtype": torch.qint8,
+            "qscheme": torch.per_channel_symmetric}
 
 
 def backend_config(engine: Engine) -> BackendConfig | None:
@@ -122,15 +127,11 @@ def _qconfig(engine: Engine, qat: bool) -> QConfig:
         # The plain FakeQuantize, not the fused kernel: its scale is the observer's calculate_qparams, the
         # one conversion quantizes with; the fused kernel rounds per-channel symmetric scales its own way
         # (up to 0.4 % apart, one weight code: the int8 model then computes something else)
-        weight = FakeQuantize.with_args(
-            observer=MovingAveragePerChannelMinMaxObserver, averaging_constant=1.0, quant_min=-127, quant_max=127,
-            dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
-        )
+        weight = FakeQuantize.with_args(observer=MovingAveragePerChannelMinMaxObserver, averaging_constant=1.0,
+                                        **_weight_format(engine))
     else:
         activation = HistogramObserver.with_args(**_activation_format(engine))
-        weight = PerChannelMinMaxObserver.with_args(
-            quant_min=-127, quant_max=127, dtype=torch.qint8, qscheme=torch.per_channel_symmetric
-        )
+        weight = PerChannelMinMaxObserver.with_args(**_weight_format(engine))
     return QConfig(activation=activation, weight=weight)
 
 
@@ -146,9 +147,7 @@ def qconfig_mapping(engine: Engine, mode: str) -> QConfigMapping:
         weight and activation formats as the global qconfig; for ``"dynamic"``, dynamic int8 everywhere.
     """
     if mode == "dynamic":
-        weight = PerChannelMinMaxObserver.with_args(
-            quant_min=-127, quant_max=127, dtype=torch.qint8, qscheme=torch.per_channel_symmetric
-        )
+        weight = PerChannelMinMaxObserver.with_args(**_weight_format(engine))
         # global: only ops that have dynamic int8 kernels (Linear, RNNs) change; convolutions stay fp32
         return QConfigMapping().set_global(QConfig(activation=default_dynamic_quant_observer, weight=weight))
     # engine defaults first: they carry the fixed-range qconfigs of sigmoid/tanh/softmax...

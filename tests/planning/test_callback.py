@@ -323,7 +323,8 @@ def test_an_executorch_latency_target_needs_the_xnnpack_engine(tmp_path):
         fit(UserClassifier(), [target, QuantizationAwareTraining(start="5steps")], tmp_path)
 
 
-def test_x86_engine_is_refused_for_an_onnxruntime_latency_target(tmp_path):
+@pytest.mark.parametrize("engine", ["x86", "onnxruntime_7bit"])
+def test_engines_the_latency_table_does_not_time_are_refused_for_an_onnxruntime_latency_target(engine, tmp_path):
     target = CompressToTarget(latency_ratio=0.5, start=0.0, end="3steps", update_every=1, round_to=4)
-    with pytest.raises(ValueError, match=r"engine='x86': train with one of \('onnxruntime', 'onnxruntime_symmetric'\)"):
-        fit(UserClassifier(), [target, QuantizationAwareTraining(engine="x86", start="5steps")], tmp_path)
+    with pytest.raises(ValueError, match=rf"engine='{engine}': train with one of \('onnxruntime', 'onnxruntime_symmetric'\)"):
+        fit(UserClassifier(), [target, QuantizationAwareTraining(engine=engine, start="5steps")], tmp_path)

@@ -109,7 +109,7 @@ def test_int8_matches_the_fake_quant_simulation(engine):
 
 
 def test_unknown_engine_lists_engines():
-    with pytest.raises(ValueError, match=r"engine must be one of \['x86', 'onednn', 'qnnpack', 'onnxruntime', 'onnxruntime_symmetric'\], got 'fbgemm2'"):
+    with pytest.raises(ValueError, match=r"engine must be one of \['x86', 'onednn', 'qnnpack', 'onnxruntime', 'onnxruntime_7bit', 'onnxruntime_symmetric'\], got 'fbgemm2'"):
         check_engine("fbgemm2")
 
 

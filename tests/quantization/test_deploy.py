@@ -31,7 +31,7 @@ def trained_qat(engine: str, steps: int = 60) -> nn.Module:
     return prepared
 
 
-@pytest.fixture(scope="module", params=["onnxruntime", "onnxruntime_symmetric"])
+@pytest.fixture(scope="module", params=["onnxruntime", "onnxruntime_7bit", "onnxruntime_symmetric"])
 def qat_model(request):
     return request.param, trained_qat(request.param)
 

@@ -42,7 +42,7 @@ class Untraceable(UserClassifier):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"engine": "arm"}, r"engine must be one of \['x86', 'onednn', 'qnnpack', 'onnxruntime', 'onnxruntime_symmetric', 'x86_inductor', 'xnnpack'\], got 'arm'"),
+        ({"engine": "arm"}, r"engine must be one of \['x86', 'onednn', 'qnnpack', 'onnxruntime', 'onnxruntime_7bit', 'onnxruntime_symmetric', 'x86_inductor', 'xnnpack'\], got 'arm'"),
         ({"start": 0.5, "freeze_bn": 0.2}, "start must come before freeze_bn"),
         ({"start": "2ep", "freeze_observers": "1ep"}, "start must come before freeze_observers"),
         ({"start": 1.5}, "start must be a fraction in"),

@@ -95,3 +95,25 @@ def test_default_engine_tests_the_very_file_export_ships(tmp_path):
     tested = make_trainer(tmp_path).test(model, loader, verbose=False)[0]["test/acc"]
     with torch.no_grad():
         assert tested == pytest.approx(float((shipped(x).argmax(1) == y).float().mean()), abs=1e-6)
+
+
+def test_7bit_weights_compute_the_same_codes_without_onnxruntimes_exact_mode():
+    from onnx import numpy_helper
+
+    from lightning_compress.core.onnx import onnx_session
+
+    prepared = trained_qat("onnxruntime_7bit")
+    blob = qdq_onnx_bytes(qdq_network(prepared), torch.randn(1, 3, 16, 16))
+    graph = onnx.load_from_string(blob).graph
+    dequantized = {node.input[0] for node in graph.node if node.op_type == "DequantizeLinear"}
+    weights = [numpy_helper.to_array(t) for t in graph.initializer
+               if t.name in dequantized and t.data_type == onnx.TensorProto.INT8 and len(t.dims) > 1]
+    assert len(weights) == 4 and max(int(abs(w).max()) for w in weights) == 63  # each channel's largest is 63
+    images = random_images(256, seed=1).tensors[0] * 4  # activations at the top of their range
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    default = onnxruntime.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
+    exact = onnx_session(blob)
+    name = default.get_inputs()[0].name
+    # on a CPU without VNNI the exact mode converts layers whose weights leave -64..63; these run as by default
+    assert (default.run(None, {name: images.numpy()})[0] == exact.run(None, {name: images.numpy()})[0]).all()
