@@ -12,8 +12,8 @@ weights with BatchNorm statistics calibrated on a few random batches (realistic 
 variants are calibrated on the same random batches: torch's static PTQ for ``x86`` (``save_quantized`` file,
 read back), onnxruntime's ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations) of the
 fp32 ONNX model, ours (``PostTrainingQuantization``'s ``onnxruntime`` engine: the same file QAT exports; OpenVINO
-reads that very file; and the ``onnxruntime_7bit`` engine's file, whose weights fit onnxruntime's fast kernels
-exactly on CPUs without VNNI) and the ``x86_inductor`` engine's int8 graph as the ``model.pt2`` package ``export`` writes
+reads that very file; and the ``onnxruntime_7bit`` engine's file, in onnxruntime and OpenVINO, whose weights fit
+the fast kernels exactly on CPUs without VNNI) and the ``x86_inductor`` engine's int8 graph as the ``model.pt2`` package ``export`` writes
 (compiled once per model, dynamic batch size), and the ``xnnpack`` engine's int8 graph as the ``model.pte``
 ExecuTorch program (``--runtimes`` leaves any of the three out).
 
@@ -52,6 +52,7 @@ LABELS = {"torch_fp32": "torch fp32 eager", "ort_fp32": "onnxruntime fp32", "tor
           "ort_quantize_static": "onnxruntime int8 (`quantize_static`)", "ours_qdq": "ours: QDQ ONNX in onnxruntime",
           "ours_7bit": "ours, 7-bit weights (`onnxruntime_7bit`), in onnxruntime",
           "openvino_qdq": "ours: the same file in OpenVINO", "openvino_ir": "OpenVINO IR of that file (`.xml`/`.bin`)",
+          "openvino_7bit": "the 7-bit file in OpenVINO",
           "aoti_int8": "AOTInductor `.pt2` (x86_inductor)",
           "executorch_int8": "ExecuTorch `.pte` (xnnpack; its pool: the fewest --threads)"}
 
@@ -238,6 +239,7 @@ def main() -> None:
                           "ours_7bit": OnnxRuntimeNetwork(ours_7bit.program_bytes(), threads)}
                 if "openvino" in args.runtimes:
                     models["openvino_qdq"] = OpenVinoNetwork(ours.program_bytes(), threads)
+                    models["openvino_7bit"] = OpenVinoNetwork(ours_7bit.program_bytes(), threads)
                     models["openvino_ir"] = OpenVinoIr(ours.program_bytes(), threads, Path(tempfile.mkdtemp()))
                     compile_s[f"{name} {threads} thread(s)"] = {"onnx": round(models["openvino_ir"].onnx_compile_s, 3),
                                                                 "ir": round(models["openvino_ir"].compile_s, 3)}

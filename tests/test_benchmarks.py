@@ -110,7 +110,7 @@ def check_deploy_latency(result: dict[str, Any], markdown: str) -> None:
     (row,) = result["rows"]
     assert (row["model"], row["threads"], row["batch"], row["repeats"]) == ("resnet20", 1, 1, 5)
     assert set(row["ms"]) == {"torch_fp32", "ort_fp32", "torch_int8_x86", "ort_quantize_static", "ours_qdq",
-                              "ours_7bit", "openvino_qdq", "openvino_ir", "executorch_int8"}  # AOTI left out: C++ build
+                              "ours_7bit", "openvino_qdq", "openvino_7bit", "openvino_ir", "executorch_int8"}  # AOTI left out: C++ build
     assert "7-bit vs ort fp32" in markdown and row["bytes"]["ours_7bit"] < row["bytes"]["ort_fp32"] / 2
     assert 0 < row["bytes"]["executorch_int8"] < row["bytes"]["ort_fp32"] / 2  # the xnnpack engine's int8 program
     (compile_s,) = result["openvino_compile_s"].values()

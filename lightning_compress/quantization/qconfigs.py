@@ -1,9 +1,9 @@
 """What each engine trains with: torch.ao observers, fake-quantizers and the patterns quantized together.
 
 Weights are int8 symmetric per channel on -127..127 (zero-point 0, so pruned zeros stay exactly zero;
-QNNPACK requires the symmetric grid), on -63..63 for ``onnxruntime_7bit``. Activations are 8-bit per tensor: ``quint8`` affine on 0..255, on
-0..127 for the reduced-range engines, ``qint8`` symmetric for ``onnxruntime_symmetric``
-(``docs/quantization-design.md`` says why).
+QNNPACK requires the symmetric grid), on -63..63 for ``onnxruntime_7bit``. Activations are 8-bit per tensor:
+``quint8`` affine on 0..255, on 0..127 for the reduced-range engines, ``qint8`` symmetric for
+``onnxruntime_symmetric`` (``docs/quantization-design.md`` says why).
 
 Example:
     >>> from lightning_compress.quantization.engines import ENGINE_TABLE
