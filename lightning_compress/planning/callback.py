@@ -51,7 +51,7 @@ from lightning_compress.pruning.importance import ImportanceLike
 from lightning_compress.pruning.schedules import ScheduleLike
 from lightning_compress.quantization import PostTrainingQuantization, QuantizationAwareTraining
 from lightning_compress.quantization.convert import convert
-from lightning_compress.quantization.engines import ENGINE_TABLE, ONNX_ENGINES
+from lightning_compress.quantization.engines import ENGINE_TABLE, INT8_WEIGHT_MAX, ONNX_ENGINES
 from lightning_compress.quantization.prepare import is_prepared
 
 
@@ -190,7 +190,7 @@ class CompressToTarget(ChannelRemoval):
         self._engine = quantizers[0].engine.name if quantizers else None
         # the latency table times 8-bit weights; 7-bit ones run other kernels on x86 CPUs without VNNI
         engines = ("xnnpack",) if self.runtime == "executorch" else tuple(
-            name for name in ONNX_ENGINES if ENGINE_TABLE[name].weight_quant_max == 127)
+            name for name in ONNX_ENGINES if ENGINE_TABLE[name].weight_quant_max == INT8_WEIGHT_MAX)
         if self._int8 and self.goal.kind.startswith("latency") and self._engine not in engines:
             raise ValueError(f"CompressToTarget plans latency on {self.runtime}, which runs the int8 program of the "
                              f"engines {engines}; {type(quantizers[0]).__name__} has engine={self._engine!r}: "

@@ -36,6 +36,10 @@ class KernelFamily(enum.Enum):
     compiler (Inductor, ExecuTorch); :mod:`~lightning_compress.quantization.pt2e`."""
 
 
+INT8_WEIGHT_MAX = 127
+"""Largest weight code of the 8-bit engines (weights on -127..127)."""
+
+
 @dataclass(frozen=True, repr=False)
 class Engine:
     """One int8 engine.
@@ -64,7 +68,7 @@ class Engine:
     reduced_range: bool = False
     symmetric_activations: bool = False
     signed_activations: bool = False
-    weight_quant_max: int = 127
+    weight_quant_max: int = INT8_WEIGHT_MAX
     int32_bias: bool = False
 
     def __str__(self) -> str:

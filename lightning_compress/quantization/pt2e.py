@@ -4,7 +4,7 @@ The PT2E family (:attr:`~lightning_compress.quantization.engines.KernelFamily.PT
 network is exported with a dynamic batch dimension, annotated by the engine's quantizer (``X86InductorQuantizer``)
 and prepared by torchao; :func:`convert` gives the quantize/dequantize graph a compiler lowers to int8 kernels
 (Inductor / AOTInductor). The numerics are the FX family's (``qconfigs.py``): int8 symmetric per-channel weights
-on -127..127 through the plain ``FakeQuantize``, 8-bit per-tensor affine activations.
+within the engine's ``weight_quant_max`` through the plain ``FakeQuantize``, 8-bit per-tensor affine activations.
 
 An exported graph bakes ``training`` into each batch norm and dropout. torchao's switch
 (``move_exported_model_to_eval``) rewrites them with default eps and momentum and takes seconds per call, so here a
