@@ -27,8 +27,10 @@ from lightning_compress import (
     QuantizationAwareTraining,
 )
 from lightning_compress.core.accounting import count_macs
+from lightning_compress.core.onnx import OnnxRuntimeNetwork
 from lightning_compress.report import is_int8
 from tests.composition.modules import DictBatchModule, dict_loader, same_entry
+from tests.quantization.test_shipped_parity import int8_weight_codes
 from tests.toy import ToyConvNet, channels_dear, random_loader
 
 TECHNIQUES = ("channel", "magnitude", "qat", "kd")
@@ -46,6 +48,7 @@ def make_callbacks(names, report_dir=None):
         "magnitude_late": lambda: MagnitudePruning(final_sparsity=0.5, start="3steps", end="4steps", update_every=1),
         "qat": lambda: QuantizationAwareTraining(start="5steps"),
         "qat_xnnpack": lambda: QuantizationAwareTraining(engine="xnnpack", start="5steps"),
+        "qat_7bit": lambda: QuantizationAwareTraining(engine="onnxruntime_7bit", start="5steps"),
         "kd": lambda: KnowledgeDistillation(ToyConvNet(num_classes=4), alpha=0.5),
         "target": lambda: CompressToTarget(macs_ratio=0.5, start=0.0, end="2steps", update_every=1, round_to=2),
         "target_factorized": lambda: CompressToTarget(macs_ratio=0.5, start=0.0, end="2steps", update_every=1,
@@ -108,6 +111,11 @@ def check_case(kind, names, precision, tmp_path, report=False):
     if "qat_xnnpack" in names:  # ends as the ExecuTorch program it ships; the checkpoint holds the PT2E QAT graph
         assert is_int8(network_of(module)) and type(network_of(module)).__name__ == "ExecuTorchNetwork"
         assert any("activation_post_process" in key for key in weights), sorted(weights)[:5]
+    if "qat_7bit" in names:  # ends as its QDQ ONNX file, every weight code on -63..63 after masks and slicing
+        network = network_of(module)
+        assert isinstance(network, OnnxRuntimeNetwork)
+        codes = int8_weight_codes(network.program_bytes())
+        assert codes and max(int(abs(c).max()) for c in codes) == 63
     if "kd" in names:
         assert torch.isfinite(trainer.callback_metrics["distill/kd_loss"])
     if report:
@@ -177,6 +185,12 @@ def test_pt2e_engine_whole_set(precision, tmp_path):
     """QAT on torchao PT2E (engine='xnnpack', ending as its ExecuTorch program) with every other technique."""
     # fp32 is extended: the kill -9 resume test trains this whole set with engine='xnnpack' in fp32 by default
     check_case("dict_module", PT2E_WHOLE_SET, precision, tmp_path, report=True)
+
+
+@pytest.mark.slow
+def test_7bit_engine_whole_set_under_bf16(tmp_path):
+    """engine='onnxruntime_7bit' with every other technique under bf16 autocast: its file keeps the 7-bit grid."""
+    check_case("dict_module", ("channel", "magnitude", "qat_7bit", "kd"), "bf16-mixed", tmp_path)
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from onnx import numpy_helper
 
 from lightning_compress.core.comparison import parity
 from lightning_compress.core.onnx import OnnxRuntimeNetwork
@@ -22,6 +23,14 @@ from tests.toy import random_images
 METADATA = {"model": "toy", "num_classes": 4, "model_kwargs": {}, "classes": ["0", "1", "2", "3"],
             "mean": [0.0] * 3, "std": [1.0] * 3, "input_size": [16, 16]}
 QDQ_SHIPPED = (KernelFamily.TORCH_INT8, KernelFamily.QDQ_ONNX)  # the engines whose export is the QDQ ONNX file
+
+
+def int8_weight_codes(model: bytes) -> list:
+    """The int8 weight tensors (conv and linear) a QDQ ONNX model dequantizes."""
+    graph = onnx.load_from_string(model).graph
+    dequantized = {node.input[0] for node in graph.node if node.op_type == "DequantizeLinear"}
+    return [numpy_helper.to_array(t) for t in graph.initializer
+            if t.name in dequantized and t.data_type == onnx.TensorProto.INT8 and len(t.dims) > 1]
 
 
 def shippable(engine: str) -> None:
@@ -98,16 +107,11 @@ def test_default_engine_tests_the_very_file_export_ships(tmp_path):
 
 
 def test_7bit_weights_compute_the_same_codes_without_onnxruntimes_exact_mode():
-    from onnx import numpy_helper
-
     from lightning_compress.core.onnx import onnx_session
 
     prepared = trained_qat("onnxruntime_7bit")
     blob = qdq_onnx_bytes(qdq_network(prepared), torch.randn(1, 3, 16, 16))
-    graph = onnx.load_from_string(blob).graph
-    dequantized = {node.input[0] for node in graph.node if node.op_type == "DequantizeLinear"}
-    weights = [numpy_helper.to_array(t) for t in graph.initializer
-               if t.name in dequantized and t.data_type == onnx.TensorProto.INT8 and len(t.dims) > 1]
+    weights = int8_weight_codes(blob)
     assert len(weights) == 4 and max(int(abs(w).max()) for w in weights) == 63  # each channel's largest is 63
     images = random_images(256, seed=1).tensors[0] * 4  # activations at the top of their range
     options = onnxruntime.SessionOptions()
