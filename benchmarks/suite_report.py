@@ -25,14 +25,19 @@ FIXES = {"gmp90": ("gmp90_kd", "gmp90_early"), "channel50": ("channel50_kd", "ch
 """Rows that try to fix a row's miss, read against the same target."""
 
 
-def block_title(budget: dict[str, Any]) -> str:
-    """A block's name: the budget's name, and its epochs when they differ from the default."""
-    from suite_rows import resolve_budget
+BF16_CPU = {"model": "a CPU with native bf16", "flags": [], "bf16": True}
+"""The CPU block titles are read against, whichever machine renders them: a budget as resolved there is the default."""
 
-    default = resolve_budget(budget["name"])[0]
-    if (budget["epochs"], budget["teacher_epochs"]) == (default.epochs, default.teacher_epochs):
-        return budget["name"]
-    return f"{budget['name']}, {budget['epochs']} epochs"
+
+def block_title(budget: dict[str, Any]) -> str:
+    """A block's name: the budget's name, with its epochs and its precision where they differ from the budget's on
+    a CPU with native bf16 (``cpu30, 32-true``: rows trained in fp32 on a CPU without it are a block of their own).
+    """
+    default = resolve_budget(budget["name"], BF16_CPU)[0]
+    title = budget["name"]
+    if (budget["epochs"], budget["teacher_epochs"]) != (default.epochs, default.teacher_epochs):
+        title += f", {budget['epochs']} epochs"
+    return title if budget["precision"] == default.precision else f"{title}, {budget['precision']}"
 
 
 def load_rows(results_dir: Path) -> dict[str, list[dict[str, Any]]]:
@@ -172,6 +177,9 @@ def render_block(budget: str, rows: list[dict[str, Any]]) -> list[str]:
                      f"({_machine(r)}): its latency is not comparable with the other rows'")
         elif _machine(r) != _machine(rows[0]):
             what += f"; ran on {_machine(r)}: its latency is comparable only with rows of that machine"
+        if r.get("resumed_after_epochs"):
+            what += (f"; resumed after epoch {r['resumed_after_epochs']} from the row's partial checkpoint: fit s and "
+                     "wall s count the last process's part only")
         if "top1_deployed" in r:
             what += f"; top-1 of the deployed {r['artifact']['kind']} file in onnxruntime: {r['top1_deployed']:.2f} %"
         if r.get("val_top1") is not None:
@@ -193,8 +201,9 @@ def render_block(budget: str, rows: list[dict[str, Any]]) -> list[str]:
 def targets(ok: dict[str, dict[str, Any]], budget: str = "cpu") -> list[str]:
     """The issue's relative targets for ``budget`` (:data:`LIMITS`), met or not, from this block's rows."""
     dense = ok.get("dense")
-    if dense is None:
-        return ["Targets: not evaluated (no dense row yet)."]
+    if dense is None:  # CompressToTarget rows are read against their target and their uniform baseline
+        compress = target_lines(ok)
+        return ["Targets: not evaluated against dense (no dense row yet).", *([""] if compress else []), *compress]
     limits = LIMITS.get(budget, LIMITS["cpu"])
 
     def drop(row: str) -> float | None:

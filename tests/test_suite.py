@@ -392,7 +392,7 @@ def test_report_says_which_cpu30_rows_are_done_and_queued(tmp_path: Path) -> Non
     assert "## Budget: cpu30" in markdown and "No row has landed yet; estimated " in markdown
     assert "**Done (0 of 17):** none yet. **Queued** (not run, failed, or measured with older code): teacher, dense," \
            in markdown and "`python benchmarks/suite.py --budget cpu30 --jobs 2`" in markdown
-    budget, reason = suite_rows.resolve_budget("cpu30")
+    budget, reason = suite_rows.resolve_budget("cpu30", suite_report.BF16_CPU)  # the block BLOCK_ROWS names
     runner = suite.Suite(budget, reason, "cifar10-jpeg.tar.gz", tmp_path, tmp_path / "work", side_by_side=2)
     landed = {"row": "lowrank", "config": runner.config("lowrank"), "status": "skipped", "reason": "not available",
               "code_version": suite.code_version(suite_rows.ROWS["lowrank"].sources), "machine": runner.machine,
@@ -407,6 +407,35 @@ def test_report_says_which_cpu30_rows_are_done_and_queued(tmp_path: Path) -> Non
            "qat, gmp90, kd_alpha05, gmp90_kd, channel50, channel50_kd, gmp90_early, gmp50, nm24, pipeline, channel50_planned, " \
            "target50, target50_uniform, pipeline_quarter." in block
     assert "| dense | The dense ResNet-20: the reference of every row | failed: RuntimeError: x |" in block
+
+
+def test_rows_trained_in_fp32_are_a_block_of_their_own_read_against_their_targets(tmp_path: Path) -> None:
+    """The same budget trained in fp32 (a CPU without native bf16) is another block, named so, whichever machine
+    renders it; its CompressToTarget pair is read against its target and its uniform baseline with no dense row,
+    and a row resumed from its partial checkpoint says its seconds are the last process's."""
+    no_bf16 = {"model": "AMD EPYC", "flags": ["avx2"], "bf16": False}
+    records = []
+    for cpu, top1 in ((suite_report.BF16_CPU, 80.0), (no_bf16, 85.0)):
+        budget, reason = suite_rows.resolve_budget("cpu30", cpu)
+        runner = suite.Suite(budget, reason, "cifar10-jpeg.tar.gz", tmp_path, tmp_path / "work")
+        for row, lead in (("resnet56_target33", 1.0), ("resnet56_target33_uniform", 0.0)):
+            shipped = {"measured_ms": 33.0, "dense_ms": 100.0, "prediction_error": -0.01}
+            plan = {"target": {"kind": "latency_ratio", "value": 1 / 3}, "predicted": 0.33, "shipped": shipped,
+                    "checks": [{"measured": 0.33, "measured_ms": 33.0, "dense_measured_ms": 100.0}]}
+            records.append({"row": row, "config": runner.config(row), "status": "ok", "top1": top1 + lead,
+                            "params": 1, "nonzero": 1, "macs": 1, "fit_s": 1.0, "wall_s": 2.0, "budget_reason": reason,
+                            "artifact": {"kind": "onnx fp32", "bytes": 1000}, "packed_bytes": 500, "machine": runner.machine,
+                            "code_version": suite.code_version(suite_rows.ROWS[row].sources), "target_plan": plan,
+                            **({"resumed_after_epochs": 12} if cpu is no_bf16 else {})})
+    (tmp_path / "suite_cpu30.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    markdown = suite_report.write_report(tmp_path).read_text()
+    assert "## Budget: cpu30\n" in markdown and "## Budget: cpu30, 32-true\n" in markdown
+    fp32 = markdown[markdown.index("## Budget: cpu30, 32-true"):]
+    fp32 = fp32[:fp32.index("## Budget: cpu30\n")] if "## Budget: cpu30\n" in fp32 else fp32
+    assert "| resnet56_target33 | " in fp32 and "| 86.00 |" in fp32 and "| 81.00 |" not in fp32
+    assert "resumed after epoch 12 from the row's partial checkpoint: fit s and wall s count the last" in fp32
+    assert "Targets: not evaluated against dense (no dense row yet)." in fp32
+    assert "uniform widths at the same target" in fp32 and "planned +1.00 points above it: met" in fp32
 
 
 def test_a_block_names_every_machine_its_rows_ran_on(tmp_path: Path) -> None:
