@@ -35,7 +35,6 @@ from lightning_compress.planning.planner import Target, UnreachableTargetError
 from lightning_compress.planning.target import TargetPlanner
 from lightning_compress.planning.widths import slimmed_copy, width_sensitivity
 
-
 ENGINES = {"fp32": None, "int8": "onnxruntime", "int8_7bit": "onnxruntime_7bit"}
 """Each precision's quantization engine (``None``: the fp32 network)."""
 

@@ -27,7 +27,7 @@ from lightning_compress.planning.callback import default_table_file
 from lightning_compress.planning.latency import RUNTIMES
 from lightning_compress.planning.planner import ALLOCATIONS, Target
 from lightning_compress.planning.ranks import planned_copy
-from lightning_compress.planning.target import TargetPlanner, int8_engines
+from lightning_compress.planning.target import TargetPlanner, timed_engines
 from lightning_compress.planning.widths import reestimate_norms
 
 
@@ -62,7 +62,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--threads", type=int, default=1, help="the deployment's inference threads")
     parser.add_argument("--int8", action="store_true", help="plan for the int8 network a QAT run ships (QDQ ONNX; "
                                                            "for executorch the xnnpack engine's program)")
-    parser.add_argument("--engine", choices=sorted({*int8_engines("onnxruntime"), *int8_engines("executorch")}),
+    parser.add_argument("--engine", choices=sorted({*timed_engines("onnxruntime"), *timed_engines("executorch")}),
                         default=None, help="the QAT engine of that int8 network (implies --int8; default: onnxruntime, "
                                            "xnnpack for executorch); onnxruntime_7bit keeps onnxruntime's fast "
                                            "int8 kernels exact on x86 CPUs without VNNI")
@@ -84,8 +84,8 @@ def main(argv: Sequence[str]) -> int:
     for name in ("deploy_batch_size", "threads", "round_to", "repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.engine is not None and args.engine not in int8_engines(args.runtime):
-        raise ValueError(f"--engine must be one of {int8_engines(args.runtime)} with --runtime {args.runtime}, "
+    if args.engine is not None and args.engine not in timed_engines(args.runtime):
+        raise ValueError(f"--engine must be one of {timed_engines(args.runtime)} with --runtime {args.runtime}, "
                          f"got {args.engine!r}")
     loaded = load_checkpoint(args.checkpoint)
     if loaded.metadata["quantization"] is not None:

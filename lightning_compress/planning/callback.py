@@ -45,7 +45,7 @@ from lightning_compress.planning.planner import (
     runtime_program,
 )
 from lightning_compress.planning.ranks import METHOD
-from lightning_compress.planning.target import REMEASURE_ROUNDS, TargetPlanner, int8_engines
+from lightning_compress.planning.target import REMEASURE_ROUNDS, TargetPlanner, timed_engines
 from lightning_compress.pruning.channel import ChannelRemoval
 from lightning_compress.pruning.importance import ImportanceLike
 from lightning_compress.pruning.schedules import ScheduleLike
@@ -188,7 +188,7 @@ class CompressToTarget(ChannelRemoval):
         if self.goal.kind.startswith("latency") and trainer.is_global_zero:  # before a checkpoint's records replay
             self._dense_at_setup = copy.deepcopy(self.network_of(pl_module)).cpu().float()
         self._engine = quantizers[0].engine.name if quantizers else None
-        engines = int8_engines(self.runtime)
+        engines = timed_engines(self.runtime)
         if self._int8 and self.goal.kind.startswith("latency") and self._engine not in engines:
             raise ValueError(f"CompressToTarget plans latency on {self.runtime}, which runs the int8 program of the "
                              f"engines {engines}; {type(quantizers[0]).__name__} has engine={self._engine!r}: "

@@ -66,12 +66,12 @@ GROW_CHECKS = 3
 """Checks a plan needs left to grow: its own, the grown plan's, and the fallback's if the grown plan misses."""
 
 
-def int8_engines(runtime: str) -> tuple[str, ...]:
+def timed_engines(runtime: str) -> tuple[str, ...]:
     """The quantization engines whose int8 program a plan for ``runtime`` can time: ``xnnpack`` on ExecuTorch,
     the QDQ ONNX engines elsewhere.
 
     Example:
-        >>> int8_engines("executorch")
+        >>> timed_engines("executorch")
         ('xnnpack',)
     """
     return ("xnnpack",) if runtime == "executorch" else ONNX_ENGINES
@@ -94,7 +94,7 @@ class TargetPlanner:
         table_path: JSON file caching the per-layer latency table.
         repeats: Timed calls per measurement.
         calibration: Input batches for the int8 model's ranges (end-to-end measurements).
-        engine: The int8 network's engine (latency targets: one of :func:`int8_engines`; default: the first of
+        engine: The int8 network's engine (latency targets: one of :func:`timed_engines`; default: the first of
             them); the latency table times its weight grid, the end-to-end checks its program.
     """
 
@@ -103,8 +103,8 @@ class TargetPlanner:
                  ignored: Sequence[str] = (), table_path: str | os.PathLike[str] | None = None, repeats: int = 50,
                  calibration: Sequence[torch.Tensor] = (), engine: str | None = None) -> None:
         self.target, self.int8, self.round_to, self.runtime = target, int8, round_to, runtime
-        if engine is not None and target.kind.startswith("latency") and engine not in int8_engines(runtime):
-            raise ValueError(f"engine must be one of {int8_engines(runtime)} on {runtime}, got {engine!r}")
+        if engine is not None and target.kind.startswith("latency") and engine not in timed_engines(runtime):
+            raise ValueError(f"engine must be one of {timed_engines(runtime)} on {runtime}, got {engine!r}")
         self.engine = engine
         self.threads, self.repeats = threads, repeats
         self.example = example[:1].detach().cpu().float()
