@@ -166,8 +166,8 @@ def layer_onnx(shape: LayerShape, batch_size: int, int8: bool, weight_max: int =
         batch_size: The input batch size.
         int8: Build the int8 form.
         weight_max: The int8 form's largest weight code (the engine's
-            :attr:`~lightning_compress.quantization.engines.Engine.weight_quant_max`): onnxruntime picks its
-            kernels by the weights' range.
+            :attr:`~lightning_compress.quantization.engines.Engine.weight_quant_max`): on x86 CPUs without
+            VNNI our exact sessions run a layer whose weights leave -64..63 on slower kernels.
 
     Returns:
         The serialized model.
@@ -443,7 +443,7 @@ class LatencyTable:
         return self.entries[key] * self.reference_ms
 
     def _precision_key(self, int8: bool) -> str:
-        """An entry's precision: ``fp32``, ``int8`` (weights on -127..127) or ``int8w63`` (on -63..63)."""
+        """An entry's precision: ``fp32``, ``int8`` (weights on -127..127) or ``int8w<weight_max>`` (``int8w63``)."""
         if not int8:
             return "fp32"
         return "int8" if self.weight_max == INT8_WEIGHT_MAX else f"int8w{self.weight_max}"
