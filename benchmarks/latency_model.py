@@ -1,6 +1,7 @@
 """How well the planner's latency model predicts a planned network's measured latency (issue 24).
 
-For each model, batch size and precision (fp32, or the int8 QDQ ONNX model the ``onnxruntime`` engine ships),
+For each model, batch size and precision (fp32, the int8 QDQ ONNX model the ``onnxruntime`` engine ships, or
+``int8_7bit``: the ``onnxruntime_7bit`` engine's, whose table times layers with 7-bit weights),
 ``TargetPlanner`` builds the per-layer table on onnxruntime and calibrates it on the dense and the narrowest
 network; the planner (its default allocation) plans for 1/2 and 1/3 of the dense latency, the planned network
 is built (channels really removed) and measured end to end, interleaved with the dense network over several
@@ -34,12 +35,15 @@ from lightning_compress.planning.planner import Target, UnreachableTargetError
 from lightning_compress.planning.target import TargetPlanner
 from lightning_compress.planning.widths import slimmed_copy, width_sensitivity
 
+ENGINES = {"fp32": None, "int8": "onnxruntime", "int8_7bit": "onnxruntime_7bit"}
+"""Each precision's quantization engine (``None``: the fp32 network)."""
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["resnet56", "mobilenetv2"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 64])
-    parser.add_argument("--precisions", nargs="+", choices=["fp32", "int8"], default=["fp32", "int8"])
+    parser.add_argument("--precisions", nargs="+", choices=list(ENGINES), default=["fp32", "int8"])
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.5, 1 / 3])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=50, help="timed calls per measurement")
@@ -73,11 +77,12 @@ def main() -> None:
         classifier = [n for n, m in network.named_modules() if isinstance(m, torch.nn.Linear)][-1:]
         for batch_size in args.batches:
             for precision in args.precisions:
-                int8 = precision == "int8"
+                engine = ENGINES[precision]
                 started = time.time()
                 planner = TargetPlanner(network, example, Target("latency_ratio", max(args.ratios)), "onnxruntime",
-                                        batch_size, args.threads, int8, args.round_to, classifier,
-                                        table_dir / f"{precision}_b{batch_size}.json", args.repeats, calibration)
+                                        batch_size, args.threads, engine is not None, args.round_to, classifier,
+                                        table_dir / f"{precision}_b{batch_size}.json", args.repeats, calibration,
+                                        engine)
                 if model not in sensitivities:  # one measurement per network, reused by every plan of it: at every
                     # multiple of round_to (planners differ in floor and channel block, so in candidates)
                     every_width = replace(planner.space, floor=0, block=0)

@@ -11,7 +11,8 @@ size, onnxruntime CPU latency at batch 1. Rows:
     planning widths and Tucker-2 ranks together),
     and issue 24's targets on other networks (run with ``--only``): mobilenetv2_dense,
     {resnet56,mobilenetv2}_target{50,33}[_uniform|_lowrank] (ResNet-56's dense reference is the teacher row),
-    {resnet56,mobilenetv2}_target33_int8[_uniform] (the int8 QDQ file at a third of the fp32 dense latency)
+    {resnet56,mobilenetv2}_target33_int8[_7bit][_uniform] (the int8 QDQ file at a third of the fp32 dense latency;
+    _7bit: engine onnxruntime_7bit, for x86 CPUs without VNNI)
 
 Budgets (``--budget``):
 

@@ -199,17 +199,17 @@ def channel50_planned(ctx: Context) -> Plan:
 
 
 def _target(ratio: float, model: str = "resnet20", allocation: str = "sensitivity",
-            int8: bool = False, factorize: bool = False) -> Callable[[Context], Plan]:
+            int8: bool = False, factorize: bool = False, engine: str = "onnxruntime") -> Callable[[Context], Plan]:
     def row(ctx: Context) -> Plan:
         target = _lc().CompressToTarget(
             latency_ratio=ratio, runtime="onnxruntime", batch_size=64, threads=1, round_to=8, start=0.05, end=0.5,
             update_every=ctx.every(20), allocation=allocation, factorize=factorize)
-        qat = _qat(engine="onnxruntime") if int8 else None
+        qat = _qat(engine=engine) if int8 else None
         return Plan(model=model, callbacks=[target, *([qat] if qat else [])], qat=qat)
     how = ("one kept fraction for every group (the largest that measures within the target): the uniform baseline"
            if allocation == "uniform" else "widths by sensitivity around the uniform ones"
            + (" and Tucker-2 ranks where they pay (factorized at 50 %)" if factorize else ""))
-    shipped = ("the int8 QDQ file (QAT, engine onnxruntime, from 75 % of the run) against the fp32 dense network"
+    shipped = (f"the int8 QDQ file (QAT, engine {engine}, from 75 % of the run) against the fp32 dense network"
                if int8 else "fp32")
     row.__doc__ = (f"CompressToTarget on {model}: {ratio:.2g}x the dense latency on onnxruntime ({shipped}, batch "
                    f"64, 1 thread), {how}; planned at 5 % of the run on the planning step's training batch (the "
@@ -445,6 +445,12 @@ ROWS: dict[str, Row] = {
                                              ("pruning", "planning", "quantization", "export"), cost=cost * 0.8)
        for model, (_, cost) in TARGET_MODELS.items()
        for suffix, allocation in (("", "sensitivity"), ("_uniform", "uniform"))},
+    # the same with 7-bit weights, for x86 CPUs without VNNI (ResNet-56 at batch 64 on an AVX2-only EPYC: 1/3
+    # reachable with them, not with 8-bit weights, latency_model_7bit_avx2.md)
+    **{f"{model}_target33_int8_7bit{suffix}": Row(_target(1 / 3, model, allocation, int8=True, engine="onnxruntime_7bit"),
+                                                  ("pruning", "planning", "quantization", "export"), cost=cost * 0.8)
+       for model, (_, cost) in TARGET_MODELS.items()
+       for suffix, allocation in (("", "sensitivity"), ("_uniform", "uniform"))},
 }
 """Every row, in table order."""
 BLOCK_ROWS: dict[str, tuple[str, ...]] = {
@@ -460,8 +466,8 @@ TARGET_ROWS: dict[str, tuple[str, str, str]] = {
     "target50_factorized": ("target50_uniform", "dense", "half"),
     **{f"{model}_target{percent}": (f"{model}_target{percent}_uniform", dense, words)
        for model, (dense, _) in TARGET_MODELS.items() for percent, (_, words) in TARGET_FRACTIONS.items()},
-    **{f"{model}_target33_int8": (f"{model}_target33_int8_uniform", dense, "a third of")
-       for model, (dense, _) in TARGET_MODELS.items()},
+    **{f"{model}_target33_int8{bits}": (f"{model}_target33_int8{bits}_uniform", dense, "a third of")
+       for model, (dense, _) in TARGET_MODELS.items() for bits in ("", "_7bit")},
 }
 """CompressToTarget rows read in the targets: planned row -> (its uniform baseline, its dense network's row, the
 target in words)."""

@@ -607,7 +607,8 @@ def test_target_rows_plan_each_network_at_its_fraction_with_its_uniform_baseline
             assert (callback.batch_size, callback.threads, callback.round_to) == (64, 1, 8)
             assert callback.factorize == (suffix == "factorized" and row == planned)
             # int8 rows ship the QDQ file onnxruntime runs; the suite converts (and tests) the QAT network
-            assert [q.engine.name for q in qat] == (["onnxruntime"] if suffix == "int8" else []) and plan.qat in (
+            engines = {"int8": ["onnxruntime"], "int8_7bit": ["onnxruntime_7bit"]}.get(suffix, [])
+            assert [q.engine.name for q in qat] == engines and plan.qat in (
                 *qat, None) and (plan.qat is None) == (not qat)
         assert suite_rows.ROWS[dense].plan(ctx).model == model and not suite_rows.ROWS[dense].plan(ctx).callbacks
 

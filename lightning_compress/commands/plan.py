@@ -27,7 +27,7 @@ from lightning_compress.planning.callback import default_table_file
 from lightning_compress.planning.latency import RUNTIMES
 from lightning_compress.planning.planner import ALLOCATIONS, Target
 from lightning_compress.planning.ranks import planned_copy
-from lightning_compress.planning.target import TargetPlanner
+from lightning_compress.planning.target import TargetPlanner, timed_engines
 from lightning_compress.planning.widths import reestimate_norms
 
 
@@ -62,6 +62,10 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--threads", type=int, default=1, help="the deployment's inference threads")
     parser.add_argument("--int8", action="store_true", help="plan for the int8 network a QAT run ships (QDQ ONNX; "
                                                            "for executorch the xnnpack engine's program)")
+    parser.add_argument("--engine", choices=sorted({*timed_engines("onnxruntime"), *timed_engines("executorch")}),
+                        default=None, help="the QAT engine of that int8 network (implies --int8; default: onnxruntime, "
+                                           "xnnpack for executorch); onnxruntime_7bit keeps onnxruntime's fast "
+                                           "int8 kernels exact on x86 CPUs without VNNI")
     parser.add_argument("--round-to", type=int, default=8, help="widths are multiples of this")
     parser.add_argument("--allocation", choices=ALLOCATIONS, default="sensitivity",
                         help="sensitivity: channels traded between groups around the uniform widths; uniform: one kept "
@@ -80,6 +84,9 @@ def main(argv: Sequence[str]) -> int:
     for name in ("deploy_batch_size", "threads", "round_to", "repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.engine is not None and args.engine not in timed_engines(args.runtime):
+        raise ValueError(f"--engine must be one of {timed_engines(args.runtime)} with --runtime {args.runtime}, "
+                         f"got {args.engine!r}")
     loaded = load_checkpoint(args.checkpoint)
     if loaded.metadata["quantization"] is not None:
         raise ValueError(f"{args.checkpoint} is quantization-aware; plan from the float checkpoint trained before "
@@ -89,8 +96,9 @@ def main(argv: Sequence[str]) -> int:
     example = batches[0][0][:1]
     classifier = [name for name in weighted_layers(network) if isinstance(network.get_submodule(name), nn.Linear)][-1:]
     table = Path(args.table) if args.table else default_table_file(args.runtime, args.deploy_batch_size, args.threads)
-    planner = TargetPlanner(network, example, target, args.runtime, args.deploy_batch_size, args.threads, args.int8,
-                            args.round_to, classifier, table, args.repeats, [x for x, _ in batches])
+    planner = TargetPlanner(network, example, target, args.runtime, args.deploy_batch_size, args.threads,
+                            args.int8 or args.engine is not None, args.round_to, classifier, table, args.repeats,
+                            [x for x, _ in batches], args.engine)
     plan = planner.plan(network, [x for x, _ in batches], allocation=args.allocation, factorize=args.factorize)
     planned = planned_copy(network, example, plan.widths, plan.ranks)
     reestimate_norms(planned, [x for x, _ in batches])  # scored as the plan's sensitivity scores its cuts

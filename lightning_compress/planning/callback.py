@@ -45,13 +45,13 @@ from lightning_compress.planning.planner import (
     runtime_program,
 )
 from lightning_compress.planning.ranks import METHOD
-from lightning_compress.planning.target import REMEASURE_ROUNDS, TargetPlanner
+from lightning_compress.planning.target import REMEASURE_ROUNDS, TargetPlanner, timed_engines
 from lightning_compress.pruning.channel import ChannelRemoval
 from lightning_compress.pruning.importance import ImportanceLike
 from lightning_compress.pruning.schedules import ScheduleLike
 from lightning_compress.quantization import PostTrainingQuantization, QuantizationAwareTraining
 from lightning_compress.quantization.convert import convert
-from lightning_compress.quantization.engines import ENGINE_TABLE, INT8_WEIGHT_MAX, ONNX_ENGINES
+from lightning_compress.quantization.engines import ONNX_ENGINES
 from lightning_compress.quantization.prepare import is_prepared
 
 
@@ -188,9 +188,7 @@ class CompressToTarget(ChannelRemoval):
         if self.goal.kind.startswith("latency") and trainer.is_global_zero:  # before a checkpoint's records replay
             self._dense_at_setup = copy.deepcopy(self.network_of(pl_module)).cpu().float()
         self._engine = quantizers[0].engine.name if quantizers else None
-        # the latency table times 8-bit weights; 7-bit ones run other kernels on x86 CPUs without VNNI
-        engines = ("xnnpack",) if self.runtime == "executorch" else tuple(
-            name for name in ONNX_ENGINES if ENGINE_TABLE[name].weight_quant_max == INT8_WEIGHT_MAX)
+        engines = timed_engines(self.runtime)
         if self._int8 and self.goal.kind.startswith("latency") and self._engine not in engines:
             raise ValueError(f"CompressToTarget plans latency on {self.runtime}, which runs the int8 program of the "
                              f"engines {engines}; {type(quantizers[0]).__name__} has engine={self._engine!r}: "
@@ -217,7 +215,8 @@ class CompressToTarget(ChannelRemoval):
             with torch.random.fork_rng(devices=[]):  # measuring must not move the training's random stream
                 self._planner = TargetPlanner(
                     copy.deepcopy(network), example, self.goal, self.runtime, self.batch_size, self.threads,
-                    self._int8, self.round_to, self._ignored, self._table_path(), self.repeats, calibration)
+                    self._int8, self.round_to, self._ignored, self._table_path(), self.repeats, calibration,
+                    self._engine)
             self._dense_at_setup = None  # the planner holds the dense network
             try:
                 self._planner.check_reachable()

@@ -37,6 +37,7 @@ from lightning_compress.core.files import write_text_atomic
 from lightning_compress.core.machine import cpu_description
 from lightning_compress.core.onnx import OPSET, onnx_session, require_onnx
 from lightning_compress.core.timing_lock import exclusive_timing
+from lightning_compress.quantization.engines import INT8_WEIGHT_MAX
 
 TABLE_RUNTIMES = ("onnxruntime", "openvino")
 """Runtimes a per-layer latency table is measured on (both run ONNX models, built one layer at a time)."""
@@ -153,7 +154,7 @@ def layer_shapes(network: nn.Module, example: torch.Tensor) -> dict[str, LayerSh
     return shapes
 
 
-def layer_onnx(shape: LayerShape, batch_size: int, int8: bool) -> bytes:
+def layer_onnx(shape: LayerShape, batch_size: int, int8: bool, weight_max: int = INT8_WEIGHT_MAX) -> bytes:
     """One layer alone as an ONNX model, with random weights.
 
     fp32: a ``Conv`` (or ``Gemm``) on float input. int8: ``DequantizeLinear -> Conv -> QuantizeLinear`` on
@@ -164,6 +165,9 @@ def layer_onnx(shape: LayerShape, batch_size: int, int8: bool) -> bytes:
         shape: The layer.
         batch_size: The input batch size.
         int8: Build the int8 form.
+        weight_max: The int8 form's largest weight code (the engine's
+            :attr:`~lightning_compress.quantization.engines.Engine.weight_quant_max`): on x86 CPUs without
+            VNNI our exact sessions run a layer whose weights leave -64..63 on slower kernels.
 
     Returns:
         The serialized model.
@@ -184,7 +188,7 @@ def layer_onnx(shape: LayerShape, batch_size: int, int8: bool) -> bytes:
     initializers, nodes = [bias], []
     x, y = "x", "y"
     if int8:
-        codes = generator.integers(-127, 128, size=weight_shape, dtype=np.int8)
+        codes = generator.integers(-weight_max, weight_max + 1, size=weight_shape, dtype=np.int8)
         initializers += [numpy_helper.from_array(codes, "w_codes"),
                          numpy_helper.from_array(np.full(shape.out_channels, 1.0 / per_output, np.float32), "w_scale"),
                          numpy_helper.from_array(np.zeros(shape.out_channels, np.int8), "w_zero"),
@@ -376,6 +380,8 @@ class LatencyTable:
         path: The JSON cache (read if it exists and was measured on this CPU with this runtime version;
             written by :meth:`save`); ``None`` keeps the table in memory.
         repeats: Timed calls per layer (spread over :data:`MEASURE_ROUNDS` rounds).
+        weight_max: The int8 layers' largest weight code (the engine's ``weight_quant_max``: 127, or 63 for
+            ``onnxruntime_7bit``); layers timed with other codes are other entries of the same cache.
 
     Example:
         >>> LatencyTable(runtime="tensorrt")
@@ -385,13 +391,17 @@ class LatencyTable:
     """
 
     def __init__(self, runtime: str = "onnxruntime", batch_size: int = 1, threads: int = 1,
-                 path: str | os.PathLike[str] | None = None, repeats: int = 50) -> None:
+                 path: str | os.PathLike[str] | None = None, repeats: int = 50,
+                 weight_max: int = INT8_WEIGHT_MAX) -> None:
         if runtime not in TABLE_RUNTIMES:
             raise ValueError(f"runtime must be one of {TABLE_RUNTIMES}, got {runtime!r}")
+        if isinstance(weight_max, bool) or not isinstance(weight_max, int) or not 1 <= weight_max <= INT8_WEIGHT_MAX:
+            raise ValueError(f"weight_max must be an integer in 1..{INT8_WEIGHT_MAX}, got {weight_max!r}")
         for name, value in (("batch_size", batch_size), ("threads", threads), ("repeats", repeats)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.runtime, self.batch_size, self.threads, self.repeats = runtime, batch_size, threads, repeats
+        self.weight_max = weight_max
         self.path = Path(path) if path is not None else None
         self.machine = {"cpu": cpu_description(), "runtime": runtime, "version": _runtime_version(runtime),
                         "batch_size": batch_size, "threads": threads}
@@ -421,15 +431,22 @@ class LatencyTable:
         Returns:
             Milliseconds, at least 0.
         """
-        key = f"{'int8' if int8 else 'fp32'} {shape.key()}"
+        key = f"{self._precision_key(int8)} {shape.key()}"
         if key not in self.entries:
             array = _input_array(shape, self.batch_size, int8)
+            model = layer_onnx(shape, self.batch_size, int8, self.weight_max)
             with exclusive_timing():
-                rounds = self._round_ms({"layer": (self._runner(layer_onnx(shape, self.batch_size, int8)), array)})
+                rounds = self._round_ms({"layer": (self._runner(model), array)})
             self.entries[key] = statistics.median(max(0.0, layer) / max(reference, 1e-6) for layer, reference
                                                   in zip(rounds["layer"], rounds["reference"], strict=True))
             self.measured += 1
         return self.entries[key] * self.reference_ms
+
+    def _precision_key(self, int8: bool) -> str:
+        """An entry's precision: ``fp32``, ``int8`` (weights on -127..127) or ``int8w<weight_max>`` (``int8w63``)."""
+        if not int8:
+            return "fp32"
+        return "int8" if self.weight_max == INT8_WEIGHT_MAX else f"int8w{self.weight_max}"
 
     def _round_ms(self, programs: Mapping[str, tuple[Callable[[np.ndarray], Any], np.ndarray]]
                   ) -> dict[str, list[float]]:
@@ -465,6 +482,7 @@ class LatencyTable:
     def describe(self) -> dict[str, Any]:
         """Where and how the table was measured, for reports."""
         return {**self.machine, "layers_in_table": len(self.entries), "repeats": self.repeats,
+                "int8_weight_max": self.weight_max,
                 "reference_layer": REFERENCE_LAYER.key(), "reference_layer_ms": self._reference_ms}
 
 

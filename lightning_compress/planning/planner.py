@@ -71,10 +71,10 @@ class Target:
 
 
 def runtime_program(network: nn.Module, example: torch.Tensor, int8: bool, runtime: str,
-                    calibration: Sequence[torch.Tensor] = ()) -> bytes:
-    """``network`` as the runtime loads it: its ONNX export, or for ``int8`` the QDQ ONNX model the ``onnxruntime``
-    engine ships (ranges calibrated on ``calibration`` batches, else on ``example``); for ``"executorch"`` its
-    XNNPACK program, or for ``int8`` the program the ``xnnpack`` engine ships.
+                    calibration: Sequence[torch.Tensor] = (), engine: str | None = None) -> bytes:
+    """``network`` as the runtime loads it: its ONNX export, or for ``int8`` the QDQ ONNX model ``engine`` ships
+    (ranges calibrated on ``calibration`` batches, else on ``example``); for ``"executorch"`` its XNNPACK program,
+    or for ``int8`` the program the ``xnnpack`` engine ships.
 
     Args:
         network: The float network (unchanged).
@@ -82,6 +82,7 @@ def runtime_program(network: nn.Module, example: torch.Tensor, int8: bool, runti
         int8: Build the int8 model.
         runtime: One of :data:`~lightning_compress.planning.latency.RUNTIMES`.
         calibration: Batches for the int8 model's ranges.
+        engine: The int8 model's engine on onnxruntime (one of its ONNX engines; default ``"onnxruntime"``).
 
     Returns:
         The serialized model (ONNX or ``.pte`` bytes).
@@ -93,7 +94,7 @@ def runtime_program(network: nn.Module, example: torch.Tensor, int8: bool, runti
         # built to be timed: not checked against its fake-quant model (a randomly initialized narrow network's
         # near-constant logits are reordered by any kernel's rounding)
         return quantize_static(network, [(batch,) for batch in (calibration or [example])],
-                               engine="xnnpack" if executorch else "onnxruntime", check=False).program_bytes()
+                               engine="xnnpack" if executorch else engine or "onnxruntime", check=False).program_bytes()
     return pte_bytes(network, example) if executorch else onnx_bytes(network, example)
 
 

@@ -53,6 +53,7 @@ from lightning_compress.planning.ranks import (
 )
 from lightning_compress.planning.widths import channel_space, slimmed_copy, width_sensitivity
 from lightning_compress.pruning.importance import ImportanceLike
+from lightning_compress.quantization.engines import ENGINE_TABLE, INT8_WEIGHT_MAX, ONNX_ENGINES
 
 REMEASURE_ROUNDS = 7
 """Interleaved rounds of a measurement taken again before it refuses a latency target or shrinks or grows a plan's
@@ -63,6 +64,17 @@ GROW_BELOW = 0.95
 a ResNet-56 budget unused at 0.91 of its prediction, and trained below the uniform widths)."""
 GROW_CHECKS = 3
 """Checks a plan needs left to grow: its own, the grown plan's, and the fallback's if the grown plan misses."""
+
+
+def timed_engines(runtime: str) -> tuple[str, ...]:
+    """The quantization engines whose int8 program a plan for ``runtime`` can time: ``xnnpack`` on ExecuTorch,
+    the QDQ ONNX engines elsewhere.
+
+    Example:
+        >>> timed_engines("executorch")
+        ('xnnpack',)
+    """
+    return ("xnnpack",) if runtime == "executorch" else ONNX_ENGINES
 
 
 class TargetPlanner:
@@ -82,13 +94,18 @@ class TargetPlanner:
         table_path: JSON file caching the per-layer latency table.
         repeats: Timed calls per measurement.
         calibration: Input batches for the int8 model's ranges (end-to-end measurements).
+        engine: The int8 network's engine (latency targets: one of :func:`timed_engines`; default: the first of
+            them); the latency table times its weight grid, the end-to-end checks its program.
     """
 
     def __init__(self, network: nn.Module, example: torch.Tensor, target: Target, runtime: str = "onnxruntime",
                  batch_size: int = 1, threads: int = 1, int8: bool = False, round_to: int = 8,
                  ignored: Sequence[str] = (), table_path: str | os.PathLike[str] | None = None, repeats: int = 50,
-                 calibration: Sequence[torch.Tensor] = ()) -> None:
+                 calibration: Sequence[torch.Tensor] = (), engine: str | None = None) -> None:
         self.target, self.int8, self.round_to, self.runtime = target, int8, round_to, runtime
+        if engine is not None and target.kind.startswith("latency") and engine not in timed_engines(runtime):
+            raise ValueError(f"engine must be one of {timed_engines(runtime)} on {runtime}, got {engine!r}")
+        self.engine = engine
         self.threads, self.repeats = threads, repeats
         self.example = example[:1].detach().cpu().float()
         self.batch = self.example.expand(batch_size, *self.example.shape[1:]).contiguous()
@@ -103,7 +120,8 @@ class TargetPlanner:
         self._programs: dict[int, bytes] = {}
         self.ratio_reference: nn.Module | bytes = network  # what a latency ratio is of, timed beside
         if target.kind.startswith("latency"):
-            table = LatencyTable(table_runtime(runtime), batch_size, threads, table_path, repeats)
+            weight_max = ENGINE_TABLE[engine].weight_quant_max if engine else INT8_WEIGHT_MAX
+            table = LatencyTable(table_runtime(runtime), batch_size, threads, table_path, repeats, weight_max)
             self.latency = LatencyModel(table, int8)
             if int8:  # an int8 plan's ratio is of the network the user starts from: the fp32 dense one
                 self.ratio_reference = runtime_program(copy.deepcopy(network), self.batch, False, runtime)
@@ -157,7 +175,7 @@ class TargetPlanner:
         if id(network) in self._programs:
             return self._programs[id(network)]
         program = runtime_program(copy.deepcopy(network).cpu().float(), self.batch, self.int8, self.runtime,
-                                  self.calibration)
+                                  self.calibration, self.engine)
         if any(network is reference for _, reference in self._references.values()):
             self._programs[id(network)] = program
         return program

@@ -68,6 +68,8 @@ def test_factorize_plans_tucker2_ranks_and_builds_them(checkpoint_and_data, tmp_
     (["--latency-ratio", "2"], "latency_ratio must be in (0, 1), got 2.0"),
     (["--macs-ratio", "0.01"], "macs_ratio=0.01 cannot be reached"),
     (["--latency-ms", "1", "--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--latency-ratio", "0.5", "--runtime", "executorch", "--engine", "onnxruntime_7bit"],
+     "--engine must be one of ('xnnpack',) with --runtime executorch, got 'onnxruntime_7bit'"),
 ])
 def test_bad_targets_are_one_line_and_exit_2(checkpoint_and_data, arguments, message, capsys):
     checkpoint, data = checkpoint_and_data

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 
+import onnx
 import onnxruntime
 import pytest
 import torch
@@ -62,7 +63,6 @@ def test_layer_models_run_and_int8_fuses_into_one_int8_kernel(int8, tmp_path):
     session = onnxruntime.InferenceSession(layer_onnx(shape, 2, int8), options, providers=["CPUExecutionProvider"])
     x = (torch.randint(0, 256, (2, 16, 10, 10), dtype=torch.uint8) if int8 else torch.randn(2, 16, 10, 10)).numpy()
     assert session.run(None, {"x": x})[0].shape == (2, 24, 5, 5)
-    import onnx
 
     ops = {node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
     assert ("QLinearConv" in ops and "DequantizeLinear" not in ops) if int8 else "Conv" in ops
@@ -86,6 +86,28 @@ def test_latency_table_is_cached_per_machine_and_runtime(tmp_path):
     assert LatencyTable(path=path, batch_size=4, repeats=5).entries == {}
 
 
+def test_a_7bit_table_times_layers_with_7bit_weights_as_entries_of_their_own(tmp_path):
+    from onnx import numpy_helper
+
+    path = tmp_path / "table.json"
+    shape = LayerShape("conv", 16, 16, (3, 3), (1, 1), (1, 1), (1, 1), 1, (8, 8))
+    def weight_codes(weight_max):
+        graph = onnx.load_from_string(layer_onnx(shape, 1, True, weight_max)).graph
+        return numpy_helper.to_array(next(t for t in graph.initializer if t.name == "w_codes"))
+
+    codes = {weight_max: weight_codes(weight_max) for weight_max in (127, 63)}
+    assert int(abs(codes[127]).max()) == 127 and int(abs(codes[63]).max()) == 63
+    eight = LatencyTable(path=path, repeats=5)
+    eight.layer_ms(shape, int8=True)
+    eight.save()
+    seven = LatencyTable(path=path, repeats=5, weight_max=63)
+    seven.layer_ms(shape, int8=True)
+    assert seven.measured == 1  # the 8-bit entry is not reused for 7-bit weights
+    assert sorted(key.split()[0] for key in seven.entries) == ["int8", "int8w63"]
+    with pytest.raises(ValueError, match=r"weight_max must be an integer in 1\.\.127, got 255"):
+        LatencyTable(weight_max=255)
+
+
 class _Clock:
     """A stand-in for ``time`` in the latency module: programs advance it by their cost, so timing is exact."""
 
@@ -103,7 +125,7 @@ def test_latency_table_layers_compare_when_the_machine_slows_between_them(monkey
     speed = {"factor": 1.0}
     clock = _Clock()
 
-    def layer_program(shape, batch_size, int8):
+    def layer_program(shape, batch_size, int8, weight_max=127):
         return {32: b"reference", 8: b"small", 16: b"large"}[shape.out_channels]
 
     def runner(model, runtime, threads):
