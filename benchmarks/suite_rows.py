@@ -384,6 +384,9 @@ def dense(ctx: Context) -> Plan:
 TARGET_MODELS = {"resnet56": ("teacher", 3.0), "mobilenetv2": ("mobilenetv2_dense", 6.5)}
 """Issue 24's networks beside ResNet-20: their dense reference row and training cost relative to ResNet-20 (ResNet-56:
 the teacher's; MobileNetV2: its cpu30 epochs, bf16 autocast, one thread beside another process: 430-500 s)."""
+INT8_TARGET_ENGINES = {"": "onnxruntime", "_7bit": "onnxruntime_7bit"}
+"""The int8 third-of-latency rows' engines, by their name's part: 7-bit weights for x86 CPUs without VNNI (ResNet-56
+at batch 64 on an AVX2-only EPYC: 1/3 reachable with them, not with 8-bit weights, latency_model_7bit_avx2.md)."""
 TARGET_FRACTIONS = {50: (0.5, "half"), 33: (1 / 3, "a third of")}
 """Issue 24's latency targets, by the percent in a row's name: the fraction of the dense latency, in words."""
 
@@ -441,15 +444,9 @@ ROWS: dict[str, Row] = {
                                                cost=cost * 1.1)
        for model, (_, cost) in TARGET_MODELS.items() for percent, (ratio, _) in TARGET_FRACTIONS.items()},
     # 1/3 with int8, where fp32 channel removal cannot reach it (ResNet-56: closest 0.35x)
-    **{f"{model}_target33_int8{suffix}": Row(_target(1 / 3, model, allocation, int8=True),
-                                             ("pruning", "planning", "quantization", "export"), cost=cost * 0.8)
-       for model, (_, cost) in TARGET_MODELS.items()
-       for suffix, allocation in (("", "sensitivity"), ("_uniform", "uniform"))},
-    # the same with 7-bit weights, for x86 CPUs without VNNI (ResNet-56 at batch 64 on an AVX2-only EPYC: 1/3
-    # reachable with them, not with 8-bit weights, latency_model_7bit_avx2.md)
-    **{f"{model}_target33_int8_7bit{suffix}": Row(_target(1 / 3, model, allocation, int8=True, engine="onnxruntime_7bit"),
-                                                  ("pruning", "planning", "quantization", "export"), cost=cost * 0.8)
-       for model, (_, cost) in TARGET_MODELS.items()
+    **{f"{model}_target33_int8{bits}{suffix}": Row(_target(1 / 3, model, allocation, int8=True, engine=engine),
+                                                   ("pruning", "planning", "quantization", "export"), cost=cost * 0.8)
+       for bits, engine in INT8_TARGET_ENGINES.items() for model, (_, cost) in TARGET_MODELS.items()
        for suffix, allocation in (("", "sensitivity"), ("_uniform", "uniform"))},
 }
 """Every row, in table order."""
@@ -467,7 +464,7 @@ TARGET_ROWS: dict[str, tuple[str, str, str]] = {
     **{f"{model}_target{percent}": (f"{model}_target{percent}_uniform", dense, words)
        for model, (dense, _) in TARGET_MODELS.items() for percent, (_, words) in TARGET_FRACTIONS.items()},
     **{f"{model}_target33_int8{bits}": (f"{model}_target33_int8{bits}_uniform", dense, "a third of")
-       for model, (dense, _) in TARGET_MODELS.items() for bits in ("", "_7bit")},
+       for model, (dense, _) in TARGET_MODELS.items() for bits in INT8_TARGET_ENGINES},
 }
 """CompressToTarget rows read in the targets: planned row -> (its uniform baseline, its dense network's row, the
 target in words)."""
