@@ -32,7 +32,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from reporting import add_output_arguments, machine_info, run_settings, write_results
