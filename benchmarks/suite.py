@@ -224,14 +224,20 @@ def _trainer(budget: Budget, callbacks: list[Any], precision: str | None = None,
 
 def planned_record(callbacks: list[Any]) -> dict[str, Any]:
     """What a ``CompressToTarget`` among ``callbacks`` planned and measured, as ``{"target_plan": ...}`` (empty
-    without one): allocation, widths, predicted value, the end-to-end checks and the shipped network's latency."""
+    without one): allocation, widths, predicted value, the end-to-end checks, the shipped network's latency and what
+    planning cost (seconds of set-up: latency table and calibration; of sensitivity; held-out images)."""
     for callback in callbacks:
         plan = getattr(callback, "plan", None)
         if plan is not None and hasattr(callback, "measured"):
-            return {"target_plan": {"allocation": plan.details.get("allocation", "sensitivity"), "widths": plan.widths,
+            details = plan.details
+            cost = {"setup_seconds": details.get("setup_seconds"),
+                    "sensitivity_seconds": details.get("sensitivity_seconds"),
+                    "sensitivity_images": details.get("sensitivity_images")}
+            return {"target_plan": {"allocation": details.get("allocation", "sensitivity"), "widths": plan.widths,
                                     "target": plan.as_dict()["target"], "predicted": plan.predicted, "dense": plan.dense,
-                                    "sensitivity": plan.sensitivity, "checks": plan.details.get("checks", []),
-                                    "shipped": callback.measured}}
+                                    "sensitivity": plan.sensitivity, "checks": details.get("checks", []),
+                                    "shipped": callback.measured,
+                                    "planning": {key: value for key, value in cost.items() if value is not None}}}
     return {}
 
 

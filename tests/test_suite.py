@@ -545,6 +545,11 @@ def test_target_rows_are_read_against_their_check_and_the_uniform_widths() -> No
     assert lines[2] == ("- `resnet56_target50`, CompressToTarget at half the dense latency: planned at 0.450x predicted, "
                         "measured 0.490x the dense latency (4.9 vs 10 ms); shipped 0.540x the dense latency timed "
                         "beside it after fit (ABOVE 1.05x the target), predicted -10.0%")  # no teacher row: no drop
+    ok["resnet56_target50"]["target_plan"]["planning"] = {"setup_seconds": 780.7, "sensitivity_seconds": 1475.9,
+                                                          "sensitivity_images": 128}
+    assert suite_report.target_lines(ok)[2].endswith(
+        "predicted -10.0%; planning took 781 s for the latency table and calibration and 1476 s for the sensitivity "
+        "on 128 held-out images")
 
 
 def test_planned_record_keeps_what_compress_to_target_planned_and_measured() -> None:
@@ -554,11 +559,13 @@ def test_planned_record_keeps_what_compress_to_target_planned_and_measured() -> 
     callback = CompressToTarget(latency_ratio=0.5, allocation="uniform")
     assert suite.planned_record([callback]) == {}  # nothing planned yet
     callback.plan = Plan(Target("latency_ratio", 0.5), False, {"a": 8}, {"a": 16}, 0.49, 1.0, 0.1,
-                         {"allocation": "uniform", "checks": [{"measured": 0.5}]})
+                         {"allocation": "uniform", "checks": [{"measured": 0.5}], "setup_seconds": 12.5,
+                          "sensitivity_seconds": 3.25, "sensitivity_images": 128})
     callback.measured = {"measured_ms": 5.0}
     record = suite.planned_record([object(), callback])["target_plan"]
     assert record["allocation"] == "uniform" and record["widths"] == {"a": 8} and record["shipped"]["measured_ms"] == 5.0
     assert record["target"] == {"kind": "latency_ratio", "value": 0.5} and record["checks"] == [{"measured": 0.5}]
+    assert record["planning"] == {"setup_seconds": 12.5, "sensitivity_seconds": 3.25, "sensitivity_images": 128}
 
 
 @pytest.mark.slow
