@@ -326,7 +326,7 @@ def plot(blocks: dict[str, list[dict[str, Any]]], path: Path) -> bool:
     ax.set_xscale("log")
     ax.set_xlabel("compressed size (kB, log)")
     ax.set_ylabel("CIFAR-10 test top-1 (%)")
-    ax.set_title("lightning-compress suite: accuracy vs size (ResNet-20 unless the row names its network)")
+    ax.set_title("Suite: accuracy vs size (ResNet-20 unless the row names its network)", fontsize=10)
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:  # a block of failed rows only has nothing to plot
         ax.legend(fontsize=7)
