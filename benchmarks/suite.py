@@ -222,6 +222,11 @@ def _trainer(budget: Budget, callbacks: list[Any], precision: str | None = None,
                       max_epochs=budget.epochs, limit_train_batches=budget.limit_train_batches, **common)
 
 
+PLANNING_COST = ("setup_seconds", "sensitivity_seconds", "sensitivity_images")
+"""The plan's details saying what planning cost: seconds of set-up (latency table and calibration) and of
+sensitivity, and the held-out images it was measured on."""
+
+
 def planned_record(callbacks: list[Any]) -> dict[str, Any]:
     """What a ``CompressToTarget`` among ``callbacks`` planned and measured, as ``{"target_plan": ...}`` (empty
     without one): allocation, widths, predicted value, the end-to-end checks, the shipped network's latency and what
@@ -230,14 +235,11 @@ def planned_record(callbacks: list[Any]) -> dict[str, Any]:
         plan = getattr(callback, "plan", None)
         if plan is not None and hasattr(callback, "measured"):
             details = plan.details
-            cost = {"setup_seconds": details.get("setup_seconds"),
-                    "sensitivity_seconds": details.get("sensitivity_seconds"),
-                    "sensitivity_images": details.get("sensitivity_images")}
             return {"target_plan": {"allocation": details.get("allocation", "sensitivity"), "widths": plan.widths,
                                     "target": plan.as_dict()["target"], "predicted": plan.predicted, "dense": plan.dense,
                                     "sensitivity": plan.sensitivity, "checks": details.get("checks", []),
                                     "shipped": callback.measured,
-                                    "planning": {key: value for key, value in cost.items() if value is not None}}}
+                                    "planning": {key: details[key] for key in PLANNING_COST if key in details}}}
     return {}
 
 

@@ -270,9 +270,9 @@ def target_lines(ok: dict[str, dict[str, Any]]) -> list[str]:
             text += (f"; shipped {ratio:.3f}x the dense latency timed beside it after fit "
                      f"({'within' if within else 'ABOVE'} 1.05x the target), predicted {shipped['prediction_error']:+.1%}")
         cost = plan.get("planning") or {}
-        if "setup_seconds" in cost and "sensitivity_seconds" in cost:
+        if len(cost) == 3:  # suite.PLANNING_COST, recorded by rows since stop 47
             text += (f"; planning took {cost['setup_seconds']:.0f} s for the latency table and calibration and "
-                     f"{cost['sensitivity_seconds']:.0f} s for the sensitivity on {cost.get('sensitivity_images', '?')} "
+                     f"{cost['sensitivity_seconds']:.0f} s for the sensitivity on {cost['sensitivity_images']} "
                      "held-out images")
         return text
 
