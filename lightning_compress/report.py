@@ -259,9 +259,9 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
         lines += [f"| {name} | {ms:.3g} |" for name, ms in runtimes["median_ms"].items()]
     acc = summary.get("accuracy")
     if acc:
-        fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
+        before, after = ("n/a" if acc.get(key) is None else f"{acc[key]:.4f}" for key in ("before", "after"))
         lines += ["", f"| {acc['metric']} | before | after |", "|---|---:|---:|",
-                  f"| {acc.get('source', '')} | {fmt(acc.get('before'))} | {fmt(acc.get('after'))} |"]
+                  f"| {acc.get('source', '')} | {before} | {after} |"]
     return "\n".join(lines) + "\n"
 
 

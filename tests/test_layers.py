@@ -1,6 +1,8 @@
-"""The package's layering is a checked contract (``[tool.importlinter]`` in pyproject.toml)."""
+"""The package's layering is a checked contract (``[tool.importlinter]`` in pyproject.toml), and so is its lint."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 from importlinter.cli import lint_imports
@@ -11,6 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_import_contracts_hold(monkeypatch):
     monkeypatch.chdir(ROOT)
     assert lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True) == 0
+
+
+def test_the_repository_passes_ruff():
+    """The rules pinned in pyproject.toml (pyflakes and pycodestyle's errors) over the package, tests and benchmarks."""
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--output-format", "concise", "."],
+                            cwd=ROOT, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 PACKAGE = ROOT / "lightning_compress"

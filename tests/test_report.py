@@ -89,6 +89,9 @@ def test_callback_records_accuracy_before_and_after(tmp_path):
     assert accuracy["metric"] == "val/acc"
     assert (accuracy["before"], accuracy["after"]) == pytest.approx((seen.values[0], seen.values[-1]))
     assert report.state_dict()["accuracy"] == {"before": accuracy["before"], "after": accuracy["after"]}
+    row = f"| {accuracy.get('source', '')} | {accuracy['before']:.4f} | {accuracy['after']:.4f} |"
+    assert row in (tmp_path / "compression_report.md").read_text()
+    assert "| n/a | n/a |" in render_markdown({**report.summary, "accuracy": {**accuracy, "before": None, "after": None}})
 
 
 @pytest.mark.parametrize("report_first", [True, False])

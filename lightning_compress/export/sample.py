@@ -91,6 +91,6 @@ def stratified_sample(groups: torch.Tensor | Sequence[int], count: int | None, s
             members = (groups == group).nonzero().flatten()
             drawn.append(members[torch.randperm(len(members), generator=generator)[:quota]])
         indices, method = torch.cat(drawn).sort().values, "stratified"
-    label = (lambda g: names[g] if names is not None and g < len(names) else str(g))
-    per_group = {label(g): int(q) for g, q in zip(ids.tolist(), quotas.tolist())}
+    per_group = {names[g] if names is not None and g < len(names) else str(g): int(q)
+                 for g, q in zip(ids.tolist(), quotas.tolist())}
     return CheckSample(indices, method, seed, population, per_group, grouped_by)

@@ -43,7 +43,8 @@ def test_image_classifier_checkpoint_rebuilt_from_hparams(tmp_path):
     teacher = load_teacher(path)
     assert isinstance(teacher, ImageClassifier) and teacher.hparams.num_classes == 5
     x = torch.randn(2, 3, 32, 32)
-    clf.eval(); teacher.eval()
+    clf.eval()
+    teacher.eval()
     torch.testing.assert_close(teacher(x), clf(x))
 
 
