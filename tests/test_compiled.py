@@ -124,6 +124,24 @@ def test_compress_to_target_meets_its_plan_and_the_wrapper_recompiles(factorize,
     assert_runs_what_it_wraps(model.net)
 
 
+@pytest.mark.slow
+def test_an_int8_latency_plan_with_the_7bit_engine_ships_its_file_from_a_compiled_network(tmp_path):
+    """CompressToTarget plans for int8 layers timed with 7-bit weights, removes channels through the compiled
+    wrapper, and QAT (the 7-bit engine) ships the QDQ file; the shipped file is what the callback measured."""
+    torch.manual_seed(0)
+    model = UserClassifier()
+    model.net = torch.compile(ToyConvNet(num_classes=4, width=32), backend=BACKEND)  # wide enough to time apart
+    target = CompressToTarget(latency_ratio=0.8, start=0.0, end="3steps", update_every=1, round_to=4, batch_size=64,
+                              table_path=str(tmp_path / "table.json"), repeats=10)
+    trainer = fit(model, [target, QuantizationAwareTraining(engine="onnxruntime_7bit", start="5steps")], steps=8)
+    assert target.plan.int8 and isinstance(model.net, OnnxRuntimeNetwork)
+    entries = json.loads((tmp_path / "table.json").read_text())["entries"]
+    assert entries and all(key.split()[0] in ("fp32", "int8w63") for key in entries), sorted(entries)[:3]
+    assert 0 < target.measured["measured_ms"] and target.measured["target_ms"] == pytest.approx(
+        0.8 * target.measured["dense_ms"])
+    assert trainer.test(model, random_loader(), verbose=False)[0]["test_acc"] > 0.3
+
+
 def is_int8(network: nn.Module, engine: str) -> bool:
     """torch's int8 modules in place (x86), or the QDQ ONNX file run by onnxruntime (the default engine)."""
     return isinstance(network, OnnxRuntimeNetwork) if engine == "onnxruntime" else (

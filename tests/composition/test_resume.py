@@ -27,8 +27,10 @@ def run(out: Path, *args: str) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", [(), ("--planned",), ("--factorized",), ("--engine", "xnnpack")],
-                         ids=["channel_pruning", "compress_to_target", "compress_to_target_factorized", "pt2e_xnnpack"])
+@pytest.mark.parametrize("variant", [(), ("--planned",), ("--factorized",), ("--engine", "xnnpack"),
+                                     ("--planned", "--engine", "onnxruntime_7bit")],
+                         ids=["channel_pruning", "compress_to_target", "compress_to_target_factorized", "pt2e_xnnpack",
+                              "compress_to_target_7bit"])
 def test_killed_twice_inside_the_windows_ends_bitwise_equal(variant, tmp_path):
     full, interrupted = tmp_path / "full", tmp_path / "interrupted"
     full.mkdir(), interrupted.mkdir()
