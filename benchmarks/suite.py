@@ -87,6 +87,7 @@ from suite_queue import child_command, plan_lines, plan_queue, run_queue
 from suite_report import write_report
 from suite_rows import (
     BUDGETS,
+    PLANNING_COST,
     REPO,
     ROW_VERSION,
     ROWS,
@@ -220,11 +221,6 @@ def _trainer(budget: Budget, callbacks: list[Any], precision: str | None = None,
     return pl.Trainer(accelerator=budget.accelerator, precision=precision or budget.precision,
                       benchmark=budget.accelerator == "gpu",  # cuDNN picks its fastest kernels (fixed shapes)
                       max_epochs=budget.epochs, limit_train_batches=budget.limit_train_batches, **common)
-
-
-PLANNING_COST = ("setup_seconds", "sensitivity_seconds", "sensitivity_images")
-"""The plan's details saying what planning cost: seconds of set-up (latency table and calibration) and of
-sensitivity, and the held-out images it was measured on."""
 
 
 def planned_record(callbacks: list[Any]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from suite_queue import duration, estimate_s, queue_order, schedule
-from suite_rows import BLOCK_ROWS, ROW_VERSION, TARGET_ROWS, budget_rows, resolve_budget
+from suite_rows import BLOCK_ROWS, PLANNING_COST, ROW_VERSION, TARGET_ROWS, budget_rows, resolve_budget
 
 from lightning_compress.core.files import atomic_path, write_text_atomic
 
@@ -270,7 +270,7 @@ def target_lines(ok: dict[str, dict[str, Any]]) -> list[str]:
             text += (f"; shipped {ratio:.3f}x the dense latency timed beside it after fit "
                      f"({'within' if within else 'ABOVE'} 1.05x the target), predicted {shipped['prediction_error']:+.1%}")
         cost = plan.get("planning") or {}
-        if len(cost) == 3:  # suite.PLANNING_COST, recorded by rows since stop 47
+        if all(key in cost for key in PLANNING_COST):  # recorded by rows since stop 47
             text += (f"; planning took {cost['setup_seconds']:.0f} s for the latency table and calibration and "
                      f"{cost['sensitivity_seconds']:.0f} s for the sensitivity on {cost['sensitivity_images']} "
                      "held-out images")

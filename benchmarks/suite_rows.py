@@ -468,6 +468,9 @@ TARGET_ROWS: dict[str, tuple[str, str, str]] = {
 }
 """CompressToTarget rows read in the targets: planned row -> (its uniform baseline, its dense network's row, the
 target in words)."""
+PLANNING_COST = ("setup_seconds", "sensitivity_seconds", "sensitivity_images")
+"""The plan's details a CompressToTarget row records as what planning cost: seconds of set-up (latency table and
+calibration) and of sensitivity, and the held-out images it was measured on."""
 ROW_VERSION = 2
 """Bump when the suite's own way of training or measuring a row changes (invalidates recorded rows).
 2: the recipe's optimizer settings in the config; every row measures its deployed file's own top-1."""

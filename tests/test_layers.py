@@ -8,20 +8,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def assert_python_succeeds(*args: str) -> None:
+    """Run ``python ARGS`` in the repository root; on failure show what it printed."""
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_import_contracts_hold():
     """In its own process: import-linter configures logging with ``dictConfig``, which disables every logger that
     exists (Lightning's included) in the process that calls it."""
     lint = ("from importlinter.cli import lint_imports; "
             "raise SystemExit(lint_imports(config_filename='pyproject.toml', no_cache=True))")
-    result = subprocess.run([sys.executable, "-c", lint], cwd=ROOT, capture_output=True, text=True, check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert_python_succeeds("-c", lint)
 
 
 def test_the_repository_passes_ruff():
     """The rules pinned in pyproject.toml (pyflakes and pycodestyle's errors) over the package, tests and benchmarks."""
-    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--output-format", "concise", "."],
-                            cwd=ROOT, capture_output=True, text=True, check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert_python_succeeds("-m", "ruff", "check", "--no-cache", "--output-format", "concise", ".")
 
 
 PACKAGE = ROOT / "lightning_compress"
