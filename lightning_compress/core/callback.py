@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
@@ -293,12 +293,41 @@ class CompressionCallback(Callback, abc.ABC):
 
 
 def _check(trainer: pl.Trainer) -> _Verdict:
-    """Measure the step budget once, collect every compression callback's declaration, check them together."""
-    budget = step_budget(trainer)
+    """Refuse a sharded strategy, measure the step budget once, collect every compression callback's declaration,
+    check them together."""
     callbacks = [cb for cb in trainer.callbacks if isinstance(cb, CompressionCallback)]
+    check_strategy(trainer.strategy, callbacks)
+    budget = step_budget(trainer)
     declarations = {id(cb): cb.declaration(budget) for cb in callbacks}
     check_declarations(list(declarations.values()))
     verdict = _Verdict(budget, declarations)
     _VERDICTS[trainer] = verdict
     return verdict
 
+
+
+def check_strategy(strategy: Strategy, callbacks: list[CompressionCallback]) -> None:
+    """Refuse a strategy that shards or splits the network (FSDP, DeepSpeed, ModelParallel, ...): masks, channel
+    removal, factorization, fake-quantization and the reports work on whole parameters on every rank.
+
+    Args:
+        strategy: The Trainer's strategy.
+        callbacks: The compression callbacks in the Trainer, named in the message.
+
+    Raises:
+        ValueError: Naming the strategy and the supported ones (a single device and the DDP family).
+
+    Example:
+        >>> from lightning.pytorch.strategies import FSDPStrategy
+        >>> check_strategy(FSDPStrategy(), [])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: strategy=FSDPStrategy shards the network across processes, which lightning-compress does not ...
+    """
+    if isinstance(strategy, SingleDeviceStrategy) or (
+            isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)):
+        return
+    users = f" ({', '.join(type(cb).__name__ for cb in callbacks)} need whole parameters on every process)"
+    raise ValueError(f"strategy={type(strategy).__name__} shards the network across processes, which "
+                     f"lightning-compress does not support{users if callbacks else ''}; use a single device or the "
+                     "DDP family: strategy='auto', 'ddp', 'ddp_spawn', 'ddp_fork' or 'ddp_notebook'")

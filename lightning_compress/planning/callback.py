@@ -278,7 +278,7 @@ class CompressToTarget(ChannelRemoval):
             return
         for root, width in self.plan.widths.items():
             pl_module.log(f"channels/{self.network_name}.{root}", float(width))
-        pl_module.log("macs/ratio", count_macs(network, example) / self._dense_macs)
+        self._log_macs(pl_module, network, example)
 
     def _held_out_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                          batch_idx: int) -> list[torch.Tensor]:

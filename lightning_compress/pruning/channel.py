@@ -219,6 +219,10 @@ class ChannelRemoval(CompressionCallback):
         groups = self._groups(network)
         for root, group in groups.items():
             pl_module.log(f"channels/{self.network_name}.{root}", float(group_channels(group)))
+        self._log_macs(pl_module, network, example)
+
+    def _log_macs(self, pl_module: pl.LightningModule, network: nn.Module, example: torch.Tensor) -> None:
+        """Log the network's MACs as a fraction of the dense network's (``macs/ratio``)."""
         pl_module.log("macs/ratio", count_macs(network, example) / self._dense_macs)
 
     # ----------------------------------------------------------------------------------- state

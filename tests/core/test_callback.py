@@ -4,6 +4,7 @@ teardown, a user's own technique as a short subclass, every hook marked @overrid
 from __future__ import annotations
 
 import inspect
+import os
 
 import lightning.pytorch as pl
 import pytest
@@ -147,3 +148,45 @@ def test_every_hook_override_is_marked():
                 for name, value in vars(cls).items()
                 if name in hooks - ({"declaration", "setup_fit"} if cls is CompressionCallback else set()) and inspect.isfunction(value) and not getattr(value, "__override__", False)]
     assert unmarked == []
+
+
+def test_a_sharding_strategy_is_refused_before_training(tmp_path):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    steps = []
+
+    class Count(Callback):
+        def on_train_batch_start(self, *args):
+            steps.append(1)
+
+    from lightning_compress import MagnitudePruning
+
+    callbacks = [MagnitudePruning(final_sparsity=0.5), ZeroSmallestHalf(), Count()]
+    trainer = _trainer(callbacks, tmp_path, strategy=ModelParallelStrategy(), accelerator="cpu", devices=1)
+    environment = dict(os.environ)
+    try:
+        with pytest.raises(ValueError, match=r"strategy=ModelParallelStrategy shards .*\(MagnitudePruning, "
+                                             r"ZeroSmallestHalf need .* 'ddp'"):
+            trainer.fit(UserClassifier(), random_loader())
+    finally:  # the strategy set up a process group and its variables before the callbacks' setup: later DDP tests
+        if torch.distributed.is_initialized():  # in this process would find its port taken
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environment)
+    assert steps == []
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed", "model_parallel", "single", "ddp", "ddp_spawn"])
+def test_strategies_that_keep_whole_parameters_are_accepted_the_rest_refused(strategy):
+    from lightning.pytorch.strategies import (DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy,
+                                              SingleDeviceStrategy)
+
+    built = {"fsdp": FSDPStrategy, "model_parallel": ModelParallelStrategy, "single": lambda: SingleDeviceStrategy("cpu"),
+             "ddp": DDPStrategy, "ddp_spawn": lambda: DDPStrategy(start_method="spawn"),
+             # DeepSpeed itself is not installed here; the check looks only at the strategy's type
+             "deepspeed": lambda: DeepSpeedStrategy.__new__(DeepSpeedStrategy)}[strategy]()
+    if strategy in ("fsdp", "deepspeed", "model_parallel"):
+        with pytest.raises(ValueError, match=f"strategy={type(built).__name__} shards"):
+            callback_module.check_strategy(built, [ZeroSmallestHalf()])
+    else:
+        callback_module.check_strategy(built, [ZeroSmallestHalf()])
