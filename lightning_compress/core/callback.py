@@ -305,10 +305,10 @@ def _check(trainer: pl.Trainer) -> _Verdict:
     return verdict
 
 
-
 def check_strategy(strategy: Strategy, callbacks: list[CompressionCallback]) -> None:
-    """Refuse a strategy that shards or splits the network (FSDP, DeepSpeed, ModelParallel, ...): masks, channel
-    removal, factorization, fake-quantization and the reports work on whole parameters on every rank.
+    """Refuse a strategy that shards the network or wraps it in its own engine (FSDP, DeepSpeed, ModelParallel,
+    ...): masks, channel removal, factorization, fake-quantization and the reports work on whole parameters of the
+    user's modules on every process.
 
     Args:
         strategy: The Trainer's strategy.
@@ -322,12 +322,12 @@ def check_strategy(strategy: Strategy, callbacks: list[CompressionCallback]) -> 
         >>> check_strategy(FSDPStrategy(), [])  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: strategy=FSDPStrategy shards the network across processes, which lightning-compress does not ...
+        ValueError: strategy=FSDPStrategy shards or wraps the network's parameters, and lightning-compress ...
     """
     if isinstance(strategy, SingleDeviceStrategy) or (
             isinstance(strategy, DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)):
         return
-    users = f" ({', '.join(type(cb).__name__ for cb in callbacks)} need whole parameters on every process)"
-    raise ValueError(f"strategy={type(strategy).__name__} shards the network across processes, which "
-                     f"lightning-compress does not support{users if callbacks else ''}; use a single device or the "
-                     "DDP family: strategy='auto', 'ddp', 'ddp_spawn', 'ddp_fork' or 'ddp_notebook'")
+    users = f" (needed by {', '.join(type(cb).__name__ for cb in callbacks)})" if callbacks else ""
+    raise ValueError(f"strategy={type(strategy).__name__} shards or wraps the network's parameters, and "
+                     f"lightning-compress works on whole parameters on every process{users}; use a single device or "
+                     "the DDP family: strategy='auto', 'ddp', 'ddp_spawn', 'ddp_fork' or 'ddp_notebook'")
