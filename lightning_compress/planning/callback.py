@@ -98,8 +98,8 @@ class CompressToTarget(ChannelRemoval):
         runtime: ``"onnxruntime"``, ``"openvino"`` or ``"executorch"`` (XNNPACK).
         batch_size: The deployment's batch size.
         threads: The deployment's inference threads.
-        sensitivity_batches: Validation batches (training batches without a validation loader) measuring
-            each group's sensitivity at ``start``.
+        sensitivity_batches: Validation batches (the current training batch without a validation loader)
+            measuring each group's sensitivity at ``start``.
         table_path: JSON file caching the latency table (default: :func:`default_table_path`, one file per
             runtime, batch size and threads).
         repeats: Timed calls per latency measurement.
@@ -282,13 +282,14 @@ class CompressToTarget(ChannelRemoval):
 
     def _held_out_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                          batch_idx: int) -> list[torch.Tensor]:
-        """Network inputs of the first validation batches, or of the current training batch without a validation
-        loader (the training loader is never iterated here: its position belongs to the fit)."""
+        """Network inputs of the first validation batches, also where the Trainer does not validate
+        (``limit_val_batches=0``) but the DataModule or module defines a validation loader, or of the current
+        training batch without one (the training loader is never iterated here: its position belongs to the fit)."""
         called = getattr(pl_module, self.network_name)
-        loop = trainer.fit_loop.epoch_loop.val_loop
-        if trainer.val_dataloaders is None and loop._data_source.is_defined():
-            loop.setup_data()
+        source = trainer.fit_loop.epoch_loop.val_loop._data_source
         loaders = trainer.val_dataloaders
+        if loaders is None and source.is_defined():  # not set up yet, or never (the Trainer does not validate)
+            loaders = source.dataloader()
         loader = (loaders[0] if isinstance(loaders, (list, tuple)) else loaders) if loaders else None
         if loader is None:
             rank_zero_warn("CompressToTarget: no validation loader; channel sensitivity is measured on the current "

@@ -111,6 +111,44 @@ def test_uniform_allocation_plans_one_fraction_and_records_both_sensitivities(tm
     assert max(kept) - min(kept) <= 4 / min(target.plan.dense_widths.values())  # one fraction, up to rounding
 
 
+class HeldOutData(pl.LightningDataModule):
+    """Training and validation images apart (two seeds), as a DataModule holding out a validation split defines."""
+
+    def train_dataloader(self):
+        return random_loader(seed=0)
+
+    def val_dataloader(self):
+        return random_loader(seed=1)
+
+
+@pytest.mark.parametrize("validates", [True, False], ids=["limit_val_batches=2", "limit_val_batches=0"])
+def test_sensitivity_is_measured_on_the_validation_loader_also_when_the_trainer_does_not_validate(
+        monkeypatch, tmp_path, validates):
+    """The DataModule's validation images score the cuts, whether the Trainer validates or not; only without a
+    validation loader at all does the current training batch stand in, with a warning."""
+    seen = []
+
+    def record(network, inputs, space, round_to, importance="l1"):
+        seen.extend(inputs)
+        return channels_dear(network, inputs, space, round_to, importance)
+
+    monkeypatch.setattr(target_module, "width_sensitivity", record)
+    held_out = torch.cat([images for images, _ in random_loader(seed=1)][:2])
+    trainer = pl.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         limit_val_batches=2 if validates else 0)
+    trainer.callbacks.append(CompressToTarget(macs_ratio=0.5, start=0.0, end="4steps", update_every=2, round_to=4,
+                                              sensitivity_batches=2))
+    trainer.fit(UserClassifier(), datamodule=HeldOutData())
+    assert torch.equal(torch.cat(seen), held_out)
+
+    seen.clear()
+    with pytest.warns(UserWarning, match="no validation loader; channel sensitivity is measured on the current"):
+        fit(UserClassifier(), [CompressToTarget(macs_ratio=0.5, start=0.0, end="4steps", update_every=2, round_to=4)],
+            tmp_path, val=False)
+    assert torch.equal(torch.cat(seen), next(iter(random_loader()))[0])
+
+
 @pytest.mark.slow
 def test_latency_target_plans_measures_and_logs(tmp_path):
     torch.manual_seed(0)
