@@ -16,6 +16,14 @@ from lightning_compress.data import CIFARDataModule
 from lightning_compress.module import ImageClassifier
 
 
+FILE_COMMANDS = (
+    "Commands on files (each with --help): report CKPT (per-layer sparsity, bits and MACs, sizes, latency), "
+    "export CKPT --to DIR (an artifact per runtime, checked and timed), predict --model DIR IMAGES (classify images "
+    "with an export), sensitivity CKPT (accuracy per layer and sparsity, per-layer pruning targets), plan CKPT (a "
+    "per-layer plan for a latency, size or MACs target)."
+)
+
+
 class CompressionCLI(LightningCLI):
     """LightningCLI with the model's class count taken from the data, and ``--test_after_fit``.
 
@@ -52,12 +60,18 @@ def main(args: Sequence[str] | None = None) -> None:
         if status:
             raise SystemExit(status)
         return
+    known = (*CompressionCLI.subcommands(), *(c for c in commands.COMMANDS if c != "predict"))
+    if argv and not argv[0].startswith("-") and argv[0] not in known:
+        print(f"lightning-compress: error: unknown command {argv[0]!r}; choose from {', '.join(known)} "
+              "(predict --model DIR IMAGES for an exported model)", file=sys.stderr)
+        raise SystemExit(2)
     CompressionCLI(
         ImageClassifier,
         CIFARDataModule,
         args=args,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
+        parser_kwargs={"epilog": FILE_COMMANDS},
     )
 
 

@@ -62,3 +62,19 @@ def test_fit_then_test_from_the_command_line(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "test/acc" in out  # test_after_fit ran on the model that left fit
     assert list((tmp_path / "runs").rglob("*.ckpt")), "ModelCheckpoint wrote no checkpoint"
+
+
+def test_help_lists_the_file_commands_and_an_unknown_command_is_one_line_with_exit_code_2(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for command in ("fit", "report CKPT", "export CKPT --to DIR", "predict --model DIR IMAGES", "sensitivity CKPT",
+                    "plan CKPT"):
+        assert command in out, command
+    with pytest.raises(SystemExit) as exit_:
+        main(["expotr", "run.ckpt"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err == ("lightning-compress: error: unknown command 'expotr'; choose from fit, validate, test, predict, "
+                   "report, export, sensitivity, plan (predict --model DIR IMAGES for an exported model)\n")
