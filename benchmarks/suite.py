@@ -96,6 +96,7 @@ from suite_rows import (
     Skip,
     budget_rows,
     code_version,
+    describe,
     optimizer_settings,
     resolve_budget,
     train_steps,
@@ -355,7 +356,7 @@ class Suite:
         ctx = Context(budget=replace(budget, epochs=epochs), steps=train_steps(budget, epochs),
                       teacher_path=self.teacher_path)
         record: dict[str, Any] = {"row": row, "config": self.config(row), "code_version": code_version(ROWS[row].sources),
-                                  "budget_reason": self.budget_reason, "machine": self.machine,
+                                  "what": describe(row), "budget_reason": self.budget_reason, "machine": self.machine,
                                   "side_by_side": self.side_by_side, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         print(f"[suite] {row}: start ({budget.name}, {epochs} epochs)", flush=True)
         partial = self.work_dir / "partial" / f"{row}_{budget.name}_{record['code_version']}.ckpt"

@@ -7,11 +7,13 @@ lives in ``suite_notes.md`` beside it and is included verbatim.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from suite_queue import duration, estimate_s, queue_order, schedule
-from suite_rows import BLOCK_ROWS, PLANNING_COST, ROW_VERSION, TARGET_ROWS, budget_rows, resolve_budget
+from suite_rows import (BLOCK_ROWS, PLANNING_COST, ROW_VERSION, TARGET_ROWS, budget_rows, describe,
+                        resolve_budget)
 
 from lightning_compress.core.files import atomic_path, write_text_atomic
 
@@ -72,11 +74,9 @@ def _kb(value: int | None) -> str:
     return "-" if value is None else f"{value / 1e3:,.0f}"
 
 
-def _describe(row: str) -> str:
-    from suite_rows import ROWS
-
-    doc = (ROWS[row].plan.__doc__ or "").strip()
-    return doc.split("\n")[0].rstrip(".") if row in ROWS else row
+def _what(record: dict[str, Any]) -> str:
+    """The row as it was run: the description recorded with it, else (records from before it was kept) today's."""
+    return record.get("what") or describe(record["row"])
 
 
 def _machine(record: dict[str, Any]) -> str:
@@ -165,13 +165,13 @@ def render_block(budget: str, rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         code = r["code_version"] + ("" if _current(r) else " (older code)")
         if r["status"] != "ok":
-            lines.append(f"| {r['row']} | {_describe(r['row'])} | {r['status']}: {r.get('reason', '')} "
+            lines.append(f"| {r['row']} | {_what(r)} | {r['status']}: {r.get('reason', '')} "
                          "| | | | | | | | | | | " + code + " |")
             continue
         delta = "-" if dense is None or r["row"] == "dense" else f"{r['top1'] - dense['top1']:+.2f}"
         fp32, int8 = _latency(r)
         art = r.get("artifact", {})
-        what = _describe(r["row"]) + "".join(f"; {n}" for n in r.get("notes", []))
+        what = _what(r) + "".join(f"; {n}" for n in r.get("notes", []))
         if r.get("trained_on"):
             what += (f"; trained on {r['trained_on']} (this budget's recipe), tested and timed on that machine's CPU "
                      f"({_machine(r)}): its latency is not comparable with the other rows'")
@@ -216,7 +216,7 @@ def targets(ok: dict[str, dict[str, Any]], budget: str = "cpu") -> list[str]:
     out = [f"Targets ({target_text(limits)}):", ""]
     for row, label in (("gmp90", "GMP 90 %"), ("channel50", "channel pruning, half the MACs"), ("qat", "QAT int8")):
         out.append(f"- {label}: {verdict(drop(row), limits[row])}")
-        out += [f"  - fix `{fix}` ({_describe(fix)}): {verdict(drop(fix), limits[row])}"
+        out += [f"  - fix `{fix}` ({describe(fix)}): {verdict(drop(fix), limits[row])}"
                 for fix in FIXES.get(row, ()) if fix in ok]
     for row in ("kd", "kd_alpha05", "kd_cached"):
         d = drop(row)
@@ -300,7 +300,8 @@ def target_text(limits: dict[str, float]) -> str:
 
 
 def plot(blocks: dict[str, list[dict[str, Any]]], path: Path) -> bool:
-    """Accuracy vs compressed size (deployed artifact, and packed weights), one colour per budget."""
+    """Accuracy vs compressed size (deployed artifact, and packed weights), one panel per budget (their accuracies
+    are not comparable), each row's name beside its deployed artifact without overlapping another's."""
     try:
         import matplotlib
 
@@ -308,33 +309,77 @@ def plot(blocks: dict[str, list[dict[str, Any]]], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for i, (budget, rows) in enumerate(blocks.items()):
-        ok = [r for r in rows if r["status"] == "ok" and r["row"] != "teacher"]
-        if not ok:
-            continue
-        colour = f"C{i}"
-        ax.scatter([r["artifact"]["bytes"] / 1e3 for r in ok], [r["top1"] for r in ok], color=colour,
-                   label=f"{budget}: deployed artifact")
+    panels = {budget: [r for r in rows if r["status"] == "ok" and r["row"] != "teacher"]
+              for budget, rows in blocks.items()}
+    panels = {budget: rows for budget, rows in panels.items() if rows}  # a block of failed rows has nothing to plot
+    columns = min(2, max(1, len(panels)))
+    lines = max(1, math.ceil(len(panels) / columns))
+    fig, axes = plt.subplots(lines, columns, figsize=(6.5 * columns, 5.2 * lines), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (budget, ok) in zip(axes.flat, panels.items()):
+        ax.scatter([r["artifact"]["bytes"] / 1e3 for r in ok], [r["top1"] for r in ok], color="C0",
+                   label="deployed artifact")
         ax.scatter([r["packed_bytes"] / 1e3 for r in ok], [r["top1"] for r in ok], facecolors="none",
-                   edgecolors=colour, label=f"{budget}: packed weights (int8 + bitmask, lzma)")
+                   edgecolors="C1", label="packed weights (int8 + bitmask, lzma)")
         for r in ok:  # a row's two sizes joined: how much its deployed file leaves on the table
-            ax.plot([r["packed_bytes"] / 1e3, r["artifact"]["bytes"] / 1e3], [r["top1"], r["top1"]], color=colour,
+            ax.plot([r["packed_bytes"] / 1e3, r["artifact"]["bytes"] / 1e3], [r["top1"], r["top1"]], color="C0",
                     alpha=0.25, linewidth=1)
-            ax.annotate(r["row"], (r["artifact"]["bytes"] / 1e3, r["top1"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("compressed size (kB, log)")
-    ax.set_ylabel("CIFAR-10 test top-1 (%)")
-    ax.set_title("Suite: accuracy vs size (ResNet-20 unless the row names its network)", fontsize=10)
-    ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:  # a block of failed rows only has nothing to plot
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+        ax.set_xscale("log")
+        ax.set_xlabel("compressed size (kB, log)")
+        ax.set_ylabel("CIFAR-10 test top-1 (%)")
+        ax.set_title(budget, fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.margins(x=0.25, y=0.12)  # room for the names right of the largest artifacts
+        _label_rows(fig, ax, ok)
+    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.suptitle("Accuracy vs size, a panel per budget (ResNet-20 unless a row names its network)", fontsize=9)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return True
+
+
+def _label_rows(fig: Any, ax: Any, rows: list[dict[str, Any]], fontsize: int = 7) -> None:
+    """Name each row beside its deployed artifact; names that would overlap (their spans across overlap and they
+    sit closer than a line apart) are spread apart vertically as little as possible, around where they belong."""
+    fig.canvas.draw()  # fixes the axes' limits, so that data maps to display coordinates
+    to_points = 72 / fig.dpi
+    line = fontsize * 1.3
+    points = [(r["artifact"]["bytes"] / 1e3, r["top1"]) for r in rows]
+    anchors = [ax.transData.transform(point) * to_points for point in points]
+    spans = sorted((x + 3, x + 3 + 0.6 * fontsize * len(r["row"]), i) for i, ((x, _), r) in enumerate(zip(anchors, rows)))
+    groups: list[list[int]] = []  # names whose spans across chain-overlap
+    right = -math.inf
+    for left, end, index in spans:
+        if left >= right:
+            groups.append([])
+        groups[-1].append(index)
+        right = max(right, end)
+    offsets = {}
+    for group in groups:
+        for members, start in _spread([anchors[i][1] + 3 for i in group], line):
+            for rank, member in enumerate(members):
+                offsets[group[member]] = start + rank * line - anchors[group[member]][1]
+    for index, point in enumerate(points):
+        ax.annotate(rows[index]["row"], point, fontsize=fontsize, xytext=(3, offsets[index]),
+                    textcoords="offset points", va="bottom",
+                    arrowprops={"arrowstyle": "-", "alpha": 0.3, "linewidth": 0.5} if abs(offsets[index]) > line else None)
+
+
+def _spread(wanted: list[float], gap: float) -> list[tuple[list[int], float]]:
+    """Positions at least ``gap`` apart, in the order of ``wanted``, each run of crowded ones centred on where it
+    wants to be (pooled adjacent violators). Returns ``[(indices into wanted, lowest position)]``, one per run."""
+    runs: list[tuple[list[int], float]] = []
+    for index in sorted(range(len(wanted)), key=wanted.__getitem__):
+        members, start = [index], wanted[index]
+        while runs and runs[-1][1] + gap * len(runs[-1][0]) > start:
+            previous, _ = runs.pop()
+            members = previous + members
+            start = sum(wanted[m] - gap * rank for rank, m in enumerate(members)) / len(members)
+        runs.append((members, start))
+    return runs
 
 
 def write_report(results_dir: Path) -> Path:

@@ -477,6 +477,17 @@ ROW_VERSION = 2
 2: the recipe's optimizer settings in the config; every row measures its deployed file's own top-1."""
 
 
+def describe(row: str) -> str:
+    """What ``row`` runs, in one line (its plan's docstring); a row no longer defined, by its name.
+
+    Example:
+        >>> describe("dense")
+        'The dense ResNet-20: the reference of every row'
+    """
+    doc = (ROWS[row].plan.__doc__ or "").strip() if row in ROWS else ""
+    return doc.split("\n")[0].rstrip(".") if doc else row
+
+
 def budget_rows(name: str) -> tuple[str, ...]:
     """The rows the budget ``name`` runs by default (:data:`BLOCK_ROWS`, else every row)."""
     return BLOCK_ROWS.get(name, tuple(ROWS))

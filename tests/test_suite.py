@@ -91,6 +91,7 @@ def test_suite_smoke_rows(tmp_path: Path, cifar_archive: Path) -> None:
     assert gmp["params"] == RESNET20_PARAMS and gmp["nonzero"] < 0.2 * RESNET20_PARAMS  # stem/classifier kept
     assert gmp["packed_bytes"] < rows["dense"]["packed_bytes"] / 3
     assert all(0 <= row["val_top1"] <= 100 for row in rows.values() if row["status"] == "ok")
+    assert all(row["what"] == suite_rows.describe(name) for name, row in rows.items())  # recorded as it was run
     # each row's network is kept and reloads without its callbacks, as sparse as measured
     from lightning_compress import ImageClassifier
 
@@ -407,6 +408,9 @@ def test_report_says_which_cpu30_rows_are_done_and_queued(tmp_path: Path) -> Non
            "qat, gmp90, kd_alpha05, gmp90_kd, channel50, channel50_kd, gmp90_early, gmp50, nm24, pipeline, channel50_planned, " \
            "target50, target50_uniform, pipeline_quarter." in block
     assert "| dense | The dense ResNet-20: the reference of every row | failed: RuntimeError: x |" in block
+    runner.jsonl.write_text(json.dumps({**failed, "what": "The dense ResNet-20 as a recipe since changed ran it"}) + "\n")
+    block = suite_report.write_report(tmp_path).read_text()  # a row is described as it was run, not as it is now
+    assert "| dense | The dense ResNet-20 as a recipe since changed ran it | failed: RuntimeError: x |" in block
 
 
 def test_rows_trained_in_fp32_are_a_block_of_their_own_read_against_their_targets(tmp_path: Path) -> None:
@@ -704,3 +708,14 @@ def test_a_rows_evaluation_after_fit_holds_the_timing_lock_shared(tmp_path, cifa
                          tmp_path / "work")
     assert runner.run_row("dense")["status"] == "ok"
     assert seen == ["shared", "shared", "shared"] and held_mode() is None
+
+
+def test_crowded_row_names_are_spread_a_line_apart_around_where_they_belong() -> None:
+    wanted = [10.0, 11.0, 12.0, 50.0, 11.5]
+    runs = suite_report._spread(wanted, gap=9.0)
+    position = {member: start + rank * 9.0 for members, start in runs for rank, member in enumerate(members)}
+    assert position[3] == 50.0  # alone: where it belongs
+    crowded = sorted(position[i] for i in (0, 1, 4, 2))
+    assert [round(b - a, 9) for a, b in zip(crowded, crowded[1:])] == [9.0, 9.0, 9.0]
+    assert sum(crowded) / 4 == pytest.approx(sum(wanted[i] for i in (0, 1, 4, 2)) / 4)  # centred on them
+    assert [position[i] for i in (0, 1, 4, 2)] == crowded  # in their order
