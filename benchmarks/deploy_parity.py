@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from reporting import SHARED_CIFAR10, add_output_arguments, machine_info, run_settings, write_results
+from reporting import SHARED_CIFAR10, add_output_arguments, machine_info, run_settings, write_results, yield_to_timing
 
 from lightning_compress.core.comparison import parity
 
@@ -77,8 +77,7 @@ def measure(model: str, engine: str, args: argparse.Namespace, data: Any, work: 
     import lightning.pytorch as pl
 
     from lightning_compress import ImageClassifier, QuantizationAwareTraining
-    from lightning_compress.commands.export import main as export
-    from lightning_compress.quantization.families import family_of
+    from lightning_compress.core.timing_lock import shared_timing
 
     pl.seed_everything(0)
     init = args.init.get(model)
@@ -94,13 +93,25 @@ def measure(model: str, engine: str, args: argparse.Namespace, data: Any, work: 
                   else ImageClassifier(model, num_classes=10, **settings))
         qat = QuantizationAwareTraining(engine=engine, start=0.0, freeze_bn=0.6, freeze_observers=0.8,
                                         convert_on_fit_end=False)
-        trainer = pl.Trainer(max_steps=args.steps, accelerator="cpu", precision=args.precision, callbacks=[qat],
+        trainer = pl.Trainer(max_steps=args.steps, accelerator="cpu", precision=args.precision,
+                             callbacks=[qat, yield_to_timing()],  # a suite row's latency is not timed beside a step
                              logger=False, enable_checkpointing=False, enable_progress_bar=False,
                              enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
         began = time.perf_counter()
         trainer.fit(module, data)
         steps, train_s = trainer.global_step, time.perf_counter() - began
         trainer.save_checkpoint(checkpoint)
+
+    with shared_timing():  # converting and comparing run between, not beside, another process's timing
+        return _compare(model, engine, args, data, module, checkpoint, directory, init, steps, train_s, reused)
+
+
+def _compare(model: str, engine: str, args: argparse.Namespace, data: Any, module: Any, checkpoint: Path,
+             directory: Path, init: str | None, steps: int | None, train_s: float | None,
+             reused: bool) -> dict[str, Any]:
+    """Convert, export and compare one fine-tuned checkpoint (:func:`measure`'s second half)."""
+    from lightning_compress.commands.export import main as export
+    from lightning_compress.quantization.families import family_of
 
     every = torch.arange(0, len(data.test_set.labels), max(1, len(data.test_set.labels) // args.images))[:args.images]
     images = data.transform(data.test_set.images[every], train=False)  # evenly spread: the split is sorted by class

@@ -96,3 +96,40 @@ def write_results(name: str, result: dict[str, Any], markdown: str, directory: P
     write_text_atomic(directory / f"{name}.md", markdown)
 
 
+def yield_to_timing() -> Any:
+    """A callback holding the machine's timing lock shared during each training step, so that a latency measured
+    by another process (a suite row's planning, checks or fit-end measurement: they hold it exclusively) runs
+    with this training paused, not beside it; :meth:`hold_until_first_step` also covers the set-up before it."""
+    import contextlib
+
+    import lightning.pytorch as pl
+
+    from lightning_compress.core.timing_lock import shared_timing
+
+    class YieldToTiming(pl.Callback):
+        def __init__(self) -> None:
+            self.held = contextlib.ExitStack()
+
+        def hold_until_first_step(self) -> None:
+            """Hold the lock shared from now (data loading, set-up) until the first training step ends."""
+            self.held.enter_context(shared_timing())
+
+        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                                 batch_idx: int) -> None:
+            self.held.enter_context(shared_timing())
+
+        def release(self) -> None:
+            """Let go of the lock, wherever it was taken (a step, or the set-up before the first one)."""
+            self.held.close()
+
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                               batch_idx: int) -> None:
+            self.release()
+
+        def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+            self.release()
+
+        def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            self.release()
+
+    return YieldToTiming()

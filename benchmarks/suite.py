@@ -81,7 +81,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from reporting import RESULTS_DIR, SHARED_CIFAR10, cpu_description, machine_info
+from reporting import RESULTS_DIR, SHARED_CIFAR10, cpu_description, machine_info, yield_to_timing
 from suite_measure import EXAMPLE, export_function, measure_network
 from suite_queue import child_command, plan_lines, plan_queue, run_queue
 from suite_report import write_report
@@ -170,45 +170,6 @@ def _epoch_checkpoint(path: Path) -> Any:
                 trainer.save_checkpoint(tmp, weights_only=False)
 
     return EpochCheckpoint()
-
-
-def _yield_to_timing() -> Any:
-    """A callback holding the machine's timing lock shared during each training step, so that a latency measured
-    by another process (the other row's planning, checks or fit-end measurement: they hold it exclusively) runs
-    with this row paused, not beside its training; :meth:`hold_until_first_step` also covers the set-up before it."""
-    import contextlib
-
-    import lightning.pytorch as pl
-
-    from lightning_compress.core.timing_lock import shared_timing
-
-    class YieldToTiming(pl.Callback):
-        def __init__(self) -> None:
-            self.held = contextlib.ExitStack()
-
-        def hold_until_first_step(self) -> None:
-            """Hold the lock shared from now (data loading, set-up) until the first training step ends."""
-            self.held.enter_context(shared_timing())
-
-        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                                 batch_idx: int) -> None:
-            self.held.enter_context(shared_timing())
-
-        def release(self) -> None:
-            """Let go of the lock, wherever it was taken (a step, or the set-up before the first one)."""
-            self.held.close()
-
-        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                               batch_idx: int) -> None:
-            self.release()
-
-        def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-            self.release()
-
-        def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-            self.release()
-
-    return YieldToTiming()
 
 
 def _trainer(budget: Budget, callbacks: list[Any], precision: str | None = None, fit: bool = True) -> Any:
@@ -369,7 +330,7 @@ class Suite:
             return record
         except Exception as err:  # e.g. the teacher could not be trained
             plan = err
-        yielding = _yield_to_timing()
+        yielding = yield_to_timing()
         try:
             if isinstance(plan, Exception):
                 raise plan

@@ -31,7 +31,8 @@ RESNET20_MACS = 40_813_184  # per 32x32 image, convolutions and the classifier
 TIMEOUT_S = 300
 
 sys.path.insert(0, str(BENCHMARKS))
-import suite  # (benchmarks/ is not a package: imported from its folder, as the scripts import each other)
+import reporting  # (benchmarks/ is not a package: imported from its folder, as the scripts import each other)
+import suite
 import suite_queue
 import suite_report
 import suite_rows
@@ -670,13 +671,14 @@ def test_lowrank_at_latency_row_tunes_ranks_on_measured_time_and_factorizes_ever
 
 
 def test_a_rows_training_step_waits_while_another_process_measures(tmp_path, monkeypatch):
-    """The suite's rows hold the timing lock shared during each training step: a step starting while another
-    process times (the other row's planning or fit-end measurement) waits for it, then lets it go at step end."""
+    """The suite's rows (and deploy_parity's fine-tuning) hold the timing lock shared during each training step: a
+    step starting while another process times (a row's planning or fit-end measurement) waits for it, then lets it
+    go at step end."""
     from lightning_compress.core.timing_lock import LOCK_ENVIRONMENT, held_mode
     from tests.core.test_timing_lock import hold_in_another_process
 
     monkeypatch.setenv(LOCK_ENVIRONMENT, str(tmp_path / "timing.lock"))
-    callback = suite._yield_to_timing()
+    callback = reporting.yield_to_timing()
     holder = hold_in_another_process("exclusive", 1.0, tmp_path)
     began = time.perf_counter()
     callback.on_train_batch_start(None, None, None, 0)
