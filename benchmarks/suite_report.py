@@ -342,7 +342,7 @@ def plot(blocks: dict[str, list[dict[str, Any]]], path: Path) -> bool:
 
 
 def _label_rows(fig: Any, ax: Any, rows: list[dict[str, Any]], fontsize: int = 7) -> None:
-    """Name each row beside its deployed artifact; names that would overlap (their spans across overlap and they
+    """Name each row beside its deployed artifact; names that would overlap (their horizontal spans overlap and they
     sit closer than a line apart) are spread apart vertically as little as possible, around where they belong."""
     fig.canvas.draw()  # fixes the axes' limits, so that data maps to display coordinates
     to_points = 72 / fig.dpi
@@ -350,7 +350,7 @@ def _label_rows(fig: Any, ax: Any, rows: list[dict[str, Any]], fontsize: int = 7
     points = [(r["artifact"]["bytes"] / 1e3, r["top1"]) for r in rows]
     anchors = [ax.transData.transform(point) * to_points for point in points]
     spans = sorted((x + 3, x + 3 + 0.6 * fontsize * len(r["row"]), i) for i, ((x, _), r) in enumerate(zip(anchors, rows)))
-    groups: list[list[int]] = []  # names whose spans across chain-overlap
+    groups: list[list[int]] = []  # names whose horizontal spans overlap, directly or through others
     right = -math.inf
     for left, end, index in spans:
         if left >= right:
