@@ -77,7 +77,9 @@ def measure(model: str, engine: str, args: argparse.Namespace, data: Any, work: 
     import lightning.pytorch as pl
 
     from lightning_compress import ImageClassifier, QuantizationAwareTraining
+    from lightning_compress.commands.export import main as export
     from lightning_compress.core.timing_lock import shared_timing
+    from lightning_compress.quantization.families import family_of
 
     pl.seed_everything(0)
     init = args.init.get(model)
@@ -103,67 +105,57 @@ def measure(model: str, engine: str, args: argparse.Namespace, data: Any, work: 
         trainer.save_checkpoint(checkpoint)
 
     with shared_timing():  # converting and comparing run between, not beside, another process's timing
-        return _compare(model, engine, args, data, module, checkpoint, directory, init, steps, train_s, reused)
+        every = torch.arange(0, len(data.test_set.labels), max(1, len(data.test_set.labels) // args.images))[:args.images]
+        images = data.transform(data.test_set.images[every], train=False)  # evenly spread: the split is sorted by class
+        labels = data.test_set.labels[every]
+        began = time.perf_counter()
+        family = family_of(engine)
+        in_process = family.convert_qat(copy.deepcopy(module.model).cpu().eval(), (images[:16],), "")
+        reference = logits_of(in_process, images)
+        convert_s = time.perf_counter() - began
+        float_bias = None  # an int32-bias engine's graph before its biases are rounded: what the rounding changes
+        if family.engine.int32_bias:
+            from lightning_compress.quantization import pt2e
 
+            float_bias = logits_of(pt2e.convert(copy.deepcopy(module.model).cpu().eval()), images)
+        # what trainer.test() measures, built as QuantizationAwareTraining builds it at fit end: the trained network
+        # converted, then shipped (the PT2E engines' program, else the int8 network itself); a program that cannot be
+        # built is recorded as such (a channels_last network's XNNPACK lowering failed so until core.executorch lowered
+        # a default-format copy) and the file is compared with the in-process network only
+        try:
+            tested = family.ship(family.convert_qat(module.model.cpu().eval(), (images[:16],), ""), (images[:16],), "")
+            tested_name, tested_logits = type(tested).__name__, logits_of(tested, images)
+        except RuntimeError as err:
+            tested_name, tested_logits = f"not built: {str(err).splitlines()[0][:160]}", None
 
-def _compare(model: str, engine: str, args: argparse.Namespace, data: Any, module: Any, checkpoint: Path,
-             directory: Path, init: str | None, steps: int | None, train_s: float | None,
-             reused: bool) -> dict[str, Any]:
-    """Convert, export and compare one fine-tuned checkpoint (:func:`measure`'s second half)."""
-    from lightning_compress.commands.export import main as export
-    from lightning_compress.quantization.families import family_of
-
-    every = torch.arange(0, len(data.test_set.labels), max(1, len(data.test_set.labels) // args.images))[:args.images]
-    images = data.transform(data.test_set.images[every], train=False)  # evenly spread: the split is sorted by class
-    labels = data.test_set.labels[every]
-    began = time.perf_counter()
-    family = family_of(engine)
-    in_process = family.convert_qat(copy.deepcopy(module.model).cpu().eval(), (images[:16],), "")
-    reference = logits_of(in_process, images)
-    convert_s = time.perf_counter() - began
-    float_bias = None  # an int32-bias engine's graph before its biases are rounded: what the rounding changes
-    if family.engine.int32_bias:
-        from lightning_compress.quantization import pt2e
-
-        float_bias = logits_of(pt2e.convert(copy.deepcopy(module.model).cpu().eval()), images)
-    # what trainer.test() measures, built as QuantizationAwareTraining builds it at fit end: the trained network
-    # converted, then shipped (the PT2E engines' program, else the int8 network itself); a program that cannot be
-    # built is recorded as such (a channels_last network's XNNPACK lowering failed so until core.executorch lowered
-    # a default-format copy) and the file is compared with the in-process network only
-    try:
-        tested = family.ship(family.convert_qat(module.model.cpu().eval(), (images[:16],), ""), (images[:16],), "")
-        tested_name, tested_logits = type(tested).__name__, logits_of(tested, images)
-    except RuntimeError as err:
-        tested_name, tested_logits = f"not built: {str(err).splitlines()[0][:160]}", None
-
-    runtimes = ENGINE_RUNTIMES[engine]
-    began = time.perf_counter()
-    status = None if reused else export([str(checkpoint), "--to", str(directory), "--overwrite", "--runtime",
-                                         *runtimes, "--data-root", args.data, "--check-count", str(args.images),
-                                         "--latency-repeats", "5"])
-    export_s = None if reused else time.perf_counter() - began
-    manifest = json.loads((directory / "manifest.json").read_text())
-    row: dict[str, Any] = {"model": model, "engine": engine, "init": init, "steps": steps, "reused": reused,
-                           "train_s": train_s and round(train_s, 1), "convert_s": round(convert_s, 1),
-                           "export_s": export_s and round(export_s, 1), "export_status": status,
-                           "in_process": type(in_process).__name__, "images": len(labels), "runtimes": {}}
-    row["tested"] = tested_name
-    # agreement says little about a network that predicts (almost) one class: how many it predicts is recorded
-    row["classes_predicted"] = int(reference.argmax(1).unique().numel())
-    for runtime, network in shipped_networks(directory, runtimes).items():
-        logits = logits_of(network, images)
-        result = parity(reference, logits, labels, tolerance=0.0)
-        versus_tested = None if tested_logits is None else parity(tested_logits, logits, labels, tolerance=0.0).to_dict()
-        artifact = "openvino" if runtime == "openvino" else {"onnxruntime": "onnx_int8"}.get(runtime, runtime)
-        exported = manifest["artifacts"].get(artifact, {})
-        row["runtimes"][runtime] = {**result.to_dict(), "bytes": exported.get("bytes"),
-                                    "export_check": exported.get("parity"), "met": meets_target(result.to_dict()),
-                                    "versus_tested": versus_tested,
-                                    "versus_float_bias": None if float_bias is None else
-                                    parity(float_bias, logits, labels, tolerance=0.0).to_dict(),
-                                    "met_versus_tested": versus_tested is not None and meets_target(versus_tested),
-                                    **disagreements(reference, logits, labels)}
-    return row
+        runtimes = ENGINE_RUNTIMES[engine]
+        began = time.perf_counter()
+        status = None if reused else export([str(checkpoint), "--to", str(directory), "--overwrite", "--runtime",
+                                             *runtimes, "--data-root", args.data, "--check-count", str(args.images),
+                                             "--latency-repeats", "5"])
+        export_s = None if reused else time.perf_counter() - began
+        manifest = json.loads((directory / "manifest.json").read_text())
+        row: dict[str, Any] = {"model": model, "engine": engine, "init": init, "steps": steps, "reused": reused,
+                               "train_s": train_s and round(train_s, 1), "convert_s": round(convert_s, 1),
+                               "export_s": export_s and round(export_s, 1), "export_status": status,
+                               "in_process": type(in_process).__name__, "images": len(labels), "runtimes": {}}
+        row["tested"] = tested_name
+        # agreement says little about a network that predicts (almost) one class: how many it predicts is recorded
+        row["classes_predicted"] = int(reference.argmax(1).unique().numel())
+        for runtime, network in shipped_networks(directory, runtimes).items():
+            logits = logits_of(network, images)
+            result = parity(reference, logits, labels, tolerance=0.0)
+            versus_tested = None if tested_logits is None else parity(tested_logits, logits, labels, tolerance=0.0).to_dict()
+            artifact = "openvino" if runtime == "openvino" else {"onnxruntime": "onnx_int8"}.get(runtime, runtime)
+            exported = manifest["artifacts"].get(artifact, {})
+            row["runtimes"][runtime] = {**result.to_dict(), "bytes": exported.get("bytes"),
+                                        "export_check": exported.get("parity"), "met": meets_target(result.to_dict()),
+                                        "versus_tested": versus_tested,
+                                        "versus_float_bias": None if float_bias is None else
+                                        parity(float_bias, logits, labels, tolerance=0.0).to_dict(),
+                                        "met_versus_tested": versus_tested is not None and meets_target(versus_tested),
+                                        **disagreements(reference, logits, labels)}
+        return row
 
 
 def disagreements(reference: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
