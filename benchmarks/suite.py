@@ -42,9 +42,13 @@ then ``RESULTS.md`` (+ ``suite.png``) regenerated atomically from every budget's
 keeps what it measured. A row already recorded with the same config and the same code version (hash of
 the package sources the row uses) is skipped, so the table can be completed over several runs;
 ``--force`` re-measures. A row in training saves its whole training state after every epoch
-(``<work-dir>/partial/<row>_<budget>_<code version>.ckpt``, atomically); a row stopped midway (the session ended)
-resumes from there when run again on the same code, and records ``resumed_after_epochs``; the state is removed
-when the row lands.
+(``<partials>/<row>_<budget>_<code version>.ckpt``, atomically; ``--partials`` defaults to ``<work-dir>/partial``);
+a row stopped midway (the session ended) resumes from there when run again on the same code, and records
+``resumed_after_epochs``; the state is removed when the row lands. The state names the machine it trained on
+(``core.machine.cpu_description``: CPU model and ISA flags) and resumes only on such a machine: a row's
+latencies and plan were measured there. Rows longer than a session (MobileNetV2's, ~5 h) go on across machines
+with ``--partials benchmarks/partials``: commit that folder when the session ends, and the next session on the
+same kind of CPU resumes the rows; on another CPU the run stops before training, naming both machines.
 
 ``--jobs N`` runs N rows side by side, each as its own ``suite.py --only <row> --threads 1`` process
 (``suite_queue.py``): the teacher first, the KD rows once it has landed; one line per row start and end
@@ -157,6 +161,15 @@ def _epoch_clock(row: str) -> Any:
     return EpochClock()
 
 
+MACHINE_KEY = "suite_machine"
+"""The checkpoint entry naming the CPU a row trained on (:func:`cpu_description`)."""
+
+
+def partial_machine(path: Path) -> dict[str, Any] | None:
+    """The CPU the row in the partial state ``path`` trained on (None: a state saved before it was recorded)."""
+    return torch.load(path, map_location="cpu", weights_only=True).get(MACHINE_KEY)
+
+
 def _epoch_checkpoint(path: Path) -> Any:
     """A callback saving the row's whole training state to ``path`` after every epoch (atomically), so a row
     stopped midway (the session ended, the machine went down) resumes from its last epoch, not from scratch."""
@@ -168,6 +181,10 @@ def _epoch_checkpoint(path: Path) -> Any:
         def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
             with atomic_path(path) as tmp:
                 trainer.save_checkpoint(tmp, weights_only=False)
+
+        def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                               checkpoint: dict[str, Any]) -> None:
+            checkpoint[MACHINE_KEY] = cpu_description()  # a partial resumes only where it trained
 
     return EpochCheckpoint()
 
@@ -231,10 +248,12 @@ class Suite:
     """Runs rows of one budget, records each as a JSON line and re-renders the report after each."""
 
     def __init__(self, budget: Budget, budget_reason: str, data: str, results_dir: Path, work_dir: Path,
-                 force: bool = False, side_by_side: int = 1, accelerator: str | None = None) -> None:
+                 force: bool = False, side_by_side: int = 1, accelerator: str | None = None,
+                 partials: Path | None = None) -> None:
         self.budget, self.budget_reason, self.data = budget, budget_reason, data
         self.accelerator = accelerator or budget.accelerator  # where rows train (--accelerator)
         self.results_dir, self.work_dir, self.force = results_dir, work_dir, force
+        self.partials = partials or work_dir / "partial"
         self.side_by_side = side_by_side
         self.jsonl = results_dir / f"suite_{budget.name}.jsonl"
         self.machine = {**machine_info(), "cpu": cpu_description()}
@@ -288,6 +307,22 @@ class Suite:
             os.fsync(f.fileno())
             write_report(self.results_dir)
 
+    def partial_file(self, row: str) -> Path:
+        """Where ``row`` keeps its training state between epochs, for this budget and code."""
+        return self.partials / f"{row}_{self.budget.name}_{code_version(ROWS[row].sources)}.ckpt"
+
+    def foreign_partials(self, rows: list[str]) -> list[str]:
+        """One line for each of ``rows`` whose partial state trained on another CPU than this one."""
+        lines = []
+        for row in rows:
+            path = self.partial_file(row)
+            if path.exists() and (machine := partial_machine(path)) != self.machine["cpu"]:
+                there = "an unrecorded CPU" if machine is None else f"{machine['model']} ({' '.join(machine['flags'])})"
+                here = f"{self.machine['cpu']['model']} ({' '.join(self.machine['cpu']['flags'])})"
+                lines.append(f"{row}'s partial state {path} trained on {there}, this machine is {here}: "
+                             "resume it there, or delete it to restart the row here")
+        return lines
+
     def teacher_file(self) -> Path:
         """Where the ResNet-56 teacher of this budget and code version is (or will be) saved."""
         budget = self.budget
@@ -320,7 +355,7 @@ class Suite:
                                   "what": describe(row), "budget_reason": self.budget_reason, "machine": self.machine,
                                   "side_by_side": self.side_by_side, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         print(f"[suite] {row}: start ({budget.name}, {epochs} epochs)", flush=True)
-        partial = self.work_dir / "partial" / f"{row}_{budget.name}_{record['code_version']}.ckpt"
+        partial = self.partial_file(row)
         try:
             plan = ROWS[row].plan(ctx)
         except Skip as reason:
@@ -411,6 +446,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--work-dir", type=Path, default=REPO / "runs" / "suite",
                         help="teacher checkpoints and, with --jobs, each row's log")
+    parser.add_argument("--partials", type=Path, default=None,
+                        help="where rows in training keep their state after each epoch (default: <work-dir>/partial); "
+                             "benchmarks/partials, committed, carries unfinished rows to the next session's machine")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's choice; with --jobs: 1 per row)")
     parser.add_argument("--jobs", type=int, default=None,
@@ -454,7 +492,10 @@ def main(argv: list[str] | None = None) -> int:
     if "gpu" in (budget.accelerator, args.accelerator) and not torch.cuda.is_available():
         parser.error(f"--budget {args.budget}{' --accelerator gpu' if args.accelerator else ''} needs a CUDA device")
     suite = Suite(budget, reason, args.data, args.results_dir, args.work_dir, args.force, args.side_by_side,
-                  args.accelerator)
+                  args.accelerator, args.partials)
+    foreign = suite.foreign_partials(rows)
+    if foreign:
+        parser.error("; ".join(foreign))
     if args.plan_only or args.jobs:
         jobs, threads = args.jobs or 1, args.threads or 1
         if args.plan_only:

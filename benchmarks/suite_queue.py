@@ -255,6 +255,8 @@ def child_command(args: Any, row: str, threads: int, jobs: int) -> list[str]:
     command = [sys.executable, str(Path(__file__).with_name("suite.py")), "--budget", args.budget, "--only", row,
                "--threads", str(threads), "--data", str(args.data), "--results-dir", str(args.results_dir),
                "--work-dir", str(args.work_dir), "--side-by-side", str(jobs)]
+    if args.partials:
+        command += ["--partials", str(args.partials)]
     if args.epochs:
         command += ["--epochs", str(args.epochs)]
     if args.force:

@@ -193,7 +193,8 @@ def test_a_row_stopped_midway_resumes_after_its_last_epoch(tmp_path: Path, cifar
     monkeypatch.setattr(suite, "_epoch_clock", stopped_in_epoch_two)
     assert runner.run_row("dense")["status"] == "failed"
     partial = list((tmp_path / "work/partial").glob("dense_smoke_*.ckpt"))
-    assert len(partial) == 1
+    assert len(partial) == 1 and partial == [runner.partial_file("dense")]
+    assert suite.partial_machine(partial[0]) == reporting.cpu_description()  # resumes only on this CPU
     monkeypatch.setattr(suite, "_epoch_clock", clock)
     capsys.readouterr()
     record = runner.run_row("dense", force=True)
@@ -206,6 +207,32 @@ def test_a_row_stopped_midway_resumes_after_its_last_epoch(tmp_path: Path, cifar
                          for folder in ("straight_work", "work"))]
     assert kept[0].keys() == kept[1].keys()
     assert all(torch.equal(kept[0][key], kept[1][key]) for key in kept[0])
+
+
+def test_a_partial_state_from_another_cpu_stops_the_run_before_training(tmp_path: Path, cifar_archive: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    """A row carried in ``--partials`` (committed, resumed by a later session) resumes only on the CPU it trained
+    on: elsewhere the run is one line naming both machines, exit code 2, nothing trained; on its CPU it resumes."""
+    budget = suite_rows.resolve_budget("smoke")[0]
+    carried = tmp_path / "carried"
+    runner = suite.Suite(budget, "test", str(cifar_archive), tmp_path / "results", tmp_path / "work", partials=carried)
+    state = runner.partial_file("dense")
+    assert state.parent == carried
+    state.parent.mkdir()
+    other = {"model": "Intel(R) Xeon(R) Platinum 8480+", "flags": ["avx2", "avx512f", "amx_tile"], "bf16": True}
+    argv = ["--budget", "smoke", "--only", "dense", "--data", str(cifar_archive), "--results-dir",
+            str(tmp_path / "results"), "--work-dir", str(tmp_path / "work"), "--partials", str(carried)]
+    for machine, named in ((other, "Intel(R) Xeon(R) Platinum 8480+ (avx2 avx512f amx_tile)"),
+                           (None, "an unrecorded CPU")):
+        torch.save({"epoch": 0, suite.MACHINE_KEY: machine}, state)
+        with pytest.raises(SystemExit) as stopped:
+            suite.main(argv)
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert stopped.value.code == 2 and f"dense's partial state {state} trained on {named}" in error
+        assert f"this machine is {reporting.cpu_description()['model']}" in error and "delete it" in error
+    assert not (tmp_path / "results").exists()  # nothing trained, nothing recorded
+    torch.save({"epoch": 0, suite.MACHINE_KEY: reporting.cpu_description()}, state)
+    assert runner.foreign_partials(["dense", "gmp90"]) == []
 
 
 def test_a_target_refused_before_training_is_recorded_as_skipped(tmp_path: Path, cifar_archive: Path,
@@ -479,8 +506,11 @@ def test_a_teacher_trained_on_a_gpu_serves_the_cpu_block_and_says_so(tmp_path: P
     assert on_cpu.landed("teacher") and on_cpu.run_row("teacher") == teacher  # kept: the KD rows use it
     assert on_cpu._is_recorded("teacher") is None  # other rows' records are matched exactly
     args = suite.argparse.Namespace(budget="cpu30", data="d", results_dir=tmp_path, work_dir=tmp_path, epochs=None,
-                                    force=False, data_on_device=False, accelerator="gpu")
+                                    force=False, data_on_device=False, accelerator="gpu", partials=None)
     assert suite_queue.child_command(args, "teacher", 1, 2)[-2:] == ["--accelerator", "gpu"]
+    args.partials = tmp_path / "carried"
+    command = suite_queue.child_command(args, "teacher", 1, 2)
+    assert command[command.index("--partials") + 1] == str(tmp_path / "carried")
     block = suite_report.write_report(tmp_path).read_text()
     assert "| teacher | " in block and "; trained on NVIDIA H200 (this budget's recipe), tested and timed on that " \
            "machine's CPU (" in block and "its latency is not comparable with the other rows'" in block
