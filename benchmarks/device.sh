@@ -17,7 +17,8 @@
 #               mobilenetv2_target33[_uniform]), ~9 h each on a 2-core CPU. Records go to
 #               $results/cpu30/suite_cpu30.jsonl, checkpoints and each row's log to $CPU30_WORK; a row the
 #               deadline stops keeps its state of its last epoch in $CPU30_WORK/partial/ and resumes from it when
-#               run again with that folder (on a GPU, or on the CPU: suite.py --work-dir). Appended to
+#               run again with that folder on a machine with the same CPU model and ISA flags (the state names
+#               the one it trained on; suite.py --work-dir or --partials). Appended to
 #               benchmarks/results/suite_cpu30.jsonl (and the teacher's checkpoint copied to runs/suite/ on the
 #               CPU machine, for the CPU queue's KD rows), the records join the CPU-trained ones. With --dry-run:
 #               the smoke budget on the CPU.
