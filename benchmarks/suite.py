@@ -165,9 +165,11 @@ MACHINE_KEY = "suite_machine"
 """The checkpoint entry naming the CPU a row trained on (:func:`cpu_description`)."""
 
 
-def partial_machine(path: Path) -> dict[str, Any] | None:
-    """The CPU the row in the partial state ``path`` trained on (None: a state saved before it was recorded)."""
-    return torch.load(path, map_location="cpu", weights_only=True).get(MACHINE_KEY)
+def partial_progress(path: Path) -> tuple[int, dict[str, Any] | None]:
+    """Epochs the row in the partial state ``path`` has finished, and the CPU it trained on (None: a state saved
+    before the CPU was recorded)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state["epoch"] + 1, state.get(MACHINE_KEY)
 
 
 def _epoch_checkpoint(path: Path) -> Any:
@@ -316,12 +318,16 @@ class Suite:
         lines = []
         for row in rows:
             path = self.partial_file(row)
-            if path.exists() and (machine := partial_machine(path)) != self.machine["cpu"]:
+            if path.exists() and (machine := partial_progress(path)[1]) != self.machine["cpu"]:
                 there = "an unrecorded CPU" if machine is None else f"{machine['model']} ({' '.join(machine['flags'])})"
                 here = f"{self.machine['cpu']['model']} ({' '.join(self.machine['cpu']['flags'])})"
                 lines.append(f"{row}'s partial state {path} trained on {there}, this machine is {here}: "
                              "resume it there, or delete it to restart the row here")
         return lines
+
+    def resumed_epochs(self, rows: list[str]) -> dict[str, int]:
+        """Epochs already trained by those of ``rows`` that will resume from a partial state."""
+        return {row: partial_progress(path)[0] for row in rows if (path := self.partial_file(row)).exists()}
 
     def teacher_file(self) -> Path:
         """Where the ResNet-56 teacher of this budget and code version is (or will be) saved."""
@@ -380,7 +386,7 @@ class Suite:
                 record["trained_on"] = torch.cuda.get_device_name() if self.accelerator == "gpu" else self.accelerator
             resume = partial if partial.exists() else None
             if resume is not None:  # fit_s and wall_s then count this process's part only
-                record["resumed_after_epochs"] = torch.load(resume, map_location="cpu", weights_only=True)["epoch"] + 1
+                record["resumed_after_epochs"] = partial_progress(resume)[0]
                 print(f"[suite] {row}: resuming after epoch {record['resumed_after_epochs']} ({resume})", flush=True)
             start = time.perf_counter()
             trainer.fit(module, datamodule=data, ckpt_path=resume)
@@ -500,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs, threads = args.jobs or 1, args.threads or 1
         if args.plan_only:
             landed, queue = plan_queue(suite, rows)
-            for line in plan_lines(budget, queue, landed, jobs, threads):
+            for line in plan_lines(budget, queue, landed, jobs, threads, suite.resumed_epochs(queue)):
                 print(f"[suite] {line}", flush=True)
             print(f"[suite] run it with: {_again(argv)}", flush=True)
             return 0

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,17 +32,20 @@ ROW_FIXED_S = 60.0
 """Per row besides training: process start, the test split, ONNX export, latency, the deployed file's top-1."""
 
 
-def estimate_s(row: str, budget: Budget) -> float:
-    """Estimated wall seconds of ``row`` at ``budget`` on the 2-core CPU, two rows side by side.
+def estimate_s(row: str, budget: Budget, done_epochs: int = 0) -> float:
+    """Estimated wall seconds of ``row`` at ``budget`` on the 2-core CPU, two rows side by side; ``done_epochs``:
+    epochs its partial state has already trained.
 
     Example:
         >>> from suite_rows import resolve_budget
         >>> cpu30, _ = resolve_budget("cpu30", {"model": "x", "flags": ["avx512_bf16"], "bf16": True})
         >>> round(estimate_s("dense", cpu30) / 60), round(estimate_s("teacher", cpu30) / 60)
         (36, 106)
+        >>> round(estimate_s("dense", cpu30, done_epochs=15) / 60)
+        19
     """
     epochs = budget.teacher_epochs if row == "teacher" else budget.epochs
-    images = train_steps(budget, epochs) * budget.batch_size
+    images = train_steps(budget, epochs - done_epochs) * budget.batch_size
     per_image = EPOCH_S / 45000 * (1.0 if budget.precision == "bf16-mixed" else FP32_SLOWDOWN)
     return ROW_FIXED_S + images * per_image * ROWS[row].cost
 
@@ -106,9 +109,12 @@ def say(message: str) -> None:
     print(f"[suite] {time.strftime('%H:%M:%S')} {message}", flush=True)
 
 
-def plan_lines(budget: Budget, queue: Sequence[str], landed: Sequence[str], jobs: int, threads: int) -> list[str]:
-    """The plan printed at the start: queue order, each row's estimate, start and end, and the finish."""
-    estimates = {row: estimate_s(row, budget) for row in queue}
+def plan_lines(budget: Budget, queue: Sequence[str], landed: Sequence[str], jobs: int, threads: int,
+               resumed: Mapping[str, int] | None = None) -> list[str]:
+    """The plan printed at the start: queue order, each row's estimate (``resumed``: epochs done by rows resuming
+    from their partial state, not counted), start and end, and the finish."""
+    resumed = resumed or {}
+    estimates = {row: estimate_s(row, budget, resumed.get(row, 0)) for row in queue}
     slots = schedule(queue, estimates, jobs, set(landed))
     lines = [(f"plan: budget {budget.name} ({budget.epochs} epochs, teacher {budget.teacher_epochs}, batch "
               f"{budget.batch_size}, {budget.precision}), {jobs} row{'s' if jobs > 1 else ''} at a time, "
@@ -118,8 +124,9 @@ def plan_lines(budget: Budget, queue: Sequence[str], landed: Sequence[str], jobs
         return [*lines, "nothing to run"]
     lines.append(f"{'#':>3}  {'row':<11} {'needs':<8} {'estimate':>8} {'start':>7} {'end':>7}   (h:mm from now)")
     for i, slot in enumerate(slots, 1):
+        done = f"   resumes after epoch {resumed[slot.row]}" if slot.row in resumed else ""
         lines.append(f"{i:>3}  {slot.row:<11} {','.join(ROWS[slot.row].needs) or '-':<8} "
-                     f"{_clock(estimates[slot.row]):>8} {'+' + _clock(slot.start_s):>7} {'+' + _clock(slot.end_s):>7}")
+                     f"{_clock(estimates[slot.row]):>8} {'+' + _clock(slot.start_s):>7} {'+' + _clock(slot.end_s):>7}{done}")
     finish = max(slot.end_s for slot in slots)
     lines.append(f"estimated finish: +{_clock(finish)} h:mm, about "
                  f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(time.time() + finish))} (assumes ~{EPOCH_S:.0f} s "
@@ -192,7 +199,8 @@ def run_queue(suite: Suite, rows: Sequence[str], jobs: int, threads: int, comman
     """
     landed, queue = plan_queue(suite, rows)
     asked = [*landed, *queue]
-    for line in plan_lines(suite.budget, queue, landed, jobs, threads):
+    resumed = suite.resumed_epochs(queue)
+    for line in plan_lines(suite.budget, queue, landed, jobs, threads, resumed):
         say(line)
     log_dir.mkdir(parents=True, exist_ok=True)
     ended, failed = set(landed), []
@@ -209,7 +217,7 @@ def run_queue(suite: Suite, rows: Sequence[str], jobs: int, threads: int, comman
                     process = subprocess.Popen(command(row), stdout=out, stderr=subprocess.STDOUT,
                                                start_new_session=True)  # a terminal's Ctrl-C reaches the queue only
                 running[row] = (process, time.monotonic(), log)
-                say(f"start {row} (estimate {duration(estimate_s(row, suite.budget))}; running: "
+                say(f"start {row} (estimate {duration(estimate_s(row, suite.budget, resumed.get(row, 0)))}; running: "
                     f"{', '.join(running)}; log {log})")
             for row in [row for row in queue if any(need in failed for need in ROWS[row].needs)]:
                 queue.remove(row)
@@ -227,7 +235,7 @@ def run_queue(suite: Suite, rows: Sequence[str], jobs: int, threads: int, comman
                 else:
                     failed.append(row)
                 say(_ended_line(row, process.returncode, record, time.monotonic() - started,
-                                estimate_s(row, suite.budget), code_version(ROWS[row].sources))
+                                estimate_s(row, suite.budget, resumed.get(row, 0)), code_version(ROWS[row].sources))
                     + ("" if ok else f" (log {log})"))
     except KeyboardInterrupt:
         say(f"stopping {', '.join(running) or 'the queue'}")

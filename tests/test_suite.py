@@ -231,8 +231,9 @@ def test_a_partial_state_from_another_cpu_stops_the_run_before_training(tmp_path
         assert stopped.value.code == 2 and f"dense's partial state {state} trained on {named}" in error
         assert f"this machine is {reporting.cpu_description()['model']}" in error and "delete it" in error
     assert not (tmp_path / "results").exists()  # nothing trained, nothing recorded
-    torch.save({"epoch": 0, suite.MACHINE_KEY: reporting.cpu_description()}, state)
+    torch.save({"epoch": 11, suite.MACHINE_KEY: reporting.cpu_description()}, state)
     assert runner.foreign_partials(["dense", "gmp90"]) == []
+    assert runner.resumed_epochs(["dense", "gmp90"]) == {"dense": 12}
 
 
 def test_a_target_refused_before_training_is_recorded_as_skipped(tmp_path: Path, cifar_archive: Path,
@@ -343,6 +344,10 @@ def test_plan_runs_the_teacher_first_and_kd_after_it() -> None:
     lines = suite_queue.plan_lines(budget, ["kd"], ["teacher"], jobs=2, threads=1)
     assert "landed, kept: teacher" in lines[1] and re.search(r"1 +kd +teacher", lines[3])
     assert lines[-1].startswith("estimated finish: +1:")
+    # a row resuming from its partial state is estimated for the epochs it has left, and says so
+    resuming = suite_queue.plan_lines(budget, ["dense"], [], jobs=2, threads=1, resumed={"dense": 20})
+    assert resuming[3].endswith("resumes after epoch 20")
+    assert suite_queue.estimate_s("dense", budget, done_epochs=20) < 0.4 * estimates["dense"]
     with pytest.raises(ValueError, match=r"rows \['kd'\] need rows that are neither queued nor landed"):
         suite_queue.schedule(["kd"], {"kd": 1.0}, jobs=2)
 
