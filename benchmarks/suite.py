@@ -315,14 +315,15 @@ class Suite:
 
     def foreign_partials(self, rows: list[str]) -> list[str]:
         """One line for each of ``rows`` whose partial state trained on another CPU than this one."""
+        def words(cpu: dict[str, Any] | None) -> str:
+            return "an unrecorded CPU" if cpu is None else f"{cpu['model']} ({' '.join(cpu['flags'])})"
+
         lines = []
         for row in rows:
             path = self.partial_file(row)
             if path.exists() and (machine := partial_progress(path)[1]) != self.machine["cpu"]:
-                there = "an unrecorded CPU" if machine is None else f"{machine['model']} ({' '.join(machine['flags'])})"
-                here = f"{self.machine['cpu']['model']} ({' '.join(self.machine['cpu']['flags'])})"
-                lines.append(f"{row}'s partial state {path} trained on {there}, this machine is {here}: "
-                             "resume it there, or delete it to restart the row here")
+                lines.append(f"{row}'s partial state {path} trained on {words(machine)}, this machine is "
+                             f"{words(self.machine['cpu'])}: resume it there, or delete it to restart the row here")
         return lines
 
     def resumed_epochs(self, rows: list[str]) -> dict[str, int]:
