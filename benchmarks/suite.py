@@ -42,7 +42,7 @@ then ``RESULTS.md`` (+ ``suite.png``) regenerated atomically from every budget's
 keeps what it measured. A row already recorded with the same config and the same code version (hash of
 the package sources the row uses) is skipped, so the table can be completed over several runs;
 ``--force`` re-measures. A row in training saves its whole training state after every epoch
-(``<partials>/<row>_<budget>_<code version>.ckpt``, atomically; ``--partials`` defaults to ``<work-dir>/partial``);
+(``<partials>/<row>_<budget>_<precision>_<code version>.ckpt``, atomically; ``--partials`` defaults to ``<work-dir>/partial``);
 a row stopped midway (the session ended) resumes from there when run again on the same code, and records
 ``resumed_after_epochs``; the state is removed when the row lands. The state names the machine it trained on
 (``core.machine.cpu_description``: CPU model and ISA flags) and resumes only on such a machine: a row's
@@ -310,8 +310,10 @@ class Suite:
             write_report(self.results_dir)
 
     def partial_file(self, row: str) -> Path:
-        """Where ``row`` keeps its training state between epochs, for this budget and code."""
-        return self.partials / f"{row}_{self.budget.name}_{code_version(ROWS[row].sources)}.ckpt"
+        """Where ``row`` keeps its training state between epochs, for this budget, precision and code: the bf16
+        and fp32 blocks of a budget (CPUs with and without native bf16) carry their states side by side."""
+        budget = self.budget
+        return self.partials / f"{row}_{budget.name}_{budget.precision}_{code_version(ROWS[row].sources)}.ckpt"
 
     def foreign_partials(self, rows: list[str]) -> list[str]:
         """One line for each of ``rows`` whose partial state trained on another CPU than this one."""

@@ -194,7 +194,7 @@ def test_a_row_stopped_midway_resumes_after_its_last_epoch(tmp_path: Path, cifar
     assert runner.run_row("dense")["status"] == "failed"
     partial = list((tmp_path / "work/partial").glob("dense_smoke_*.ckpt"))
     assert len(partial) == 1 and partial == [runner.partial_file("dense")]
-    assert suite.partial_machine(partial[0]) == reporting.cpu_description()  # resumes only on this CPU
+    assert suite.partial_progress(partial[0]) == (1, reporting.cpu_description())  # one epoch, resumes only on this CPU
     monkeypatch.setattr(suite, "_epoch_clock", clock)
     capsys.readouterr()
     record = runner.run_row("dense", force=True)
@@ -213,6 +213,8 @@ def test_a_partial_state_from_another_cpu_stops_the_run_before_training(tmp_path
                                                                       capsys: pytest.CaptureFixture) -> None:
     """A row carried in ``--partials`` (committed, resumed by a later session) resumes only on the CPU it trained
     on: elsewhere the run is one line naming both machines, exit code 2, nothing trained; on its CPU it resumes."""
+    from dataclasses import replace
+
     budget = suite_rows.resolve_budget("smoke")[0]
     carried = tmp_path / "carried"
     runner = suite.Suite(budget, "test", str(cifar_archive), tmp_path / "results", tmp_path / "work", partials=carried)
@@ -234,6 +236,11 @@ def test_a_partial_state_from_another_cpu_stops_the_run_before_training(tmp_path
     torch.save({"epoch": 11, suite.MACHINE_KEY: reporting.cpu_description()}, state)
     assert runner.foreign_partials(["dense", "gmp90"]) == []
     assert runner.resumed_epochs(["dense", "gmp90"]) == {"dense": 12}
+    # the same row in the budget's other precision (a CPU without native bf16) keeps its own state beside it
+    other_block = suite.Suite(replace(budget, precision="bf16-mixed"), "test", str(cifar_archive),
+                              tmp_path / "results", tmp_path / "work", partials=carried)
+    assert other_block.partial_file("dense").parent == carried and other_block.partial_file("dense") != state
+    assert other_block.foreign_partials(["dense"]) == [] and other_block.resumed_epochs(["dense"]) == {}
 
 
 def test_a_target_refused_before_training_is_recorded_as_skipped(tmp_path: Path, cifar_archive: Path,
