@@ -122,10 +122,11 @@ def plan_lines(budget: Budget, queue: Sequence[str], landed: Sequence[str], jobs
              f"landed, kept: {', '.join(landed) or 'none'}"]
     if not slots:
         return [*lines, "nothing to run"]
-    lines.append(f"{'#':>3}  {'row':<11} {'needs':<8} {'estimate':>8} {'start':>7} {'end':>7}   (h:mm from now)")
+    width = max(len("row"), *(len(slot.row) for slot in slots))
+    lines.append(f"{'#':>3}  {'row':<{width}} {'needs':<8} {'estimate':>8} {'start':>7} {'end':>7}   (h:mm from now)")
     for i, slot in enumerate(slots, 1):
         done = f"   resumes after epoch {resumed[slot.row]}" if slot.row in resumed else ""
-        lines.append(f"{i:>3}  {slot.row:<11} {','.join(ROWS[slot.row].needs) or '-':<8} "
+        lines.append(f"{i:>3}  {slot.row:<{width}} {','.join(ROWS[slot.row].needs) or '-':<8} "
                      f"{_clock(estimates[slot.row]):>8} {'+' + _clock(slot.start_s):>7} {'+' + _clock(slot.end_s):>7}{done}")
     finish = max(slot.end_s for slot in slots)
     lines.append(f"estimated finish: +{_clock(finish)} h:mm, about "

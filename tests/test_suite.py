@@ -355,6 +355,9 @@ def test_plan_runs_the_teacher_first_and_kd_after_it() -> None:
     resuming = suite_queue.plan_lines(budget, ["dense"], [], jobs=2, threads=1, resumed={"dense": 20})
     assert resuming[3].endswith("resumes after epoch 20")
     assert suite_queue.estimate_s("dense", budget, done_epochs=20) < 0.4 * estimates["dense"]
+    # the columns line up under a row name longer than the header's
+    wide = suite_queue.plan_lines(budget, ["mobilenetv2_target33_uniform", "dense"], [], jobs=2, threads=1)
+    assert len({line.index(" -") for line in wide[3:5]}) == 1 and wide[2].index("needs") == wide[3].index(" -") + 1
     with pytest.raises(ValueError, match=r"rows \['kd'\] need rows that are neither queued nor landed"):
         suite_queue.schedule(["kd"], {"kd": 1.0}, jobs=2)
 
