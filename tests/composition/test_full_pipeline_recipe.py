@@ -35,7 +35,7 @@ def test_full_pipeline_recipe_shows_all_four_effects(tmp_path, monkeypatch, caps
         "fit", "--config", str(tmp_path / "pipeline.yaml"),
         f"--data.root={tmp_path / 'tree'}", f"--data.cache_dir={tmp_path / 'cache'}",
         "--data.val_size=10", "--data.batch_size=10", "--trainer.log_every_n_steps=1",
-        "--trainer.max_epochs=4", "--trainer.precision=bf16-mixed",
+        "--trainer.max_epochs=4",  # the recipe's own precision (fp32): bf16-mixed is the matrix's (whole set)
         f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
     ])
     assert "test/acc" in capsys.readouterr().out
