@@ -15,12 +15,10 @@ chain, each segment's kill step, resume step and exit code.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import os
-import signal
 import sys
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,6 +40,7 @@ from lightning_compress import (
     QuantizationAwareTraining,
 )
 from lightning_compress.models.resnet import ResNet
+from tests.composition.forked import in_child, killed_chain
 from tests.composition.modules import KillAt
 from tests.toy import random_images
 
@@ -119,45 +118,17 @@ def fit(config: str, data: str, out: Path, kill_at: int | None, resume: bool) ->
     torch.save({k: v.clone() for k, v in model.state_dict().items()}, out / "final.pt")
 
 
-def in_child(*args) -> int:
-    """Run :func:`fit` in a forked process; its exit code (``-9`` when it SIGKILLed itself)."""
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            fit(*args)
-            code = 0
-        finally:
-            if code:
-                traceback.print_exc()  # the exception on its way out: os._exit stops it here
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-
-
-def chain(config: str, data: str, out: Path, kills: tuple[int, ...]) -> list[dict]:
-    """Fit killed at each of ``kills`` in turn, resumed each time, then to the end; what each segment did."""
-    out.mkdir(parents=True)
-    segments, resumed_at = [], None
-    for kill_at in (*kills, None):
-        exit_code = in_child(config, data, out, kill_at, resumed_at is not None)
-        segments.append({"kill_at": kill_at, "resumed_at": resumed_at, "exit": exit_code})
-        if exit_code != -signal.SIGKILL:
-            break
-        resumed_at = torch.load(out / "last.ckpt", weights_only=True, map_location="cpu")["global_step"]
-    return segments
-
-
 def main() -> None:
     out, data = Path(sys.argv[1]), sys.argv[2]
     for spec in sys.argv[3:]:
         config, _, chains = spec.partition("=")
         (out / config / "full").mkdir(parents=True)
-        runs = {"full": in_child(config, data, out / config / "full", None, False)}
+        runs = {"full": in_child(fit, config, data, out / config / "full", None, False)}
         for kills in chains.split("+") if chains else [",".join(map(str, KILLS))]:
-            name = "cut-" + kills.replace(",", "-")
-            runs[name] = chain(config, data, out / config / name, tuple(int(k) for k in kills.split(",")))
+            folder = out / config / ("cut-" + kills.replace(",", "-"))
+            folder.mkdir(parents=True)
+            runs[folder.name] = killed_chain(functools.partial(fit, config, data, folder), folder,
+                                             tuple(int(k) for k in kills.split(",")))
         (out / config / "runs.json").write_text(json.dumps(runs))
 
 

@@ -1,17 +1,21 @@
-"""One run of the whole set of callbacks on the dict-batch module, for the resume test (a subprocess).
+"""Runs of the whole set of callbacks on the dict-batch module, for the resume test (a subprocess).
 
-Usage: ``python resume_run.py OUT_DIR [--kill-at STEP] [--resume] [--planned | --factorized] [--engine NAME]``;
+Usage: ``python resume_run.py OUT_DIR [--kills STEP,STEP] [--planned | --factorized] [--engine NAME]``;
 ``--planned`` puts ``CompressToTarget(macs_ratio=0.5)`` in ChannelPruning's place, ``--factorized`` the same with
 ``factorize=True`` (its plan made to factorize: every channel cut priced dear; the layers are factorized at its end,
 step 6, so MagnitudePruning masks from step 7), ``--engine`` trains QAT with that engine (default: the callback's,
-``onnxruntime``). With ``--kill-at`` the process kills
-itself with SIGKILL when that optimizer step starts (after ``ModelCheckpoint`` saved the previous one);
-with ``--resume`` it continues from ``OUT_DIR/last.ckpt`` (``fit(ckpt_path=...)``). At the end it saves the network's weights as
-they leave training (before the fit-end int8 conversion) to ``OUT_DIR/final.pt``.
+``onnxruntime``). It runs the fit uninterrupted into ``OUT_DIR/full``, then into ``OUT_DIR/cut`` killed with SIGKILL
+when each step of ``--kills`` starts (after ``ModelCheckpoint`` saved the previous one) and resumed each time from
+``OUT_DIR/cut/last.ckpt`` (``fit(ckpt_path=...)``) until it ends; every segment in a process forked from this one
+(:mod:`tests.composition.forked`). Each run saves the network's weights as they leave training (before the fit-end
+int8 conversion) to ``final.pt`` in its folder; ``OUT_DIR/runs.json`` holds the full run's exit code and what each
+segment of the cut one did.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import sys
 from pathlib import Path
 
@@ -29,6 +33,7 @@ from lightning_compress import (
     MagnitudePruning,
     QuantizationAwareTraining,
 )
+from tests.composition.forked import in_child, killed_chain
 from tests.composition.modules import DictBatchModule, KillAt, dict_loader
 from tests.toy import ToyConvNet, channels_dear
 
@@ -44,18 +49,8 @@ class SaveTrained(pl.Callback):
         torch.save({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}, self.path)
 
 
-def main() -> None:
-    out = Path(sys.argv[1])
-    kill_at = int(sys.argv[sys.argv.index("--kill-at") + 1]) if "--kill-at" in sys.argv else None
-    resume = "--resume" in sys.argv
-    factorized = "--factorized" in sys.argv
-    planned = factorized or "--planned" in sys.argv
-    engine = {"engine": sys.argv[sys.argv.index("--engine") + 1]} if "--engine" in sys.argv else {}
+def fit(out: Path, planned: bool, factorized: bool, engine: dict, kill_at: int | None, resume: bool) -> None:
     torch.set_num_threads(1)
-    if factorized:
-        from lightning_compress.planning import target
-
-        target.width_sensitivity = channels_dear
     pl.seed_everything(0)
     teacher = ToyConvNet(num_classes=4)
     callbacks = [
@@ -75,6 +70,23 @@ def main() -> None:
                          enable_progress_bar=False, enable_model_summary=False, deterministic=True)
     trainer.fit(DictBatchModule(), dict_loader(n=80, batch_size=16),
                 ckpt_path=str(out / "last.ckpt") if resume else None)
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    kills = tuple(int(k) for k in sys.argv[sys.argv.index("--kills") + 1].split(",")) if "--kills" in sys.argv else ()
+    factorized = "--factorized" in sys.argv
+    planned = factorized or "--planned" in sys.argv
+    engine = {"engine": sys.argv[sys.argv.index("--engine") + 1]} if "--engine" in sys.argv else {}
+    if factorized:
+        from lightning_compress.planning import target
+
+        target.width_sensitivity = channels_dear
+    (out / "full").mkdir(parents=True)
+    (out / "cut").mkdir()
+    runs = {"full": in_child(fit, out / "full", planned, factorized, engine, None, False),
+            "cut": killed_chain(functools.partial(fit, out / "cut", planned, factorized, engine), out / "cut", kills)}
+    (out / "runs.json").write_text(json.dumps(runs))
 
 
 if __name__ == "__main__":

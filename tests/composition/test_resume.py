@@ -8,6 +8,7 @@ at 13) and KnowledgeDistillation on a user's dict-batch module, with a dataloade
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -21,9 +22,12 @@ from tests.composition.modules import same_entry
 SCRIPT = Path(__file__).with_name("resume_run.py")
 
 
-def run(out: Path, *args: str) -> int:
-    return subprocess.run([sys.executable, str(SCRIPT), str(out), *args], check=False, capture_output=True, timeout=300,
-                          cwd=out).returncode
+def run(out: Path, *args: str) -> dict:
+    """``resume_run.py`` into ``out``: the exit code of its full run and what each segment of its cut run did."""
+    completed = subprocess.run([sys.executable, str(SCRIPT), str(out), *args], check=False, capture_output=True,
+                               text=True, timeout=300, cwd=out.parent)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads((out / "runs.json").read_text())
 
 
 @pytest.mark.slow
@@ -32,14 +36,12 @@ def run(out: Path, *args: str) -> int:
                          ids=["channel_pruning", "compress_to_target", "compress_to_target_factorized", "pt2e_xnnpack",
                               "compress_to_target_7bit"])
 def test_killed_twice_inside_the_windows_ends_bitwise_equal(variant, tmp_path):
-    full, interrupted = tmp_path / "full", tmp_path / "interrupted"
-    full.mkdir(), interrupted.mkdir()
-    assert run(full, *variant) == 0
     # killed while channels are being removed and masks grow (step 3), then while fake-quantized (step 11)
-    assert run(interrupted, *variant, "--kill-at", "3") == -signal.SIGKILL
-    assert run(interrupted, *variant, "--resume", "--kill-at", "11") == -signal.SIGKILL
-    assert not (interrupted / "final.pt").exists()
-    assert run(interrupted, *variant, "--resume") == 0
+    runs = run(tmp_path / "runs", *variant, "--kills", "3,11")
+    assert runs == {"full": 0, "cut": [{"kill_at": 3, "resumed_at": None, "exit": -signal.SIGKILL},
+                                       {"kill_at": 11, "resumed_at": 3, "exit": -signal.SIGKILL},
+                                       {"kill_at": None, "resumed_at": 11, "exit": 0}]}
+    full, interrupted = tmp_path / "runs" / "full", tmp_path / "runs" / "cut"
     expected, got = torch.load(full / "final.pt"), torch.load(interrupted / "final.pt")
     assert expected.keys() == got.keys()
     assert [key for key in expected if not same_entry(expected[key], got[key])] == []
