@@ -1,11 +1,11 @@
 """Every script in ``benchmarks/`` runs end to end at its smallest settings and writes its results files.
 
-Each script is run as the README runs it (``python benchmarks/<script>.py ...``, its own process) with
-``--results-dir`` pointing into ``tmp_path``; scripts that read CIFAR-10 get a tiny JPEG archive in the
-layout of the shared copy (:mod:`tests.data.cifar_fakes`). The checks read the JSON and markdown the
-script wrote, and that the files of the same names in ``benchmarks/results/`` (the committed
-measurements) were left alone. Most of each run is the new process importing torch and Lightning
-(about 8-10 s on 2 cores).
+Each script runs as ``python benchmarks/<script>.py ...`` runs it, in a process of its own: a fork of one that
+imported torch, Lightning and the package once (:mod:`tests.script_forks`; started afresh, each would spend
+8-10 s of a 2-core machine importing them), with ``--results-dir`` pointing into ``tmp_path``; scripts that read
+CIFAR-10 get a tiny JPEG archive in the layout of the shared copy (:mod:`tests.data.cifar_fakes`). The checks
+read the JSON and markdown the script wrote, and that the files of the same names in ``benchmarks/results/``
+(the committed measurements) were left alone.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import shutil
 import statistics
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from tests.data.cifar_fakes import write_image_tree, write_tarball
+from tests.script_forks import ScriptForks
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 RESULTS = BENCHMARKS / "results"
@@ -468,6 +469,14 @@ def cifar_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tarball(root / "tree", root / "cifar10-jpeg.tar.gz")
 
 
+@pytest.fixture(scope="module")
+def script_forks() -> Iterator[ScriptForks]:
+    """Runs each script in a fork of one process that imported torch, Lightning and the package once."""
+    forks = ScriptForks({**os.environ, "OMP_NUM_THREADS": "1"})
+    yield forks
+    forks.close()
+
+
 def committed_versions(names: list[str]) -> dict[str, tuple[int, int] | None]:
     """Modification time and size of each named file in ``benchmarks/results/`` (None where absent)."""
     paths = [RESULTS / name for name in names]
@@ -488,7 +497,7 @@ def test_every_benchmark_script_has_a_case():
 @pytest.mark.parametrize(
     "script", [pytest.param(s, marks=[pytest.mark.slow] if s in SLOW else []) for s in CASES]
 )
-def test_benchmark_writes_its_results(script, tmp_path, cifar_archive):
+def test_benchmark_writes_its_results(script, tmp_path, cifar_archive, script_forks):
     case = CASES[script]
     name = case.name or script
     out = tmp_path / "results"
@@ -502,11 +511,9 @@ def test_benchmark_writes_its_results(script, tmp_path, cifar_archive):
     before = committed_versions(files)
     if case.setup is not None:
         case.setup(tmp_path, cifar_archive)
-    completed = subprocess.run(
-        [sys.executable, str(BENCHMARKS / f"{script}.py"), "--results-dir", str(out), *args],
-        cwd=BENCHMARKS.parent, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
-    )
-    assert completed.returncode == 0, f"{script} failed:\n{(completed.stdout + completed.stderr)[-6000:]}"
+    completed = script_forks.run([BENCHMARKS / f"{script}.py", "--results-dir", out, *args], BENCHMARKS.parent, env,
+                                 TIMEOUT_S, tmp_path / "output.txt")
+    assert completed.returncode == 0, f"{script} failed:\n{completed.stdout[-6000:]}"
     assert sorted(p.name for p in out.iterdir()) == sorted(files)
     assert committed_versions(files) == before, "a committed file in benchmarks/results/ was overwritten"
     result = json.loads((out / f"{name}.json").read_text())
