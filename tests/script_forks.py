@@ -89,11 +89,6 @@ class ScriptForks:
 
     Args:
         env: Its environment (also what torch reads when it loads).
-
-    Example:
-        >>> forks = ScriptForks({**os.environ, "OMP_NUM_THREADS": "1"})  # doctest: +SKIP
-        >>> forks.run(["benchmarks/int8_exactness.py"], ".", dict(os.environ), 300, Path("out.txt"))  # doctest: +SKIP
-        CompletedProcess(args=['benchmarks/int8_exactness.py'], returncode=0, stdout='...', stderr='')
     """
 
     def __init__(self, env: dict[str, str]) -> None:
