@@ -17,11 +17,8 @@ import atexit
 import json
 import os
 import runpy
-import signal
 import subprocess
 import sys
-import time
-import traceback
 from pathlib import Path
 
 
@@ -35,32 +32,25 @@ def _exit_code(code: object) -> int:
     return 1
 
 
-def _run_script(argv: list[str], cwd: str, env: dict[str, str], out: str) -> None:
-    """In the forked child: run the script as ``python`` would, then end the process with its exit status."""
-    code = 1
+def _run_script(argv: list[str], cwd: str, env: dict[str, str], out: str) -> int:
+    """In the forked child: run the script as ``python`` would; its exit status."""
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    output = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(output, 1)
+    os.dup2(output, 2)
+    os.close(output)
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    sys.argv = list(argv)
+    sys.path[0] = str(Path(argv[0]).resolve().parent)
     try:
-        os.chdir(cwd)
-        os.environ.clear()
-        os.environ.update(env)
-        output = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(output, 1)
-        os.dup2(output, 2)
-        os.close(output)
-        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-        sys.argv = list(argv)
-        sys.path[0] = str(Path(argv[0]).resolve().parent)
-        try:
-            runpy.run_path(argv[0], run_name="__main__")
-            code = 0
-        except SystemExit as exit_:
-            code = _exit_code(exit_.code)
-        atexit._run_exitfuncs()
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        runpy.run_path(argv[0], run_name="__main__")
+        code = 0
+    except SystemExit as exit_:
+        code = _exit_code(exit_.code)
+    atexit._run_exitfuncs()
+    return code
 
 
 def serve() -> None:
@@ -69,19 +59,13 @@ def serve() -> None:
     import torch  # noqa: F401
 
     import lightning_compress  # noqa: F401
+    from tests.forked import in_child
 
     for line in iter(sys.stdin.readline, ""):
         request = json.loads(line)
-        sys.stdout.flush()
-        pid = os.fork()
-        if pid == 0:
-            _run_script(request["argv"], request["cwd"], request["env"], request["out"])
-        deadline = time.monotonic() + request["timeout"]
-        while not (finished := os.waitpid(pid, os.WNOHANG))[0]:
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-            time.sleep(0.05)
-        print(json.dumps({"returncode": os.waitstatus_to_exitcode(finished[1])}), flush=True)
+        code = in_child(_run_script, request["argv"], request["cwd"], request["env"], request["out"],
+                        timeout=request["timeout"])
+        print(json.dumps({"returncode": code}), flush=True)
 
 
 class ScriptForks:
@@ -121,4 +105,5 @@ class ScriptForks:
 
 
 if __name__ == "__main__":
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not tests/ (each fork puts its script's)
     serve()

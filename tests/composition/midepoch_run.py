@@ -40,7 +40,7 @@ from lightning_compress import (
     QuantizationAwareTraining,
 )
 from lightning_compress.models.resnet import ResNet
-from tests.composition.forked import in_child, killed_chain
+from tests.forked import in_child, killed_chain
 from tests.composition.modules import KillAt
 from tests.toy import random_images
 

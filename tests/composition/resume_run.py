@@ -7,7 +7,7 @@ step 6, so MagnitudePruning masks from step 7), ``--engine`` trains QAT with tha
 ``onnxruntime``). It runs the fit uninterrupted into ``OUT_DIR/full``, then into ``OUT_DIR/cut`` killed with SIGKILL
 when each step of ``--kills`` starts (after ``ModelCheckpoint`` saved the previous one) and resumed each time from
 ``OUT_DIR/cut/last.ckpt`` (``fit(ckpt_path=...)``) until it ends; every segment in a process forked from this one
-(:mod:`tests.composition.forked`). Each run saves the network's weights as they leave training (before the fit-end
+(:mod:`tests.forked`). Each run saves the network's weights as they leave training (before the fit-end
 int8 conversion) to ``final.pt`` in its folder; ``OUT_DIR/runs.json`` holds the full run's exit code and what each
 segment of the cut one did.
 """
@@ -33,7 +33,7 @@ from lightning_compress import (
     MagnitudePruning,
     QuantizationAwareTraining,
 )
-from tests.composition.forked import in_child, killed_chain
+from tests.forked import in_child, killed_chain
 from tests.composition.modules import DictBatchModule, KillAt, dict_loader
 from tests.toy import ToyConvNet, channels_dear
 

@@ -1,7 +1,7 @@
-"""Training segments in processes forked from the caller, for the kill -9 resume tests.
+"""Work in processes forked from the caller: training segments of the kill -9 resume tests, benchmark scripts.
 
-The caller has imported everything and trained nothing; each segment is a fork of it, so a segment that kills
-itself costs no interpreter start-up (importing torch and Lightning takes seconds).
+The caller has imported everything and trained nothing; each piece of work is a fork of it, so it costs no
+interpreter start-up (importing torch and Lightning takes seconds).
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -16,12 +17,17 @@ from pathlib import Path
 import torch
 
 
-def in_child(run: Callable[..., object], *args: object) -> int:
+def in_child(run: Callable[..., int | None], *args: object, timeout: float | None = None) -> int:
     """Call ``run(*args)`` in a forked process.
 
+    Args:
+        run: The work; what it returns, if an int, is the process's exit status.
+        args: Its arguments.
+        timeout: Seconds until the process is SIGKILLed (None: no limit).
+
     Returns:
-        Its exit code: 0 when ``run`` returned, 1 when it raised (the traceback printed), ``-9`` when it SIGKILLed
-        itself.
+        Its exit code: what ``run`` returned (0 for None), 1 when it raised (the traceback printed), ``-9`` when it
+        was SIGKILLed (by itself or at the timeout).
     """
     sys.stdout.flush()
     sys.stderr.flush()
@@ -29,15 +35,21 @@ def in_child(run: Callable[..., object], *args: object) -> int:
     if pid == 0:
         code = 1
         try:
-            run(*args)
-            code = 0
+            code = run(*args) or 0
+        except BaseException:
+            traceback.print_exc()
         finally:
-            if code:
-                traceback.print_exc()  # the exception on its way out: os._exit stops it here
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if timeout is None:
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    deadline = time.monotonic() + timeout
+    while not (finished := os.waitpid(pid, os.WNOHANG))[0]:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+    return os.waitstatus_to_exitcode(finished[1])
 
 
 def killed_chain(run: Callable[[int | None, bool], object], out: Path, kills: tuple[int, ...]) -> list[dict]:
