@@ -374,6 +374,8 @@ class Suite:
             return record
         except Exception as err:  # e.g. the teacher could not be trained
             plan = err
+        for note in getattr(plan, "notes", ()):  # what the plan decided (tuned ranks), before hours of training
+            print(f"[suite] {row}: {note}", flush=True)
         yielding = yield_to_timing()
         try:
             if isinstance(plan, Exception):

@@ -277,7 +277,7 @@ def ranks_at_latency(ratio: float, model: str = "resnet20", method: str = "tucke
         if tuned["measured_ratio"] <= ratio:
             return ranks, tuned
         closest = min(closest, tuned, key=lambda t: t.get("measured_ratio", math.inf))
-    raise Skip(f"no uniform rank fraction of {model} measures within {ratio}x the dense latency; closest: "
+    raise Skip(f"no uniform rank fraction of {model} measures within {ratio:.3g}x the dense latency; closest: "
                + (f"{closest['fraction']:.2f} of full rank ({closest['macs_ratio']:.3f} of the MACs) measured "
                   f"{closest['measured_ratio']:.3f}x ({closest['factorized_ms']:.1f} vs {closest['dense_ms']:.1f} ms)"
                   if closest else "none timed"))

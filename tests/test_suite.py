@@ -103,6 +103,8 @@ def test_suite_smoke_rows(tmp_path: Path, cifar_archive: Path) -> None:
     if lowrank["status"] == "skipped":
         assert lowrank["reason"].startswith("not available in this code version")
         assert "| lowrank | " in markdown and "skipped: not available in this code version" in markdown
+    else:  # what a plan decided is printed when it is made, before the hours of training, not only recorded after
+        assert f"[suite] lowrank: {lowrank['notes'][0]}" in completed.stdout
     assert (out / "suite.png").stat().st_size > 10_000
 
 
