@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
+from lightning_compress.commands.parser import usage_error_line
 from lightning_compress.data import CIFARDataModule
 from lightning_compress.module import ImageClassifier
 
@@ -22,6 +24,18 @@ FILE_COMMANDS = (
     "with an export), sensitivity CKPT (accuracy per layer and sparsity, per-layer pruning targets), plan CKPT (a "
     "per-layer plan for a latency, size or MACs target)."
 )
+
+
+class OneLineErrorParser(LightningArgumentParser):
+    """LightningCLI's parser, its usage errors one line (:func:`~lightning_compress.commands.parser.usage_error_line`)
+    with exit code 2 instead of the whole usage block."""
+
+    @override
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:  # a parse jsonargparse tries and catches (subcommands, union types)
+            super().error(message, ex)
+        prog = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "")
+        self.exit(2, usage_error_line(prog, message))
 
 
 class CompressionCLI(LightningCLI):
@@ -71,7 +85,8 @@ def main(args: Sequence[str] | None = None) -> None:
         args=args,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
-        parser_kwargs={"epilog": FILE_COMMANDS},
+        parser_kwargs={"prog": "lightning-compress", "epilog": FILE_COMMANDS},
+        parser_class=OneLineErrorParser,
     )
 
 

@@ -78,3 +78,25 @@ def test_help_lists_the_file_commands_and_an_unknown_command_is_one_line_with_ex
     err = capsys.readouterr().err
     assert err == ("lightning-compress: error: unknown command 'expotr'; choose from fit, validate, test, predict, "
                    "report, export, sensitivity, plan (predict --model DIR IMAGES for an exported model)\n")
+
+
+@pytest.mark.parametrize("argv", [
+    [],
+    ["fit", "--trainer.max_epochs", "abc"],
+    ["fit", "--no_such_option", "1"],
+    ["fit", "--config", "no-such-recipe.yaml"],
+    ["report"],
+    ["export", "run.ckpt"],
+    ["predict", "--model"],
+    ["sensitivity", "run.ckpt"],
+    ["plan", "run.ckpt", "--data-root", "data", "--threads", "two"],
+], ids=lambda argv: " ".join(argv) or "no command")
+def test_a_usage_error_is_one_line_naming_the_command_with_exit_code_2(capsys, argv):
+    """LightningCLI's and argparse's usage blocks (78 lines for ``fit``) are left out: the error and where the
+    options are listed."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    command = " ".join(["lightning-compress", *argv[:1]])
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"{command}: error: ") and err.endswith(f" (see {command} --help)\n"), err

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from lightning_compress.commands.checkpoint import load_checkpoint
+from lightning_compress.commands.parser import CommandParser
 from lightning_compress.commands.predict import IMAGE_SUFFIXES, read_image
 from lightning_compress.core.onnx import require_onnx
 from lightning_compress.export import ARTIFACTS, FILES, check_export_directory, export_artifacts
@@ -101,7 +102,7 @@ def main(argv: Sequence[str]) -> int:
         0 if every selected artifact was written or does not apply, 1 if one failed (the others are
         still written; the manifest says why).
     """
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="lightning-compress export",
         description=f"Write the checkpoint's model for each runtime into DIR: {FILES['packed']} (packed sparse "
                     f"weights), {FILES['onnx_fp32']} or {FILES['onnx_int8']} (QAT checkpoints: the int8 QDQ model, "

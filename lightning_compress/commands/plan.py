@@ -11,7 +11,6 @@ plans Tucker-2 ranks of the ``k x k`` convolutions beside the widths, built and 
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ from torch import nn
 
 from lightning_compress.commands.checkpoint import load_checkpoint
 from lightning_compress.commands.held_out import add_held_out_arguments, held_out_batches
+from lightning_compress.commands.parser import CommandParser
 from lightning_compress.core.files import write_text_atomic
 from lightning_compress.core.layers import weighted_layers
 from lightning_compress.planning.callback import default_table_file
@@ -46,7 +46,7 @@ def main(argv: Sequence[str]) -> int:
     Returns:
         The exit status.
     """
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="lightning-compress plan",
         description="Plan per-group channel widths that meet a latency (on the deployment runtime), size or MACs "
                     "target while losing the least held-out output fidelity; print the plan, its predicted and "

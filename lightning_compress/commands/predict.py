@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from lightning_compress.commands.parser import CommandParser
 from lightning_compress.export import load_artifact
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -58,7 +58,7 @@ def main(argv: Sequence[str]) -> int:
     Returns:
         0, or 1 if any image could not be read.
     """
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="lightning-compress predict",
         description="Classify image files (any size; resized to the model input, normalized as in training) with "
                     "a model written by `lightning-compress export`. With --model this is this command; without "

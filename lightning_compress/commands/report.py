@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import torch
 
 from lightning_compress.commands.checkpoint import NETWORK, LoadedCheckpoint, load_checkpoint
+from lightning_compress.commands.parser import CommandParser
 from lightning_compress.core.architecture import ArchitectureRecord
 from lightning_compress.export import build_network, export_artifacts, int8_from_qat
 from lightning_compress.export.runtimes import RUNTIMES, select_artifacts
@@ -28,7 +28,7 @@ def main(argv: Sequence[str]) -> int:
     Returns:
         The exit status.
     """
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="lightning-compress report",
         description="Per-layer sparsity/bits/MACs, sizes (fp32 vs packed), CPU latency (dense fp32 vs compressed) "
                     "and accuracy (when the run used CompressionReport) of an ImageClassifier checkpoint.")

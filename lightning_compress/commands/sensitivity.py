@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 
 import torch
@@ -10,6 +9,7 @@ from torch import nn
 
 from lightning_compress.commands.checkpoint import NETWORK, load_checkpoint
 from lightning_compress.commands.held_out import add_held_out_arguments, held_out_batches
+from lightning_compress.commands.parser import CommandParser
 from lightning_compress.core.layers import select_weights, weight_label
 from lightning_compress.sensitivity import (
     DEFAULT_SPARSITIES,
@@ -29,7 +29,7 @@ def main(argv: Sequence[str]) -> int:
     Returns:
         The exit status.
     """
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="lightning-compress sensitivity",
         description="Prune one layer at a time (magnitude) at several sparsities, measure validation accuracy on a "
                     "few batches, write sensitivity.csv, sensitivity.png and pruning_targets.yaml (MagnitudePruning "
