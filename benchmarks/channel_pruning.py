@@ -29,6 +29,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_compress.commands.parser import CommandParser
 from lightning_compress.core.accounting import count_macs, count_parameters, measure_latency
 from lightning_compress.module import ImageClassifier
 from lightning_compress.pruning.channel import ChannelPruning
@@ -88,7 +89,7 @@ def accuracy(model: ImageClassifier, epochs: int, data: pl.LightningDataModule, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["resnet56", "mobilenetv2"])
     parser.add_argument("--kept-macs", type=float, default=0.5, help="fraction of dense MACs kept (0.5 = 2x fewer)")
     parser.add_argument("--epochs", type=int, default=0, help="training budget per model; 0 skips accuracy")

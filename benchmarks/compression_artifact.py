@@ -12,7 +12,6 @@ Writes ``benchmarks/results/compression_artifact.{json,md}`` (or ``--results-dir
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from reporting import add_output_arguments, machine_info, write_results
+from lightning_compress.commands.parser import CommandParser
 from lightning_compress.core.accounting import count_nonzero, serialized_size
 from lightning_compress.core.layers import select_layers
 from lightning_compress.export import pack_state_dict, unpack_state_dict
@@ -30,7 +30,7 @@ from lightning_compress.pruning.masks import layerwise_magnitude_masks
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = CommandParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--sparsity", type=float, default=0.9)
     add_output_arguments(parser, "compression_artifact")

@@ -23,7 +23,6 @@ Writes ``benchmarks/results/data_throughput.{json,md}`` (or ``--results-dir``/``
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -38,6 +37,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress.data import CIFARDataModule
 from reporting import SHARED_CIFAR10, add_output_arguments, machine_info, write_results
+from lightning_compress.commands.parser import CommandParser
 
 DEFAULT_ARCHIVE = SHARED_CIFAR10
 TARGET_IMAGES_PER_S = 20_000
@@ -61,7 +61,7 @@ def timed(fn: Callable[[], object]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = CommandParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archive", default=DEFAULT_ARCHIVE, help="CIFAR-10 archive (layout c)")
     parser.add_argument("--cache-dir", default=None, help="reuse this cache (default: a fresh temporary one)")
     parser.add_argument("--batch-size", type=int, default=128)

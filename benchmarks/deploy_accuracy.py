@@ -24,12 +24,12 @@ Writes ``benchmarks/results/deploy_accuracy.{json,md}`` (or ``--results-dir``/``
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 
 from reporting import SHARED_CIFAR10, add_output_arguments, machine_info, run_settings, write_results
+from lightning_compress.commands.parser import CommandParser
 from lightning_compress.core.comparison import parity
 from lightning_compress.core.onnx import OnnxRuntimeNetwork
 
@@ -52,7 +52,7 @@ def evaluate(network: torch.nn.Module, data, batches: int | None, nudge: float =
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = CommandParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--engine", default="x86", help="QuantizationAwareTraining engine (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=1)

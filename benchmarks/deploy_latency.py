@@ -24,7 +24,6 @@ Writes ``benchmarks/results/deploy_latency.{json,md}`` (or ``--results-dir``/``-
 
 from __future__ import annotations
 
-import argparse
 import collections
 import os
 import statistics
@@ -35,6 +34,7 @@ from pathlib import Path
 import torch
 
 from reporting import add_output_arguments, machine_info, run_settings, write_results
+from lightning_compress.commands.parser import CommandParser
 from lightning_compress.core.onnx import OnnxRuntimeNetwork, onnx_bytes
 from lightning_compress.core.timing_lock import exclusive_timing, shared_timing
 from lightning_compress.export.aoti import AotiNetwork
@@ -191,7 +191,7 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = CommandParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])

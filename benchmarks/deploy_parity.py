@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from reporting import SHARED_CIFAR10, add_output_arguments, machine_info, run_settings, write_results, yield_to_timing
+from lightning_compress.commands.parser import CommandParser
 
 from lightning_compress.core.comparison import parity
 
@@ -227,7 +228,7 @@ def render(rows: list[dict[str, Any]], machine: dict[str, Any], settings: dict[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["resnet20", "mobilenetv2"])
     parser.add_argument("--engines", nargs="+", default=list(ENGINE_RUNTIMES), choices=list(ENGINE_RUNTIMES))
     parser.add_argument("--init", nargs="*", default=[], metavar="MODEL=CKPT",

@@ -47,6 +47,7 @@ from lightning_compress.distillation import IndexedDataset, KnowledgeDistillatio
 from lightning_compress.models import create_model
 from lightning_compress.module import ImageClassifier
 from reporting import SHARED_CIFAR10, add_output_arguments, machine_info, write_results
+from lightning_compress.commands.parser import CommandParser
 
 WRAPPER_TARGET_PCT = 2.0
 CACHE_TARGET_RATIO = 1.05
@@ -315,7 +316,7 @@ def to_markdown(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per fit")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")

@@ -42,6 +42,7 @@ from lightning_compress.data import CIFARDataModule
 from lightning_compress.data.datamodule import TensorImageDataset
 from lightning_compress.module import ImageClassifier
 from reporting import SHARED_CIFAR10, add_output_arguments, cpu_description, machine_info, run_settings, write_results
+from lightning_compress.commands.parser import CommandParser
 
 METHODS = ("tucker2", "spatial", "depthwise_separable")
 
@@ -220,7 +221,7 @@ def render(rows: list[dict], machine: dict, settings: dict, args: argparse.Names
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["resnet20", "resnet56"])
     parser.add_argument("--kept-macs", nargs="+", type=float, default=[0.5, 1 / 3],
                         help="fractions of dense MACs kept (0.5 = 2x fewer)")

@@ -13,12 +13,12 @@ Writes ``benchmarks/results/int8_exactness.{json,md}``.
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import numpy as np
 from reporting import add_output_arguments, machine_info, machine_line, run_settings, write_results
 
+from lightning_compress.commands.parser import CommandParser
 from lightning_compress.core.onnx import onnx_session
 
 CHANNELS, OUTPUT_SCALE = 16, 4096.0
@@ -98,7 +98,7 @@ def render(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = CommandParser(description=__doc__.split("\n\n")[0])
     add_output_arguments(parser, "int8_exactness")
     args = parser.parse_args()
     result = {"machine": machine_info(), "settings": run_settings(args), "exact_code": EXACT_CODE,

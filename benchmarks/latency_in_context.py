@@ -19,7 +19,6 @@ Writes ``benchmarks/results/latency_in_context.{json,md}``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from collections import defaultdict
@@ -37,6 +36,7 @@ from reporting import (
     write_results,
 )
 
+from lightning_compress.commands.parser import CommandParser
 from lightning_compress.core.onnx import onnx_bytes
 from lightning_compress.core.timing_lock import exclusive_timing
 from lightning_compress.planning.latency import LatencyTable, channel_block, timed_programs
@@ -112,7 +112,7 @@ def planned_widths(result: dict, model: str, batch: int) -> dict[str, dict[str, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = CommandParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="resnet56")
     parser.add_argument("--rows", nargs="*", default=["resnet56_target50", "resnet56_target50_uniform"],
                         help="suite rows whose planned widths to profile (the last record of each in --suite)")

@@ -19,7 +19,6 @@ Writes ``benchmarks/results/latency_model.{json,md}``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 from deploy_latency import calibrated_network
 from reporting import add_output_arguments, machine_info, machine_line, run_settings, write_results
+from lightning_compress.commands.parser import CommandParser
 
 from lightning_compress.planning.planner import Target, UnreachableTargetError
 from lightning_compress.planning.target import TargetPlanner
@@ -40,7 +40,7 @@ ENGINES = {"fp32": None, "int8": "onnxruntime", "int8_7bit": "onnxruntime_7bit"}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = CommandParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["resnet56", "mobilenetv2"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     parser.add_argument("--precisions", nargs="+", choices=list(ENGINES), default=["fp32", "int8"])

@@ -61,6 +61,7 @@ from lightning_compress import (
     create_model,
     list_models,
 )
+from lightning_compress.commands.parser import CommandParser
 from lightning_compress.core.accounting import count_macs, count_parameters, measure_latency, serialized_size
 from lightning_compress.core.layers import find_network, select_weights
 from lightning_compress.quantization import quantize_dynamic
@@ -365,7 +366,7 @@ def render(rows: list[dict[str, Any]], machine: dict[str, Any], settings: dict[s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=None, help="row names (default: all)")
     parser.add_argument("--techniques", nargs="+", default=list(TECHNIQUES), choices=TECHNIQUES)
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per cell")

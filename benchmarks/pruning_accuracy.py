@@ -29,6 +29,7 @@ from lightning_compress.data import CIFARDataModule
 from lightning_compress.module import ImageClassifier
 from lightning_compress.pruning import MagnitudePruning
 from reporting import SHARED_CIFAR10, add_output_arguments, machine_info, run_settings, write_results
+from lightning_compress.commands.parser import CommandParser
 
 DEFAULT_DATA = SHARED_CIFAR10
 
@@ -117,7 +118,7 @@ def to_markdown(result: dict[str, object], figure: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = CommandParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.8, 0.9, 0.95])

@@ -71,6 +71,7 @@ from lightning_compress.module import ImageClassifier
 from lightning_compress.pruning import MagnitudePruning
 from lightning_compress.pruning.masks import global_magnitude_masks
 from reporting import add_output_arguments, machine_info, write_results
+from lightning_compress.commands.parser import CommandParser
 
 CONFIGS = ("none", "magnitude", "model_pruning", "qat", "kd_self", "report")
 LABELS = {
@@ -306,7 +307,7 @@ def to_markdown(result: dict[str, object]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = CommandParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=120, help="batches per epoch (epoch 1 is timed)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")

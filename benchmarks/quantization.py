@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from reporting import SHARED_CIFAR10, add_output_arguments, machine_info, run_settings, write_results
+from lightning_compress.commands.parser import CommandParser
 from lightning_compress.core.accounting import serialized_size
 from lightning_compress.core.files import write_zip_deflated
 from lightning_compress.quantization import (
@@ -264,7 +265,7 @@ def _markdown(report: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     parser.add_argument("--repeats", type=int, default=200,

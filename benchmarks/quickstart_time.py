@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from reporting import add_output_arguments, machine_info, write_results
+from lightning_compress.commands.parser import CommandParser
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMAND = ["lightning-compress", "fit", "--config", "recipes/quickstart.yaml"]
@@ -53,7 +54,7 @@ def run_quickstart(workdir: Path, extra: list[str]) -> tuple[float, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = CommandParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("extra", nargs="*", metavar="ARG",
                         help="arguments appended to the command, after `--` (e.g. -- --data.root=DIR)")

@@ -28,6 +28,7 @@ import warnings
 import torch
 import torchvision
 
+from lightning_compress.commands.parser import CommandParser
 from lightning_compress.core.accounting import measure_latency
 from lightning_compress.models import create_model, list_models
 from lightning_compress.quantization.convert import clamp_to_reduced_range, convert
@@ -218,7 +219,7 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds per batch size")

@@ -26,6 +26,7 @@ from reporting import SHARED_CIFAR10, add_output_arguments, machine_info, run_se
 from torch import nn
 
 from lightning_compress import CIFARDataModule, ImageClassifier
+from lightning_compress.commands.parser import CommandParser
 from lightning_compress.core.accounting import count_nonzero
 from lightning_compress.planning.widths import reestimate_norms
 
@@ -117,7 +118,7 @@ def render(rows: list[dict[str, Any]], classes: list[str], settings: dict[str, A
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", type=Path)
     parser.add_argument("--data", default=SHARED_CIFAR10)
     parser.add_argument("--val-size", type=int, default=5000, help="as the checkpoints were trained (the suite's)")

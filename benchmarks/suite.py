@@ -86,6 +86,7 @@ from typing import Any
 
 import torch
 from reporting import RESULTS_DIR, SHARED_CIFAR10, cpu_description, machine_info, yield_to_timing
+from lightning_compress.commands.parser import CommandParser
 from suite_measure import EXAMPLE, export_function, measure_network
 from suite_queue import child_command, plan_lines, plan_queue, run_queue
 from suite_report import write_report
@@ -449,7 +450,7 @@ def _again(argv: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", choices=BUDGETS, default="cpu")
     parser.add_argument("--only", default=None,
                         help="comma-separated rows (default: the budget's rows, suite_rows.BLOCK_ROWS, else all)")

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from reporting import SHARED_CIFAR10, add_output_arguments, machine_info, run_settings, write_results
+from lightning_compress.commands.parser import CommandParser
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_NAME = "resnet20_gmp_qat"
@@ -396,7 +397,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = CommandParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--logdir", type=Path, help="serve these logs instead of producing a run")
     parser.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "tensorboard_screenshot",

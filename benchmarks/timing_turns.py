@@ -14,7 +14,6 @@ Writes ``benchmarks/results/timing_turns.{json,md}``.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import statistics
 import time
@@ -25,6 +24,7 @@ import torch
 from deploy_latency import calibrated_network
 from reporting import add_output_arguments, machine_info, machine_line, run_settings, write_results
 
+from lightning_compress.commands.parser import CommandParser
 from lightning_compress.core.onnx import onnx_bytes
 from lightning_compress.core.timing_lock import exclusive_timing
 from lightning_compress.planning.latency import round_medians, runtime_runner
@@ -50,7 +50,7 @@ def block_medians(calls: Mapping[str, Callable[[], Any]], repeats: int, rounds: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = CommandParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="resnet56")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     parser.add_argument("--measurements", type=int, default=6, help="measurements of the ratio each way")

@@ -20,6 +20,7 @@ import time
 import torch
 from torch import nn
 
+from lightning_compress.commands.parser import CommandParser
 from lightning_compress.models import create_model, list_models
 from reporting import add_output_arguments, machine_info, write_results
 
@@ -84,7 +85,7 @@ def to_markdown(result: dict[str, object]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list_models(), choices=list_models())
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10, help="timed training steps per measurement")

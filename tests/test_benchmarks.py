@@ -494,6 +494,16 @@ def test_every_benchmark_script_has_a_case():
     assert scripts == set(CASES)
 
 
+def test_every_script_answers_a_usage_error_in_one_line_with_exit_code_2(tmp_path, script_forks):
+    for script in [*CASES, *TESTED_ELSEWHERE]:
+        output = tmp_path / f"{script}.txt"
+        completed = script_forks.run([BENCHMARKS / f"{script}.py", "--no-such-option"], BENCHMARKS.parent,
+                                     dict(os.environ), TIMEOUT_S, output)
+        assert completed.returncode == 2, f"{script}: {completed.stdout[-3000:]}"
+        (line,) = completed.stdout.splitlines()
+        assert line.startswith(f"{script}.py: error: ") and line.endswith(f" (see {script}.py --help)"), line
+
+
 @pytest.mark.parametrize(
     "script", [pytest.param(s, marks=[pytest.mark.slow] if s in SLOW else []) for s in CASES]
 )
